@@ -1,0 +1,172 @@
+//! The cipher seam: one backend enum over one trait, chosen at run time.
+//!
+//! Every chunk of a shard is standard AES-256-GCM (see docs/FORMAT.md). A backend prepares a
+//! per-shard data key once ([`Cipher::prepare`]) and then opens chunks with it. GCM is AES-CTR
+//! (counter starting at `nonce || 2`) plus a GHASH tag over the ciphertext, so a backend may
+//! verify the tag and decrypt in separate passes, or decrypt only part of a chunk
+//! ([`ChunkOpener::ctr_apply`]) once the whole chunk's tag has been checked.
+//!
+//! Contract for every backend: **no unverified plaintext leaves `open`**. If the tag does not
+//! verify, the destination is zeroed before `Err(TagMismatch)` is returned.
+
+use crate::error::{Error, Result};
+use crate::keys::DataKey;
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub mod cuda;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
+#[cfg(not(feature = "wgpu"))]
+#[path = "wgpu_stub.rs"]
+pub mod wgpu;
+
+/// GCM nonce length (96 bits).
+pub const NONCE_LEN: usize = 12;
+/// GCM tag length (128 bits).
+pub const TAG_LEN: usize = 16;
+/// AES block length.
+pub const BLOCK_LEN: usize = 16;
+
+/// A chunk's authentication tag did not verify. The destination was zeroed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TagMismatch;
+
+/// What a backend needs to open one chunk, besides its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkParams<'a> {
+    /// The chunk's 96-bit GCM nonce.
+    pub nonce: [u8; NONCE_LEN],
+    /// The chunk's associated data (docs/FORMAT.md, "Associated data").
+    pub aad: &'a [u8],
+    /// The stored tag.
+    pub tag: [u8; TAG_LEN],
+    /// `true`: the bytes are GCM ciphertext. `false`: a plain (readable) chunk whose tag is a
+    /// GMAC over `aad || bytes` (GCM with empty plaintext); opening it only verifies and copies.
+    pub encrypted: bool,
+}
+
+/// A data key prepared by a backend (round keys expanded, H computed, uploaded...).
+/// Dropping it zeroizes the key material it holds.
+pub trait ChunkOpener: Send + Sync {
+    /// Verifies and decrypts a whole chunk from `src` into `dst` (same length).
+    /// On a tag mismatch `dst` is zeroed and `Err(TagMismatch)` returned.
+    fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), TagMismatch>;
+
+    /// Verifies and decrypts a whole chunk in place. On a tag mismatch `buf` is zeroed.
+    fn open_in_place(&self, chunk: &ChunkParams<'_>, buf: &mut [u8]) -> Result<(), TagMismatch>;
+
+    /// Checks the tag of a whole chunk (ciphertext, or plain bytes for a plain chunk) without
+    /// decrypting it. Constant-time comparison.
+    fn verify(&self, chunk: &ChunkParams<'_>, src: &[u8]) -> Result<(), TagMismatch>;
+
+    /// Raw AES-256-CTR: XORs the keystream of the chunk with this `nonce`, starting
+    /// `offset` bytes into the chunk (counter block `nonce || 2 + offset/16`, 32-bit wrapping
+    /// as GCM specifies), into `dst`. No authentication: call only on bytes whose chunk tag
+    /// was verified from the same private copy.
+    fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]);
+
+    /// Encrypts a chunk in place (or, for a plain chunk, leaves it) and returns its tag.
+    fn seal_in_place(&self, chunk_nonce: &[u8; NONCE_LEN], aad: &[u8], encrypted: bool, buf: &mut [u8]) -> [u8; TAG_LEN];
+}
+
+/// A cipher backend.
+pub trait Cipher: Send + Sync {
+    /// Which backend this is.
+    fn backend(&self) -> Backend;
+    /// Human-readable description (CPU features, device name...).
+    fn describe(&self) -> String;
+    /// Prepares a per-shard data key.
+    fn prepare(&self, key: &DataKey) -> Result<Box<dyn ChunkOpener>>;
+}
+
+/// The backends, and `Auto` to pick the best available one at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// CUDA if a device answers, else wgpu with a compute-capable adapter, else the CPU.
+    #[default]
+    Auto,
+    /// AES-NI / VAES on the CPU.
+    Cpu,
+    /// NVIDIA GPUs through CUDA (cudarc, NVRTC-compiled kernels).
+    Cuda,
+    /// Any GPU through wgpu (Vulkan, Metal, DX12).
+    Wgpu,
+}
+
+impl Backend {
+    /// Lower-case name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+            Backend::Wgpu => "wgpu",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Backend::Auto),
+            "cpu" => Ok(Backend::Cpu),
+            "cuda" => Ok(Backend::Cuda),
+            "wgpu" => Ok(Backend::Wgpu),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown backend '{other}' (choose auto, cpu, cuda or wgpu)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Whether a backend can be used here, and if not, why.
+#[derive(Debug, Clone)]
+pub struct Availability {
+    /// The backend.
+    pub backend: Backend,
+    /// `Ok(description)` or `Err(reason it is not available, and what to do)`.
+    pub status: std::result::Result<String, String>,
+}
+
+/// Lists every concrete backend and whether it is available here.
+pub fn availability() -> Vec<Availability> {
+    vec![
+        Availability { backend: Backend::Cuda, status: cuda::probe() },
+        Availability { backend: Backend::Wgpu, status: wgpu::probe() },
+        Availability { backend: Backend::Cpu, status: Ok(cpu::CpuCipher::new().describe()) },
+    ]
+}
+
+/// Creates the requested backend. `Auto` picks CUDA, then wgpu, then the CPU; an explicit
+/// backend that is not available is an error, never a silent fallback.
+pub fn select(backend: Backend) -> Result<std::sync::Arc<dyn Cipher>> {
+    match backend {
+        Backend::Cpu => Ok(std::sync::Arc::new(cpu::CpuCipher::new())),
+        Backend::Cuda => cuda::create(),
+        Backend::Wgpu => wgpu::create(),
+        Backend::Auto => {
+            if cuda::probe().is_ok() {
+                if let Ok(c) = cuda::create() {
+                    return Ok(c);
+                }
+            }
+            if wgpu::probe().is_ok() {
+                if let Ok(c) = wgpu::create() {
+                    return Ok(c);
+                }
+            }
+            Ok(std::sync::Arc::new(cpu::CpuCipher::new()))
+        }
+    }
+}

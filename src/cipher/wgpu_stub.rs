@@ -1,0 +1,13 @@
+//! Stand-in when the `wgpu` feature is off: same functions, each saying it was not compiled in.
+
+use crate::error::{Error, Result};
+
+/// Not compiled in.
+pub fn probe() -> std::result::Result<String, String> {
+    Err("this build of ciphershard was compiled without the 'wgpu' feature".into())
+}
+
+/// Not compiled in.
+pub fn create() -> Result<std::sync::Arc<dyn super::Cipher>> {
+    Err(Error::BackendUnavailable { backend: "wgpu", reason: probe().unwrap_err() })
+}

@@ -1,0 +1,11 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod cipher;
+pub mod error;
+pub mod keys;
+
+pub use cipher::Backend;
+pub use error::{Error, Result};
+pub use keys::{DataKey, MasterKey};
