@@ -120,9 +120,11 @@ impl ChunkOpener for CpuOpener {
 
     fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]) {
         assert_eq!(src.len(), dst.len());
-        let iv = ctr_start_block(nonce, 0);
+        // Start at the block that holds `offset` (GCM's inc32 wraps modulo 2^32), then skip
+        // into it.
+        let iv = ctr_start_block(nonce, offset / 16);
         let mut c = Ctr32::new(self.key.as_bytes().into(), &iv.into());
-        c.seek(offset);
+        c.seek(offset % 16);
         dst.copy_from_slice(src);
         c.apply_keystream(dst);
     }
