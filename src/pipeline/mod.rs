@@ -12,3 +12,6 @@ pub use pool::{Element, HOST_ALIGN, PinHook};
 pub use sampler::{RowRef, SamplerConfig, epoch_batches};
 pub use source::{AAD_LEN, ChunkSpec, ColumnInfo, RowSource};
 pub use telemetry::{LoaderStats, StageStats};
+pub mod bench;
+pub mod format_source;
+pub use format_source::FormatSource;

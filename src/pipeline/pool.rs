@@ -219,7 +219,8 @@ mod tests {
         assert_eq!(a.len(), 10_000);
         let p = a.as_ptr();
         pool.put(a);
-        assert_eq!(pool.get().as_ptr(), p);
+        let b = pool.get();
+        assert_eq!(b.as_ptr(), p);
         assert_eq!(pool.allocations.load(Ordering::Relaxed), 0);
         assert_eq!(counter.load(Ordering::Relaxed), 2 * 12_288);
     }
