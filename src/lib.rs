@@ -4,7 +4,9 @@
 
 pub mod cipher;
 pub mod error;
+pub mod format;
 pub mod keys;
+pub mod pipeline;
 
 pub use cipher::Backend;
 pub use error::{Error, Result};
