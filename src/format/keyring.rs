@@ -6,7 +6,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
-use super::shard::{check_format_version, parse_hex};
+use super::shard::{J, check_fields, check_format_version, parse_hex};
 use crate::error::{Error, Result};
 use crate::keys::{DataKey, MasterKey, WRAPPED_LEN};
 
@@ -68,6 +68,28 @@ impl Keyring {
         let v: serde_json::Value = serde_json::from_slice(bytes)
             .map_err(|e| Error::format(path, WHAT, format!("invalid JSON: {e}")))?;
         check_format_version(path, WHAT, &v, "ciphershard-keyring")?;
+        use J::*;
+        check_fields(
+            path,
+            WHAT,
+            "",
+            &v,
+            &[
+                ("format", Str),
+                ("version", Uint),
+                ("dataset_id", Str),
+                ("wraps", Arr),
+            ],
+        )?;
+        for (i, w) in v["wraps"].as_array().into_iter().flatten().enumerate() {
+            check_fields(
+                path,
+                WHAT,
+                &format!("wraps[{i}]: "),
+                w,
+                &[("key_id", Str), ("alg", Str), ("data_keys", Arr)],
+            )?;
+        }
         let j: KeyringJson =
             serde_json::from_value(v).map_err(|e| Error::format(path, WHAT, e.to_string()))?;
         let mut wraps: Vec<KeyWrap> = Vec::with_capacity(j.wraps.len());

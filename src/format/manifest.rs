@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::shard::{check_format_version, parse_hex};
+use super::shard::{J, check_fields, check_format_version, parse_hex};
 use super::{Dtype, shard_file_name};
 use crate::error::{Error, Result};
 
@@ -112,6 +112,52 @@ impl Manifest {
         let v: serde_json::Value = serde_json::from_slice(bytes)
             .map_err(|e| Error::format(path, WHAT, format!("invalid JSON: {e}")))?;
         check_format_version(path, WHAT, &v, "ciphershard-dataset")?;
+        use J::*;
+        check_fields(
+            path,
+            WHAT,
+            "",
+            &v,
+            &[
+                ("format", Str),
+                ("version", Uint),
+                ("dataset_id", Str),
+                ("kind", Str),
+                ("rows", Uint),
+                ("chunk_size", Uint),
+                ("columns", Arr),
+                ("shards", Arr),
+            ],
+        )?;
+        for (i, c) in v["columns"].as_array().into_iter().flatten().enumerate() {
+            check_fields(
+                path,
+                WHAT,
+                &format!("columns[{i}]: "),
+                c,
+                &[
+                    ("name", Str),
+                    ("dtype", Str),
+                    ("shape", Arr),
+                    ("encrypted", Bool),
+                ],
+            )?;
+        }
+        for (i, s) in v["shards"].as_array().into_iter().flatten().enumerate() {
+            check_fields(
+                path,
+                WHAT,
+                &format!("shards[{i}]: "),
+                s,
+                &[
+                    ("file", Str),
+                    ("row_start", Uint),
+                    ("rows", Uint),
+                    ("bytes", Uint),
+                    ("header_digest", Str),
+                ],
+            )?;
+        }
         let j: ManifestJson =
             serde_json::from_value(v).map_err(|e| Error::format(path, WHAT, e.to_string()))?;
         let kind = match j.kind.as_str() {

@@ -140,6 +140,57 @@ pub(crate) fn check_format_version(
     }
 }
 
+/// JSON types a field may be required to have.
+#[derive(Clone, Copy)]
+pub(crate) enum J {
+    Str,
+    Uint,
+    Bool,
+    Arr,
+    Obj,
+}
+
+/// Checks that `v` (an object) has each field with the right JSON type, so that a schema error
+/// names the field (serde's own type errors do not).
+pub(crate) fn check_fields(
+    path: &Path,
+    what: &'static str,
+    ctx: &str,
+    v: &serde_json::Value,
+    fields: &[(&str, J)],
+) -> Result<()> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| Error::format(path, what, format!("{ctx}not a JSON object")))?;
+    for &(name, kind) in fields {
+        let f = obj
+            .get(name)
+            .ok_or_else(|| Error::format(path, what, format!("{ctx}missing field `{name}`")))?;
+        let (ok, want) = match kind {
+            J::Str => (f.is_string(), "a string"),
+            J::Uint => (f.is_u64(), "a non-negative integer"),
+            J::Bool => (f.is_boolean(), "true or false"),
+            J::Arr => (f.is_array(), "an array"),
+            J::Obj => (f.is_object(), "an object"),
+        };
+        if !ok {
+            return Err(Error::format(
+                path,
+                what,
+                format!("{ctx}field `{name}` must be {want}, found {f}"),
+            ));
+        }
+    }
+    if let Some(k) = obj.keys().find(|k| !fields.iter().any(|(n, _)| n == k)) {
+        return Err(Error::format(
+            path,
+            what,
+            format!("{ctx}unknown field `{k}`"),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn parse_hex<const N: usize>(
     path: &Path,
     what: &'static str,
@@ -216,6 +267,43 @@ impl Descriptor {
                     supported: CIPHER_NAME.into(),
                 });
             }
+        }
+        use J::*;
+        check_fields(
+            path,
+            WHAT_DESC,
+            "",
+            &v,
+            &[
+                ("format", Str),
+                ("version", Uint),
+                ("cipher", Str),
+                ("dataset_id", Str),
+                ("shard_index", Uint),
+                ("shard_count", Uint),
+                ("row_start", Uint),
+                ("rows", Uint),
+                ("chunk_size", Uint),
+                ("tensors", Arr),
+                ("metadata", Obj),
+            ],
+        )?;
+        for (i, t) in v["tensors"].as_array().into_iter().flatten().enumerate() {
+            check_fields(
+                path,
+                WHAT_DESC,
+                &format!("tensors[{i}]: "),
+                t,
+                &[
+                    ("name", Str),
+                    ("dtype", Str),
+                    ("shape", Arr),
+                    ("offsets", Arr),
+                    ("encrypted", Bool),
+                    ("first_chunk", Uint),
+                    ("chunks", Uint),
+                ],
+            )?;
         }
         let j: DescriptorJson =
             serde_json::from_value(v).map_err(|e| Error::format(path, WHAT_DESC, e.to_string()))?;
