@@ -6,9 +6,11 @@
 
 use pyo3::prelude::*;
 
+mod dataset;
 mod dlpack;
 mod errors;
 mod keysrc;
+mod loader;
 mod tensor;
 
 /// Number of DLPack exports whose consumer has not released them yet (for leak tests).
@@ -17,10 +19,28 @@ fn _live_dlpack_exports() -> isize {
     dlpack::live_exports()
 }
 
+/// Backends and whether each is usable here: ``{"cuda": (False, "why"), "cpu": (True, "...")}``.
+#[pyfunction]
+fn backends() -> Vec<(String, bool, String)> {
+    ciphershard::cipher::availability()
+        .into_iter()
+        .map(|a| match a.status {
+            Ok(d) => (a.backend.name().to_string(), true, d),
+            Err(why) => (a.backend.name().to_string(), false, why),
+        })
+        .collect()
+}
+
 #[pymodule]
 fn _ciphershard(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<tensor::Tensor>()?;
+    m.add_class::<dataset::PyDataset>()?;
+    m.add_class::<loader::PyLoader>()?;
+    m.add_function(wrap_pyfunction!(dataset::convert, m)?)?;
+    m.add_function(wrap_pyfunction!(dataset::inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(dataset::generate_key, m)?)?;
+    m.add_function(wrap_pyfunction!(backends, m)?)?;
     m.add_function(wrap_pyfunction!(_live_dlpack_exports, m)?)?;
     Ok(())
 }

@@ -1017,3 +1017,55 @@ fn planner(
         }
     }
 }
+
+// Hooks for consumers that hand batches to other runtimes (the Python binding): a writable
+// view for zero-copy export, and a bounded wait so the caller can stay responsive (Ctrl-C).
+
+impl Batch {
+    /// Writable base pointer and byte length (`len() ×` row bytes) of each column's buffer, in
+    /// column order. The memory stays valid and in place until the batch is dropped (then it
+    /// returns to the pool), so a zero-copy consumer (a DLPack tensor) that keeps the batch
+    /// alive may read and write through these pointers.
+    pub fn column_ptrs_mut(&mut self) -> Vec<(*mut u8, usize)> {
+        let rows = self.row_ids.len();
+        self.columns
+            .iter()
+            .zip(self.bufs.iter_mut())
+            .map(|(c, b)| {
+                let n = rows * c.row_bytes as usize;
+                (b[..n].as_mut_ptr(), n)
+            })
+            .collect()
+    }
+}
+
+impl Loader {
+    /// Waits at most `timeout` for the next item. Returns `true` when [`Iterator::next`] will
+    /// not block (a batch or an error is ready, or the iteration is over), `false` on timeout.
+    /// The time waited counts as consumer wait in [`Loader::stats`].
+    pub fn wait_next(&mut self, timeout: std::time::Duration) -> bool {
+        if self.done || self.next_seq >= self.total || self.reorder.contains_key(&self.next_seq) {
+            return true;
+        }
+        let t = Instant::now();
+        let deadline = t + timeout;
+        let ready = loop {
+            match self.rx.recv_deadline(deadline) {
+                Ok((seq, r)) => {
+                    self.reorder.insert(seq, r);
+                    if self.reorder.contains_key(&self.next_seq) {
+                        break true;
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => break false,
+                // `next` reports the disconnection as an error without blocking.
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break true,
+            }
+        };
+        add(
+            &self.counters.consumer_wait_ns,
+            t.elapsed().as_nanos() as u64,
+        );
+        ready
+    }
+}

@@ -1,0 +1,404 @@
+//! `ciphershard.Dataset`, `convert`, `inspect` and `generate_key`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use ciphershard::format::{self, ConvertInput, ConvertOptions, Dtype};
+use ciphershard::pipeline::FormatSource;
+use ciphershard::{Backend, MasterKey};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+
+use crate::errors::{IntoPyResult, new_err};
+use crate::keysrc::load_master_key;
+use crate::tensor::DType;
+
+/// Parses a backend name (`auto`, `cpu`, `cuda`, `wgpu`).
+pub fn parse_backend(name: &str) -> PyResult<Backend> {
+    name.parse::<Backend>().py()
+}
+
+/// An encrypted dataset opened with a master key.
+///
+/// ``Dataset(path, key_file=None, key_env=None, backend="auto")``: ``path`` is a dataset
+/// directory (or one of its shard files); the master key is read from ``key_file`` or from the
+/// file named by the environment variable ``key_env``. Opening reads and authenticates every
+/// shard header and unwraps the data keys, so a wrong key raises ``WrongKeyError`` here.
+/// The key stays in Rust memory (zeroized when the dataset is freed) and never appears in
+/// ``repr``.
+#[pyclass(frozen, module = "ciphershard", name = "Dataset")]
+pub struct PyDataset {
+    path: PathBuf,
+    key: MasterKey,
+    backend: Backend,
+    /// Unlocked sources per concrete backend (the default one is opened eagerly).
+    sources: Mutex<HashMap<Backend, Arc<FormatSource>>>,
+    manifest: format::Manifest,
+    cipher_description: String,
+}
+
+impl PyDataset {
+    /// The row source for `backend` (`None`: the dataset's own), unlocking it on first use.
+    pub fn source(
+        &self,
+        py: Python<'_>,
+        backend: Option<Backend>,
+    ) -> PyResult<(Arc<FormatSource>, Backend)> {
+        let backend = backend.unwrap_or(self.backend);
+        let mut map = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(&backend) {
+            return Ok((s.clone(), backend));
+        }
+        let (src, _) = py
+            .detach(|| open_source(&self.path, &self.key, backend))
+            .py()?;
+        map.insert(backend, src.clone());
+        Ok((src, backend))
+    }
+
+    /// The dataset's columns (name, dtype, per-row shape).
+    pub fn columns(&self) -> Vec<(String, DType, Vec<u64>)> {
+        self.manifest
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), dtype_of(c.dtype), c.shape.clone()))
+            .collect()
+    }
+}
+
+fn dtype_of(d: Dtype) -> DType {
+    DType::from_name(d.as_str()).expect("every format dtype has a DLPack mapping")
+}
+
+fn open_source(
+    path: &std::path::Path,
+    key: &MasterKey,
+    backend: Backend,
+) -> ciphershard::Result<(Arc<FormatSource>, String)> {
+    let cipher = ciphershard::cipher::select(backend)?;
+    let ds = format::Dataset::open(path)?;
+    let unlocked = ds.unlock(key, cipher.as_ref())?;
+    Ok((Arc::new(FormatSource::new(unlocked)?), cipher.describe()))
+}
+
+#[pymethods]
+impl PyDataset {
+    #[new]
+    #[pyo3(signature = (path, *, key_file=None, key_env=None, backend="auto"))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        key_file: Option<PathBuf>,
+        key_env: Option<String>,
+        backend: &str,
+    ) -> PyResult<Self> {
+        let backend = parse_backend(backend)?;
+        let key = load_master_key(py, key_file, key_env)?;
+        let (source, description) = py.detach(|| open_source(&path, &key, backend)).py()?;
+        let dir = source_dir(&path);
+        let manifest = source.dataset().dataset().manifest().clone();
+        let mut sources = HashMap::new();
+        sources.insert(backend, source);
+        Ok(PyDataset {
+            path: dir,
+            key,
+            backend,
+            sources: Mutex::new(sources),
+            manifest,
+            cipher_description: description,
+        })
+    }
+
+    /// The dataset directory.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    /// Number of rows.
+    #[getter]
+    fn rows(&self) -> u64 {
+        self.manifest.rows
+    }
+
+    fn __len__(&self) -> usize {
+        self.manifest.rows as usize
+    }
+
+    /// Number of shard files.
+    #[getter]
+    fn num_shards(&self) -> usize {
+        self.manifest.shards.len()
+    }
+
+    /// Column descriptions: ``{name: {"dtype": "float32", "shape": [per-row dims], "encrypted": bool}}``.
+    #[getter]
+    fn columns_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for c in &self.manifest.columns {
+            let d = PyDict::new(py);
+            d.set_item("dtype", dtype_of(c.dtype).name)?;
+            d.set_item("shape", c.shape.clone())?;
+            d.set_item("encrypted", c.encrypted)?;
+            out.set_item(&c.name, d)?;
+        }
+        Ok(out)
+    }
+
+    /// Column names, in dataset order.
+    #[getter]
+    fn column_names(&self) -> Vec<String> {
+        self.manifest
+            .columns
+            .iter()
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    /// Id of the master key in use (safe to log: it reveals nothing about the key).
+    #[getter]
+    fn key_id(&self) -> String {
+        self.key.id()
+    }
+
+    /// The backend chosen when the dataset was opened, e.g. ``"cpu"``.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// What the backend is (CPU features, device name).
+    #[getter]
+    fn backend_description(&self) -> String {
+        self.cipher_description.clone()
+    }
+
+    /// Checks every chunk's tag; raises ``IntegrityError`` at the first failure. Returns
+    /// ``{"shards", "chunks", "bytes", "seconds"}``.
+    fn verify<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let key = &self.key;
+        let path = &self.path;
+        let summary = py
+            .detach(|| {
+                let cipher = ciphershard::cipher::select(Backend::Cpu)?;
+                let ds = format::Dataset::open(path)?.unlock(key, cipher.as_ref())?;
+                format::verify(&ds, &mut |_, _| {})
+            })
+            .py()?;
+        let d = PyDict::new(py);
+        d.set_item("shards", summary.shards)?;
+        d.set_item("chunks", summary.chunks)?;
+        d.set_item("bytes", summary.bytes)?;
+        d.set_item("seconds", summary.seconds)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ciphershard.Dataset({:?}, rows={}, columns={:?}, shards={}, key_id={}, backend={})",
+            self.path.display().to_string(),
+            self.manifest.rows,
+            self.column_names(),
+            self.manifest.shards.len(),
+            self.key.id(),
+            self.backend
+        )
+    }
+}
+
+fn source_dir(path: &std::path::Path) -> PathBuf {
+    if path.is_file() {
+        path.parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| path.to_path_buf())
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Writes a new random master key to ``path`` (hex, mode 0600; refuses to overwrite) and
+/// returns its key id.
+#[pyfunction]
+pub fn generate_key(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+    py.detach(|| {
+        let key = MasterKey::generate()?;
+        key.write_new_file(&path)?;
+        Ok(key.id())
+    })
+    .py()
+}
+
+/// One `convert` input taken from Python: a NumPy-style array (via the buffer protocol) or a
+/// path to a `.npy` file.
+fn convert_input(name: &str, value: &Bound<'_, PyAny>) -> PyResult<ConvertInput> {
+    if let Ok(path) = value.extract::<PathBuf>() {
+        return Ok(ConvertInput::Npy {
+            column: name.to_string(),
+            path,
+        });
+    }
+    let py = value.py();
+    let np = py.import("numpy").map_err(|_| {
+        new_err(
+            py,
+            "InvalidArgumentError",
+            format!("column '{name}': convert needs NumPy installed to read arrays"),
+        )
+    })?;
+    let arr = np.call_method1("ascontiguousarray", (value,))?;
+    let dtype_name: String = arr.getattr("dtype")?.getattr("name")?.extract()?;
+    let byteorder: String = arr.getattr("dtype")?.getattr("byteorder")?.extract()?;
+    if byteorder == ">" {
+        return Err(new_err(
+            py,
+            "InvalidArgumentError",
+            format!(
+                "column '{name}': big-endian arrays are not supported (use arr.astype(arr.dtype.newbyteorder('<')))"
+            ),
+        ));
+    }
+    let dt = DType::from_name(&dtype_name).ok_or_else(|| {
+        new_err(
+            py,
+            "InvalidArgumentError",
+            format!("column '{name}': dtype {dtype_name} has no safetensors equivalent"),
+        )
+    })?;
+    let dtype: Dtype = dt.safetensors.parse().py()?;
+    let shape: Vec<u64> = arr.getattr("shape")?.extract()?;
+    if shape.is_empty() {
+        return Err(new_err(
+            py,
+            "InvalidArgumentError",
+            format!("column '{name}': a 0-d array has no rows"),
+        ));
+    }
+    let bytes = arr.call_method0("tobytes")?;
+    let data = bytes.cast::<PyBytes>()?.as_bytes().to_vec();
+    Ok(ConvertInput::InMemory {
+        name: name.to_string(),
+        dtype,
+        shape,
+        data,
+    })
+}
+
+/// Encrypts columns into a new dataset directory.
+///
+/// ``columns`` maps column names to arrays (anything ``numpy.ascontiguousarray`` accepts;
+/// the first dimension is the row) or to ``.npy`` paths; it may also be a list of safetensors
+/// file paths. Returns a summary dict. Plaintext never reaches disk; a failed convert leaves no
+/// shard under its final name.
+#[pyfunction]
+#[pyo3(signature = (columns, *, out, key_file=None, key_env=None, chunk_size=2 << 20, shard_size=1 << 30, plain=Vec::new(), metadata=BTreeMap::new()))]
+#[allow(clippy::too_many_arguments)]
+pub fn convert<'py>(
+    py: Python<'py>,
+    columns: &Bound<'py, PyAny>,
+    out: PathBuf,
+    key_file: Option<PathBuf>,
+    key_env: Option<String>,
+    chunk_size: u64,
+    shard_size: u64,
+    plain: Vec<String>,
+    metadata: BTreeMap<String, String>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let key = load_master_key(py, key_file, key_env)?;
+    let mut inputs = Vec::new();
+    if let Ok(dict) = columns.cast::<PyDict>() {
+        for (k, v) in dict.iter() {
+            let name: String = k.extract()?;
+            inputs.push(convert_input(&name, &v)?);
+        }
+    } else if let Ok(list) = columns.cast::<PyList>() {
+        for item in list.iter() {
+            inputs.push(ConvertInput::Safetensors(item.extract::<PathBuf>()?));
+        }
+    } else if let Ok(path) = columns.extract::<PathBuf>() {
+        inputs.push(ConvertInput::Safetensors(path));
+    } else {
+        return Err(new_err(
+            py,
+            "InvalidArgumentError",
+            "columns must be a dict {name: array or .npy path}, a safetensors path, or a list of them"
+                .into(),
+        ));
+    }
+    let opts = ConvertOptions {
+        shard_size,
+        chunk_size,
+        plain,
+        keys: vec![key],
+        metadata,
+    };
+    let summary = py
+        .detach(|| format::convert(&inputs, &out, &opts, &mut |_, _| {}))
+        .py()?;
+    let d = PyDict::new(py);
+    d.set_item("path", out)?;
+    d.set_item("dataset_id", hex_encode(&summary.dataset_id))?;
+    d.set_item("kind", summary.kind.as_str())?;
+    d.set_item("shards", summary.shards)?;
+    d.set_item("rows", summary.rows)?;
+    d.set_item("columns", summary.columns)?;
+    d.set_item("bytes", summary.bytes)?;
+    d.set_item("bytes_written", summary.bytes_written)?;
+    d.set_item("seconds", summary.seconds)?;
+    d.set_item("mb_per_s", summary.mb_per_s())?;
+    d.set_item("key_ids", summary.key_ids)?;
+    Ok(d)
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Describes a dataset without a key: manifest, columns, shards and their tensors, key ids.
+/// Parses and cross-checks every header (no tag is verified without a key).
+#[pyfunction]
+pub fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let ds = py.detach(|| format::Dataset::open(&path)).py()?;
+    let m = ds.manifest();
+    let d = PyDict::new(py);
+    d.set_item("path", ds.dir())?;
+    d.set_item("dataset_id", hex_encode(&m.dataset_id))?;
+    d.set_item("kind", m.kind.as_str())?;
+    d.set_item("rows", m.rows)?;
+    d.set_item("chunk_size", m.chunk_size)?;
+    let cols = PyList::empty(py);
+    for c in &m.columns {
+        let cd = PyDict::new(py);
+        cd.set_item("name", &c.name)?;
+        cd.set_item("dtype", dtype_of(c.dtype).name)?;
+        cd.set_item("shape", c.shape.clone())?;
+        cd.set_item("encrypted", c.encrypted)?;
+        cols.append(cd)?;
+    }
+    d.set_item("columns", cols)?;
+    let shards = PyList::empty(py);
+    for (entry, h) in m.shards.iter().zip(ds.shards()) {
+        let sd = PyDict::new(py);
+        sd.set_item("file", &entry.file)?;
+        sd.set_item("row_start", entry.row_start)?;
+        sd.set_item("rows", entry.rows)?;
+        sd.set_item("bytes", entry.bytes)?;
+        sd.set_item("header_digest", hex_encode(&h.digest))?;
+        let ts = PyList::empty(py);
+        for t in &h.descriptor.tensors {
+            let td = PyDict::new(py);
+            td.set_item("name", &t.name)?;
+            td.set_item("dtype", dtype_of(t.dtype).name)?;
+            td.set_item("shape", t.shape.clone())?;
+            td.set_item("encrypted", t.encrypted)?;
+            td.set_item("chunks", t.chunks)?;
+            ts.append(td)?;
+        }
+        sd.set_item("tensors", ts)?;
+        sd.set_item("metadata", h.descriptor.metadata.clone())?;
+        shards.append(sd)?;
+    }
+    d.set_item("shards", shards)?;
+    d.set_item("key_ids", ds.keyring().key_ids())?;
+    Ok(d)
+}

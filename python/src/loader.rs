@@ -1,0 +1,445 @@
+//! `ciphershard.Loader`: the Rust prefetching loader as a Python iterator of
+//! `dict[str, Tensor]` (or of `torch.Tensor` with `as_torch=True`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ciphershard::pipeline::{Batch, Loader, LoaderOptions, LoaderState, LoaderStats, StageStats};
+use pyo3::exceptions::PyStopIteration;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::dataset::{PyDataset, parse_backend};
+use crate::dlpack::DEVICE_CPU;
+use crate::dlpack::DLDevice;
+use crate::errors::{IntoPyResult, new_err};
+use crate::tensor::{DType, Storage, Tensor};
+
+/// How long one GIL-free wait lasts before signals (Ctrl-C) are checked.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// Tag stored in `state_dict()` so a foreign dict is rejected clearly.
+const STATE_FORMAT: &str = "ciphershard.loader_state/1";
+
+/// A batch's column buffers, kept alive by every tensor (and DLPack export) that views them.
+/// Dropping the last holder drops the `Batch`, which returns the buffers to the loader's pool.
+struct BatchStorage {
+    regions: Vec<(*mut u8, usize)>,
+    _batch: Batch,
+}
+
+// SAFETY: the pointers address buffers owned by `_batch`, which is `Send + Sync` and keeps them
+// allocated and in place until it is dropped together with this struct. `BatchStorage` never
+// reads or writes the bytes itself; consumers synchronise their own accesses.
+unsafe impl Send for BatchStorage {}
+// SAFETY: see `Send`.
+unsafe impl Sync for BatchStorage {}
+
+impl Storage for BatchStorage {
+    fn region(&self, index: usize) -> (*mut u8, usize) {
+        self.regions[index]
+    }
+    fn device(&self) -> DLDevice {
+        DLDevice {
+            device_type: DEVICE_CPU,
+            device_id: 0,
+        }
+    }
+}
+
+/// Iterates decrypted batches of a :class:`Dataset`.
+///
+/// Each batch is a ``dict`` mapping column names to :class:`Tensor` objects of shape
+/// ``[B, ...]`` that view the loader's buffers (DLPack, no copy); with ``as_torch=True`` the
+/// values are ``torch.Tensor`` views made by ``torch.from_dlpack``.
+///
+/// Epochs: with ``epochs=None`` (default) each ``iter(loader)`` runs one epoch, the next one
+/// each time (like ``torch.utils.data.DataLoader``); with ``epochs=N`` one iteration streams
+/// every remaining batch of epochs ``0..N`` without a pause between epochs. Breaking out of a
+/// ``for`` loop and iterating again continues where it stopped.
+///
+/// ``rank``/``world_size`` default to the ``RANK``/``WORLD_SIZE`` environment variables
+/// (set by ``torchrun``), else 0/1.
+///
+/// Errors: an integrity or I/O failure raises (``IntegrityError``...) and ends the iteration;
+/// ``state_dict()`` then still points at the failed batch.
+#[pyclass(module = "ciphershard", name = "Loader")]
+pub struct PyLoader {
+    dataset: Py<PyDataset>,
+    opts: LoaderOptions,
+    backend: Option<ciphershard::Backend>,
+    epochs: Option<u64>,
+    state: Option<LoaderState>,
+    active: Option<Loader>,
+    columns: Vec<(String, DType, Vec<i64>)>,
+    as_torch: Option<Py<PyAny>>,
+    /// Telemetry of the pipelines that already ended.
+    finished: Option<LoaderStats>,
+    closed: bool,
+}
+
+fn env_u64(name: &str) -> PyResult<Option<u64>> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse::<u64>().map(Some).map_err(|_| {
+            pyo3::exceptions::PyValueError::new_err(format!(
+                "environment variable {name}={v:?} is not a non-negative integer"
+            ))
+        }),
+        _ => Ok(None),
+    }
+}
+
+fn add_stage(a: &mut StageStats, b: &StageStats) {
+    a.bytes += b.bytes;
+    a.ns += b.ns;
+    a.gbps = if a.ns == 0 {
+        0.0
+    } else {
+        a.bytes as f64 / a.ns as f64
+    };
+}
+
+fn merge_stats(total: &mut LoaderStats, s: &LoaderStats) {
+    add_stage(&mut total.read, &s.read);
+    add_stage(&mut total.verify, &s.verify);
+    add_stage(&mut total.decrypt, &s.decrypt);
+    add_stage(&mut total.assemble, &s.assemble);
+    total.consumer_wait_ns += s.consumer_wait_ns;
+    total.batches += s.batches;
+    total.delivered_bytes += s.delivered_bytes;
+    total.chunks_loaded += s.chunks_loaded;
+    let ratio = |x: u64| {
+        if total.delivered_bytes == 0 {
+            0.0
+        } else {
+            x as f64 / total.delivered_bytes as f64
+        }
+    };
+    total.read_amplification = ratio(total.read.bytes);
+    total.decrypt_amplification = ratio(total.decrypt.bytes);
+    total.pool_bytes = s.pool_bytes;
+    total.first_batch_ns = s.first_batch_ns;
+}
+
+fn json_to_py<'py>(py: Python<'py>, json: &str) -> PyResult<Bound<'py, PyAny>> {
+    py.import("json")?.call_method1("loads", (json,))
+}
+
+fn py_to_json(obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    obj.py()
+        .import("json")?
+        .call_method1("dumps", (obj,))?
+        .extract()
+}
+
+impl PyLoader {
+    /// The state the next pipeline starts from.
+    fn current_state(&self) -> Option<LoaderState> {
+        self.active
+            .as_ref()
+            .map(Loader::state)
+            .or_else(|| self.state.clone())
+    }
+
+    /// Ends the running pipeline (joining its threads), keeping its position and telemetry.
+    fn stop_active(&mut self, py: Python<'_>) {
+        if let Some(l) = self.active.take() {
+            self.state = Some(l.state());
+            let s = l.stats();
+            match &mut self.finished {
+                Some(total) => merge_stats(total, &s),
+                None => self.finished = Some(s),
+            }
+            py.detach(move || drop(l));
+        }
+    }
+
+    /// Starts a pipeline at the current position.
+    fn start(&mut self, py: Python<'_>) -> PyResult<()> {
+        let (source, _) = self.dataset.get().source(py, self.backend)?;
+        let mut opts = self.opts.clone();
+        let state = self.state.clone();
+        let start_epoch = state.as_ref().map_or(0, |s| s.epoch);
+        opts.epochs = match self.epochs {
+            Some(n) => n,
+            None => start_epoch + 1,
+        };
+        let loader = py
+            .detach(|| match &state {
+                Some(s) => Loader::resume(source.clone(), &opts, s),
+                None => Loader::new(source.clone(), &opts),
+            })
+            .py()?;
+        self.active = Some(loader);
+        Ok(())
+    }
+
+    fn batch_to_dict<'py>(
+        &self,
+        py: Python<'py>,
+        mut batch: Batch,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let rows = batch.len() as i64;
+        let regions = batch.column_ptrs_mut();
+        let storage: Arc<dyn Storage> = Arc::new(BatchStorage {
+            regions,
+            _batch: batch,
+        });
+        let out = PyDict::new(py);
+        for (i, (name, dtype, row_shape)) in self.columns.iter().enumerate() {
+            let shape: Vec<i64> = std::iter::once(rows)
+                .chain(row_shape.iter().copied())
+                .collect();
+            let t = Bound::new(py, Tensor::new(storage.clone(), i, *dtype, shape)?)?;
+            match &self.as_torch {
+                Some(from_dlpack) => out.set_item(name, from_dlpack.bind(py).call1((t,))?)?,
+                None => out.set_item(name, t)?,
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[pymethods]
+impl PyLoader {
+    #[new]
+    #[pyo3(signature = (
+        dataset, batch_size, *, shuffle=true, seed=0, epochs=None, prefetch=4, threads=None,
+        backend=None, rank=None, world_size=None, drop_last=false, window_blocks=8,
+        block_rows=None, state=None, as_torch=false
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        dataset: Py<PyDataset>,
+        batch_size: usize,
+        shuffle: bool,
+        seed: u64,
+        epochs: Option<u64>,
+        prefetch: usize,
+        threads: Option<usize>,
+        backend: Option<&str>,
+        rank: Option<u64>,
+        world_size: Option<u64>,
+        drop_last: bool,
+        window_blocks: u64,
+        block_rows: Option<u64>,
+        state: Option<Bound<'_, PyAny>>,
+        as_torch: bool,
+    ) -> PyResult<Self> {
+        let rank = match rank {
+            Some(r) => r,
+            None => env_u64("RANK")?.unwrap_or(0),
+        };
+        let world_size = match world_size {
+            Some(w) => w,
+            None => env_u64("WORLD_SIZE")?.unwrap_or(1),
+        };
+        let threads = threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .clamp(1, 8)
+        });
+        let backend = backend.map(parse_backend).transpose()?;
+        let columns = dataset
+            .get()
+            .columns()
+            .into_iter()
+            .map(|(n, d, s)| (n, d, s.into_iter().map(|x| x as i64).collect()))
+            .collect();
+        let as_torch = if as_torch {
+            Some(py.import("torch")?.getattr("from_dlpack")?.unbind())
+        } else {
+            None
+        };
+        let opts = LoaderOptions {
+            batch_size,
+            seed,
+            shuffle,
+            epochs: epochs.unwrap_or(1),
+            rank,
+            world_size,
+            drop_last,
+            prefetch,
+            threads,
+            window_blocks,
+            block_rows,
+            ..LoaderOptions::default()
+        };
+        if batch_size == 0 || prefetch == 0 || threads == 0 || window_blocks == 0 {
+            return Err(new_err(
+                py,
+                "InvalidArgumentError",
+                "batch_size, prefetch, threads and window_blocks must be at least 1".into(),
+            ));
+        }
+        if world_size == 0 || rank >= world_size {
+            return Err(new_err(
+                py,
+                "InvalidArgumentError",
+                format!("rank {rank} is not below world_size {world_size}"),
+            ));
+        }
+        let mut loader = PyLoader {
+            dataset,
+            opts,
+            backend,
+            epochs,
+            state: None,
+            active: None,
+            columns,
+            as_torch,
+            finished: None,
+            closed: false,
+        };
+        if let Some(s) = state {
+            loader.load_state_dict(py, &s)?;
+        }
+        Ok(loader)
+    }
+
+    fn __iter__(mut slf: PyRefMut<'_, Self>) -> PyResult<PyRefMut<'_, Self>> {
+        if slf.closed {
+            return Err(new_err(
+                slf.py(),
+                "LoaderStoppedError",
+                "loader: closed".into(),
+            ));
+        }
+        if slf.active.is_none() {
+            let py = slf.py();
+            slf.start(py)?;
+        }
+        Ok(slf)
+    }
+
+    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        if self.closed {
+            return Err(new_err(py, "LoaderStoppedError", "loader: closed".into()));
+        }
+        if self.active.is_none() {
+            self.start(py)?;
+        }
+        let loader = self.active.as_mut().expect("started above");
+        // Wait without the GIL, in slices, so Ctrl-C (and other Python threads) get through.
+        loop {
+            if py.detach(|| loader.wait_next(SIGNAL_POLL)) {
+                break;
+            }
+            py.check_signals()?;
+        }
+        match loader.next() {
+            Some(Ok(batch)) => self.batch_to_dict(py, batch),
+            Some(Err(e)) => {
+                self.stop_active(py);
+                Err(crate::errors::to_py_err(e))
+            }
+            None => {
+                self.stop_active(py);
+                Err(PyStopIteration::new_err(()))
+            }
+        }
+    }
+
+    /// Batches per epoch for this rank.
+    fn __len__(&mut self, py: Python<'_>) -> PyResult<usize> {
+        if self.active.is_none() {
+            self.start(py)?;
+        }
+        Ok(self
+            .active
+            .as_ref()
+            .map_or(0, |l| l.batches_per_epoch() as usize))
+    }
+
+    /// Epoch of the next batch.
+    #[getter]
+    fn epoch(&self) -> u64 {
+        self.current_state().map_or(0, |s| s.epoch)
+    }
+
+    /// A small JSON-compatible dict: everything the order depends on plus the position after
+    /// the last batch handed out. ``Loader(ds, ..., state=d)`` or ``load_state_dict(d)``
+    /// continues exactly there.
+    fn state_dict<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if self.current_state().is_none() {
+            // Not started yet: start the pipeline, which settles the automatic block size.
+            self.start(py)?;
+        }
+        let state = self.current_state().expect("a started loader has a state");
+        let json = serde_json::json!({ "format": STATE_FORMAT, "loader": state }).to_string();
+        json_to_py(py, &json)
+    }
+
+    /// Restores a position saved by :meth:`state_dict` (stops a running pipeline; the next
+    /// iteration starts from the restored position).
+    fn load_state_dict(&mut self, py: Python<'_>, state: &Bound<'_, PyAny>) -> PyResult<()> {
+        let json = py_to_json(state)?;
+        let bad = |why: String| new_err(py, "InvalidArgumentError", format!("loader state: {why}"));
+        let v: serde_json::Value = serde_json::from_str(&json).map_err(|e| bad(e.to_string()))?;
+        if v.get("format").and_then(|f| f.as_str()) != Some(STATE_FORMAT) {
+            return Err(bad(format!(
+                "not a ciphershard loader state (expected format '{STATE_FORMAT}')"
+            )));
+        }
+        let s: LoaderState =
+            serde_json::from_value(v["loader"].clone()).map_err(|e| bad(e.to_string()))?;
+        if s.block_rows == 0 {
+            return Err(bad("block_rows is 0".into()));
+        }
+        self.stop_active(py);
+        self.opts.seed = s.seed;
+        self.opts.shuffle = s.shuffle;
+        self.opts.batch_size = s.batch_size as usize;
+        self.opts.drop_last = s.drop_last;
+        self.opts.rank = s.rank;
+        self.opts.world_size = s.world_size;
+        self.opts.window_blocks = s.window_blocks;
+        self.opts.block_rows = Some(s.block_rows);
+        self.state = Some(s);
+        Ok(())
+    }
+
+    /// Telemetry as a dict: per-stage ``{"bytes", "ns", "gbps"}`` for ``read``, ``verify``,
+    /// ``decrypt``, ``assemble``; ``consumer_wait_ns``, ``batches``, ``delivered_bytes``,
+    /// ``chunks_loaded``, ``read_amplification``, ``decrypt_amplification``, ``pool_bytes``,
+    /// ``first_batch_ns``. Summed over every epoch this object ran.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let mut total = self.finished.clone().unwrap_or_default();
+        if let Some(l) = &self.active {
+            merge_stats(&mut total, &l.stats());
+        }
+        let json = serde_json::to_string(&total)
+            .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
+        json_to_py(py, &json)
+    }
+
+    /// Stops the pipeline and joins its threads. Tensors already handed out stay valid.
+    fn close(&mut self, py: Python<'_>) {
+        self.stop_active(py);
+        self.closed = true;
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&mut self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) {
+        self.close(py);
+    }
+
+    fn __repr__(&self) -> String {
+        let s = self.current_state();
+        format!(
+            "ciphershard.Loader(batch_size={}, shuffle={}, seed={}, rank={}, world_size={}, epoch={}, batches_done_in_epoch={})",
+            self.opts.batch_size,
+            if self.opts.shuffle { "True" } else { "False" },
+            self.opts.seed,
+            self.opts.rank,
+            self.opts.world_size,
+            s.as_ref().map_or(0, |s| s.epoch),
+            s.as_ref().map_or(0, |s| s.batches_done_in_epoch)
+        )
+    }
+}
