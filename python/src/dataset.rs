@@ -246,7 +246,9 @@ fn convert_input(name: &str, value: &Bound<'_, PyAny>) -> PyResult<ConvertInput>
             format!("column '{name}': convert needs NumPy installed to read arrays"),
         )
     })?;
-    let arr = np.call_method1("ascontiguousarray", (value,))?;
+    let kw = PyDict::new(py);
+    kw.set_item("order", "C")?;
+    let arr = np.call_method("asarray", (value,), Some(&kw))?;
     let dtype_name: String = arr.getattr("dtype")?.getattr("name")?.extract()?;
     let byteorder: String = arr.getattr("dtype")?.getattr("byteorder")?.extract()?;
     if byteorder == ">" {

@@ -1,0 +1,131 @@
+"""Decrypted batches equal the arrays that were converted."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import numpy as np
+import pytest
+
+import ciphershard
+
+
+def collect(loader, columns=None):
+    out = []
+    for batch in loader:
+        out.append({k: np.from_dlpack(v).copy() for k, v in batch.items() if columns is None or k in columns})
+    return out
+
+
+def test_in_order_batches_equal_source(data):
+    ds = data.open()
+    loader = ciphershard.Loader(ds, 128, shuffle=False)
+    batches = collect(loader)
+    assert len(batches) == len(loader) == -(-2000 // 128)
+    for name, arr in data.columns.items():
+        got = np.concatenate([b[name] for b in batches])
+        assert got.dtype == arr.dtype, name
+        assert got.shape == arr.shape, name
+        np.testing.assert_array_equal(got, arr, err_msg=name)
+
+
+def test_shuffled_epoch_is_a_permutation_with_matching_rows(data):
+    ds = data.open()
+    loader = ciphershard.Loader(ds, 100, shuffle=True, seed=7)
+    ids = []
+    for batch in loader:
+        rid = np.from_dlpack(batch["row_id"])
+        np.testing.assert_array_equal(np.from_dlpack(batch["features"]), data.columns["features"][rid])
+        np.testing.assert_array_equal(np.from_dlpack(batch["pixels"]), data.columns["pixels"][rid])
+        np.testing.assert_array_equal(np.from_dlpack(batch["mask"]), data.columns["mask"][rid])
+        ids.extend(rid.tolist())
+    assert sorted(ids) == list(range(2000))
+    assert ids != list(range(2000)), "shuffle=True kept the dataset order"
+
+
+def test_same_seed_same_order_new_epoch_new_order(data):
+    ds = data.open()
+    a = ciphershard.Loader(ds, 100, seed=3, threads=1)
+    b = ciphershard.Loader(ds, 100, seed=3, threads=2)
+    ea = [np.from_dlpack(x["row_id"]).tolist() for x in a]
+    eb = [np.from_dlpack(x["row_id"]).tolist() for x in b]
+    assert ea == eb
+    second = [np.from_dlpack(x["row_id"]).tolist() for x in a]  # next iter() = epoch 1
+    assert a.epoch == 2
+    assert second != ea and sorted(sum(second, [])) == list(range(2000))
+
+
+def test_epochs_n_streams_every_epoch_in_one_iteration(data):
+    ds = data.open()
+    loader = ciphershard.Loader(ds, 500, epochs=3)
+    n = sum(1 for _ in loader)
+    assert n == 3 * 4
+    assert sum(1 for _ in loader) == 0  # all epochs done
+    assert loader.stats()["batches"] == 12
+
+
+def test_tensor_metadata(data):
+    ds = data.open()
+    batch = next(iter(ciphershard.Loader(ds, 32, shuffle=False)))
+    t = batch["pixels"]
+    assert isinstance(t, ciphershard.Tensor)
+    assert t.shape == (32, 3, 2) and t.dtype == "uint8" and t.ndim == 3 and len(t) == 32
+    assert t.nbytes == 32 * 6 and t.device == "cpu"
+    assert t.__dlpack_device__() == (1, 0)
+    assert batch["half"].dtype == "float16" and batch["mask"].dtype == "bool"
+    assert "Tensor(shape=[32, 3, 2], dtype=uint8, device=cpu)" in repr(t)
+    np.testing.assert_array_equal(np.asarray(t), data.columns["pixels"][:32])
+    assert np.asarray(t, dtype=np.float32).dtype == np.float32
+
+
+def test_dataset_properties_and_inspect(data):
+    ds = data.open()
+    assert len(ds) == ds.rows == 2000
+    assert ds.column_names == list(data.columns)
+    assert ds.columns_info["features"] == {"dtype": "float32", "shape": [16], "encrypted": True}
+    assert ds.columns_info["row_id"]["encrypted"] is False  # plain=["row_id"]
+    assert ds.key_id == data.key_id and ds.backend == "cpu"
+    assert ds.num_shards == data.summary["shards"] > 1
+    info = ciphershard.inspect(data.path)  # no key needed
+    assert info["rows"] == 2000 and info["kind"] == "dataset" and info["chunk_size"] == 4096
+    assert [c["name"] for c in info["columns"]] == list(data.columns)
+    assert info["key_ids"] == [data.key_id]
+    assert sum(s["rows"] for s in info["shards"]) == 2000
+    assert ds.verify()["chunks"] > 0
+
+
+def test_state_dict_is_json(data):
+    loader = ciphershard.Loader(data.open(), 64)
+    next(iter(loader))
+    s = loader.state_dict()
+    assert json.loads(json.dumps(s)) == s
+    assert s["loader"]["batches_done_in_epoch"] == 1
+
+
+def test_stats_dict(data):
+    loader = ciphershard.Loader(data.open(), 200)
+    for _ in loader:
+        pass
+    st = loader.stats()
+    assert st["batches"] == 10
+    assert st["delivered_bytes"] == sum(a.nbytes for a in data.columns.values())
+    assert st["decrypt"]["bytes"] > 0 and st["read"]["bytes"] >= st["decrypt"]["bytes"]
+    assert st["read_amplification"] >= 1.0
+    assert {"verify", "assemble", "consumer_wait_ns", "pool_bytes", "first_batch_ns"} <= st.keys()
+
+
+def test_convert_rejects_bad_input(tmp_path):
+    key = tmp_path / "k.key"
+    ciphershard.generate_key(key)
+    with pytest.raises(ciphershard.InvalidArgumentError):
+        ciphershard.convert({"c": np.zeros(4, dtype=np.complex64)}, out=tmp_path / "a", key_file=key)
+    with pytest.raises(ciphershard.InvalidArgumentError):
+        ciphershard.convert({"c": np.float32(1.0)}, out=tmp_path / "b", key_file=key)
+    with pytest.raises(ciphershard.CiphershardError):
+        ciphershard.convert({"a": np.zeros(4), "b": np.zeros(5)}, out=tmp_path / "c", key_file=key)
+    with pytest.raises(ciphershard.InvalidArgumentError):
+        ciphershard.convert({"a": np.zeros(4)}, out=tmp_path / "d", key_file=key, chunk_size=100)
+    with pytest.raises(OSError) as e:
+        ciphershard.generate_key(key)  # never overwrites a key
+    assert e.value.errno == errno.EEXIST and isinstance(e.value, ciphershard.DatasetIOError)
