@@ -1,0 +1,160 @@
+"""Type stubs of the native module ``ciphershard._ciphershard`` (re-exported by ``ciphershard``)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+_Path = Union[str, os.PathLike[str]]
+
+__version__: str
+
+class Tensor:
+    """One decrypted column of a batch, shape ``[B, ...]``, viewing the loader's buffer.
+
+    Exports through DLPack without a copy (``torch.from_dlpack``, ``numpy.from_dlpack``,
+    ``jax.dlpack.from_dlpack``). The buffer returns to the loader's pool when this object and
+    every array made from it are freed.
+    """
+
+    @staticmethod
+    def from_bytes(data: bytes, dtype: str, shape: Sequence[int]) -> Tensor:
+        """A tensor over a private copy of ``data`` (for tests and hand-made inputs)."""
+    @property
+    def shape(self) -> Tuple[int, ...]: ...
+    @property
+    def dtype(self) -> str:
+        """``float32``, ``bfloat16``, ``float8_e4m3fn``, ``bool``, ..."""
+    @property
+    def ndim(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def device(self) -> str:
+        """``cpu`` or ``cuda:N``."""
+    def data_ptr(self) -> int:
+        """Address of the first element: the loader's (page-aligned) pool buffer."""
+    def __len__(self) -> int: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Optional[int] = None,
+        max_version: Optional[Tuple[int, int]] = None,
+        dl_device: Optional[Tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any:
+        """A DLPack capsule (versioned when ``max_version >= (1, 0)``)."""
+    def __dlpack_device__(self) -> Tuple[int, int]: ...
+    def numpy(self) -> np.ndarray:
+        """``numpy.from_dlpack(self)``: a view, no copy."""
+    def torch(self) -> Any:
+        """``torch.from_dlpack(self)``: a view, no copy."""
+    def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray: ...
+
+class Dataset:
+    """An encrypted dataset opened with a master key (``key_file=`` or ``key_env=``).
+
+    Opening authenticates every shard header and unwraps the data keys: a wrong key raises
+    :class:`WrongKeyError` here. ``backend``: ``auto``, ``cpu``, ``cuda`` or ``wgpu``.
+    """
+
+    def __init__(
+        self,
+        path: _Path,
+        *,
+        key_file: Optional[_Path] = None,
+        key_env: Optional[str] = None,
+        backend: str = "auto",
+    ) -> None: ...
+    @property
+    def path(self) -> pathlib.Path: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def num_shards(self) -> int: ...
+    @property
+    def column_names(self) -> List[str]: ...
+    @property
+    def columns_info(self) -> Dict[str, Dict[str, Any]]:
+        """``{name: {"dtype": str, "shape": [per-row dims], "encrypted": bool}}``."""
+    @property
+    def key_id(self) -> str:
+        """Id of the master key (safe to log)."""
+    @property
+    def backend(self) -> str: ...
+    @property
+    def backend_description(self) -> str: ...
+    def verify(self) -> Dict[str, Any]:
+        """Checks every chunk's tag; raises :class:`IntegrityError` at the first failure."""
+    def __len__(self) -> int: ...
+
+class Loader:
+    """Iterates decrypted batches as ``dict[str, Tensor]`` (``dict[str, torch.Tensor]`` with
+    ``as_torch=True``).
+
+    ``epochs=None``: each ``iter()`` runs the next epoch. ``epochs=N``: one iteration streams
+    the remaining batches of epochs ``0..N``. ``rank``/``world_size`` default to the ``RANK`` /
+    ``WORLD_SIZE`` environment variables. ``state=`` resumes from :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epochs: Optional[int] = None,
+        prefetch: int = 4,
+        threads: Optional[int] = None,
+        backend: Optional[str] = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        drop_last: bool = False,
+        window_blocks: int = 8,
+        block_rows: Optional[int] = None,
+        state: Optional[Mapping[str, Any]] = None,
+        as_torch: bool = False,
+    ) -> None: ...
+    def __iter__(self) -> Loader: ...
+    def __next__(self) -> Dict[str, Any]: ...
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+    def state_dict(self) -> Dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def stats(self) -> Dict[str, Any]:
+        """Telemetry: per-stage bytes/ns/gbps, consumer wait, read amplification, pool bytes."""
+    def close(self) -> None:
+        """Stops the pipeline and joins its threads; tensors handed out stay valid."""
+    def __enter__(self) -> Loader: ...
+    def __exit__(self, *args: Any) -> None: ...
+
+def convert(
+    columns: Union[Mapping[str, Union[np.ndarray, _Path, Any]], Sequence[_Path], _Path],
+    *,
+    out: _Path,
+    key_file: Optional[_Path] = None,
+    key_env: Optional[str] = None,
+    chunk_size: int = 2 << 20,
+    shard_size: int = 1 << 30,
+    plain: Sequence[str] = (),
+    metadata: Mapping[str, str] = {},
+) -> Dict[str, Any]:
+    """Encrypts ``{name: array or .npy path}`` (or safetensors files) into a new dataset."""
+
+def inspect(path: _Path) -> Dict[str, Any]:
+    """Describes a dataset (manifest, columns, shards, key ids) without a key."""
+
+def generate_key(path: _Path) -> str:
+    """Writes a new random master key file (mode 0600, never overwrites); returns its id."""
+
+def backends() -> List[Tuple[str, bool, str]]:
+    """``[(name, available, description or reason), ...]`` for cuda, wgpu and cpu."""
+
+def _live_dlpack_exports() -> int: ...

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds the Python binding (python/, PyO3 + maturin) into a virtual environment and runs its
+# pytest suite. Idempotent: the venv (target/py-venv) and what is installed in it are reused.
+#
+# Installs from PyPI: maturin, pytest, numpy (required: NumPy's DLPack import is the zero-copy
+# path every run checks) and torch (the PyTorch tests: from_dlpack, DataLoader). PyPI's Linux
+# torch wheel pulls the CUDA libraries (about 2.8 GB download, 5.4 GB installed, about a minute
+# here); it runs on machines without a GPU. Set CIPHERSHARD_PY_TORCH=0 to skip it: the torch
+# tests are then skipped and everything else still runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+venv="$root/target/py-venv"
+py="$venv/bin/python"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "python venv ($venv)"
+if [ ! -x "$py" ]; then
+  python3 -m venv "$venv"
+fi
+if ! "$py" -c 'import maturin, pytest, numpy' 2>/dev/null; then
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q 'maturin>=1.9.4,<2' pytest 'numpy>=1.23'
+fi
+if [ "${CIPHERSHARD_PY_TORCH:-1}" != "0" ] && ! "$py" -c 'import torch' 2>/dev/null; then
+  step "torch from PyPI (CIPHERSHARD_PY_TORCH=0 skips it)"
+  "$py" -m pip install -q torch
+fi
+
+step "build the extension (maturin develop --release)"
+VIRTUAL_ENV="$venv" "$venv/bin/maturin" develop --release --manifest-path python/Cargo.toml 2>&1
+
+step "pytest python/tests"
+cd python
+"$py" -m pytest -q -p no:cacheprovider tests "$@"
