@@ -57,6 +57,11 @@ impl PyDataset {
         Ok((src, backend))
     }
 
+    /// The dataset directory as text.
+    pub fn path_string(&self) -> String {
+        self.path.display().to_string()
+    }
+
     /// The dataset's columns (name, dtype, per-row shape).
     pub fn columns(&self) -> Vec<(String, DType, Vec<u64>)> {
         self.manifest

@@ -443,3 +443,35 @@ impl PyLoader {
         )
     }
 }
+
+/// Runs the Rust bench (`ciphershard bench`'s library function) over `dataset` with the same
+/// loader options a Python run would use, returning its report as a dict. For
+/// python/benches/bench_loader.py: the binding's overhead is Python's batches/s over this.
+#[pyfunction]
+#[pyo3(signature = (dataset, batch_size, *, epochs=1, threads=2, prefetch=4, window_blocks=8))]
+pub fn _bench_native<'py>(
+    py: Python<'py>,
+    dataset: &Bound<'py, PyDataset>,
+    batch_size: usize,
+    epochs: u64,
+    threads: usize,
+    prefetch: usize,
+    window_blocks: u64,
+) -> PyResult<Bound<'py, PyAny>> {
+    use ciphershard::pipeline::bench::{BenchOptions, run_source};
+    let (source, backend) = dataset.get().source(py, None)?;
+    let opts = BenchOptions {
+        backend,
+        threads,
+        batch_size,
+        epochs,
+        prefetch,
+        window_blocks,
+        ..BenchOptions::default()
+    };
+    let name = dataset.get().path_string();
+    let report = py.detach(|| run_source(source, &name, &opts)).py()?;
+    let json = serde_json::to_string(&report)
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
+    json_to_py(py, &json)
+}
