@@ -6,7 +6,8 @@
 # path every run checks) and torch (the PyTorch tests: from_dlpack, DataLoader). PyPI's Linux
 # torch wheel pulls the CUDA libraries (about 2.8 GB download, 5.4 GB installed, about a minute
 # here); it runs on machines without a GPU. Set CIPHERSHARD_PY_TORCH=0 to skip it: the torch
-# tests are then skipped and everything else still runs.
+# tests are then skipped and everything else still runs. jax (CPU, about 80 MB) likewise,
+# unless CIPHERSHARD_PY_JAX=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -26,6 +27,11 @@ fi
 if [ "${CIPHERSHARD_PY_TORCH:-1}" != "0" ] && ! "$py" -c 'import torch' 2>/dev/null; then
   step "torch from PyPI (CIPHERSHARD_PY_TORCH=0 skips it)"
   "$py" -m pip install -q torch
+fi
+
+if [ "${CIPHERSHARD_PY_JAX:-1}" != "0" ] && ! "$py" -c 'import jax' 2>/dev/null; then
+  step "jax from PyPI (CIPHERSHARD_PY_JAX=0 skips it)"
+  "$py" -m pip install -q jax
 fi
 
 step "build the extension (maturin develop --release)"

@@ -20,6 +20,10 @@ import torch.utils.data
 
 from ._ciphershard import Dataset, Loader
 
+# Loaders inherited through fork(): their threads do not exist in the child, so they are never
+# used there, and never dropped either (dropping would join threads that are not there).
+_FORKED_LOADERS: list = []
+
 
 class TorchIterableDataset(torch.utils.data.IterableDataset):
     """Yields ``dict[str, torch.Tensor]`` batches decrypted by a :class:`ciphershard.Loader`.
@@ -50,9 +54,14 @@ class TorchIterableDataset(torch.utils.data.IterableDataset):
         self.batch_size = batch_size
         self.loader_kwargs = loader_kwargs
         self._loader: Optional[Loader] = None
+        self._loader_pid: Optional[int] = None
         self._pending_state: Optional[Dict[str, Any]] = None
 
     def _get_loader(self) -> Loader:
+        if self._loader is not None and self._loader_pid != os.getpid():
+            # A DataLoader worker forked from a process that had already iterated.
+            _FORKED_LOADERS.append(self._loader)
+            self._loader = None
         if self._loader is None:
             kwargs = dict(self.loader_kwargs)
             info = torch.utils.data.get_worker_info()
@@ -65,6 +74,7 @@ class TorchIterableDataset(torch.utils.data.IterableDataset):
                 kwargs["world_size"] = world * info.num_workers
             ds = Dataset(self.path, key_file=self.key_file, key_env=self.key_env, backend=self.backend)
             self._loader = Loader(ds, self.batch_size, as_torch=True, **kwargs)
+            self._loader_pid = os.getpid()
             if self._pending_state is not None:
                 self._loader.load_state_dict(self._pending_state)
                 self._pending_state = None

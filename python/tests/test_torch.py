@@ -89,3 +89,15 @@ def test_dataset_pickles_without_key_material(data):
     assert key_hex.encode() not in blob
     again = pickle.loads(blob)
     assert next(iter(again))["features"].shape == (10, 16)
+
+
+def test_dataloader_worker_process_after_parent_iterated(data):
+    """A forked DataLoader worker must not reuse the parent's loader (its threads are gone)."""
+    from torch.utils.data import DataLoader
+
+    ds = ciphershard.TorchIterableDataset(data.path, 500, key_file=data.key_file, backend="cpu",
+                                          shuffle=False)
+    next(iter(ds))  # the parent now holds a running pipeline
+    dl = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork", timeout=60)
+    ids = [i for b in dl for i in b["row_id"].tolist()]
+    assert ids == list(range(2000))
