@@ -8,6 +8,7 @@ use ciphershard::format::{self, ConvertInput, ConvertOptions, Dtype};
 use ciphershard::pipeline::FormatSource;
 use ciphershard::{Backend, MasterKey};
 use pyo3::prelude::*;
+use pyo3::sync::MutexExt;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::errors::{IntoPyResult, new_err};
@@ -46,7 +47,11 @@ impl PyDataset {
         backend: Option<Backend>,
     ) -> PyResult<(Arc<FormatSource>, Backend)> {
         let backend = backend.unwrap_or(self.backend);
-        let mut map = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        // Locked with the GIL released: the unlock below detaches while holding this lock.
+        let mut map = self
+            .sources
+            .lock_py_attached(py)
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(s) = map.get(&backend) {
             return Ok((s.clone(), backend));
         }

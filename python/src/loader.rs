@@ -1,12 +1,13 @@
 //! `ciphershard.Loader`: the Rust prefetching loader as a Python iterator of
 //! `dict[str, Tensor]` (or of `torch.Tensor` with `as_torch=True`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ciphershard::pipeline::{Batch, Loader, LoaderOptions, LoaderState, LoaderStats, StageStats};
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
+use pyo3::sync::MutexExt;
 use pyo3::types::PyDict;
 
 use crate::dataset::{PyDataset, parse_backend};
@@ -63,16 +64,24 @@ impl Storage for BatchStorage {
 ///
 /// Errors: an integrity or I/O failure raises (``IntegrityError``...) and ends the iteration;
 /// ``state_dict()`` then still points at the failed batch.
-#[pyclass(module = "ciphershard", name = "Loader")]
+///
+/// Thread-safe: calls from several Python threads are serialised (``stats()`` from a monitoring
+/// thread waits, with the GIL released, until a concurrent ``next()`` has its batch).
+#[pyclass(frozen, module = "ciphershard", name = "Loader")]
 pub struct PyLoader {
     dataset: Py<PyDataset>,
+    columns: Vec<(String, DType, Vec<i64>)>,
+    as_torch: Option<Py<PyAny>>,
+    inner: Mutex<Inner>,
+}
+
+/// The mutable part of a loader.
+struct Inner {
     opts: LoaderOptions,
     backend: Option<ciphershard::Backend>,
     epochs: Option<u64>,
     state: Option<LoaderState>,
     active: Option<Loader>,
-    columns: Vec<(String, DType, Vec<i64>)>,
-    as_torch: Option<Py<PyAny>>,
     /// Telemetry of the pipelines that already ended.
     finished: Option<LoaderStats>,
     closed: bool,
@@ -132,7 +141,7 @@ fn py_to_json(obj: &Bound<'_, PyAny>) -> PyResult<String> {
         .extract()
 }
 
-impl PyLoader {
+impl Inner {
     /// The state the next pipeline starts from.
     fn current_state(&self) -> Option<LoaderState> {
         self.active
@@ -155,8 +164,8 @@ impl PyLoader {
     }
 
     /// Starts a pipeline at the current position.
-    fn start(&mut self, py: Python<'_>) -> PyResult<()> {
-        let (source, _) = self.dataset.get().source(py, self.backend)?;
+    fn start(&mut self, py: Python<'_>, dataset: &PyDataset) -> PyResult<()> {
+        let (source, _) = dataset.source(py, self.backend)?;
         let mut opts = self.opts.clone();
         let state = self.state.clone();
         let start_epoch = state.as_ref().map_or(0, |s| s.epoch);
@@ -172,6 +181,14 @@ impl PyLoader {
             .py()?;
         self.active = Some(loader);
         Ok(())
+    }
+}
+
+impl PyLoader {
+    fn lock(&self, py: Python<'_>) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock_py_attached(py)
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn batch_to_dict<'py>(
@@ -280,17 +297,19 @@ impl PyLoader {
                 format!("rank {rank} is not below world_size {world_size}"),
             ));
         }
-        let mut loader = PyLoader {
+        let loader = PyLoader {
             dataset,
-            opts,
-            backend,
-            epochs,
-            state: None,
-            active: None,
             columns,
             as_torch,
-            finished: None,
-            closed: false,
+            inner: Mutex::new(Inner {
+                opts,
+                backend,
+                epochs,
+                state: None,
+                active: None,
+                finished: None,
+                closed: false,
+            }),
         };
         if let Some(s) = state {
             loader.load_state_dict(py, &s)?;
@@ -298,29 +317,29 @@ impl PyLoader {
         Ok(loader)
     }
 
-    fn __iter__(mut slf: PyRefMut<'_, Self>) -> PyResult<PyRefMut<'_, Self>> {
-        if slf.closed {
-            return Err(new_err(
-                slf.py(),
-                "LoaderStoppedError",
-                "loader: closed".into(),
-            ));
-        }
-        if slf.active.is_none() {
-            let py = slf.py();
-            slf.start(py)?;
+    fn __iter__(slf: PyRef<'_, Self>) -> PyResult<PyRef<'_, Self>> {
+        let py = slf.py();
+        {
+            let mut inner = slf.lock(py);
+            if inner.closed {
+                return Err(new_err(py, "LoaderStoppedError", "loader: closed".into()));
+            }
+            if inner.active.is_none() {
+                inner.start(py, slf.dataset.get())?;
+            }
         }
         Ok(slf)
     }
 
-    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        if self.closed {
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let mut inner = self.lock(py);
+        if inner.closed {
             return Err(new_err(py, "LoaderStoppedError", "loader: closed".into()));
         }
-        if self.active.is_none() {
-            self.start(py)?;
+        if inner.active.is_none() {
+            inner.start(py, self.dataset.get())?;
         }
-        let loader = self.active.as_mut().expect("started above");
+        let loader = inner.active.as_mut().expect("started above");
         // Wait without the GIL, in slices, so Ctrl-C (and other Python threads) get through.
         loop {
             if py.detach(|| loader.wait_next(SIGNAL_POLL)) {
@@ -329,24 +348,28 @@ impl PyLoader {
             py.check_signals()?;
         }
         match loader.next() {
-            Some(Ok(batch)) => self.batch_to_dict(py, batch),
+            Some(Ok(batch)) => {
+                drop(inner);
+                self.batch_to_dict(py, batch)
+            }
             Some(Err(e)) => {
-                self.stop_active(py);
+                inner.stop_active(py);
                 Err(crate::errors::to_py_err(e))
             }
             None => {
-                self.stop_active(py);
+                inner.stop_active(py);
                 Err(PyStopIteration::new_err(()))
             }
         }
     }
 
     /// Batches per epoch for this rank.
-    fn __len__(&mut self, py: Python<'_>) -> PyResult<usize> {
-        if self.active.is_none() {
-            self.start(py)?;
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        let mut inner = self.lock(py);
+        if inner.active.is_none() {
+            inner.start(py, self.dataset.get())?;
         }
-        Ok(self
+        Ok(inner
             .active
             .as_ref()
             .map_or(0, |l| l.batches_per_epoch() as usize))
@@ -354,26 +377,28 @@ impl PyLoader {
 
     /// Epoch of the next batch.
     #[getter]
-    fn epoch(&self) -> u64 {
-        self.current_state().map_or(0, |s| s.epoch)
+    fn epoch(&self, py: Python<'_>) -> u64 {
+        self.lock(py).current_state().map_or(0, |s| s.epoch)
     }
 
     /// A small JSON-compatible dict: everything the order depends on plus the position after
     /// the last batch handed out. ``Loader(ds, ..., state=d)`` or ``load_state_dict(d)``
     /// continues exactly there.
-    fn state_dict<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if self.current_state().is_none() {
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let mut inner = self.lock(py);
+        if inner.current_state().is_none() {
             // Not started yet: start the pipeline, which settles the automatic block size.
-            self.start(py)?;
+            inner.start(py, self.dataset.get())?;
         }
-        let state = self.current_state().expect("a started loader has a state");
+        let state = inner.current_state().expect("a started loader has a state");
+        drop(inner);
         let json = serde_json::json!({ "format": STATE_FORMAT, "loader": state }).to_string();
         json_to_py(py, &json)
     }
 
     /// Restores a position saved by :meth:`state_dict` (stops a running pipeline; the next
     /// iteration starts from the restored position).
-    fn load_state_dict(&mut self, py: Python<'_>, state: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn load_state_dict(&self, py: Python<'_>, state: &Bound<'_, PyAny>) -> PyResult<()> {
         let json = py_to_json(state)?;
         let bad = |why: String| new_err(py, "InvalidArgumentError", format!("loader state: {why}"));
         let v: serde_json::Value = serde_json::from_str(&json).map_err(|e| bad(e.to_string()))?;
@@ -387,16 +412,17 @@ impl PyLoader {
         if s.block_rows == 0 {
             return Err(bad("block_rows is 0".into()));
         }
-        self.stop_active(py);
-        self.opts.seed = s.seed;
-        self.opts.shuffle = s.shuffle;
-        self.opts.batch_size = s.batch_size as usize;
-        self.opts.drop_last = s.drop_last;
-        self.opts.rank = s.rank;
-        self.opts.world_size = s.world_size;
-        self.opts.window_blocks = s.window_blocks;
-        self.opts.block_rows = Some(s.block_rows);
-        self.state = Some(s);
+        let mut inner = self.lock(py);
+        inner.stop_active(py);
+        inner.opts.seed = s.seed;
+        inner.opts.shuffle = s.shuffle;
+        inner.opts.batch_size = s.batch_size as usize;
+        inner.opts.drop_last = s.drop_last;
+        inner.opts.rank = s.rank;
+        inner.opts.world_size = s.world_size;
+        inner.opts.window_blocks = s.window_blocks;
+        inner.opts.block_rows = Some(s.block_rows);
+        inner.state = Some(s);
         Ok(())
     }
 
@@ -405,19 +431,22 @@ impl PyLoader {
     /// ``chunks_loaded``, ``read_amplification``, ``decrypt_amplification``, ``pool_bytes``,
     /// ``first_batch_ns``. Summed over every epoch this object ran.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let mut total = self.finished.clone().unwrap_or_default();
-        if let Some(l) = &self.active {
+        let inner = self.lock(py);
+        let mut total = inner.finished.clone().unwrap_or_default();
+        if let Some(l) = &inner.active {
             merge_stats(&mut total, &l.stats());
         }
+        drop(inner);
         let json = serde_json::to_string(&total)
             .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
         json_to_py(py, &json)
     }
 
     /// Stops the pipeline and joins its threads. Tensors already handed out stay valid.
-    fn close(&mut self, py: Python<'_>) {
-        self.stop_active(py);
-        self.closed = true;
+    fn close(&self, py: Python<'_>) {
+        let mut inner = self.lock(py);
+        inner.stop_active(py);
+        inner.closed = true;
     }
 
     fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -425,19 +454,20 @@ impl PyLoader {
     }
 
     #[pyo3(signature = (*_args))]
-    fn __exit__(&mut self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) {
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) {
         self.close(py);
     }
 
-    fn __repr__(&self) -> String {
-        let s = self.current_state();
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let inner = self.lock(py);
+        let s = inner.current_state();
         format!(
             "ciphershard.Loader(batch_size={}, shuffle={}, seed={}, rank={}, world_size={}, epoch={}, batches_done_in_epoch={})",
-            self.opts.batch_size,
-            if self.opts.shuffle { "True" } else { "False" },
-            self.opts.seed,
-            self.opts.rank,
-            self.opts.world_size,
+            inner.opts.batch_size,
+            if inner.opts.shuffle { "True" } else { "False" },
+            inner.opts.seed,
+            inner.opts.rank,
+            inner.opts.world_size,
             s.as_ref().map_or(0, |s| s.epoch),
             s.as_ref().map_or(0, |s| s.batches_done_in_epoch)
         )

@@ -129,3 +129,36 @@ def test_convert_rejects_bad_input(tmp_path):
     with pytest.raises(OSError) as e:
         ciphershard.generate_key(key)  # never overwrites a key
     assert e.value.errno == errno.EEXIST and isinstance(e.value, ciphershard.DatasetIOError)
+
+
+def test_threads_share_a_loader_and_a_dataset(data):
+    """stats() from a monitoring thread while another iterates; two loaders opening backends."""
+    import threading
+
+    ds = data.open()
+    loader = ciphershard.Loader(ds, 20, epochs=3)
+    seen, errors = [], []
+
+    def monitor():
+        try:
+            while len(seen) < 300:
+                seen.append(loader.stats()["batches"])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def other_backend_loader():
+        try:
+            for _ in ciphershard.Loader(ds, 500, backend="cpu"):
+                pass
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=monitor), threading.Thread(target=other_backend_loader)]
+    for t in threads:
+        t.start()
+    n = sum(1 for _ in loader)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert n == 300 and loader.stats()["batches"] == 300
+    assert seen == sorted(seen)

@@ -91,13 +91,30 @@ def test_dataset_pickles_without_key_material(data):
     assert next(iter(again))["features"].shape == (10, 16)
 
 
-def test_dataloader_worker_process_after_parent_iterated(data):
-    """A forked DataLoader worker must not reuse the parent's loader (its threads are gone)."""
-    from torch.utils.data import DataLoader
+FORK_SCRIPT = """
+import sys
+import ciphershard
+from torch.utils.data import DataLoader
 
-    ds = ciphershard.TorchIterableDataset(data.path, 500, key_file=data.key_file, backend="cpu",
-                                          shuffle=False)
-    next(iter(ds))  # the parent now holds a running pipeline
-    dl = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork", timeout=60)
-    ids = [i for b in dl for i in b["row_id"].tolist()]
-    assert ids == list(range(2000))
+path, key = sys.argv[1], sys.argv[2]
+ds = ciphershard.TorchIterableDataset(path, 500, key_file=key, backend="cpu", shuffle=False)
+next(iter(ds))  # the parent now holds a running pipeline
+dl = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork", timeout=60)
+ids = [i for b in dl for i in b["row_id"].tolist()]
+assert ids == list(range(2000)), ids[:10]
+print("ok")
+"""
+
+
+def test_dataloader_worker_process_after_parent_iterated(data):
+    """A forked DataLoader worker must not reuse the parent's loader (its threads are gone).
+
+    Runs in a fresh interpreter: forking this one (which may have imported JAX and its
+    threads) would test JAX's fork safety, not ours.
+    """
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(data.path), str(data.key_file)],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
