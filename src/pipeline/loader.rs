@@ -675,7 +675,9 @@ impl Loader {
             .iter()
             .map(|c| {
                 let block_bytes = block_rows * c.row_bytes;
-                let aligned = block_bytes % chunk_size == 0;
+                // Blocks start on chunk boundaries, or nest inside chunks.
+                let aligned = block_bytes.is_multiple_of(chunk_size)
+                    || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
                 let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
                 let total: u64 = shard_rows
                     .iter()
