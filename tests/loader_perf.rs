@@ -49,7 +49,7 @@ fn loader_throughput() {
     }
     // Time to first batch on a warm page cache, default options.
     let srcd: std::sync::Arc<dyn RowSource> = src;
-    let mut l = Loader::new(srcd, &LoaderOptions::default()).unwrap();
+    let mut l = Loader::new(srcd.clone(), &LoaderOptions::default()).unwrap();
     let t = std::time::Instant::now();
     l.next().unwrap().unwrap();
     println!(
@@ -57,4 +57,44 @@ fn loader_throughput() {
         t.elapsed(),
         l.stats().first_batch_ns as f64 / 1e6 - t.elapsed().as_secs_f64() * 1e3
     );
+    drop(l);
+
+    // Anonymous memory over EPOCHS epochs (default 10) with default options (prefetch 4,
+    // batch 256, W = 8): the bound is prefetch × batch bytes + 64 MiB.
+    let epochs: u64 = std::env::var("EPOCHS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let base = rss_anon();
+    let o = LoaderOptions {
+        epochs,
+        ..Default::default()
+    };
+    let batch_bytes = o.batch_size as u64 * (256 * 4 + 8);
+    let mut l = Loader::new(srcd.clone(), &o).unwrap();
+    let mut samples = Vec::new();
+    let mut last_epoch = 0;
+    for b in l.by_ref() {
+        let b = b.unwrap();
+        if b.epoch() != last_epoch {
+            samples.push((rss_anon() - base) >> 20);
+            last_epoch = b.epoch();
+        }
+    }
+    println!(
+        "anon memory above baseline per epoch (MiB): {samples:?}; bound prefetch x batch + 64 MiB = {} MiB; pool {} MiB",
+        (4 * batch_bytes + (64 << 20)) >> 20,
+        l.stats().pool_bytes >> 20
+    );
+}
+
+fn rss_anon() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
