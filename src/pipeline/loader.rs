@@ -461,9 +461,17 @@ impl Shared {
     }
 
     fn run(&self, job: &Job) -> Result<Batch> {
-        // Stage 1: every chunk the batch touches is read and verified (once, shared).
-        for (k, slot) in job.keys.iter().zip(&job.slots) {
-            if let Err(e) = slot.cell.get_or_init(|| self.load(*k)) {
+        // Stage 1: every chunk the batch touches is read and verified (once, shared). Consecutive
+        // batches of a window need the same chunks; each job starts at a different one, so the
+        // workers load a new window's chunks in parallel instead of queueing behind one loader.
+        let n = job.keys.len();
+        let first = if n == 0 {
+            0
+        } else {
+            (job.seq as usize).wrapping_mul(7) % n
+        };
+        for i in (first..n).chain(0..first) {
+            if let Err(e) = job.slots[i].cell.get_or_init(|| self.load(job.keys[i])) {
                 return Err(clone_error(e));
             }
         }
