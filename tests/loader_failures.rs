@@ -155,3 +155,49 @@ fn drop_mid_epoch_joins_promptly() {
         );
     }
 }
+
+#[test]
+fn bytes_changed_after_verification_never_reach_a_batch() {
+    // The loader decrypts from the private copy it verified, so a writer changing the file
+    // afterwards (time-of-check/time-of-use) changes nothing that is handed out. Were the rows
+    // decrypted from the file (or the chunk re-read), the batches would differ or fail.
+    for mode in [DecryptMode::RowCtr, DecryptMode::ChunkOpen] {
+        let dir = tempfile::tempdir().unwrap();
+        // 64-byte rows, 64 KiB chunks: x chunk 0 of shard 0 holds rows 0..1024.
+        let fx = common::Fixture::create(
+            dir.path(),
+            &[3000],
+            &[common::Col("x", "F32", 4, 16, true)],
+            65536,
+        );
+        let src: Arc<dyn RowSource> = fx.clone();
+        let o = LoaderOptions {
+            batch_size: 8,
+            threads: 1,
+            prefetch: 1,
+            ..sequential(mode)
+        };
+        let mut l = Loader::new(src.clone(), &o).unwrap();
+        fx.check_batch(&l.next().unwrap().unwrap()); // chunk 0 read and verified
+        // Overwrite rows 512..1024 in the file: at most 3 batches (24 rows) are in flight, so
+        // those rows are assembled after the write, from the chunk verified before it.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(src.shard_path(0))
+            .unwrap();
+        f.write_all_at(&[0xFF; 32768], fx.chunk_offset(0, 0, 0) + 32768)
+            .unwrap();
+        let mut n = 1;
+        for b in l.by_ref() {
+            fx.check_batch(&b.unwrap());
+            n += 1;
+        }
+        assert_eq!(n, 375);
+        // A fresh loader reads the file again and reports the change.
+        let e = Loader::new(src, &o).unwrap().find_map(|r| r.err()).unwrap();
+        assert!(
+            matches!(e, Error::Integrity(ref loc) if loc.chunk == 0),
+            "{e}"
+        );
+    }
+}

@@ -48,7 +48,9 @@ fn many_epochs_memory_flat() {
         "buffers were allocated in steady state"
     );
     assert_eq!(l.stats().pool_bytes, pool_at_10);
-    eprintln!("pool {pool_at_10} B, {allocs_at_10} buffers grown during warm-up, RSS {rss_at_10} -> {rss_end}");
+    eprintln!(
+        "pool {pool_at_10} B, {allocs_at_10} buffers grown during warm-up, RSS {rss_at_10} -> {rss_end}"
+    );
     assert!(
         rss_end < rss_at_10 + (4 << 20),
         "RSS grew from {rss_at_10} to {rss_end}"

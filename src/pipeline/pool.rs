@@ -196,8 +196,8 @@ pub fn cast_slice<'a, T: Element>(bytes: &'a [u8], dtype: &str) -> Option<&'a [T
     let size = std::mem::size_of::<T>();
     if !cfg!(target_endian = "little")
         || !T::DTYPES.contains(&dtype)
-        || bytes.len() % size != 0
-        || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0
+        || !bytes.len().is_multiple_of(size)
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
     {
         return None;
     }

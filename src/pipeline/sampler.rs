@@ -27,7 +27,7 @@ pub struct RowRef {
 pub struct SamplerConfig {
     /// Seed of every permutation.
     pub seed: u64,
-    /// Shuffle (`false`: the dataset's order, blocks and windows unused).
+    /// Shuffle (`false`: the dataset's order; windows still bound the chunks held).
     pub shuffle: bool,
     /// Rows per block (chunk-aligned on the largest column).
     pub block_rows: u64,
@@ -101,11 +101,8 @@ impl EpochPlan {
         if cfg.shuffle {
             shuffle(&mut stream(cfg.seed, epoch, u64::MAX), &mut blocks);
         }
-        let wb = if cfg.shuffle {
-            cfg.window_blocks.max(1) as usize
-        } else {
-            blocks.len().max(1)
-        };
+        // Windows exist without shuffling too: they bound the chunks held in memory.
+        let wb = cfg.window_blocks.max(1) as usize;
         let mut window_start = vec![0u64];
         let mut pos = 0;
         for w in blocks.chunks(wb) {
@@ -167,11 +164,7 @@ impl EpochPlan {
 
     /// The blocks of window `k`: (shard, first row, rows).
     pub fn window_blocks(&self, k: usize) -> &[(u32, u64, u64)] {
-        let wb = if self.cfg.shuffle {
-            self.cfg.window_blocks.max(1) as usize
-        } else {
-            self.blocks.len().max(1)
-        };
+        let wb = self.cfg.window_blocks.max(1) as usize;
         let lo = k * wb;
         &self.blocks[lo..(lo + wb).min(self.blocks.len())]
     }

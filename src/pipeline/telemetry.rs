@@ -108,3 +108,39 @@ impl Counters {
 pub(crate) fn add(c: &AtomicU64, v: u64) {
     c.fetch_add(v, Relaxed);
 }
+
+impl std::fmt::Display for LoaderStats {
+    /// A short multi-line summary for the CLI.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        writeln!(
+            f,
+            "batches {}  delivered {:.1} MB  first batch {:.1} ms",
+            self.batches,
+            self.delivered_bytes as f64 / 1e6,
+            ms(self.first_batch_ns)
+        )?;
+        for (name, s) in [
+            ("read", self.read),
+            ("verify", self.verify),
+            ("decrypt", self.decrypt),
+            ("assemble", self.assemble),
+        ] {
+            writeln!(
+                f,
+                "  {name:<9} {:>10.1} MB {:>10.1} ms {:>7.2} GB/s/thread",
+                s.bytes as f64 / 1e6,
+                ms(s.ns),
+                s.gbps
+            )?;
+        }
+        writeln!(f, "  consumer waited {:.1} ms", ms(self.consumer_wait_ns))?;
+        write!(
+            f,
+            "  read amplification {:.3}  decrypt amplification {:.3}  host pools {:.1} MiB",
+            self.read_amplification,
+            self.decrypt_amplification,
+            self.pool_bytes as f64 / (1 << 20) as f64
+        )
+    }
+}
