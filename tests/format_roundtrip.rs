@@ -397,3 +397,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn large_column_uses_parallel_pipelined_sealing() {
+    // 6 MiB in 1 KiB chunks: batches of 4096 chunks (4 MiB), so two batches, each sealed by
+    // several threads while the previous one is written, across two shards.
+    let dir = tempfile::tempdir().unwrap();
+    let n = 6 << 20;
+    let s = convert_quiet(
+        &[column("x", Dtype::U8, &[n as u64 / 64, 64], 77)],
+        dir.path(),
+        &opts(1024, 5 << 20, &[]),
+    )
+    .unwrap();
+    assert_eq!(s.shards, 2);
+    let ud = unlock(dir.path(), &key(1)).unwrap();
+    assert_eq!(read_column(&ud, 0).unwrap(), bytes(n, 77));
+    format::verify(&ud, &mut |_, _| {}).unwrap();
+}

@@ -14,7 +14,6 @@ use std::time::Instant;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use sha2::{Digest, Sha256};
-use zeroize::Zeroize;
 
 use super::shard::{chunk_aad, chunk_nonce};
 use super::{
@@ -486,6 +485,9 @@ fn refuse_existing_dataset(out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A chunk buffer: zeroized on drop (it holds plaintext between read and seal).
+type Buf = zeroize::Zeroizing<Vec<u8>>;
+
 /// One chunk to seal.
 struct Job {
     col: usize,
@@ -667,49 +669,93 @@ pub fn convert(
                 })
             })
             .collect();
+        // Pipeline: while batch k is read and sealed (in parallel), batch k-1 is written.
+        // Two buffer sets at most; buffers zeroize on drop, error paths included.
         let batch_len = ((8 << 20) / cs as usize).clamp(2 * threads, 4096);
-        let mut bufs: Vec<Vec<u8>> = Vec::new();
-        let mut g = 0usize;
-        for batch in jobs.chunks(batch_len) {
-            bufs.resize_with(batch.len(), Vec::new);
-            let mut batch_tags = vec![[0u8; TAG_LEN]; batch.len()];
-            let work =
-                |jobs: &[Job], bufs: &mut [Vec<u8>], tags: &mut [[u8; TAG_LEN]]| -> Result<()> {
-                    for ((job, buf), tag) in jobs.iter().zip(bufs.iter_mut()).zip(tags.iter_mut()) {
-                        buf.resize(job.len, 0);
-                        sources.read(&cols[job.col], job.src_offset, buf)?;
-                        *tag = opener.seal_in_place(&job.nonce, &job.aad, job.encrypted, buf);
-                    }
-                    Ok(())
-                };
+        let seal_batch = |batch: &[Job],
+                          bufs: &mut [Buf],
+                          tags: &mut [[u8; TAG_LEN]]|
+         -> Result<()> {
+            let work = |jobs: &[Job], bufs: &mut [Buf], tags: &mut [[u8; TAG_LEN]]| -> Result<()> {
+                for ((job, buf), tag) in jobs.iter().zip(bufs.iter_mut()).zip(tags.iter_mut()) {
+                    buf.resize(job.len, 0);
+                    sources.read(&cols[job.col], job.src_offset, buf)?;
+                    *tag = opener.seal_in_place(&job.nonce, &job.aad, job.encrypted, buf);
+                }
+                Ok(())
+            };
             let batch_bytes: usize = batch.iter().map(|j| j.len).sum();
             if threads == 1 || batch_bytes < (256 << 10) {
-                work(batch, &mut bufs[..batch.len()], &mut batch_tags)?;
+                return work(batch, bufs, tags);
+            }
+            let per = batch.len().div_ceil(threads);
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = batch
+                    .chunks(per)
+                    .zip(bufs.chunks_mut(per))
+                    .zip(tags.chunks_mut(per))
+                    .map(|((j, b), t)| sc.spawn(move || work(j, b, t)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .try_for_each(|h| h.join().expect("sealing thread panicked"))
+            })
+        };
+        let mut pool: Vec<Vec<Buf>> = Vec::new();
+        let mut pending: Option<(Vec<Buf>, Vec<usize>)> = None;
+        let mut batches = jobs.chunks(batch_len);
+        let mut g = 0usize;
+        loop {
+            let batch = batches.next();
+            if batch.is_none() && pending.is_none() {
+                break;
+            }
+            let mut cur = if batch.is_some() {
+                pool.pop().unwrap_or_default()
             } else {
-                let per = batch.len().div_ceil(threads);
-                std::thread::scope(|sc| {
-                    let handles: Vec<_> = batch
-                        .chunks(per)
-                        .zip(bufs[..batch.len()].chunks_mut(per))
-                        .zip(batch_tags.chunks_mut(per))
-                        .map(|((j, b), t)| sc.spawn(move || work(j, b, t)))
-                        .collect();
-                    handles
-                        .into_iter()
-                        .try_for_each(|h| h.join().expect("sealing thread panicked"))
-                })?;
+                Vec::new()
+            };
+            let mut batch_tags = vec![[0u8; TAG_LEN]; batch.map_or(0, <[Job]>::len)];
+            if let Some(b) = batch {
+                cur.resize_with(b.len(), Buf::default);
             }
-            for ((job, buf), tag) in batch.iter().zip(&bufs).zip(&batch_tags) {
-                w.write_all(&buf[..job.len]).map_err(io)?;
-                tags[TAG_LEN * (1 + g)..TAG_LEN * (2 + g)].copy_from_slice(tag);
-                g += 1;
-                done += job.len as u64;
+            let to_write = pending.take();
+            let (sealed, written) = std::thread::scope(|sc| {
+                let writer = to_write.map(|(bufs, lens)| {
+                    let (w, tmp_path) = (&mut w, &tmp_path);
+                    sc.spawn(move || {
+                        let mut n = 0u64;
+                        for (buf, &len) in bufs.iter().zip(&lens) {
+                            if let Err(e) = w.write_all(&buf[..len]) {
+                                return (Err(Error::io(tmp_path, e)), bufs, n);
+                            }
+                            n += len as u64;
+                        }
+                        (Ok(()), bufs, n)
+                    })
+                });
+                let sealed = batch.map_or(Ok(()), |b| seal_batch(b, &mut cur, &mut batch_tags));
+                (
+                    sealed,
+                    writer.map(|h| h.join().expect("writer thread panicked")),
+                )
+            });
+            if let Some((r, bufs, n)) = written {
+                pool.push(bufs);
+                r?;
+                done += n;
+                progress(done, total);
             }
-            progress(done, total);
+            sealed?;
+            if let Some(b) = batch {
+                for t in &batch_tags {
+                    tags[TAG_LEN * (1 + g)..TAG_LEN * (2 + g)].copy_from_slice(t);
+                    g += 1;
+                }
+                pending = Some((cur, b.iter().map(|j| j.len).collect()));
+            }
         }
-        for b in &mut bufs {
-            b.zeroize();
-        }
+        drop(pool);
         let header = canonical_header(&desc_json, &B64.encode(&tags), &desc.tensors);
         debug_assert_eq!(header.len(), placeholder.len());
         let mut file = w
