@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use ciphershard::Error;
 use ciphershard::cipher::cpu::CpuCipher;
-use ciphershard::format::{self, ConvertInput, Dataset, DatasetKind, Dtype, ShardHeader};
+use ciphershard::format::{self, ConvertInput, Dataset, DatasetKind, Dtype, ShardHeader, convert};
 use format_common::*;
 use proptest::prelude::*;
 
@@ -414,4 +414,36 @@ fn large_column_uses_parallel_pipelined_sealing() {
     let ud = unlock(dir.path(), &key(1)).unwrap();
     assert_eq!(read_column(&ud, 0).unwrap(), bytes(n, 77));
     format::verify(&ud, &mut |_, _| {}).unwrap();
+}
+
+#[test]
+fn interrupted_convert_leaves_nothing_under_final_names() {
+    // Abort (by unwinding out of the progress callback) after the first shard is complete: the
+    // cleanup that runs on every early exit removes the renamed shard and the temporaries.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ds");
+    let r = std::panic::catch_unwind(|| {
+        convert(
+            &[column("x", Dtype::U8, &[400, 2], 3)],
+            &out,
+            &opts(64, 200, &[]),
+            &mut |done, _| {
+                assert!(done < 300, "simulated interruption");
+            },
+        )
+    });
+    assert!(r.is_err());
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // And the directory can be converted into afterwards.
+    convert_quiet(
+        &[column("x", Dtype::U8, &[400, 2], 3)],
+        &out,
+        &opts(64, 200, &[]),
+    )
+    .unwrap();
+    assert!(Dataset::open(&out).is_ok());
 }
