@@ -39,7 +39,7 @@ fn rewrite_header(path: &Path, f: impl FnOnce(String) -> String) {
         .unwrap()
         .trim_end()
         .to_string());
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

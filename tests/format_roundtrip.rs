@@ -199,7 +199,7 @@ fn model_weights_convert_as_one_tensors_shard() {
 
 fn write_npy(path: &std::path::Path, descr: &str, shape: &str, data: &[u8]) {
     let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');

@@ -291,16 +291,16 @@ fn read_safetensors(path: &Path) -> Result<(File, Vec<StTensor>, BTreeMap<String
     Ok((file, tensors, meta))
 }
 
-/// Plans columns from the inputs: which kind, which pieces.
-fn plan(
-    inputs: &[ConvertInput],
-    opts: &ConvertOptions,
-) -> Result<(
+/// What [`plan`] decided: the kind, the columns, the opened input files and the metadata.
+type Plan = (
     DatasetKind,
     Vec<Col>,
     Vec<(PathBuf, File)>,
     BTreeMap<String, String>,
-)> {
+);
+
+/// Plans columns from the inputs: which kind, which pieces.
+fn plan(inputs: &[ConvertInput], opts: &ConvertOptions) -> Result<Plan> {
     if inputs.is_empty() {
         return Err(Error::InvalidArgument("no input to convert".into()));
     }
@@ -513,7 +513,7 @@ pub fn convert(
         ));
     }
     let cs = opts.chunk_size;
-    if cs < 64 || cs % 64 != 0 || cs > MAX_CHUNK_SIZE {
+    if cs < 64 || !cs.is_multiple_of(64) || cs > MAX_CHUNK_SIZE {
         return Err(Error::InvalidArgument(format!(
             "chunk size {cs} must be a multiple of 64 between 64 and {MAX_CHUNK_SIZE}"
         )));

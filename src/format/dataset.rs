@@ -340,7 +340,7 @@ pub fn decrypt_shard(ds: &UnlockedDataset, shard: usize, out: &Path) -> Result<(
         header.push_str(&entry.to_string());
     }
     header.push('}');
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let dir = out
