@@ -447,3 +447,22 @@ fn interrupted_convert_leaves_nothing_under_final_names() {
     .unwrap();
     assert!(Dataset::open(&out).is_ok());
 }
+
+#[test]
+fn refuses_shards_whose_tags_would_overflow_the_header() {
+    // A sparse 400 MB NPY column in 64-byte chunks: 6.25 M tags would need a header over the
+    // 100 MB readers accept. Refused before any data is read or any tag table allocated.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big.npy");
+    write_npy(&p, "|u1", "(400000000,)", &[]);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(f.metadata().unwrap().len() + 400_000_000)
+        .unwrap();
+    let input = [ConvertInput::Npy {
+        column: "x".into(),
+        path: p,
+    }];
+    let e = convert_quiet(&input, &dir.path().join("ds"), &opts(64, 1 << 30, &[])).unwrap_err();
+    assert!(e.to_string().contains("header"), "{e}");
+    assert_eq!(std::fs::read_dir(dir.path().join("ds")).unwrap().count(), 0);
+}

@@ -1,7 +1,7 @@
 //! `convert`: plaintext safetensors / NPY / in-memory tensors → an encrypted dataset.
 //!
 //! Streaming with bounded memory: inputs are read chunk by chunk at their offsets, a batch of at
-//! most a few chunks (about 8 MiB, or two per thread) is sealed in parallel and written, and
+//! most a few chunks (about 16 MiB, at least one chunk per thread) is sealed in parallel and written, and
 //! only ciphertext (or the bytes of `--plain` tensors) reaches disk. Shards are written to a
 //! temporary name, fsynced and renamed; the manifest is written last.
 
@@ -596,9 +596,11 @@ pub fn convert(
             off += len;
             next_chunk += chunks;
         }
-        if next_chunk > MAX_CHUNKS_PER_SHARD {
+        // Each tag takes ~21.3 base64 bytes of header, and readers cap the header: check before
+        // allocating the tag table.
+        if next_chunk > MAX_CHUNKS_PER_SHARD || (next_chunk + 1) * 64 / 3 > MAX_HEADER_LEN {
             return Err(Error::InvalidArgument(format!(
-                "shard {s} would have {next_chunk} chunks (limit {MAX_CHUNKS_PER_SHARD}): raise the chunk size"
+                "shard {s} would have {next_chunk} chunks (limit {MAX_CHUNKS_PER_SHARD}, and their tags must fit the {MAX_HEADER_LEN}-byte header): raise the chunk size or lower the shard size"
             )));
         }
         let desc = Descriptor {
@@ -629,6 +631,13 @@ pub fn convert(
             &B64.encode(vec![0u8; tags.len()]),
             &desc.tensors,
         );
+        // Readers refuse headers over MAX_HEADER_LEN (the tags live there): never write one.
+        if placeholder.len() as u64 > MAX_HEADER_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "shard {s} would have a {} byte header ({next_chunk} chunk tags), over the {MAX_HEADER_LEN}-byte limit: raise the chunk size or lower the shard size",
+                placeholder.len()
+            )));
+        }
 
         let file_name = shard_file_name(s);
         let final_path = out_dir.join(&file_name);
@@ -641,37 +650,36 @@ pub fn convert(
             .map_err(io)?;
         w.write_all(&placeholder).map_err(io)?;
 
-        let jobs: Vec<Job> = desc
-            .tensors
-            .iter()
-            .enumerate()
-            .flat_map(|(ti, t)| {
-                let (desc, digest, src) = (&desc, &digest, src_starts[ti]);
-                (0..t.chunks).map(move |j| {
-                    let g = t.first_chunk + j;
-                    Job {
-                        col: ti,
-                        src_offset: src + j * cs,
-                        len: (t.len() - j * cs).min(cs) as usize,
-                        nonce: chunk_nonce(g),
-                        aad: chunk_aad(
-                            &desc.dataset_id,
-                            digest,
-                            s,
-                            ti as u32,
-                            j,
-                            t.chunks,
-                            g,
-                            t.encrypted,
-                        ),
-                        encrypted: t.encrypted,
-                    }
-                })
+        // Jobs are generated lazily: a shard of tiny chunks must not hold a job per chunk.
+        let mut jobs = desc.tensors.iter().enumerate().flat_map(|(ti, t)| {
+            let (desc, digest, src) = (&desc, &digest, src_starts[ti]);
+            (0..t.chunks).map(move |j| {
+                let g = t.first_chunk + j;
+                Job {
+                    col: ti,
+                    src_offset: src + j * cs,
+                    len: (t.len() - j * cs).min(cs) as usize,
+                    nonce: chunk_nonce(g),
+                    aad: chunk_aad(
+                        &desc.dataset_id,
+                        digest,
+                        s,
+                        ti as u32,
+                        j,
+                        t.chunks,
+                        g,
+                        t.encrypted,
+                    ),
+                    encrypted: t.encrypted,
+                }
             })
-            .collect();
+        });
         // Pipeline: while batch k is read and sealed (in parallel), batch k-1 is written.
         // Two buffer sets at most; buffers zeroize on drop, error paths included.
-        let batch_len = ((8 << 20) / cs as usize).clamp(2 * threads, 4096);
+        // About 16 MiB a batch (one chunk per thread at least, unless chunks are huge), so
+        // memory stays at two batches whatever the input size.
+        let min_batch = if cs <= 8 << 20 { threads } else { 1 };
+        let batch_len = ((16 << 20) / cs as usize).clamp(min_batch, 4096);
         let seal_batch = |batch: &[Job],
                           bufs: &mut [Buf],
                           tags: &mut [[u8; TAG_LEN]]|
@@ -703,10 +711,10 @@ pub fn convert(
         };
         let mut pool: Vec<Vec<Buf>> = Vec::new();
         let mut pending: Option<(Vec<Buf>, Vec<usize>)> = None;
-        let mut batches = jobs.chunks(batch_len);
         let mut g = 0usize;
         loop {
-            let batch = batches.next();
+            let batch_jobs: Vec<Job> = jobs.by_ref().take(batch_len).collect();
+            let batch = (!batch_jobs.is_empty()).then_some(&batch_jobs[..]);
             if batch.is_none() && pending.is_none() {
                 break;
             }
