@@ -20,9 +20,9 @@ step "python venv ($venv)"
 if [ ! -x "$py" ]; then
   python3 -m venv "$venv"
 fi
-if ! "$py" -c 'import maturin, pytest, numpy' 2>/dev/null; then
+if ! "$py" -c 'import maturin, pytest, numpy, mypy' 2>/dev/null; then
   "$py" -m pip install -q --upgrade pip
-  "$py" -m pip install -q 'maturin>=1.9.4,<2' pytest 'numpy>=1.23'
+  "$py" -m pip install -q 'maturin>=1.9.4,<2' pytest 'numpy>=1.23' 'mypy==2.4.*'
 fi
 if [ "${CIPHERSHARD_PY_TORCH:-1}" != "0" ] && ! "$py" -c 'import torch' 2>/dev/null; then
   step "torch from PyPI (CIPHERSHARD_PY_TORCH=0 skips it)"
@@ -37,6 +37,9 @@ fi
 step "build the extension (maturin develop --release)"
 VIRTUAL_ENV="$venv" "$venv/bin/maturin" develop --release --manifest-path python/Cargo.toml 2>&1
 
-step "pytest python/tests"
+step "type stubs match the extension (mypy stubtest)"
 cd python
+"$py" -m mypy.stubtest ciphershard._ciphershard
+
+step "pytest python/tests"
 "$py" -m pytest -q -p no:cacheprovider tests "$@"

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 
 _Path = Union[str, os.PathLike[str]]
 
 __version__: str
+__all__ = [
+    "__version__",
+    "Tensor",
+    "Dataset",
+    "Loader",
+    "convert",
+    "inspect",
+    "generate_key",
+    "backends",
+    "_bench_native",
+    "_live_dlpack_exports",
+]
 
+@final
 class Tensor:
     """One decrypted column of a batch, shape ``[B, ...]``, viewing the loader's buffer.
 
@@ -54,6 +67,7 @@ class Tensor:
         """``torch.from_dlpack(self)``: a view, no copy."""
     def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray: ...
 
+@final
 class Dataset:
     """An encrypted dataset opened with a master key (``key_file=`` or ``key_env=``).
 
@@ -61,14 +75,14 @@ class Dataset:
     :class:`WrongKeyError` here. ``backend``: ``auto``, ``cpu``, ``cuda`` or ``wgpu``.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         path: _Path,
         *,
         key_file: Optional[_Path] = None,
         key_env: Optional[str] = None,
         backend: str = "auto",
-    ) -> None: ...
+    ) -> Dataset: ...
     @property
     def path(self) -> pathlib.Path: ...
     @property
@@ -91,6 +105,7 @@ class Dataset:
         """Checks every chunk's tag; raises :class:`IntegrityError` at the first failure."""
     def __len__(self) -> int: ...
 
+@final
 class Loader:
     """Iterates decrypted batches as ``dict[str, Tensor]`` (``dict[str, torch.Tensor]`` with
     ``as_torch=True``).
@@ -100,8 +115,8 @@ class Loader:
     ``WORLD_SIZE`` environment variables. ``state=`` resumes from :meth:`state_dict`.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         dataset: Dataset,
         batch_size: int,
         *,
@@ -118,7 +133,7 @@ class Loader:
         block_rows: Optional[int] = None,
         state: Optional[Mapping[str, Any]] = None,
         as_torch: bool = False,
-    ) -> None: ...
+    ) -> Loader: ...
     def __iter__(self) -> Loader: ...
     def __next__(self) -> Dict[str, Any]: ...
     def __len__(self) -> int:
@@ -141,10 +156,10 @@ def convert(
     out: _Path,
     key_file: Optional[_Path] = None,
     key_env: Optional[str] = None,
-    chunk_size: int = 2 << 20,
-    shard_size: int = 1 << 30,
-    plain: Sequence[str] = (),
-    metadata: Mapping[str, str] = {},
+    chunk_size: int = ...,  # 2 MiB
+    shard_size: int = ...,  # 1 GiB
+    plain: Sequence[str] = ...,  # no plain columns
+    metadata: Mapping[str, str] = ...,  # none
 ) -> Dict[str, Any]:
     """Encrypts ``{name: array or .npy path}`` (or safetensors files) into a new dataset."""
 
@@ -158,3 +173,13 @@ def backends() -> List[Tuple[str, bool, str]]:
     """``[(name, available, description or reason), ...]`` for cuda, wgpu and cpu."""
 
 def _live_dlpack_exports() -> int: ...
+def _bench_native(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    epochs: int = 1,
+    threads: int = 2,
+    prefetch: int = 4,
+    window_blocks: int = 8,
+) -> Dict[str, Any]:
+    """Runs the Rust bench (`ciphershard bench`'s library function) over ``dataset``."""
