@@ -22,6 +22,7 @@ __all__ = [
     "backends",
     "_bench_native",
     "_live_dlpack_exports",
+    "_wait_like_next",
 ]
 
 @final
@@ -183,3 +184,6 @@ def _bench_native(
     window_blocks: int = 8,
 ) -> Dict[str, Any]:
     """Runs the Rust bench (`ciphershard bench`'s library function) over ``dataset``."""
+
+def _wait_like_next(seconds: float) -> None:
+    """Sleeps the way ``Loader.__next__`` waits (GIL released, signals checked); for tests."""

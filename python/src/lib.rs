@@ -42,6 +42,7 @@ fn _ciphershard(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dataset::generate_key, m)?)?;
     m.add_function(wrap_pyfunction!(backends, m)?)?;
     m.add_function(wrap_pyfunction!(loader::_bench_native, m)?)?;
+    m.add_function(wrap_pyfunction!(loader::_wait_like_next, m)?)?;
     m.add_function(wrap_pyfunction!(_live_dlpack_exports, m)?)?;
     Ok(())
 }

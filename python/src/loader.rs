@@ -19,6 +19,30 @@ use crate::tensor::{DType, Storage, Tensor};
 /// How long one GIL-free wait lasts before signals (Ctrl-C) are checked.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
+/// Waits without the GIL, in slices, so other Python threads run and Ctrl-C gets through:
+/// `poll` waits at most about [`SIGNAL_POLL`] and returns `true` when the wait is over; pending
+/// signal handlers run between slices (a `KeyboardInterrupt` ends the wait with that error).
+fn wait_interruptibly<F: FnMut() -> bool + Send>(py: Python<'_>, mut poll: F) -> PyResult<()> {
+    loop {
+        if py.detach(&mut poll) {
+            return Ok(());
+        }
+        py.check_signals()?;
+    }
+}
+
+/// Sleeps `seconds` exactly the way `Loader.__next__` waits for a batch (the same
+/// [`wait_interruptibly`]): lets tests check GIL release and Ctrl-C without a slow pipeline.
+#[pyfunction]
+pub fn _wait_like_next(py: Python<'_>, seconds: f64) -> PyResult<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(seconds.max(0.0));
+    wait_interruptibly(py, || {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        std::thread::sleep(left.min(SIGNAL_POLL));
+        std::time::Instant::now() >= deadline
+    })
+}
+
 /// Tag stored in `state_dict()` so a foreign dict is rejected clearly.
 const STATE_FORMAT: &str = "ciphershard.loader_state/1";
 
@@ -340,13 +364,7 @@ impl PyLoader {
             inner.start(py, self.dataset.get())?;
         }
         let loader = inner.active.as_mut().expect("started above");
-        // Wait without the GIL, in slices, so Ctrl-C (and other Python threads) get through.
-        loop {
-            if py.detach(|| loader.wait_next(SIGNAL_POLL)) {
-                break;
-            }
-            py.check_signals()?;
-        }
+        wait_interruptibly(py, || loader.wait_next(SIGNAL_POLL))?;
         match loader.next() {
             Some(Ok(batch)) => {
                 drop(inner);
