@@ -11,7 +11,7 @@
 //! `used_dltensor[_versioned]`. The capsule's destructor calls the deleter only when the capsule
 //! was never consumed, so every export is freed exactly once.
 //!
-//! This file and `tensor.rs`'s storage impls hold all of the binding's `unsafe` code.
+//! Most of the binding's `unsafe` code is here (see lib.rs for the rest).
 
 use std::ffi::{CStr, c_void};
 use std::sync::Arc;

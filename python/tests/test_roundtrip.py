@@ -162,3 +162,20 @@ def test_threads_share_a_loader_and_a_dataset(data):
     assert not errors, errors
     assert n == 300 and loader.stats()["batches"] == 300
     assert seen == sorted(seen)
+
+
+def test_convert_views_memmaps_and_npy_paths(tmp_path):
+    key = tmp_path / "k.key"
+    ciphershard.generate_key(key)
+    base = np.arange(600, dtype=np.int32).reshape(100, 6)
+    strided = base[:, ::2]  # not contiguous: converted through a C-order copy
+    np.save(tmp_path / "col.npy", base * 3)
+    mm = np.lib.format.open_memmap(tmp_path / "mm.npy", mode="w+", dtype=np.float64, shape=(100, 2))
+    mm[:] = np.linspace(0, 1, 200).reshape(100, 2)
+    ciphershard.convert({"strided": strided, "mm": mm, "file": tmp_path / "col.npy"},
+                        out=tmp_path / "ds", key_file=key, chunk_size=256)
+    ds = ciphershard.Dataset(tmp_path / "ds", key_file=key, backend="cpu")
+    b = next(iter(ciphershard.Loader(ds, 100, shuffle=False)))
+    np.testing.assert_array_equal(np.from_dlpack(b["strided"]), strided)
+    np.testing.assert_array_equal(np.from_dlpack(b["mm"]), mm)
+    np.testing.assert_array_equal(np.from_dlpack(b["file"]), base * 3)
