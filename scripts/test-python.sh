@@ -3,7 +3,7 @@
 # pytest suite. Idempotent: the venv (target/py-venv) and what is installed in it are reused.
 #
 # Installs from PyPI: maturin, pytest, numpy (required: NumPy's DLPack import is the zero-copy
-# path every run checks) and torch (the PyTorch tests: from_dlpack, DataLoader). PyPI's Linux
+# path every run checks) and torch (the PyTorch tests: from_dlpack, DataLoader, torchdata's StatefulDataLoader). PyPI's Linux
 # torch wheel pulls the CUDA libraries (about 2.8 GB download, 5.4 GB installed, about a minute
 # here); it runs on machines without a GPU. Set CIPHERSHARD_PY_TORCH=0 to skip it: the torch
 # tests are then skipped and everything else still runs. jax (CPU, about 80 MB) likewise,
@@ -27,6 +27,9 @@ fi
 if [ "${CIPHERSHARD_PY_TORCH:-1}" != "0" ] && ! "$py" -c 'import torch' 2>/dev/null; then
   step "torch from PyPI (CIPHERSHARD_PY_TORCH=0 skips it)"
   "$py" -m pip install -q torch
+fi
+if [ "${CIPHERSHARD_PY_TORCH:-1}" != "0" ] && ! "$py" -c 'import torchdata' 2>/dev/null; then
+  "$py" -m pip install -q torchdata   # StatefulDataLoader (small, pure Python)
 fi
 
 if [ "${CIPHERSHARD_PY_JAX:-1}" != "0" ] && ! "$py" -c 'import jax' 2>/dev/null; then
