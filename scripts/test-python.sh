@@ -2,12 +2,12 @@
 # Builds the Python binding (python/, PyO3 + maturin) into a virtual environment and runs its
 # pytest suite. Idempotent: the venv (target/py-venv) and what is installed in it are reused.
 #
-# Installs from PyPI: maturin, pytest, numpy (required: NumPy's DLPack import is the zero-copy
-# path every run checks) and torch (the PyTorch tests: from_dlpack, DataLoader, torchdata's StatefulDataLoader). PyPI's Linux
-# torch wheel pulls the CUDA libraries (about 2.8 GB download, 5.4 GB installed, about a minute
-# here); it runs on machines without a GPU. Set CIPHERSHARD_PY_TORCH=0 to skip it: the torch
-# tests are then skipped and everything else still runs. jax (CPU, about 80 MB) likewise,
-# unless CIPHERSHARD_PY_JAX=0.
+# Installs from PyPI: maturin, pytest, mypy (stubtest), numpy (required: NumPy's DLPack import
+# is the zero-copy path every run checks), torch + torchdata (the PyTorch tests: from_dlpack,
+# DataLoader, StatefulDataLoader) and jax (CPU, about 80 MB). PyPI's Linux torch wheel pulls the
+# CUDA libraries (about 2.8 GB download, 5.4 GB installed, about a minute here) and runs on
+# machines without a GPU. CIPHERSHARD_PY_TORCH=0 / CIPHERSHARD_PY_JAX=0 skip them: those tests
+# are then skipped and everything else still runs. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
