@@ -7,8 +7,8 @@ The Rust side is `ciphershard bench`'s library function (`pipeline::bench::run_s
 through `ciphershard._ciphershard._bench_native`): it builds the same loader and drops each
 batch in Rust. The Python side iterates `ciphershard.Loader` and imports every column of every
 batch into NumPy (or PyTorch with --torch) through DLPack, as a training loop would. Both run
-in this process on the same page-cache-hot shards; each side runs --repeat times, interleaved,
-and the best run of each counts. The issue's target: Python ≥ 0.95 × Rust.
+in this process on the same page-cache-hot shards; each side runs --repeat times, interleaved;
+the ratios of the best and of the median runs are printed. The issue's target: Python ≥ 0.95 × Rust.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import tempfile
 import time
 
@@ -78,15 +79,18 @@ def main() -> None:
             rep = native._bench_native(ds, args.batch_size, epochs=args.epochs, threads=args.threads,
                                        prefetch=args.prefetch)
             rust.append(rep["encrypted"]["batches_per_s"])
-            py.append(python_run(ds, args))
+            # run_source keeps the faster of two encrypted runs; so does the Python side.
+            py.append(max(python_run(ds, args), python_run(ds, args)))
         best_rust, best_py = max(rust), max(py)
+        med_rust, med_py = statistics.median(rust), statistics.median(py)
         print(json.dumps({
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
             "dataset": str(args.dataset), "rows": ds.rows, "backend": ds.backend_description,
             "batch_size": args.batch_size, "epochs": args.epochs, "threads": args.threads,
             "rust_batches_per_s": [round(x, 1) for x in rust],
             "python_batches_per_s": [round(x, 1) for x in py],
-            "ratio_python_over_rust": round(best_py / best_rust, 3),
+            "ratio_python_over_rust_best": round(best_py / best_rust, 3),
+            "ratio_python_over_rust_median": round(med_py / med_rust, 3),
             "importer": "torch.from_dlpack" if args.torch else "numpy.from_dlpack",
         }, indent=2))
 
