@@ -34,7 +34,10 @@ impl Cipher for CpuCipher {
         "CPU (RustCrypto aes)".into()
     }
     fn prepare(&self, key: &DataKey) -> Result<Box<dyn ChunkOpener>> {
-        Ok(Box::new(CpuOpener { gcm: Aes256Gcm::new(key.as_bytes().into()), key: key.clone() }))
+        Ok(Box::new(CpuOpener {
+            gcm: Aes256Gcm::new(key.as_bytes().into()),
+            key: key.clone(),
+        }))
     }
 }
 
@@ -75,7 +78,11 @@ fn ct_eq(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
 
 impl ChunkOpener for CpuOpener {
     fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), TagMismatch> {
-        assert_eq!(src.len(), dst.len(), "open: source and destination lengths differ");
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "open: source and destination lengths differ"
+        );
         dst.copy_from_slice(src);
         self.open_in_place(chunk, dst)
     }
@@ -115,7 +122,11 @@ impl ChunkOpener for CpuOpener {
         } else {
             self.gmac(&chunk.nonce, chunk.aad, src)
         };
-        if ct_eq(&tag, &chunk.tag) { Ok(()) } else { Err(TagMismatch) }
+        if ct_eq(&tag, &chunk.tag) {
+            Ok(())
+        } else {
+            Err(TagMismatch)
+        }
     }
 
     fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]) {
@@ -129,7 +140,13 @@ impl ChunkOpener for CpuOpener {
         c.apply_keystream(dst);
     }
 
-    fn seal_in_place(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], encrypted: bool, buf: &mut [u8]) -> [u8; TAG_LEN] {
+    fn seal_in_place(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        encrypted: bool,
+        buf: &mut [u8],
+    ) -> [u8; TAG_LEN] {
         if !encrypted {
             return self.gmac(nonce, aad, buf);
         }
