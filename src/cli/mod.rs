@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -146,14 +146,31 @@ fn run(cli: Cli) -> Result<()> {
         Command::Keygen { out } => {
             let key = MasterKey::generate()?;
             key.write_new_file(&out)?;
-            println!("wrote a new 256-bit master key to {} (mode 0600), key id {}", out.display(), key.id());
+            println!(
+                "wrote a new 256-bit master key to {} (mode 0600), key id {}",
+                out.display(),
+                key.id()
+            );
             Ok(())
         }
         Command::Convert(args) => commands::convert(args),
         Command::Inspect { path, json } => commands::inspect(&path, json),
-        Command::Verify { key, dataset, backend } => commands::verify(&key, &dataset, backend),
-        Command::Rekey { key, new_key, dataset } => commands::rekey(&key, &new_key, &dataset),
-        Command::Decrypt { key, shard, out, backend } => commands::decrypt(&key, &shard, &out, backend),
+        Command::Verify {
+            key,
+            dataset,
+            backend,
+        } => commands::verify(&key, &dataset, backend),
+        Command::Rekey {
+            key,
+            new_key,
+            dataset,
+        } => commands::rekey(&key, &new_key, &dataset),
+        Command::Decrypt {
+            key,
+            shard,
+            out,
+            backend,
+        } => commands::decrypt(&key, &shard, &out, backend),
         Command::Demo { rows, backend } => commands::demo(rows, backend),
         Command::Bench(args) => commands::bench(args),
         Command::Backends => {
@@ -189,7 +206,9 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 2MiB, 1GiB, 65536)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 2MiB, 1GiB, 65536)"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,
@@ -202,17 +221,18 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "tb" => 1_000_000_000_000,
         u => return Err(format!("unknown size unit '{u}' in '{s}'")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
-/// Formats bytes per second as GB/s (decimal, as throughput is usually quoted).
-pub fn gbps(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64().max(1e-9) / 1e9
-}
-
-/// A stopwatch for summaries.
-pub fn since(t: Instant) -> Duration {
-    t.elapsed()
+/// Formats a throughput in decimal units (as throughput is usually quoted): GB/s or MB/s.
+pub fn rate(bytes: u64, d: Duration) -> String {
+    let bps = bytes as f64 / d.as_secs_f64().max(1e-9);
+    if bps >= 1e9 {
+        format!("{:.2} GB/s", bps / 1e9)
+    } else {
+        format!("{:.1} MB/s", bps / 1e6)
+    }
 }
 
 #[cfg(test)]
