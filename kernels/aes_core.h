@@ -293,4 +293,41 @@ CS_FN void cs_ghash_segment(const cs_u64 *hh, const cs_u64 *hl, const cs_u32 *la
     *yh = h; *yl = l;
 }
 
+/* The CTR work of one chunk for one thread: keystream blocks first+t, first+t+stride, ... of the
+ * chunk's range [off, off+len) (descriptor d: nonce in words 4-5). */
+CS_FN void cs_ctr_chunk(const cs_u32 *t0s, int lane, const cs_u32 *rk, const cs_u64 *d,
+                        const cs_u8 *sp0, cs_u8 *dp0, cs_u64 len, cs_u64 off, cs_u64 t, cs_u64 stride) {
+    cs_u32 n0 = cs_bswap((cs_u32)d[4]), n1 = cs_bswap((cs_u32)(d[4] >> 32)), n2 = cs_bswap((cs_u32)d[5]);
+    cs_u64 first = off / 16, nblocks = (off + len - 1) / 16 - first + 1;
+    for (cs_u64 b = t; b < nblocks; b += stride) {
+        cs_u64 kb = first + b;
+        cs_u32 s[4] = {n0, n1, n2, (cs_u32)(2 + kb)};  // inc32: the counter wraps modulo 2^32
+        cs_aes256_encrypt_words(t0s, lane, rk, s);
+        cs_u64 abs0 = kb * 16;
+        if (abs0 >= off && abs0 + 16 <= off + len) {
+            cs_u64 p = abs0 - off;
+            const cs_u8 *sp = sp0 + p;
+            cs_u8 *dp = dp0 + p;
+#ifdef CS_CUDA
+            if ((((cs_u64)sp | (cs_u64)dp) & 15) == 0) {
+                uint4 w = *(const uint4 *)sp;
+                w.x ^= cs_bswap(s[0]); w.y ^= cs_bswap(s[1]); w.z ^= cs_bswap(s[2]); w.w ^= cs_bswap(s[3]);
+                *(uint4 *)dp = w;
+                continue;
+            }
+#else
+            (void)sp; (void)dp;
+#endif
+        }
+        for (int k = 0; k < 16; k++) {
+            cs_u64 a = abs0 + k;
+            if (a >= off && a < off + len) {
+                cs_u64 p = a - off;
+                dp0[p] = sp0[p] ^ (cs_u8)(s[k >> 2] >> (24 - 8 * (k & 3)));
+            }
+        }
+    }
+}
+
 #endif /* CIPHERSHARD_AES_CORE_H */
+

@@ -30,6 +30,7 @@ extern "C" __global__ void __launch_bounds__(CS_THREADS) cs_setup(const cs_u8 *k
         cs_gf128_pow(vh, vl, CS_SEG_BLOCKS, &hseg_out[0], &hseg_out[1]);
         vh = vl = 0;
         s[0] = s[1] = s[2] = s[3] = 0;
+        for (int i = 0; i < 60; i++) ((volatile cs_u32 *)rk)[i] = 0;
     }
 }
 
@@ -52,35 +53,12 @@ extern "C" __global__ void __launch_bounds__(CS_THREADS) cs_ctr(const cs_u32 *te
     __syncthreads();
     const cs_u64 *d = desc + (cs_u64)blockIdx.y * CS_DESC_WORDS;
     cs_u64 so = d[0], dof = d[1], len = d[2], off = d[3];
-    if (len == 0) return;
-    cs_u32 n0 = cs_bswap((cs_u32)d[4]), n1 = cs_bswap((cs_u32)(d[4] >> 32)), n2 = cs_bswap((cs_u32)d[5]);
-    cs_u64 first = off / 16, nblocks = (off + len - 1) / 16 - first + 1;
-    const cs_u8 *sp0 = src + so;
-    cs_u8 *dp0 = dst + dof;
-    for (cs_u64 b = (cs_u64)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (cs_u64)gridDim.x * blockDim.x) {
-        cs_u64 kb = first + b;
-        cs_u32 s[4] = {n0, n1, n2, (cs_u32)(2 + kb)};  // inc32: the counter wraps modulo 2^32
-        cs_aes256_encrypt_words(t0s, lane, rk, s);
-        cs_u64 abs0 = kb * 16;
-        if (abs0 >= off && abs0 + 16 <= off + len) {
-            cs_u64 p = abs0 - off;
-            const cs_u8 *sp = sp0 + p;
-            cs_u8 *dp = dp0 + p;
-            if ((((cs_u64)sp | (cs_u64)dp) & 15) == 0) {
-                uint4 w = *(const uint4 *)sp;
-                w.x ^= cs_bswap(s[0]); w.y ^= cs_bswap(s[1]); w.z ^= cs_bswap(s[2]); w.w ^= cs_bswap(s[3]);
-                *(uint4 *)dp = w;
-                continue;
-            }
-        }
-        for (int k = 0; k < 16; k++) {
-            cs_u64 a = abs0 + k;
-            if (a >= off && a < off + len) {
-                cs_u64 p = a - off;
-                dp0[p] = sp0[p] ^ (cs_u8)(s[k >> 2] >> (24 - 8 * (k & 3)));
-            }
-        }
-    }
+    if (len > 0)
+        cs_ctr_chunk(t0s, lane, rk, d, src + so, dst + dof, len, off, (cs_u64)blockIdx.x * blockDim.x + threadIdx.x,
+                     (cs_u64)gridDim.x * blockDim.x);
+    // Shared memory is not cleared between kernels: wipe the round keys before exiting.
+    __syncthreads();
+    for (int i = threadIdx.x; i < 60; i += blockDim.x) ((volatile cs_u32 *)rk)[i] = 0;
 }
 
 // Parallel GHASH: each thread folds segments of CS_SEG_BLOCKS blocks (counted from the end),
@@ -121,4 +99,7 @@ extern "C" __global__ void __launch_bounds__(CS_THREADS) cs_ghash(const cs_u64 *
         atomicXor(&a[2], (cs_u32)(l >> 32));
         atomicXor(&a[3], (cs_u32)l);
     }
+    // The H tables are key material: wipe them from shared memory before exiting.
+    __syncthreads();
+    if (threadIdx.x < 16) ((volatile cs_u64 *)hh)[threadIdx.x] = ((volatile cs_u64 *)hl)[threadIdx.x] = 0;
 }

@@ -99,15 +99,32 @@ pub fn compile_kernels(arch: Option<&str>) -> Result<Ptx> {
     })
 }
 
+/// Environment variable naming a prebuilt PTX file (from `cuda_bench --emit-ptx`) to load
+/// instead of compiling with NVRTC: for GPU machines that have the driver but no NVRTC.
+pub const PTX_ENV: &str = "CIPHERSHARD_CUDA_PTX";
+
+fn prebuilt_ptx_path() -> Option<std::path::PathBuf> {
+    std::env::var_os(PTX_ENV)
+        .filter(|v| !v.is_empty())
+        .map(Into::into)
+}
+
 /// Says whether a CUDA device answers, without panicking.
 pub fn probe() -> std::result::Result<String, String> {
     if !driver_present() {
         return Err("no CUDA driver (libcuda.so not found): use --backend cpu".into());
     }
-    if !nvrtc_present() {
+    if let Some(path) = prebuilt_ptx_path() {
+        if !path.is_file() {
+            return Err(format!(
+                "{PTX_ENV}={} is not a readable file: unset it or point it at a PTX file",
+                path.display()
+            ));
+        }
+    } else if !nvrtc_present() {
         return Err(
             "NVRTC library (libnvrtc.so) not found: install the CUDA toolkit or `pip install \
-                    nvidia-cuda-nvrtc`, or use --backend cpu"
+                    nvidia-cuda-nvrtc`, or set CIPHERSHARD_CUDA_PTX, or use --backend cpu"
                 .into(),
         );
     }
@@ -167,19 +184,31 @@ impl CudaCipher {
             .compute_capability()
             .map_err(drv("compute capability"))?;
         let arch = format!("sm_{ma}{mi}");
-        let ptx = PTX.get_or_init(|| {
-            compile_kernels(Some(&arch))
-                .map(|p| (arch.clone(), p))
-                .map_err(|e| e.to_string())
-        });
-        let ptx = match ptx {
-            Ok((a, p)) if *a == arch => p.clone(),
-            Ok(_) => compile_kernels(Some(&arch))?,
-            Err(e) => {
-                return Err(Error::Backend {
-                    backend: "cuda",
-                    reason: e.clone(),
-                });
+        let ptx = if let Some(path) = prebuilt_ptx_path() {
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            if !text.contains(".entry cs_ctr") {
+                return Err(Error::format(
+                    &path,
+                    "PTX file",
+                    "no cs_ctr kernel: not ciphershard's kernels",
+                ));
+            }
+            Ptx::from_src(text)
+        } else {
+            let ptx = PTX.get_or_init(|| {
+                compile_kernels(Some(&arch))
+                    .map(|p| (arch.clone(), p))
+                    .map_err(|e| e.to_string())
+            });
+            match ptx {
+                Ok((a, p)) if *a == arch => p.clone(),
+                Ok(_) => compile_kernels(Some(&arch))?,
+                Err(e) => {
+                    return Err(Error::Backend {
+                        backend: "cuda",
+                        reason: e.clone(),
+                    });
+                }
             }
         };
         let module = ctx
@@ -249,6 +278,13 @@ impl Cipher for CudaCipher {
 
 fn grid_x(units: u64) -> u32 {
     units.div_ceil(u64::from(THREADS)).clamp(1, 1 << 20) as u32
+}
+
+/// AES blocks each CTR thread handles (amortizes the 32 KiB shared-table fill per thread block).
+const CTR_BLOCKS_PER_THREAD: u64 = 32;
+
+fn ctr_grid_x(blocks: u64) -> u32 {
+    grid_x(blocks.div_ceil(CTR_BLOCKS_PER_THREAD))
 }
 
 /// A data key prepared on the device. Its device copies (round keys, H tables, powers of H) are
@@ -408,7 +444,7 @@ impl CudaKey {
         dst: &mut CudaSlice<u8>,
     ) -> Result<()> {
         let cfg = LaunchConfig {
-            grid_dim: (grid_x(max_blocks), n as u32, 1),
+            grid_dim: (ctr_grid_x(max_blocks), n as u32, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -733,9 +769,26 @@ struct Slot {
     aad_host: Vec<u8>,
     d_src: CudaSlice<u8>,
     d_aad: CudaSlice<u8>,
-    acc_host: Vec<u32>,
+    /// Pinned so the 16-byte-per-chunk GHASH download stays asynchronous; same length as
+    /// `d_acc` (the whole buffer is copied).
+    acc_host: PinnedHostSlice<u32>,
     d_acc: CudaSlice<u32>,
     pending: Option<Pending>,
+}
+
+/// Device and pinned host GHASH accumulators of at least `words` words (a power of two).
+fn acc_buffers(
+    dev: &Device,
+    stream: &Arc<CudaStream>,
+    words: usize,
+) -> Result<(CudaSlice<u32>, PinnedHostSlice<u32>)> {
+    let n = words.next_power_of_two();
+    let d = stream
+        .alloc_zeros::<u32>(n)
+        .map_err(drv("device allocation"))?;
+    // SAFETY: the pinned buffer is only read after a full device-to-host copy into it.
+    let h = unsafe { dev.ctx.alloc_pinned::<u32>(n) }.map_err(drv("allocating pinned memory"))?;
+    Ok((d, h))
 }
 
 /// Ticket for a submitted batch; pass it to [`BatchDecryptor::wait`].
@@ -774,16 +827,14 @@ impl BatchDecryptor {
             let d_aad = stream
                 .alloc_zeros::<u8>(16)
                 .map_err(drv("device allocation"))?;
-            let d_acc = stream
-                .alloc_zeros::<u32>(4)
-                .map_err(drv("device allocation"))?;
+            let (d_acc, acc_host) = acc_buffers(dev, &stream, 64)?;
             v.push(Slot {
                 stream,
                 staging,
                 aad_host: Vec::new(),
                 d_src,
                 d_aad,
-                acc_host: Vec::new(),
+                acc_host,
                 d_acc,
                 pending: None,
             });
@@ -920,9 +971,7 @@ impl BatchDecryptor {
                     .map_err(drv("host-to-device copy"))?;
             }
             if slot.d_acc.len() < 4 * chunks.len() {
-                slot.d_acc = stream
-                    .alloc_zeros::<u32>(4 * chunks.len())
-                    .map_err(drv("device allocation"))?;
+                (slot.d_acc, slot.acc_host) = acc_buffers(&self.dev, &stream, 4 * chunks.len())?;
             }
             stream
                 .memset_zeros(&mut slot.d_acc)
@@ -1020,12 +1069,8 @@ impl BatchDecryptor {
                 }
                 start = end;
             }
-            slot.acc_host.resize(4 * chunks.len(), 0);
             stream
-                .memcpy_dtoh(
-                    &slot.d_acc.slice(..4 * chunks.len()),
-                    &mut slot.acc_host[..],
-                )
+                .memcpy_dtoh(&slot.d_acc, &mut slot.acc_host)
                 .map_err(drv("device-to-host copy"))?;
         } else {
             // Plaintext twin (benchmarks): the same staging and upload, then a device copy.
@@ -1068,9 +1113,17 @@ impl BatchDecryptor {
             return Err(WaitError::Device(backend_err("batch decryption", e)));
         }
         let mut bad = None;
-        for (i, exp) in p.expected.iter().enumerate() {
-            if !ct_eq(&acc_bytes(&slot.acc_host[4 * i..4 * i + 4]), exp) && bad.is_none() {
-                bad = Some(i);
+        match slot.acc_host.as_slice() {
+            Ok(acc) => {
+                for (i, exp) in p.expected.iter().enumerate() {
+                    if !ct_eq(&acc_bytes(&acc[4 * i..4 * i + 4]), exp) && bad.is_none() {
+                        bad = Some(i);
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = slot.stream.memset_zeros(&mut p.out);
+                return Err(WaitError::Device(backend_err("reading tags back", e)));
             }
         }
         if let Some(i) = bad {
