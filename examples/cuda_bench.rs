@@ -50,7 +50,13 @@ fn main() {
     };
     println!("device: {}", cipher.describe());
     let t = std::time::Instant::now();
-    let conf = conformance::run(cipher.as_ref(), 60);
+    let conf =
+        conformance::run(cipher.as_ref(), 60).and_then(|()| match cuda::cpu_fallback_count() {
+            0 => Ok(()),
+            n => Err(format!(
+                "{n} calls fell back to the CPU because the device failed"
+            )),
+        });
     match &conf {
         Ok(()) => println!("conformance: PASS ({:.1} s)", t.elapsed().as_secs_f64()),
         Err(e) => println!("conformance: FAIL: {e}"),

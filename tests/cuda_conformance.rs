@@ -21,6 +21,11 @@ fn device() -> Option<Arc<CudaCipher>> {
 fn cuda_backend_conforms() {
     let Some(c) = device() else { return };
     conformance::run(c.as_ref(), 60).unwrap();
+    assert_eq!(
+        cuda::cpu_fallback_count(),
+        0,
+        "some calls were completed on the CPU because the device failed"
+    );
 }
 
 #[test]

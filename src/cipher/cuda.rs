@@ -211,9 +211,14 @@ impl CudaCipher {
                 }
             }
         };
-        let module = ctx
-            .load_module(ptx)
-            .map_err(drv("loading the compiled kernels"))?;
+        let module = ctx.load_module(ptx).map_err(|e| Error::Backend {
+            backend: "cuda",
+            reason: format!(
+                "loading the kernels for {arch}: {e} (CUDA_ERROR_UNSUPPORTED_PTX_VERSION means NVRTC is \
+                 newer than the driver: update the driver, or set {PTX_ENV} to PTX from a matching \
+                 NVRTC; otherwise use --backend cpu)"
+            ),
+        })?;
         let f = |n: &str| {
             module
                 .load_function(n)
@@ -401,6 +406,7 @@ impl CudaKey {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn launch_ghash(
         &self,
         s: &CudaStream,
@@ -477,6 +483,7 @@ impl Drop for CudaKey {
 }
 
 /// One chunk's descriptor words (see aes_core.h).
+#[allow(clippy::too_many_arguments)] // one argument per descriptor field
 fn descriptor(
     src: u64,
     dst: u64,
@@ -520,6 +527,14 @@ fn acc_bytes(acc: &[u32]) -> [u8; 16] {
 
 fn ct_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
     a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+static CPU_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many trait-level calls in this process fell back to the CPU because the device failed
+/// (tests and the GPU check require 0, so a broken device cannot pass as a working one).
+pub fn cpu_fallback_count() -> u64 {
+    CPU_FALLBACKS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The trait-level opener: one chunk at a time through host buffers.
@@ -602,6 +617,7 @@ impl CudaOpener {
     }
 
     fn device_failed(&self, what: &str, e: &Error) {
+        CPU_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         eprintln!("ciphershard: CUDA {what} failed ({e}); this call was completed on the CPU");
     }
 }
@@ -906,9 +922,7 @@ impl BatchDecryptor {
                 )));
             }
             src_offs.push(at);
-            at = at
-                .checked_add(c.data.len().next_multiple_of(16))
-                .unwrap_or(usize::MAX);
+            at = at.saturating_add(c.data.len().next_multiple_of(16));
         }
         if at > self.slot_bytes {
             return Err(Error::InvalidArgument(format!(
