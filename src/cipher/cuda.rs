@@ -792,6 +792,58 @@ struct Slot {
     pending: Option<Pending>,
 }
 
+/// Staging is filled and uploaded in groups of about this many bytes.
+const STAGE_GROUP_BYTES: usize = 16 << 20;
+
+/// Copies each chunk's bytes to `region[offs[i] - base..]`, split in pieces of at most 1 MiB
+/// over a few threads (one thread cannot saturate PCIe with memcpy).
+fn parallel_copy(datas: &[&[u8]], offs: &[usize], base: usize, region: &mut [u8]) {
+    const PIECE: usize = 1 << 20;
+    let mut pieces: Vec<(&[u8], &mut [u8])> = Vec::new();
+    let mut rest: &mut [u8] = region;
+    let mut pos = base;
+    for (&data, &o) in datas.iter().zip(offs) {
+        let r = std::mem::take(&mut rest);
+        let (_, tail) = r.split_at_mut(o - pos);
+        let (mut dst, tail) = tail.split_at_mut(data.len());
+        rest = tail;
+        pos = o + data.len();
+        let mut src = data;
+        while !src.is_empty() {
+            let n = src.len().min(PIECE);
+            let (s0, s1) = src.split_at(n);
+            let (d0, d1) = std::mem::take(&mut dst).split_at_mut(n);
+            pieces.push((s0, d0));
+            src = s1;
+            dst = d1;
+        }
+    }
+    let total: usize = pieces.iter().map(|p| p.0.len()).sum();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8)
+        .min(pieces.len());
+    if threads <= 1 || total < 4 * PIECE {
+        for (s, d) in pieces {
+            d.copy_from_slice(s);
+        }
+        return;
+    }
+    let mut lanes: Vec<Vec<(&[u8], &mut [u8])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, p) in pieces.into_iter().enumerate() {
+        lanes[i % threads].push(p);
+    }
+    std::thread::scope(|sc| {
+        for lane in lanes {
+            sc.spawn(move || {
+                for (s, d) in lane {
+                    d.copy_from_slice(s);
+                }
+            });
+        }
+    });
+}
+
 /// Device and pinned host GHASH accumulators of at least `words` words (a power of two).
 fn acc_buffers(
     dev: &Device,
@@ -934,23 +986,29 @@ impl BatchDecryptor {
         let mut out = self.take_buffer(&stream, out_len)?;
         let slot = &mut self.slots[idx];
         {
+            // Copy into pinned staging with several threads, a group of ~16 MiB at a time, and
+            // enqueue each group's upload as soon as it is staged so copying and PCIe overlap.
             let staging = slot
                 .staging
                 .as_mut_slice()
                 .map_err(drv("pinned staging buffer"))?;
-            for (c, &o) in chunks.iter().zip(&src_offs) {
-                staging[o..o + c.data.len()].copy_from_slice(c.data);
+            let mut g0 = 0;
+            while g0 < chunks.len() {
+                let a = src_offs[g0];
+                let mut g1 = g0 + 1;
+                while g1 < chunks.len() && src_offs[g1] - a < STAGE_GROUP_BYTES {
+                    g1 += 1;
+                }
+                let b = if g1 < chunks.len() { src_offs[g1] } else { at };
+                let datas: Vec<&[u8]> = chunks[g0..g1].iter().map(|c| c.data).collect();
+                parallel_copy(&datas, &src_offs[g0..g1], a, &mut staging[a..b]);
+                if b > a {
+                    stream
+                        .memcpy_htod(&staging[a..b], &mut slot.d_src.slice_mut(a..b))
+                        .map_err(drv("host-to-device copy"))?;
+                }
+                g0 = g1;
             }
-        }
-        let used = at;
-        if used > 0 {
-            let staging = slot
-                .staging
-                .as_slice()
-                .map_err(drv("pinned staging buffer"))?;
-            stream
-                .memcpy_htod(&staging[..used], &mut slot.d_src.slice_mut(..used))
-                .map_err(drv("host-to-device copy"))?;
         }
         let mut expected = Vec::with_capacity(chunks.len());
         if decrypt && !chunks.is_empty() {
@@ -1415,4 +1473,80 @@ pub fn kernel_bench(
         }
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_copy_places_every_chunk_at_its_offset() {
+        let mut rng = super::super::conformance::SplitMix(3);
+        for case in 0..20 {
+            let n = 1 + rng.below(12) as usize;
+            let mut datas = Vec::new();
+            for _ in 0..n {
+                let len = if case % 2 == 0 {
+                    rng.below(3 << 20)
+                } else {
+                    rng.below(100)
+                } as usize;
+                let mut d = vec![0u8; len];
+                rng.fill(&mut d);
+                datas.push(d);
+            }
+            let base = 16 * rng.below(4) as usize;
+            let mut offs = Vec::new();
+            let mut at = base;
+            for d in &datas {
+                offs.push(at);
+                at += d.len().next_multiple_of(16);
+            }
+            let mut region = vec![0xEEu8; at - base];
+            let refs: Vec<&[u8]> = datas.iter().map(|d| d.as_slice()).collect();
+            parallel_copy(&refs, &offs, base, &mut region);
+            let mut want = vec![0xEEu8; at - base];
+            for (d, &o) in datas.iter().zip(&offs) {
+                want[o - base..o - base + d.len()].copy_from_slice(d);
+            }
+            assert!(region == want, "case {case}: staging layout differs");
+        }
+    }
+
+    #[test]
+    fn descriptor_matches_the_kernel_layout() {
+        let nonce = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+        let d = descriptor(16, 32, 100, 7, &nonce, 48, 89, true);
+        assert_eq!(d[..4], [16, 32, 100, 7]);
+        assert_eq!(d[4], 0x0807_0605_0403_0201);
+        assert_eq!(d[5], 0x0c0b_0a09);
+        assert_eq!(d[6], 48);
+        assert_eq!(d[7], 89 | 1 << 48);
+        // Blocks: 6 AAD + 7 data + 1 length = 14 -> one 32-block segment; plain: 12 + 1.
+        assert_eq!(ghash_segments(89, 100, false), 1);
+        assert_eq!(ghash_segments(0, 32 * 16, false), 2);
+        assert_eq!(
+            ghash_segments(89, 4 << 20, false),
+            (6 + (1 << 18) + 1u64).div_ceil(32)
+        );
+    }
+
+    #[test]
+    fn probe_and_create_fail_cleanly_without_a_driver() {
+        if driver_present() {
+            return;
+        }
+        let why = probe().unwrap_err();
+        assert!(
+            why.contains("libcuda") && why.contains("--backend cpu"),
+            "{why}"
+        );
+        match create() {
+            Err(Error::BackendUnavailable {
+                backend: "cuda", ..
+            }) => {}
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("created a CUDA backend without a driver"),
+        }
+    }
 }
