@@ -18,12 +18,14 @@
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define CS_CUDA 1
 #define CS_FN __device__ __forceinline__
+#define CS_UNROLL _Pragma("unroll")
 typedef unsigned char cs_u8;
 typedef unsigned int cs_u32;
 typedef unsigned long long cs_u64;
 #else
 #include <stdint.h>
 #define CS_FN static inline
+#define CS_UNROLL
 typedef uint8_t cs_u8;
 typedef uint32_t cs_u32;
 typedef uint64_t cs_u64;
@@ -126,6 +128,7 @@ CS_FN void cs_expand_key(const cs_u32 *te0, const cs_u8 *key, cs_u32 *rk) {
 CS_FN void cs_aes256_encrypt_words(const cs_u32 *tab, int lane, const cs_u32 *rk, cs_u32 *s) {
     (void)lane;
     cs_u32 s0 = s[0] ^ rk[0], s1 = s[1] ^ rk[1], s2 = s[2] ^ rk[2], s3 = s[3] ^ rk[3];
+    CS_UNROLL
     for (int r = 1; r < 14; r++) {
         const cs_u32 *k = rk + 4 * r;
         cs_u32 t0 = CS_T0(tab, s0 >> 24, lane) ^ cs_ror(CS_T0(tab, (s1 >> 16) & 0xff, lane), 8) ^
@@ -175,6 +178,7 @@ CS_FN void cs_ghash_table(cs_u64 vh, cs_u64 vl, cs_u64 *hh, cs_u64 *hl) {
 /* (xh, xl) *= H with H's tables; last4 is the reduction table. */
 CS_FN void cs_ghash_mul_table(const cs_u64 *hh, const cs_u64 *hl, const cs_u32 *last4, cs_u64 *xh, cs_u64 *xl) {
     cs_u64 zh = 0, zl = 0;
+    CS_UNROLL
     for (int i = 15; i >= 0; i--) {
         cs_u8 b = (cs_u8)(i < 8 ? (*xh >> (56 - 8 * i)) : (*xl >> (56 - 8 * (i - 8))));
         cs_u8 lo = b & 0xf, hi = b >> 4;
