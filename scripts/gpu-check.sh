@@ -33,6 +33,14 @@ BIN=${1:-${CIPHERSHARD_GPU_BIN:-.gpu}}
 declare -a rows
 row() { rows+=("| $1 | $2 |"); }
 
+# The driver may live outside the loader's default path (e.g. /usr/local/nvidia).
+export PATH="$PATH:/usr/local/nvidia/bin"
+if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so'; then
+    for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64; do
+        if ls "$d"/libcuda.so* >/dev/null 2>&1; then export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; break; fi
+    done
+fi
+
 echo "== nvidia-smi"
 smi=$(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max \
     --format=csv,noheader 2>&1) && row "nvidia-smi" "$smi" || row "nvidia-smi" "FAILED: $smi"
