@@ -34,42 +34,59 @@ pub fn ctr32_xor(aes: &Aes256, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8],
     }
     let mut counter = 2u32.wrapping_add((offset / BLOCK_LEN as u64) as u32);
     let skip = (offset % BLOCK_LEN as u64) as usize;
-    let mut ctrs = [Block::default(); BATCH];
-    let mut ks = [Block::default(); BATCH];
-    for c in ctrs.iter_mut() {
-        c[..NONCE_LEN].copy_from_slice(nonce);
-    }
+    let mut one = Block::default();
+    let keystream_block = |counter: u32, ks: &mut Block| {
+        ks[..NONCE_LEN].copy_from_slice(nonce);
+        ks[NONCE_LEN..].copy_from_slice(&counter.to_be_bytes());
+        aes.encrypt_block(ks);
+    };
 
     let mut pos = 0;
-    let mut used = 1;
     // A start inside a block: one keystream block, use its tail.
     if skip != 0 {
-        ctrs[0][NONCE_LEN..].copy_from_slice(&counter.to_be_bytes());
-        aes.encrypt_block_b2b(&ctrs[0], &mut ks[0]);
+        keystream_block(counter, &mut one);
         let n = (BLOCK_LEN - skip).min(src.len());
-        xor_into(&src[..n], &ks[0][skip..skip + n], &mut dst[..n]);
+        xor_into(&src[..n], &one[skip..skip + n], &mut dst[..n]);
         pos = n;
         counter = counter.wrapping_add(1);
     }
 
-    while pos < src.len() {
-        let remaining = src.len() - pos;
-        let blocks = remaining.div_ceil(BLOCK_LEN).min(BATCH);
-        for (i, c) in ctrs[..blocks].iter_mut().enumerate() {
-            c[NONCE_LEN..].copy_from_slice(&counter.wrapping_add(i as u32).to_be_bytes());
+    // Whole blocks: the keystream is generated in `dst` itself (counter blocks encrypted in
+    // place, a batch at a time so it is still in L1), then `src` is XORed over it.
+    let (blocks, _) = Block::slice_as_chunks_mut(&mut dst[pos..]);
+    let whole = blocks.len() * BLOCK_LEN;
+    for (batch, s) in blocks
+        .chunks_mut(BATCH)
+        .zip(src[pos..pos + whole].chunks(BATCH * BLOCK_LEN))
+    {
+        for (i, b) in batch.iter_mut().enumerate() {
+            b[..NONCE_LEN].copy_from_slice(nonce);
+            b[NONCE_LEN..].copy_from_slice(&counter.wrapping_add(i as u32).to_be_bytes());
         }
-        aes.encrypt_blocks_b2b(&ctrs[..blocks], &mut ks[..blocks])
-            .expect("counter and keystream batches have the same length");
-        used = used.max(blocks);
-        let n = remaining.min(blocks * BLOCK_LEN);
-        let stream = Array::slice_as_flattened(&ks[..blocks]);
-        xor_into(&src[pos..pos + n], &stream[..n], &mut dst[pos..pos + n]);
-        pos += n;
-        counter = counter.wrapping_add(blocks as u32);
+        aes.encrypt_blocks(batch);
+        counter = counter.wrapping_add(batch.len() as u32);
+        xor_in_place(Array::slice_as_flattened_mut(batch), s);
+    }
+    pos += whole;
+
+    // A partial last block.
+    if pos < src.len() {
+        keystream_block(counter, &mut one);
+        let n = src.len() - pos;
+        xor_into(&src[pos..], &one[..n], &mut dst[pos..]);
     }
     // Keystream is key-derived material: do not leave it on the stack.
-    for b in ks[..used].iter_mut() {
-        b.as_mut_slice().zeroize();
+    one.as_mut_slice().zeroize();
+}
+
+/// `dst ^= src`, 16 bytes per step (compiles to vector XORs).
+#[inline(always)]
+fn xor_in_place(dst: &mut [u8], src: &[u8]) {
+    debug_assert_eq!(dst.len(), src.len());
+    for (d, s) in dst.chunks_exact_mut(16).zip(src.chunks_exact(16)) {
+        let v = u128::from_ne_bytes((&*d).try_into().unwrap())
+            ^ u128::from_ne_bytes(s.try_into().unwrap());
+        d.copy_from_slice(&v.to_ne_bytes());
     }
 }
 
