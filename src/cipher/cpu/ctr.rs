@@ -5,7 +5,7 @@
 //! interface (~7.6 GB/s here). Here a whole batch of counter blocks is built once, encrypted
 //! with one `encrypt_blocks_b2b` call and XORed in wide words, which keeps the VAES pipeline full.
 
-use aes::Aes256;
+use aes::cipher::consts::U16;
 use aes::cipher::{Array, BlockCipherEncrypt};
 use zeroize::Zeroize;
 
@@ -15,15 +15,24 @@ use crate::cipher::{BLOCK_LEN, NONCE_LEN};
 /// small enough to stay in L1 next to the data.
 const BATCH: usize = 256;
 
-type Block = Array<u8, aes::cipher::consts::U16>;
+type Block = Array<u8, U16>;
 
+/// Generic over the block cipher so the same loop is checked against SP 800-38A F.5.1
+/// (AES-128); the backend uses it with AES-256.
+///
 /// XORs the AES-256-CTR keystream of `nonce` (counter block `nonce || 2 + offset/16`, 32-bit
 /// big-endian counter wrapping modulo 2^32 as GCM's inc32) into `dst = src ^ keystream`,
 /// starting `offset` bytes into the keystream.
 ///
 /// # Panics
 /// If `src` and `dst` differ in length (a caller bug, not an input error).
-pub fn ctr32_xor(aes: &Aes256, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]) {
+pub fn ctr32_xor<C: BlockCipherEncrypt<BlockSize = U16>>(
+    aes: &C,
+    nonce: &[u8; NONCE_LEN],
+    offset: u64,
+    src: &[u8],
+    dst: &mut [u8],
+) {
     assert_eq!(
         src.len(),
         dst.len(),
