@@ -211,7 +211,7 @@ mod imp {
         src: &[u8],
         dst: &mut [u8],
     ) {
-        debug_assert!(src.len() == dst.len() && src.len() % 64 == 0);
+        debug_assert!(src.len() == dst.len() && src.len().is_multiple_of(64));
         let k = load_keys(rk);
         let mask = bswap_ctr_mask();
         let four = _mm512_set_epi32(4, 0, 0, 0, 4, 0, 0, 0, 4, 0, 0, 0, 4, 0, 0, 0);
