@@ -69,6 +69,23 @@ fn cpu_timed<S>(
     })
 }
 
+/// Times `iters` calls of `op` as one span (no per-call clock reads, which cost a syscall
+/// each for the thread CPU clock and would distort small cases).
+fn cpu_timed_loop<S>(b: &mut Bencher<'_>, state: &mut S, mut op: impl FnMut(&mut S)) {
+    let wall = std::env::var_os("CIPHERSHARD_BENCH_WALL").is_some();
+    b.iter_custom(|iters| {
+        let (t, w) = (thread_cpu_time(), std::time::Instant::now());
+        for _ in 0..iters {
+            op(state);
+        }
+        if wall {
+            w.elapsed()
+        } else {
+            thread_cpu_time() - t
+        }
+    })
+}
+
 struct Fixture {
     key: DataKey,
     opener: Box<dyn ChunkOpener>,
@@ -112,15 +129,14 @@ fn single_core(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_2MiB");
     g.throughput(Throughput::Bytes(CHUNK as u64));
     let mut dst = vec![0u8; CHUNK];
-    let none = |_: &mut Vec<u8>| {};
     let restore = |d: &mut Vec<u8>| d.copy_from_slice(&f.ct);
     g.bench_function("ciphershard_open_mmap_to_buffer", |b| {
-        cpu_timed(b, &mut dst, none, |d| {
+        cpu_timed_loop(b, &mut dst, |d| {
             f.opener.open(&p, black_box(&map[..]), d).unwrap()
         })
     });
     g.bench_function("ciphershard_open_buffer_to_buffer", |b| {
-        cpu_timed(b, &mut dst, none, |d| {
+        cpu_timed_loop(b, &mut dst, |d| {
             f.opener.open(&p, black_box(&f.ct), d).unwrap()
         })
     });
@@ -141,23 +157,23 @@ fn single_core(c: &mut Criterion) {
         })
     });
     g.bench_function("ciphershard_verify", |b| {
-        cpu_timed(b, &mut dst, none, |_| {
+        cpu_timed_loop(b, &mut dst, |_| {
             f.opener.verify(&p, black_box(&f.ct)).unwrap()
         })
     });
     g.bench_function("ciphershard_ctr_apply", |b| {
-        cpu_timed(b, &mut dst, none, |d| {
+        cpu_timed_loop(b, &mut dst, |d| {
             f.opener.ctr_apply(&NONCE, 0, black_box(&f.ct), d)
         })
     });
     g.bench_function("ciphershard_ctr_apply_offset_37", |b| {
-        cpu_timed(b, &mut dst, none, |d| {
+        cpu_timed_loop(b, &mut dst, |d| {
             f.opener
                 .ctr_apply(&NONCE, 37, black_box(&f.ct[37..]), &mut d[37..])
         })
     });
     g.bench_function("rustcrypto_ctr_crate", |b| {
-        cpu_timed(b, &mut dst, none, |d| {
+        cpu_timed_loop(b, &mut dst, |d| {
             let mut iv = [0u8; 16];
             iv[..12].copy_from_slice(&NONCE);
             iv[15] = 2;
@@ -177,12 +193,12 @@ fn single_core(c: &mut Criterion) {
         )
     });
     g.bench_function("ciphershard_seal_in_place", |b| {
-        cpu_timed(b, &mut dst, none, |d| {
+        cpu_timed_loop(b, &mut dst, |d| {
             black_box(f.opener.seal_in_place(&NONCE, &AAD, true, d));
         })
     });
     g.bench_function("aws_lc_rs_seal_in_place", |b| {
-        cpu_timed(b, &mut dst, none, |d| {
+        cpu_timed_loop(b, &mut dst, |d| {
             let _ = black_box(
                 aws.seal_in_place_separate_tag(
                     Nonce::assume_unique_for_key(NONCE),
@@ -195,8 +211,17 @@ fn single_core(c: &mut Criterion) {
     });
     let r = ReferenceCipher::new().prepare(&f.key).unwrap();
     g.bench_function("reference_open", |b| {
-        cpu_timed(b, &mut dst, none, |d| {
-            r.open(&p, black_box(&f.ct), d).unwrap()
+        cpu_timed_loop(b, &mut dst, |d| r.open(&p, black_box(&f.ct), d).unwrap())
+    });
+    g.finish();
+
+    // Row-sized pieces, as the loader decrypts them into batch slots.
+    let mut g = c.benchmark_group("cpu_4KiB");
+    g.throughput(Throughput::Bytes(4096));
+    g.bench_function("ciphershard_ctr_apply_offset_1000", |b| {
+        cpu_timed_loop(b, &mut dst, |d| {
+            f.opener
+                .ctr_apply(&NONCE, 1000, black_box(&f.ct[..4096]), &mut d[..4096])
         })
     });
     g.finish();

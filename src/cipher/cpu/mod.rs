@@ -79,10 +79,12 @@ impl Cipher for CpuCipher {
         Backend::Cpu
     }
     fn describe(&self) -> String {
-        format!(
-            "CPU (GCM: aws-lc-rs; CTR: RustCrypto aes, {})",
-            aes_instructions()
-        )
+        let ctr = if vaes::VaesCtrKey::new(&[0; 32]).is_some() {
+            "ciphershard VAES-512".to_string()
+        } else {
+            format!("RustCrypto aes, {}", aes_instructions())
+        };
+        format!("CPU (GCM: aws-lc-rs; CTR: {ctr})")
     }
     fn prepare(&self, key: &DataKey) -> Result<Box<dyn ChunkOpener>> {
         Ok(Box::new(CpuOpener::new(key)?))
