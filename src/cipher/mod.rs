@@ -12,6 +12,7 @@
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
+pub mod bench;
 pub mod conformance;
 pub mod cpu;
 #[cfg(feature = "cuda")]
