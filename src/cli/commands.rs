@@ -355,6 +355,10 @@ pub struct BenchArgs {
     /// Benchmark the raw cipher instead of the loader.
     #[arg(long)]
     cipher: bool,
+    /// Loader decryption strategy: `chunk-open` (fused GCM on the private chunk copy, then copy
+    /// rows) or `row-ctr` (verify the tag, then decrypt rows straight into the batch).
+    #[arg(long, default_value = "chunk-open", value_parser = parse_mode)]
+    mode: pipeline::DecryptMode,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -383,6 +387,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
         batch_size: args.batch_size,
         epochs: args.epochs,
+        mode: args.mode,
         ..defaults
     };
     let key = match &args.dataset {
@@ -421,6 +426,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         println!("CUDA kernels: {}", serde_json::to_string(&c).expect("serializes"));
     }
     Ok(())
+}
+
+fn parse_mode(s: &str) -> std::result::Result<pipeline::DecryptMode, String> {
+    match s {
+        "chunk-open" => Ok(pipeline::DecryptMode::ChunkOpen),
+        "row-ctr" => Ok(pipeline::DecryptMode::RowCtr),
+        other => Err(format!("unknown mode '{other}' (chunk-open or row-ctr)")),
+    }
 }
 
 /// Kernel-only CUDA figures for `bench --backend cuda` (1 GiB in device memory).
