@@ -71,7 +71,13 @@ pub trait ChunkOpener: Send + Sync {
     fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]);
 
     /// Encrypts a chunk in place (or, for a plain chunk, leaves it) and returns its tag.
-    fn seal_in_place(&self, chunk_nonce: &[u8; NONCE_LEN], aad: &[u8], encrypted: bool, buf: &mut [u8]) -> [u8; TAG_LEN];
+    fn seal_in_place(
+        &self,
+        chunk_nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        encrypted: bool,
+        buf: &mut [u8],
+    ) -> [u8; TAG_LEN];
 }
 
 /// A cipher backend.
@@ -143,9 +149,18 @@ pub struct Availability {
 /// Lists every concrete backend and whether it is available here.
 pub fn availability() -> Vec<Availability> {
     vec![
-        Availability { backend: Backend::Cuda, status: cuda::probe() },
-        Availability { backend: Backend::Wgpu, status: wgpu::probe() },
-        Availability { backend: Backend::Cpu, status: Ok(cpu::CpuCipher::new().describe()) },
+        Availability {
+            backend: Backend::Cuda,
+            status: cuda::probe(),
+        },
+        Availability {
+            backend: Backend::Wgpu,
+            status: wgpu::probe(),
+        },
+        Availability {
+            backend: Backend::Cpu,
+            status: Ok(cpu::CpuCipher::new().describe()),
+        },
     ]
 }
 
@@ -162,10 +177,9 @@ pub fn select(backend: Backend) -> Result<std::sync::Arc<dyn Cipher>> {
                     return Ok(c);
                 }
             }
-            if wgpu::probe().is_ok() {
-                if let Ok(c) = wgpu::create() {
-                    return Ok(c);
-                }
+            // Not a CPU-type adapter (lavapipe): it is slower than the CPU backend.
+            if let Ok(c) = wgpu::create_auto() {
+                return Ok(c);
             }
             Ok(std::sync::Arc::new(cpu::CpuCipher::new()))
         }
