@@ -221,6 +221,61 @@ fn expand_key(key: &[u8; 32], sbox: &[u8; 256]) -> Zeroizing<[u32; 60]> {
     w
 }
 
+/// Compiles the WGSL and builds the compute pipeline and its bind-group layout; a compile or
+/// validation error comes back as text (wgpu's default would panic).
+fn build_pipeline(
+    device: &::wgpu::Device,
+    source: &str,
+) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
+    let scope = device.push_error_scope(::wgpu::ErrorFilter::Validation);
+    let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
+        label: Some("aes_ctr.wgsl"),
+        source: ::wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let storage = |read_only| ::wgpu::BindingType::Buffer {
+        ty: ::wgpu::BufferBindingType::Storage { read_only },
+        has_dynamic_offset: false,
+        min_binding_size: None,
+    };
+    let uniform = ::wgpu::BindingType::Buffer {
+        ty: ::wgpu::BufferBindingType::Uniform,
+        has_dynamic_offset: false,
+        min_binding_size: None,
+    };
+    let entry = |binding, ty| ::wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: ::wgpu::ShaderStages::COMPUTE,
+        ty,
+        count: None,
+    };
+    let layout = device.create_bind_group_layout(&::wgpu::BindGroupLayoutDescriptor {
+        label: Some("aes_ctr"),
+        entries: &[
+            entry(0, uniform),
+            entry(1, storage(true)),
+            entry(2, uniform),
+            entry(3, storage(false)),
+        ],
+    });
+    let pipeline_layout = device.create_pipeline_layout(&::wgpu::PipelineLayoutDescriptor {
+        label: Some("aes_ctr"),
+        bind_group_layouts: &[Some(&layout)],
+        immediate_size: 0,
+    });
+    let pipeline = device.create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
+        label: Some("aes_ctr"),
+        layout: Some(&pipeline_layout),
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    match pollster::block_on(scope.pop()) {
+        Some(e) => Err(e.to_string()),
+        None => Ok((pipeline, layout)),
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -304,54 +359,11 @@ impl WgpuCipher {
             record(&sink, format!("device lost ({reason:?}): {msg}"));
         });
 
-        let scope = device.push_error_scope(::wgpu::ErrorFilter::Validation);
-        let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
-            label: Some("aes_ctr.wgsl"),
-            source: ::wgpu::ShaderSource::Wgsl(SHADER.into()),
-        });
-        let storage = |read_only| ::wgpu::BindingType::Buffer {
-            ty: ::wgpu::BufferBindingType::Storage { read_only },
-            has_dynamic_offset: false,
-            min_binding_size: None,
-        };
-        let uniform = ::wgpu::BindingType::Buffer {
-            ty: ::wgpu::BufferBindingType::Uniform,
-            has_dynamic_offset: false,
-            min_binding_size: None,
-        };
-        let entry = |binding, ty| ::wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: ::wgpu::ShaderStages::COMPUTE,
-            ty,
-            count: None,
-        };
-        let layout = device.create_bind_group_layout(&::wgpu::BindGroupLayoutDescriptor {
-            label: Some("aes_ctr"),
-            entries: &[
-                entry(0, uniform),
-                entry(1, storage(true)),
-                entry(2, uniform),
-                entry(3, storage(false)),
-            ],
-        });
-        let pipeline_layout = device.create_pipeline_layout(&::wgpu::PipelineLayoutDescriptor {
-            label: Some("aes_ctr"),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let pipeline = device.create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
-            label: Some("aes_ctr"),
-            layout: Some(&pipeline_layout),
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(backend_err(format!(
+        let (pipeline, layout) = build_pipeline(&device, SHADER).map_err(|e| {
+            backend_err(format!(
                 "{summary}: shader aes_ctr.wgsl failed to build: {e}"
-            )));
-        }
+            ))
+        })?;
 
         let sbox = sbox_table();
         let t0 = device.create_buffer(&::wgpu::BufferDescriptor {
@@ -1143,5 +1155,62 @@ mod tests {
             got.iter_mut().zip(j0).for_each(|(t, e)| *t ^= e);
             assert_eq!(got, want, "aad {a} data {d}");
         }
+    }
+
+    /// The backend here, or `None` when there is no adapter (the integration tests enforce
+    /// `CIPHERSHARD_REQUIRE_WGPU`).
+    fn backend() -> Option<WgpuCipher> {
+        WgpuCipher::new(WgpuOptions::default())
+            .inspect_err(|e| eprintln!("skipping: {e}"))
+            .ok()
+    }
+
+    #[test]
+    fn shader_compile_error_is_an_error_not_a_panic() {
+        let Some(c) = backend() else { return };
+        let broken = SHADER.replace("fn main(", "fn main(oops ");
+        let err = build_pipeline(&c.ctx.device, &broken)
+            .err()
+            .expect("broken WGSL accepted");
+        assert!(!err.is_empty());
+        // The device stays usable afterwards.
+        build_pipeline(&c.ctx.device, SHADER).unwrap();
+        c.health().unwrap();
+    }
+
+    #[test]
+    fn lost_device_falls_back_to_cpu_and_reports() {
+        let Some(c) = backend() else { return };
+        let key = DataKey::from_bytes([5u8; 32]);
+        let op = c.prepare(&key).unwrap();
+        let rop = CpuCipher::new().prepare(&key).unwrap();
+        let pt: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let mut ct = pt.clone();
+        let tag = rop.seal_in_place(&[1; 12], b"a", true, &mut ct);
+        c.ctx.device.destroy();
+        let _ = c.ctx.device.poll(::wgpu::PollType::Poll);
+        // Every call still gives the right answer (finished on the CPU), none panics.
+        let params = ChunkParams {
+            nonce: [1; 12],
+            aad: b"a",
+            tag,
+            encrypted: true,
+        };
+        let mut out = vec![0u8; pt.len()];
+        op.open(&params, &ct, &mut out).unwrap();
+        assert!(out == pt);
+        let mut x = vec![0u8; 100];
+        op.ctr_apply(&[1; 12], 33, &ct[33..133], &mut x);
+        assert!(x == pt[33..133]);
+        let mut bad = ct.clone();
+        bad[0] ^= 1;
+        assert_eq!(op.open(&params, &bad, &mut out), Err(TagMismatch));
+        assert!(out.iter().all(|&b| b == 0));
+        let err = c.health().unwrap_err();
+        assert!(matches!(err, Error::Backend { .. }), "{err}");
+        assert!(
+            c.prepare(&key).is_err(),
+            "prepare on a lost device must fail"
+        );
     }
 }
