@@ -6,8 +6,12 @@
 // here. Round keys are FIPS-197 big-endian words; data words are read little-endian from bytes,
 // hence the byte swap of each keystream word before the XOR.
 //
-// One T-table (T0; T1..T3 are its byte rotations, and the S-box is its second byte) is copied
-// into workgroup memory by each workgroup: 1 KiB, one word per invocation.
+// One T-table (T0; T1..T3 are its byte rotations, and the S-box is its second byte). On a GPU
+// each workgroup copies it into workgroup memory (1 KiB, one word per invocation): random
+// lookups then hit on-chip memory. On a CPU driver (lavapipe) workgroup memory and the barrier
+// only cost time, so the host sets `shared_table = false` and lookups read the (cached) buffer.
+
+override shared_table: bool = true;
 
 struct Params {
     // Nonce as three big-endian words, then the counter of the dispatch's first block.
@@ -35,13 +39,20 @@ fn bswap(x: u32) -> u32 {
     return (x << 24u) | ((x & 0xff00u) << 8u) | ((x >> 8u) & 0xff00u) | (x >> 24u);
 }
 
+fn table(x: u32) -> u32 {
+    if (shared_table) {
+        return t0[x];
+    }
+    return t0_table[x];
+}
+
 fn sbox(x: u32) -> u32 {
-    return (t0[x] >> 16u) & 0xffu;
+    return (table(x) >> 16u) & 0xffu;
 }
 
 fn round_word(a: u32, b: u32, c: u32, d: u32, k: u32) -> u32 {
-    return t0[a >> 24u] ^ rotr(t0[(b >> 16u) & 0xffu], 8u) ^ rotr(t0[(c >> 8u) & 0xffu], 16u)
-        ^ rotr(t0[d & 0xffu], 24u) ^ k;
+    return table(a >> 24u) ^ rotr(table((b >> 16u) & 0xffu), 8u)
+        ^ rotr(table((c >> 8u) & 0xffu), 16u) ^ rotr(table(d & 0xffu), 24u) ^ k;
 }
 
 fn last_word(a: u32, b: u32, c: u32, d: u32, k: u32) -> u32 {
@@ -54,8 +65,10 @@ fn main(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    t0[lid] = t0_table[lid];
-    workgroupBarrier();
+    if (shared_table) {
+        t0[lid] = t0_table[lid];
+        workgroupBarrier();
+    }
 
     let i = gid.x + gid.y * params.row_stride;
     if (i >= params.blocks) {

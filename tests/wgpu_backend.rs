@@ -167,3 +167,42 @@ fn kernel_bench_reports_throughput() {
     eprintln!("{report}");
     assert!(report.kernel_gbps > 0.0 && report.round_trip_gbps > 0.0);
 }
+
+/// Throughput figures for the report (not a timed test: it asserts nothing about speed).
+/// `cargo test --release --test wgpu_backend measure -- --ignored --nocapture`;
+/// `CIPHERSHARD_BENCH_MIB` sets the size (default 64).
+#[test]
+#[ignore = "measurement, run by hand"]
+fn measure_throughput() {
+    let mib: usize = std::env::var("CIPHERSHARD_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    let mut kernel = 0.0f64;
+    for shared_table in [true, false] {
+        let options = WgpuOptions {
+            shared_table: Some(shared_table),
+            ..WgpuOptions::default()
+        };
+        let Some(c) = backend(options) else { return };
+        let report = ciphershard::cipher::wgpu::kernel_bench_on(&c, mib << 20).unwrap();
+        println!("{report}");
+        kernel = kernel.max(report.kernel_gbps);
+    }
+    // The CPU backend's CTR over the same size, same run, for the ratio.
+    let key = DataKey::from_bytes([1; 32]);
+    let rop = CpuCipher::new().prepare(&key).unwrap();
+    let src = vec![0x5au8; mib << 20];
+    let mut dst = vec![0u8; src.len()];
+    let t = std::time::Instant::now();
+    let mut passes = 0u32;
+    while passes < 3 || t.elapsed().as_secs_f64() < 1.5 {
+        rop.ctr_apply(&[7; 12], 0, &src, &mut dst);
+        passes += 1;
+    }
+    let cpu = (src.len() as f64 * f64::from(passes)) / t.elapsed().as_secs_f64() / 1e9;
+    println!(
+        "CPU backend AES-256-CTR: {cpu:.3} GB/s; best wgpu kernel / CPU = {:.3}",
+        kernel / cpu
+    );
+}

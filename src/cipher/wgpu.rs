@@ -145,6 +145,10 @@ pub struct WgpuOptions {
     /// Cap on the bytes processed per dispatch (default: the device's storage binding limit).
     /// Lower it to force piecewise dispatch (tests) or to bound the staging memory.
     pub max_piece_bytes: Option<u64>,
+    /// Copy the AES table into workgroup memory (`Some(true)`) or read it from the storage
+    /// buffer (`Some(false)`). Default: workgroup memory on a GPU, the buffer on a CPU adapter,
+    /// where it measured faster (see `kernel_bench`).
+    pub shared_table: Option<bool>,
 }
 
 impl Default for WgpuOptions {
@@ -152,6 +156,7 @@ impl Default for WgpuOptions {
         WgpuOptions {
             allow_cpu_adapter: true,
             max_piece_bytes: None,
+            shared_table: None,
         }
     }
 }
@@ -226,6 +231,7 @@ fn expand_key(key: &[u8; 32], sbox: &[u8; 256]) -> Zeroizing<[u32; 60]> {
 fn build_pipeline(
     device: &::wgpu::Device,
     source: &str,
+    shared_table: bool,
 ) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
     let scope = device.push_error_scope(::wgpu::ErrorFilter::Validation);
     let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
@@ -267,7 +273,11 @@ fn build_pipeline(
         layout: Some(&pipeline_layout),
         module: &module,
         entry_point: Some("main"),
-        compilation_options: Default::default(),
+        compilation_options: ::wgpu::PipelineCompilationOptions {
+            constants: &[("shared_table", if shared_table { 1.0 } else { 0.0 })],
+            // Every entry of the workgroup table is written before the barrier.
+            zero_initialize_workgroup_memory: false,
+        },
         cache: None,
     });
     match pollster::block_on(scope.pop()) {
@@ -303,6 +313,8 @@ struct Context {
     params: ::wgpu::Buffer,
     /// Largest piece, in bytes (a multiple of the workgroup's span).
     piece_bytes: u64,
+    /// Whether the pipeline copies the table into workgroup memory.
+    shared_table: bool,
     max_workgroups: u32,
     buffers: Mutex<Buffers>,
     /// Set by the device-lost callback or the first failed GPU operation.
@@ -359,7 +371,8 @@ impl WgpuCipher {
             record(&sink, format!("device lost ({reason:?}): {msg}"));
         });
 
-        let (pipeline, layout) = build_pipeline(&device, SHADER).map_err(|e| {
+        let shared_table = options.shared_table.unwrap_or(!summary.is_cpu());
+        let (pipeline, layout) = build_pipeline(&device, SHADER, shared_table).map_err(|e| {
             backend_err(format!(
                 "{summary}: shader aes_ctr.wgsl failed to build: {e}"
             ))
@@ -402,6 +415,7 @@ impl WgpuCipher {
                 t0,
                 params,
                 piece_bytes,
+                shared_table,
                 max_workgroups: limits.max_compute_workgroups_per_dimension.max(1),
                 buffers: Mutex::new(Buffers {
                     capacity: 0,
@@ -571,7 +585,7 @@ impl GhashStream {
         lens[8..].copy_from_slice(&(ct_len as u64 * 8).to_be_bytes());
         self.g.update(&[lens.into()]);
         self.partial.zeroize();
-        self.g.clone().finalize().into()
+        self.g.finalize().into()
     }
 }
 
@@ -965,6 +979,8 @@ impl ChunkOpener for WgpuOpener {
 pub struct KernelBench {
     /// The adapter measured.
     pub adapter: String,
+    /// Table in workgroup memory (`true`) or read from the storage buffer.
+    pub shared_table: bool,
     /// Bytes per pass.
     pub bytes: u64,
     /// Passes timed (after one warm-up pass).
@@ -973,16 +989,26 @@ pub struct KernelBench {
     pub kernel_gbps: f64,
     /// Host to host: upload, dispatch, readback into a host buffer (`ctr_apply`), GB/s.
     pub round_trip_gbps: f64,
+    /// The tag check this backend runs on the CPU (GHASH, one thread), GB/s: when the kernel is
+    /// faster than this, GHASH on the GPU would pay off.
+    pub cpu_ghash_gbps: f64,
 }
 
 impl std::fmt::Display for KernelBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "wgpu AES-256-CTR on {}: kernel {:.3} GB/s, host round trip {:.3} GB/s ({} MiB x {} passes)",
+            "wgpu AES-256-CTR on {} (table in {}): kernel {:.3} GB/s, host round trip {:.3} GB/s, \
+             CPU GHASH {:.3} GB/s ({} MiB x {} passes)",
             self.adapter,
+            if self.shared_table {
+                "workgroup memory"
+            } else {
+                "storage buffer"
+            },
             self.kernel_gbps,
             self.round_trip_gbps,
+            self.cpu_ghash_gbps,
             self.bytes >> 20,
             self.passes
         )
@@ -1027,13 +1053,19 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
     })?;
     let round_trip_gbps = (bytes as f64 * f64::from(passes)) / secs / 1e9;
     let (kpasses, ksecs) = time(&mut || op.kernel_only(bytes as u64))?;
+    let (gpasses, gsecs) = time(&mut || {
+        std::hint::black_box(op.tag(&nonce, b"", &src, true));
+        Ok(())
+    })?;
     cipher.health()?;
     Ok(KernelBench {
         adapter: cipher.ctx.adapter.to_string(),
+        shared_table: cipher.ctx.shared_table,
         bytes: bytes as u64,
         passes,
         kernel_gbps: (bytes as f64 * f64::from(kpasses)) / ksecs / 1e9,
         round_trip_gbps,
+        cpu_ghash_gbps: (bytes as f64 * f64::from(gpasses)) / gsecs / 1e9,
     })
 }
 
@@ -1169,12 +1201,12 @@ mod tests {
     fn shader_compile_error_is_an_error_not_a_panic() {
         let Some(c) = backend() else { return };
         let broken = SHADER.replace("fn main(", "fn main(oops ");
-        let err = build_pipeline(&c.ctx.device, &broken)
+        let err = build_pipeline(&c.ctx.device, &broken, true)
             .err()
             .expect("broken WGSL accepted");
         assert!(!err.is_empty());
         // The device stays usable afterwards.
-        build_pipeline(&c.ctx.device, SHADER).unwrap();
+        build_pipeline(&c.ctx.device, SHADER, true).unwrap();
         c.health().unwrap();
     }
 
