@@ -24,12 +24,20 @@ fn backend(options: WgpuOptions) -> Option<WgpuCipher> {
 
 #[test]
 fn wgpu_backend_conforms() {
-    let Some(c) = backend(WgpuOptions::default()) else {
-        return;
-    };
-    eprintln!("wgpu adapter: {}", c.describe());
-    conformance::run(&c, 24).unwrap();
-    c.health().unwrap();
+    // Both table placements: the GPU default (workgroup memory) and the CPU-adapter default.
+    for shared_table in [true, false] {
+        let options = WgpuOptions {
+            shared_table: Some(shared_table),
+            ..WgpuOptions::default()
+        };
+        let Some(c) = backend(options) else { return };
+        eprintln!(
+            "wgpu adapter: {} (shared table: {shared_table})",
+            c.describe()
+        );
+        conformance::run(&c, 24).unwrap();
+        c.health().unwrap();
+    }
 }
 
 #[test]
