@@ -394,8 +394,9 @@ impl WgpuCipher {
         });
 
         let span = WORKGROUP_SIZE * BLOCK_LEN as u64;
-        let device_cap =
-            u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+        let device_cap = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         let cap = options
             .max_piece_bytes
             .map_or(device_cap, |c| c.min(device_cap));
@@ -778,6 +779,7 @@ impl WgpuOpener {
             let n = (BLOCK_LEN - lead).min(body.len());
             first[lead..lead + n].copy_from_slice(&body[..n]);
             q.write_buffer(work, 0, &first);
+            first.zeroize();
             body = &body[n..];
             at = BLOCK_LEN as u64;
         }
@@ -795,6 +797,7 @@ impl WgpuOpener {
             let mut tail = [0u8; BLOCK_LEN];
             tail[..rest.len()].copy_from_slice(rest);
             q.write_buffer(work, at + direct as u64, &tail[..tail_len]);
+            tail.zeroize();
         }
     }
 
@@ -1201,9 +1204,9 @@ mod tests {
     fn shader_compile_error_is_an_error_not_a_panic() {
         let Some(c) = backend() else { return };
         let broken = SHADER.replace("fn main(", "fn main(oops ");
-        let err = build_pipeline(&c.ctx.device, &broken, true)
-            .err()
-            .expect("broken WGSL accepted");
+        let Err(err) = build_pipeline(&c.ctx.device, &broken, true) else {
+            panic!("broken WGSL accepted")
+        };
         assert!(!err.is_empty());
         // The device stays usable afterwards.
         build_pipeline(&c.ctx.device, SHADER, true).unwrap();
