@@ -298,6 +298,7 @@ struct Params {
 /// Buffers reused across calls, grown on demand up to the piece size.
 struct Buffers {
     capacity: u64,
+    upload: Option<::wgpu::Buffer>,
     work: Option<::wgpu::Buffer>,
     readback: Option<::wgpu::Buffer>,
 }
@@ -420,6 +421,7 @@ impl WgpuCipher {
                 max_workgroups: limits.max_compute_workgroups_per_dimension.max(1),
                 buffers: Mutex::new(Buffers {
                     capacity: 0,
+                    upload: None,
                     work: None,
                     readback: None,
                 }),
@@ -665,12 +667,13 @@ impl WgpuOpener {
                 })
             };
             use ::wgpu::BufferUsages as U;
+            bufs.upload = Some(make("aes_upload", U::MAP_WRITE | U::COPY_SRC));
             bufs.work = Some(make("aes_work", U::STORAGE | U::COPY_DST | U::COPY_SRC));
             bufs.readback = Some(make("aes_readback", U::MAP_READ | U::COPY_DST));
             bufs.capacity = cap;
         }
-        let (work, readback) = match (&bufs.work, &bufs.readback) {
-            (Some(w), Some(r)) => (w, r),
+        let (upload, work, readback) = match (&bufs.upload, &bufs.work, &bufs.readback) {
+            (Some(u), Some(w), Some(r)) => (u, w, r),
             _ => return Err(backend_err("staging buffers missing")),
         };
         let mut gate = Some(gate);
@@ -684,11 +687,11 @@ impl WgpuOpener {
                 ((start + size).min(head + len) - head) as usize,
             );
             let lead = (head.saturating_sub(start)) as usize; // zero bytes before the source
+            self.stage(upload, &io.src()[src_from..src_to], lead, size)?;
             let scope_oom = ctx
                 .device
                 .push_error_scope(::wgpu::ErrorFilter::OutOfMemory);
             let scope = ctx.device.push_error_scope(::wgpu::ErrorFilter::Validation);
-            self.stage(work, &io.src()[src_from..src_to], lead, size);
             let workgroups = blocks.div_ceil(WORKGROUP_SIZE);
             let x = workgroups.min(u64::from(ctx.max_workgroups)) as u32;
             let y = workgroups.div_ceil(u64::from(x)) as u32;
@@ -732,6 +735,7 @@ impl WgpuOpener {
                 ],
             });
             let mut enc = ctx.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(upload, 0, work, 0, size);
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
                 pass.set_pipeline(&ctx.pipeline);
@@ -752,7 +756,8 @@ impl WgpuOpener {
             if let Some(g) = gate.take()
                 && !g(io.src())
             {
-                self.clear(work, readback);
+                // The upload buffer holds ciphertext only (and cannot be a copy target).
+                self.clear(&[work, readback]);
                 return Ok(false);
             }
             self.read_back(
@@ -768,44 +773,65 @@ impl WgpuOpener {
         Ok(true)
     }
 
-    /// Writes one padded piece into `work`: `lead` zero bytes, then `body`, then zeros up to the
-    /// end of the last block `body` touches. The rest of the piece is never read back.
-    fn stage(&self, work: &::wgpu::Buffer, mut body: &[u8], lead: usize, size: u64) {
-        let q = &self.ctx.queue;
-        let mut at = 0u64;
-        if lead > 0 {
-            // A seek into the middle of a block: assemble the first block on the host.
-            let mut first = [0u8; BLOCK_LEN];
-            let n = (BLOCK_LEN - lead).min(body.len());
-            first[lead..lead + n].copy_from_slice(&body[..n]);
-            q.write_buffer(work, 0, &first);
-            first.zeroize();
-            body = &body[n..];
-            at = BLOCK_LEN as u64;
+    /// Writes one padded piece into the mapped `upload` buffer (created once, reused): `lead`
+    /// zero bytes, then `body`, then zeros to the end of the last block `body` touches. Bytes
+    /// past that are never read back.
+    fn stage(&self, upload: &::wgpu::Buffer, body: &[u8], lead: usize, size: u64) -> Result<()> {
+        self.map_blocking(upload, ::wgpu::MapMode::Write, size, None)?;
+        {
+            let mut view = upload
+                .get_mapped_range_mut(0..size)
+                .map_err(|e| backend_err(format!("{}: upload view: {e}", self.ctx.adapter)))?;
+            let end = (lead + body.len())
+                .next_multiple_of(BLOCK_LEN)
+                .min(size as usize);
+            view.slice(..lead).fill(0);
+            view.slice(lead..lead + body.len()).copy_from_slice(body);
+            view.slice(lead + body.len()..end).fill(0);
         }
-        // Whole words go straight from the caller's slice (copies must be 4-byte multiples).
-        let direct = body.len() / 4 * 4;
-        if direct > 0 {
-            q.write_buffer(work, at, &body[..direct]);
-        }
-        let rest = &body[direct..];
-        let end = (at + body.len() as u64)
-            .next_multiple_of(BLOCK_LEN as u64)
-            .min(size);
-        let tail_len = (end - (at + direct as u64)) as usize;
-        if tail_len > 0 {
-            let mut tail = [0u8; BLOCK_LEN];
-            tail[..rest.len()].copy_from_slice(rest);
-            q.write_buffer(work, at + direct as u64, &tail[..tail_len]);
-            tail.zeroize();
-        }
+        upload.unmap();
+        Ok(())
     }
 
-    fn clear(&self, work: &::wgpu::Buffer, readback: &::wgpu::Buffer) {
+    /// Overwrites buffers that may hold plaintext (after a tag mismatch).
+    fn clear(&self, buffers: &[&::wgpu::Buffer]) {
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-        enc.clear_buffer(work, 0, None);
-        enc.clear_buffer(readback, 0, None);
+        for b in buffers {
+            enc.clear_buffer(b, 0, None);
+        }
         self.ctx.queue.submit([enc.finish()]);
+    }
+
+    /// Maps `buf[..size]` and waits (bounded) for it; `after` is the submission to wait for.
+    fn map_blocking(
+        &self,
+        buf: &::wgpu::Buffer,
+        mode: ::wgpu::MapMode,
+        size: u64,
+        after: Option<::wgpu::SubmissionIndex>,
+    ) -> Result<()> {
+        let ctx = &*self.ctx;
+        let (tx, rx) = std::sync::mpsc::channel();
+        buf.map_async(mode, 0..size, move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.device
+            .poll(::wgpu::PollType::Wait {
+                submission_index: after,
+                timeout: Some(GPU_TIMEOUT),
+            })
+            .map_err(|e| backend_err(format!("{}: waiting for the GPU: {e}", ctx.adapter)))?;
+        match rx.recv_timeout(GPU_TIMEOUT) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(backend_err(format!(
+                "{}: mapping a buffer failed: {e}",
+                ctx.adapter
+            ))),
+            Err(_) => Err(backend_err(format!(
+                "{}: a buffer never mapped",
+                ctx.adapter
+            ))),
+        }
     }
 
     fn read_back(
@@ -817,31 +843,7 @@ impl WgpuOpener {
         dst: &mut [u8],
     ) -> Result<()> {
         let ctx = &*self.ctx;
-        let (tx, rx) = std::sync::mpsc::channel();
-        readback.map_async(::wgpu::MapMode::Read, 0..size, move |r| {
-            let _ = tx.send(r);
-        });
-        ctx.device
-            .poll(::wgpu::PollType::Wait {
-                submission_index: Some(submission),
-                timeout: Some(GPU_TIMEOUT),
-            })
-            .map_err(|e| backend_err(format!("{}: waiting for the GPU: {e}", ctx.adapter)))?;
-        match rx.recv_timeout(GPU_TIMEOUT) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(backend_err(format!(
-                    "{}: mapping the readback buffer failed: {e}",
-                    ctx.adapter
-                )));
-            }
-            Err(_) => {
-                return Err(backend_err(format!(
-                    "{}: the readback buffer never mapped",
-                    ctx.adapter
-                )));
-            }
-        }
+        self.map_blocking(readback, ::wgpu::MapMode::Read, size, Some(submission))?;
         {
             let view = readback
                 .get_mapped_range(0..size)
