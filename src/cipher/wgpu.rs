@@ -39,6 +39,10 @@ use crate::keys::DataKey;
 
 const BACKEND: &str = "wgpu";
 const WORKGROUP_SIZE: u64 = 256;
+/// Default cap on one dispatch (lavapipe's binding limit): bounds the three staging buffers
+/// (upload, work, readback) on adapters with huge limits, and keeps the grid within 65535
+/// workgroups per dimension.
+const DEFAULT_MAX_PIECE: u64 = 128 << 20;
 /// Longest we wait for one GPU submission before calling the device hung.
 const GPU_TIMEOUT: Duration = Duration::from_secs(60);
 /// The shader source, compiled once per context.
@@ -142,7 +146,8 @@ pub fn create_auto() -> Result<Arc<dyn Cipher>> {
 pub struct WgpuOptions {
     /// Accept an adapter of `DeviceType::Cpu`.
     pub allow_cpu_adapter: bool,
-    /// Cap on the bytes processed per dispatch (default: the device's storage binding limit).
+    /// Cap on the bytes processed per dispatch (default 128 MiB, never above the device's
+    /// storage binding limit).
     /// Lower it to force piecewise dispatch (tests) or to bound the staging memory.
     pub max_piece_bytes: Option<u64>,
     /// Copy the AES table into workgroup memory (`Some(true)`) or read it from the storage
@@ -400,7 +405,8 @@ impl WgpuCipher {
             .min(limits.max_buffer_size);
         let cap = options
             .max_piece_bytes
-            .map_or(device_cap, |c| c.min(device_cap));
+            .unwrap_or(DEFAULT_MAX_PIECE)
+            .min(device_cap);
         let piece_bytes = (cap / span) * span;
         if piece_bytes == 0 {
             return Err(Error::InvalidArgument(format!(
