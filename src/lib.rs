@@ -4,6 +4,7 @@
 
 pub mod cipher;
 pub mod error;
+pub mod format;
 pub mod keys;
 
 pub use cipher::Backend;

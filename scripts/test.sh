@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every test suite. On a fresh machine it first installs what the tests need:
+#   - Mesa's lavapipe (CPU Vulkan driver) so the wgpu backend runs for real;
+#   - NVRTC from PyPI so the CUDA kernels are compiled (no GPU needed) and a kernel that does
+#     not compile fails the run.
+# Idempotent: what is already there is not installed again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "system packages (lavapipe)"
+bash scripts/install-lavapipe.sh
+
+step "NVRTC for the CUDA kernel compile test"
+venv="$root/target/ci-venv"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c 'import nvidia.cu13' 2>/dev/null; then
+  # 13.0 matches the CUDA 13.0 driver of the GPU machines (a newer NVRTC emits PTX they reject).
+  "$venv/bin/pip" install -q 'nvidia-cuda-nvrtc==13.0.*'
+fi
+nvrtc_lib=$("$venv/bin/python" -c 'import nvidia.cu13, os; print(os.path.join(list(nvidia.cu13.__path__)[0], "lib"))')
+export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export CIPHERSHARD_REQUIRE_NVRTC=1
+export CIPHERSHARD_REQUIRE_WGPU=1
+
+step "cargo test (all features)"
+cargo test --all-features --release --no-fail-fast 2>&1
+
+step "cargo test (no default features: CPU only, stub GPU modules)"
+cargo test --no-default-features --release --lib 2>&1

@@ -1,0 +1,788 @@
+//! `convert`: plaintext safetensors / NPY / in-memory tensors → an encrypted dataset.
+//!
+//! Streaming with bounded memory: inputs are read chunk by chunk at their offsets, a batch of at
+//! most a few chunks (about 8 MiB, or two per thread) is sealed in parallel and written, and
+//! only ciphertext (or the bytes of `--plain` tensors) reaches disk. Shards are written to a
+//! temporary name, fsynced and renamed; the manifest is written last.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroize;
+
+use super::shard::{chunk_aad, chunk_nonce};
+use super::{
+    Column, DatasetKind, Descriptor, Dtype, FORMAT_VERSION, HEADER_TAG_NONCE, KEYRING_FILE,
+    Keyring, MANIFEST_FILE, MAX_CHUNK_SIZE, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN, Manifest,
+    ShardEntry, TensorDesc, canonical_header, npy, random_suffix, read_at, shard_file_name,
+    sync_dir, tensor_bytes, write_atomic,
+};
+use crate::cipher::cpu::CpuCipher;
+use crate::cipher::{Cipher, TAG_LEN};
+use crate::error::{Error, Result};
+use crate::keys::{DataKey, MasterKey};
+
+/// Options of [`convert`].
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Target shard size in bytes (rows are never split; default 1 GiB).
+    pub shard_size: u64,
+    /// Chunk size in bytes (multiple of 64; default 2 MiB).
+    pub chunk_size: u64,
+    /// Glob patterns (`*`, `?`) naming tensors to leave readable (still authenticated).
+    pub plain: Vec<String>,
+    /// Master keys that can open the dataset (at least one).
+    pub keys: Vec<MasterKey>,
+    /// User metadata (overrides the inputs' safetensors `__metadata__`).
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            shard_size: 1 << 30,
+            chunk_size: 2 << 20,
+            plain: Vec::new(),
+            keys: Vec::new(),
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+/// One input of [`convert`].
+#[derive(Debug, Clone)]
+pub enum ConvertInput {
+    /// A safetensors file: its tensors are columns (or, alone and not a dataset, a `tensors` shard).
+    Safetensors(PathBuf),
+    /// An NPY file holding one column.
+    Npy {
+        /// Column name.
+        column: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A column held in memory (tests, the demo).
+    InMemory {
+        /// Column name.
+        name: String,
+        /// Element type.
+        dtype: Dtype,
+        /// Full shape (first dimension = rows).
+        shape: Vec<u64>,
+        /// Little-endian bytes.
+        data: Vec<u8>,
+    },
+}
+
+/// What [`convert`] wrote.
+#[derive(Debug, Clone)]
+pub struct ConvertSummary {
+    /// The new dataset's id.
+    pub dataset_id: [u8; 16],
+    /// Dataset or tensors.
+    pub kind: DatasetKind,
+    /// Shards written.
+    pub shards: usize,
+    /// Rows (0 for `tensors`).
+    pub rows: u64,
+    /// Columns / tensors per shard.
+    pub columns: usize,
+    /// Tensor bytes read (= tensor bytes written).
+    pub bytes: u64,
+    /// Bytes written including headers and JSON files.
+    pub bytes_written: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Ids of the master keys that open it.
+    pub key_ids: Vec<String>,
+}
+
+impl ConvertSummary {
+    /// Tensor throughput in MB/s (10^6 bytes).
+    pub fn mb_per_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+}
+
+/// Where some bytes of a column come from.
+#[derive(Debug)]
+enum Source {
+    File { file: usize, offset: u64 },
+    Mem { input: usize },
+}
+
+#[derive(Debug)]
+struct Piece {
+    source: Source,
+    len: u64,
+}
+
+#[derive(Debug)]
+struct Col {
+    name: String,
+    dtype: Dtype,
+    /// Row shape (dataset) or full shape (tensors).
+    shape: Vec<u64>,
+    rows: u64,
+    row_bytes: u64,
+    encrypted: bool,
+    pieces: Vec<Piece>,
+}
+
+/// Inputs opened for reading.
+struct Sources<'a> {
+    files: Vec<(PathBuf, File)>,
+    inputs: &'a [ConvertInput],
+}
+
+impl Sources<'_> {
+    /// Copies bytes `[offset, offset + dst.len())` of the column's concatenated pieces.
+    fn read(&self, col: &Col, mut offset: u64, mut dst: &mut [u8]) -> Result<()> {
+        for p in &col.pieces {
+            if dst.is_empty() {
+                break;
+            }
+            if offset >= p.len {
+                offset -= p.len;
+                continue;
+            }
+            let n = ((p.len - offset) as usize).min(dst.len());
+            let (head, tail) = dst.split_at_mut(n);
+            match p.source {
+                Source::File { file, offset: base } => {
+                    let (path, f) = &self.files[file];
+                    read_at(f, path, base + offset, head)?;
+                }
+                Source::Mem { input } => {
+                    let ConvertInput::InMemory { data, .. } = &self.inputs[input] else {
+                        unreachable!("Mem source is InMemory")
+                    };
+                    head.copy_from_slice(&data[offset as usize..offset as usize + n]);
+                }
+            }
+            dst = tail;
+            offset = 0;
+        }
+        Ok(())
+    }
+}
+
+/// `*` matches any run, `?` one character.
+pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+struct StTensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<u64>,
+    offset: u64,
+    len: u64,
+}
+
+/// Parses a plaintext safetensors file's header (bounded) and validates its offsets.
+fn read_safetensors(path: &Path) -> Result<(File, Vec<StTensor>, BTreeMap<String, String>)> {
+    const WHAT: &str = "safetensors header";
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if file_len < 8 {
+        return Err(Error::format(
+            path,
+            WHAT,
+            format!("truncated: {file_len} bytes"),
+        ));
+    }
+    let mut b = [0u8; 8];
+    read_at(&file, path, 0, &mut b)?;
+    let n = u64::from_le_bytes(b);
+    if n > MAX_HEADER_LEN || n > file_len - 8 {
+        return Err(Error::format(
+            path,
+            WHAT,
+            format!(
+                "header length {n} exceeds the file ({file_len} bytes) or the {MAX_HEADER_LEN}-byte limit"
+            ),
+        ));
+    }
+    let mut h = vec![0u8; n as usize];
+    read_at(&file, path, 8, &mut h)?;
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&h)
+        .map_err(|e| Error::format(path, WHAT, format!("invalid JSON: {e}")))?;
+    let data_len = file_len - 8 - n;
+    let mut meta = BTreeMap::new();
+    let mut tensors = Vec::new();
+    for (name, entry) in v {
+        if name == "__metadata__" {
+            let m: BTreeMap<String, String> = serde_json::from_value(entry).map_err(|_| {
+                Error::format(path, WHAT, "__metadata__ must map strings to strings")
+            })?;
+            meta = m;
+            continue;
+        }
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            dtype: String,
+            shape: Vec<u64>,
+            data_offsets: [u64; 2],
+        }
+        let e: Entry = serde_json::from_value(entry)
+            .map_err(|e| Error::format(path, WHAT, format!("tensor '{name}': {e}")))?;
+        let dtype: Dtype = e.dtype.parse().map_err(|_| Error::Unsupported {
+            path: path.into(),
+            what: "dtype",
+            found: e.dtype.clone(),
+            supported: "the safetensors dtypes".into(),
+        })?;
+        let [b, end] = e.data_offsets;
+        if end < b || end > data_len || tensor_bytes(dtype, &e.shape) != Some(end - b) {
+            return Err(Error::format(
+                path,
+                WHAT,
+                format!(
+                    "tensor '{name}': data_offsets [{b}, {end}] are out of range or do not match dtype {dtype} and shape {:?}",
+                    e.shape
+                ),
+            ));
+        }
+        tensors.push(StTensor {
+            name,
+            dtype,
+            shape: e.shape,
+            offset: 8 + n + b,
+            len: end - b,
+        });
+    }
+    tensors.sort_by_key(|t| (t.offset, t.len));
+    for w in tensors.windows(2) {
+        if w[1].offset < w[0].offset + w[0].len {
+            return Err(Error::format(
+                path,
+                WHAT,
+                format!("tensors '{}' and '{}' overlap", w[0].name, w[1].name),
+            ));
+        }
+    }
+    if tensors.is_empty() {
+        return Err(Error::format(path, WHAT, "no tensors"));
+    }
+    Ok((file, tensors, meta))
+}
+
+/// Plans columns from the inputs: which kind, which pieces.
+fn plan(
+    inputs: &[ConvertInput],
+    opts: &ConvertOptions,
+) -> Result<(
+    DatasetKind,
+    Vec<Col>,
+    Vec<(PathBuf, File)>,
+    BTreeMap<String, String>,
+)> {
+    if inputs.is_empty() {
+        return Err(Error::InvalidArgument("no input to convert".into()));
+    }
+    let encrypted = |name: &str| !opts.plain.iter().any(|p| glob_match(p, name));
+    let mut files = Vec::new();
+    let mut meta = BTreeMap::new();
+    // (name, dtype, full shape, source) in input order.
+    let mut items: Vec<(String, Dtype, Vec<u64>, Piece, PathBuf)> = Vec::new();
+    let mut first_names: Option<(PathBuf, Vec<String>)> = None;
+    let mut lone_tensors = None;
+    for (i, input) in inputs.iter().enumerate() {
+        match input {
+            ConvertInput::Safetensors(path) => {
+                let (file, tensors, m) = read_safetensors(path)?;
+                meta.extend(m);
+                let mut names: Vec<String> = tensors.iter().map(|t| t.name.clone()).collect();
+                names.sort();
+                match &first_names {
+                    None => first_names = Some((path.clone(), names)),
+                    Some((p0, n0)) if *n0 != names => {
+                        return Err(Error::InvalidArgument(format!(
+                            "{} has tensors {names:?} but {} has {n0:?}: safetensors inputs are concatenated by rows and must hold the same columns",
+                            path.display(),
+                            p0.display()
+                        )));
+                    }
+                    Some(_) => {}
+                }
+                let first = tensors[0].shape.first().copied();
+                let is_dataset =
+                    first.is_some() && tensors.iter().all(|t| t.shape.first().copied() == first);
+                if !is_dataset {
+                    if inputs.len() != 1 {
+                        return Err(Error::InvalidArgument(format!(
+                            "{}: its tensors do not share a first dimension (not a dataset); convert such a file (e.g. model weights) on its own",
+                            path.display()
+                        )));
+                    }
+                    lone_tensors = Some(());
+                }
+                files.push((path.clone(), file));
+                for t in tensors {
+                    let piece = Piece {
+                        source: Source::File {
+                            file: files.len() - 1,
+                            offset: t.offset,
+                        },
+                        len: t.len,
+                    };
+                    items.push((t.name, t.dtype, t.shape, piece, path.clone()));
+                }
+            }
+            ConvertInput::Npy { column, path } => {
+                let h = npy::read_header(path)?;
+                let file = File::open(path).map_err(|e| Error::io(path, e))?;
+                files.push((path.clone(), file));
+                let piece = Piece {
+                    source: Source::File {
+                        file: files.len() - 1,
+                        offset: h.data_offset,
+                    },
+                    len: h.data_len,
+                };
+                items.push((column.clone(), h.dtype, h.shape, piece, path.clone()));
+            }
+            ConvertInput::InMemory {
+                name,
+                dtype,
+                shape,
+                data,
+            } => {
+                if tensor_bytes(*dtype, shape) != Some(data.len() as u64) {
+                    return Err(Error::InvalidArgument(format!(
+                        "in-memory column '{name}': {} bytes do not match dtype {dtype} and shape {shape:?}",
+                        data.len()
+                    )));
+                }
+                let piece = Piece {
+                    source: Source::Mem { input: i },
+                    len: data.len() as u64,
+                };
+                items.push((
+                    name.clone(),
+                    *dtype,
+                    shape.clone(),
+                    piece,
+                    PathBuf::from("<memory>"),
+                ));
+            }
+        }
+    }
+    meta.extend(opts.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if lone_tensors.is_some() {
+        let cols = items
+            .into_iter()
+            .map(|(name, dtype, shape, piece, _)| Col {
+                encrypted: encrypted(&name),
+                row_bytes: 0,
+                rows: 0,
+                name,
+                dtype,
+                shape,
+                pieces: vec![piece],
+            })
+            .collect();
+        return Ok((DatasetKind::Tensors, cols, files, meta));
+    }
+    let mut cols: Vec<Col> = Vec::new();
+    for (name, dtype, shape, piece, path) in items {
+        let Some((&rows, row_shape)) = shape.split_first() else {
+            return Err(Error::InvalidArgument(format!(
+                "{}: '{name}' is a scalar; a dataset's columns share a first dimension (the row count)",
+                path.display()
+            )));
+        };
+        let row_bytes = tensor_bytes(dtype, row_shape).expect("sub-shape of a valid shape");
+        match cols.iter_mut().find(|c| c.name == name) {
+            Some(c) => {
+                if c.dtype != dtype || c.shape != row_shape {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: column '{name}' is {dtype} {row_shape:?} per row here but {} {:?} in an earlier input",
+                        path.display(),
+                        c.dtype,
+                        c.shape
+                    )));
+                }
+                c.rows += rows;
+                c.pieces.push(piece);
+            }
+            None => cols.push(Col {
+                encrypted: encrypted(&name),
+                name,
+                dtype,
+                shape: row_shape.to_vec(),
+                rows,
+                row_bytes,
+                pieces: vec![piece],
+            }),
+        }
+    }
+    let rows = cols[0].rows;
+    if let Some(c) = cols.iter().find(|c| c.rows != rows) {
+        return Err(Error::InvalidArgument(format!(
+            "columns have different row counts: '{}' has {rows}, '{}' has {}",
+            cols[0].name, c.name, c.rows
+        )));
+    }
+    Ok((DatasetKind::Dataset, cols, files, meta))
+}
+
+/// Removes what a failed conversion created.
+struct Cleanup {
+    paths: Vec<PathBuf>,
+    committed: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !self.committed {
+            for p in &self.paths {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+fn refuse_existing_dataset(out_dir: &Path) -> Result<()> {
+    if !out_dir.exists() {
+        return std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e));
+    }
+    let rd = std::fs::read_dir(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(out_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == MANIFEST_FILE || name == KEYRING_FILE || name.starts_with("shard-") {
+            return Err(Error::InvalidArgument(format!(
+                "{} already holds a dataset ({name}); choose an empty or new directory",
+                out_dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One chunk to seal.
+struct Job {
+    col: usize,
+    src_offset: u64,
+    len: usize,
+    nonce: [u8; 12],
+    aad: [u8; super::AAD_LEN],
+    encrypted: bool,
+}
+
+/// Converts `inputs` into a new dataset in `out_dir` (created if needed; refused if it already
+/// holds a dataset). `progress(done, total)` is called with tensor bytes.
+pub fn convert(
+    inputs: &[ConvertInput],
+    out_dir: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ConvertSummary> {
+    let start = Instant::now();
+    if opts.keys.is_empty() {
+        return Err(Error::InvalidArgument(
+            "convert needs at least one master key".into(),
+        ));
+    }
+    let cs = opts.chunk_size;
+    if cs < 64 || cs % 64 != 0 || cs > MAX_CHUNK_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "chunk size {cs} must be a multiple of 64 between 64 and {MAX_CHUNK_SIZE}"
+        )));
+    }
+    if opts.shard_size == 0 {
+        return Err(Error::InvalidArgument("shard size must be positive".into()));
+    }
+    let (kind, cols, files, metadata) = plan(inputs, opts)?;
+    let sources = Sources { files, inputs };
+    refuse_existing_dataset(out_dir)?;
+
+    let rows = if kind == DatasetKind::Dataset {
+        cols[0].rows
+    } else {
+        0
+    };
+    let row_bytes: u64 = cols.iter().map(|c| c.row_bytes).sum();
+    let rows_per_shard = if kind == DatasetKind::Tensors || row_bytes == 0 {
+        rows.max(1)
+    } else {
+        (opts.shard_size / row_bytes).max(1)
+    };
+    let shard_count = rows.div_ceil(rows_per_shard).max(1);
+    let shard_count: u32 = shard_count.try_into().map_err(|_| {
+        Error::InvalidArgument(format!(
+            "{shard_count} shards is too many: raise the shard size"
+        ))
+    })?;
+    let total: u64 = cols
+        .iter()
+        .map(|c| c.pieces.iter().map(|p| p.len).sum::<u64>())
+        .sum();
+
+    let mut dataset_id = [0u8; 16];
+    getrandom::fill(&mut dataset_id)
+        .map_err(|e| Error::Key(format!("operating system RNG failed: {e}")))?;
+    let mut cleanup = Cleanup {
+        paths: Vec::new(),
+        committed: false,
+    };
+    let mut data_keys = Vec::with_capacity(shard_count as usize);
+    let mut entries = Vec::with_capacity(shard_count as usize);
+    let mut done = 0u64;
+    let mut bytes_written = 0u64;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    for s in 0..shard_count {
+        let r0 = s as u64 * rows_per_shard;
+        let r1 = (r0 + rows_per_shard).min(rows);
+        let (srows, row_start) = if kind == DatasetKind::Dataset {
+            (r1 - r0, r0)
+        } else {
+            (0, 0)
+        };
+        // The tensors of this shard and where their bytes come from.
+        let mut tensors = Vec::with_capacity(cols.len());
+        let mut src_starts = Vec::with_capacity(cols.len());
+        let (mut off, mut next_chunk) = (0u64, 0u64);
+        for c in &cols {
+            let (shape, len, src) = match kind {
+                DatasetKind::Dataset => {
+                    let mut shape = vec![srows];
+                    shape.extend_from_slice(&c.shape);
+                    (shape, srows * c.row_bytes, r0 * c.row_bytes)
+                }
+                DatasetKind::Tensors => (c.shape.clone(), c.pieces[0].len, 0),
+            };
+            let chunks = len.div_ceil(cs).max(1);
+            tensors.push(TensorDesc {
+                name: c.name.clone(),
+                dtype: c.dtype,
+                shape,
+                offsets: (off, off + len),
+                encrypted: c.encrypted,
+                first_chunk: next_chunk,
+                chunks,
+            });
+            src_starts.push(src);
+            off += len;
+            next_chunk += chunks;
+        }
+        if next_chunk > MAX_CHUNKS_PER_SHARD {
+            return Err(Error::InvalidArgument(format!(
+                "shard {s} would have {next_chunk} chunks (limit {MAX_CHUNKS_PER_SHARD}): raise the chunk size"
+            )));
+        }
+        let desc = Descriptor {
+            version: FORMAT_VERSION,
+            dataset_id,
+            shard_index: s,
+            shard_count,
+            row_start,
+            rows: srows,
+            chunk_size: cs,
+            tensors,
+            metadata: metadata.clone(),
+        };
+        let desc_json = desc.to_json();
+        let digest: [u8; 32] = Sha256::digest(desc_json.as_bytes()).into();
+        let dk = DataKey::generate()?;
+        let opener = CpuCipher::new().prepare(&dk)?;
+        data_keys.push(dk);
+        let mut tags = vec![0u8; TAG_LEN * (1 + next_chunk as usize)];
+        tags[..TAG_LEN].copy_from_slice(&opener.seal_in_place(
+            &HEADER_TAG_NONCE,
+            desc_json.as_bytes(),
+            false,
+            &mut [],
+        ));
+        let placeholder = canonical_header(
+            &desc_json,
+            &B64.encode(vec![0u8; tags.len()]),
+            &desc.tensors,
+        );
+
+        let file_name = shard_file_name(s);
+        let final_path = out_dir.join(&file_name);
+        let tmp_path = out_dir.join(format!("{file_name}.tmp-{}", random_suffix()?));
+        let file = File::create_new(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
+        cleanup.paths.push(tmp_path.clone());
+        let io = |e| Error::io(&tmp_path, e);
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&(placeholder.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(&placeholder).map_err(io)?;
+
+        let jobs: Vec<Job> = desc
+            .tensors
+            .iter()
+            .enumerate()
+            .flat_map(|(ti, t)| {
+                let (desc, digest, src) = (&desc, &digest, src_starts[ti]);
+                (0..t.chunks).map(move |j| {
+                    let g = t.first_chunk + j;
+                    Job {
+                        col: ti,
+                        src_offset: src + j * cs,
+                        len: (t.len() - j * cs).min(cs) as usize,
+                        nonce: chunk_nonce(g),
+                        aad: chunk_aad(
+                            &desc.dataset_id,
+                            digest,
+                            s,
+                            ti as u32,
+                            j,
+                            t.chunks,
+                            g,
+                            t.encrypted,
+                        ),
+                        encrypted: t.encrypted,
+                    }
+                })
+            })
+            .collect();
+        let batch_len = ((8 << 20) / cs as usize).clamp(2 * threads, 4096);
+        let mut bufs: Vec<Vec<u8>> = Vec::new();
+        let mut g = 0usize;
+        for batch in jobs.chunks(batch_len) {
+            bufs.resize_with(batch.len(), Vec::new);
+            let mut batch_tags = vec![[0u8; TAG_LEN]; batch.len()];
+            let work =
+                |jobs: &[Job], bufs: &mut [Vec<u8>], tags: &mut [[u8; TAG_LEN]]| -> Result<()> {
+                    for ((job, buf), tag) in jobs.iter().zip(bufs.iter_mut()).zip(tags.iter_mut()) {
+                        buf.resize(job.len, 0);
+                        sources.read(&cols[job.col], job.src_offset, buf)?;
+                        *tag = opener.seal_in_place(&job.nonce, &job.aad, job.encrypted, buf);
+                    }
+                    Ok(())
+                };
+            let batch_bytes: usize = batch.iter().map(|j| j.len).sum();
+            if threads == 1 || batch_bytes < (256 << 10) {
+                work(batch, &mut bufs[..batch.len()], &mut batch_tags)?;
+            } else {
+                let per = batch.len().div_ceil(threads);
+                std::thread::scope(|sc| {
+                    let handles: Vec<_> = batch
+                        .chunks(per)
+                        .zip(bufs[..batch.len()].chunks_mut(per))
+                        .zip(batch_tags.chunks_mut(per))
+                        .map(|((j, b), t)| sc.spawn(move || work(j, b, t)))
+                        .collect();
+                    handles
+                        .into_iter()
+                        .try_for_each(|h| h.join().expect("sealing thread panicked"))
+                })?;
+            }
+            for ((job, buf), tag) in batch.iter().zip(&bufs).zip(&batch_tags) {
+                w.write_all(&buf[..job.len]).map_err(io)?;
+                tags[TAG_LEN * (1 + g)..TAG_LEN * (2 + g)].copy_from_slice(tag);
+                g += 1;
+                done += job.len as u64;
+            }
+            progress(done, total);
+        }
+        for b in &mut bufs {
+            b.zeroize();
+        }
+        let header = canonical_header(&desc_json, &B64.encode(&tags), &desc.tensors);
+        debug_assert_eq!(header.len(), placeholder.len());
+        let mut file = w
+            .into_inner()
+            .map_err(|e| Error::io(&tmp_path, e.into_error()))?;
+        file.seek(SeekFrom::Start(8)).map_err(io)?;
+        file.write_all(&header).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        let bytes = 8 + header.len() as u64 + desc.data_len();
+        std::fs::rename(&tmp_path, &final_path).map_err(|e| Error::io(&final_path, e))?;
+        cleanup.paths.push(final_path);
+        bytes_written += bytes;
+        entries.push(ShardEntry {
+            file: file_name,
+            row_start,
+            rows: srows,
+            bytes,
+            header_digest: digest,
+        });
+    }
+
+    let mut keyring = Keyring::new(&out_dir.join(KEYRING_FILE), dataset_id);
+    for k in &opts.keys {
+        keyring.set_wraps(k, &data_keys)?;
+    }
+    let manifest = Manifest {
+        dataset_id,
+        kind,
+        rows,
+        chunk_size: cs,
+        columns: cols
+            .iter()
+            .map(|c| Column {
+                name: c.name.clone(),
+                dtype: c.dtype,
+                shape: c.shape.clone(),
+                encrypted: c.encrypted,
+            })
+            .collect(),
+        shards: entries,
+    };
+    let (kjson, mjson) = (keyring.to_json(), manifest.to_json());
+    let kpath = out_dir.join(KEYRING_FILE);
+    write_atomic(&kpath, kjson.as_bytes())?;
+    cleanup.paths.push(kpath);
+    write_atomic(&out_dir.join(MANIFEST_FILE), mjson.as_bytes())?;
+    cleanup.committed = true;
+    sync_dir(out_dir);
+    Ok(ConvertSummary {
+        dataset_id,
+        kind,
+        shards: shard_count as usize,
+        rows,
+        columns: cols.len(),
+        bytes: total,
+        bytes_written: bytes_written + (kjson.len() + mjson.len()) as u64,
+        seconds: start.elapsed().as_secs_f64(),
+        key_ids: keyring.key_ids(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("label*", "labels"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a?c", "abc"));
+        assert!(!glob_match("a?c", "ac"));
+        assert!(glob_match("*.bias", "layer.0.bias"));
+        assert!(!glob_match("*.bias", "layer.0.weight"));
+        assert!(glob_match("x*y*z", "xaaybbz"));
+    }
+}

@@ -1,0 +1,446 @@
+//! A dataset directory: open (no key), unlock (with a key), verify, rekey, decrypt.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use zeroize::Zeroize;
+
+use super::{
+    DatasetKind, KEYRING_FILE, Keyring, MANIFEST_FILE, MAX_JSON_FILE_LEN, Manifest, ShardHeader,
+    random_suffix, read_at, read_bounded, sync_dir, write_atomic,
+};
+use crate::cipher::cpu::CpuCipher;
+use crate::cipher::{ChunkOpener, Cipher};
+use crate::error::{Error, Result};
+use crate::keys::{DataKey, MasterKey};
+
+/// A dataset directory whose manifest, keyring and shard headers parse and agree with each
+/// other (docs/FORMAT.md section 5). Nothing is authenticated until [`Dataset::unlock`].
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    dir: PathBuf,
+    manifest: Manifest,
+    keyring: Keyring,
+    shards: Vec<ShardHeader>,
+}
+
+fn mismatch(path: &Path, what: String) -> Error {
+    Error::HeaderIntegrity {
+        path: path.into(),
+        what: format!("manifest/shard mismatch: {what}"),
+    }
+}
+
+impl Dataset {
+    /// Opens a dataset directory, or the directory of a shard file. Parses the manifest, the
+    /// keyring and every shard header and cross-checks them.
+    pub fn open(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let dir = if meta.is_dir() {
+            path.to_path_buf()
+        } else {
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf()
+        };
+        let mpath = dir.join(MANIFEST_FILE);
+        let manifest = Manifest::parse(
+            &mpath,
+            &read_bounded(&mpath, "manifest", MAX_JSON_FILE_LEN)?,
+        )?;
+        let kpath = dir.join(KEYRING_FILE);
+        let keyring = Keyring::parse(&kpath, &read_bounded(&kpath, "keyring", MAX_JSON_FILE_LEN)?)?;
+        if keyring.dataset_id != manifest.dataset_id {
+            return Err(mismatch(
+                &kpath,
+                "keyring belongs to another dataset".into(),
+            ));
+        }
+        for w in &keyring.wraps {
+            if w.data_keys.len() != manifest.shards.len() {
+                return Err(Error::format(
+                    &kpath,
+                    "keyring",
+                    format!(
+                        "key {} wraps {} data keys for {} shards",
+                        w.key_id,
+                        w.data_keys.len(),
+                        manifest.shards.len()
+                    ),
+                ));
+            }
+        }
+        let mut shards = Vec::with_capacity(manifest.shards.len());
+        let mut next_row = 0u64;
+        for (i, entry) in manifest.shards.iter().enumerate() {
+            let spath = dir.join(&entry.file);
+            let h = ShardHeader::read(&spath)?;
+            let d = &h.descriptor;
+            let check = |ok: bool, what: &str| {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(mismatch(&spath, what.to_string()))
+                }
+            };
+            check(
+                d.dataset_id == manifest.dataset_id,
+                "shard belongs to another dataset",
+            )?;
+            check(
+                d.shard_index as usize == i,
+                &format!(
+                    "shard holds index {}, manifest lists it as {i}",
+                    d.shard_index
+                ),
+            )?;
+            check(
+                d.shard_count as usize == manifest.shards.len(),
+                &format!(
+                    "shard says the dataset has {} shards, manifest lists {}",
+                    d.shard_count,
+                    manifest.shards.len()
+                ),
+            )?;
+            check(
+                h.digest == entry.header_digest,
+                "header digest differs from the manifest's",
+            )?;
+            check(
+                h.file_len == entry.bytes,
+                &format!(
+                    "file is {} bytes, manifest says {}",
+                    h.file_len, entry.bytes
+                ),
+            )?;
+            check(
+                d.row_start == entry.row_start && d.rows == entry.rows,
+                "row range differs from the manifest's",
+            )?;
+            check(
+                d.chunk_size == manifest.chunk_size,
+                "chunk size differs from the manifest's",
+            )?;
+            check(
+                d.tensors.len() == manifest.columns.len(),
+                "tensor count differs from the manifest's columns",
+            )?;
+            for (t, c) in d.tensors.iter().zip(&manifest.columns) {
+                let shape_ok = match manifest.kind {
+                    DatasetKind::Dataset => {
+                        t.shape.first() == Some(&d.rows) && t.shape[1..] == c.shape[..]
+                    }
+                    DatasetKind::Tensors => t.shape == c.shape,
+                };
+                check(
+                    t.name == c.name
+                        && t.dtype == c.dtype
+                        && t.encrypted == c.encrypted
+                        && shape_ok,
+                    &format!("tensor '{}' differs from column '{}'", t.name, c.name),
+                )?;
+            }
+            match manifest.kind {
+                DatasetKind::Dataset => check(
+                    d.row_start == next_row,
+                    "rows are not contiguous across shards",
+                )?,
+                DatasetKind::Tensors => check(
+                    manifest.shards.len() == 1 && d.rows == 0 && d.row_start == 0,
+                    "a 'tensors' dataset is one shard without rows",
+                )?,
+            }
+            next_row += d.rows;
+            shards.push(h);
+        }
+        if next_row != manifest.rows {
+            return Err(mismatch(
+                &mpath,
+                format!(
+                    "shards hold {next_row} rows, manifest says {}",
+                    manifest.rows
+                ),
+            ));
+        }
+        Ok(Dataset {
+            dir,
+            manifest,
+            keyring,
+            shards,
+        })
+    }
+
+    /// The dataset directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// Every shard header, in index order.
+    pub fn shards(&self) -> &[ShardHeader] {
+        &self.shards
+    }
+    /// The keyring.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    fn unwrap_all(&self, key: &MasterKey) -> Result<Vec<DataKey>> {
+        (0..self.shards.len())
+            .map(|i| self.keyring.unwrap(key, i))
+            .collect()
+    }
+
+    /// Unwraps every data key, prepares an opener per shard on `cipher` and verifies every
+    /// header tag.
+    pub fn unlock(&self, key: &MasterKey, cipher: &dyn Cipher) -> Result<UnlockedDataset> {
+        let keys = self.unwrap_all(key)?;
+        let mut openers = Vec::with_capacity(keys.len());
+        for (h, dk) in self.shards.iter().zip(&keys) {
+            let opener = cipher.prepare(dk)?;
+            h.verify_header_tag(opener.as_ref())?;
+            openers.push(opener);
+        }
+        Ok(UnlockedDataset {
+            dataset: self.clone(),
+            openers,
+        })
+    }
+}
+
+/// A dataset whose data keys are unwrapped and whose headers are authenticated.
+pub struct UnlockedDataset {
+    dataset: Dataset,
+    openers: Vec<Box<dyn ChunkOpener>>,
+}
+
+impl std::fmt::Debug for UnlockedDataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnlockedDataset")
+            .field("dir", &self.dataset.dir)
+            .field("openers", &"<redacted>")
+            .finish()
+    }
+}
+
+impl UnlockedDataset {
+    /// The opener (prepared data key) of shard `shard`.
+    pub fn opener(&self, shard: usize) -> &dyn ChunkOpener {
+        self.openers[shard].as_ref()
+    }
+    /// The dataset.
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+}
+
+/// What [`verify`] checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VerifySummary {
+    /// Shards checked.
+    pub shards: usize,
+    /// Chunk tags checked.
+    pub chunks: u64,
+    /// Bytes of tensor data checked.
+    pub bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+fn open_shard_file(h: &ShardHeader) -> Result<File> {
+    let f = File::open(&h.path).map_err(|e| Error::io(&h.path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(&h.path, e))?.len();
+    if len != h.file_len {
+        return Err(Error::format(
+            &h.path,
+            "shard header",
+            format!(
+                "file changed size since it was opened ({} -> {len} bytes)",
+                h.file_len
+            ),
+        ));
+    }
+    Ok(f)
+}
+
+/// Checks every chunk tag of every shard; the first failure is [`Error::Integrity`] naming the
+/// shard, tensor and chunk.
+pub fn verify(ds: &UnlockedDataset, progress: &mut dyn FnMut(u64, u64)) -> Result<VerifySummary> {
+    let start = Instant::now();
+    let total: u64 = ds
+        .dataset
+        .shards
+        .iter()
+        .map(|h| h.descriptor.data_len())
+        .sum();
+    let (mut done, mut chunks) = (0u64, 0u64);
+    let mut scratch = Vec::new();
+    for (i, h) in ds.dataset.shards.iter().enumerate() {
+        let file = open_shard_file(h)?;
+        for t in 0..h.descriptor.tensors.len() as u32 {
+            for c in h.chunks(t) {
+                scratch.resize(c.len, 0);
+                read_at(&file, &h.path, c.file_offset, &mut scratch)?;
+                ds.opener(i)
+                    .verify(&c.params(), &scratch)
+                    .map_err(|_| Error::Integrity(h.chunk_location(&c)))?;
+                done += c.len as u64;
+                chunks += 1;
+                progress(done, total);
+            }
+        }
+    }
+    scratch.zeroize();
+    Ok(VerifySummary {
+        shards: ds.dataset.shards.len(),
+        chunks,
+        bytes: done,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Writes shard `shard` as a plain safetensors file at `out` (explicit export: the only place
+/// ciphershard writes plaintext). Every chunk is verified before its bytes are written; a
+/// failure removes the partial file. The user metadata is kept as `__metadata__`.
+pub fn decrypt_shard(ds: &UnlockedDataset, shard: usize, out: &Path) -> Result<()> {
+    let h = ds.dataset.shards.get(shard).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "shard {shard} does not exist (the dataset has {})",
+            ds.dataset.shards.len()
+        ))
+    })?;
+    if out.exists() {
+        return Err(Error::io(
+            out,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "refusing to overwrite an existing file",
+            ),
+        ));
+    }
+    let d = &h.descriptor;
+    let mut header = String::from("{");
+    if !d.metadata.is_empty() {
+        header.push_str("\"__metadata__\":");
+        header.push_str(&serde_json::to_string(&d.metadata).expect("metadata serializes"));
+        header.push(',');
+    }
+    for (i, t) in d.tensors.iter().enumerate() {
+        if i > 0 {
+            header.push(',');
+        }
+        let entry = serde_json::json!({"dtype": t.dtype.as_str(), "shape": t.shape, "data_offsets": [t.offsets.0, t.offsets.1]});
+        header.push_str(&serde_json::to_string(&t.name).expect("name serializes"));
+        header.push(':');
+        header.push_str(&entry.to_string());
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!("{name}.tmp-{}", random_suffix()?));
+    let result = (|| {
+        let src = open_shard_file(h)?;
+        let mut w = std::io::BufWriter::with_capacity(
+            1 << 20,
+            File::create_new(&tmp).map_err(|e| Error::io(&tmp, e))?,
+        );
+        let io = |e| Error::io(&tmp, e);
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(header.as_bytes()).map_err(io)?;
+        let mut buf = Vec::new();
+        for t in 0..d.tensors.len() as u32 {
+            for c in h.chunks(t) {
+                buf.resize(c.len, 0);
+                read_at(&src, &h.path, c.file_offset, &mut buf)?;
+                ds.opener(shard)
+                    .open_in_place(&c.params(), &mut buf)
+                    .map_err(|_| Error::Integrity(h.chunk_location(&c)))?;
+                w.write_all(&buf).map_err(io)?;
+            }
+        }
+        buf.zeroize();
+        let f = w
+            .into_inner()
+            .map_err(|e| Error::io(&tmp, e.into_error()))?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+    })();
+    match result {
+        Ok(()) => {
+            sync_dir(dir);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Unwraps every data key with `key` and checks it against the shard header tags (so a
+/// rewrap never propagates a corrupt key).
+fn checked_data_keys(ds: &Dataset, key: &MasterKey) -> Result<Vec<DataKey>> {
+    let keys = ds.unwrap_all(key)?;
+    let cpu = CpuCipher::new();
+    for (h, dk) in ds.shards.iter().zip(&keys) {
+        h.verify_header_tag(cpu.prepare(dk)?.as_ref())?;
+    }
+    Ok(keys)
+}
+
+/// Rotates a master key: rewraps every data key from `old` to `new` and replaces
+/// keyring.json atomically. No shard byte changes; until the rename, `old` still opens it.
+pub fn rekey(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<()> {
+    let ds = Dataset::open(dir)?;
+    if old.id() == new.id() {
+        return Err(Error::InvalidArgument("the new key is the old key".into()));
+    }
+    let keys = checked_data_keys(&ds, old)?;
+    let mut ring = ds.keyring.clone();
+    ring.wraps.retain(|w| w.key_id != old.id());
+    ring.set_wraps(new, &keys)?;
+    write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())
+}
+
+/// Lets `added` open the dataset too (`existing` must already open it).
+pub fn add_key(dir: &Path, existing: &MasterKey, added: &MasterKey) -> Result<()> {
+    let ds = Dataset::open(dir)?;
+    let keys = checked_data_keys(&ds, existing)?;
+    let mut ring = ds.keyring.clone();
+    ring.set_wraps(added, &keys)?;
+    write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())
+}
+
+/// Removes the wraps of key `key_id`; refuses to remove the last key.
+pub fn remove_key(dir: &Path, key_id: &str) -> Result<()> {
+    let ds = Dataset::open(dir)?;
+    let mut ring = ds.keyring.clone();
+    if !ring.wraps.iter().any(|w| w.key_id == key_id) {
+        return Err(Error::InvalidArgument(format!(
+            "key {key_id} is not in {}",
+            ring.path().display()
+        )));
+    }
+    if ring.wraps.len() == 1 {
+        return Err(Error::InvalidArgument(
+            "refusing to remove the only key: the dataset would be unreadable".into(),
+        ));
+    }
+    ring.wraps.retain(|w| w.key_id != key_id);
+    write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())
+}
