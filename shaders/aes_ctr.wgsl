@@ -6,10 +6,10 @@
 // here. Round keys are FIPS-197 big-endian words; data words are read little-endian from bytes,
 // hence the byte swap of each keystream word before the XOR.
 //
-// One T-table (T0; T1..T3 are its byte rotations, and the S-box is its second byte). On a GPU
-// each workgroup copies it into workgroup memory (1 KiB, one word per invocation): random
-// lookups then hit on-chip memory. On a CPU driver (lavapipe) workgroup memory and the barrier
-// only cost time, so the host sets `shared_table = false` and lookups read the (cached) buffer.
+// One T-table (T0; T1..T3 are its byte rotations, and the S-box is its second byte). By default
+// each workgroup copies it into workgroup memory (1 KiB, one word per invocation) so the random
+// lookups hit on-chip memory; `shared_table = false` reads the storage buffer instead (an
+// alternative to measure per adapter).
 
 override shared_table: bool = true;
 
