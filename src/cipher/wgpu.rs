@@ -8,8 +8,7 @@
 //!
 //! Why GHASH on the CPU (measured on lavapipe, 2 shared vCPUs, load 4-8): one core's PCLMULQDQ
 //! GHASH ran at 2.4-4.6 GB/s while the WGSL AES kernel reached 0.04-0.14 GB/s; on a CPU Vulkan
-//! driver a GPU
-//! GHASH would only compete for the same cores, while the CPU pass hides behind the GPU one.
+//! driver a GPU GHASH would only compete for the same cores, while the CPU pass hides behind the GPU one.
 //! On a discrete GPU the kernel can outrun one core's GHASH (`KernelBench::cpu_ghash_gbps` shows
 //! the bound next to the kernel figure); a GPU GHASH (partial sums with powers of H) is the next
 //! step there.
