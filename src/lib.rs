@@ -6,6 +6,7 @@ pub mod cipher;
 pub mod error;
 pub mod format;
 pub mod keys;
+pub mod pipeline;
 
 pub use cipher::Backend;
 pub use error::{Error, Result};

@@ -39,7 +39,7 @@ fn rewrite_header(path: &Path, f: impl FnOnce(String) -> String) {
         .unwrap()
         .trim_end()
         .to_string());
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -519,4 +519,119 @@ fn random_mutations_never_pass_or_panic() {
             let _ = ShardHeader::parse(path, &g).map(|_| panic!("garbage parsed as a shard"));
         }
     }
+}
+
+/// Bad plaintext inputs to `convert`: clear errors naming the input, and nothing written.
+#[test]
+fn bad_convert_inputs() {
+    use ciphershard::format::ConvertInput;
+    let dir = tempfile::tempdir().unwrap();
+    let st = |name: &str, header: &str, data: &[u8]| {
+        let p = dir.path().join(name);
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend_from_slice(data);
+        std::fs::write(&p, v).unwrap();
+        p
+    };
+    let cases = [
+        (
+            st(
+                "overlap.safetensors",
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+                &[0; 8],
+            ),
+            "overlap",
+        ),
+        (
+            st(
+                "range.safetensors",
+                r#"{"a":{"dtype":"U8","shape":[9],"data_offsets":[0,9]}}"#,
+                &[0; 8],
+            ),
+            "out of range",
+        ),
+        (
+            st(
+                "shape.safetensors",
+                r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                &[0; 8],
+            ),
+            "do not match",
+        ),
+        (
+            st("json.safetensors", r#"{"a":{"dtype":"U8","#, &[0; 8]),
+            "invalid JSON",
+        ),
+        (
+            st(
+                "dtype.safetensors",
+                r#"{"a":{"dtype":"Q7","shape":[8],"data_offsets":[0,8]}}"#,
+                &[0; 8],
+            ),
+            "unsupported dtype",
+        ),
+        (
+            st(
+                "meta.safetensors",
+                r#"{"__metadata__":{"k":1},"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}"#,
+                &[0; 8],
+            ),
+            "__metadata__",
+        ),
+    ];
+    for (p, cause) in cases {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let out = dir.path().join(format!("out-{name}"));
+        assert_err_names(
+            convert_quiet(
+                &[ConvertInput::Safetensors(p)],
+                &out,
+                &opts(64, 1 << 20, &[]),
+            ),
+            &name,
+            cause,
+        );
+        assert!(!out.exists() || std::fs::read_dir(&out).unwrap().count() == 0);
+    }
+    let huge = dir.path().join("huge.safetensors");
+    let mut v = u64::MAX.to_le_bytes().to_vec();
+    v.extend_from_slice(b"{}");
+    std::fs::write(&huge, v).unwrap();
+    assert_err_names(
+        convert_quiet(
+            &[ConvertInput::Safetensors(huge)],
+            &dir.path().join("o"),
+            &opts(64, 1 << 20, &[]),
+        ),
+        "huge.safetensors",
+        "header length",
+    );
+    let npy = dir.path().join("f.npy");
+    let mut h = "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }".to_string();
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut v = b"\x93NUMPY\x01\x00".to_vec();
+    v.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    v.extend_from_slice(h.as_bytes());
+    v.extend_from_slice(&[0; 16]);
+    std::fs::write(&npy, &v).unwrap();
+    let input = [ConvertInput::Npy {
+        column: "f".into(),
+        path: npy.clone(),
+    }];
+    assert_err_names(
+        convert_quiet(&input, &dir.path().join("o"), &opts(64, 1 << 20, &[])),
+        "f.npy",
+        "Fortran",
+    );
+    v.truncate(v.len() - 1);
+    std::fs::write(&npy, &v).unwrap();
+    assert_err_names(
+        convert_quiet(&input, &dir.path().join("o"), &opts(64, 1 << 20, &[])),
+        "f.npy",
+        "",
+    );
 }

@@ -126,3 +126,42 @@ fn regenerate_golden() {
     )
     .unwrap();
 }
+
+/// Writes a dataset with awkward names and metadata (quotes, backslashes, control characters,
+/// non-ASCII) to `$CIPHERSHARD_SAMPLE_DIR` and prints each column's SHA-256, for checking the
+/// Python reader against the spec's escaping rules:
+/// `CIPHERSHARD_SAMPLE_DIR=/tmp/s cargo test --test format_golden -- --ignored awkward --nocapture`
+/// then `python3 tests/golden/read_golden.py /tmp/s/ds /tmp/s/key.hex`.
+#[test]
+#[ignore]
+fn write_awkward_sample() {
+    use sha2::Digest;
+    let out =
+        PathBuf::from(std::env::var("CIPHERSHARD_SAMPLE_DIR").expect("set CIPHERSHARD_SAMPLE_DIR"));
+    std::fs::create_dir_all(&out).unwrap();
+    let k = MasterKey::generate().unwrap();
+    std::fs::write(out.join("key.hex"), hex::encode(k.as_bytes())).unwrap();
+    let names = [
+        "quo\"te",
+        "back\\slash",
+        "tab\tnew\nline\u{1}",
+        "ünïcødé 张量 🚀",
+        "/slash",
+    ];
+    let inputs: Vec<ConvertInput> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| column(n, Dtype::ALL[i * 3], &[37, i as u64 + 1], i as u64))
+        .collect();
+    let mut o = opts(128, 700, &["back*", "ü*"]);
+    o.keys = vec![k];
+    o.metadata
+        .insert("note \"\\\u{7f}\u{1f}".into(), "värde\r\n".into());
+    format::convert(&inputs, &out.join("ds"), &o, &mut |_, _| {}).unwrap();
+    for (n, i) in names.iter().zip(&inputs) {
+        let ConvertInput::InMemory { data, .. } = i else {
+            unreachable!()
+        };
+        println!("{} {n}", hex::encode(sha2::Sha256::digest(data)));
+    }
+}

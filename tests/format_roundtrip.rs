@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use ciphershard::Error;
 use ciphershard::cipher::cpu::CpuCipher;
-use ciphershard::format::{self, ConvertInput, Dataset, DatasetKind, Dtype, ShardHeader};
+use ciphershard::format::{self, ConvertInput, Dataset, DatasetKind, Dtype, ShardHeader, convert};
 use format_common::*;
 use proptest::prelude::*;
 
@@ -199,7 +199,7 @@ fn model_weights_convert_as_one_tensors_shard() {
 
 fn write_npy(path: &std::path::Path, descr: &str, shape: &str, data: &[u8]) {
     let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');
@@ -396,4 +396,73 @@ proptest! {
             prop_assert_eq!(ud.dataset().manifest().columns[i].encrypted, !cols[i].2);
         }
     }
+}
+
+#[test]
+fn large_column_uses_parallel_pipelined_sealing() {
+    // 6 MiB in 1 KiB chunks: batches of 4096 chunks (4 MiB), so two batches, each sealed by
+    // several threads while the previous one is written, across two shards.
+    let dir = tempfile::tempdir().unwrap();
+    let n = 6 << 20;
+    let s = convert_quiet(
+        &[column("x", Dtype::U8, &[n as u64 / 64, 64], 77)],
+        dir.path(),
+        &opts(1024, 5 << 20, &[]),
+    )
+    .unwrap();
+    assert_eq!(s.shards, 2);
+    let ud = unlock(dir.path(), &key(1)).unwrap();
+    assert_eq!(read_column(&ud, 0).unwrap(), bytes(n, 77));
+    format::verify(&ud, &mut |_, _| {}).unwrap();
+}
+
+#[test]
+fn interrupted_convert_leaves_nothing_under_final_names() {
+    // Abort (by unwinding out of the progress callback) after the first shard is complete: the
+    // cleanup that runs on every early exit removes the renamed shard and the temporaries.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ds");
+    let r = std::panic::catch_unwind(|| {
+        convert(
+            &[column("x", Dtype::U8, &[400, 2], 3)],
+            &out,
+            &opts(64, 200, &[]),
+            &mut |done, _| {
+                assert!(done < 300, "simulated interruption");
+            },
+        )
+    });
+    assert!(r.is_err());
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // And the directory can be converted into afterwards.
+    convert_quiet(
+        &[column("x", Dtype::U8, &[400, 2], 3)],
+        &out,
+        &opts(64, 200, &[]),
+    )
+    .unwrap();
+    assert!(Dataset::open(&out).is_ok());
+}
+
+#[test]
+fn refuses_shards_whose_tags_would_overflow_the_header() {
+    // A sparse 400 MB NPY column in 64-byte chunks: 6.25 M tags would need a header over the
+    // 100 MB readers accept. Refused before any data is read or any tag table allocated.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big.npy");
+    write_npy(&p, "|u1", "(400000000,)", &[]);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(f.metadata().unwrap().len() + 400_000_000)
+        .unwrap();
+    let input = [ConvertInput::Npy {
+        column: "x".into(),
+        path: p,
+    }];
+    let e = convert_quiet(&input, &dir.path().join("ds"), &opts(64, 1 << 30, &[])).unwrap_err();
+    assert!(e.to_string().contains("header"), "{e}");
+    assert_eq!(std::fs::read_dir(dir.path().join("ds")).unwrap().count(), 0);
 }

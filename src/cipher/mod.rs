@@ -72,13 +72,7 @@ pub trait ChunkOpener: Send + Sync {
     fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]);
 
     /// Encrypts a chunk in place (or, for a plain chunk, leaves it) and returns its tag.
-    fn seal_in_place(
-        &self,
-        chunk_nonce: &[u8; NONCE_LEN],
-        aad: &[u8],
-        encrypted: bool,
-        buf: &mut [u8],
-    ) -> [u8; TAG_LEN];
+    fn seal_in_place(&self, chunk_nonce: &[u8; NONCE_LEN], aad: &[u8], encrypted: bool, buf: &mut [u8]) -> [u8; TAG_LEN];
 }
 
 /// A cipher backend.
@@ -150,18 +144,9 @@ pub struct Availability {
 /// Lists every concrete backend and whether it is available here.
 pub fn availability() -> Vec<Availability> {
     vec![
-        Availability {
-            backend: Backend::Cuda,
-            status: cuda::probe(),
-        },
-        Availability {
-            backend: Backend::Wgpu,
-            status: wgpu::probe(),
-        },
-        Availability {
-            backend: Backend::Cpu,
-            status: Ok(cpu::CpuCipher::new().describe()),
-        },
+        Availability { backend: Backend::Cuda, status: cuda::probe() },
+        Availability { backend: Backend::Wgpu, status: wgpu::probe() },
+        Availability { backend: Backend::Cpu, status: Ok(cpu::CpuCipher::new().describe()) },
     ]
 }
 

@@ -1,7 +1,7 @@
 //! `convert`: plaintext safetensors / NPY / in-memory tensors → an encrypted dataset.
 //!
 //! Streaming with bounded memory: inputs are read chunk by chunk at their offsets, a batch of at
-//! most a few chunks (about 8 MiB, or two per thread) is sealed in parallel and written, and
+//! most a few chunks (about 16 MiB, at least one chunk per thread) is sealed in parallel and written, and
 //! only ciphertext (or the bytes of `--plain` tensors) reaches disk. Shards are written to a
 //! temporary name, fsynced and renamed; the manifest is written last.
 
@@ -14,7 +14,6 @@ use std::time::Instant;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use sha2::{Digest, Sha256};
-use zeroize::Zeroize;
 
 use super::shard::{chunk_aad, chunk_nonce};
 use super::{
@@ -292,16 +291,16 @@ fn read_safetensors(path: &Path) -> Result<(File, Vec<StTensor>, BTreeMap<String
     Ok((file, tensors, meta))
 }
 
-/// Plans columns from the inputs: which kind, which pieces.
-fn plan(
-    inputs: &[ConvertInput],
-    opts: &ConvertOptions,
-) -> Result<(
+/// What [`plan`] decided: the kind, the columns, the opened input files and the metadata.
+type Plan = (
     DatasetKind,
     Vec<Col>,
     Vec<(PathBuf, File)>,
     BTreeMap<String, String>,
-)> {
+);
+
+/// Plans columns from the inputs: which kind, which pieces.
+fn plan(inputs: &[ConvertInput], opts: &ConvertOptions) -> Result<Plan> {
     if inputs.is_empty() {
         return Err(Error::InvalidArgument("no input to convert".into()));
     }
@@ -486,6 +485,9 @@ fn refuse_existing_dataset(out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A chunk buffer: zeroized on drop (it holds plaintext between read and seal).
+type Buf = zeroize::Zeroizing<Vec<u8>>;
+
 /// One chunk to seal.
 struct Job {
     col: usize,
@@ -511,7 +513,7 @@ pub fn convert(
         ));
     }
     let cs = opts.chunk_size;
-    if cs < 64 || cs % 64 != 0 || cs > MAX_CHUNK_SIZE {
+    if cs < 64 || !cs.is_multiple_of(64) || cs > MAX_CHUNK_SIZE {
         return Err(Error::InvalidArgument(format!(
             "chunk size {cs} must be a multiple of 64 between 64 and {MAX_CHUNK_SIZE}"
         )));
@@ -594,9 +596,11 @@ pub fn convert(
             off += len;
             next_chunk += chunks;
         }
-        if next_chunk > MAX_CHUNKS_PER_SHARD {
+        // Each tag takes ~21.3 base64 bytes of header, and readers cap the header: check before
+        // allocating the tag table.
+        if next_chunk > MAX_CHUNKS_PER_SHARD || (next_chunk + 1) * 64 / 3 > MAX_HEADER_LEN {
             return Err(Error::InvalidArgument(format!(
-                "shard {s} would have {next_chunk} chunks (limit {MAX_CHUNKS_PER_SHARD}): raise the chunk size"
+                "shard {s} would have {next_chunk} chunks (limit {MAX_CHUNKS_PER_SHARD}, and their tags must fit the {MAX_HEADER_LEN}-byte header): raise the chunk size or lower the shard size"
             )));
         }
         let desc = Descriptor {
@@ -627,6 +631,13 @@ pub fn convert(
             &B64.encode(vec![0u8; tags.len()]),
             &desc.tensors,
         );
+        // Readers refuse headers over MAX_HEADER_LEN (the tags live there): never write one.
+        if placeholder.len() as u64 > MAX_HEADER_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "shard {s} would have a {} byte header ({next_chunk} chunk tags), over the {MAX_HEADER_LEN}-byte limit: raise the chunk size or lower the shard size",
+                placeholder.len()
+            )));
+        }
 
         let file_name = shard_file_name(s);
         let final_path = out_dir.join(&file_name);
@@ -639,77 +650,120 @@ pub fn convert(
             .map_err(io)?;
         w.write_all(&placeholder).map_err(io)?;
 
-        let jobs: Vec<Job> = desc
-            .tensors
-            .iter()
-            .enumerate()
-            .flat_map(|(ti, t)| {
-                let (desc, digest, src) = (&desc, &digest, src_starts[ti]);
-                (0..t.chunks).map(move |j| {
-                    let g = t.first_chunk + j;
-                    Job {
-                        col: ti,
-                        src_offset: src + j * cs,
-                        len: (t.len() - j * cs).min(cs) as usize,
-                        nonce: chunk_nonce(g),
-                        aad: chunk_aad(
-                            &desc.dataset_id,
-                            digest,
-                            s,
-                            ti as u32,
-                            j,
-                            t.chunks,
-                            g,
-                            t.encrypted,
-                        ),
-                        encrypted: t.encrypted,
-                    }
-                })
+        // Jobs are generated lazily: a shard of tiny chunks must not hold a job per chunk.
+        let mut jobs = desc.tensors.iter().enumerate().flat_map(|(ti, t)| {
+            let (desc, digest, src) = (&desc, &digest, src_starts[ti]);
+            (0..t.chunks).map(move |j| {
+                let g = t.first_chunk + j;
+                Job {
+                    col: ti,
+                    src_offset: src + j * cs,
+                    len: (t.len() - j * cs).min(cs) as usize,
+                    nonce: chunk_nonce(g),
+                    aad: chunk_aad(
+                        &desc.dataset_id,
+                        digest,
+                        s,
+                        ti as u32,
+                        j,
+                        t.chunks,
+                        g,
+                        t.encrypted,
+                    ),
+                    encrypted: t.encrypted,
+                }
             })
-            .collect();
-        let batch_len = ((8 << 20) / cs as usize).clamp(2 * threads, 4096);
-        let mut bufs: Vec<Vec<u8>> = Vec::new();
-        let mut g = 0usize;
-        for batch in jobs.chunks(batch_len) {
-            bufs.resize_with(batch.len(), Vec::new);
-            let mut batch_tags = vec![[0u8; TAG_LEN]; batch.len()];
-            let work =
-                |jobs: &[Job], bufs: &mut [Vec<u8>], tags: &mut [[u8; TAG_LEN]]| -> Result<()> {
-                    for ((job, buf), tag) in jobs.iter().zip(bufs.iter_mut()).zip(tags.iter_mut()) {
-                        buf.resize(job.len, 0);
-                        sources.read(&cols[job.col], job.src_offset, buf)?;
-                        *tag = opener.seal_in_place(&job.nonce, &job.aad, job.encrypted, buf);
-                    }
-                    Ok(())
-                };
+        });
+        // Pipeline: while batch k is read and sealed (in parallel), batch k-1 is written.
+        // Two buffer sets at most; buffers zeroize on drop, error paths included.
+        // About 16 MiB a batch (one chunk per thread at least, unless chunks are huge), so
+        // memory stays at two batches whatever the input size.
+        let min_batch = if cs <= 8 << 20 { threads } else { 1 };
+        let batch_len = ((16 << 20) / cs as usize).clamp(min_batch, 4096);
+        let seal_batch = |batch: &[Job],
+                          bufs: &mut [Buf],
+                          tags: &mut [[u8; TAG_LEN]]|
+         -> Result<()> {
+            let work = |jobs: &[Job], bufs: &mut [Buf], tags: &mut [[u8; TAG_LEN]]| -> Result<()> {
+                for ((job, buf), tag) in jobs.iter().zip(bufs.iter_mut()).zip(tags.iter_mut()) {
+                    buf.resize(job.len, 0);
+                    sources.read(&cols[job.col], job.src_offset, buf)?;
+                    *tag = opener.seal_in_place(&job.nonce, &job.aad, job.encrypted, buf);
+                }
+                Ok(())
+            };
             let batch_bytes: usize = batch.iter().map(|j| j.len).sum();
             if threads == 1 || batch_bytes < (256 << 10) {
-                work(batch, &mut bufs[..batch.len()], &mut batch_tags)?;
+                return work(batch, bufs, tags);
+            }
+            let per = batch.len().div_ceil(threads);
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = batch
+                    .chunks(per)
+                    .zip(bufs.chunks_mut(per))
+                    .zip(tags.chunks_mut(per))
+                    .map(|((j, b), t)| sc.spawn(move || work(j, b, t)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .try_for_each(|h| h.join().expect("sealing thread panicked"))
+            })
+        };
+        let mut pool: Vec<Vec<Buf>> = Vec::new();
+        let mut pending: Option<(Vec<Buf>, Vec<usize>)> = None;
+        let mut g = 0usize;
+        loop {
+            let batch_jobs: Vec<Job> = jobs.by_ref().take(batch_len).collect();
+            let batch = (!batch_jobs.is_empty()).then_some(&batch_jobs[..]);
+            if batch.is_none() && pending.is_none() {
+                break;
+            }
+            let mut cur = if batch.is_some() {
+                pool.pop().unwrap_or_default()
             } else {
-                let per = batch.len().div_ceil(threads);
-                std::thread::scope(|sc| {
-                    let handles: Vec<_> = batch
-                        .chunks(per)
-                        .zip(bufs[..batch.len()].chunks_mut(per))
-                        .zip(batch_tags.chunks_mut(per))
-                        .map(|((j, b), t)| sc.spawn(move || work(j, b, t)))
-                        .collect();
-                    handles
-                        .into_iter()
-                        .try_for_each(|h| h.join().expect("sealing thread panicked"))
-                })?;
+                Vec::new()
+            };
+            let mut batch_tags = vec![[0u8; TAG_LEN]; batch.map_or(0, <[Job]>::len)];
+            if let Some(b) = batch {
+                cur.resize_with(b.len(), Buf::default);
             }
-            for ((job, buf), tag) in batch.iter().zip(&bufs).zip(&batch_tags) {
-                w.write_all(&buf[..job.len]).map_err(io)?;
-                tags[TAG_LEN * (1 + g)..TAG_LEN * (2 + g)].copy_from_slice(tag);
-                g += 1;
-                done += job.len as u64;
+            let to_write = pending.take();
+            let (sealed, written) = std::thread::scope(|sc| {
+                let writer = to_write.map(|(bufs, lens)| {
+                    let (w, tmp_path) = (&mut w, &tmp_path);
+                    sc.spawn(move || {
+                        let mut n = 0u64;
+                        for (buf, &len) in bufs.iter().zip(&lens) {
+                            if let Err(e) = w.write_all(&buf[..len]) {
+                                return (Err(Error::io(tmp_path, e)), bufs, n);
+                            }
+                            n += len as u64;
+                        }
+                        (Ok(()), bufs, n)
+                    })
+                });
+                let sealed = batch.map_or(Ok(()), |b| seal_batch(b, &mut cur, &mut batch_tags));
+                (
+                    sealed,
+                    writer.map(|h| h.join().expect("writer thread panicked")),
+                )
+            });
+            if let Some((r, bufs, n)) = written {
+                pool.push(bufs);
+                r?;
+                done += n;
+                progress(done, total);
             }
-            progress(done, total);
+            sealed?;
+            if let Some(b) = batch {
+                for t in &batch_tags {
+                    tags[TAG_LEN * (1 + g)..TAG_LEN * (2 + g)].copy_from_slice(t);
+                    g += 1;
+                }
+                pending = Some((cur, b.iter().map(|j| j.len).collect()));
+            }
         }
-        for b in &mut bufs {
-            b.zeroize();
-        }
+        drop(pool);
         let header = canonical_header(&desc_json, &B64.encode(&tags), &desc.tensors);
         debug_assert_eq!(header.len(), placeholder.len());
         let mut file = w

@@ -5,8 +5,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use zeroize::Zeroize;
-
 use super::{
     DatasetKind, KEYRING_FILE, Keyring, MANIFEST_FILE, MAX_JSON_FILE_LEN, Manifest, ShardHeader,
     random_suffix, read_at, read_bounded, sync_dir, write_atomic,
@@ -279,7 +277,7 @@ pub fn verify(ds: &UnlockedDataset, progress: &mut dyn FnMut(u64, u64)) -> Resul
         .map(|h| h.descriptor.data_len())
         .sum();
     let (mut done, mut chunks) = (0u64, 0u64);
-    let mut scratch = Vec::new();
+    let mut scratch = zeroize::Zeroizing::new(Vec::new());
     for (i, h) in ds.dataset.shards.iter().enumerate() {
         let file = open_shard_file(h)?;
         for t in 0..h.descriptor.tensors.len() as u32 {
@@ -295,7 +293,6 @@ pub fn verify(ds: &UnlockedDataset, progress: &mut dyn FnMut(u64, u64)) -> Resul
             }
         }
     }
-    scratch.zeroize();
     Ok(VerifySummary {
         shards: ds.dataset.shards.len(),
         chunks,
@@ -340,7 +337,7 @@ pub fn decrypt_shard(ds: &UnlockedDataset, shard: usize, out: &Path) -> Result<(
         header.push_str(&entry.to_string());
     }
     header.push('}');
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let dir = out
@@ -362,7 +359,7 @@ pub fn decrypt_shard(ds: &UnlockedDataset, shard: usize, out: &Path) -> Result<(
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;
         w.write_all(header.as_bytes()).map_err(io)?;
-        let mut buf = Vec::new();
+        let mut buf = zeroize::Zeroizing::new(Vec::new());
         for t in 0..d.tensors.len() as u32 {
             for c in h.chunks(t) {
                 buf.resize(c.len, 0);
@@ -373,7 +370,6 @@ pub fn decrypt_shard(ds: &UnlockedDataset, shard: usize, out: &Path) -> Result<(
                 w.write_all(&buf).map_err(io)?;
             }
         }
-        buf.zeroize();
         let f = w
             .into_inner()
             .map_err(|e| Error::io(&tmp, e.into_error()))?;

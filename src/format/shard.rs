@@ -258,15 +258,15 @@ impl Descriptor {
         let v: serde_json::Value = serde_json::from_str(s)
             .map_err(|e| Error::format(path, WHAT_DESC, format!("invalid JSON: {e}")))?;
         check_format_version(path, WHAT_DESC, &v, "ciphershard")?;
-        if let Some(c) = v.get("cipher").and_then(|c| c.as_str()) {
-            if c != CIPHER_NAME {
-                return Err(Error::Unsupported {
-                    path: path.into(),
-                    what: "cipher",
-                    found: c.into(),
-                    supported: CIPHER_NAME.into(),
-                });
-            }
+        if let Some(c) = v.get("cipher").and_then(|c| c.as_str())
+            && c != CIPHER_NAME
+        {
+            return Err(Error::Unsupported {
+                path: path.into(),
+                what: "cipher",
+                found: c.into(),
+                supported: CIPHER_NAME.into(),
+            });
         }
         use J::*;
         check_fields(
@@ -315,7 +315,7 @@ impl Descriptor {
                 j.shard_index, j.shard_count
             )));
         }
-        if j.chunk_size < 64 || j.chunk_size % 64 != 0 || j.chunk_size > MAX_CHUNK_SIZE {
+        if j.chunk_size < 64 || !j.chunk_size.is_multiple_of(64) || j.chunk_size > MAX_CHUNK_SIZE {
             return Err(bad(format!(
                 "chunk_size {} must be a multiple of 64 between 64 and {MAX_CHUNK_SIZE}",
                 j.chunk_size
@@ -426,7 +426,7 @@ pub fn canonical_header(descriptor_json: &str, tags_b64: &str, tensors: &[Tensor
         ));
     }
     h.push('}');
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(' ');
     }
     h.into_bytes()

@@ -1,0 +1,237 @@
+//! `ciphershard bench`: the loader over an encrypted dataset and over its plaintext twin,
+//! through the same pipeline, in the same process.
+//!
+//! The plaintext twin is the same shard files read by the same pipeline (same sampler, same
+//! `pread`s, same pools, same row copies) with verification and decryption skipped
+//! ([`DecryptMode::TwinNoCrypto`]). Ciphertext has exactly the plaintext's length and offsets,
+//! so an unencrypted copy of the dataset would be read byte for byte the same way; the ratio
+//! therefore isolates the cost of authenticated decryption. (A converted twin with every
+//! column `--plain` would still verify a GMAC per chunk, which is not "without encryption".)
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::format_source::FormatSource;
+use super::loader::{DecryptMode, Loader, LoaderOptions};
+use super::source::RowSource;
+use super::telemetry::LoaderStats;
+use crate::cipher::Backend;
+use crate::error::{Error, Result};
+use crate::format::{ConvertInput, ConvertOptions, Dtype, convert};
+use crate::keys::MasterKey;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Cipher backend for the encrypted run.
+    pub backend: Backend,
+    /// Worker threads.
+    pub threads: usize,
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Epochs per run.
+    pub epochs: u64,
+    /// Batches in flight.
+    pub prefetch: usize,
+    /// Blocks per shuffle window.
+    pub window_blocks: u64,
+    /// Decrypt strategy of the encrypted run.
+    pub mode: DecryptMode,
+    /// Rows of the generated dataset (no dataset given).
+    pub generated_rows: u64,
+    /// f32 features per row of the generated dataset.
+    pub generated_features: u64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            backend: Backend::Cpu,
+            threads: 2,
+            batch_size: 512,
+            epochs: 3,
+            prefetch: 4,
+            window_blocks: 8,
+            mode: DecryptMode::default(),
+            generated_rows: 262_144,
+            generated_features: 256,
+        }
+    }
+}
+
+/// One run of the loader.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RunReport {
+    /// Wall seconds from building the loader to the last batch.
+    pub seconds: f64,
+    /// Batches consumed.
+    pub batches: u64,
+    /// Batches per second.
+    pub batches_per_s: f64,
+    /// Delivered GB (10^9 bytes) per second.
+    pub gb_per_s: f64,
+    /// Per-stage telemetry.
+    pub stats: LoaderStats,
+}
+
+/// The bench result (`--json` prints it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BenchReport {
+    /// The dataset directory, or "generated".
+    pub dataset: String,
+    /// Backend of the encrypted run.
+    pub backend: String,
+    /// Rows in the dataset.
+    pub rows: u64,
+    /// Bytes of one epoch's rows (all columns).
+    pub epoch_bytes: u64,
+    /// Worker threads.
+    pub threads: usize,
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Decrypt strategy.
+    pub mode: DecryptMode,
+    /// The encrypted run.
+    pub encrypted: RunReport,
+    /// The plaintext twin's run.
+    pub plaintext_twin: RunReport,
+    /// encrypted GB/s ÷ twin GB/s.
+    pub ratio: f64,
+}
+
+fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> {
+    let t = Instant::now();
+    let mut l = Loader::new(src, opts)?;
+    let mut batches = 0u64;
+    for b in l.by_ref() {
+        let b = b?;
+        std::hint::black_box(b.tensors().next().map(|t| t.bytes[0]));
+        batches += 1;
+    }
+    let seconds = t.elapsed().as_secs_f64();
+    let stats = l.stats();
+    Ok(RunReport {
+        seconds,
+        batches,
+        batches_per_s: batches as f64 / seconds,
+        gb_per_s: stats.delivered_bytes as f64 / seconds / 1e9,
+        stats,
+    })
+}
+
+/// Runs the bench over a source (encrypted run, then the twin, then the encrypted run again;
+/// the report keeps the faster of the two encrypted runs so page-cache warm-up does not count).
+pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> Result<BenchReport> {
+    let lo = LoaderOptions {
+        batch_size: opts.batch_size,
+        epochs: opts.epochs,
+        threads: opts.threads,
+        prefetch: opts.prefetch,
+        window_blocks: opts.window_blocks,
+        mode: opts.mode,
+        seed: 1,
+        ..Default::default()
+    };
+    let warm = run_once(src.clone(), &lo)?;
+    let twin = run_once(
+        src.clone(),
+        &LoaderOptions {
+            mode: DecryptMode::TwinNoCrypto,
+            ..lo.clone()
+        },
+    )?;
+    let again = run_once(src.clone(), &lo)?;
+    let enc = if again.seconds < warm.seconds {
+        again
+    } else {
+        warm
+    };
+    let epoch_bytes = src.total_rows() * src.columns().iter().map(|c| c.row_bytes).sum::<u64>();
+    Ok(BenchReport {
+        dataset: name.to_string(),
+        backend: opts.backend.name().to_string(),
+        rows: src.total_rows(),
+        epoch_bytes,
+        threads: opts.threads,
+        batch_size: opts.batch_size,
+        mode: opts.mode,
+        ratio: enc.gb_per_s / twin.gb_per_s.max(1e-12),
+        encrypted: enc,
+        plaintext_twin: twin,
+    })
+}
+
+/// Generates a synthetic encrypted dataset in `dir` (f32 features + i64 label, both encrypted;
+/// plaintext exists only in memory) and returns its key.
+pub fn generate(dir: &Path, rows: u64, features: u64, chunk_size: u64) -> Result<MasterKey> {
+    let key = MasterKey::generate()?;
+    let mut rng = crate::cipher::conformance::SplitMix(0xBE7C_4000);
+    let mut x = vec![0u8; (rows * features * 4) as usize];
+    for v in x.chunks_exact_mut(4) {
+        v.copy_from_slice(&((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32).to_le_bytes());
+    }
+    let y: Vec<u8> = (0..rows)
+        .flat_map(|_| (rng.next_u64() % 10).to_le_bytes())
+        .collect();
+    let inputs = [
+        ConvertInput::InMemory {
+            name: "x".into(),
+            dtype: Dtype::F32,
+            shape: vec![rows, features],
+            data: x,
+        },
+        ConvertInput::InMemory {
+            name: "y".into(),
+            dtype: Dtype::I64,
+            shape: vec![rows],
+            data: y,
+        },
+    ];
+    let opts = ConvertOptions {
+        keys: vec![key.clone()],
+        chunk_size,
+        shard_size: 64 << 20,
+        ..Default::default()
+    };
+    convert(&inputs, dir, &opts, &mut |_, _| {})?;
+    Ok(key)
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the bench over the dataset at `dataset` opened with `key`, or, when `dataset` is
+/// `None`, over a generated one in a temporary directory (ciphertext only; removed after).
+pub fn run(
+    dataset: Option<&Path>,
+    key: Option<&MasterKey>,
+    opts: &BenchOptions,
+) -> Result<BenchReport> {
+    match dataset {
+        Some(p) => {
+            let key = key.ok_or_else(|| Error::Key("bench over a dataset needs its key".into()))?;
+            let src = FormatSource::open(p, key, opts.backend)?;
+            run_source(src, &p.display().to_string(), opts)
+        }
+        None => {
+            let mut id = [0u8; 8];
+            getrandom::fill(&mut id).map_err(|e| Error::Stopped(format!("OS RNG: {e}")))?;
+            let dir = TempDir(
+                std::env::temp_dir().join(format!("ciphershard-bench-{}", hex::encode(id))),
+            );
+            let key = generate(
+                &dir.0,
+                opts.generated_rows,
+                opts.generated_features,
+                2 << 20,
+            )?;
+            let src = FormatSource::open(&dir.0, &key, opts.backend)?;
+            run_source(src, "generated", opts)
+        }
+    }
+}

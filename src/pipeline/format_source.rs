@@ -1,0 +1,142 @@
+//! [`RowSource`] over a real encrypted dataset (`format::UnlockedDataset`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::source::{ChunkSpec, ColumnInfo, RowSource};
+use crate::cipher::{Backend, ChunkOpener};
+use crate::error::{ChunkLocation, Error, Result};
+use crate::format::{Dataset, DatasetKind, UnlockedDataset};
+use crate::keys::MasterKey;
+
+/// A dataset whose headers are authenticated and data keys prepared, seen as rows × columns.
+pub struct FormatSource {
+    ds: UnlockedDataset,
+    columns: Vec<ColumnInfo>,
+    /// `tensor_index[s][c]`: index of column `c` in shard `s`'s descriptor.
+    tensor_index: Vec<Vec<u32>>,
+}
+
+impl std::fmt::Debug for FormatSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FormatSource")
+            .field("dir", &self.ds.dataset().dir())
+            .field("columns", &self.columns)
+            .finish()
+    }
+}
+
+impl FormatSource {
+    /// Opens the dataset at `path` (directory or shard file), unwraps its data keys with `key`
+    /// on `backend` and checks that every shard holds every column with its rows.
+    pub fn open(path: &Path, key: &MasterKey, backend: Backend) -> Result<Arc<Self>> {
+        let ds = Dataset::open(path)?;
+        let cipher = crate::cipher::select(backend)?;
+        Ok(Arc::new(FormatSource::new(
+            ds.unlock(key, cipher.as_ref())?,
+        )?))
+    }
+
+    /// Wraps an unlocked dataset.
+    pub fn new(ds: UnlockedDataset) -> Result<Self> {
+        let d = ds.dataset();
+        let m = d.manifest();
+        if m.kind != DatasetKind::Dataset {
+            return Err(Error::InvalidArgument(format!(
+                "{}: holds arbitrary tensors (kind 'tensors'), not rows: the loader needs a dataset",
+                d.dir().display()
+            )));
+        }
+        let columns: Vec<ColumnInfo> = m
+            .columns
+            .iter()
+            .map(|c| ColumnInfo {
+                name: c.name.clone(),
+                dtype: c.dtype.as_str().to_string(),
+                elem_size: c.dtype.size_bytes(),
+                row_shape: c.shape.clone(),
+                row_bytes: c.shape.iter().product::<u64>() * c.dtype.size_bytes() as u64,
+            })
+            .collect();
+        let mut tensor_index = Vec::new();
+        for h in d.shards() {
+            let rows = h.descriptor.rows;
+            let mut idx = Vec::new();
+            for col in &columns {
+                let Some((ti, t)) = h.tensor(&col.name) else {
+                    return Err(Error::format(
+                        &h.path,
+                        "shard",
+                        format!("column '{}' is missing", col.name),
+                    ));
+                };
+                if t.shape.first() != Some(&rows)
+                    || t.offsets.1 - t.offsets.0 != rows * col.row_bytes
+                {
+                    return Err(Error::format(
+                        &h.path,
+                        "shard",
+                        format!(
+                            "tensor '{}' does not hold {rows} rows of {} bytes",
+                            col.name, col.row_bytes
+                        ),
+                    ));
+                }
+                idx.push(ti);
+            }
+            tensor_index.push(idx);
+        }
+        Ok(FormatSource {
+            ds,
+            columns,
+            tensor_index,
+        })
+    }
+
+    /// The unlocked dataset.
+    pub fn dataset(&self) -> &UnlockedDataset {
+        &self.ds
+    }
+}
+
+impl RowSource for FormatSource {
+    fn shard_count(&self) -> usize {
+        self.ds.dataset().shards().len()
+    }
+    fn shard_rows(&self, s: usize) -> u64 {
+        self.ds.dataset().shards()[s].descriptor.rows
+    }
+    fn shard_row_start(&self, s: usize) -> u64 {
+        self.ds.dataset().shards()[s].descriptor.row_start
+    }
+    fn shard_path(&self, s: usize) -> &Path {
+        &self.ds.dataset().shards()[s].path
+    }
+    fn shard_file_len(&self, s: usize) -> u64 {
+        self.ds.dataset().shards()[s].file_len
+    }
+    fn columns(&self) -> &[ColumnInfo] {
+        &self.columns
+    }
+    fn chunk_size(&self) -> u64 {
+        self.ds.dataset().manifest().chunk_size
+    }
+    fn chunk(&self, s: usize, c: usize, j: u64) -> ChunkSpec {
+        let r = self.ds.dataset().shards()[s].chunk(self.tensor_index[s][c], j);
+        ChunkSpec {
+            file_offset: r.file_offset,
+            len: r.len,
+            nonce: r.nonce,
+            aad: r.aad,
+            tag: r.tag,
+            encrypted: r.encrypted,
+        }
+    }
+    fn opener(&self, s: usize) -> &dyn ChunkOpener {
+        self.ds.opener(s)
+    }
+    fn location(&self, s: usize, c: usize, j: u64) -> ChunkLocation {
+        let h = &self.ds.dataset().shards()[s];
+        h.chunk_location(&h.chunk(self.tensor_index[s][c], j))
+    }
+}

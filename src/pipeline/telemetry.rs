@@ -1,0 +1,146 @@
+//! Per-stage counters, shared by every thread of a loader (relaxed atomics: statistics only).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Live counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub(crate) read_bytes: AtomicU64,
+    pub(crate) read_ns: AtomicU64,
+    pub(crate) verify_bytes: AtomicU64,
+    pub(crate) verify_ns: AtomicU64,
+    pub(crate) decrypt_bytes: AtomicU64,
+    pub(crate) decrypt_ns: AtomicU64,
+    pub(crate) assemble_bytes: AtomicU64,
+    pub(crate) assemble_ns: AtomicU64,
+    pub(crate) delivered_bytes: AtomicU64,
+    pub(crate) batches: AtomicU64,
+    pub(crate) consumer_wait_ns: AtomicU64,
+    pub(crate) chunks_loaded: AtomicU64,
+    pub(crate) first_batch_ns: AtomicU64,
+    /// Bytes of host buffers currently allocated by the loader's pools.
+    pub(crate) pool_bytes: std::sync::Arc<AtomicU64>,
+}
+
+/// Bytes and time of one stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StageStats {
+    /// Bytes processed.
+    pub bytes: u64,
+    /// Nanoseconds spent, summed over threads.
+    pub ns: u64,
+    /// Bytes per second of stage time (per thread-second), 0 when no time was recorded.
+    pub gbps: f64,
+}
+
+impl StageStats {
+    fn new(bytes: &AtomicU64, ns: &AtomicU64) -> Self {
+        let (bytes, ns) = (bytes.load(Relaxed), ns.load(Relaxed));
+        StageStats {
+            bytes,
+            ns,
+            gbps: if ns == 0 {
+                0.0
+            } else {
+                bytes as f64 / ns as f64
+            },
+        }
+    }
+}
+
+/// A snapshot of a loader's telemetry.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoaderStats {
+    /// `pread` of chunk ciphertext into private buffers (includes page-cache copies / faults).
+    pub read: StageStats,
+    /// Tag verification of whole chunks.
+    pub verify: StageStats,
+    /// Decryption (CTR into the batch, or whole-chunk open in `ChunkOpen` mode).
+    pub decrypt: StageStats,
+    /// Row copies into batch buffers that are not decryption (plain columns, `ChunkOpen` mode).
+    pub assemble: StageStats,
+    /// Time the consumer spent waiting in `next()` (0 bytes).
+    pub consumer_wait_ns: u64,
+    /// Batches handed to the consumer.
+    pub batches: u64,
+    /// Bytes handed to the consumer.
+    pub delivered_bytes: u64,
+    /// Chunks read and verified.
+    pub chunks_loaded: u64,
+    /// Bytes read and verified per byte delivered (1.0 = every chunk read once per use).
+    pub read_amplification: f64,
+    /// Bytes decrypted per byte delivered.
+    pub decrypt_amplification: f64,
+    /// Host buffer bytes currently allocated by the loader (batch and chunk pools).
+    pub pool_bytes: u64,
+    /// Nanoseconds from building the loader to the first batch handed out.
+    pub first_batch_ns: u64,
+}
+
+impl Counters {
+    /// A snapshot.
+    pub fn snapshot(&self) -> LoaderStats {
+        let delivered = self.delivered_bytes.load(Relaxed);
+        let ratio = |b: u64| {
+            if delivered == 0 {
+                0.0
+            } else {
+                b as f64 / delivered as f64
+            }
+        };
+        LoaderStats {
+            read: StageStats::new(&self.read_bytes, &self.read_ns),
+            verify: StageStats::new(&self.verify_bytes, &self.verify_ns),
+            decrypt: StageStats::new(&self.decrypt_bytes, &self.decrypt_ns),
+            assemble: StageStats::new(&self.assemble_bytes, &self.assemble_ns),
+            consumer_wait_ns: self.consumer_wait_ns.load(Relaxed),
+            batches: self.batches.load(Relaxed),
+            delivered_bytes: delivered,
+            chunks_loaded: self.chunks_loaded.load(Relaxed),
+            read_amplification: ratio(self.read_bytes.load(Relaxed)),
+            decrypt_amplification: ratio(self.decrypt_bytes.load(Relaxed)),
+            pool_bytes: self.pool_bytes.load(Relaxed),
+            first_batch_ns: self.first_batch_ns.load(Relaxed),
+        }
+    }
+}
+
+pub(crate) fn add(c: &AtomicU64, v: u64) {
+    c.fetch_add(v, Relaxed);
+}
+
+impl std::fmt::Display for LoaderStats {
+    /// A short multi-line summary for the CLI.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        writeln!(
+            f,
+            "batches {}  delivered {:.1} MB  first batch {:.1} ms",
+            self.batches,
+            self.delivered_bytes as f64 / 1e6,
+            ms(self.first_batch_ns)
+        )?;
+        for (name, s) in [
+            ("read", self.read),
+            ("verify", self.verify),
+            ("decrypt", self.decrypt),
+            ("assemble", self.assemble),
+        ] {
+            writeln!(
+                f,
+                "  {name:<9} {:>10.1} MB {:>10.1} ms {:>7.2} GB/s/thread",
+                s.bytes as f64 / 1e6,
+                ms(s.ns),
+                s.gbps
+            )?;
+        }
+        writeln!(f, "  consumer waited {:.1} ms", ms(self.consumer_wait_ns))?;
+        write!(
+            f,
+            "  read amplification {:.3}  decrypt amplification {:.3}  host pools {:.1} MiB",
+            self.read_amplification,
+            self.decrypt_amplification,
+            self.pool_bytes as f64 / (1 << 20) as f64
+        )
+    }
+}
