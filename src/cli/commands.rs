@@ -395,11 +395,15 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         None => None,
     };
     let report = pipeline::bench::run(args.dataset.as_deref(), key.as_ref(), &opts)?;
-    let cuda = if report.backend == "cuda" { Some(cuda_kernel_figures()?) } else { None };
+    let kernels = match report.backend.as_str() {
+        "cuda" => Some(cuda_kernel_figures()?),
+        "wgpu" => Some(wgpu_kernel_figures()?),
+        _ => None,
+    };
     if args.json {
         let mut v = serde_json::to_value(&report).expect("report serializes");
-        if let Some(c) = &cuda {
-            v["cuda_kernels"] = c.clone();
+        if let Some(k) = &kernels {
+            v["kernels"] = k.clone();
         }
         println!("{}", serde_json::to_string_pretty(&v).expect("JSON value serializes"));
         return Ok(());
@@ -422,8 +426,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     println!("ratio encrypted / plaintext twin: {:.3}", report.ratio);
     println!("encrypted run, per stage:\n{}", report.encrypted.stats);
-    if let Some(c) = cuda {
-        println!("CUDA kernels: {}", serde_json::to_string(&c).expect("serializes"));
+    if let Some(k) = kernels {
+        println!("{} kernels: {}", report.backend, serde_json::to_string(&k).expect("serializes"));
     }
     Ok(())
 }
@@ -455,6 +459,18 @@ fn cuda_kernel_figures() -> Result<serde_json::Value> {
 #[cfg(not(feature = "cuda"))]
 fn cuda_kernel_figures() -> Result<serde_json::Value> {
     Err(Error::BackendUnavailable { backend: "cuda", reason: cipher::cuda::probe().unwrap_err() })
+}
+
+/// Kernel-only wgpu figures for `bench --backend wgpu` (64 MiB through the adapter).
+#[cfg(feature = "wgpu")]
+fn wgpu_kernel_figures() -> Result<serde_json::Value> {
+    let r = cipher::wgpu::kernel_bench(64 << 20)?;
+    Ok(serde_json::to_value(&r).expect("report serializes"))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_kernel_figures() -> Result<serde_json::Value> {
+    Err(Error::BackendUnavailable { backend: "wgpu", reason: cipher::wgpu::probe().unwrap_err() })
 }
 
 /// Deletes the demo's directory (ciphertext only) however the demo ends.
