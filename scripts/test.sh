@@ -26,6 +26,11 @@ nvrtc_lib=$("$venv/bin/python" -c 'import nvidia.cu13, os; print(os.path.join(li
 export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CIPHERSHARD_REQUIRE_NVRTC=1
 export CIPHERSHARD_REQUIRE_WGPU=1
+# lavapipe complains on every test without a runtime dir; give it a private one.
+if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "${XDG_RUNTIME_DIR}" ]; then
+  export XDG_RUNTIME_DIR="$root/target/xdg-runtime"
+  mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
+fi
 
 step "cargo test (all features)"
 cargo test --all-features --release --no-fail-fast 2>&1

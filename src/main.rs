@@ -1,2 +1,9 @@
-//! The `ciphershard` command-line tool (the real CLI lives on main; this branch only needs the library).
-fn main() {}
+//! The `ciphershard` command-line tool: a thin layer over the library.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

@@ -201,3 +201,52 @@ fn bytes_changed_after_verification_never_reach_a_batch() {
         );
     }
 }
+
+/// Delegates to the fixture but panics when asked for one chunk (a backend or source bug).
+struct PanickingSource(Arc<common::Fixture>);
+
+impl RowSource for PanickingSource {
+    fn shard_count(&self) -> usize {
+        self.0.shard_count()
+    }
+    fn shard_rows(&self, s: usize) -> u64 {
+        self.0.shard_rows(s)
+    }
+    fn shard_row_start(&self, s: usize) -> u64 {
+        self.0.shard_row_start(s)
+    }
+    fn shard_path(&self, s: usize) -> &std::path::Path {
+        self.0.shard_path(s)
+    }
+    fn shard_file_len(&self, s: usize) -> u64 {
+        self.0.shard_file_len(s)
+    }
+    fn columns(&self) -> &[ciphershard::pipeline::ColumnInfo] {
+        self.0.columns()
+    }
+    fn chunk_size(&self) -> u64 {
+        self.0.chunk_size()
+    }
+    fn chunk(&self, s: usize, c: usize, j: u64) -> ciphershard::pipeline::ChunkSpec {
+        assert!(!(s == 1 && j == 2), "injected failure");
+        self.0.chunk(s, c, j)
+    }
+    fn opener(&self, s: usize) -> &dyn ciphershard::cipher::ChunkOpener {
+        self.0.opener(s)
+    }
+    fn location(&self, s: usize, c: usize, j: u64) -> ciphershard::error::ChunkLocation {
+        self.0.location(s, c, j)
+    }
+}
+
+#[test]
+fn a_panicking_worker_becomes_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let src: Arc<dyn RowSource> = Arc::new(PanickingSource(big(dir.path())));
+    let mut l = Loader::new(src, &sequential(DecryptMode::ChunkOpen)).unwrap();
+    let e = l
+        .find_map(|r| r.err())
+        .expect("the panic must surface as an error");
+    assert!(matches!(e, Error::Stopped(_)), "{e}");
+    assert!(l.next().is_none());
+}

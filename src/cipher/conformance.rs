@@ -112,7 +112,7 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
 /// published vector. `random_cases` sets how many randomized chunks to try.
 pub fn run(cipher: &dyn Cipher, random_cases: usize) -> Result<(), String> {
     let name = cipher.backend().name();
-    let reference = super::cpu::CpuCipher::new();
+    let reference = super::cpu::reference::ReferenceCipher::new();
 
     // GCM spec vectors: open, open_in_place, verify, seal, and tamper rejection.
     for (i, v) in GCM_VECTORS.iter().enumerate() {

@@ -12,6 +12,7 @@
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
+pub mod bench;
 pub mod conformance;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -162,10 +163,9 @@ pub fn select(backend: Backend) -> Result<std::sync::Arc<dyn Cipher>> {
                     return Ok(c);
                 }
             }
-            if wgpu::probe().is_ok() {
-                if let Ok(c) = wgpu::create() {
-                    return Ok(c);
-                }
+            // wgpu on a GPU only: a CPU-type adapter (lavapipe) is slower than the CPU backend.
+            if let Ok(c) = wgpu::create_auto() {
+                return Ok(c);
             }
             Ok(std::sync::Arc::new(cpu::CpuCipher::new()))
         }

@@ -11,3 +11,8 @@ pub fn probe() -> std::result::Result<String, String> {
 pub fn create() -> Result<std::sync::Arc<dyn super::Cipher>> {
     Err(Error::BackendUnavailable { backend: "wgpu", reason: probe().unwrap_err() })
 }
+
+/// Not compiled in.
+pub fn create_auto() -> Result<std::sync::Arc<dyn super::Cipher>> {
+    create()
+}

@@ -938,6 +938,14 @@ impl Drop for Loader {
     }
 }
 
+/// The loader was dropped (the stop channel is disconnected).
+fn stopped(stop: &Receiver<()>) -> bool {
+    matches!(
+        stop.try_recv(),
+        Err(crossbeam_channel::TryRecvError::Disconnected)
+    )
+}
+
 fn worker(
     sh: &Shared,
     jobs: &Receiver<Job>,
@@ -945,6 +953,9 @@ fn worker(
     stop: &Receiver<()>,
 ) {
     loop {
+        if stopped(stop) {
+            return;
+        }
         let job = select! {
             recv(jobs) -> j => match j { Ok(j) => j, Err(_) => return },
             recv(stop) -> _ => return,
@@ -977,6 +988,11 @@ fn planner(
         let mut cur = Cursor::new(&plan);
         let first = if epoch == start_epoch { start_batch } else { 0 };
         for k in first..plan.batches() {
+            // `select!` picks at random among ready operations: check the stop signal first so
+            // a dropped loader never dispatches more work.
+            if stopped(stop) {
+                return;
+            }
             select! {
                 recv(credits) -> c => if c.is_err() { return },
                 recv(stop) -> _ => return,

@@ -1,7 +1,6 @@
-//! CPU backend: AES-NI / VAES through RustCrypto `aes` (run-time feature detection).
-//!
-//! This is a straightforward reference implementation on top of RustCrypto `aes-gcm` and `ctr`;
-//! the fast paths replace it behind the same trait.
+//! Reference CPU implementation on RustCrypto `aes-gcm` and `ctr`: simple and slow, kept
+//! reachable so the fast backend ([`super::CpuCipher`]) and the GPU backends can be
+//! cross-checked against an independent implementation.
 
 use aes::Aes256;
 use aes_gcm::aead::{AeadInOut, KeyInit};
@@ -9,73 +8,65 @@ use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use ctr::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use zeroize::Zeroize;
 
-use super::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, TAG_LEN, TagMismatch};
+use super::{ct_eq, ctr_start_block};
+use crate::cipher::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, TAG_LEN, TagMismatch};
 use crate::error::Result;
 use crate::keys::DataKey;
 
 type Ctr32 = ctr::Ctr32BE<Aes256>;
 
-/// The CPU backend.
+/// The reference CPU backend.
 #[derive(Debug, Default, Clone)]
-pub struct CpuCipher;
+pub struct ReferenceCipher;
 
-impl CpuCipher {
-    /// Creates the CPU backend.
+impl ReferenceCipher {
+    /// Creates the reference backend.
     pub fn new() -> Self {
-        CpuCipher
+        ReferenceCipher
     }
 }
 
-impl Cipher for CpuCipher {
+impl Cipher for ReferenceCipher {
     fn backend(&self) -> Backend {
         Backend::Cpu
     }
     fn describe(&self) -> String {
-        "CPU (RustCrypto aes)".into()
+        "CPU reference (RustCrypto aes-gcm, ctr)".into()
     }
     fn prepare(&self, key: &DataKey) -> Result<Box<dyn ChunkOpener>> {
-        Ok(Box::new(CpuOpener { gcm: Aes256Gcm::new(key.as_bytes().into()), key: key.clone() }))
+        Ok(Box::new(ReferenceOpener {
+            gcm: Aes256Gcm::new(key.as_bytes().into()),
+            key: key.clone(),
+        }))
     }
 }
 
-/// A prepared data key on the CPU.
-pub struct CpuOpener {
+/// A data key prepared by the reference backend.
+pub struct ReferenceOpener {
     gcm: Aes256Gcm,
     key: DataKey,
 }
 
-/// The counter block GCM starts encrypting at: `nonce || 2`, advanced by `blocks`.
-pub fn ctr_start_block(nonce: &[u8; NONCE_LEN], blocks: u64) -> [u8; 16] {
-    let mut iv = [0u8; 16];
-    iv[..12].copy_from_slice(nonce);
-    iv[12..].copy_from_slice(&(2u32.wrapping_add(blocks as u32)).to_be_bytes());
-    iv
-}
-
-impl CpuOpener {
+impl ReferenceOpener {
     fn gmac(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], data: &[u8]) -> [u8; TAG_LEN] {
         let mut full = Vec::with_capacity(aad.len() + data.len());
         full.extend_from_slice(aad);
         full.extend_from_slice(data);
         let tag = self
             .gcm
-            .encrypt_inout_detached(Nonce::from_slice(nonce), &full, (&mut [][..]).into())
+            .encrypt_inout_detached(&Nonce::from(*nonce), &full, (&mut [][..]).into())
             .expect("GMAC input within GCM limits");
         tag.into()
     }
 }
 
-fn ct_eq(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
-    let mut d = 0u8;
-    for i in 0..TAG_LEN {
-        d |= a[i] ^ b[i];
-    }
-    d == 0
-}
-
-impl ChunkOpener for CpuOpener {
+impl ChunkOpener for ReferenceOpener {
     fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), TagMismatch> {
-        assert_eq!(src.len(), dst.len(), "open: source and destination lengths differ");
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "open: source and destination lengths differ"
+        );
         dst.copy_from_slice(src);
         self.open_in_place(chunk, dst)
     }
@@ -85,10 +76,10 @@ impl ChunkOpener for CpuOpener {
             return self.verify(chunk, buf).inspect_err(|_| buf.zeroize());
         }
         let r = self.gcm.decrypt_inout_detached(
-            Nonce::from_slice(&chunk.nonce),
+            &Nonce::from(chunk.nonce),
             chunk.aad,
             buf.into(),
-            Tag::from_slice(&chunk.tag),
+            &Tag::from(chunk.tag),
         );
         r.map_err(|_| {
             buf.zeroize();
@@ -104,10 +95,10 @@ impl ChunkOpener for CpuOpener {
             let ok = self
                 .gcm
                 .decrypt_inout_detached(
-                    Nonce::from_slice(&chunk.nonce),
+                    &Nonce::from(chunk.nonce),
                     chunk.aad,
                     (&mut scratch[..]).into(),
-                    Tag::from_slice(&chunk.tag),
+                    &Tag::from(chunk.tag),
                 )
                 .is_ok();
             scratch.zeroize();
@@ -115,7 +106,11 @@ impl ChunkOpener for CpuOpener {
         } else {
             self.gmac(&chunk.nonce, chunk.aad, src)
         };
-        if ct_eq(&tag, &chunk.tag) { Ok(()) } else { Err(TagMismatch) }
+        if ct_eq(&tag, &chunk.tag) {
+            Ok(())
+        } else {
+            Err(TagMismatch)
+        }
     }
 
     fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]) {
@@ -129,12 +124,18 @@ impl ChunkOpener for CpuOpener {
         c.apply_keystream(dst);
     }
 
-    fn seal_in_place(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], encrypted: bool, buf: &mut [u8]) -> [u8; TAG_LEN] {
+    fn seal_in_place(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        encrypted: bool,
+        buf: &mut [u8],
+    ) -> [u8; TAG_LEN] {
         if !encrypted {
             return self.gmac(nonce, aad, buf);
         }
         self.gcm
-            .encrypt_inout_detached(Nonce::from_slice(nonce), aad, buf.into())
+            .encrypt_inout_detached(&Nonce::from(*nonce), aad, buf.into())
             .expect("chunk within GCM limits")
             .into()
     }

@@ -1,0 +1,78 @@
+//! CUDA backend check for a GPU machine: runs the conformance suite on the CUDA backend, then
+//! measures the kernels, pinned H2D and the end-to-end batch path, and prints a markdown table.
+//!
+//! `cargo build --release --features cuda --example cuda_bench`
+//! Usage: `cuda_bench [KERNEL_GIB] [E2E_GIB]` (defaults 4 and 2), or
+//! `cuda_bench --emit-ptx sm_90 FILE` to prebuild the kernels for `CIPHERSHARD_CUDA_PTX`.
+
+use ciphershard::cipher::cuda;
+use ciphershard::cipher::{Cipher, conformance};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--emit-ptx") {
+        // Needs NVRTC only: prebuild PTX for a machine without it (CIPHERSHARD_CUDA_PTX).
+        let (Some(arch), Some(out)) = (args.get(2), args.get(3)) else {
+            eprintln!(
+                "usage: cuda_bench --emit-ptx ARCH FILE   (e.g. sm_90 .gpu/kernels_sm90.ptx)"
+            );
+            std::process::exit(2);
+        };
+        match cuda::compile_kernels(Some(arch)) {
+            Ok(ptx) => {
+                if let Err(e) = std::fs::write(out, ptx.to_src()) {
+                    eprintln!("cuda_bench: {out}: {e}");
+                    std::process::exit(1);
+                }
+                println!("wrote {out}");
+                return;
+            }
+            Err(e) => {
+                eprintln!("cuda_bench: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let gib = |i: usize, d: f64| args.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(d);
+    let (kernel_gib, e2e_gib) = (gib(1, 4.0), gib(2, 2.0));
+    let cipher = match cuda::probe() {
+        Ok(_) => match cuda::CudaCipher::new(0) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("cuda_bench: {e}");
+                std::process::exit(2);
+            }
+        },
+        Err(why) => {
+            eprintln!("cuda_bench: CUDA not available: {why}");
+            std::process::exit(2);
+        }
+    };
+    println!("device: {}", cipher.describe());
+    let t = std::time::Instant::now();
+    let conf =
+        conformance::run(cipher.as_ref(), 60).and_then(|()| match cuda::cpu_fallback_count() {
+            0 => Ok(()),
+            n => Err(format!(
+                "{n} calls fell back to the CPU because the device failed"
+            )),
+        });
+    match &conf {
+        Ok(()) => println!("conformance: PASS ({:.1} s)", t.elapsed().as_secs_f64()),
+        Err(e) => println!("conformance: FAIL: {e}"),
+    }
+    let bytes = |g: f64| (g * (1u64 << 30) as f64) as usize;
+    match cuda::kernel_bench(&cipher, bytes(kernel_gib), bytes(e2e_gib)) {
+        Ok(r) => {
+            println!();
+            print!("{r}");
+        }
+        Err(e) => {
+            println!("benchmark: FAIL: {e}");
+            std::process::exit(1);
+        }
+    }
+    if conf.is_err() {
+        std::process::exit(1);
+    }
+}

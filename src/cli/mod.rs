@@ -1,0 +1,258 @@
+//! Command-line interface: argument parsing, key sources, progress bars and summaries.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use ciphershard::cipher::{self, Backend};
+use ciphershard::error::{Error, Result};
+use ciphershard::keys::MasterKey;
+
+mod commands;
+
+/// Encrypted safetensors shards and a GPU-accelerated decrypting data loader.
+#[derive(Parser, Debug)]
+#[command(name = "ciphershard", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where a master key comes from. Never the key itself: a path, `-` (standard input), or
+/// `env:VAR` (the file named by the environment variable VAR).
+#[derive(clap::Args, Debug, Clone)]
+pub struct KeyArgs {
+    /// Master key: a key file path, `-` for standard input, or `env:VAR` for the file named by
+    /// $VAR. Defaults to the file named by $CIPHERSHARD_KEY_FILE. Repeatable where allowed.
+    #[arg(long = "key", value_name = "KEY_SOURCE")]
+    pub key: Vec<String>,
+}
+
+impl KeyArgs {
+    /// Loads every key given (or the default from $CIPHERSHARD_KEY_FILE).
+    pub fn load_all(&self) -> Result<Vec<MasterKey>> {
+        if self.key.is_empty() {
+            if std::env::var_os("CIPHERSHARD_KEY_FILE").is_some() {
+                return Ok(vec![MasterKey::from_env_file("CIPHERSHARD_KEY_FILE")?]);
+            }
+            return Err(Error::Key(
+                "no key given: use --key FILE (or --key - for stdin, --key env:VAR, or set CIPHERSHARD_KEY_FILE)".into(),
+            ));
+        }
+        if self.key.iter().filter(|k| k.as_str() == "-").count() > 1 {
+            return Err(Error::Key("standard input can supply only one key".into()));
+        }
+        self.key.iter().map(|s| MasterKey::from_source(s)).collect()
+    }
+
+    /// Loads exactly one key.
+    pub fn load_one(&self) -> Result<MasterKey> {
+        let mut keys = self.load_all()?;
+        if keys.len() != 1 {
+            return Err(Error::Key("this command takes exactly one --key".into()));
+        }
+        Ok(keys.remove(0))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate a fresh 256-bit master key into a new file (mode 0600).
+    Keygen {
+        /// The key file to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Convert safetensors / .npy files into an encrypted dataset.
+    Convert(commands::ConvertArgs),
+    /// Show a shard's or dataset's header, tensors, key ids and chunk layout (no key needed).
+    Inspect {
+        /// A dataset directory or a shard file.
+        path: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every authentication tag of a dataset.
+    Verify {
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Dataset directory.
+        dataset: PathBuf,
+        /// Cipher backend.
+        #[arg(long, default_value = "auto")]
+        backend: Backend,
+    },
+    /// Rotate a master key: re-wrap the data keys; no tensor byte is rewritten.
+    Rekey {
+        #[command(flatten)]
+        key: KeyArgs,
+        /// The new master key (same sources as --key).
+        #[arg(long = "new-key", value_name = "KEY_SOURCE")]
+        new_key: String,
+        /// Dataset directory.
+        dataset: PathBuf,
+    },
+    /// Export one shard as a plaintext safetensors file (explicit: writes plaintext to disk).
+    Decrypt {
+        #[command(flatten)]
+        key: KeyArgs,
+        /// The shard file (its directory holds manifest.json and keyring.json).
+        shard: PathBuf,
+        /// The plaintext safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Cipher backend.
+        #[arg(long, default_value = "auto")]
+        backend: Backend,
+    },
+    /// Generate a small synthetic dataset, convert, verify and load it back; print timings.
+    Demo {
+        /// Rows in the synthetic dataset.
+        #[arg(long, default_value_t = 65_536)]
+        rows: u64,
+        /// Cipher backend for loading.
+        #[arg(long, default_value = "auto")]
+        backend: Backend,
+    },
+    /// Benchmark the loader (encrypted vs a plaintext twin) or, with --cipher, the raw cipher.
+    Bench(commands::BenchArgs),
+    /// List the cipher backends available here and, for the others, why not.
+    Backends,
+}
+
+/// Entry point: runs the command, prints errors in one line, maps them to exit codes
+/// (1: error, 2: integrity failure, 3: wrong key).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                Error::Integrity(_) | Error::HeaderIntegrity { .. } => ExitCode::from(2),
+                Error::WrongKey { .. } => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { out } => {
+            let key = MasterKey::generate()?;
+            key.write_new_file(&out)?;
+            println!(
+                "wrote a new 256-bit master key to {} (mode 0600), key id {}",
+                out.display(),
+                key.id()
+            );
+            Ok(())
+        }
+        Command::Convert(args) => commands::convert(args),
+        Command::Inspect { path, json } => commands::inspect(&path, json),
+        Command::Verify {
+            key,
+            dataset,
+            backend,
+        } => commands::verify(&key, &dataset, backend),
+        Command::Rekey {
+            key,
+            new_key,
+            dataset,
+        } => commands::rekey(&key, &new_key, &dataset),
+        Command::Decrypt {
+            key,
+            shard,
+            out,
+            backend,
+        } => commands::decrypt(&key, &shard, &out, backend),
+        Command::Demo { rows, backend } => commands::demo(rows, backend),
+        Command::Bench(args) => commands::bench(args),
+        Command::Backends => {
+            for a in cipher::availability() {
+                match a.status {
+                    Ok(desc) => println!("{:<5} available: {desc}", a.backend.name()),
+                    Err(why) => println!("{:<5} unavailable: {why}", a.backend.name()),
+                }
+            }
+            let auto = cipher::select(Backend::Auto)?;
+            println!("auto  -> {}", auto.backend().name());
+            Ok(())
+        }
+    }
+}
+
+/// A progress bar on stderr showing bytes, rate and ETA (hidden when stderr is not a terminal).
+pub fn byte_progress(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(8));
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Parses a size such as `1GiB`, `2MiB`, `512k`, `4096`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 2MiB, 1GiB, 65536)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
+        u => return Err(format!("unknown size unit '{u}' in '{s}'")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+/// Formats a throughput in decimal units (as throughput is usually quoted): GB/s or MB/s.
+pub fn rate(bytes: u64, d: Duration) -> String {
+    let bps = bytes as f64 / d.as_secs_f64().max(1e-9);
+    if bps >= 1e9 {
+        format!("{:.2} GB/s", bps / 1e9)
+    } else {
+        format!("{:.1} MB/s", bps / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2MiB").unwrap(), 2 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1gb").unwrap(), 1_000_000_000);
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("99999999999999999999T").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

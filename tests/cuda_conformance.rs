@@ -1,0 +1,104 @@
+//! The conformance suite and a batch-API check on the CUDA backend. Skips, saying why, where no
+//! CUDA device answers (the GPU check script runs this binary on the lent machine).
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+
+use ciphershard::cipher::conformance::{self, SplitMix};
+use ciphershard::cipher::cuda::{self, BatchChunk, CudaCipher, WaitError};
+use ciphershard::cipher::{ChunkParams, Cipher, cpu::CpuCipher};
+use ciphershard::keys::DataKey;
+
+fn device() -> Option<Arc<CudaCipher>> {
+    if let Err(why) = cuda::probe() {
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    Some(CudaCipher::new(0).expect("CUDA backend on a machine where probe succeeded"))
+}
+
+#[test]
+fn cuda_backend_conforms() {
+    let Some(c) = device() else { return };
+    conformance::run(c.as_ref(), 60).unwrap();
+    assert_eq!(
+        cuda::cpu_fallback_count(),
+        0,
+        "some calls were completed on the CPU because the device failed"
+    );
+}
+
+#[test]
+fn batch_decrypts_into_device_memory_and_rejects_tampering() {
+    let Some(c) = device() else { return };
+    let cpu = CpuCipher::new();
+    let mut rng = SplitMix(7);
+    let mut kb = [0u8; 32];
+    rng.fill(&mut kb);
+    let key = DataKey::from_bytes(kb);
+    let rop = cpu.prepare(&key).unwrap();
+    let dkey = c.prepare_device(&key).unwrap();
+    let lens = [1usize << 20, 5, 0, 4096, 123_457, 16];
+    let aad = vec![9u8; 89];
+    let mut pts = Vec::new();
+    let mut cts = Vec::new();
+    let mut tags = Vec::new();
+    for (i, &len) in lens.iter().enumerate() {
+        let mut pt = vec![0u8; len];
+        rng.fill(&mut pt);
+        let mut ct = pt.clone();
+        let nonce = [i as u8; 12];
+        tags.push(rop.seal_in_place(&nonce, &aad, i != 3, &mut ct));
+        pts.push(pt);
+        cts.push(ct);
+    }
+    let mut dec = c.batch_decryptor(3, 4 << 20).unwrap();
+    let total: usize = lens.iter().sum();
+    for tamper in [false, true] {
+        let mut bad = cts[4].clone();
+        if tamper {
+            bad[100] ^= 0x20;
+        }
+        let mut at = 0;
+        let chunks: Vec<BatchChunk> = (0..lens.len())
+            .map(|i| {
+                let data: &[u8] = if i == 4 { &bad } else { &cts[i] };
+                let ch = BatchChunk {
+                    key: &dkey,
+                    params: ChunkParams {
+                        nonce: [i as u8; 12],
+                        aad: &aad,
+                        tag: tags[i],
+                        encrypted: i != 3,
+                    },
+                    data,
+                    dst_offset: at,
+                };
+                at += lens[i];
+                ch
+            })
+            .collect();
+        let t = dec.submit(&chunks, total).unwrap();
+        match dec.wait(t) {
+            Ok(batch) => {
+                assert!(!tamper, "tampered batch was handed out");
+                let host = batch
+                    .stream()
+                    .clone_dtoh(&batch.slice().slice(..total))
+                    .unwrap();
+                let want: Vec<u8> = pts.concat();
+                assert!(
+                    host == want,
+                    "device plaintext differs from the CPU reference"
+                );
+                assert_ne!(batch.device_ptr(), 0);
+                dec.recycle(batch);
+            }
+            Err(WaitError::Tag { chunk }) => assert!(
+                tamper && chunk == 4,
+                "unexpected tag failure at chunk {chunk}"
+            ),
+            Err(WaitError::Device(e)) => panic!("device error: {e}"),
+        }
+    }
+}
