@@ -33,14 +33,18 @@ pub struct PyDataset {
     path: PathBuf,
     key: MasterKey,
     backend: Backend,
-    /// Unlocked sources per concrete backend (the default one is opened eagerly).
-    sources: Mutex<HashMap<Backend, Arc<FormatSource>>>,
+    /// Unlocked sources per requested backend, with the backend each resolved to (the
+    /// default one is opened eagerly).
+    sources: Mutex<HashMap<Backend, (Arc<FormatSource>, Backend)>>,
     manifest: format::Manifest,
     cipher_description: String,
+    /// The backend `auto` resolved to (or the one asked for).
+    resolved: Backend,
 }
 
 impl PyDataset {
-    /// The row source for `backend` (`None`: the dataset's own), unlocking it on first use.
+    /// The row source for `backend` (`None`: the dataset's own), unlocking it on first use,
+    /// and the concrete backend it decrypts with.
     pub fn source(
         &self,
         py: Python<'_>,
@@ -53,13 +57,13 @@ impl PyDataset {
             .lock_py_attached(py)
             .unwrap_or_else(|e| e.into_inner());
         if let Some(s) = map.get(&backend) {
-            return Ok((s.clone(), backend));
+            return Ok(s.clone());
         }
-        let (src, _) = py
+        let (src, _, resolved) = py
             .detach(|| open_source(&self.path, &self.key, backend))
             .py()?;
-        map.insert(backend, src.clone());
-        Ok((src, backend))
+        map.insert(backend, (src.clone(), resolved));
+        Ok((src, resolved))
     }
 
     /// The dataset directory as text.
@@ -85,11 +89,15 @@ fn open_source(
     path: &std::path::Path,
     key: &MasterKey,
     backend: Backend,
-) -> ciphershard::Result<(Arc<FormatSource>, String)> {
+) -> ciphershard::Result<(Arc<FormatSource>, String, Backend)> {
     let cipher = ciphershard::cipher::select(backend)?;
     let ds = format::Dataset::open(path)?;
     let unlocked = ds.unlock(key, cipher.as_ref())?;
-    Ok((Arc::new(FormatSource::new(unlocked)?), cipher.describe()))
+    Ok((
+        Arc::new(FormatSource::new(unlocked)?),
+        cipher.describe(),
+        cipher.backend(),
+    ))
 }
 
 #[pymethods]
@@ -105,11 +113,12 @@ impl PyDataset {
     ) -> PyResult<Self> {
         let backend = parse_backend(backend)?;
         let key = load_master_key(py, key_file, key_env)?;
-        let (source, description) = py.detach(|| open_source(&path, &key, backend)).py()?;
+        let (source, description, resolved) =
+            py.detach(|| open_source(&path, &key, backend)).py()?;
         let dir = source_dir(&path);
         let manifest = source.dataset().dataset().manifest().clone();
         let mut sources = HashMap::new();
-        sources.insert(backend, source);
+        sources.insert(backend, (source, resolved));
         Ok(PyDataset {
             path: dir,
             key,
@@ -117,6 +126,7 @@ impl PyDataset {
             sources: Mutex::new(sources),
             manifest,
             cipher_description: description,
+            resolved,
         })
     }
 
@@ -172,10 +182,10 @@ impl PyDataset {
         self.key.id()
     }
 
-    /// The backend chosen when the dataset was opened, e.g. ``"cpu"``.
+    /// The backend in use, e.g. ``"cpu"`` (what ``"auto"`` resolved to).
     #[getter]
     fn backend(&self) -> &'static str {
-        self.backend.name()
+        self.resolved.name()
     }
 
     /// What the backend is (CPU features, device name).
@@ -212,7 +222,7 @@ impl PyDataset {
             self.column_names(),
             self.manifest.shards.len(),
             self.key.id(),
-            self.backend
+            self.resolved
         )
     }
 }
