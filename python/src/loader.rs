@@ -364,7 +364,10 @@ impl PyLoader {
             inner.start(py, self.dataset.get())?;
         }
         let loader = inner.active.as_mut().expect("started above");
-        wait_interruptibly(py, || loader.wait_next(SIGNAL_POLL))?;
+        // A ready batch is taken without releasing the GIL; otherwise wait without it.
+        if !loader.wait_next(Duration::ZERO) {
+            wait_interruptibly(py, || loader.wait_next(SIGNAL_POLL))?;
+        }
         match loader.next() {
             Some(Ok(batch)) => {
                 drop(inner);
