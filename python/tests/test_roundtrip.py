@@ -179,3 +179,35 @@ def test_convert_views_memmaps_and_npy_paths(tmp_path):
     np.testing.assert_array_equal(np.from_dlpack(b["strided"]), strided)
     np.testing.assert_array_equal(np.from_dlpack(b["mm"]), mm)
     np.testing.assert_array_equal(np.from_dlpack(b["file"]), base * 3)
+
+
+def write_safetensors(path, tensors: dict) -> None:
+    """A minimal safetensors writer (the format is 8-byte header length + JSON + data)."""
+    names = {"float32": "F32", "int64": "I64", "uint8": "U8"}
+    header, blobs, offset = {}, [], 0
+    for name, arr in tensors.items():
+        data = np.ascontiguousarray(arr).tobytes()
+        header[name] = {"dtype": names[arr.dtype.name], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+def test_convert_safetensors_files_concatenates_rows(tmp_path):
+    key = tmp_path / "k.key"
+    ciphershard.generate_key(key)
+    a = {"x": np.arange(40, dtype=np.float32).reshape(10, 4), "y": np.arange(10, dtype=np.int64)}
+    b = {"x": -np.arange(20, dtype=np.float32).reshape(5, 4), "y": np.arange(10, 15, dtype=np.int64)}
+    write_safetensors(tmp_path / "a.safetensors", a)
+    write_safetensors(tmp_path / "b.safetensors", b)
+    s = ciphershard.convert([tmp_path / "a.safetensors", str(tmp_path / "b.safetensors")],
+                            out=tmp_path / "ds", key_file=key, chunk_size=64)
+    assert s["rows"] == 15 and s["kind"] == "dataset"
+    ds = ciphershard.Dataset(tmp_path / "ds", key_file=key, backend="cpu")
+    got = next(iter(ciphershard.Loader(ds, 15, shuffle=False)))
+    np.testing.assert_array_equal(np.from_dlpack(got["x"]), np.concatenate([a["x"], b["x"]]))
+    np.testing.assert_array_equal(np.from_dlpack(got["y"]), np.arange(15))
