@@ -11,6 +11,9 @@ import ciphershard
 from ciphershard import _ciphershard as native
 
 PAGE = 4096
+# NumPy >= 2.1 imports versioned DLPack capsules as writable arrays and takes copy=; older
+# releases mark DLPack imports read-only.
+NEW_NUMPY = np.lib.NumpyVersion(np.__version__) >= "2.1.0"
 
 
 def live_exports() -> int:
@@ -26,7 +29,10 @@ def test_numpy_views_the_pool_buffer(data):
         # The array's memory is the loader's page-aligned batch buffer, not a copy.
         assert arr.ctypes.data == t.data_ptr(), name
         assert t.data_ptr() % PAGE == 0, name
-        assert arr.flags.c_contiguous and arr.flags.writeable
+        assert arr.flags.c_contiguous
+        assert arr.flags.writeable or not NEW_NUMPY
+    if not NEW_NUMPY:
+        return
     # Writes through one view are seen by another: same memory.
     a = np.from_dlpack(batch["features"])
     b = np.from_dlpack(batch["features"])
@@ -99,9 +105,10 @@ def test_dlpack_protocol_options():
     src = np.arange(6, dtype=np.float64).reshape(2, 3)
     t = ciphershard.Tensor.from_bytes(src.tobytes(), "float64", [2, 3])
     np.testing.assert_array_equal(np.from_dlpack(t), src)
-    copied = np.from_dlpack(t, copy=True)
-    assert copied.ctypes.data != t.data_ptr()
-    np.testing.assert_array_equal(copied, src)
+    if NEW_NUMPY:
+        copied = np.from_dlpack(t, copy=True)
+        assert copied.ctypes.data != t.data_ptr()
+        np.testing.assert_array_equal(copied, src)
     with pytest.raises(BufferError):
         t.__dlpack__(dl_device=(2, 0))
     with pytest.raises(BufferError):
