@@ -152,8 +152,134 @@ pub fn create() -> Result<Arc<dyn Cipher>> {
 struct Kernels {
     setup: CudaFunction,
     hpowers: CudaFunction,
-    ctr: CudaFunction,
+    /// One entry per [`CtrVariant::ALL`]: the loaded, configured kernel or why it is unusable.
+    ctr: Vec<std::result::Result<CudaFunction, String>>,
     ghash: CudaFunction,
+}
+
+/// Environment variable selecting the AES-CTR kernel variant ([`CtrVariant::name`]) at start-up.
+pub const CTR_VARIANT_ENV: &str = "CIPHERSHARD_CUDA_CTR";
+
+/// AES-256-CTR kernel variants (kernels/aes_gcm.cu), selectable at run time so one GPU run can
+/// measure them all ([`kernel_bench`]) and the fastest verified one can be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtrVariant {
+    /// Round 1: Te0 replicated per lane (32 KiB), two integer ops per lookup address.
+    Replicated,
+    /// Wide Te0/Te2 rows (64 KiB), one `__byte_perm` per lookup address; 512 threads.
+    Wide2x512,
+    /// As `Wide2x512` with 256-thread blocks (up to 3 per SM).
+    Wide2x256,
+    /// Four wide tables (128 KiB), no rotations; 1024 threads (registers capped at 64).
+    Wide4x1024,
+    /// Four wide tables, 512 threads (no register cap: no spills).
+    Wide4x512,
+}
+
+impl CtrVariant {
+    /// Every variant, in the order the benchmark runs them.
+    pub const ALL: [CtrVariant; 5] = [
+        CtrVariant::Replicated,
+        CtrVariant::Wide2x512,
+        CtrVariant::Wide2x256,
+        CtrVariant::Wide4x1024,
+        CtrVariant::Wide4x512,
+    ];
+    /// The default until a GPU run shows a faster verified variant.
+    pub const DEFAULT: CtrVariant = CtrVariant::Replicated;
+
+    /// Short name (for [`CTR_VARIANT_ENV`] and reports).
+    pub fn name(self) -> &'static str {
+        match self {
+            CtrVariant::Replicated => "t1-replicated",
+            CtrVariant::Wide2x512 => "w2-prmt-512",
+            CtrVariant::Wide2x256 => "w2-prmt-256",
+            CtrVariant::Wide4x1024 => "w4-prmt-1024",
+            CtrVariant::Wide4x512 => "w4-prmt-512",
+        }
+    }
+
+    /// The variant called `name`.
+    pub fn parse(name: &str) -> Option<CtrVariant> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+
+    fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|v| *v == self)
+            .expect("listed in ALL")
+    }
+
+    fn kernel(self) -> &'static str {
+        match self {
+            CtrVariant::Replicated => "cs_ctr",
+            CtrVariant::Wide2x512 => "cs_ctr_w2",
+            CtrVariant::Wide2x256 => "cs_ctr_w2b",
+            CtrVariant::Wide4x1024 => "cs_ctr_w4",
+            CtrVariant::Wide4x512 => "cs_ctr_w4b",
+        }
+    }
+
+    fn threads(self) -> u32 {
+        match self {
+            CtrVariant::Replicated | CtrVariant::Wide2x256 => 256,
+            CtrVariant::Wide2x512 | CtrVariant::Wide4x512 => 512,
+            CtrVariant::Wide4x1024 => 1024,
+        }
+    }
+
+    /// Dynamic shared memory (the wide tables), bytes.
+    fn dynamic_smem(self) -> u32 {
+        match self {
+            CtrVariant::Replicated => 0,
+            CtrVariant::Wide2x512 | CtrVariant::Wide2x256 => 64 << 10,
+            CtrVariant::Wide4x1024 | CtrVariant::Wide4x512 => 128 << 10,
+        }
+    }
+}
+
+/// Registers and local memory (spills) of a loaded kernel, from the driver.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelInfo {
+    /// Registers per thread.
+    pub registers: i32,
+    /// Local memory per thread in bytes (non-zero means register spills or a stack).
+    pub local_bytes: i32,
+}
+
+fn kernel_info(f: &CudaFunction) -> KernelInfo {
+    use cudarc::driver::sys::CUfunction_attribute as A;
+    KernelInfo {
+        registers: f.get_attribute(A::CU_FUNC_ATTRIBUTE_NUM_REGS).unwrap_or(-1),
+        local_bytes: f
+            .get_attribute(A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)
+            .unwrap_or(-1),
+    }
+}
+
+/// Loads a CTR variant's kernel and raises its dynamic shared-memory limit when it needs one.
+fn load_ctr(
+    module: &Arc<cudarc::driver::CudaModule>,
+    v: CtrVariant,
+) -> std::result::Result<CudaFunction, String> {
+    let f = module
+        .load_function(v.kernel())
+        .map_err(|e| format!("kernel {} missing from the module: {e}", v.kernel()))?;
+    if v.dynamic_smem() > 0 {
+        use cudarc::driver::sys::CUfunction_attribute as A;
+        f.set_attribute(
+            A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            v.dynamic_smem() as i32,
+        )
+        .map_err(|e| {
+            format!(
+                "the device cannot give {} KiB of shared memory to one block: {e}",
+                v.dynamic_smem() >> 10
+            )
+        })?;
+    }
+    Ok(f)
 }
 
 /// Context, stream and loaded kernels, shared by the cipher, its keys and batch decryptors.
@@ -163,6 +289,14 @@ struct Device {
     k: Kernels,
     name: String,
     arch: String,
+    /// Index into [`CtrVariant::ALL`] of the CTR kernel in use.
+    ctr_variant: std::sync::atomic::AtomicUsize,
+}
+
+impl Device {
+    fn ctr_variant(&self) -> CtrVariant {
+        CtrVariant::ALL[self.ctr_variant.load(std::sync::atomic::Ordering::Relaxed)]
+    }
 }
 
 static PTX: OnceLock<std::result::Result<(String, Ptx), String>> = OnceLock::new();
@@ -227,20 +361,71 @@ impl CudaCipher {
         let k = Kernels {
             setup: f("cs_setup")?,
             hpowers: f("cs_hpowers")?,
-            ctr: f("cs_ctr")?,
+            ctr: CtrVariant::ALL
+                .iter()
+                .map(|&v| load_ctr(&module, v))
+                .collect(),
             ghash: f("cs_ghash")?,
         };
+        if let Err(e) = &k.ctr[CtrVariant::Replicated.index()] {
+            return Err(Error::Backend {
+                backend: "cuda",
+                reason: format!("{e} (use --backend cpu)"),
+            });
+        }
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
-        Ok(Arc::new(CudaCipher {
+        let cipher = CudaCipher {
             dev: Arc::new(Device {
                 ctx,
                 stream,
                 k,
                 name,
                 arch,
+                ctr_variant: std::sync::atomic::AtomicUsize::new(CtrVariant::DEFAULT.index()),
             }),
-        }))
+        };
+        if let Some(v) = std::env::var(CTR_VARIANT_ENV)
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            let variant = CtrVariant::parse(&v).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{CTR_VARIANT_ENV}={v}: unknown CTR kernel variant (one of: {})",
+                    CtrVariant::ALL.map(CtrVariant::name).join(", ")
+                ))
+            })?;
+            cipher.set_ctr_variant(variant)?;
+        }
+        Ok(Arc::new(cipher))
+    }
+
+    /// Selects the AES-CTR kernel used from now on by every key and batch of this device.
+    pub fn set_ctr_variant(&self, v: CtrVariant) -> Result<()> {
+        if let Err(e) = &self.dev.k.ctr[v.index()] {
+            return Err(Error::BackendUnavailable {
+                backend: "cuda",
+                reason: format!("CTR kernel variant {}: {e}", v.name()),
+            });
+        }
+        self.dev
+            .ctr_variant
+            .store(v.index(), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The AES-CTR kernel variant in use.
+    pub fn ctr_variant(&self) -> CtrVariant {
+        self.dev.ctr_variant()
+    }
+
+    /// Every CTR variant with its registers/spills, or why it cannot run on this device.
+    pub fn ctr_variants(&self) -> Vec<(CtrVariant, std::result::Result<KernelInfo, String>)> {
+        CtrVariant::ALL
+            .iter()
+            .zip(&self.dev.k.ctr)
+            .map(|(&v, f)| (v, f.as_ref().map(kernel_info).map_err(Clone::clone)))
+            .collect()
     }
 
     /// Prepares a data key on the device (round keys, GHASH tables), for [`BatchDecryptor`].
@@ -266,8 +451,10 @@ impl Cipher for CudaCipher {
     }
     fn describe(&self) -> String {
         format!(
-            "{} ({}, AES T-tables in shared memory, GHASH on the GPU)",
-            self.dev.name, self.dev.arch
+            "{} ({}, AES T-tables in shared memory [{}], GHASH on the GPU)",
+            self.dev.name,
+            self.dev.arch,
+            self.dev.ctr_variant().name()
         )
     }
     fn prepare(&self, key: &DataKey) -> Result<Box<dyn ChunkOpener>> {
@@ -285,11 +472,14 @@ fn grid_x(units: u64) -> u32 {
     units.div_ceil(u64::from(THREADS)).clamp(1, 1 << 20) as u32
 }
 
-/// AES blocks each CTR thread handles (amortizes the 32 KiB shared-table fill per thread block).
+/// AES blocks each CTR thread handles (amortizes the shared-table fill per thread block).
 const CTR_BLOCKS_PER_THREAD: u64 = 32;
 
-fn ctr_grid_x(blocks: u64) -> u32 {
-    grid_x(blocks.div_ceil(CTR_BLOCKS_PER_THREAD))
+fn ctr_grid_x(blocks: u64, threads: u32) -> u32 {
+    blocks
+        .div_ceil(CTR_BLOCKS_PER_THREAD)
+        .div_ceil(u64::from(threads))
+        .clamp(1, 1 << 20) as u32
 }
 
 /// A data key prepared on the device. Its device copies (round keys, H tables, powers of H) are
@@ -449,15 +639,20 @@ impl CudaKey {
         src: &CudaSlice<u8>,
         dst: &mut CudaSlice<u8>,
     ) -> Result<()> {
+        let v = self.dev.ctr_variant();
+        let f = self.dev.k.ctr[v.index()]
+            .as_ref()
+            .map_err(|e| backend_err("AES-CTR kernel", e))?;
         let cfg = LaunchConfig {
-            grid_dim: (ctr_grid_x(max_blocks), n as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            grid_dim: (ctr_grid_x(max_blocks, v.threads()), n as u32, 1),
+            block_dim: (v.threads(), 1, 1),
+            shared_mem_bytes: v.dynamic_smem(),
         };
         // SAFETY: every descriptor's source and destination ranges were checked against `src`
-        // and `dst` by the caller; te0/rk hold 256/60 words.
+        // and `dst` by the caller; te0/rk hold 256/60 words; the block size and dynamic shared
+        // memory are the ones this variant's kernel was built and configured for.
         unsafe {
-            s.launch_builder(&self.dev.k.ctr)
+            s.launch_builder(f)
                 .arg(&self.te0)
                 .arg(&self.rk)
                 .arg(desc)
