@@ -1725,14 +1725,15 @@ impl std::fmt::Display for KernelBenchReport {
                 ratios("old path", self.e2e_encrypted_gbps, self.e2e_plain_gbps)
             )?;
         }
-        if let Ok(g) = self.file_encrypted_gbps {
-            if self.file_plain_gbps > 0.0 && self.h2d_pinned_gbps > 0.0 {
-                writeln!(
-                    f,
-                    "| ratios {} | |",
-                    ratios("new path", g, self.file_plain_gbps)
-                )?;
-            }
+        if let Ok(g) = self.file_encrypted_gbps
+            && self.file_plain_gbps > 0.0
+            && self.h2d_pinned_gbps > 0.0
+        {
+            writeln!(
+                f,
+                "| ratios {} | |",
+                ratios("new path", g, self.file_plain_gbps)
+            )?;
         }
         Ok(())
     }
@@ -2252,6 +2253,49 @@ mod tests {
                 assert!(g >= 1);
             }
         }
+    }
+
+    #[test]
+    fn bench_report_prints_a_line_per_variant_and_marks_failures() {
+        let mut r = KernelBenchReport {
+            device: "dev".into(),
+            best: Some(CtrVariant::Wide2x512),
+            file_encrypted_gbps: Ok(30.0),
+            file_plain_gbps: 31.0,
+            h2d_pinned_gbps: 50.0,
+            e2e_plain_gbps: 18.0,
+            e2e_encrypted_gbps: 17.0,
+            ..Default::default()
+        };
+        for v in CtrVariant::ALL {
+            r.variants.push(VariantFigures {
+                variant: v,
+                info: Some(KernelInfo {
+                    registers: 48,
+                    local_bytes: 0,
+                }),
+                ctr_gbps: 100.0,
+                ctr_ghash_gbps: 80.0,
+                check: if v == CtrVariant::Wide4x1024 {
+                    Err("conformance: bad | tag".into())
+                } else {
+                    Ok(())
+                },
+            });
+        }
+        let text = r.to_string();
+        for v in CtrVariant::ALL {
+            assert!(text.contains(v.name()), "{text}");
+        }
+        assert!(text.contains(
+            "| CTR variant w4-prmt-1024, 48 regs, 0 B local | FAIL: conformance: bad / tag |"
+        ));
+        assert!(text.contains("best verified variant w2-prmt-512"));
+        assert!(
+            text.contains("new path: encrypted/plaintext = 0.968"),
+            "{text}"
+        );
+        assert!(text.lines().all(|l| l.starts_with('|')));
     }
 
     #[test]
