@@ -170,6 +170,8 @@ pub enum CtrVariant {
     Wide2x512,
     /// As `Wide2x512` with 256-thread blocks (up to 3 per SM).
     Wide2x256,
+    /// As `Wide2x256` with the round keys in registers (fewer shared loads, 2 blocks per SM).
+    Wide2RegKeys,
     /// Four wide tables (128 KiB), no rotations; 1024 threads (registers capped at 64).
     Wide4x1024,
     /// Four wide tables, 512 threads (no register cap: no spills).
@@ -178,10 +180,11 @@ pub enum CtrVariant {
 
 impl CtrVariant {
     /// Every variant, in the order the benchmark runs them.
-    pub const ALL: [CtrVariant; 5] = [
+    pub const ALL: [CtrVariant; 6] = [
         CtrVariant::Replicated,
         CtrVariant::Wide2x512,
         CtrVariant::Wide2x256,
+        CtrVariant::Wide2RegKeys,
         CtrVariant::Wide4x1024,
         CtrVariant::Wide4x512,
     ];
@@ -194,6 +197,7 @@ impl CtrVariant {
             CtrVariant::Replicated => "t1-replicated",
             CtrVariant::Wide2x512 => "w2-prmt-512",
             CtrVariant::Wide2x256 => "w2-prmt-256",
+            CtrVariant::Wide2RegKeys => "w2-prmt-256-rk-regs",
             CtrVariant::Wide4x1024 => "w4-prmt-1024",
             CtrVariant::Wide4x512 => "w4-prmt-512",
         }
@@ -216,6 +220,7 @@ impl CtrVariant {
             CtrVariant::Replicated => "cs_ctr",
             CtrVariant::Wide2x512 => "cs_ctr_w2",
             CtrVariant::Wide2x256 => "cs_ctr_w2b",
+            CtrVariant::Wide2RegKeys => "cs_ctr_w2r",
             CtrVariant::Wide4x1024 => "cs_ctr_w4",
             CtrVariant::Wide4x512 => "cs_ctr_w4b",
         }
@@ -223,7 +228,7 @@ impl CtrVariant {
 
     fn threads(self) -> u32 {
         match self {
-            CtrVariant::Replicated | CtrVariant::Wide2x256 => 256,
+            CtrVariant::Replicated | CtrVariant::Wide2x256 | CtrVariant::Wide2RegKeys => 256,
             CtrVariant::Wide2x512 | CtrVariant::Wide4x512 => 512,
             CtrVariant::Wide4x1024 => 1024,
         }
@@ -233,7 +238,7 @@ impl CtrVariant {
     fn dynamic_smem(self) -> u32 {
         match self {
             CtrVariant::Replicated => 0,
-            CtrVariant::Wide2x512 | CtrVariant::Wide2x256 => 64 << 10,
+            CtrVariant::Wide2x512 | CtrVariant::Wide2x256 | CtrVariant::Wide2RegKeys => 64 << 10,
             CtrVariant::Wide4x1024 | CtrVariant::Wide4x512 => 128 << 10,
         }
     }
