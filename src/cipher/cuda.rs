@@ -7,7 +7,13 @@
 //!   so the conformance suite and cross-backend tests run on it exactly as on the CPU;
 //! - [`BatchDecryptor`]: many chunks per batch from pinned staging buffers into a device buffer,
 //!   with asynchronous copies on one stream per slot (double/triple buffering) and every tag
-//!   checked before [`BatchDecryptor::wait`] hands the [`DeviceBatch`] out.
+//!   checked before [`BatchDecryptor::wait`] hands the [`DeviceBatch`] out. Chunks come either as
+//!   host slices ([`BatchDecryptor::submit`], copied into staging) or already read into the
+//!   slot's pinned staging by the caller ([`BatchDecryptor::staging_mut`] +
+//!   [`BatchDecryptor::submit_staged`]: one copy out of the page cache).
+//!
+//! The AES-CTR kernel has run-time selectable variants ([`CtrVariant`], `CIPHERSHARD_CUDA_CTR`);
+//! [`kernel_bench_with`] measures and checks them all in one run.
 //!
 //! Tags: GHASH runs on the GPU (segments folded in parallel, scaled by precomputed powers of H,
 //! combined with `atomicXor`); only 16 bytes per chunk come back, and the host XORs `E_K(J0)`
@@ -1237,8 +1243,8 @@ impl BatchDecryptor {
             .map_err(drv("pinned staging buffer"))
     }
 
-    /// Enqueues a batch whose bytes the caller already wrote into [`staging_mut`]
-    /// (Self::staging_mut): uploads the staged range asynchronously and launches GHASH and
+    /// Enqueues a batch whose bytes the caller already wrote into
+    /// [`staging_mut`](Self::staging_mut): uploads the staged range asynchronously and launches GHASH and
     /// AES-CTR, exactly as [`submit`](Self::submit). Chunks at 16-byte aligned staging offsets
     /// take the vectorized path.
     pub fn submit_staged(&mut self, chunks: &[StagedChunk<'_>], out_len: usize) -> Result<Ticket> {
