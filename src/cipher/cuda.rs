@@ -475,6 +475,7 @@ impl Cipher for CudaCipher {
             key: dkey,
             fallback,
             lock: Mutex::new(()),
+            failure: Mutex::new(None),
         }))
     }
 }
@@ -750,6 +751,8 @@ pub struct CudaOpener {
     /// `seal_in_place`) or mid-`open`; each such fallback is reported on stderr.
     fallback: Box<dyn ChunkOpener>,
     lock: Mutex<()>,
+    /// The first device failure, reported by `health()`.
+    failure: Mutex<Option<String>>,
 }
 
 enum Mode {
@@ -825,10 +828,24 @@ impl CudaOpener {
     fn device_failed(&self, what: &str, e: &Error) {
         CPU_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         eprintln!("ciphershard: CUDA {what} failed ({e}); this call was completed on the CPU");
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(format!("{what} failed: {e}"));
+        }
     }
 }
 
 impl ChunkOpener for CudaOpener {
+    fn health(&self) -> crate::error::Result<()> {
+        match self.failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            None => Ok(()),
+            Some(why) => Err(Error::Backend {
+                backend: "cuda",
+                reason: format!("{why} (the device failed; rerun with --backend cpu, or check nvidia-smi)"),
+            }),
+        }
+    }
+
     fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), TagMismatch> {
         if src.len() != dst.len() {
             dst.zeroize();
