@@ -16,7 +16,16 @@ fn kernels_compile_with_nvrtc_for_hopper_and_ampere() {
     for arch in ["sm_90", "sm_80"] {
         let ptx = cuda::compile_kernels(Some(arch)).unwrap_or_else(|e| panic!("{arch}: {e}"));
         let src = ptx.to_src();
-        for k in ["cs_setup", "cs_hpowers", "cs_ctr", "cs_ghash"] {
+        for k in [
+            "cs_setup",
+            "cs_hpowers",
+            "cs_ctr",
+            "cs_ctr_w2",
+            "cs_ctr_w2b",
+            "cs_ctr_w4",
+            "cs_ctr_w4b",
+            "cs_ghash",
+        ] {
             assert!(
                 src.contains(&format!(".entry {k}")),
                 "{arch}: kernel {k} missing from PTX"
