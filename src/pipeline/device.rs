@@ -1,0 +1,906 @@
+//! Device-memory batches: the loader's plan, with chunks verified and decrypted on a CUDA GPU
+//! and rows gathered into pooled device buffers. See docs/LOADER.md, "Device batches".
+//!
+//! Data path per shuffle window: `pread` of every chunk the window touches straight into the
+//! pinned staging buffer of a [`BatchDecryptor`] slot → one asynchronous host-to-device copy →
+//! GHASH (tags) and AES-CTR on the GPU into a device *window* buffer → `wait` checks every tag
+//! (on a mismatch the window is zeroed and nothing is handed out). Each batch is then gathered
+//! from the resident, verified windows into its column buffers by `cs_gather_rows`
+//! (`kernels/gather.cu`), one launch per column and window, and its stream synchronized before
+//! the batch is sent. Same plan as the host [`super::Loader`]: the same seed gives the same rows
+//! in the same order, so a device batch downloaded equals the host loader's batch.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, bounded, select};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
+
+use super::format_source::FormatSource;
+use super::loader::{DecryptMode, LoaderOptions, LoaderState};
+use super::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
+use super::source::{ChunkSpec, ColumnInfo, RowSource};
+use super::telemetry::{Counters, LoaderStats, add};
+use crate::cipher::cuda::{BatchDecryptor, CudaCipher, CudaKey, StagedChunk, WaitError};
+use crate::cipher::cuda_gather::Gather;
+use crate::cipher::{ChunkParams, cpu::CpuCipher};
+use crate::error::{Error, Result};
+use crate::format::Dataset;
+use crate::keys::MasterKey;
+
+type Key = (u32, u32, u64); // shard, column, chunk j
+
+fn dev_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        reason: format!(
+            "{what}: {e} (out of device memory: use a smaller batch or window; otherwise check \
+             `nvidia-smi`, or use the host loader with --backend cpu)"
+        ),
+    }
+}
+
+/// One column of a device batch: shape `[B, ...]`, the dataset's dtype, in device memory.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaTensor<'a> {
+    /// Column name.
+    pub name: &'a str,
+    /// safetensors dtype name.
+    pub dtype: &'a str,
+    rows: usize,
+    row_shape: &'a [u64],
+    len: usize,
+    buf: &'a CudaSlice<u8>,
+    stream: &'a Arc<CudaStream>,
+}
+
+impl<'a> CudaTensor<'a> {
+    /// Shape `[B, ...row shape]`.
+    pub fn shape(&self) -> Vec<u64> {
+        std::iter::once(self.rows as u64)
+            .chain(self.row_shape.iter().copied())
+            .collect()
+    }
+    /// Bytes of the tensor (`B × row bytes`); the buffer may be longer (pooled at full batch).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// `true` for a zero-byte tensor.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The pooled device buffer (at least [`len`](Self::len) bytes).
+    pub fn slice(&self) -> &'a CudaSlice<u8> {
+        self.buf
+    }
+    /// Raw device pointer (`CUdeviceptr`) for DLPack; valid while the batch lives. The data is
+    /// complete: the stream was synchronized before the batch was handed out.
+    pub fn device_ptr(&self) -> u64 {
+        let (p, _sync) = self.buf.device_ptr(self.stream);
+        p
+    }
+    /// The stream the tensor was written on (DLPack's stream argument).
+    pub fn stream(&self) -> &'a Arc<CudaStream> {
+        self.stream
+    }
+    /// Copies the tensor to the host (tests, debugging).
+    pub fn to_host(&self) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; self.len];
+        if self.len > 0 {
+            self.stream
+                .memcpy_dtoh(&self.buf.slice(..self.len), &mut v[..])
+                .map_err(|e| dev_err("device-to-host copy", e))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| dev_err("device-to-host copy", e))?;
+        }
+        Ok(v)
+    }
+}
+
+type SetPool = Arc<Mutex<Vec<Vec<CudaSlice<u8>>>>>;
+
+/// A batch of verified, decrypted rows in device memory. Dropping it returns its device
+/// buffers to the loader's pool.
+pub struct CudaBatch {
+    epoch: u64,
+    index: u64,
+    row_ids: Vec<u64>,
+    columns: Arc<[ColumnInfo]>,
+    bufs: Vec<CudaSlice<u8>>,
+    stream: Arc<CudaStream>,
+    pool: SetPool,
+}
+
+impl std::fmt::Debug for CudaBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBatch")
+            .field("epoch", &self.epoch)
+            .field("index", &self.index)
+            .field("rows", &self.len())
+            .finish()
+    }
+}
+
+impl CudaBatch {
+    /// Rows in the batch (B).
+    pub fn len(&self) -> usize {
+        self.row_ids.len()
+    }
+    /// `true` for an empty batch (never yielded).
+    pub fn is_empty(&self) -> bool {
+        self.row_ids.is_empty()
+    }
+    /// Epoch this batch belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    /// Index of the batch within its epoch (for this rank).
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+    /// Global dataset row index of each row, in batch order.
+    pub fn row_ids(&self) -> &[u64] {
+        &self.row_ids
+    }
+    /// The stream every column was written on (already synchronized).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// The column tensors, in the dataset's column order.
+    pub fn tensors(&self) -> impl Iterator<Item = CudaTensor<'_>> {
+        self.columns
+            .iter()
+            .zip(&self.bufs)
+            .map(|(c, b)| CudaTensor {
+                name: &c.name,
+                dtype: &c.dtype,
+                rows: self.row_ids.len(),
+                row_shape: &c.row_shape,
+                len: self.row_ids.len() * c.row_bytes as usize,
+                buf: b,
+                stream: &self.stream,
+            })
+    }
+    /// The column named `name`.
+    pub fn tensor(&self, name: &str) -> Option<CudaTensor<'_>> {
+        self.tensors().find(|t| t.name == name)
+    }
+}
+
+impl Drop for CudaBatch {
+    fn drop(&mut self) {
+        let bufs = std::mem::take(&mut self.bufs);
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(bufs);
+    }
+}
+
+/// The loader into device memory: an iterator of `Result<CudaBatch>` with the host
+/// [`super::Loader`]'s plan, state and failure semantics (the first error is yielded once, then
+/// the loader stops; [`state`](Self::state) points at the failed batch).
+pub struct DeviceLoader {
+    rx: Receiver<Result<CudaBatch>>,
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    remaining: u64,
+    done: bool,
+    state: LoaderState,
+    batches_per_epoch: u64,
+    counters: Arc<Counters>,
+    built: Instant,
+    columns: Arc<[ColumnInfo]>,
+}
+
+impl std::fmt::Debug for DeviceLoader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceLoader")
+            .field("state", &self.state)
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything the producer thread owns.
+struct Producer {
+    source: Arc<FormatSource>,
+    files: Vec<File>,
+    keys: Vec<Arc<CudaKey>>,
+    cipher: Arc<CudaCipher>,
+    columns: Arc<[ColumnInfo]>,
+    chunk_size: u64,
+    twin: bool,
+    /// Threads that `pread` a window's chunks into staging.
+    threads: usize,
+    batch_size: usize,
+    slot_bytes: usize,
+    counters: Arc<Counters>,
+    pool: SetPool,
+}
+
+/// A verified, decrypted window resident on the device.
+struct Window {
+    epoch: u64,
+    w: usize,
+    buf: WindowBuf,
+    /// Byte offset in `buf` of each chunk (a shard/column's consecutive chunks are contiguous).
+    offsets: HashMap<Key, u64>,
+}
+
+enum WindowBuf {
+    Decrypted(crate::cipher::cuda::DeviceBatch),
+    Twin(CudaSlice<u8>),
+}
+
+impl WindowBuf {
+    fn slice(&self) -> &CudaSlice<u8> {
+        match self {
+            WindowBuf::Decrypted(b) => b.slice(),
+            WindowBuf::Twin(s) => s,
+        }
+    }
+}
+
+impl DeviceLoader {
+    /// Opens the dataset at `path` with `key` (headers authenticated on the CPU), prepares every
+    /// shard's data key on CUDA device `ordinal` and starts the loader. `opts.mode ==
+    /// DecryptMode::TwinNoCrypto` (bench only) skips verification and decryption; `threads`
+    /// is the number of threads that `pread` a window's chunks into pinned staging (one
+    /// producer thread drives the GPU).
+    pub fn open(
+        path: &Path,
+        key: &MasterKey,
+        ordinal: usize,
+        opts: &LoaderOptions,
+    ) -> Result<DeviceLoader> {
+        let cipher = CudaCipher::new(ordinal)?;
+        let ds = Dataset::open(path)?;
+        let unlocked = ds.unlock(key, &CpuCipher::new())?;
+        let mut keys = Vec::with_capacity(ds.shards().len());
+        for s in 0..ds.shards().len() {
+            let dk = ds.keyring().unwrap(key, s)?; // zeroized on drop
+            keys.push(cipher.prepare_device(&dk)?);
+        }
+        let source = Arc::new(FormatSource::new(unlocked)?);
+        DeviceLoader::new(source, keys, cipher, opts)
+    }
+
+    /// Starts a device loader over `source` with each shard's key prepared on `cipher`'s device.
+    pub fn new(
+        source: Arc<FormatSource>,
+        keys: Vec<Arc<CudaKey>>,
+        cipher: Arc<CudaCipher>,
+        opts: &LoaderOptions,
+    ) -> Result<DeviceLoader> {
+        let built = Instant::now();
+        if opts.batch_size == 0 || opts.prefetch == 0 || opts.window_blocks == 0 {
+            return Err(Error::InvalidArgument(
+                "batch_size, prefetch and window_blocks must be at least 1".into(),
+            ));
+        }
+        if opts.world_size == 0 || opts.rank >= opts.world_size {
+            return Err(Error::InvalidArgument(format!(
+                "rank {} is not below world_size {}",
+                opts.rank, opts.world_size
+            )));
+        }
+        if keys.len() != source.shard_count() {
+            return Err(Error::InvalidArgument(format!(
+                "{} device keys for {} shards",
+                keys.len(),
+                source.shard_count()
+            )));
+        }
+        let columns: Arc<[ColumnInfo]> = source.columns().to_vec().into();
+        let chunk_size = source.chunk_size();
+        if chunk_size == 0 {
+            return Err(Error::InvalidArgument("chunk_size is 0".into()));
+        }
+        // Same defaults as the host loader, so both walk the same plan.
+        let widest = columns
+            .iter()
+            .map(|c| c.row_bytes)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let block_rows = opts
+            .block_rows
+            .unwrap_or((chunk_size / widest).max(1))
+            .max(1);
+        let shard_rows: Vec<u64> = (0..source.shard_count())
+            .map(|s| source.shard_rows(s))
+            .collect();
+        let total_rows: u64 = shard_rows.iter().sum();
+        let cfg = SamplerConfig {
+            seed: opts.seed,
+            shuffle: opts.shuffle,
+            block_rows,
+            window_blocks: opts.window_blocks,
+            rank: opts.rank,
+            world_size: opts.world_size,
+            batch_size: opts.batch_size as u64,
+            drop_last: opts.drop_last,
+        };
+        let batches_per_epoch = EpochPlan::new(&cfg, 0, &shard_rows).batches();
+        if opts.start_batch > batches_per_epoch {
+            return Err(Error::InvalidArgument(format!(
+                "resume position {} is past the epoch's {batches_per_epoch} batches (different dataset?)",
+                opts.start_batch
+            )));
+        }
+        let total = if opts.start_epoch >= opts.epochs {
+            0
+        } else {
+            (opts.epochs - opts.start_epoch) * batches_per_epoch - opts.start_batch
+        };
+        let mut files = Vec::with_capacity(source.shard_count());
+        for s in 0..source.shard_count() {
+            let path = source.shard_path(s);
+            let f = File::open(path).map_err(|e| Error::io(path, e))?;
+            let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+            if len != source.shard_file_len(s) {
+                return Err(Error::format(
+                    path,
+                    "shard",
+                    format!(
+                        "file is {len} bytes but its header says {} (truncated or appended)",
+                        source.shard_file_len(s)
+                    ),
+                ));
+            }
+            files.push(f);
+        }
+        // Staging per window: the chunks a window can touch (the host loader's bound), each at
+        // a 16-byte aligned offset.
+        let window_chunks: u64 = columns
+            .iter()
+            .map(|c| {
+                let block_bytes = block_rows * c.row_bytes;
+                let aligned = block_bytes.is_multiple_of(chunk_size)
+                    || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
+                let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
+                let total: u64 = shard_rows
+                    .iter()
+                    .map(|&r| (r * c.row_bytes).div_ceil(chunk_size).max(1))
+                    .sum();
+                (opts.window_blocks * per_block).min(total)
+            })
+            .sum();
+        let slot_bytes = usize::try_from(window_chunks.max(1) * chunk_size.next_multiple_of(16))
+            .map_err(|_| Error::InvalidArgument("window too large for this machine".into()))?;
+        let counters = Arc::new(Counters::default());
+        let producer = Producer {
+            source,
+            files,
+            keys,
+            cipher,
+            columns: columns.clone(),
+            chunk_size,
+            twin: opts.mode == DecryptMode::TwinNoCrypto,
+            threads: opts.threads.max(1),
+            batch_size: opts.batch_size,
+            slot_bytes,
+            counters: counters.clone(),
+            pool: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let (tx, rx) = bounded::<Result<CudaBatch>>(opts.prefetch);
+        let (epochs, se, sb) = (opts.epochs, opts.start_epoch, opts.start_batch);
+        let thread = std::thread::Builder::new()
+            .name("cs-device".into())
+            .spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    producer.run(&cfg, &shard_rows, se, sb, epochs, &tx, &stop_rx)
+                }));
+                if let Err(e) = r.unwrap_or_else(|_| {
+                    Err(Error::Stopped("the device loader thread panicked".into()))
+                }) {
+                    // Never block on a full channel once the loader is dropped.
+                    select! {
+                        send(tx, Err(e)) -> _ => {},
+                        recv(stop_rx) -> _ => {},
+                    }
+                }
+            })
+            .map_err(|e| Error::Stopped(format!("cannot spawn the device loader thread: {e}")))?;
+        let mut l = DeviceLoader {
+            rx,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            remaining: total,
+            done: false,
+            state: LoaderState {
+                seed: opts.seed,
+                epoch: opts.start_epoch,
+                batches_done_in_epoch: opts.start_batch,
+                rank: opts.rank,
+                world_size: opts.world_size,
+                batch_size: opts.batch_size as u64,
+                shuffle: opts.shuffle,
+                drop_last: opts.drop_last,
+                window_blocks: opts.window_blocks,
+                block_rows,
+                total_rows,
+            },
+            batches_per_epoch,
+            counters,
+            built,
+            columns,
+        };
+        l.normalize_state();
+        Ok(l)
+    }
+
+    fn normalize_state(&mut self) {
+        if self.batches_per_epoch > 0 && self.state.batches_done_in_epoch >= self.batches_per_epoch
+        {
+            self.state.epoch += 1;
+            self.state.batches_done_in_epoch = 0;
+        }
+    }
+
+    /// The position after the last batch handed out (resume with [`LoaderOptions::resume`]).
+    pub fn state(&self) -> LoaderState {
+        self.state.clone()
+    }
+
+    /// Telemetry so far: `read` = `pread` into pinned staging, `decrypt` = GPU verify + decrypt
+    /// of windows (wall time from submission to verified), `assemble` = gathers.
+    pub fn stats(&self) -> LoaderStats {
+        self.counters.snapshot()
+    }
+
+    /// The dataset's columns.
+    pub fn columns(&self) -> &[ColumnInfo] {
+        &self.columns
+    }
+
+    /// Batches per epoch for this rank.
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.batches_per_epoch
+    }
+
+    /// Batches left to yield.
+    pub fn remaining(&self) -> u64 {
+        if self.done { 0 } else { self.remaining }
+    }
+
+    fn shutdown(&mut self) {
+        self.done = true;
+        self.stop.take();
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Iterator for DeviceLoader {
+    type Item = Result<CudaBatch>;
+
+    fn next(&mut self) -> Option<Result<CudaBatch>> {
+        if self.done {
+            return None;
+        }
+        if self.remaining == 0 {
+            self.shutdown();
+            return None;
+        }
+        let t = Instant::now();
+        let item = self.rx.recv().unwrap_or_else(|_| {
+            Err(Error::Stopped(
+                "the device loader's thread exited before the epoch ended".into(),
+            ))
+        });
+        add(
+            &self.counters.consumer_wait_ns,
+            t.elapsed().as_nanos() as u64,
+        );
+        match item {
+            Ok(b) => {
+                self.remaining -= 1;
+                let bytes: u64 = b.tensors().map(|t| t.len() as u64).sum();
+                add(&self.counters.delivered_bytes, bytes);
+                if self.counters.batches.fetch_add(1, Relaxed) == 0 {
+                    self.counters
+                        .first_batch_ns
+                        .store(self.built.elapsed().as_nanos() as u64, Relaxed);
+                }
+                self.state.epoch = b.epoch;
+                self.state.batches_done_in_epoch = b.index + 1;
+                self.normalize_state();
+                Some(Ok(b))
+            }
+            Err(e) => {
+                self.shutdown();
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+impl Drop for DeviceLoader {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Chunk keys covering rows `[r0, r0 + n)` of shard `s`, every column.
+fn keys_for_rows(columns: &[ColumnInfo], chunk: u64, s: u32, r0: u64, n: u64, out: &mut Vec<Key>) {
+    for (c, col) in columns.iter().enumerate() {
+        let (a, b) = (r0 * col.row_bytes, (r0 + n) * col.row_bytes);
+        if b > a {
+            for j in a / chunk..=(b - 1) / chunk {
+                out.push((s, c as u32, j));
+            }
+        }
+    }
+}
+
+impl Producer {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        cfg: &SamplerConfig,
+        shard_rows: &[u64],
+        start_epoch: u64,
+        start_batch: u64,
+        epochs: u64,
+        tx: &Sender<Result<CudaBatch>>,
+        stop: &Receiver<()>,
+    ) -> Result<()> {
+        let ctx = self.cipher.context().clone();
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| dev_err("creating a stream", e))?;
+        let gather = Gather::load(&ctx)?;
+        // Two slots: one window verified and resident while the next one is loaded.
+        let mut dec = self.cipher.batch_decryptor(2, self.slot_bytes)?;
+        // The twin's staging: the same size of pinned memory, a plain upload, no crypto.
+        let mut twin_staging: Option<PinnedHostSlice<u8>> = if self.twin {
+            // SAFETY: only the bytes just `pread` into it are ever uploaded.
+            Some(
+                unsafe { ctx.alloc_pinned::<u8>(self.slot_bytes) }
+                    .map_err(|e| dev_err("allocating pinned staging memory", e))?,
+            )
+        } else {
+            None
+        };
+        let mut twin_free: Vec<CudaSlice<u8>> = Vec::new();
+        let mut resident: Vec<Window> = Vec::new();
+        for epoch in start_epoch..epochs {
+            let plan = EpochPlan::new(cfg, epoch, shard_rows);
+            let mut cur = Cursor::new(&plan);
+            let first = if epoch == start_epoch { start_batch } else { 0 };
+            for k in first..plan.batches() {
+                let (a, b) = plan.batch_positions(k);
+                let mut rows: Vec<(RowRef, usize)> = Vec::with_capacity((b - a) as usize);
+                for p in a..b {
+                    rows.push(cur.row_at(p));
+                }
+                let mut needed: Vec<usize> = rows.iter().map(|r| r.1).collect();
+                needed.sort_unstable();
+                needed.dedup();
+                // Evict windows this batch does not use (their gathers finished: every batch's
+                // stream is synchronized before it is sent).
+                let mut i = 0;
+                while i < resident.len() {
+                    let keep =
+                        resident[i].epoch == epoch && needed.binary_search(&resident[i].w).is_ok();
+                    if keep {
+                        i += 1;
+                    } else {
+                        match resident.swap_remove(i).buf {
+                            WindowBuf::Decrypted(d) => dec.recycle(d),
+                            WindowBuf::Twin(s) => twin_free.push(s),
+                        }
+                    }
+                }
+                for &w in &needed {
+                    if !resident.iter().any(|r| r.w == w) {
+                        let win = self.load_window(
+                            &plan,
+                            epoch,
+                            w,
+                            &mut dec,
+                            twin_staging.as_mut(),
+                            &mut twin_free,
+                            &stream,
+                        )?;
+                        resident.push(win);
+                    }
+                }
+                let batch = self.assemble(epoch, k, &rows, &resident, &gather, &stream)?;
+                if stopped(stop) {
+                    return Ok(());
+                }
+                select! {
+                    send(tx, Ok(batch)) -> r => if r.is_err() { return Ok(()) },
+                    recv(stop) -> _ => return Ok(()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads, verifies and decrypts every chunk window `w` touches into a device buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn load_window(
+        &self,
+        plan: &EpochPlan,
+        epoch: u64,
+        w: usize,
+        dec: &mut BatchDecryptor,
+        twin_staging: Option<&mut PinnedHostSlice<u8>>,
+        twin_free: &mut Vec<CudaSlice<u8>>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<Window> {
+        let mut keys = Vec::new();
+        for &(s, r0, n) in plan.window_blocks(w) {
+            keys_for_rows(&self.columns, self.chunk_size, s, r0, n, &mut keys);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let specs: Vec<ChunkSpec> = keys
+            .iter()
+            .map(|&(s, c, j)| self.source.chunk(s as usize, c as usize, j))
+            .collect();
+        // Layout: staging at 16-byte aligned offsets; plaintext packed in key order, so the
+        // consecutive chunks of one shard's column are contiguous (a row straddling two
+        // chunks is contiguous in the window buffer).
+        let mut staging_offs = Vec::with_capacity(keys.len());
+        let mut offsets = HashMap::with_capacity(keys.len());
+        let (mut at, mut out) = (0usize, 0u64);
+        for (k, spec) in keys.iter().zip(&specs) {
+            staging_offs.push(at);
+            offsets.insert(*k, out);
+            at += spec.len.next_multiple_of(16);
+            out += spec.len as u64;
+        }
+        if at > self.slot_bytes {
+            return Err(Error::Stopped(format!(
+                "internal: window {w} needs {at} bytes of staging, bound was {}",
+                self.slot_bytes
+            )));
+        }
+        let t0 = Instant::now();
+        let staging: &mut [u8] = match twin_staging {
+            Some(p) => p
+                .as_mut_slice()
+                .map_err(|e| dev_err("pinned staging buffer", e))?,
+            None => dec.staging_mut()?,
+        };
+        self.pread_all(&keys, &specs, &staging_offs, staging)?;
+        let t1 = Instant::now();
+        add(&self.counters.read_ns, (t1 - t0).as_nanos() as u64);
+        let total: u64 = specs.iter().map(|s| s.len as u64).sum();
+        add(&self.counters.read_bytes, total);
+        add(&self.counters.chunks_loaded, keys.len() as u64);
+        let out_len = (out as usize).max(16);
+        let buf = if self.twin {
+            let mut dst = match twin_free.iter().position(|b| b.len() >= out_len) {
+                Some(i) => twin_free.swap_remove(i),
+                None => stream
+                    .alloc_zeros::<u8>(self.slot_bytes.max(16))
+                    .map_err(|e| dev_err("allocating a device window", e))?,
+            };
+            for ((k, spec), &o) in keys.iter().zip(&specs).zip(&staging_offs) {
+                let d = offsets[k] as usize;
+                stream
+                    .memcpy_htod(
+                        &staging[o..o + spec.len],
+                        &mut dst.slice_mut(d..d + spec.len),
+                    )
+                    .map_err(|e| dev_err("host-to-device copy", e))?;
+            }
+            stream
+                .synchronize()
+                .map_err(|e| dev_err("host-to-device copy", e))?;
+            WindowBuf::Twin(dst)
+        } else {
+            let chunks: Vec<StagedChunk<'_>> = keys
+                .iter()
+                .zip(&specs)
+                .zip(&staging_offs)
+                .map(|((k, spec), &o)| StagedChunk {
+                    key: &self.keys[k.0 as usize],
+                    params: ChunkParams {
+                        nonce: spec.nonce,
+                        aad: &spec.aad,
+                        tag: spec.tag,
+                        encrypted: spec.encrypted,
+                    },
+                    staging_offset: o,
+                    len: spec.len,
+                    dst_offset: offsets[k] as usize,
+                })
+                .collect();
+            let ticket = dec.submit_staged(&chunks, out_len)?;
+            match dec.wait(ticket) {
+                Ok(b) => WindowBuf::Decrypted(b),
+                Err(WaitError::Tag { chunk }) => {
+                    let (s, c, j) = keys[chunk];
+                    return Err(Error::Integrity(
+                        self.source.location(s as usize, c as usize, j),
+                    ));
+                }
+                Err(WaitError::Device(e)) => return Err(e),
+            }
+        };
+        add(&self.counters.decrypt_ns, t1.elapsed().as_nanos() as u64);
+        add(&self.counters.decrypt_bytes, total);
+        Ok(Window {
+            epoch,
+            w,
+            buf,
+            offsets,
+        })
+    }
+
+    /// Reads every chunk into its staging range, the chunks dealt round-robin to `threads`
+    /// scoped threads (one thread does not reach PCIe bandwidth copying from the page cache).
+    fn pread_all(
+        &self,
+        keys: &[Key],
+        specs: &[ChunkSpec],
+        offs: &[usize],
+        staging: &mut [u8],
+    ) -> Result<()> {
+        // Disjoint staging ranges, in order (offsets increase with the key order).
+        let mut jobs: Vec<(Key, &ChunkSpec, &mut [u8])> = Vec::with_capacity(keys.len());
+        let mut rest: &mut [u8] = staging;
+        let mut pos = 0usize;
+        for ((k, spec), &o) in keys.iter().zip(specs).zip(offs) {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(o - pos);
+            let (dst, tail) = tail.split_at_mut(spec.len);
+            rest = tail;
+            pos = o + spec.len;
+            jobs.push((*k, spec, dst));
+        }
+        let threads = self.threads.min(jobs.len()).max(1);
+        if threads == 1 {
+            return jobs
+                .into_iter()
+                .try_for_each(|(k, spec, dst)| self.pread(k, spec, dst));
+        }
+        let mut lanes: Vec<Vec<(Key, &ChunkSpec, &mut [u8])>> =
+            (0..threads).map(|_| Vec::new()).collect();
+        for (i, j) in jobs.into_iter().enumerate() {
+            lanes[i % threads].push(j);
+        }
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = lanes
+                .into_iter()
+                .map(|lane| {
+                    sc.spawn(move || {
+                        lane.into_iter()
+                            .try_for_each(|(k, spec, dst)| self.pread(k, spec, dst))
+                    })
+                })
+                .collect();
+            // The first error in chunk order of lanes; a panicking reader is an error too.
+            let mut first = Ok(());
+            for h in handles {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Stopped("a pread thread panicked".into())));
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+            first
+        })
+    }
+
+    fn pread(&self, k: Key, spec: &ChunkSpec, dst: &mut [u8]) -> Result<()> {
+        let (s, c, j) = (k.0 as usize, k.1, k.2);
+        let path = self.source.shard_path(s);
+        let end = spec.file_offset.checked_add(spec.len as u64);
+        if end.is_none_or(|e| e > self.source.shard_file_len(s)) {
+            return Err(Error::format(
+                path,
+                "shard",
+                format!("chunk {j} of column {c} lies outside the file"),
+            ));
+        }
+        self.files[s]
+            .read_exact_at(dst, spec.file_offset)
+            .map_err(|e| {
+                let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::new(
+                        e.kind(),
+                        "shard file is shorter than its header says (truncated while open?)",
+                    )
+                } else {
+                    e
+                };
+                Error::io(path, e)
+            })
+    }
+
+    /// Gathers the batch's rows from the resident windows into a pooled column-buffer set.
+    fn assemble(
+        &self,
+        epoch: u64,
+        index: u64,
+        rows: &[(RowRef, usize)],
+        resident: &[Window],
+        gather: &Gather,
+        stream: &Arc<CudaStream>,
+    ) -> Result<CudaBatch> {
+        let t = Instant::now();
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut bufs = match pooled {
+            Some(b) => b,
+            None => self
+                .columns
+                .iter()
+                .map(|c| {
+                    stream
+                        .alloc_zeros::<u8>((self.batch_size * c.row_bytes as usize).max(16))
+                        .map_err(|e| dev_err("allocating a device batch buffer", e))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let mut pairs: Vec<(u64, u64)> = Vec::with_capacity(rows.len());
+        for (c, col) in self.columns.iter().enumerate() {
+            let rb = col.row_bytes;
+            for win in resident {
+                pairs.clear();
+                for (i, (r, w)) in rows.iter().enumerate() {
+                    if *w != win.w {
+                        continue;
+                    }
+                    let off = r.row * rb;
+                    let j = off / self.chunk_size;
+                    let base = win.offsets.get(&(r.shard, c as u32, j)).ok_or_else(|| {
+                        Error::Stopped(format!(
+                            "internal: chunk {j} of column {c} not in window {}",
+                            win.w
+                        ))
+                    })?;
+                    pairs.push((base + off % self.chunk_size, i as u64 * rb));
+                }
+                gather.gather(stream, win.buf.slice(), &mut bufs[c], &pairs, rb)?;
+            }
+        }
+        stream
+            .synchronize()
+            .map_err(|e| dev_err("gathering rows", e))?;
+        let bytes: u64 = self
+            .columns
+            .iter()
+            .map(|c| c.row_bytes * rows.len() as u64)
+            .sum();
+        add(&self.counters.assemble_ns, t.elapsed().as_nanos() as u64);
+        add(&self.counters.assemble_bytes, bytes);
+        let row_ids = rows
+            .iter()
+            .map(|(r, _)| self.source.shard_row_start(r.shard as usize) + r.row)
+            .collect();
+        Ok(CudaBatch {
+            epoch,
+            index,
+            row_ids,
+            columns: self.columns.clone(),
+            bufs,
+            stream: stream.clone(),
+            pool: self.pool.clone(),
+        })
+    }
+}
+
+/// The loader was dropped (the stop channel is disconnected).
+fn stopped(stop: &Receiver<()>) -> bool {
+    matches!(
+        stop.try_recv(),
+        Err(crossbeam_channel::TryRecvError::Disconnected)
+    )
+}
