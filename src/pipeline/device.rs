@@ -235,6 +235,45 @@ struct Window {
     offsets: HashMap<Key, u64>,
 }
 
+/// A window submitted to the GPU and not yet waited for.
+struct InFlight {
+    epoch: u64,
+    w: usize,
+    keys: Vec<Key>,
+    offsets: HashMap<Key, u64>,
+    total: u64,
+    submitted: Instant,
+    pending: Pending,
+}
+
+enum Pending {
+    Decrypt(crate::cipher::cuda::Ticket),
+    Twin(CudaSlice<u8>),
+}
+
+/// The producer's GPU staging state.
+struct Stage {
+    dec: BatchDecryptor,
+    /// The twin's uploads (its own stream, like a decryptor slot's).
+    twin_stream: Arc<CudaStream>,
+    /// The twin's pinned staging: two, alternating, so a read-ahead copy never shares one.
+    twin_staging: Vec<PinnedHostSlice<u8>>,
+    twin_next: usize,
+    twin_free: Vec<CudaSlice<u8>>,
+    /// The column-buffer set being gathered into, between `gather_batch_async` and
+    /// `finish_batch`.
+    bufs: Option<Vec<CudaSlice<u8>>>,
+}
+
+impl Stage {
+    fn recycle(&mut self, b: WindowBuf) {
+        match b {
+            WindowBuf::Decrypted(d) => self.dec.recycle(d),
+            WindowBuf::Twin(s) => self.twin_free.push(s),
+        }
+    }
+}
+
 enum WindowBuf {
     Decrypted(crate::cipher::cuda::DeviceBatch),
     Twin(CudaSlice<u8>),
@@ -561,20 +600,28 @@ impl Producer {
             .new_stream()
             .map_err(|e| dev_err("creating a stream", e))?;
         let gather = Gather::load(&ctx)?;
-        // Two slots: one window verified and resident while the next one is loaded.
-        let mut dec = self.cipher.batch_decryptor(2, self.slot_bytes)?;
-        // The twin's staging: the same size of pinned memory, a plain upload, no crypto.
-        let mut twin_staging: Option<PinnedHostSlice<u8>> = if self.twin {
-            // SAFETY: only the bytes just `pread` into it are ever uploaded.
-            Some(
-                unsafe { ctx.alloc_pinned::<u8>(self.slot_bytes) }
-                    .map_err(|e| dev_err("allocating pinned staging memory", e))?,
-            )
-        } else {
-            None
+        // Two slots: the window being gathered from is verified and resident while the next
+        // one is read, uploaded and decrypted in the other slot.
+        let mut st = Stage {
+            dec: self.cipher.batch_decryptor(2, self.slot_bytes)?,
+            twin_stream: ctx
+                .new_stream()
+                .map_err(|e| dev_err("creating a stream", e))?,
+            twin_staging: Vec::new(),
+            twin_next: 0,
+            twin_free: Vec::new(),
+            bufs: None,
         };
-        let mut twin_free: Vec<CudaSlice<u8>> = Vec::new();
+        if self.twin {
+            for _ in 0..2 {
+                // SAFETY: only the bytes just `pread` into it are ever uploaded.
+                let p = unsafe { ctx.alloc_pinned::<u8>(self.slot_bytes) }
+                    .map_err(|e| dev_err("allocating pinned staging memory", e))?;
+                st.twin_staging.push(p);
+            }
+        }
         let mut resident: Vec<Window> = Vec::new();
+        let mut ahead: Option<InFlight> = None;
         for epoch in start_epoch..epochs {
             let plan = EpochPlan::new(cfg, epoch, shard_rows);
             let mut cur = Cursor::new(&plan);
@@ -592,32 +639,40 @@ impl Producer {
                 // stream is synchronized before it is sent).
                 let mut i = 0;
                 while i < resident.len() {
-                    let keep =
-                        resident[i].epoch == epoch && needed.binary_search(&resident[i].w).is_ok();
-                    if keep {
+                    if resident[i].epoch == epoch && needed.binary_search(&resident[i].w).is_ok() {
                         i += 1;
                     } else {
-                        match resident.swap_remove(i).buf {
-                            WindowBuf::Decrypted(d) => dec.recycle(d),
-                            WindowBuf::Twin(s) => twin_free.push(s),
-                        }
+                        st.recycle(resident.swap_remove(i).buf);
                     }
                 }
                 for &w in &needed {
-                    if !resident.iter().any(|r| r.w == w) {
-                        let win = self.load_window(
-                            &plan,
-                            epoch,
-                            w,
-                            &mut dec,
-                            twin_staging.as_mut(),
-                            &mut twin_free,
-                            &stream,
-                        )?;
-                        resident.push(win);
+                    if resident.iter().any(|r| r.w == w) {
+                        continue;
                     }
+                    // The window read ahead is finished first (right or wrong guess), so at
+                    // most one submission is ever outstanding.
+                    if let Some(f) = ahead.take() {
+                        let win = self.finish(f, &mut st)?;
+                        if win.epoch == epoch && win.w == w {
+                            resident.push(win);
+                            continue;
+                        }
+                        st.recycle(win.buf);
+                    }
+                    let f = self.submit_window(&plan, epoch, w, &mut st)?;
+                    resident.push(self.finish(f, &mut st)?);
                 }
-                let batch = self.assemble(epoch, k, &rows, &resident, &gather, &stream)?;
+                self.gather_batch_async(&rows, &resident, &gather, &stream, &mut st)?;
+                // While the GPU gathers, read and submit the window after the last one used.
+                let next = needed.last().map_or(0, |w| w + 1);
+                if ahead.is_none()
+                    && next < plan.windows()
+                    && !resident.iter().any(|r| r.w == next)
+                    && k + 1 < plan.batches()
+                {
+                    ahead = Some(self.submit_window(&plan, epoch, next, &mut st)?);
+                }
+                let batch = self.finish_batch(epoch, k, &rows, &stream, &mut st)?;
                 if stopped(stop) {
                     return Ok(());
                 }
@@ -630,18 +685,15 @@ impl Producer {
         Ok(())
     }
 
-    /// Reads, verifies and decrypts every chunk window `w` touches into a device buffer.
-    #[allow(clippy::too_many_arguments)]
-    fn load_window(
+    /// Reads every chunk window `w` touches into pinned staging and enqueues its upload and
+    /// GPU verification + decryption (or, for the twin, the plain upload) without waiting.
+    fn submit_window(
         &self,
         plan: &EpochPlan,
         epoch: u64,
         w: usize,
-        dec: &mut BatchDecryptor,
-        twin_staging: Option<&mut PinnedHostSlice<u8>>,
-        twin_free: &mut Vec<CudaSlice<u8>>,
-        stream: &Arc<CudaStream>,
-    ) -> Result<Window> {
+        st: &mut Stage,
+    ) -> Result<InFlight> {
         let mut keys = Vec::new();
         for &(s, r0, n) in plan.window_blocks(w) {
             keys_for_rows(&self.columns, self.chunk_size, s, r0, n, &mut keys);
@@ -671,11 +723,14 @@ impl Producer {
             )));
         }
         let t0 = Instant::now();
-        let staging: &mut [u8] = match twin_staging {
-            Some(p) => p
+        let twin_idx = st.twin_next;
+        let staging: &mut [u8] = if self.twin {
+            st.twin_next = 1 - st.twin_next;
+            st.twin_staging[twin_idx]
                 .as_mut_slice()
-                .map_err(|e| dev_err("pinned staging buffer", e))?,
-            None => dec.staging_mut()?,
+                .map_err(|e| dev_err("pinned staging buffer", e))?
+        } else {
+            st.dec.staging_mut()?
         };
         self.pread_all(&keys, &specs, &staging_offs, staging)?;
         let t1 = Instant::now();
@@ -684,26 +739,27 @@ impl Producer {
         add(&self.counters.read_bytes, total);
         add(&self.counters.chunks_loaded, keys.len() as u64);
         let out_len = (out as usize).max(16);
-        let buf = if self.twin {
-            let mut dst = match twin_free.iter().position(|b| b.len() >= out_len) {
-                Some(i) => twin_free.swap_remove(i),
-                None => stream
+        let pending = if self.twin {
+            let mut dst = match st.twin_free.iter().position(|b| b.len() >= out_len) {
+                Some(i) => st.twin_free.swap_remove(i),
+                None => st
+                    .twin_stream
                     .alloc_zeros::<u8>(self.slot_bytes.max(16))
                     .map_err(|e| dev_err("allocating a device window", e))?,
             };
+            let staging = st.twin_staging[twin_idx]
+                .as_slice()
+                .map_err(|e| dev_err("pinned staging buffer", e))?;
             for ((k, spec), &o) in keys.iter().zip(&specs).zip(&staging_offs) {
                 let d = offsets[k] as usize;
-                stream
+                st.twin_stream
                     .memcpy_htod(
                         &staging[o..o + spec.len],
                         &mut dst.slice_mut(d..d + spec.len),
                     )
                     .map_err(|e| dev_err("host-to-device copy", e))?;
             }
-            stream
-                .synchronize()
-                .map_err(|e| dev_err("host-to-device copy", e))?;
-            WindowBuf::Twin(dst)
+            Pending::Twin(dst)
         } else {
             let chunks: Vec<StagedChunk<'_>> = keys
                 .iter()
@@ -722,25 +778,50 @@ impl Producer {
                     dst_offset: offsets[k] as usize,
                 })
                 .collect();
-            let ticket = dec.submit_staged(&chunks, out_len)?;
-            match dec.wait(ticket) {
+            Pending::Decrypt(st.dec.submit_staged(&chunks, out_len)?)
+        };
+        Ok(InFlight {
+            epoch,
+            w,
+            keys,
+            offsets,
+            total,
+            submitted: t1,
+            pending,
+        })
+    }
+
+    /// Waits for a submitted window: every tag checked (or the twin's copy done).
+    fn finish(&self, f: InFlight, st: &mut Stage) -> Result<Window> {
+        let buf = match f.pending {
+            Pending::Twin(dst) => {
+                st.twin_stream
+                    .synchronize()
+                    .map_err(|e| dev_err("host-to-device copy", e))?;
+                WindowBuf::Twin(dst)
+            }
+            Pending::Decrypt(ticket) => match st.dec.wait(ticket) {
                 Ok(b) => WindowBuf::Decrypted(b),
                 Err(WaitError::Tag { chunk }) => {
-                    let (s, c, j) = keys[chunk];
+                    let (s, c, j) = f.keys[chunk];
                     return Err(Error::Integrity(
                         self.source.location(s as usize, c as usize, j),
                     ));
                 }
                 Err(WaitError::Device(e)) => return Err(e),
-            }
+            },
         };
-        add(&self.counters.decrypt_ns, t1.elapsed().as_nanos() as u64);
-        add(&self.counters.decrypt_bytes, total);
+        // Submission to verified (overlaps the previous window's gathers when read ahead).
+        add(
+            &self.counters.decrypt_ns,
+            f.submitted.elapsed().as_nanos() as u64,
+        );
+        add(&self.counters.decrypt_bytes, f.total);
         Ok(Window {
-            epoch,
-            w,
+            epoch: f.epoch,
+            w: f.w,
             buf,
-            offsets,
+            offsets: f.offsets,
         })
     }
 
@@ -825,17 +906,16 @@ impl Producer {
             })
     }
 
-    /// Gathers the batch's rows from the resident windows into a pooled column-buffer set.
-    fn assemble(
+    /// Enqueues the gathers of the batch's rows from the resident windows into a pooled
+    /// column-buffer set (kept in `st.bufs` until [`finish_batch`](Self::finish_batch)).
+    fn gather_batch_async(
         &self,
-        epoch: u64,
-        index: u64,
         rows: &[(RowRef, usize)],
         resident: &[Window],
         gather: &Gather,
         stream: &Arc<CudaStream>,
-    ) -> Result<CudaBatch> {
-        let t = Instant::now();
+        st: &mut Stage,
+    ) -> Result<()> {
         let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut bufs = match pooled {
             Some(b) => b,
@@ -871,6 +951,24 @@ impl Producer {
                 gather.gather(stream, win.buf.slice(), &mut bufs[c], &pairs, rb)?;
             }
         }
+        st.bufs = Some(bufs);
+        Ok(())
+    }
+
+    /// Waits for the batch's gathers and wraps its buffers.
+    fn finish_batch(
+        &self,
+        epoch: u64,
+        index: u64,
+        rows: &[(RowRef, usize)],
+        stream: &Arc<CudaStream>,
+        st: &mut Stage,
+    ) -> Result<CudaBatch> {
+        let t = Instant::now();
+        let bufs = st
+            .bufs
+            .take()
+            .ok_or_else(|| Error::Stopped("internal: no batch being gathered".into()))?;
         stream
             .synchronize()
             .map_err(|e| dev_err("gathering rows", e))?;
