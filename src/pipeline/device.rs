@@ -397,22 +397,13 @@ impl DeviceLoader {
             }
             files.push(f);
         }
-        // Staging per window: the chunks a window can touch (the host loader's bound), each at
-        // a 16-byte aligned offset.
-        let window_chunks: u64 = columns
-            .iter()
-            .map(|c| {
-                let block_bytes = block_rows * c.row_bytes;
-                let aligned = block_bytes.is_multiple_of(chunk_size)
-                    || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
-                let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
-                let total: u64 = shard_rows
-                    .iter()
-                    .map(|&r| (r * c.row_bytes).div_ceil(chunk_size).max(1))
-                    .sum();
-                (opts.window_blocks * per_block).min(total)
-            })
-            .sum();
+        let window_chunks = window_chunk_bound(
+            &columns,
+            chunk_size,
+            block_rows,
+            opts.window_blocks,
+            &shard_rows,
+        );
         let slot_bytes = usize::try_from(window_chunks.max(1) * chunk_size.next_multiple_of(16))
             .map_err(|_| Error::InvalidArgument("window too large for this machine".into()))?;
         let counters = Arc::new(Counters::default());
@@ -583,6 +574,102 @@ fn keys_for_rows(columns: &[ColumnInfo], chunk: u64, s: u32, r0: u64, n: u64, ou
     }
 }
 
+/// Most chunks one window can touch (the host loader's bound): per column, W blocks of
+/// `block_rows` rows span ceil(bytes / chunk) chunks each (+1 when blocks do not start on chunk
+/// boundaries), never more than the column has in all shards.
+fn window_chunk_bound(
+    columns: &[ColumnInfo],
+    chunk_size: u64,
+    block_rows: u64,
+    window_blocks: u64,
+    shard_rows: &[u64],
+) -> u64 {
+    columns
+        .iter()
+        .map(|c| {
+            let block_bytes = block_rows * c.row_bytes;
+            let aligned = block_bytes.is_multiple_of(chunk_size)
+                || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
+            let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
+            let total: u64 = shard_rows
+                .iter()
+                .map(|&r| (r * c.row_bytes).div_ceil(chunk_size).max(1))
+                .sum();
+            (window_blocks * per_block).min(total)
+        })
+        .sum()
+}
+
+/// The chunks window `w` of `plan` touches, sorted (shard, column, chunk).
+fn window_keys(columns: &[ColumnInfo], chunk: u64, plan: &EpochPlan, w: usize) -> Vec<Key> {
+    let mut keys = Vec::new();
+    for &(s, r0, n) in plan.window_blocks(w) {
+        keys_for_rows(columns, chunk, s, r0, n, &mut keys);
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// Where a window's chunks go in staging and in the window's device buffer.
+struct WindowLayout {
+    /// Staging offset of each chunk (16-byte aligned: the vectorized kernel path).
+    staging_offs: Vec<usize>,
+    /// Offset of each chunk's plaintext in the window buffer.
+    offsets: HashMap<Key, u64>,
+    staging_len: usize,
+    out_len: u64,
+}
+
+/// Packs the plaintext in key order, so the consecutive chunks of one shard's column are
+/// contiguous (every chunk but a tensor's last is full): a row straddling two chunks is one
+/// contiguous range of the window buffer.
+fn window_layout(keys: &[Key], specs: &[ChunkSpec]) -> WindowLayout {
+    let mut staging_offs = Vec::with_capacity(keys.len());
+    let mut offsets = HashMap::with_capacity(keys.len());
+    let (mut at, mut out) = (0usize, 0u64);
+    for (k, spec) in keys.iter().zip(specs) {
+        staging_offs.push(at);
+        offsets.insert(*k, out);
+        at += spec.len.next_multiple_of(16);
+        out += spec.len as u64;
+    }
+    WindowLayout {
+        staging_offs,
+        offsets,
+        staging_len: at,
+        out_len: out,
+    }
+}
+
+/// `(offset in the window buffer, offset in the batch column)` of every row of the batch that
+/// comes from window `w`, for column `c` of `row_bytes` bytes.
+fn gather_pairs(
+    rows: &[(RowRef, usize)],
+    w: usize,
+    offsets: &HashMap<Key, u64>,
+    c: usize,
+    row_bytes: u64,
+    chunk: u64,
+    pairs: &mut Vec<(u64, u64)>,
+) -> Result<()> {
+    pairs.clear();
+    for (i, (r, rw)) in rows.iter().enumerate() {
+        if *rw != w {
+            continue;
+        }
+        let off = r.row * row_bytes;
+        let j = off / chunk;
+        let base = offsets.get(&(r.shard, c as u32, j)).ok_or_else(|| {
+            Error::Stopped(format!(
+                "internal: chunk {j} of column {c} not in window {w}"
+            ))
+        })?;
+        pairs.push((base + off % chunk, i as u64 * row_bytes));
+    }
+    Ok(())
+}
+
 impl Producer {
     #[allow(clippy::too_many_arguments)]
     fn run(
@@ -694,28 +781,17 @@ impl Producer {
         w: usize,
         st: &mut Stage,
     ) -> Result<InFlight> {
-        let mut keys = Vec::new();
-        for &(s, r0, n) in plan.window_blocks(w) {
-            keys_for_rows(&self.columns, self.chunk_size, s, r0, n, &mut keys);
-        }
-        keys.sort_unstable();
-        keys.dedup();
+        let keys = window_keys(&self.columns, self.chunk_size, plan, w);
         let specs: Vec<ChunkSpec> = keys
             .iter()
             .map(|&(s, c, j)| self.source.chunk(s as usize, c as usize, j))
             .collect();
-        // Layout: staging at 16-byte aligned offsets; plaintext packed in key order, so the
-        // consecutive chunks of one shard's column are contiguous (a row straddling two
-        // chunks is contiguous in the window buffer).
-        let mut staging_offs = Vec::with_capacity(keys.len());
-        let mut offsets = HashMap::with_capacity(keys.len());
-        let (mut at, mut out) = (0usize, 0u64);
-        for (k, spec) in keys.iter().zip(&specs) {
-            staging_offs.push(at);
-            offsets.insert(*k, out);
-            at += spec.len.next_multiple_of(16);
-            out += spec.len as u64;
-        }
+        let WindowLayout {
+            staging_offs,
+            offsets,
+            staging_len: at,
+            out_len: out,
+        } = window_layout(&keys, &specs);
         if at > self.slot_bytes {
             return Err(Error::Stopped(format!(
                 "internal: window {w} needs {at} bytes of staging, bound was {}",
@@ -933,21 +1009,15 @@ impl Producer {
         for (c, col) in self.columns.iter().enumerate() {
             let rb = col.row_bytes;
             for win in resident {
-                pairs.clear();
-                for (i, (r, w)) in rows.iter().enumerate() {
-                    if *w != win.w {
-                        continue;
-                    }
-                    let off = r.row * rb;
-                    let j = off / self.chunk_size;
-                    let base = win.offsets.get(&(r.shard, c as u32, j)).ok_or_else(|| {
-                        Error::Stopped(format!(
-                            "internal: chunk {j} of column {c} not in window {}",
-                            win.w
-                        ))
-                    })?;
-                    pairs.push((base + off % self.chunk_size, i as u64 * rb));
-                }
+                gather_pairs(
+                    rows,
+                    win.w,
+                    &win.offsets,
+                    c,
+                    rb,
+                    self.chunk_size,
+                    &mut pairs,
+                )?;
                 gather.gather(stream, win.buf.slice(), &mut bufs[c], &pairs, rb)?;
             }
         }
@@ -1001,4 +1071,184 @@ fn stopped(stop: &Receiver<()>) -> bool {
         stop.try_recv(),
         Err(crossbeam_channel::TryRecvError::Disconnected)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The window layout and gather offsets, checked on the CPU (no GPU needed): windows are
+    //! opened on the host into buffers laid out exactly as on the device, rows gathered with
+    //! the same offsets, and every batch compared with the host loader's.
+    use super::*;
+    use crate::cipher::Backend;
+    use crate::format::{ConvertInput, ConvertOptions, Dtype, convert};
+    use crate::pipeline::Loader;
+
+    fn dataset(dir: &Path, rows: u64) -> MasterKey {
+        let key = MasterKey::generate().unwrap();
+        let col = |name: &str, dtype, shape: Vec<u64>, data: Vec<u8>| ConvertInput::InMemory {
+            name: name.into(),
+            dtype,
+            shape,
+            data,
+        };
+        let inputs = [
+            col(
+                "x",
+                Dtype::F32,
+                vec![rows, 3],
+                (0..rows * 3)
+                    .flat_map(|i| (i as f32).to_le_bytes())
+                    .collect(),
+            ),
+            col(
+                "y",
+                Dtype::I32,
+                vec![rows],
+                (0..rows as i32)
+                    .flat_map(|i| (i * 7).to_le_bytes())
+                    .collect(),
+            ),
+            col(
+                "z",
+                Dtype::U8,
+                vec![rows, 5],
+                (0..rows * 5).map(|i| (i * 31 % 251) as u8).collect(),
+            ),
+        ];
+        let opts = ConvertOptions {
+            keys: vec![key.clone()],
+            chunk_size: 128,
+            shard_size: 6000,
+            plain: vec!["y".into()],
+            ..Default::default()
+        };
+        convert(&inputs, dir, &opts, &mut |_, _| {}).unwrap();
+        key
+    }
+
+    /// Window `w` opened on the host into a buffer with the device layout.
+    fn host_window(
+        src: &FormatSource,
+        plan: &EpochPlan,
+        w: usize,
+        bound: usize,
+    ) -> (Vec<u8>, HashMap<Key, u64>) {
+        let keys = window_keys(src.columns(), src.chunk_size(), plan, w);
+        let specs: Vec<ChunkSpec> = keys
+            .iter()
+            .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
+            .collect();
+        let lay = window_layout(&keys, &specs);
+        assert!(
+            lay.staging_len <= bound,
+            "window {w}: {} > bound {bound}",
+            lay.staging_len
+        );
+        let mut buf = vec![0u8; lay.out_len as usize];
+        for (k, spec) in keys.iter().zip(&specs) {
+            let mut chunk = vec![0u8; spec.len];
+            let f = File::open(src.shard_path(k.0 as usize)).unwrap();
+            f.read_exact_at(&mut chunk, spec.file_offset).unwrap();
+            let params = ChunkParams {
+                nonce: spec.nonce,
+                aad: &spec.aad,
+                tag: spec.tag,
+                encrypted: spec.encrypted,
+            };
+            let opener = src.opener(k.0 as usize);
+            if spec.encrypted {
+                opener.open_in_place(&params, &mut chunk).unwrap();
+            } else {
+                opener.verify(&params, &chunk).unwrap();
+            }
+            let o = lay.offsets[k] as usize;
+            buf[o..o + spec.len].copy_from_slice(&chunk);
+        }
+        (buf, lay.offsets)
+    }
+
+    #[test]
+    fn window_layout_and_gather_offsets_rebuild_the_host_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dataset(dir.path(), 700);
+        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+        assert!(src.shard_count() > 2);
+        let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
+        for (seed, batch, w_blocks, world, rank, block_rows) in [
+            (1u64, 32usize, 8u64, 1u64, 0u64, None),
+            (2, 50, 3, 2, 1, None),
+            (3, 300, 1, 1, 0, Some(7)),
+            (4, 17, 2, 3, 2, Some(100)),
+        ] {
+            let o = LoaderOptions {
+                batch_size: batch,
+                seed,
+                window_blocks: w_blocks,
+                world_size: world,
+                rank,
+                block_rows,
+                epochs: 2,
+                ..Default::default()
+            };
+            let host: Vec<_> = Loader::new(src.clone(), &o)
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect();
+            let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();
+            let block_rows = block_rows.unwrap_or((src.chunk_size() / widest).max(1));
+            let bound = (window_chunk_bound(
+                src.columns(),
+                src.chunk_size(),
+                block_rows,
+                w_blocks,
+                &shard_rows,
+            ) * src.chunk_size().next_multiple_of(16)) as usize;
+            let cfg = SamplerConfig {
+                seed,
+                shuffle: true,
+                block_rows,
+                window_blocks: w_blocks,
+                rank,
+                world_size: world,
+                batch_size: batch as u64,
+                drop_last: false,
+            };
+            let mut hi = host.iter();
+            for epoch in 0..2 {
+                let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+                let mut cur = Cursor::new(&plan);
+                let mut windows: HashMap<usize, (Vec<u8>, HashMap<Key, u64>)> = HashMap::new();
+                for k in 0..plan.batches() {
+                    let (a, b) = plan.batch_positions(k);
+                    let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
+                    let h = hi.next().expect("as many batches as the host loader");
+                    for (c, col) in src.columns().iter().enumerate() {
+                        let rb = col.row_bytes;
+                        let mut got = vec![0u8; rows.len() * rb as usize];
+                        let mut pairs = Vec::new();
+                        for &(_, w) in &rows {
+                            windows
+                                .entry(w)
+                                .or_insert_with(|| host_window(&src, &plan, w, bound));
+                        }
+                        for (&w, (buf, offsets)) in &windows {
+                            gather_pairs(&rows, w, offsets, c, rb, src.chunk_size(), &mut pairs)
+                                .unwrap();
+                            for &(s, d) in &pairs {
+                                let (s, d, n) = (s as usize, d as usize, rb as usize);
+                                got[d..d + n].copy_from_slice(&buf[s..s + n]);
+                            }
+                        }
+                        assert_eq!(
+                            got,
+                            h.tensors().nth(c).unwrap().bytes,
+                            "column {} {o:?}",
+                            col.name
+                        );
+                    }
+                }
+            }
+            assert!(hi.next().is_none());
+        }
+    }
 }
