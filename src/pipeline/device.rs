@@ -740,22 +740,29 @@ impl Producer {
                     // most one submission is ever outstanding.
                     if let Some(f) = ahead.take() {
                         let win = self.finish(f, &mut st)?;
-                        if win.epoch == epoch && win.w == w {
+                        if win.epoch == epoch && needed.binary_search(&win.w).is_ok() {
+                            let hit = win.w == w;
                             resident.push(win);
-                            continue;
+                            if hit {
+                                continue;
+                            }
+                        } else {
+                            st.recycle(win.buf);
                         }
-                        st.recycle(win.buf);
                     }
                     let f = self.submit_window(&plan, epoch, w, &mut st)?;
                     resident.push(self.finish(f, &mut st)?);
                 }
                 self.gather_batch_async(&rows, &resident, &gather, &stream, &mut st)?;
                 // While the GPU gathers, read and submit the window after the last one used.
+                // Only a window this rank reaches later in the epoch (never another rank's).
                 let next = needed.last().map_or(0, |w| w + 1);
+                let rank_end = plan.batch_positions(plan.batches() - 1).1;
                 if ahead.is_none()
-                    && next < plan.windows()
-                    && !resident.iter().any(|r| r.w == next)
                     && k + 1 < plan.batches()
+                    && next < plan.windows()
+                    && plan.window_start(next) < rank_end
+                    && !resident.iter().any(|r| r.w == next)
                 {
                     ahead = Some(self.submit_window(&plan, epoch, next, &mut st)?);
                 }
