@@ -306,6 +306,13 @@ pub fn run(
         backend,
         ..opts.clone()
     };
+    if backend == Backend::Cuda {
+        // Before generating a dataset: say at once why there is no device.
+        crate::cipher::cuda::probe().map_err(|reason| Error::BackendUnavailable {
+            backend: "cuda",
+            reason,
+        })?;
+    }
     match dataset {
         Some(p) => {
             let key = key.ok_or_else(|| Error::Key("bench over a dataset needs its key".into()))?;
