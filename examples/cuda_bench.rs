@@ -5,7 +5,8 @@
 //! never selected.
 //!
 //! `cargo build --release --features cuda --example cuda_bench`
-//! Usage: `cuda_bench [KERNEL_GIB] [E2E_GIB]` (defaults 4 and 2), or
+//! Usage: `cuda_bench [KERNEL_GIB] [E2E_GIB]` (defaults 4 and 2; the file path's folder from
+//! `CIPHERSHARD_BENCH_DIR`, default /dev/shm, falling back to the temp folder), or
 //! `cuda_bench --emit-ptx sm_90 FILE` to prebuild the kernels for `CIPHERSHARD_CUDA_PTX`.
 
 use ciphershard::cipher::cuda;
@@ -71,7 +72,11 @@ fn main() {
     }
     // Every other CTR kernel variant must pass the suite too before its figures count.
     let default = cipher.ctr_variant();
-    let mut opts = cuda::BenchOptions::default();
+    let mut opts = cuda::BenchOptions {
+        // Where the page-cache-hot benchmark file (ciphertext only) goes; default /dev/shm.
+        file_dir: std::env::var_os("CIPHERSHARD_BENCH_DIR").map(Into::into),
+        ..Default::default()
+    };
     for (v, info) in cipher.ctr_variants() {
         let verdict = match info {
             Err(e) => Err(e),

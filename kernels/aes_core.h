@@ -158,11 +158,11 @@ CS_FN void cs_aes256_encrypt_words(const cs_u32 *tab, int lane, const cs_u32 *rk
  * the table row of byte value x is 256 bytes long: byte offset (x << 8) | (lane << 2) holds Te0[x]
  * for the lane's own bank (lanes 0..31 fill bytes 0..127), and +128 holds Te2[x] = ror16(Te0[x]).
  * ONE __byte_perm builds the whole offset from a state byte and lane*4 (the byte lands in bits
- * 8..15, lane*4 stays in bits 0..7), and the +128 / +CS_WIDE_REGION table selection is an
- * immediate in the shared load. "w2" keeps Te0/Te2 (64 KiB, two rotations per column); "w4"
+ * 8..15, lane*4 stays in bits 0..7) including the table choice (+128, +CS_WIDE_REGION; see
+ * CS_WOFF), so a lookup is one PRMT plus one LDS. "w2" keeps Te0/Te2 (64 KiB, two rotations per column); "w4"
  * adds Te1/Te3 at +CS_WIDE_REGION (128 KiB, no rotations at all). Same side-channel property
  * as the replicated table: every lane reads only its own bank. */
-#define CS_WIDE_REGION 65536u
+#define CS_WIDE_REGION 65536u /* must be 1 << 16: byte 2 of the offset selects the region */
 #define CS_WIDE_WORDS 16384u /* words per region */
 
 CS_FN cs_u32 cs_perm(cs_u32 x, cs_u32 y, cs_u32 sel) {
@@ -176,8 +176,11 @@ CS_FN cs_u32 cs_perm(cs_u32 x, cs_u32 y, cs_u32 sel) {
 #endif
 }
 
-/* Byte offset of byte k (0 = least significant) of state word s in the lane's row. */
-#define CS_WOFF(s, k, l4) cs_perm((s), (l4), 0x5504u | ((cs_u32)(k) << 4))
+/* Byte offset of byte k (0 = least significant) of state word s in table y's row for this lane:
+ * result byte 0 = y's byte 0 (lane*4, +128 for Te2/Te3), byte 1 = the state byte, byte 2 = y's
+ * byte 2 (1 for region 1: Te1/Te3), byte 3 = 0. The table choice costs no instruction (the
+ * compiler cannot fold +128 into a load from dynamic shared memory, so it lives in y). */
+#define CS_WOFF(s, k, y) cs_perm((s), (y), 0x5604u | ((cs_u32)(k) << 4))
 #define CS_WT(tab, off) (*(const cs_u32 *)((const cs_u8 *)(tab) + (off)))
 
 /* Word i of the wide table (i < CS_WIDE_WORDS in region 0; region 1 is i + CS_WIDE_WORDS). */
@@ -192,10 +195,11 @@ CS_FN cs_u32 cs_wide_entry(const cs_u32 *te0, cs_u32 i) {
  * lane * 4 (< 128); `four` selects the 4-table layout (compile-time constant after inlining). */
 CS_FN void cs_aes256_encrypt_wide(const cs_u32 *tab, cs_u32 l4, const cs_u32 *rk, cs_u32 *s, int four) {
     cs_u32 s0 = s[0] ^ rk[0], s1 = s[1] ^ rk[1], s2 = s[2] ^ rk[2], s3 = s[3] ^ rk[3];
-#define CS_W0(x, k) CS_WT(tab, CS_WOFF(x, k, l4))
-#define CS_W2(x, k) CS_WT(tab, CS_WOFF(x, k, l4) + 128u)
-#define CS_W1(x, k) (four ? CS_WT(tab, CS_WOFF(x, k, l4) + CS_WIDE_REGION) : cs_ror(CS_W0(x, k), 8))
-#define CS_W3(x, k) (four ? CS_WT(tab, CS_WOFF(x, k, l4) + CS_WIDE_REGION + 128u) : cs_ror(CS_W2(x, k), 8))
+    const cs_u32 y0 = l4, y2 = l4 | 128u, y1 = l4 | CS_WIDE_REGION, y3 = l4 | CS_WIDE_REGION | 128u;
+#define CS_W0(x, k) CS_WT(tab, CS_WOFF(x, k, y0))
+#define CS_W2(x, k) CS_WT(tab, CS_WOFF(x, k, y2))
+#define CS_W1(x, k) (four ? CS_WT(tab, CS_WOFF(x, k, y1)) : cs_ror(CS_W0(x, k), 8))
+#define CS_W3(x, k) (four ? CS_WT(tab, CS_WOFF(x, k, y3)) : cs_ror(CS_W2(x, k), 8))
     CS_UNROLL
     for (int r = 1; r < 14; r++) {
         const cs_u32 *k = rk + 4 * r;

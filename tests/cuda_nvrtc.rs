@@ -22,6 +22,7 @@ fn kernels_compile_with_nvrtc_for_hopper_and_ampere() {
             "cs_ctr",
             "cs_ctr_w2",
             "cs_ctr_w2b",
+            "cs_ctr_w2r",
             "cs_ctr_w4",
             "cs_ctr_w4b",
             "cs_ghash",

@@ -7,7 +7,13 @@
 //!   so the conformance suite and cross-backend tests run on it exactly as on the CPU;
 //! - [`BatchDecryptor`]: many chunks per batch from pinned staging buffers into a device buffer,
 //!   with asynchronous copies on one stream per slot (double/triple buffering) and every tag
-//!   checked before [`BatchDecryptor::wait`] hands the [`DeviceBatch`] out.
+//!   checked before [`BatchDecryptor::wait`] hands the [`DeviceBatch`] out. Chunks come either as
+//!   host slices ([`BatchDecryptor::submit`], copied into staging) or already read into the
+//!   slot's pinned staging by the caller ([`BatchDecryptor::staging_mut`] +
+//!   [`BatchDecryptor::submit_staged`]: one copy out of the page cache).
+//!
+//! The AES-CTR kernel has run-time selectable variants ([`CtrVariant`], `CIPHERSHARD_CUDA_CTR`);
+//! [`kernel_bench_with`] measures and checks them all in one run.
 //!
 //! Tags: GHASH runs on the GPU (segments folded in parallel, scaled by precomputed powers of H,
 //! combined with `atomicXor`); only 16 bytes per chunk come back, and the host XORs `E_K(J0)`
@@ -170,6 +176,8 @@ pub enum CtrVariant {
     Wide2x512,
     /// As `Wide2x512` with 256-thread blocks (up to 3 per SM).
     Wide2x256,
+    /// As `Wide2x256` with the round keys in registers (fewer shared loads, 2 blocks per SM).
+    Wide2RegKeys,
     /// Four wide tables (128 KiB), no rotations; 1024 threads (registers capped at 64).
     Wide4x1024,
     /// Four wide tables, 512 threads (no register cap: no spills).
@@ -178,10 +186,11 @@ pub enum CtrVariant {
 
 impl CtrVariant {
     /// Every variant, in the order the benchmark runs them.
-    pub const ALL: [CtrVariant; 5] = [
+    pub const ALL: [CtrVariant; 6] = [
         CtrVariant::Replicated,
         CtrVariant::Wide2x512,
         CtrVariant::Wide2x256,
+        CtrVariant::Wide2RegKeys,
         CtrVariant::Wide4x1024,
         CtrVariant::Wide4x512,
     ];
@@ -194,6 +203,7 @@ impl CtrVariant {
             CtrVariant::Replicated => "t1-replicated",
             CtrVariant::Wide2x512 => "w2-prmt-512",
             CtrVariant::Wide2x256 => "w2-prmt-256",
+            CtrVariant::Wide2RegKeys => "w2-prmt-256-rk-regs",
             CtrVariant::Wide4x1024 => "w4-prmt-1024",
             CtrVariant::Wide4x512 => "w4-prmt-512",
         }
@@ -216,6 +226,7 @@ impl CtrVariant {
             CtrVariant::Replicated => "cs_ctr",
             CtrVariant::Wide2x512 => "cs_ctr_w2",
             CtrVariant::Wide2x256 => "cs_ctr_w2b",
+            CtrVariant::Wide2RegKeys => "cs_ctr_w2r",
             CtrVariant::Wide4x1024 => "cs_ctr_w4",
             CtrVariant::Wide4x512 => "cs_ctr_w4b",
         }
@@ -223,7 +234,7 @@ impl CtrVariant {
 
     fn threads(self) -> u32 {
         match self {
-            CtrVariant::Replicated | CtrVariant::Wide2x256 => 256,
+            CtrVariant::Replicated | CtrVariant::Wide2x256 | CtrVariant::Wide2RegKeys => 256,
             CtrVariant::Wide2x512 | CtrVariant::Wide4x512 => 512,
             CtrVariant::Wide4x1024 => 1024,
         }
@@ -233,7 +244,7 @@ impl CtrVariant {
     fn dynamic_smem(self) -> u32 {
         match self {
             CtrVariant::Replicated => 0,
-            CtrVariant::Wide2x512 | CtrVariant::Wide2x256 => 64 << 10,
+            CtrVariant::Wide2x512 | CtrVariant::Wide2x256 | CtrVariant::Wide2RegKeys => 64 << 10,
             CtrVariant::Wide4x1024 | CtrVariant::Wide4x512 => 128 << 10,
         }
     }
@@ -1232,8 +1243,8 @@ impl BatchDecryptor {
             .map_err(drv("pinned staging buffer"))
     }
 
-    /// Enqueues a batch whose bytes the caller already wrote into [`staging_mut`]
-    /// (Self::staging_mut): uploads the staged range asynchronously and launches GHASH and
+    /// Enqueues a batch whose bytes the caller already wrote into
+    /// [`staging_mut`](Self::staging_mut): uploads the staged range asynchronously and launches GHASH and
     /// AES-CTR, exactly as [`submit`](Self::submit). Chunks at 16-byte aligned staging offsets
     /// take the vectorized path.
     pub fn submit_staged(&mut self, chunks: &[StagedChunk<'_>], out_len: usize) -> Result<Ticket> {
@@ -1725,14 +1736,15 @@ impl std::fmt::Display for KernelBenchReport {
                 ratios("old path", self.e2e_encrypted_gbps, self.e2e_plain_gbps)
             )?;
         }
-        if let Ok(g) = self.file_encrypted_gbps {
-            if self.file_plain_gbps > 0.0 && self.h2d_pinned_gbps > 0.0 {
-                writeln!(
-                    f,
-                    "| ratios {} | |",
-                    ratios("new path", g, self.file_plain_gbps)
-                )?;
-            }
+        if let Ok(g) = self.file_encrypted_gbps
+            && self.file_plain_gbps > 0.0
+            && self.h2d_pinned_gbps > 0.0
+        {
+            writeln!(
+                f,
+                "| ratios {} | |",
+                ratios("new path", g, self.file_plain_gbps)
+            )?;
         }
         Ok(())
     }
@@ -2043,8 +2055,11 @@ pub fn kernel_bench_with(
             BenchFile::create(&tmp, &host)
         })?;
         drop(std::mem::take(&mut host));
-        let file = &bench_file.file;
-        let path = &bench_file.path;
+        let file = bench_file
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(&bench_file.path, e))?;
+        let readers = ReaderPool::new(file, &bench_file.path, r.file_threads);
         let nbatches = chunks_total.div_ceil(per_batch);
         let mut out = [0.0f64; 2];
         // Pass 0 warms the page cache (and is not reported); passes 1, 2 are timed.
@@ -2072,13 +2087,7 @@ pub fn kernel_bench_with(
                 let count = per_batch.min(chunks_total - first);
                 let len = count * CHUNK;
                 let staging = dec.staging_mut()?;
-                parallel_pread(
-                    file,
-                    path,
-                    (first * CHUNK) as u64,
-                    &mut staging[..len],
-                    r.file_threads,
-                )?;
+                readers.read((first * CHUNK) as u64, &mut staging[..len])?;
                 let chunks: Vec<StagedChunk> = (0..count)
                     .map(|j| StagedChunk {
                         key: &dkey,
@@ -2141,33 +2150,111 @@ impl Drop for BenchFile {
     }
 }
 
-/// Fills `buf` from `file` at `offset` with `threads` concurrent `pread`s of contiguous pieces.
-fn parallel_pread(
-    file: &std::fs::File,
-    path: &std::path::Path,
+/// Persistent reader threads for the file benchmark (spawning threads for every 64 MiB batch
+/// would cost a visible share of the time being measured): [`ReaderPool::read`] splits a buffer
+/// into contiguous pieces, one `pread` per piece, and returns once every piece is in.
+struct ReaderPool {
+    jobs: Option<crossbeam_channel::Sender<ReadJob>>,
+    done: crossbeam_channel::Receiver<std::io::Result<()>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    path: std::path::PathBuf,
+}
+
+struct ReadJob {
+    ptr: *mut u8,
+    len: usize,
     offset: u64,
-    buf: &mut [u8],
-    threads: usize,
-) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let piece = buf
-        .len()
-        .div_ceil(threads.max(1))
-        .next_multiple_of(64 << 10)
-        .max(1);
-    std::thread::scope(|sc| {
-        let handles: Vec<_> = buf
-            .chunks_mut(piece)
-            .enumerate()
-            .map(|(i, p)| sc.spawn(move || file.read_exact_at(p, offset + (i * piece) as u64)))
+}
+
+// SAFETY: a job's region is written only by the one worker that receives it, and
+// `ReaderPool::read` does not return before every job it sent has reported back (or every worker
+// is gone), so the region is neither aliased nor released while a worker writes into it.
+unsafe impl Send for ReadJob {}
+
+impl ReaderPool {
+    fn new(file: std::fs::File, path: &std::path::Path, threads: usize) -> ReaderPool {
+        use std::os::unix::fs::FileExt;
+        let file = Arc::new(file);
+        let (jobs, rx) = crossbeam_channel::unbounded::<ReadJob>();
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let workers = (0..threads.max(1))
+            .map(|_| {
+                let (rx, done_tx, file) = (rx.clone(), done_tx.clone(), file.clone());
+                std::thread::spawn(move || {
+                    for job in rx {
+                        // SAFETY: see `ReadJob`: this worker is the only writer of the region,
+                        // which stays alive and unaliased until `read` has this job's report.
+                        let buf = unsafe { std::slice::from_raw_parts_mut(job.ptr, job.len) };
+                        if done_tx.send(file.read_exact_at(buf, job.offset)).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
             .collect();
-        for h in handles {
-            h.join()
-                .map_err(|_| backend_err("reading the benchmark file", "a reader thread panicked"))?
-                .map_err(|e| Error::io(path, e))?;
+        ReaderPool {
+            jobs: Some(jobs),
+            done,
+            workers,
+            path: path.to_path_buf(),
         }
-        Ok(())
-    })
+    }
+
+    /// Fills `buf` from the file at `offset`, one piece per worker.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let jobs = self.jobs.as_ref().expect("pool is open");
+        let piece = buf
+            .len()
+            .div_ceil(self.workers.len())
+            .next_multiple_of(64 << 10)
+            .max(1);
+        let mut sent = 0usize;
+        for (i, p) in buf.chunks_mut(piece).enumerate() {
+            let job = ReadJob {
+                ptr: p.as_mut_ptr(),
+                len: p.len(),
+                offset: offset + (i * piece) as u64,
+            };
+            if jobs.send(job).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        let mut result = Ok(());
+        for _ in 0..sent {
+            match self.done.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if result.is_ok() {
+                        result = Err(Error::io(&self.path, e));
+                    }
+                }
+                // Every worker is gone: nothing can still be writing into `buf`.
+                Err(_) => {
+                    return Err(backend_err(
+                        "reading the benchmark file",
+                        "the reader threads stopped",
+                    ));
+                }
+            }
+        }
+        if sent * piece < buf.len() {
+            return Err(backend_err(
+                "reading the benchmark file",
+                "the reader threads stopped",
+            ));
+        }
+        result
+    }
+}
+
+impl Drop for ReaderPool {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -2255,27 +2342,65 @@ mod tests {
     }
 
     #[test]
-    fn parallel_pread_reads_every_byte_at_its_place() {
+    fn bench_report_prints_a_line_per_variant_and_marks_failures() {
+        let mut r = KernelBenchReport {
+            device: "dev".into(),
+            best: Some(CtrVariant::Wide2x512),
+            file_encrypted_gbps: Ok(30.0),
+            file_plain_gbps: 31.0,
+            h2d_pinned_gbps: 50.0,
+            e2e_plain_gbps: 18.0,
+            e2e_encrypted_gbps: 17.0,
+            ..Default::default()
+        };
+        for v in CtrVariant::ALL {
+            r.variants.push(VariantFigures {
+                variant: v,
+                info: Some(KernelInfo {
+                    registers: 48,
+                    local_bytes: 0,
+                }),
+                ctr_gbps: 100.0,
+                ctr_ghash_gbps: 80.0,
+                check: if v == CtrVariant::Wide4x1024 {
+                    Err("conformance: bad | tag".into())
+                } else {
+                    Ok(())
+                },
+            });
+        }
+        let text = r.to_string();
+        for v in CtrVariant::ALL {
+            assert!(text.contains(v.name()), "{text}");
+        }
+        assert!(text.contains(
+            "| CTR variant w4-prmt-1024, 48 regs, 0 B local | FAIL: conformance: bad / tag |"
+        ));
+        assert!(text.contains("best verified variant w2-prmt-512"));
+        assert!(
+            text.contains("new path: encrypted/plaintext = 0.968"),
+            "{text}"
+        );
+        assert!(text.lines().all(|l| l.starts_with('|')));
+    }
+
+    #[test]
+    fn reader_pool_reads_every_byte_at_its_place() {
         use std::io::Write;
         let mut f = tempfile::tempfile().unwrap();
         let data: Vec<u8> = (0..3_000_017u32).map(|i| (i * 7 + i / 251) as u8).collect();
         f.write_all(&data).unwrap();
-        for (threads, off, len) in [(1, 0, 100), (5, 13, 2_000_000), (16, 1 << 20, 1_900_000)] {
-            let mut buf = vec![0u8; len];
-            parallel_pread(&f, std::path::Path::new("t"), off as u64, &mut buf, threads).unwrap();
-            assert!(buf == data[off..off + len], "threads {threads} off {off}");
+        for threads in [1, 5, 16] {
+            let pool = ReaderPool::new(f.try_clone().unwrap(), std::path::Path::new("t"), threads);
+            for (off, len) in [(0, 0), (0, 100), (13, 2_000_000), (1 << 20, 1_900_000)] {
+                let mut buf = vec![0u8; len];
+                pool.read(off as u64, &mut buf).unwrap();
+                assert!(buf == data[off..off + len], "threads {threads} off {off}");
+            }
+            let mut past = vec![0u8; 10];
+            let e = pool.read(data.len() as u64 - 5, &mut past).unwrap_err();
+            assert!(e.to_string().contains('t'), "{e}");
         }
-        let mut past = vec![0u8; 10];
-        assert!(
-            parallel_pread(
-                &f,
-                std::path::Path::new("t"),
-                data.len() as u64 - 5,
-                &mut past,
-                2
-            )
-            .is_err()
-        );
     }
 
     #[test]
