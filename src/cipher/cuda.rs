@@ -194,8 +194,9 @@ impl CtrVariant {
         CtrVariant::Wide4x1024,
         CtrVariant::Wide4x512,
     ];
-    /// The default until a GPU run shows a faster verified variant.
-    pub const DEFAULT: CtrVariant = CtrVariant::Replicated;
+    /// The fastest verified variant on the H200 run of 2026-11-27 (docs/BENCHMARKS.md, run 2):
+    /// 479.6 GB/s against 278.9 for `t1-replicated`.
+    pub const DEFAULT: CtrVariant = CtrVariant::Wide2x512;
 
     /// Short name (for [`CTR_VARIANT_ENV`] and reports).
     pub fn name(self) -> &'static str {
