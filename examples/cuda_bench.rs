@@ -1,8 +1,12 @@
-//! CUDA backend check for a GPU machine: runs the conformance suite on the CUDA backend, then
-//! measures the kernels, pinned H2D and the end-to-end batch path, and prints a markdown table.
+//! CUDA backend check for a GPU machine: runs the conformance suite on the CUDA backend (once
+//! per AES-CTR kernel variant), then measures every variant, GHASH, pinned H2D and the
+//! end-to-end batch path (from pageable memory, and pread from a file into pinned staging), and
+//! prints a markdown table. A variant that fails conformance or its output check is FAIL and
+//! never selected.
 //!
 //! `cargo build --release --features cuda --example cuda_bench`
-//! Usage: `cuda_bench [KERNEL_GIB] [E2E_GIB]` (defaults 4 and 2), or
+//! Usage: `cuda_bench [KERNEL_GIB] [E2E_GIB]` (defaults 4 and 2; the file path's folder from
+//! `CIPHERSHARD_BENCH_DIR`, default /dev/shm, falling back to the temp folder), or
 //! `cuda_bench --emit-ptx sm_90 FILE` to prebuild the kernels for `CIPHERSHARD_CUDA_PTX`.
 
 use ciphershard::cipher::cuda;
@@ -50,19 +54,70 @@ fn main() {
     };
     println!("device: {}", cipher.describe());
     let t = std::time::Instant::now();
-    let conf =
-        conformance::run(cipher.as_ref(), 60).and_then(|()| match cuda::cpu_fallback_count() {
-            0 => Ok(()),
-            n => Err(format!(
-                "{n} calls fell back to the CPU because the device failed"
-            )),
-        });
+    // Calls completed on the CPU since `before` (a failing device must not pass as working).
+    let fallbacks_ok = |before: u64| match cuda::cpu_fallback_count() - before {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} calls fell back to the CPU because the device failed"
+        )),
+    };
+    let conf = conformance::run(cipher.as_ref(), 60).and_then(|()| fallbacks_ok(0));
     match &conf {
-        Ok(()) => println!("conformance: PASS ({:.1} s)", t.elapsed().as_secs_f64()),
-        Err(e) => println!("conformance: FAIL: {e}"),
+        Ok(()) => println!(
+            "conformance ({}): PASS ({:.1} s)",
+            cipher.ctr_variant().name(),
+            t.elapsed().as_secs_f64()
+        ),
+        Err(e) => println!("conformance ({}): FAIL: {e}", cipher.ctr_variant().name()),
+    }
+    // Every other CTR kernel variant must pass the suite too before its figures count.
+    let default = cipher.ctr_variant();
+    let mut opts = cuda::BenchOptions {
+        // Where the page-cache-hot benchmark file (ciphertext only) goes; default /dev/shm.
+        file_dir: std::env::var_os("CIPHERSHARD_BENCH_DIR").map(Into::into),
+        ..Default::default()
+    };
+    for (v, info) in cipher.ctr_variants() {
+        let verdict = match info {
+            Err(e) => Err(e),
+            Ok(i) => {
+                println!(
+                    "variant {}: {} registers, {} bytes local memory",
+                    v.name(),
+                    i.registers,
+                    i.local_bytes
+                );
+                if v == default {
+                    conf.clone()
+                } else {
+                    let t = std::time::Instant::now();
+                    let before = cuda::cpu_fallback_count();
+                    let r = cipher
+                        .set_ctr_variant(v)
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| conformance::run(cipher.as_ref(), 20))
+                        .and_then(|()| fallbacks_ok(before));
+                    println!(
+                        "conformance ({}): {} ({:.1} s)",
+                        v.name(),
+                        r.as_ref()
+                            .map_or_else(|e| format!("FAIL: {e}"), |()| "PASS".into()),
+                        t.elapsed().as_secs_f64()
+                    );
+                    r
+                }
+            }
+        };
+        if let Err(e) = verdict {
+            opts.failed.push((v, format!("conformance: {e}")));
+        }
+    }
+    if let Err(e) = cipher.set_ctr_variant(default) {
+        eprintln!("cuda_bench: {e}");
+        std::process::exit(1);
     }
     let bytes = |g: f64| (g * (1u64 << 30) as f64) as usize;
-    match cuda::kernel_bench(&cipher, bytes(kernel_gib), bytes(e2e_gib)) {
+    match cuda::kernel_bench_with(&cipher, bytes(kernel_gib), bytes(e2e_gib), &opts) {
         Ok(r) => {
             println!();
             print!("{r}");

@@ -150,6 +150,83 @@ CS_FN void cs_aes256_encrypt_words(const cs_u32 *tab, int lane, const cs_u32 *rk
 #undef CS_SB
 }
 
+/* ---- Wide-table AES (CTR variants "w2-prmt" and "w4-prmt") -------------------------------
+ *
+ * Round 1's kernel spends about two integer instructions per table lookup on the address
+ * (extract the byte, scale it, add the lane) plus a funnel shift for 12 of the 16 lookups of a
+ * round, and at ~280 GB/s it is bound by the integer pipe, not by shared-memory bandwidth. Here
+ * the table row of byte value x is 256 bytes long: byte offset (x << 8) | (lane << 2) holds Te0[x]
+ * for the lane's own bank (lanes 0..31 fill bytes 0..127), and +128 holds Te2[x] = ror16(Te0[x]).
+ * ONE __byte_perm builds the whole offset from a state byte and lane*4 (the byte lands in bits
+ * 8..15, lane*4 stays in bits 0..7) including the table choice (+128, +CS_WIDE_REGION; see
+ * CS_WOFF), so a lookup is one PRMT plus one LDS. "w2" keeps Te0/Te2 (64 KiB, two rotations per column); "w4"
+ * adds Te1/Te3 at +CS_WIDE_REGION (128 KiB, no rotations at all). Same side-channel property
+ * as the replicated table: every lane reads only its own bank. */
+#define CS_WIDE_REGION 65536u /* must be 1 << 16: byte 2 of the offset selects the region */
+#define CS_WIDE_WORDS 16384u /* words per region */
+
+CS_FN cs_u32 cs_perm(cs_u32 x, cs_u32 y, cs_u32 sel) {
+#ifdef CS_CUDA
+    return __byte_perm(x, y, sel);
+#else
+    cs_u64 v = ((cs_u64)y << 32) | x;
+    cs_u32 r = 0;
+    for (int i = 0; i < 4; i++) r |= (cs_u32)((v >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) << (8 * i);
+    return r;
+#endif
+}
+
+/* Byte offset of byte k (0 = least significant) of state word s in table y's row for this lane:
+ * result byte 0 = y's byte 0 (lane*4, +128 for Te2/Te3), byte 1 = the state byte, byte 2 = y's
+ * byte 2 (1 for region 1: Te1/Te3), byte 3 = 0. The table choice costs no instruction (the
+ * compiler cannot fold +128 into a load from dynamic shared memory, so it lives in y). */
+#define CS_WOFF(s, k, y) cs_perm((s), (y), 0x5604u | ((cs_u32)(k) << 4))
+#define CS_WT(tab, off) (*(const cs_u32 *)((const cs_u8 *)(tab) + (off)))
+
+/* Word i of the wide table (i < CS_WIDE_WORDS in region 0; region 1 is i + CS_WIDE_WORDS). */
+CS_FN cs_u32 cs_wide_entry(const cs_u32 *te0, cs_u32 i) {
+    cs_u32 v = te0[(i >> 6) & 0xff];
+    int second = (i & 63) >= 32;
+    if (i < CS_WIDE_WORDS) return second ? cs_ror(v, 16) : v; /* Te0, Te2 */
+    return second ? cs_ror(v, 24) : cs_ror(v, 8);              /* Te1, Te3 */
+}
+
+/* Encrypts one block (four big-endian words, in place) with the wide table at `tab`; l4 is
+ * lane * 4 (< 128); `four` selects the 4-table layout (compile-time constant after inlining). */
+CS_FN void cs_aes256_encrypt_wide(const cs_u32 *tab, cs_u32 l4, const cs_u32 *rk, cs_u32 *s, int four) {
+    cs_u32 s0 = s[0] ^ rk[0], s1 = s[1] ^ rk[1], s2 = s[2] ^ rk[2], s3 = s[3] ^ rk[3];
+    const cs_u32 y0 = l4, y2 = l4 | 128u, y1 = l4 | CS_WIDE_REGION, y3 = l4 | CS_WIDE_REGION | 128u;
+#define CS_W0(x, k) CS_WT(tab, CS_WOFF(x, k, y0))
+#define CS_W2(x, k) CS_WT(tab, CS_WOFF(x, k, y2))
+#define CS_W1(x, k) (four ? CS_WT(tab, CS_WOFF(x, k, y1)) : cs_ror(CS_W0(x, k), 8))
+#define CS_W3(x, k) (four ? CS_WT(tab, CS_WOFF(x, k, y3)) : cs_ror(CS_W2(x, k), 8))
+    CS_UNROLL
+    for (int r = 1; r < 14; r++) {
+        const cs_u32 *k = rk + 4 * r;
+        cs_u32 t0 = CS_W0(s0, 3) ^ CS_W1(s1, 2) ^ CS_W2(s2, 1) ^ CS_W3(s3, 0) ^ k[0];
+        cs_u32 t1 = CS_W0(s1, 3) ^ CS_W1(s2, 2) ^ CS_W2(s3, 1) ^ CS_W3(s0, 0) ^ k[1];
+        cs_u32 t2 = CS_W0(s2, 3) ^ CS_W1(s3, 2) ^ CS_W2(s0, 1) ^ CS_W3(s1, 0) ^ k[2];
+        cs_u32 t3 = CS_W0(s3, 3) ^ CS_W1(s0, 2) ^ CS_W2(s1, 1) ^ CS_W3(s2, 0) ^ k[3];
+        s0 = t0; s1 = t1; s2 = t2; s3 = t3;
+    }
+    /* Last round (no MixColumns): S[x] is the top byte of Te2[x], bits 16..23 and 8..15 of
+     * Te0[x], and the low byte of Te2[x]. */
+    const cs_u32 *k = rk + 56;
+    s[0] = ((CS_W2(s0, 3) & 0xff000000u) | (CS_W0(s1, 2) & 0xff0000u) | (CS_W0(s2, 1) & 0xff00u) | (CS_W2(s3, 0) & 0xffu)) ^ k[0];
+    s[1] = ((CS_W2(s1, 3) & 0xff000000u) | (CS_W0(s2, 2) & 0xff0000u) | (CS_W0(s3, 1) & 0xff00u) | (CS_W2(s0, 0) & 0xffu)) ^ k[1];
+    s[2] = ((CS_W2(s2, 3) & 0xff000000u) | (CS_W0(s3, 2) & 0xff0000u) | (CS_W0(s0, 1) & 0xff00u) | (CS_W2(s1, 0) & 0xffu)) ^ k[2];
+    s[3] = ((CS_W2(s3, 3) & 0xff000000u) | (CS_W0(s0, 2) & 0xff0000u) | (CS_W0(s1, 1) & 0xff00u) | (CS_W2(s2, 0) & 0xffu)) ^ k[3];
+#undef CS_W0
+#undef CS_W1
+#undef CS_W2
+#undef CS_W3
+}
+
+/* AES table schemes for the CTR routine. */
+#define CS_SCHEME_REPLICATED 0 /* round 1: Te0 replicated per lane, index x*32+lane */
+#define CS_SCHEME_WIDE2 1
+#define CS_SCHEME_WIDE4 2
+
 /* ---- GHASH (GF(2^128), GCM bit order) ------------------------------------------------ */
 
 /* Shoup 4-bit reduction constants (as in mbed TLS), shifted into the top 16 bits of hi. */
@@ -298,15 +375,19 @@ CS_FN void cs_ghash_segment(const cs_u64 *hh, const cs_u64 *hl, const cs_u32 *la
 }
 
 /* The CTR work of one chunk for one thread: keystream blocks first+t, first+t+stride, ... of the
- * chunk's range [off, off+len) (descriptor d: nonce in words 4-5). */
+ * chunk's range [off, off+len) (descriptor d: nonce in words 4-5). `scheme`: CS_SCHEME_*, with
+ * t0s the matching table (replicated Te0, or the wide table). */
 CS_FN void cs_ctr_chunk(const cs_u32 *t0s, int lane, const cs_u32 *rk, const cs_u64 *d,
-                        const cs_u8 *sp0, cs_u8 *dp0, cs_u64 len, cs_u64 off, cs_u64 t, cs_u64 stride) {
+                        const cs_u8 *sp0, cs_u8 *dp0, cs_u64 len, cs_u64 off, cs_u64 t, cs_u64 stride, int scheme) {
     cs_u32 n0 = cs_bswap((cs_u32)d[4]), n1 = cs_bswap((cs_u32)(d[4] >> 32)), n2 = cs_bswap((cs_u32)d[5]);
     cs_u64 first = off / 16, nblocks = (off + len - 1) / 16 - first + 1;
     for (cs_u64 b = t; b < nblocks; b += stride) {
         cs_u64 kb = first + b;
         cs_u32 s[4] = {n0, n1, n2, (cs_u32)(2 + kb)};  // inc32: the counter wraps modulo 2^32
-        cs_aes256_encrypt_words(t0s, lane, rk, s);
+        if (scheme == CS_SCHEME_REPLICATED)
+            cs_aes256_encrypt_words(t0s, lane, rk, s);
+        else
+            cs_aes256_encrypt_wide(t0s, (cs_u32)lane << 2, rk, s, scheme == CS_SCHEME_WIDE4);
         cs_u64 abs0 = kb * 16;
         if (abs0 >= off && abs0 + 16 <= off + len) {
             cs_u64 p = abs0 - off;

@@ -55,11 +55,49 @@ extern "C" __global__ void __launch_bounds__(CS_THREADS) cs_ctr(const cs_u32 *te
     cs_u64 so = d[0], dof = d[1], len = d[2], off = d[3];
     if (len > 0)
         cs_ctr_chunk(t0s, lane, rk, d, src + so, dst + dof, len, off, (cs_u64)blockIdx.x * blockDim.x + threadIdx.x,
-                     (cs_u64)gridDim.x * blockDim.x);
+                     (cs_u64)gridDim.x * blockDim.x, CS_SCHEME_REPLICATED);
     // Shared memory is not cleared between kernels: wipe the round keys before exiting.
     __syncthreads();
     for (int i = threadIdx.x; i < 60; i += blockDim.x) ((volatile cs_u32 *)rk)[i] = 0;
 }
+
+// AES-256-CTR with the wide tables (aes_core.h, "Wide-table AES") in dynamic shared memory:
+// 64 KiB (two tables) or 128 KiB (four tables); the host raises the function's dynamic shared
+// memory limit and launches with exactly that many bytes. Same grid layout as cs_ctr.
+// RK_IN_REGS: copy the round keys into registers first (60 more registers, 14 fewer shared loads
+// per AES block for a kernel that is shared-load bound). Registers are not addressable memory,
+// so there is nothing to wipe there (a volatile wipe would force the array onto the stack).
+#define CS_CTR_WIDE(NAME, THREADS, MIN_BLOCKS, SCHEME, REGIONS, RK_IN_REGS)                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                                             \
+        NAME(const cs_u32 *te0, const cs_u32 *rk_g, const cs_u64 *desc, const cs_u8 *src, cs_u8 *dst) {           \
+        extern __shared__ __align__(16) cs_u32 cs_wide_tab[];                                                     \
+        __shared__ __align__(16) cs_u32 rk[60];                                                                   \
+        __shared__ cs_u32 te0s[256];                                                                              \
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) te0s[i] = te0[i];                                      \
+        for (int i = threadIdx.x; i < 60; i += blockDim.x) rk[i] = rk_g[i];                                        \
+        __syncthreads();                                                                                          \
+        for (cs_u32 i = threadIdx.x; i < (REGIONS) * CS_WIDE_WORDS; i += blockDim.x)                               \
+            cs_wide_tab[i] = cs_wide_entry(te0s, i);                                                              \
+        __syncthreads();                                                                                          \
+        const cs_u64 *d = desc + (cs_u64)blockIdx.y * CS_DESC_WORDS;                                              \
+        cs_u64 so = d[0], dof = d[1], len = d[2], off = d[3];                                                     \
+        if (len > 0) {                                                                                            \
+            cs_u32 rkr[RK_IN_REGS ? 60 : 1];                                                                      \
+            if (RK_IN_REGS) {                                                                                     \
+                CS_UNROLL for (int i = 0; i < (RK_IN_REGS ? 60 : 1); i++) rkr[i] = rk[i];                         \
+            }                                                                                                     \
+            cs_ctr_chunk(cs_wide_tab, threadIdx.x & 31, RK_IN_REGS ? rkr : rk, d, src + so, dst + dof, len, off,   \
+                         (cs_u64)blockIdx.x * blockDim.x + threadIdx.x, (cs_u64)gridDim.x * blockDim.x, SCHEME);  \
+        }                                                                                                         \
+        __syncthreads();                                                                                          \
+        for (int i = threadIdx.x; i < 60; i += blockDim.x) ((volatile cs_u32 *)rk)[i] = 0;                         \
+    }
+
+CS_CTR_WIDE(cs_ctr_w2, 512, 2, CS_SCHEME_WIDE2, 1, 0)
+CS_CTR_WIDE(cs_ctr_w2b, 256, 3, CS_SCHEME_WIDE2, 1, 0)
+CS_CTR_WIDE(cs_ctr_w2r, 256, 2, CS_SCHEME_WIDE2, 1, 1)
+CS_CTR_WIDE(cs_ctr_w4, 1024, 1, CS_SCHEME_WIDE4, 2, 0)
+CS_CTR_WIDE(cs_ctr_w4b, 512, 1, CS_SCHEME_WIDE4, 2, 0)
 
 // Parallel GHASH: each thread folds segments of CS_SEG_BLOCKS blocks (counted from the end),
 // scales them by H^(s*CS_SEG_BLOCKS) from hpow, and XORs everything into acc[4*chunk..] (GF

@@ -62,11 +62,18 @@ static void nonce_words(const cs_u8 *nonce, cs_u64 *d) {
 }
 
 /* Runs the kernel's per-thread CTR routine as `threads` threads with a grid stride. */
+/* The wide tables of the "w2"/"w4" CTR variants (both regions), as the kernels fill them. */
+static cs_u32 wide[2 * CS_WIDE_WORDS];
+static int scheme_now = CS_SCHEME_REPLICATED;
+
 static void ctr_as_kernel(const cs_u32 *rk, const cs_u8 *nonce, cs_u64 off, const cs_u8 *in, cs_u8 *out, cs_u64 len,
                           cs_u64 threads) {
     cs_u64 d[CS_DESC_WORDS] = {0};
     nonce_words(nonce, d);
-    for (cs_u64 t = 0; t < threads; t++) cs_ctr_chunk(te0, 0, rk, d, in, out, len, off, t, threads);
+    const cs_u32 *tab = scheme_now == CS_SCHEME_REPLICATED ? te0 : wide;
+    /* Thread t is lane t % 32, so the wide variants read every lane's column of the table. */
+    for (cs_u64 t = 0; t < threads; t++)
+        cs_ctr_chunk(tab, (int)(t % 32), rk, d, in, out, len, off, t, threads, scheme_now);
 }
 
 static int fails = 0;
@@ -78,6 +85,7 @@ static void expect(const char *what, const cs_u8 *got, const char *want_hex) {
 
 int main(void) {
     cs_build_te0(te0);
+    for (cs_u32 i = 0; i < 2 * CS_WIDE_WORDS; i++) wide[i] = cs_wide_entry(te0, i);
     cs_u8 key[32], in[256], out[256], ct[256], tag[16], iv[12], aad[64];
     cs_u32 rk[60];
     /* FIPS-197 C.3 */
@@ -86,6 +94,19 @@ int main(void) {
     cs_expand_key(te0, key, rk);
     encrypt_bytes(rk, in, out);
     expect("FIPS-197 C.3 AES-256", out, "8ea2b7ca516745bfeafc49904b496089");
+    /* The same block through the wide-table rounds, for every lane and both layouts. */
+    for (int four = 0; four < 2; four++) {
+        int bad = 0;
+        for (cs_u32 lane = 0; lane < 32; lane++) {
+            cs_u32 s[4];
+            for (int i = 0; i < 4; i++) s[i] = (cs_u32)in[4 * i] << 24 | (cs_u32)in[4 * i + 1] << 16 | (cs_u32)in[4 * i + 2] << 8 | in[4 * i + 3];
+            cs_aes256_encrypt_wide(wide, lane << 2, rk, s, four);
+            for (int i = 0; i < 16; i++) ct[i] = (cs_u8)(s[i / 4] >> (24 - 8 * (i % 4)));
+            if (memcmp(ct, out, 16) != 0) bad = 1;
+        }
+        if (bad) { printf("FAIL FIPS-197 C.3 via wide tables (four=%d)\n", four); fails++; }
+        else printf("ok   FIPS-197 C.3 via wide tables, all 32 lanes (four=%d)\n", four);
+    }
     /* GCM spec test cases 13-16 (AES-256). */
     const char *v[4][6] = {
         {"0000000000000000000000000000000000000000000000000000000000000000", "000000000000000000000000", "", "", "", "530f8afbc74536b9a963b4f1c4cb738b"},
@@ -108,8 +129,10 @@ int main(void) {
         expect(name, tag, v[i][5]);
     }
     /* SP 800-38A F.5.5 through the kernel's CTR routine: nonce = first 12 bytes of the counter
-     * block, offset chosen so the first counter is its last 4 bytes; seeks to unaligned bytes. */
-    {
+     * block, offset chosen so the first counter is its last 4 bytes; seeks to unaligned bytes.
+     * Once per table scheme (round 1's replicated table, wide 2-table, wide 4-table). */
+    for (scheme_now = 0; scheme_now <= CS_SCHEME_WIDE4; scheme_now++) {
+        printf("-- CTR table scheme %d\n", scheme_now);
         cs_u8 iv[16], pt[64], ctv[64], got[80];
         unhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4", key);
         unhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff", iv);

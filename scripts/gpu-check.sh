@@ -14,17 +14,24 @@ if [ "${1:-}" = "--prepare" ]; then
     dir=${2:-.gpu}
     root=$(cd "$(dirname "$0")/.." && pwd)
     cd "$root"
-    nvrtc_lib=$(ls -d .venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1 || true)
+    nvrtc_lib=$(ls -d .venv/lib/python3*/site-packages/nvidia/cu13/lib target/ci-venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1 || true)
     if [ -n "$nvrtc_lib" ]; then export LD_LIBRARY_PATH="$root/$nvrtc_lib:${LD_LIBRARY_PATH:-}"; fi
-    cargo build --release --no-default-features --features cuda --example cuda_bench
-    test_bin=$(cargo test --release --no-default-features --features cuda --test cuda_conformance --no-run \
-        --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*cuda_conformance[^"]*\)".*/\1/p' | tail -1)
+    # One feature set for everything, so nothing is built twice.
+    feats=(--release --all-features)
+    cargo build "${feats[@]}" --example cuda_bench --bin ciphershard
+    test_exe() {  # path of a test binary, built
+        cargo test "${feats[@]}" --test "$1" --no-run --message-format=json 2>/dev/null \
+            | sed -n 's/.*"executable":"\([^"]*\/'"$1"'-[^"]*\)".*/\1/p' | tail -1
+    }
     mkdir -p "$dir"
     cp target/release/examples/cuda_bench "$dir/cuda_bench"
-    cp "$test_bin" "$dir/cuda_conformance"
+    cp target/release/ciphershard "$dir/ciphershard"
+    for t in cuda_conformance wgpu_backend loader_cuda; do
+        if [ -f "tests/$t.rs" ]; then cp "$(test_exe "$t")" "$dir/$t"; fi
+    done
     # PTX from NVRTC 13.0 (PTX ISA the 580 driver accepts), for a machine without libnvrtc.
     "$dir/cuda_bench" --emit-ptx sm_90 "$dir/kernels_sm90.ptx"
-    strip --strip-debug "$dir/cuda_bench" "$dir/cuda_conformance" 2>/dev/null || true
+    strip --strip-debug "$dir"/* 2>/dev/null || true
     du -sh "$dir"/*
     exit 0
 fi
@@ -65,31 +72,74 @@ else
     row "kernel source" "MISSING: no NVRTC and no $BIN/kernels_sm90.ptx"
 fi
 
-echo "== CUDA conformance + batch tests"
+echo "== CUDA conformance + batch tests (every CTR kernel variant)"
 if [ -x "$BIN/cuda_conformance" ]; then
-    out=$(timeout 150 "$BIN/cuda_conformance" --test-threads=1 --nocapture 2>&1); rc=$?
+    out=$(timeout 100 "$BIN/cuda_conformance" --test-threads=1 --nocapture 2>&1); rc=$?
     echo "$out" | tail -20
     if [ $rc -eq 0 ] && ! echo "$out" | grep -q SKIPPED; then
-        row "CUDA conformance suite + batch test" "PASS"
+        row "CUDA conformance suite + batch tests (all CTR variants, staged batches)" "PASS"
     else
-        row "CUDA conformance suite + batch test" "FAIL (rc $rc): $(echo "$out" | grep -E 'SKIPPED|panicked|FAIL' | head -2 | tr '|\n' '/ ')"
+        row "CUDA conformance suite + batch tests (all CTR variants, staged batches)" "FAIL (rc $rc): $(echo "$out" | grep -E 'SKIPPED|panicked|FAIL' | head -2 | tr '|\n' '/ ')"
     fi
 else
-    row "CUDA conformance suite + batch test" "MISSING $BIN/cuda_conformance"
+    row "CUDA conformance suite + batch tests (all CTR variants, staged batches)" "MISSING $BIN/cuda_conformance"
 fi
 
 echo "== kernel / H2D / end-to-end benchmark"
 bench_table=""
 if [ -x "$BIN/cuda_bench" ]; then
-    out=$(timeout 200 "$BIN/cuda_bench" 4 2 2>&1); rc=$?
+    # Conformance once per AES-CTR kernel variant, then every variant's figures (each checked
+    # against the CPU on its own output), then end to end with the fastest verified variant:
+    # old path (pageable -> pinned staging) and new path (file pread -> pinned staging).
+    out=$(timeout 230 "$BIN/cuda_bench" 4 2 2>&1); rc=$?
     echo "$out"
     bench_table=$(echo "$out" | grep '^|')
+    while IFS= read -r l; do row "conformance per CTR variant" "$l"; done < <(echo "$out" | grep '^conformance (' | tr '|' '/')
     [ $rc -eq 0 ] && row "cuda_bench (conformance + figures)" "PASS" \
         || row "cuda_bench (conformance + figures)" "FAIL (rc $rc): $(echo "$out" | grep -iE 'fail|error|panicked|not available' | head -2 | tr '|\n' '/ ')"
 else
     row "cuda_bench" "MISSING $BIN/cuda_bench"
 fi
-# The lead adds here: "$BIN/ciphershard" bench --backend cuda ...
+
+echo "== loader into device memory (CUDA)"
+if [ -x "$BIN/loader_cuda" ]; then
+    out=$(timeout 60 "$BIN/loader_cuda" --test-threads=1 --nocapture 2>&1); rc=$?
+    echo "$out" | tail -15
+    if [ $rc -eq 0 ] && ! echo "$out" | grep -q SKIPPED; then row "loader device batches vs CPU loader, tamper" "PASS"
+    else row "loader device batches vs CPU loader, tamper" "FAIL (rc $rc): $(echo "$out" | grep -E 'SKIPPED|panicked|FAIL' | head -2 | tr '|\n' '/ ')"; fi
+fi
+if [ -x "$BIN/ciphershard" ]; then
+    out=$(CIPHERSHARD_CUDA_CTR=${CIPHERSHARD_CUDA_CTR:-} timeout 150 "$BIN/ciphershard" bench --backend cuda --threads 8 --epochs 3 --batch-size 1024 --json 2>&1); rc=$?
+    echo "$out" > "${OUT:-/tmp}/bench-cuda.json"
+    echo "$out" | grep -E '"(backend|gb_per_s|ratio|ctr_gbps|ctr_ghash_gbps|e2e_[a-z_]*gbps)"' | head -20
+    [ $rc -eq 0 ] && row "ciphershard bench --backend cuda" "$(echo "$out" | tr -d ' \n' | grep -oE '"ratio":[0-9.]+' | head -1) (full JSON in bench-cuda.json)" \
+        || row "ciphershard bench --backend cuda" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
+fi
+
+echo "== wgpu on Vulkan"
+# The image may lack the Vulkan loader: unpack carried Debian packages (see the device README).
+if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 && [ -d .gl ]; then
+    for f in .gl/*.deb; do dpkg -x "$f" / 2>/dev/null; done; ldconfig 2>/dev/null
+fi
+icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[ -f "$icd" ] && [ -z "${VK_DRIVER_FILES:-}" ] && export VK_DRIVER_FILES=$icd
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-gpu-check}; mkdir -p "$XDG_RUNTIME_DIR"; chmod 700 "$XDG_RUNTIME_DIR"
+if [ -x "$BIN/ciphershard" ]; then
+    b=$(timeout 30 "$BIN/ciphershard" backends 2>&1); echo "$b"
+    row "ciphershard backends" "$(echo "$b" | tr '|\n' '/;')"
+fi
+if [ -x "$BIN/wgpu_backend" ]; then
+    out=$(CIPHERSHARD_REQUIRE_WGPU=1 timeout 90 "$BIN/wgpu_backend" --test-threads=1 2>&1); rc=$?
+    echo "$out" | grep -E '^test |test result' | tail -12
+    [ $rc -eq 0 ] && row "wgpu conformance + cross-backend tests" "PASS" \
+        || row "wgpu conformance + cross-backend tests" "FAIL (rc $rc): $(echo "$out" | grep -E 'panicked|No adapter|not available' | head -2 | tr '|\n' '/ ')"
+fi
+if [ -x "$BIN/ciphershard" ]; then
+    out=$(timeout 90 "$BIN/ciphershard" bench --backend wgpu --threads 8 --epochs 1 --json 2>&1); rc=$?
+    echo "$out" > "${OUT:-/tmp}/bench-wgpu.json"
+    [ $rc -eq 0 ] && row "ciphershard bench --backend wgpu" "$(echo "$out" | tr -d ' \n' | grep -oE '"(ratio|kernel_gbps|open_gbps|adapter)":("[^"]*"|[0-9.]+)' | tr '\n' ' ')" \
+        || row "ciphershard bench --backend wgpu" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
+fi
 
 echo
 echo "## GPU check $(date -u +%Y-%m-%dT%H:%MZ)"

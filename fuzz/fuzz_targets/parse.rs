@@ -4,7 +4,8 @@
 //!
 //!     cargo install cargo-fuzz && cd fuzz && cargo +nightly fuzz run parse -- -max_total_time=60
 //!
-//! The bounded CI stand-in is `random_mutations_never_pass_or_panic` in
+//! CI runs it for 30 s on the stable toolchain through `scripts/fuzz-smoke.sh` (libFuzzer with
+//! SanitizerCoverage switched on by hand), besides `random_mutations_never_pass_or_panic` in
 //! tests/format_bad_input.rs.
 #![no_main]
 

@@ -7,7 +7,13 @@
 //!   so the conformance suite and cross-backend tests run on it exactly as on the CPU;
 //! - [`BatchDecryptor`]: many chunks per batch from pinned staging buffers into a device buffer,
 //!   with asynchronous copies on one stream per slot (double/triple buffering) and every tag
-//!   checked before [`BatchDecryptor::wait`] hands the [`DeviceBatch`] out.
+//!   checked before [`BatchDecryptor::wait`] hands the [`DeviceBatch`] out. Chunks come either as
+//!   host slices ([`BatchDecryptor::submit`], copied into staging) or already read into the
+//!   slot's pinned staging by the caller ([`BatchDecryptor::staging_mut`] +
+//!   [`BatchDecryptor::submit_staged`]: one copy out of the page cache).
+//!
+//! The AES-CTR kernel has run-time selectable variants ([`CtrVariant`], `CIPHERSHARD_CUDA_CTR`);
+//! [`kernel_bench_with`] measures and checks them all in one run.
 //!
 //! Tags: GHASH runs on the GPU (segments folded in parallel, scaled by precomputed powers of H,
 //! combined with `atomicXor`); only 16 bytes per chunk come back, and the host XORs `E_K(J0)`
@@ -152,8 +158,140 @@ pub fn create() -> Result<Arc<dyn Cipher>> {
 struct Kernels {
     setup: CudaFunction,
     hpowers: CudaFunction,
-    ctr: CudaFunction,
+    /// One entry per [`CtrVariant::ALL`]: the loaded, configured kernel or why it is unusable.
+    ctr: Vec<std::result::Result<CudaFunction, String>>,
     ghash: CudaFunction,
+}
+
+/// Environment variable selecting the AES-CTR kernel variant ([`CtrVariant::name`]) at start-up.
+pub const CTR_VARIANT_ENV: &str = "CIPHERSHARD_CUDA_CTR";
+
+/// AES-256-CTR kernel variants (kernels/aes_gcm.cu), selectable at run time so one GPU run can
+/// measure them all ([`kernel_bench`]) and the fastest verified one can be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtrVariant {
+    /// Round 1: Te0 replicated per lane (32 KiB), two integer ops per lookup address.
+    Replicated,
+    /// Wide Te0/Te2 rows (64 KiB), one `__byte_perm` per lookup address; 512 threads.
+    Wide2x512,
+    /// As `Wide2x512` with 256-thread blocks (up to 3 per SM).
+    Wide2x256,
+    /// As `Wide2x256` with the round keys in registers (fewer shared loads, 2 blocks per SM).
+    Wide2RegKeys,
+    /// Four wide tables (128 KiB), no rotations; 1024 threads (registers capped at 64).
+    Wide4x1024,
+    /// Four wide tables, 512 threads (no register cap: no spills).
+    Wide4x512,
+}
+
+impl CtrVariant {
+    /// Every variant, in the order the benchmark runs them.
+    pub const ALL: [CtrVariant; 6] = [
+        CtrVariant::Replicated,
+        CtrVariant::Wide2x512,
+        CtrVariant::Wide2x256,
+        CtrVariant::Wide2RegKeys,
+        CtrVariant::Wide4x1024,
+        CtrVariant::Wide4x512,
+    ];
+    /// The fastest verified variant on the H200 run of 2026-11-27 (docs/BENCHMARKS.md, run 2):
+    /// 479.6 GB/s against 278.9 for `t1-replicated`.
+    pub const DEFAULT: CtrVariant = CtrVariant::Wide2x512;
+
+    /// Short name (for [`CTR_VARIANT_ENV`] and reports).
+    pub fn name(self) -> &'static str {
+        match self {
+            CtrVariant::Replicated => "t1-replicated",
+            CtrVariant::Wide2x512 => "w2-prmt-512",
+            CtrVariant::Wide2x256 => "w2-prmt-256",
+            CtrVariant::Wide2RegKeys => "w2-prmt-256-rk-regs",
+            CtrVariant::Wide4x1024 => "w4-prmt-1024",
+            CtrVariant::Wide4x512 => "w4-prmt-512",
+        }
+    }
+
+    /// The variant called `name`.
+    pub fn parse(name: &str) -> Option<CtrVariant> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+
+    fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|v| *v == self)
+            .expect("listed in ALL")
+    }
+
+    fn kernel(self) -> &'static str {
+        match self {
+            CtrVariant::Replicated => "cs_ctr",
+            CtrVariant::Wide2x512 => "cs_ctr_w2",
+            CtrVariant::Wide2x256 => "cs_ctr_w2b",
+            CtrVariant::Wide2RegKeys => "cs_ctr_w2r",
+            CtrVariant::Wide4x1024 => "cs_ctr_w4",
+            CtrVariant::Wide4x512 => "cs_ctr_w4b",
+        }
+    }
+
+    fn threads(self) -> u32 {
+        match self {
+            CtrVariant::Replicated | CtrVariant::Wide2x256 | CtrVariant::Wide2RegKeys => 256,
+            CtrVariant::Wide2x512 | CtrVariant::Wide4x512 => 512,
+            CtrVariant::Wide4x1024 => 1024,
+        }
+    }
+
+    /// Dynamic shared memory (the wide tables), bytes.
+    fn dynamic_smem(self) -> u32 {
+        match self {
+            CtrVariant::Replicated => 0,
+            CtrVariant::Wide2x512 | CtrVariant::Wide2x256 | CtrVariant::Wide2RegKeys => 64 << 10,
+            CtrVariant::Wide4x1024 | CtrVariant::Wide4x512 => 128 << 10,
+        }
+    }
+}
+
+/// Registers and local memory (spills) of a loaded kernel, from the driver.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelInfo {
+    /// Registers per thread.
+    pub registers: i32,
+    /// Local memory per thread in bytes (non-zero means register spills or a stack).
+    pub local_bytes: i32,
+}
+
+fn kernel_info(f: &CudaFunction) -> KernelInfo {
+    use cudarc::driver::sys::CUfunction_attribute as A;
+    KernelInfo {
+        registers: f.get_attribute(A::CU_FUNC_ATTRIBUTE_NUM_REGS).unwrap_or(-1),
+        local_bytes: f
+            .get_attribute(A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)
+            .unwrap_or(-1),
+    }
+}
+
+/// Loads a CTR variant's kernel and raises its dynamic shared-memory limit when it needs one.
+fn load_ctr(
+    module: &Arc<cudarc::driver::CudaModule>,
+    v: CtrVariant,
+) -> std::result::Result<CudaFunction, String> {
+    let f = module
+        .load_function(v.kernel())
+        .map_err(|e| format!("kernel {} missing from the module: {e}", v.kernel()))?;
+    if v.dynamic_smem() > 0 {
+        use cudarc::driver::sys::CUfunction_attribute as A;
+        f.set_attribute(
+            A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            v.dynamic_smem() as i32,
+        )
+        .map_err(|e| {
+            format!(
+                "the device cannot give {} KiB of shared memory to one block: {e}",
+                v.dynamic_smem() >> 10
+            )
+        })?;
+    }
+    Ok(f)
 }
 
 /// Context, stream and loaded kernels, shared by the cipher, its keys and batch decryptors.
@@ -163,6 +301,14 @@ struct Device {
     k: Kernels,
     name: String,
     arch: String,
+    /// Index into [`CtrVariant::ALL`] of the CTR kernel in use.
+    ctr_variant: std::sync::atomic::AtomicUsize,
+}
+
+impl Device {
+    fn ctr_variant(&self) -> CtrVariant {
+        CtrVariant::ALL[self.ctr_variant.load(std::sync::atomic::Ordering::Relaxed)]
+    }
 }
 
 static PTX: OnceLock<std::result::Result<(String, Ptx), String>> = OnceLock::new();
@@ -227,20 +373,71 @@ impl CudaCipher {
         let k = Kernels {
             setup: f("cs_setup")?,
             hpowers: f("cs_hpowers")?,
-            ctr: f("cs_ctr")?,
+            ctr: CtrVariant::ALL
+                .iter()
+                .map(|&v| load_ctr(&module, v))
+                .collect(),
             ghash: f("cs_ghash")?,
         };
+        if let Err(e) = &k.ctr[CtrVariant::Replicated.index()] {
+            return Err(Error::Backend {
+                backend: "cuda",
+                reason: format!("{e} (use --backend cpu)"),
+            });
+        }
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
-        Ok(Arc::new(CudaCipher {
+        let cipher = CudaCipher {
             dev: Arc::new(Device {
                 ctx,
                 stream,
                 k,
                 name,
                 arch,
+                ctr_variant: std::sync::atomic::AtomicUsize::new(CtrVariant::DEFAULT.index()),
             }),
-        }))
+        };
+        if let Some(v) = std::env::var(CTR_VARIANT_ENV)
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            let variant = CtrVariant::parse(&v).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{CTR_VARIANT_ENV}={v}: unknown CTR kernel variant (one of: {})",
+                    CtrVariant::ALL.map(CtrVariant::name).join(", ")
+                ))
+            })?;
+            cipher.set_ctr_variant(variant)?;
+        }
+        Ok(Arc::new(cipher))
+    }
+
+    /// Selects the AES-CTR kernel used from now on by every key and batch of this device.
+    pub fn set_ctr_variant(&self, v: CtrVariant) -> Result<()> {
+        if let Err(e) = &self.dev.k.ctr[v.index()] {
+            return Err(Error::BackendUnavailable {
+                backend: "cuda",
+                reason: format!("CTR kernel variant {}: {e}", v.name()),
+            });
+        }
+        self.dev
+            .ctr_variant
+            .store(v.index(), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The AES-CTR kernel variant in use.
+    pub fn ctr_variant(&self) -> CtrVariant {
+        self.dev.ctr_variant()
+    }
+
+    /// Every CTR variant with its registers/spills, or why it cannot run on this device.
+    pub fn ctr_variants(&self) -> Vec<(CtrVariant, std::result::Result<KernelInfo, String>)> {
+        CtrVariant::ALL
+            .iter()
+            .zip(&self.dev.k.ctr)
+            .map(|(&v, f)| (v, f.as_ref().map(kernel_info).map_err(Clone::clone)))
+            .collect()
     }
 
     /// Prepares a data key on the device (round keys, GHASH tables), for [`BatchDecryptor`].
@@ -266,8 +463,10 @@ impl Cipher for CudaCipher {
     }
     fn describe(&self) -> String {
         format!(
-            "{} ({}, AES T-tables in shared memory, GHASH on the GPU)",
-            self.dev.name, self.dev.arch
+            "{} ({}, AES T-tables in shared memory [{}], GHASH on the GPU)",
+            self.dev.name,
+            self.dev.arch,
+            self.dev.ctr_variant().name()
         )
     }
     fn prepare(&self, key: &DataKey) -> Result<Box<dyn ChunkOpener>> {
@@ -277,6 +476,7 @@ impl Cipher for CudaCipher {
             key: dkey,
             fallback,
             lock: Mutex::new(()),
+            failure: Mutex::new(None),
         }))
     }
 }
@@ -285,11 +485,14 @@ fn grid_x(units: u64) -> u32 {
     units.div_ceil(u64::from(THREADS)).clamp(1, 1 << 20) as u32
 }
 
-/// AES blocks each CTR thread handles (amortizes the 32 KiB shared-table fill per thread block).
+/// AES blocks each CTR thread handles (amortizes the shared-table fill per thread block).
 const CTR_BLOCKS_PER_THREAD: u64 = 32;
 
-fn ctr_grid_x(blocks: u64) -> u32 {
-    grid_x(blocks.div_ceil(CTR_BLOCKS_PER_THREAD))
+fn ctr_grid_x(blocks: u64, threads: u32) -> u32 {
+    blocks
+        .div_ceil(CTR_BLOCKS_PER_THREAD)
+        .div_ceil(u64::from(threads))
+        .clamp(1, 1 << 20) as u32
 }
 
 /// A data key prepared on the device. Its device copies (round keys, H tables, powers of H) are
@@ -449,15 +652,20 @@ impl CudaKey {
         src: &CudaSlice<u8>,
         dst: &mut CudaSlice<u8>,
     ) -> Result<()> {
+        let v = self.dev.ctr_variant();
+        let f = self.dev.k.ctr[v.index()]
+            .as_ref()
+            .map_err(|e| backend_err("AES-CTR kernel", e))?;
         let cfg = LaunchConfig {
-            grid_dim: (ctr_grid_x(max_blocks), n as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            grid_dim: (ctr_grid_x(max_blocks, v.threads()), n as u32, 1),
+            block_dim: (v.threads(), 1, 1),
+            shared_mem_bytes: v.dynamic_smem(),
         };
         // SAFETY: every descriptor's source and destination ranges were checked against `src`
-        // and `dst` by the caller; te0/rk hold 256/60 words.
+        // and `dst` by the caller; te0/rk hold 256/60 words; the block size and dynamic shared
+        // memory are the ones this variant's kernel was built and configured for.
         unsafe {
-            s.launch_builder(&self.dev.k.ctr)
+            s.launch_builder(f)
                 .arg(&self.te0)
                 .arg(&self.rk)
                 .arg(desc)
@@ -544,6 +752,8 @@ pub struct CudaOpener {
     /// `seal_in_place`) or mid-`open`; each such fallback is reported on stderr.
     fallback: Box<dyn ChunkOpener>,
     lock: Mutex<()>,
+    /// The first device failure, reported by `health()`.
+    failure: Mutex<Option<String>>,
 }
 
 enum Mode {
@@ -619,10 +829,24 @@ impl CudaOpener {
     fn device_failed(&self, what: &str, e: &Error) {
         CPU_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         eprintln!("ciphershard: CUDA {what} failed ({e}); this call was completed on the CPU");
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(format!("{what} failed: {e}"));
+        }
     }
 }
 
 impl ChunkOpener for CudaOpener {
+    fn health(&self) -> crate::error::Result<()> {
+        match self.failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            None => Ok(()),
+            Some(why) => Err(Error::Backend {
+                backend: "cuda",
+                reason: format!("{why} (the device failed; rerun with --backend cpu, or check nvidia-smi)"),
+            }),
+        }
+    }
+
     fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), TagMismatch> {
         if src.len() != dst.len() {
             dst.zeroize();
@@ -739,6 +963,29 @@ pub struct BatchChunk<'a> {
     pub data: &'a [u8],
     /// Byte offset of this chunk's plaintext in the output device buffer.
     pub dst_offset: usize,
+}
+
+/// One chunk of a batch whose stored bytes the caller already wrote into the slot's pinned
+/// staging buffer ([`BatchDecryptor::staging_mut`]).
+pub struct StagedChunk<'a> {
+    /// The shard's data key, prepared with [`CudaCipher::prepare_device`].
+    pub key: &'a Arc<CudaKey>,
+    /// GCM nonce, associated data and stored tag; `encrypted: false` for plain (GMAC) chunks.
+    pub params: ChunkParams<'a>,
+    /// Where the chunk's bytes start in the staging buffer (16-byte aligned is fastest).
+    pub staging_offset: usize,
+    /// The chunk's length in bytes.
+    pub len: usize,
+    /// Byte offset of this chunk's plaintext in the output device buffer.
+    pub dst_offset: usize,
+}
+
+/// What the kernels need of a chunk once its bytes are on the device.
+struct Meta<'a> {
+    key: &'a Arc<CudaKey>,
+    params: ChunkParams<'a>,
+    len: usize,
+    dst_offset: usize,
 }
 
 /// A batch whose every tag verified: plaintext in device memory.
@@ -946,33 +1193,11 @@ impl BatchDecryptor {
         decrypt: bool,
     ) -> Result<Ticket> {
         let idx = self.next;
-        if self.slots[idx].pending.is_some() {
-            return Err(Error::InvalidArgument(
-                "batch slot still holds an unconsumed batch: call wait() first".into(),
-            ));
-        }
-        if chunks.len() > MAX_CHUNKS_PER_LAUNCH {
-            return Err(Error::InvalidArgument(format!(
-                "at most {MAX_CHUNKS_PER_LAUNCH} chunks per batch"
-            )));
-        }
+        self.check_slot_free(idx, chunks.len())?;
         // Layout in staging: each chunk at a 16-byte aligned offset; check everything first.
         let mut src_offs = Vec::with_capacity(chunks.len());
         let mut at = 0usize;
-        for (i, c) in chunks.iter().enumerate() {
-            if !Arc::ptr_eq(&c.key.dev, &self.dev) {
-                return Err(Error::InvalidArgument(format!(
-                    "chunk {i}: key prepared on another CUDA device"
-                )));
-            }
-            if c.dst_offset
-                .checked_add(c.data.len())
-                .is_none_or(|e| e > out_len)
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "chunk {i}: destination range beyond the batch buffer"
-                )));
-            }
+        for c in chunks {
             src_offs.push(at);
             at = at.saturating_add(c.data.len().next_multiple_of(16));
         }
@@ -982,8 +1207,18 @@ impl BatchDecryptor {
                 self.slot_bytes
             )));
         }
+        let metas: Vec<Meta> = chunks
+            .iter()
+            .map(|c| Meta {
+                key: c.key,
+                params: c.params,
+                len: c.data.len(),
+                dst_offset: c.dst_offset,
+            })
+            .collect();
+        self.check_metas(&metas, out_len)?;
         let stream = self.slots[idx].stream.clone();
-        let mut out = self.take_buffer(&stream, out_len)?;
+        let out = self.take_buffer(&stream, out_len)?;
         let slot = &mut self.slots[idx];
         {
             // Copy into pinned staging with several threads, a group of ~16 MiB at a time, and
@@ -1010,17 +1245,130 @@ impl BatchDecryptor {
                 g0 = g1;
             }
         }
+        self.enqueue(idx, &metas, &src_offs, out, out_len, decrypt)
+    }
+
+    /// The pinned staging buffer of the slot the next submission uses (`slot_bytes` long), for
+    /// callers that read chunk bytes straight into it (e.g. `pread` from the shard: one copy
+    /// from the page cache instead of two), then call [`submit_staged`](Self::submit_staged).
+    /// Fails while that slot still holds a batch that was not [`wait`](Self::wait)ed.
+    pub fn staging_mut(&mut self) -> Result<&mut [u8]> {
+        let idx = self.next;
+        self.check_slot_free(idx, 0)?;
+        self.slots[idx]
+            .staging
+            .as_mut_slice()
+            .map_err(drv("pinned staging buffer"))
+    }
+
+    /// Enqueues a batch whose bytes the caller already wrote into
+    /// [`staging_mut`](Self::staging_mut): uploads the staged range asynchronously and launches GHASH and
+    /// AES-CTR, exactly as [`submit`](Self::submit). Chunks at 16-byte aligned staging offsets
+    /// take the vectorized path.
+    pub fn submit_staged(&mut self, chunks: &[StagedChunk<'_>], out_len: usize) -> Result<Ticket> {
+        self.submit_staged_inner(chunks, out_len, true)
+    }
+
+    fn submit_staged_inner(
+        &mut self,
+        chunks: &[StagedChunk<'_>],
+        out_len: usize,
+        decrypt: bool,
+    ) -> Result<Ticket> {
+        let idx = self.next;
+        self.check_slot_free(idx, chunks.len())?;
+        let mut end = 0usize;
+        for (i, c) in chunks.iter().enumerate() {
+            match c.staging_offset.checked_add(c.len) {
+                Some(e) if e <= self.slot_bytes => end = end.max(e),
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "chunk {i}: staging range beyond the slot's {} bytes",
+                        self.slot_bytes
+                    )));
+                }
+            }
+        }
+        let metas: Vec<Meta> = chunks
+            .iter()
+            .map(|c| Meta {
+                key: c.key,
+                params: c.params,
+                len: c.len,
+                dst_offset: c.dst_offset,
+            })
+            .collect();
+        self.check_metas(&metas, out_len)?;
+        let src_offs: Vec<usize> = chunks.iter().map(|c| c.staging_offset).collect();
+        let stream = self.slots[idx].stream.clone();
+        let out = self.take_buffer(&stream, out_len)?;
+        let slot = &mut self.slots[idx];
+        if end > 0 {
+            let staging = slot
+                .staging
+                .as_slice()
+                .map_err(drv("pinned staging buffer"))?;
+            stream
+                .memcpy_htod(&staging[..end], &mut slot.d_src.slice_mut(..end))
+                .map_err(drv("host-to-device copy"))?;
+        }
+        self.enqueue(idx, &metas, &src_offs, out, out_len, decrypt)
+    }
+
+    fn check_slot_free(&self, idx: usize, chunks: usize) -> Result<()> {
+        if self.slots[idx].pending.is_some() {
+            return Err(Error::InvalidArgument(
+                "batch slot still holds an unconsumed batch: call wait() first".into(),
+            ));
+        }
+        if chunks > MAX_CHUNKS_PER_LAUNCH {
+            return Err(Error::InvalidArgument(format!(
+                "at most {MAX_CHUNKS_PER_LAUNCH} chunks per batch"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_metas(&self, metas: &[Meta<'_>], out_len: usize) -> Result<()> {
+        for (i, c) in metas.iter().enumerate() {
+            if !Arc::ptr_eq(&c.key.dev, &self.dev) {
+                return Err(Error::InvalidArgument(format!(
+                    "chunk {i}: key prepared on another CUDA device"
+                )));
+            }
+            if c.dst_offset.checked_add(c.len).is_none_or(|e| e > out_len) {
+                return Err(Error::InvalidArgument(format!(
+                    "chunk {i}: destination range beyond the batch buffer"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Enqueues GHASH + CTR (or the plaintext twin's copies) for chunks already uploaded to
+    /// the slot's device staging at `src_offs`, and marks the slot pending.
+    fn enqueue(
+        &mut self,
+        idx: usize,
+        chunks: &[Meta<'_>],
+        src_offs: &[usize],
+        mut out: CudaSlice<u8>,
+        out_len: usize,
+        decrypt: bool,
+    ) -> Result<Ticket> {
+        let stream = self.slots[idx].stream.clone();
+        let slot = &mut self.slots[idx];
         let mut expected = Vec::with_capacity(chunks.len());
         if decrypt && !chunks.is_empty() {
             slot.aad_host.clear();
             let mut descs: Vec<u64> = Vec::with_capacity(chunks.len() * DESC_WORDS);
-            for (c, &o) in chunks.iter().zip(&src_offs) {
+            for (c, &o) in chunks.iter().zip(src_offs) {
                 let aad_off = slot.aad_host.len() as u64;
                 slot.aad_host.extend_from_slice(c.params.aad);
                 descs.extend(descriptor(
                     o as u64,
                     c.dst_offset as u64,
-                    c.data.len() as u64,
+                    c.len as u64,
                     0,
                     &c.params.nonce,
                     aad_off,
@@ -1063,18 +1411,14 @@ impl BatchDecryptor {
                 let max_seg = run
                     .iter()
                     .map(|c| {
-                        ghash_segments(
-                            c.params.aad.len() as u64,
-                            c.data.len() as u64,
-                            !c.params.encrypted,
-                        )
+                        ghash_segments(c.params.aad.len() as u64, c.len as u64, !c.params.encrypted)
                     })
                     .max()
                     .unwrap_or(1);
                 let max_blocks = run
                     .iter()
                     .filter(|c| c.params.encrypted)
-                    .map(|c| (c.data.len() as u64).div_ceil(16))
+                    .map(|c| (c.len as u64).div_ceil(16))
                     .max()
                     .unwrap_or(0);
                 let mut acc_run = slot.d_acc.slice_mut(4 * start..4 * end);
@@ -1129,12 +1473,12 @@ impl BatchDecryptor {
                     )?;
                 }
                 for (j, c) in run.iter().enumerate() {
-                    if !c.params.encrypted && !c.data.is_empty() {
+                    if !c.params.encrypted && c.len != 0 {
                         let o = src_offs[start + j];
                         stream
                             .memcpy_dtod(
-                                &slot.d_src.slice(o..o + c.data.len()),
-                                &mut out.slice_mut(c.dst_offset..c.dst_offset + c.data.len()),
+                                &slot.d_src.slice(o..o + c.len),
+                                &mut out.slice_mut(c.dst_offset..c.dst_offset + c.len),
                             )
                             .map_err(drv("device copy"))?;
                     }
@@ -1146,12 +1490,12 @@ impl BatchDecryptor {
                 .map_err(drv("device-to-host copy"))?;
         } else {
             // Plaintext twin (benchmarks): the same staging and upload, then a device copy.
-            for (c, &o) in chunks.iter().zip(&src_offs) {
-                if !c.data.is_empty() {
+            for (c, &o) in chunks.iter().zip(src_offs) {
+                if c.len != 0 {
                     stream
                         .memcpy_dtod(
-                            &slot.d_src.slice(o..o + c.data.len()),
-                            &mut out.slice_mut(c.dst_offset..c.dst_offset + c.data.len()),
+                            &slot.d_src.slice(o..o + c.len),
+                            &mut out.slice_mut(c.dst_offset..c.dst_offset + c.len),
                         )
                         .map_err(drv("device copy"))?;
                 }
@@ -1238,18 +1582,38 @@ impl std::fmt::Display for WaitError {
 // ---------------------------------------------------------------------------------------------
 // Benchmarks (used by examples/cuda_bench.rs, scripts/gpu-check.sh and `ciphershard bench`).
 
+/// One AES-CTR kernel variant's figures from [`kernel_bench_with`].
+#[derive(Debug, Clone)]
+pub struct VariantFigures {
+    /// The variant.
+    pub variant: CtrVariant,
+    /// Registers and local memory (spills) per thread; `None` if the variant cannot run here.
+    pub info: Option<KernelInfo>,
+    /// AES-256-CTR kernel alone, GB/s.
+    pub ctr_gbps: f64,
+    /// GHASH then this CTR kernel (tag verification + decryption), GB/s.
+    pub ctr_ghash_gbps: f64,
+    /// `Ok` only if this variant's output in this run matched the CPU (and the caller's
+    /// conformance run, when given); a variant with `Err` is never selected.
+    pub check: std::result::Result<(), String>,
+}
+
 /// Throughput figures measured by [`kernel_bench`], in GB/s (10^9 bytes per second).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct KernelBenchReport {
     /// Device description.
     pub device: String,
     /// Bytes processed per kernel figure (device-resident).
     pub kernel_bytes: usize,
-    /// AES-256-CTR kernel alone (CUDA events).
+    /// Every CTR variant, in [`CtrVariant::ALL`] order.
+    pub variants: Vec<VariantFigures>,
+    /// The fastest verified variant (by CTR + GHASH), used for the end-to-end figures.
+    pub best: Option<CtrVariant>,
+    /// AES-256-CTR kernel alone, best verified variant.
     pub ctr_gbps: f64,
     /// GHASH kernel alone.
     pub ghash_gbps: f64,
-    /// GHASH + CTR (tag verification and decryption) back to back.
+    /// GHASH + CTR (tag verification and decryption) back to back, best verified variant.
     pub ctr_ghash_gbps: f64,
     /// Pinned host-to-device copy.
     pub h2d_pinned_gbps: f64,
@@ -1259,23 +1623,87 @@ pub struct KernelBenchReport {
     pub e2e_encrypted_gbps: f64,
     /// The plaintext twin through the same staging path (copy only).
     pub e2e_plain_gbps: f64,
+    /// File read with `pread` by `file_threads` threads straight into pinned staging → device
+    /// plaintext, verified ([`BatchDecryptor::submit_staged`]); `Err` says why it did not run.
+    pub file_encrypted_gbps: std::result::Result<f64, String>,
+    /// The plaintext twin of the file path.
+    pub file_plain_gbps: f64,
+    /// Threads reading the file.
+    pub file_threads: usize,
+    /// Where the (page-cache-hot) benchmark file was.
+    pub file_dir: String,
+}
+
+impl Default for KernelBenchReport {
+    fn default() -> Self {
+        KernelBenchReport {
+            device: String::new(),
+            kernel_bytes: 0,
+            variants: Vec::new(),
+            best: None,
+            ctr_gbps: 0.0,
+            ghash_gbps: 0.0,
+            ctr_ghash_gbps: 0.0,
+            h2d_pinned_gbps: 0.0,
+            e2e_bytes: 0,
+            e2e_encrypted_gbps: 0.0,
+            e2e_plain_gbps: 0.0,
+            file_encrypted_gbps: Err("not run".into()),
+            file_plain_gbps: 0.0,
+            file_threads: 0,
+            file_dir: String::new(),
+        }
+    }
+}
+
+impl Default for VariantFigures {
+    fn default() -> Self {
+        VariantFigures {
+            variant: CtrVariant::DEFAULT,
+            info: None,
+            ctr_gbps: 0.0,
+            ctr_ghash_gbps: 0.0,
+            check: Err("not measured".into()),
+        }
+    }
 }
 
 impl std::fmt::Display for KernelBenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let best = self.best.map_or("none", CtrVariant::name);
         writeln!(f, "| measurement ({}) | GB/s |", self.device)?;
         writeln!(f, "|---|---|")?;
+        for v in &self.variants {
+            let info = v.info.map_or(String::new(), |i| {
+                format!(", {} regs, {} B local", i.registers, i.local_bytes)
+            });
+            match &v.check {
+                Ok(()) => writeln!(
+                    f,
+                    "| CTR variant {}{info}: CTR alone / CTR + GHASH | {:.1} / {:.1} |",
+                    v.variant.name(),
+                    v.ctr_gbps,
+                    v.ctr_ghash_gbps
+                )?,
+                Err(e) => writeln!(
+                    f,
+                    "| CTR variant {}{info} | FAIL: {} |",
+                    v.variant.name(),
+                    e.replace('|', "/").chars().take(160).collect::<String>()
+                )?,
+            }
+        }
         writeln!(
             f,
-            "| AES-256-CTR kernel ({:.2} GiB in device memory) | {:.1} |",
+            "| AES-256-CTR kernel ({:.2} GiB in device memory), best verified variant {best} | {:.1} |",
             gib(self.kernel_bytes),
             self.ctr_gbps
         )?;
         writeln!(f, "| GHASH kernel alone | {:.1} |", self.ghash_gbps)?;
         writeln!(
             f,
-            "| AES-256-CTR + GHASH tag verification | {:.1} |",
+            "| AES-256-CTR + GHASH tag verification ({best}) | {:.1} |",
             self.ctr_ghash_gbps
         )?;
         writeln!(
@@ -1285,33 +1713,93 @@ impl std::fmt::Display for KernelBenchReport {
         )?;
         writeln!(
             f,
-            "| end-to-end encrypted ({:.2} GiB, host → device plaintext, verified) | {:.1} |",
+            "| end-to-end encrypted, old path ({:.2} GiB pageable → pinned staging → device plaintext, verified) | {:.1} |",
             gib(self.e2e_bytes),
             self.e2e_encrypted_gbps
         )?;
         writeln!(
             f,
-            "| end-to-end plaintext twin (same staging path) | {:.1} |",
+            "| end-to-end plaintext twin, old path | {:.1} |",
             self.e2e_plain_gbps
         )?;
+        match &self.file_encrypted_gbps {
+            Ok(g) => {
+                writeln!(
+                    f,
+                    "| end-to-end encrypted, new path (file in {}, pread ×{} → pinned staging → device, verified) | {:.1} |",
+                    self.file_dir, self.file_threads, g
+                )?;
+                writeln!(
+                    f,
+                    "| end-to-end plaintext twin, new path | {:.1} |",
+                    self.file_plain_gbps
+                )?;
+            }
+            Err(e) => writeln!(
+                f,
+                "| end-to-end, new path (pread into pinned staging) | FAIL: {e} |"
+            )?,
+        }
+        let ratios = |name: &str, enc: f64, plain: f64| -> String {
+            format!(
+                "{name}: encrypted/plaintext = {:.3}; encrypted/pinned H2D = {:.3}",
+                enc / plain.max(1e-9),
+                enc / self.h2d_pinned_gbps.max(1e-9)
+            )
+        };
         if self.e2e_plain_gbps > 0.0 && self.h2d_pinned_gbps > 0.0 {
             writeln!(
                 f,
-                "| ratio encrypted/plaintext e2e = {:.3}; encrypted e2e/pinned H2D = {:.3} | |",
-                self.e2e_encrypted_gbps / self.e2e_plain_gbps,
-                self.e2e_encrypted_gbps / self.h2d_pinned_gbps
+                "| ratios {} | |",
+                ratios("old path", self.e2e_encrypted_gbps, self.e2e_plain_gbps)
+            )?;
+        }
+        if let Ok(g) = self.file_encrypted_gbps
+            && self.file_plain_gbps > 0.0
+            && self.h2d_pinned_gbps > 0.0
+        {
+            writeln!(
+                f,
+                "| ratios {} | |",
+                ratios("new path", g, self.file_plain_gbps)
             )?;
         }
         Ok(())
     }
 }
 
-/// Measures the kernels on `kernel_bytes` of device memory (chunks of 4 MiB), pinned H2D, and
-/// the end-to-end batch path on `e2e_bytes` of host ciphertext. Takes seconds; for benchmarks.
+/// Options of [`kernel_bench_with`].
+#[derive(Debug, Clone, Default)]
+pub struct BenchOptions {
+    /// Variants that already failed a check (e.g. the conformance suite run by the caller): they
+    /// are reported as FAIL with this reason and never selected.
+    pub failed: Vec<(CtrVariant, String)>,
+    /// Threads reading the benchmark file (0: the machine's parallelism, at most 16).
+    pub file_threads: usize,
+    /// Folder for the benchmark file (`None`: /dev/shm if writable, else the temp folder).
+    pub file_dir: Option<std::path::PathBuf>,
+}
+
+/// [`kernel_bench_with`] with default options.
 pub fn kernel_bench(
     cipher: &CudaCipher,
     kernel_bytes: usize,
     e2e_bytes: usize,
+) -> Result<KernelBenchReport> {
+    kernel_bench_with(cipher, kernel_bytes, e2e_bytes, &BenchOptions::default())
+}
+
+/// Measures every CTR variant (CTR alone and with GHASH, each checked against the CPU on the
+/// very output it produced) on `kernel_bytes` of device memory (chunks of 4 MiB), then GHASH,
+/// pinned H2D, and the end-to-end batch path on `e2e_bytes` of ciphertext with the fastest
+/// verified variant selected: from pageable memory (old path) and from a page-cache-hot file
+/// read with `pread` straight into pinned staging (new path). Takes seconds; for benchmarks.
+/// Leaves the fastest verified variant selected on `cipher`.
+pub fn kernel_bench_with(
+    cipher: &CudaCipher,
+    kernel_bytes: usize,
+    e2e_bytes: usize,
+    opts: &BenchOptions,
 ) -> Result<KernelBenchReport> {
     const CHUNK: usize = 4 << 20;
     let dev = &cipher.dev;
@@ -1337,6 +1825,8 @@ pub fn kernel_bench(
     let mut kb = [0u8; 32];
     getrandom::fill(&mut kb).map_err(|e| backend_err("random key", e))?;
     let key = DataKey::from_bytes(kb);
+    kb.zeroize();
+    let cpu = super::cpu::CpuCipher::new().prepare(&key)?;
     let dkey = CudaKey::new(dev, &key)?;
     let n = (kernel_bytes / CHUNK).clamp(1, MAX_CHUNKS_PER_LAUNCH);
     let bytes = n * CHUNK;
@@ -1350,16 +1840,19 @@ pub fn kernel_bench(
     let mut acc = s
         .alloc_zeros::<u32>(4 * n)
         .map_err(drv("device allocation"))?;
-    let mut descs = Vec::with_capacity(n * DESC_WORDS);
-    for i in 0..n {
+    let nonce_of = |i: usize| {
         let mut nonce = [0u8; 12];
         nonce[4..].copy_from_slice(&(i as u64).to_be_bytes());
+        nonce
+    };
+    let mut descs = Vec::with_capacity(n * DESC_WORDS);
+    for i in 0..n {
         descs.extend(descriptor(
             (i * CHUNK) as u64,
             (i * CHUNK) as u64,
             CHUNK as u64,
             0,
-            &nonce,
+            &nonce_of(i),
             0,
             89,
             false,
@@ -1374,26 +1867,89 @@ pub fn kernel_bench(
         device: cipher.describe(),
         kernel_bytes: bytes,
         e2e_bytes,
+        file_encrypted_gbps: Err("not run".into()),
         ..Default::default()
     };
-    let t = timed(
-        &mut || dkey.launch_ctr(s, &d_desc, n, blocks, &src, &mut dst),
-        5,
-    )?;
-    r.ctr_gbps = bytes as f64 / t / 1e9;
+    // The input is zeros, so the output must be the keystream: check the first and last chunk
+    // of the very buffer the timed launches wrote.
+    let zeros = vec![0u8; CHUNK];
+    let mut want = vec![0u8; CHUNK];
+    let mut check_output = |dst: &CudaSlice<u8>| -> std::result::Result<(), String> {
+        for i in [0, n - 1] {
+            let got = s
+                .clone_dtoh(&dst.slice(i * CHUNK..(i + 1) * CHUNK))
+                .map_err(|e| format!("reading the output back: {e}"))?;
+            cpu.ctr_apply(&nonce_of(i), 0, &zeros, &mut want);
+            if let Some(p) = got.iter().zip(&want).position(|(a, b)| a != b) {
+                return Err(format!(
+                    "output differs from the CPU keystream in chunk {i} at byte {p}"
+                ));
+            }
+        }
+        Ok(())
+    };
+    let initial = cipher.ctr_variant();
+    for (v, info) in cipher.ctr_variants() {
+        let mut fig = VariantFigures {
+            variant: v,
+            info: info.as_ref().ok().copied(),
+            ..Default::default()
+        };
+        if let Some((_, why)) = opts.failed.iter().find(|(f, _)| *f == v) {
+            fig.check = Err(why.clone());
+            r.variants.push(fig);
+            continue;
+        }
+        if let Err(e) = info {
+            fig.check = Err(e);
+            r.variants.push(fig);
+            continue;
+        }
+        cipher.set_ctr_variant(v)?;
+        let measured = (|| -> Result<(f64, f64)> {
+            s.memset_zeros(&mut dst).map_err(drv("memset"))?;
+            let t_ctr = timed(
+                &mut || dkey.launch_ctr(s, &d_desc, n, blocks, &src, &mut dst),
+                5,
+            )?;
+            let t_both = timed(
+                &mut || {
+                    dkey.launch_ghash(s, &d_desc, n, segs, &src, &aad, &mut acc)?;
+                    dkey.launch_ctr(s, &d_desc, n, blocks, &src, &mut dst)
+                },
+                5,
+            )?;
+            Ok((bytes as f64 / t_ctr / 1e9, bytes as f64 / t_both / 1e9))
+        })();
+        match measured {
+            Ok((c, b)) => {
+                fig.ctr_gbps = c;
+                fig.ctr_ghash_gbps = b;
+                fig.check = check_output(&dst);
+            }
+            Err(e) => fig.check = Err(e.to_string()),
+        }
+        r.variants.push(fig);
+    }
+    let best = r
+        .variants
+        .iter()
+        .filter(|v| v.check.is_ok())
+        .max_by(|a, b| a.ctr_ghash_gbps.total_cmp(&b.ctr_ghash_gbps));
+    if let Some(b) = best {
+        r.best = Some(b.variant);
+        r.ctr_gbps = b.ctr_gbps;
+        r.ctr_ghash_gbps = b.ctr_ghash_gbps;
+        cipher.set_ctr_variant(b.variant)?;
+    } else {
+        cipher.set_ctr_variant(initial)?;
+    }
+    r.device = cipher.describe();
     let t = timed(
         &mut || dkey.launch_ghash(s, &d_desc, n, segs, &src, &aad, &mut acc),
         5,
     )?;
     r.ghash_gbps = bytes as f64 / t / 1e9;
-    let t = timed(
-        &mut || {
-            dkey.launch_ghash(s, &d_desc, n, segs, &src, &aad, &mut acc)?;
-            dkey.launch_ctr(s, &d_desc, n, blocks, &src, &mut dst)
-        },
-        5,
-    )?;
-    r.ctr_ghash_gbps = bytes as f64 / t / 1e9;
     drop((src, dst, acc));
 
     // Pinned host-to-device bandwidth.
@@ -1416,54 +1972,71 @@ pub fn kernel_bench(
     drop((pinned, d_h2d));
 
     // End to end: pageable host ciphertext (as from a mapped shard) through the batch path.
-    let cpu = super::cpu::CpuCipher::new().prepare(&key)?;
     let chunks_total = (e2e_bytes / CHUNK).max(1);
     let mut host = vec![0u8; chunks_total * CHUNK];
     let aad_host = [7u8; 89];
     let mut tags = Vec::with_capacity(chunks_total);
     for (i, c) in host.chunks_mut(CHUNK).enumerate() {
-        let mut nonce = [0u8; 12];
-        nonce[4..].copy_from_slice(&(i as u64).to_be_bytes());
+        let nonce = nonce_of(i);
         tags.push((nonce, cpu.seal_in_place(&nonce, &aad_host, true, c)));
     }
     let dkey = Arc::new(dkey);
     let per_batch = 16usize;
-    let mut dec = BatchDecryptor::new(dev, 3, per_batch * CHUNK)?;
+    const SLOTS: usize = 3;
+    let mut dec = BatchDecryptor::new(dev, SLOTS, per_batch * CHUNK)?;
+    let params = |i: usize| ChunkParams {
+        nonce: tags[i].0,
+        aad: &aad_host,
+        tag: tags[i].1,
+        encrypted: true,
+    };
+    // Every plaintext byte is zero: check the first MiB of the first batch came out so.
+    let first_batch_ok = |batch: &DeviceBatch| -> Result<()> {
+        let head = batch
+            .stream()
+            .clone_dtoh(&batch.slice().slice(..(1 << 20).min(batch.len())))
+            .map_err(drv("device-to-host copy"))?;
+        if head.iter().any(|&b| b != 0) {
+            return Err(backend_err(
+                "benchmark batch",
+                "decrypted bytes differ from the plaintext",
+            ));
+        }
+        Ok(())
+    };
     for decrypt in [true, false] {
         let t0 = std::time::Instant::now();
         let mut inflight = std::collections::VecDeque::new();
+        let mut done = 0usize;
+        let mut finish = |dec: &mut BatchDecryptor, tk| -> Result<()> {
+            let batch = dec
+                .wait(tk)
+                .map_err(|e| backend_err("benchmark batch", e))?;
+            if decrypt && done == 0 {
+                first_batch_ok(&batch)?;
+            }
+            done += 1;
+            dec.recycle(batch);
+            Ok(())
+        };
         for (b, group) in host.chunks(per_batch * CHUNK).enumerate() {
             let chunks: Vec<BatchChunk> = group
                 .chunks(CHUNK)
                 .enumerate()
-                .map(|(j, data)| {
-                    let (nonce, tag) = tags[b * per_batch + j];
-                    BatchChunk {
-                        key: &dkey,
-                        params: ChunkParams {
-                            nonce,
-                            aad: &aad_host,
-                            tag,
-                            encrypted: true,
-                        },
-                        data,
-                        dst_offset: j * CHUNK,
-                    }
+                .map(|(j, data)| BatchChunk {
+                    key: &dkey,
+                    params: params(b * per_batch + j),
+                    data,
+                    dst_offset: j * CHUNK,
                 })
                 .collect();
-            if inflight.len() == 3 {
-                let batch = dec
-                    .wait(inflight.pop_front().expect("in flight"))
-                    .map_err(|e| backend_err("benchmark batch", e))?;
-                dec.recycle(batch);
+            if inflight.len() == SLOTS {
+                finish(&mut dec, inflight.pop_front().expect("in flight"))?;
             }
             inflight.push_back(dec.submit_inner(&chunks, group.len(), decrypt)?);
         }
         while let Some(tk) = inflight.pop_front() {
-            let batch = dec
-                .wait(tk)
-                .map_err(|e| backend_err("benchmark batch", e))?;
-            dec.recycle(batch);
+            finish(&mut dec, tk)?;
         }
         let g = host.len() as f64 / t0.elapsed().as_secs_f64() / 1e9;
         if decrypt {
@@ -1472,7 +2045,234 @@ pub fn kernel_bench(
             r.e2e_plain_gbps = g;
         }
     }
+
+    // End to end, new path: the same ciphertext in a page-cache-hot file, read with pread by
+    // several threads straight into the slot's pinned staging (submit_staged).
+    r.file_threads = if opts.file_threads > 0 {
+        opts.file_threads
+    } else {
+        std::thread::available_parallelism().map_or(4, |n| n.get().min(16))
+    };
+    let dir = opts.file_dir.clone().unwrap_or_else(|| {
+        let shm = std::path::Path::new("/dev/shm");
+        if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        }
+    });
+    r.file_dir = dir.display().to_string();
+    let file_run = (|| -> Result<(f64, f64)> {
+        let bench_file = BenchFile::create(&dir, &host).or_else(|e| {
+            // /dev/shm may be small in a container: fall back to the temp folder.
+            let tmp = std::env::temp_dir();
+            if tmp == dir {
+                return Err(e);
+            }
+            r.file_dir = tmp.display().to_string();
+            BenchFile::create(&tmp, &host)
+        })?;
+        drop(std::mem::take(&mut host));
+        let file = bench_file
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(&bench_file.path, e))?;
+        let readers = ReaderPool::new(file, &bench_file.path, r.file_threads);
+        let nbatches = chunks_total.div_ceil(per_batch);
+        let mut out = [0.0f64; 2];
+        // Pass 0 warms the page cache (and is not reported); passes 1, 2 are timed.
+        for pass in 0..3 {
+            let decrypt = pass != 2;
+            let t0 = std::time::Instant::now();
+            let mut inflight = std::collections::VecDeque::new();
+            let mut done = 0usize;
+            let mut finish = |dec: &mut BatchDecryptor, tk| -> Result<()> {
+                let batch = dec
+                    .wait(tk)
+                    .map_err(|e| backend_err("benchmark batch (file path)", e))?;
+                if decrypt && done == 0 {
+                    first_batch_ok(&batch)?;
+                }
+                done += 1;
+                dec.recycle(batch);
+                Ok(())
+            };
+            for b in 0..nbatches {
+                if inflight.len() == SLOTS {
+                    finish(&mut dec, inflight.pop_front().expect("in flight"))?;
+                }
+                let first = b * per_batch;
+                let count = per_batch.min(chunks_total - first);
+                let len = count * CHUNK;
+                let staging = dec.staging_mut()?;
+                readers.read((first * CHUNK) as u64, &mut staging[..len])?;
+                let chunks: Vec<StagedChunk> = (0..count)
+                    .map(|j| StagedChunk {
+                        key: &dkey,
+                        params: params(first + j),
+                        staging_offset: j * CHUNK,
+                        len: CHUNK,
+                        dst_offset: j * CHUNK,
+                    })
+                    .collect();
+                inflight.push_back(dec.submit_staged_inner(&chunks, len, decrypt)?);
+            }
+            while let Some(tk) = inflight.pop_front() {
+                finish(&mut dec, tk)?;
+            }
+            if pass > 0 {
+                out[pass - 1] = (chunks_total * CHUNK) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+            }
+        }
+        Ok((out[0], out[1]))
+    })();
+    match file_run {
+        Ok((enc, plain)) => {
+            r.file_encrypted_gbps = Ok(enc);
+            r.file_plain_gbps = plain;
+        }
+        Err(e) => r.file_encrypted_gbps = Err(e.to_string()),
+    }
     Ok(r)
+}
+
+/// The benchmark's ciphertext file (never plaintext), removed when dropped.
+struct BenchFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+}
+
+impl BenchFile {
+    fn create(dir: &std::path::Path, bytes: &[u8]) -> Result<BenchFile> {
+        use std::io::Write;
+        let path = dir.join(format!("ciphershard-cuda-bench-{}.bin", std::process::id()));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let bench_file = BenchFile {
+            path,
+            file: file.try_clone().map_err(|e| Error::io(dir, e))?,
+        };
+        file.write_all(bytes)
+            .map_err(|e| Error::io(&bench_file.path, e))?;
+        Ok(bench_file)
+    }
+}
+
+impl Drop for BenchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Persistent reader threads for the file benchmark (spawning threads for every 64 MiB batch
+/// would cost a visible share of the time being measured): [`ReaderPool::read`] splits a buffer
+/// into contiguous pieces, one `pread` per piece, and returns once every piece is in.
+struct ReaderPool {
+    jobs: Option<crossbeam_channel::Sender<ReadJob>>,
+    done: crossbeam_channel::Receiver<std::io::Result<()>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    path: std::path::PathBuf,
+}
+
+struct ReadJob {
+    ptr: *mut u8,
+    len: usize,
+    offset: u64,
+}
+
+// SAFETY: a job's region is written only by the one worker that receives it, and
+// `ReaderPool::read` does not return before every job it sent has reported back (or every worker
+// is gone), so the region is neither aliased nor released while a worker writes into it.
+unsafe impl Send for ReadJob {}
+
+impl ReaderPool {
+    fn new(file: std::fs::File, path: &std::path::Path, threads: usize) -> ReaderPool {
+        use std::os::unix::fs::FileExt;
+        let file = Arc::new(file);
+        let (jobs, rx) = crossbeam_channel::unbounded::<ReadJob>();
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let workers = (0..threads.max(1))
+            .map(|_| {
+                let (rx, done_tx, file) = (rx.clone(), done_tx.clone(), file.clone());
+                std::thread::spawn(move || {
+                    for job in rx {
+                        // SAFETY: see `ReadJob`: this worker is the only writer of the region,
+                        // which stays alive and unaliased until `read` has this job's report.
+                        let buf = unsafe { std::slice::from_raw_parts_mut(job.ptr, job.len) };
+                        if done_tx.send(file.read_exact_at(buf, job.offset)).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        ReaderPool {
+            jobs: Some(jobs),
+            done,
+            workers,
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Fills `buf` from the file at `offset`, one piece per worker.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let jobs = self.jobs.as_ref().expect("pool is open");
+        let piece = buf
+            .len()
+            .div_ceil(self.workers.len())
+            .next_multiple_of(64 << 10)
+            .max(1);
+        let mut sent = 0usize;
+        for (i, p) in buf.chunks_mut(piece).enumerate() {
+            let job = ReadJob {
+                ptr: p.as_mut_ptr(),
+                len: p.len(),
+                offset: offset + (i * piece) as u64,
+            };
+            if jobs.send(job).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        let mut result = Ok(());
+        for _ in 0..sent {
+            match self.done.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if result.is_ok() {
+                        result = Err(Error::io(&self.path, e));
+                    }
+                }
+                // Every worker is gone: nothing can still be writing into `buf`.
+                Err(_) => {
+                    return Err(backend_err(
+                        "reading the benchmark file",
+                        "the reader threads stopped",
+                    ));
+                }
+            }
+        }
+        if sent * piece < buf.len() {
+            return Err(backend_err(
+                "reading the benchmark file",
+                "the reader threads stopped",
+            ));
+        }
+        result
+    }
+}
+
+impl Drop for ReaderPool {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1529,6 +2329,96 @@ mod tests {
             ghash_segments(89, 4 << 20, false),
             (6 + (1 << 18) + 1u64).div_ceil(32)
         );
+    }
+
+    #[test]
+    fn ctr_variants_have_unique_names_and_kernels_and_sane_launches() {
+        for v in CtrVariant::ALL {
+            assert_eq!(CtrVariant::parse(v.name()), Some(v));
+            let src = kernel_source();
+            let k = v.kernel();
+            assert!(
+                src.contains(&format!("{k}(")) || src.contains(&format!("CS_CTR_WIDE({k},")),
+                "{k}"
+            );
+            assert!(v.threads() % 32 == 0 && v.threads() <= 1024);
+            assert!(v.dynamic_smem() <= 128 << 10);
+        }
+        let mut names: Vec<_> = CtrVariant::ALL.iter().map(|v| v.kernel()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), CtrVariant::ALL.len());
+        assert_eq!(CtrVariant::parse("nope"), None);
+        // Enough threads for every block: grid.x * threads * 32 >= blocks.
+        for blocks in [1u64, 31, 32, 33, 262_144, 1 << 30] {
+            for v in CtrVariant::ALL {
+                let g = u64::from(ctr_grid_x(blocks, v.threads()));
+                assert!(g * u64::from(v.threads()) * CTR_BLOCKS_PER_THREAD >= blocks);
+                assert!(g >= 1);
+            }
+        }
+    }
+
+    #[test]
+    fn bench_report_prints_a_line_per_variant_and_marks_failures() {
+        let mut r = KernelBenchReport {
+            device: "dev".into(),
+            best: Some(CtrVariant::Wide2x512),
+            file_encrypted_gbps: Ok(30.0),
+            file_plain_gbps: 31.0,
+            h2d_pinned_gbps: 50.0,
+            e2e_plain_gbps: 18.0,
+            e2e_encrypted_gbps: 17.0,
+            ..Default::default()
+        };
+        for v in CtrVariant::ALL {
+            r.variants.push(VariantFigures {
+                variant: v,
+                info: Some(KernelInfo {
+                    registers: 48,
+                    local_bytes: 0,
+                }),
+                ctr_gbps: 100.0,
+                ctr_ghash_gbps: 80.0,
+                check: if v == CtrVariant::Wide4x1024 {
+                    Err("conformance: bad | tag".into())
+                } else {
+                    Ok(())
+                },
+            });
+        }
+        let text = r.to_string();
+        for v in CtrVariant::ALL {
+            assert!(text.contains(v.name()), "{text}");
+        }
+        assert!(text.contains(
+            "| CTR variant w4-prmt-1024, 48 regs, 0 B local | FAIL: conformance: bad / tag |"
+        ));
+        assert!(text.contains("best verified variant w2-prmt-512"));
+        assert!(
+            text.contains("new path: encrypted/plaintext = 0.968"),
+            "{text}"
+        );
+        assert!(text.lines().all(|l| l.starts_with('|')));
+    }
+
+    #[test]
+    fn reader_pool_reads_every_byte_at_its_place() {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..3_000_017u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        for threads in [1, 5, 16] {
+            let pool = ReaderPool::new(f.try_clone().unwrap(), std::path::Path::new("t"), threads);
+            for (off, len) in [(0, 0), (0, 100), (13, 2_000_000), (1 << 20, 1_900_000)] {
+                let mut buf = vec![0u8; len];
+                pool.read(off as u64, &mut buf).unwrap();
+                assert!(buf == data[off..off + len], "threads {threads} off {off}");
+            }
+            let mut past = vec![0u8; 10];
+            let e = pool.read(data.len() as u64 - 5, &mut past).unwrap_err();
+            assert!(e.to_string().contains('t'), "{e}");
+        }
     }
 
     #[test]

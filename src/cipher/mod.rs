@@ -20,6 +20,8 @@ pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_gather;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 #[cfg(not(feature = "wgpu"))]
@@ -70,6 +72,15 @@ pub trait ChunkOpener: Send + Sync {
     /// as GCM specifies), into `dst`. No authentication: call only on bytes whose chunk tag
     /// was verified from the same private copy.
     fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]);
+
+    /// `Err` once the backend's device has failed (lost, out of memory, a failed launch). The
+    /// per-chunk methods have no error channel, so a GPU backend that fails mid-call finishes
+    /// that call correctly on the CPU (still verified) and reports the failure here; callers
+    /// check it after each chunk and stop with this error, so a failed device never passes
+    /// silently as a working one.
+    fn health(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Encrypts a chunk in place (or, for a plain chunk, leaves it) and returns its tag.
     fn seal_in_place(&self, chunk_nonce: &[u8; NONCE_LEN], aad: &[u8], encrypted: bool, buf: &mut [u8]) -> [u8; TAG_LEN];

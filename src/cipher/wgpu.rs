@@ -925,6 +925,13 @@ impl WgpuOpener {
 }
 
 impl ChunkOpener for WgpuOpener {
+    fn health(&self) -> Result<()> {
+        match lock(&self.ctx.failure).as_ref() {
+            None => Ok(()),
+            Some(reason) => Err(backend_err(format!("{}: {reason}", self.ctx.adapter))),
+        }
+    }
+
     fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), TagMismatch> {
         assert_eq!(
             src.len(),

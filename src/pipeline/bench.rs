@@ -120,6 +120,91 @@ fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> 
     })
 }
 
+/// One run of the device loader (CUDA device 0): batches land in device memory.
+#[cfg(feature = "cuda")]
+fn run_device_once(path: &Path, key: &MasterKey, opts: &LoaderOptions) -> Result<RunReport> {
+    let t = Instant::now();
+    let mut l = super::device::DeviceLoader::open(path, key, 0, opts)?;
+    let mut batches = 0u64;
+    for b in l.by_ref() {
+        std::hint::black_box(b?.len());
+        batches += 1;
+    }
+    let seconds = t.elapsed().as_secs_f64();
+    let stats = l.stats();
+    Ok(RunReport {
+        seconds,
+        batches,
+        batches_per_s: batches as f64 / seconds,
+        gb_per_s: stats.delivered_bytes as f64 / seconds / 1e9,
+        stats,
+    })
+}
+
+/// The bench into device memory: encrypted (pread → pinned staging → H2D → GPU verify and
+/// decrypt → gather) against the twin (the same pread, pinned staging, H2D and gather, no
+/// verify or decrypt), encrypted run twice around the twin, faster kept.
+#[cfg(feature = "cuda")]
+fn run_device(
+    path: &Path,
+    key: &MasterKey,
+    name: &str,
+    opts: &BenchOptions,
+) -> Result<BenchReport> {
+    let lo = LoaderOptions {
+        batch_size: opts.batch_size,
+        epochs: opts.epochs,
+        threads: opts.threads,
+        prefetch: opts.prefetch,
+        window_blocks: opts.window_blocks,
+        seed: 1,
+        ..Default::default()
+    };
+    let warm = run_device_once(path, key, &lo)?;
+    let twin = run_device_once(
+        path,
+        key,
+        &LoaderOptions {
+            mode: DecryptMode::TwinNoCrypto,
+            ..lo.clone()
+        },
+    )?;
+    let again = run_device_once(path, key, &lo)?;
+    let enc = if again.seconds < warm.seconds {
+        again
+    } else {
+        warm
+    };
+    let ds = crate::format::Dataset::open(path)?;
+    let rows: u64 = ds.shards().iter().map(|h| h.descriptor.rows).sum();
+    let row_bytes: u64 = ds
+        .manifest()
+        .columns
+        .iter()
+        .map(|c| c.shape.iter().product::<u64>() * c.dtype.size_bytes() as u64)
+        .sum();
+    Ok(BenchReport {
+        dataset: name.to_string(),
+        backend: "cuda".into(),
+        rows,
+        epoch_bytes: rows * row_bytes,
+        threads: opts.threads,
+        batch_size: opts.batch_size,
+        mode: DecryptMode::ChunkOpen,
+        ratio: enc.gb_per_s / twin.gb_per_s.max(1e-12),
+        encrypted: enc,
+        plaintext_twin: twin,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_device(_: &Path, _: &MasterKey, _: &str, _: &BenchOptions) -> Result<BenchReport> {
+    Err(Error::BackendUnavailable {
+        backend: "cuda",
+        reason: "built without the `cuda` feature".into(),
+    })
+}
+
 /// Runs the bench over a source (encrypted run, then the twin, then the encrypted run again;
 /// the report keeps the faster of the two encrypted runs so page-cache warm-up does not count).
 pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> Result<BenchReport> {
@@ -212,9 +297,28 @@ pub fn run(
     key: Option<&MasterKey>,
     opts: &BenchOptions,
 ) -> Result<BenchReport> {
+    // Name the backend actually used (`auto` resolves here); CUDA benches the device loader.
+    let backend = match opts.backend {
+        Backend::Auto => crate::cipher::select(Backend::Auto)?.backend(),
+        b => b,
+    };
+    let opts = &BenchOptions {
+        backend,
+        ..opts.clone()
+    };
+    if backend == Backend::Cuda {
+        // Before generating a dataset: say at once why there is no device.
+        crate::cipher::cuda::probe().map_err(|reason| Error::BackendUnavailable {
+            backend: "cuda",
+            reason,
+        })?;
+    }
     match dataset {
         Some(p) => {
             let key = key.ok_or_else(|| Error::Key("bench over a dataset needs its key".into()))?;
+            if backend == Backend::Cuda {
+                return run_device(p, key, &p.display().to_string(), opts);
+            }
             let src = FormatSource::open(p, key, opts.backend)?;
             run_source(src, &p.display().to_string(), opts)
         }
@@ -230,6 +334,9 @@ pub fn run(
                 opts.generated_features,
                 2 << 20,
             )?;
+            if backend == Backend::Cuda {
+                return run_device(&dir.0, &key, "generated", opts);
+            }
             let src = FormatSource::open(&dir.0, &key, opts.backend)?;
             run_source(src, "generated", opts)
         }

@@ -454,6 +454,7 @@ impl Shared {
             }
         };
         loaded.buf = Some(buf);
+        opener.health()?;
         match ok {
             Ok(()) => Ok(loaded),
             Err(_) => Err(Error::Integrity(self.source.location(s, c, j))),
@@ -523,6 +524,7 @@ impl Shared {
                     off += len as u64;
                     d += len;
                 }
+                opener.health()?;
             }
             // A column's chunks are all encrypted or all plain: the time is one stage's.
             let ns = t.elapsed().as_nanos() as u64;

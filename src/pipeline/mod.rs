@@ -13,5 +13,9 @@ pub use sampler::{RowRef, SamplerConfig, epoch_batches};
 pub use source::{AAD_LEN, ChunkSpec, ColumnInfo, RowSource};
 pub use telemetry::{LoaderStats, StageStats};
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod device;
+#[cfg(feature = "cuda")]
+pub use device::{CudaBatch, CudaTensor, DeviceLoader};
 pub mod format_source;
 pub use format_source::FormatSource;

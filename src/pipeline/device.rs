@@ -1,0 +1,1261 @@
+//! Device-memory batches: the loader's plan, with chunks verified and decrypted on a CUDA GPU
+//! and rows gathered into pooled device buffers. See docs/LOADER.md, "Device batches".
+//!
+//! Data path per shuffle window: `pread` of every chunk the window touches straight into the
+//! pinned staging buffer of a [`BatchDecryptor`] slot → one asynchronous host-to-device copy →
+//! GHASH (tags) and AES-CTR on the GPU into a device *window* buffer → `wait` checks every tag
+//! (on a mismatch the window is zeroed and nothing is handed out). Each batch is then gathered
+//! from the resident, verified windows into its column buffers by `cs_gather_rows`
+//! (`kernels/gather.cu`), one launch per column and window, and its stream synchronized before
+//! the batch is sent. Same plan as the host [`super::Loader`]: the same seed gives the same rows
+//! in the same order, so a device batch downloaded equals the host loader's batch.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, bounded, select};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
+
+use super::format_source::FormatSource;
+use super::loader::{DecryptMode, LoaderOptions, LoaderState};
+use super::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
+use super::source::{ChunkSpec, ColumnInfo, RowSource};
+use super::telemetry::{Counters, LoaderStats, add};
+use crate::cipher::cuda::{BatchDecryptor, CudaCipher, CudaKey, StagedChunk, WaitError};
+use crate::cipher::cuda_gather::Gather;
+use crate::cipher::{ChunkParams, cpu::CpuCipher};
+use crate::error::{Error, Result};
+use crate::format::Dataset;
+use crate::keys::MasterKey;
+
+type Key = (u32, u32, u64); // shard, column, chunk j
+
+fn dev_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        reason: format!(
+            "{what}: {e} (out of device memory: use a smaller batch or window; otherwise check \
+             `nvidia-smi`, or use the host loader with --backend cpu)"
+        ),
+    }
+}
+
+/// One column of a device batch: shape `[B, ...]`, the dataset's dtype, in device memory.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaTensor<'a> {
+    /// Column name.
+    pub name: &'a str,
+    /// safetensors dtype name.
+    pub dtype: &'a str,
+    rows: usize,
+    row_shape: &'a [u64],
+    len: usize,
+    buf: &'a CudaSlice<u8>,
+    stream: &'a Arc<CudaStream>,
+}
+
+impl<'a> CudaTensor<'a> {
+    /// Shape `[B, ...row shape]`.
+    pub fn shape(&self) -> Vec<u64> {
+        std::iter::once(self.rows as u64)
+            .chain(self.row_shape.iter().copied())
+            .collect()
+    }
+    /// Bytes of the tensor (`B × row bytes`); the buffer may be longer (pooled at full batch).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// `true` for a zero-byte tensor.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The pooled device buffer (at least [`len`](Self::len) bytes).
+    pub fn slice(&self) -> &'a CudaSlice<u8> {
+        self.buf
+    }
+    /// Raw device pointer (`CUdeviceptr`) for DLPack; valid while the batch lives. The data is
+    /// complete: the stream was synchronized before the batch was handed out.
+    pub fn device_ptr(&self) -> u64 {
+        let (p, _sync) = self.buf.device_ptr(self.stream);
+        p
+    }
+    /// The stream the tensor was written on (DLPack's stream argument).
+    pub fn stream(&self) -> &'a Arc<CudaStream> {
+        self.stream
+    }
+    /// Copies the tensor to the host (tests, debugging).
+    pub fn to_host(&self) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; self.len];
+        if self.len > 0 {
+            self.stream
+                .memcpy_dtoh(&self.buf.slice(..self.len), &mut v[..])
+                .map_err(|e| dev_err("device-to-host copy", e))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| dev_err("device-to-host copy", e))?;
+        }
+        Ok(v)
+    }
+}
+
+type SetPool = Arc<Mutex<Vec<Vec<CudaSlice<u8>>>>>;
+
+/// A batch of verified, decrypted rows in device memory. Dropping it returns its device
+/// buffers to the loader's pool.
+pub struct CudaBatch {
+    epoch: u64,
+    index: u64,
+    row_ids: Vec<u64>,
+    columns: Arc<[ColumnInfo]>,
+    bufs: Vec<CudaSlice<u8>>,
+    stream: Arc<CudaStream>,
+    pool: SetPool,
+}
+
+impl std::fmt::Debug for CudaBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBatch")
+            .field("epoch", &self.epoch)
+            .field("index", &self.index)
+            .field("rows", &self.len())
+            .finish()
+    }
+}
+
+impl CudaBatch {
+    /// Rows in the batch (B).
+    pub fn len(&self) -> usize {
+        self.row_ids.len()
+    }
+    /// `true` for an empty batch (never yielded).
+    pub fn is_empty(&self) -> bool {
+        self.row_ids.is_empty()
+    }
+    /// Epoch this batch belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    /// Index of the batch within its epoch (for this rank).
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+    /// Global dataset row index of each row, in batch order.
+    pub fn row_ids(&self) -> &[u64] {
+        &self.row_ids
+    }
+    /// The stream every column was written on (already synchronized).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// The column tensors, in the dataset's column order.
+    pub fn tensors(&self) -> impl Iterator<Item = CudaTensor<'_>> {
+        self.columns
+            .iter()
+            .zip(&self.bufs)
+            .map(|(c, b)| CudaTensor {
+                name: &c.name,
+                dtype: &c.dtype,
+                rows: self.row_ids.len(),
+                row_shape: &c.row_shape,
+                len: self.row_ids.len() * c.row_bytes as usize,
+                buf: b,
+                stream: &self.stream,
+            })
+    }
+    /// The column named `name`.
+    pub fn tensor(&self, name: &str) -> Option<CudaTensor<'_>> {
+        self.tensors().find(|t| t.name == name)
+    }
+}
+
+impl Drop for CudaBatch {
+    fn drop(&mut self) {
+        let bufs = std::mem::take(&mut self.bufs);
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(bufs);
+    }
+}
+
+/// The loader into device memory: an iterator of `Result<CudaBatch>` with the host
+/// [`super::Loader`]'s plan, state and failure semantics (the first error is yielded once, then
+/// the loader stops; [`state`](Self::state) points at the failed batch).
+pub struct DeviceLoader {
+    rx: Receiver<Result<CudaBatch>>,
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    remaining: u64,
+    done: bool,
+    state: LoaderState,
+    batches_per_epoch: u64,
+    counters: Arc<Counters>,
+    built: Instant,
+    columns: Arc<[ColumnInfo]>,
+}
+
+impl std::fmt::Debug for DeviceLoader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceLoader")
+            .field("state", &self.state)
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything the producer thread owns.
+struct Producer {
+    source: Arc<FormatSource>,
+    files: Vec<File>,
+    keys: Vec<Arc<CudaKey>>,
+    cipher: Arc<CudaCipher>,
+    columns: Arc<[ColumnInfo]>,
+    chunk_size: u64,
+    twin: bool,
+    /// Threads that `pread` a window's chunks into staging.
+    threads: usize,
+    batch_size: usize,
+    slot_bytes: usize,
+    counters: Arc<Counters>,
+    pool: SetPool,
+}
+
+/// A verified, decrypted window resident on the device.
+struct Window {
+    epoch: u64,
+    w: usize,
+    buf: WindowBuf,
+    /// Byte offset in `buf` of each chunk (a shard/column's consecutive chunks are contiguous).
+    offsets: HashMap<Key, u64>,
+}
+
+/// A window submitted to the GPU and not yet waited for.
+struct InFlight {
+    epoch: u64,
+    w: usize,
+    keys: Vec<Key>,
+    offsets: HashMap<Key, u64>,
+    total: u64,
+    submitted: Instant,
+    pending: Pending,
+}
+
+enum Pending {
+    Decrypt(crate::cipher::cuda::Ticket),
+    Twin(CudaSlice<u8>),
+}
+
+/// The producer's GPU staging state.
+struct Stage {
+    dec: BatchDecryptor,
+    /// The twin's uploads (its own stream, like a decryptor slot's).
+    twin_stream: Arc<CudaStream>,
+    /// The twin's pinned staging: two, alternating, so a read-ahead copy never shares one.
+    twin_staging: Vec<PinnedHostSlice<u8>>,
+    twin_next: usize,
+    twin_free: Vec<CudaSlice<u8>>,
+    /// The column-buffer set being gathered into, between `gather_batch_async` and
+    /// `finish_batch`.
+    bufs: Option<Vec<CudaSlice<u8>>>,
+}
+
+impl Stage {
+    fn recycle(&mut self, b: WindowBuf) {
+        match b {
+            WindowBuf::Decrypted(d) => self.dec.recycle(d),
+            WindowBuf::Twin(s) => self.twin_free.push(s),
+        }
+    }
+}
+
+enum WindowBuf {
+    Decrypted(crate::cipher::cuda::DeviceBatch),
+    Twin(CudaSlice<u8>),
+}
+
+impl WindowBuf {
+    fn slice(&self) -> &CudaSlice<u8> {
+        match self {
+            WindowBuf::Decrypted(b) => b.slice(),
+            WindowBuf::Twin(s) => s,
+        }
+    }
+}
+
+impl DeviceLoader {
+    /// Opens the dataset at `path` with `key` (headers authenticated on the CPU), prepares every
+    /// shard's data key on CUDA device `ordinal` and starts the loader. `opts.mode ==
+    /// DecryptMode::TwinNoCrypto` (bench only) skips verification and decryption; `threads`
+    /// is the number of threads that `pread` a window's chunks into pinned staging (one
+    /// producer thread drives the GPU).
+    pub fn open(
+        path: &Path,
+        key: &MasterKey,
+        ordinal: usize,
+        opts: &LoaderOptions,
+    ) -> Result<DeviceLoader> {
+        let cipher = CudaCipher::new(ordinal)?;
+        let ds = Dataset::open(path)?;
+        let unlocked = ds.unlock(key, &CpuCipher::new())?;
+        let mut keys = Vec::with_capacity(ds.shards().len());
+        for s in 0..ds.shards().len() {
+            let dk = ds.keyring().unwrap(key, s)?; // zeroized on drop
+            keys.push(cipher.prepare_device(&dk)?);
+        }
+        let source = Arc::new(FormatSource::new(unlocked)?);
+        DeviceLoader::new(source, keys, cipher, opts)
+    }
+
+    /// Starts a device loader over `source` with each shard's key prepared on `cipher`'s device.
+    pub fn new(
+        source: Arc<FormatSource>,
+        keys: Vec<Arc<CudaKey>>,
+        cipher: Arc<CudaCipher>,
+        opts: &LoaderOptions,
+    ) -> Result<DeviceLoader> {
+        let built = Instant::now();
+        if opts.batch_size == 0 || opts.prefetch == 0 || opts.window_blocks == 0 {
+            return Err(Error::InvalidArgument(
+                "batch_size, prefetch and window_blocks must be at least 1".into(),
+            ));
+        }
+        if opts.world_size == 0 || opts.rank >= opts.world_size {
+            return Err(Error::InvalidArgument(format!(
+                "rank {} is not below world_size {}",
+                opts.rank, opts.world_size
+            )));
+        }
+        if keys.len() != source.shard_count() {
+            return Err(Error::InvalidArgument(format!(
+                "{} device keys for {} shards",
+                keys.len(),
+                source.shard_count()
+            )));
+        }
+        let columns: Arc<[ColumnInfo]> = source.columns().to_vec().into();
+        let chunk_size = source.chunk_size();
+        if chunk_size == 0 {
+            return Err(Error::InvalidArgument("chunk_size is 0".into()));
+        }
+        // Same defaults as the host loader, so both walk the same plan.
+        let widest = columns
+            .iter()
+            .map(|c| c.row_bytes)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let block_rows = opts
+            .block_rows
+            .unwrap_or((chunk_size / widest).max(1))
+            .max(1);
+        let shard_rows: Vec<u64> = (0..source.shard_count())
+            .map(|s| source.shard_rows(s))
+            .collect();
+        let total_rows: u64 = shard_rows.iter().sum();
+        let cfg = SamplerConfig {
+            seed: opts.seed,
+            shuffle: opts.shuffle,
+            block_rows,
+            window_blocks: opts.window_blocks,
+            rank: opts.rank,
+            world_size: opts.world_size,
+            batch_size: opts.batch_size as u64,
+            drop_last: opts.drop_last,
+        };
+        let batches_per_epoch = EpochPlan::new(&cfg, 0, &shard_rows).batches();
+        if opts.start_batch > batches_per_epoch {
+            return Err(Error::InvalidArgument(format!(
+                "resume position {} is past the epoch's {batches_per_epoch} batches (different dataset?)",
+                opts.start_batch
+            )));
+        }
+        let total = if opts.start_epoch >= opts.epochs {
+            0
+        } else {
+            (opts.epochs - opts.start_epoch) * batches_per_epoch - opts.start_batch
+        };
+        let mut files = Vec::with_capacity(source.shard_count());
+        for s in 0..source.shard_count() {
+            let path = source.shard_path(s);
+            let f = File::open(path).map_err(|e| Error::io(path, e))?;
+            let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+            if len != source.shard_file_len(s) {
+                return Err(Error::format(
+                    path,
+                    "shard",
+                    format!(
+                        "file is {len} bytes but its header says {} (truncated or appended)",
+                        source.shard_file_len(s)
+                    ),
+                ));
+            }
+            files.push(f);
+        }
+        let window_chunks = window_chunk_bound(
+            &columns,
+            chunk_size,
+            block_rows,
+            opts.window_blocks,
+            &shard_rows,
+        );
+        let slot_bytes = usize::try_from(window_chunks.max(1) * chunk_size.next_multiple_of(16))
+            .map_err(|_| Error::InvalidArgument("window too large for this machine".into()))?;
+        let counters = Arc::new(Counters::default());
+        let producer = Producer {
+            source,
+            files,
+            keys,
+            cipher,
+            columns: columns.clone(),
+            chunk_size,
+            twin: opts.mode == DecryptMode::TwinNoCrypto,
+            threads: opts.threads.max(1),
+            batch_size: opts.batch_size,
+            slot_bytes,
+            counters: counters.clone(),
+            pool: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let (tx, rx) = bounded::<Result<CudaBatch>>(opts.prefetch);
+        let (epochs, se, sb) = (opts.epochs, opts.start_epoch, opts.start_batch);
+        let thread = std::thread::Builder::new()
+            .name("cs-device".into())
+            .spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    producer.run(&cfg, &shard_rows, se, sb, epochs, &tx, &stop_rx)
+                }));
+                if let Err(e) = r.unwrap_or_else(|_| {
+                    Err(Error::Stopped("the device loader thread panicked".into()))
+                }) {
+                    // Never block on a full channel once the loader is dropped.
+                    select! {
+                        send(tx, Err(e)) -> _ => {},
+                        recv(stop_rx) -> _ => {},
+                    }
+                }
+            })
+            .map_err(|e| Error::Stopped(format!("cannot spawn the device loader thread: {e}")))?;
+        let mut l = DeviceLoader {
+            rx,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            remaining: total,
+            done: false,
+            state: LoaderState {
+                seed: opts.seed,
+                epoch: opts.start_epoch,
+                batches_done_in_epoch: opts.start_batch,
+                rank: opts.rank,
+                world_size: opts.world_size,
+                batch_size: opts.batch_size as u64,
+                shuffle: opts.shuffle,
+                drop_last: opts.drop_last,
+                window_blocks: opts.window_blocks,
+                block_rows,
+                total_rows,
+            },
+            batches_per_epoch,
+            counters,
+            built,
+            columns,
+        };
+        l.normalize_state();
+        Ok(l)
+    }
+
+    fn normalize_state(&mut self) {
+        if self.batches_per_epoch > 0 && self.state.batches_done_in_epoch >= self.batches_per_epoch
+        {
+            self.state.epoch += 1;
+            self.state.batches_done_in_epoch = 0;
+        }
+    }
+
+    /// The position after the last batch handed out (resume with [`LoaderOptions::resume`]).
+    pub fn state(&self) -> LoaderState {
+        self.state.clone()
+    }
+
+    /// Telemetry so far: `read` = `pread` into pinned staging, `decrypt` = GPU verify + decrypt
+    /// of windows (wall time from submission to verified), `assemble` = gathers.
+    pub fn stats(&self) -> LoaderStats {
+        self.counters.snapshot()
+    }
+
+    /// The dataset's columns.
+    pub fn columns(&self) -> &[ColumnInfo] {
+        &self.columns
+    }
+
+    /// Batches per epoch for this rank.
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.batches_per_epoch
+    }
+
+    /// Batches left to yield.
+    pub fn remaining(&self) -> u64 {
+        if self.done { 0 } else { self.remaining }
+    }
+
+    fn shutdown(&mut self) {
+        self.done = true;
+        self.stop.take();
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Iterator for DeviceLoader {
+    type Item = Result<CudaBatch>;
+
+    fn next(&mut self) -> Option<Result<CudaBatch>> {
+        if self.done {
+            return None;
+        }
+        if self.remaining == 0 {
+            self.shutdown();
+            return None;
+        }
+        let t = Instant::now();
+        let item = self.rx.recv().unwrap_or_else(|_| {
+            Err(Error::Stopped(
+                "the device loader's thread exited before the epoch ended".into(),
+            ))
+        });
+        add(
+            &self.counters.consumer_wait_ns,
+            t.elapsed().as_nanos() as u64,
+        );
+        match item {
+            Ok(b) => {
+                self.remaining -= 1;
+                let bytes: u64 = b.tensors().map(|t| t.len() as u64).sum();
+                add(&self.counters.delivered_bytes, bytes);
+                if self.counters.batches.fetch_add(1, Relaxed) == 0 {
+                    self.counters
+                        .first_batch_ns
+                        .store(self.built.elapsed().as_nanos() as u64, Relaxed);
+                }
+                self.state.epoch = b.epoch;
+                self.state.batches_done_in_epoch = b.index + 1;
+                self.normalize_state();
+                Some(Ok(b))
+            }
+            Err(e) => {
+                self.shutdown();
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+impl Drop for DeviceLoader {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Chunk keys covering rows `[r0, r0 + n)` of shard `s`, every column.
+fn keys_for_rows(columns: &[ColumnInfo], chunk: u64, s: u32, r0: u64, n: u64, out: &mut Vec<Key>) {
+    for (c, col) in columns.iter().enumerate() {
+        let (a, b) = (r0 * col.row_bytes, (r0 + n) * col.row_bytes);
+        if b > a {
+            for j in a / chunk..=(b - 1) / chunk {
+                out.push((s, c as u32, j));
+            }
+        }
+    }
+}
+
+/// Most chunks one window can touch (the host loader's bound): per column, W blocks of
+/// `block_rows` rows span ceil(bytes / chunk) chunks each (+1 when blocks do not start on chunk
+/// boundaries), never more than the column has in all shards.
+fn window_chunk_bound(
+    columns: &[ColumnInfo],
+    chunk_size: u64,
+    block_rows: u64,
+    window_blocks: u64,
+    shard_rows: &[u64],
+) -> u64 {
+    columns
+        .iter()
+        .map(|c| {
+            let block_bytes = block_rows * c.row_bytes;
+            let aligned = block_bytes.is_multiple_of(chunk_size)
+                || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
+            let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
+            let total: u64 = shard_rows
+                .iter()
+                .map(|&r| (r * c.row_bytes).div_ceil(chunk_size).max(1))
+                .sum();
+            (window_blocks * per_block).min(total)
+        })
+        .sum()
+}
+
+/// The chunks window `w` of `plan` touches, sorted (shard, column, chunk).
+fn window_keys(columns: &[ColumnInfo], chunk: u64, plan: &EpochPlan, w: usize) -> Vec<Key> {
+    let mut keys = Vec::new();
+    for &(s, r0, n) in plan.window_blocks(w) {
+        keys_for_rows(columns, chunk, s, r0, n, &mut keys);
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// Where a window's chunks go in staging and in the window's device buffer.
+struct WindowLayout {
+    /// Staging offset of each chunk (16-byte aligned: the vectorized kernel path).
+    staging_offs: Vec<usize>,
+    /// Offset of each chunk's plaintext in the window buffer.
+    offsets: HashMap<Key, u64>,
+    staging_len: usize,
+    out_len: u64,
+}
+
+/// Packs the plaintext in key order, so the consecutive chunks of one shard's column are
+/// contiguous (every chunk but a tensor's last is full): a row straddling two chunks is one
+/// contiguous range of the window buffer.
+fn window_layout(keys: &[Key], specs: &[ChunkSpec]) -> WindowLayout {
+    let mut staging_offs = Vec::with_capacity(keys.len());
+    let mut offsets = HashMap::with_capacity(keys.len());
+    let (mut at, mut out) = (0usize, 0u64);
+    for (k, spec) in keys.iter().zip(specs) {
+        staging_offs.push(at);
+        offsets.insert(*k, out);
+        at += spec.len.next_multiple_of(16);
+        out += spec.len as u64;
+    }
+    WindowLayout {
+        staging_offs,
+        offsets,
+        staging_len: at,
+        out_len: out,
+    }
+}
+
+/// `(offset in the window buffer, offset in the batch column)` of every row of the batch that
+/// comes from window `w`, for column `c` of `row_bytes` bytes.
+fn gather_pairs(
+    rows: &[(RowRef, usize)],
+    w: usize,
+    offsets: &HashMap<Key, u64>,
+    c: usize,
+    row_bytes: u64,
+    chunk: u64,
+    pairs: &mut Vec<(u64, u64)>,
+) -> Result<()> {
+    pairs.clear();
+    for (i, (r, rw)) in rows.iter().enumerate() {
+        if *rw != w {
+            continue;
+        }
+        let off = r.row * row_bytes;
+        let j = off / chunk;
+        let base = offsets.get(&(r.shard, c as u32, j)).ok_or_else(|| {
+            Error::Stopped(format!(
+                "internal: chunk {j} of column {c} not in window {w}"
+            ))
+        })?;
+        pairs.push((base + off % chunk, i as u64 * row_bytes));
+    }
+    Ok(())
+}
+
+impl Producer {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        cfg: &SamplerConfig,
+        shard_rows: &[u64],
+        start_epoch: u64,
+        start_batch: u64,
+        epochs: u64,
+        tx: &Sender<Result<CudaBatch>>,
+        stop: &Receiver<()>,
+    ) -> Result<()> {
+        let ctx = self.cipher.context().clone();
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| dev_err("creating a stream", e))?;
+        let gather = Gather::load(&ctx)?;
+        // Two slots: the window being gathered from is verified and resident while the next
+        // one is read, uploaded and decrypted in the other slot.
+        let mut st = Stage {
+            dec: self.cipher.batch_decryptor(2, self.slot_bytes)?,
+            twin_stream: ctx
+                .new_stream()
+                .map_err(|e| dev_err("creating a stream", e))?,
+            twin_staging: Vec::new(),
+            twin_next: 0,
+            twin_free: Vec::new(),
+            bufs: None,
+        };
+        if self.twin {
+            for _ in 0..2 {
+                // SAFETY: only the bytes just `pread` into it are ever uploaded.
+                let p = unsafe { ctx.alloc_pinned::<u8>(self.slot_bytes) }
+                    .map_err(|e| dev_err("allocating pinned staging memory", e))?;
+                st.twin_staging.push(p);
+            }
+        }
+        let mut resident: Vec<Window> = Vec::new();
+        let mut ahead: Option<InFlight> = None;
+        for epoch in start_epoch..epochs {
+            let plan = EpochPlan::new(cfg, epoch, shard_rows);
+            let mut cur = Cursor::new(&plan);
+            let first = if epoch == start_epoch { start_batch } else { 0 };
+            for k in first..plan.batches() {
+                let (a, b) = plan.batch_positions(k);
+                let mut rows: Vec<(RowRef, usize)> = Vec::with_capacity((b - a) as usize);
+                for p in a..b {
+                    rows.push(cur.row_at(p));
+                }
+                let mut needed: Vec<usize> = rows.iter().map(|r| r.1).collect();
+                needed.sort_unstable();
+                needed.dedup();
+                // Evict windows this batch does not use (their gathers finished: every batch's
+                // stream is synchronized before it is sent).
+                let mut i = 0;
+                while i < resident.len() {
+                    if resident[i].epoch == epoch && needed.binary_search(&resident[i].w).is_ok() {
+                        i += 1;
+                    } else {
+                        st.recycle(resident.swap_remove(i).buf);
+                    }
+                }
+                for &w in &needed {
+                    if resident.iter().any(|r| r.w == w) {
+                        continue;
+                    }
+                    // The window read ahead is finished first (right or wrong guess), so at
+                    // most one submission is ever outstanding.
+                    if let Some(f) = ahead.take() {
+                        let win = self.finish(f, &mut st)?;
+                        if win.epoch == epoch && needed.binary_search(&win.w).is_ok() {
+                            let hit = win.w == w;
+                            resident.push(win);
+                            if hit {
+                                continue;
+                            }
+                        } else {
+                            st.recycle(win.buf);
+                        }
+                    }
+                    let f = self.submit_window(&plan, epoch, w, &mut st)?;
+                    resident.push(self.finish(f, &mut st)?);
+                }
+                self.gather_batch_async(&rows, &resident, &gather, &stream, &mut st)?;
+                // While the GPU gathers, read and submit the window after the last one used.
+                // Only a window this rank reaches later in the epoch (never another rank's).
+                let next = needed.last().map_or(0, |w| w + 1);
+                let rank_end = plan.batch_positions(plan.batches() - 1).1;
+                if ahead.is_none()
+                    && k + 1 < plan.batches()
+                    && next < plan.windows()
+                    && plan.window_start(next) < rank_end
+                    && !resident.iter().any(|r| r.w == next)
+                {
+                    ahead = Some(self.submit_window(&plan, epoch, next, &mut st)?);
+                }
+                let batch = self.finish_batch(epoch, k, &rows, &stream, &mut st)?;
+                if stopped(stop) {
+                    return Ok(());
+                }
+                select! {
+                    send(tx, Ok(batch)) -> r => if r.is_err() { return Ok(()) },
+                    recv(stop) -> _ => return Ok(()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every chunk window `w` touches into pinned staging and enqueues its upload and
+    /// GPU verification + decryption (or, for the twin, the plain upload) without waiting.
+    fn submit_window(
+        &self,
+        plan: &EpochPlan,
+        epoch: u64,
+        w: usize,
+        st: &mut Stage,
+    ) -> Result<InFlight> {
+        let keys = window_keys(&self.columns, self.chunk_size, plan, w);
+        let specs: Vec<ChunkSpec> = keys
+            .iter()
+            .map(|&(s, c, j)| self.source.chunk(s as usize, c as usize, j))
+            .collect();
+        let WindowLayout {
+            staging_offs,
+            offsets,
+            staging_len: at,
+            out_len: out,
+        } = window_layout(&keys, &specs);
+        if at > self.slot_bytes {
+            return Err(Error::Stopped(format!(
+                "internal: window {w} needs {at} bytes of staging, bound was {}",
+                self.slot_bytes
+            )));
+        }
+        let t0 = Instant::now();
+        let twin_idx = st.twin_next;
+        let staging: &mut [u8] = if self.twin {
+            st.twin_next = 1 - st.twin_next;
+            st.twin_staging[twin_idx]
+                .as_mut_slice()
+                .map_err(|e| dev_err("pinned staging buffer", e))?
+        } else {
+            st.dec.staging_mut()?
+        };
+        self.pread_all(&keys, &specs, &staging_offs, staging)?;
+        let t1 = Instant::now();
+        add(&self.counters.read_ns, (t1 - t0).as_nanos() as u64);
+        let total: u64 = specs.iter().map(|s| s.len as u64).sum();
+        add(&self.counters.read_bytes, total);
+        add(&self.counters.chunks_loaded, keys.len() as u64);
+        let out_len = (out as usize).max(16);
+        let pending = if self.twin {
+            let mut dst = match st.twin_free.iter().position(|b| b.len() >= out_len) {
+                Some(i) => st.twin_free.swap_remove(i),
+                None => st
+                    .twin_stream
+                    .alloc_zeros::<u8>(self.slot_bytes.max(16))
+                    .map_err(|e| dev_err("allocating a device window", e))?,
+            };
+            let staging = st.twin_staging[twin_idx]
+                .as_slice()
+                .map_err(|e| dev_err("pinned staging buffer", e))?;
+            for ((k, spec), &o) in keys.iter().zip(&specs).zip(&staging_offs) {
+                let d = offsets[k] as usize;
+                st.twin_stream
+                    .memcpy_htod(
+                        &staging[o..o + spec.len],
+                        &mut dst.slice_mut(d..d + spec.len),
+                    )
+                    .map_err(|e| dev_err("host-to-device copy", e))?;
+            }
+            Pending::Twin(dst)
+        } else {
+            let chunks: Vec<StagedChunk<'_>> = keys
+                .iter()
+                .zip(&specs)
+                .zip(&staging_offs)
+                .map(|((k, spec), &o)| StagedChunk {
+                    key: &self.keys[k.0 as usize],
+                    params: ChunkParams {
+                        nonce: spec.nonce,
+                        aad: &spec.aad,
+                        tag: spec.tag,
+                        encrypted: spec.encrypted,
+                    },
+                    staging_offset: o,
+                    len: spec.len,
+                    dst_offset: offsets[k] as usize,
+                })
+                .collect();
+            Pending::Decrypt(st.dec.submit_staged(&chunks, out_len)?)
+        };
+        Ok(InFlight {
+            epoch,
+            w,
+            keys,
+            offsets,
+            total,
+            submitted: t1,
+            pending,
+        })
+    }
+
+    /// Waits for a submitted window: every tag checked (or the twin's copy done).
+    fn finish(&self, f: InFlight, st: &mut Stage) -> Result<Window> {
+        let buf = match f.pending {
+            Pending::Twin(dst) => {
+                st.twin_stream
+                    .synchronize()
+                    .map_err(|e| dev_err("host-to-device copy", e))?;
+                WindowBuf::Twin(dst)
+            }
+            Pending::Decrypt(ticket) => match st.dec.wait(ticket) {
+                Ok(b) => WindowBuf::Decrypted(b),
+                Err(WaitError::Tag { chunk }) => {
+                    let (s, c, j) = f.keys[chunk];
+                    return Err(Error::Integrity(
+                        self.source.location(s as usize, c as usize, j),
+                    ));
+                }
+                Err(WaitError::Device(e)) => return Err(e),
+            },
+        };
+        // Submission to verified (overlaps the previous window's gathers when read ahead).
+        add(
+            &self.counters.decrypt_ns,
+            f.submitted.elapsed().as_nanos() as u64,
+        );
+        add(&self.counters.decrypt_bytes, f.total);
+        Ok(Window {
+            epoch: f.epoch,
+            w: f.w,
+            buf,
+            offsets: f.offsets,
+        })
+    }
+
+    /// Reads every chunk into its staging range, the chunks dealt round-robin to `threads`
+    /// scoped threads (one thread does not reach PCIe bandwidth copying from the page cache).
+    fn pread_all(
+        &self,
+        keys: &[Key],
+        specs: &[ChunkSpec],
+        offs: &[usize],
+        staging: &mut [u8],
+    ) -> Result<()> {
+        // Disjoint staging ranges, in order (offsets increase with the key order).
+        let mut jobs: Vec<(Key, &ChunkSpec, &mut [u8])> = Vec::with_capacity(keys.len());
+        let mut rest: &mut [u8] = staging;
+        let mut pos = 0usize;
+        for ((k, spec), &o) in keys.iter().zip(specs).zip(offs) {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(o - pos);
+            let (dst, tail) = tail.split_at_mut(spec.len);
+            rest = tail;
+            pos = o + spec.len;
+            jobs.push((*k, spec, dst));
+        }
+        let threads = self.threads.min(jobs.len()).max(1);
+        if threads == 1 {
+            return jobs
+                .into_iter()
+                .try_for_each(|(k, spec, dst)| self.pread(k, spec, dst));
+        }
+        let mut lanes: Vec<Vec<(Key, &ChunkSpec, &mut [u8])>> =
+            (0..threads).map(|_| Vec::new()).collect();
+        for (i, j) in jobs.into_iter().enumerate() {
+            lanes[i % threads].push(j);
+        }
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = lanes
+                .into_iter()
+                .map(|lane| {
+                    sc.spawn(move || {
+                        lane.into_iter()
+                            .try_for_each(|(k, spec, dst)| self.pread(k, spec, dst))
+                    })
+                })
+                .collect();
+            // The first error in chunk order of lanes; a panicking reader is an error too.
+            let mut first = Ok(());
+            for h in handles {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Stopped("a pread thread panicked".into())));
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+            first
+        })
+    }
+
+    fn pread(&self, k: Key, spec: &ChunkSpec, dst: &mut [u8]) -> Result<()> {
+        let (s, c, j) = (k.0 as usize, k.1, k.2);
+        let path = self.source.shard_path(s);
+        let end = spec.file_offset.checked_add(spec.len as u64);
+        if end.is_none_or(|e| e > self.source.shard_file_len(s)) {
+            return Err(Error::format(
+                path,
+                "shard",
+                format!("chunk {j} of column {c} lies outside the file"),
+            ));
+        }
+        self.files[s]
+            .read_exact_at(dst, spec.file_offset)
+            .map_err(|e| {
+                let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::new(
+                        e.kind(),
+                        "shard file is shorter than its header says (truncated while open?)",
+                    )
+                } else {
+                    e
+                };
+                Error::io(path, e)
+            })
+    }
+
+    /// Enqueues the gathers of the batch's rows from the resident windows into a pooled
+    /// column-buffer set (kept in `st.bufs` until [`finish_batch`](Self::finish_batch)).
+    fn gather_batch_async(
+        &self,
+        rows: &[(RowRef, usize)],
+        resident: &[Window],
+        gather: &Gather,
+        stream: &Arc<CudaStream>,
+        st: &mut Stage,
+    ) -> Result<()> {
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut bufs = match pooled {
+            Some(b) => b,
+            None => self
+                .columns
+                .iter()
+                .map(|c| {
+                    stream
+                        .alloc_zeros::<u8>((self.batch_size * c.row_bytes as usize).max(16))
+                        .map_err(|e| dev_err("allocating a device batch buffer", e))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let mut pairs: Vec<(u64, u64)> = Vec::with_capacity(rows.len());
+        for (c, col) in self.columns.iter().enumerate() {
+            let rb = col.row_bytes;
+            for win in resident {
+                gather_pairs(
+                    rows,
+                    win.w,
+                    &win.offsets,
+                    c,
+                    rb,
+                    self.chunk_size,
+                    &mut pairs,
+                )?;
+                gather.gather(stream, win.buf.slice(), &mut bufs[c], &pairs, rb)?;
+            }
+        }
+        st.bufs = Some(bufs);
+        Ok(())
+    }
+
+    /// Waits for the batch's gathers and wraps its buffers.
+    fn finish_batch(
+        &self,
+        epoch: u64,
+        index: u64,
+        rows: &[(RowRef, usize)],
+        stream: &Arc<CudaStream>,
+        st: &mut Stage,
+    ) -> Result<CudaBatch> {
+        let t = Instant::now();
+        let bufs = st
+            .bufs
+            .take()
+            .ok_or_else(|| Error::Stopped("internal: no batch being gathered".into()))?;
+        stream
+            .synchronize()
+            .map_err(|e| dev_err("gathering rows", e))?;
+        let bytes: u64 = self
+            .columns
+            .iter()
+            .map(|c| c.row_bytes * rows.len() as u64)
+            .sum();
+        add(&self.counters.assemble_ns, t.elapsed().as_nanos() as u64);
+        add(&self.counters.assemble_bytes, bytes);
+        let row_ids = rows
+            .iter()
+            .map(|(r, _)| self.source.shard_row_start(r.shard as usize) + r.row)
+            .collect();
+        Ok(CudaBatch {
+            epoch,
+            index,
+            row_ids,
+            columns: self.columns.clone(),
+            bufs,
+            stream: stream.clone(),
+            pool: self.pool.clone(),
+        })
+    }
+}
+
+/// The loader was dropped (the stop channel is disconnected).
+fn stopped(stop: &Receiver<()>) -> bool {
+    matches!(
+        stop.try_recv(),
+        Err(crossbeam_channel::TryRecvError::Disconnected)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The window layout and gather offsets, checked on the CPU (no GPU needed): windows are
+    //! opened on the host into buffers laid out exactly as on the device, rows gathered with
+    //! the same offsets, and every batch compared with the host loader's.
+    use super::*;
+    use crate::cipher::Backend;
+    use crate::format::{ConvertInput, ConvertOptions, Dtype, convert};
+    use crate::pipeline::Loader;
+
+    fn dataset(dir: &Path, rows: u64) -> MasterKey {
+        let key = MasterKey::generate().unwrap();
+        let col = |name: &str, dtype, shape: Vec<u64>, data: Vec<u8>| ConvertInput::InMemory {
+            name: name.into(),
+            dtype,
+            shape,
+            data,
+        };
+        let inputs = [
+            col(
+                "x",
+                Dtype::F32,
+                vec![rows, 3],
+                (0..rows * 3)
+                    .flat_map(|i| (i as f32).to_le_bytes())
+                    .collect(),
+            ),
+            col(
+                "y",
+                Dtype::I32,
+                vec![rows],
+                (0..rows as i32)
+                    .flat_map(|i| (i * 7).to_le_bytes())
+                    .collect(),
+            ),
+            col(
+                "z",
+                Dtype::U8,
+                vec![rows, 5],
+                (0..rows * 5).map(|i| (i * 31 % 251) as u8).collect(),
+            ),
+        ];
+        let opts = ConvertOptions {
+            keys: vec![key.clone()],
+            chunk_size: 128,
+            shard_size: 6000,
+            plain: vec!["y".into()],
+            ..Default::default()
+        };
+        convert(&inputs, dir, &opts, &mut |_, _| {}).unwrap();
+        key
+    }
+
+    /// Window `w` opened on the host into a buffer with the device layout.
+    fn host_window(
+        src: &FormatSource,
+        plan: &EpochPlan,
+        w: usize,
+        bound: usize,
+    ) -> (Vec<u8>, HashMap<Key, u64>) {
+        let keys = window_keys(src.columns(), src.chunk_size(), plan, w);
+        let specs: Vec<ChunkSpec> = keys
+            .iter()
+            .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
+            .collect();
+        let lay = window_layout(&keys, &specs);
+        assert!(
+            lay.staging_len <= bound,
+            "window {w}: {} > bound {bound}",
+            lay.staging_len
+        );
+        let mut buf = vec![0u8; lay.out_len as usize];
+        for (k, spec) in keys.iter().zip(&specs) {
+            let mut chunk = vec![0u8; spec.len];
+            let f = File::open(src.shard_path(k.0 as usize)).unwrap();
+            f.read_exact_at(&mut chunk, spec.file_offset).unwrap();
+            let params = ChunkParams {
+                nonce: spec.nonce,
+                aad: &spec.aad,
+                tag: spec.tag,
+                encrypted: spec.encrypted,
+            };
+            let opener = src.opener(k.0 as usize);
+            if spec.encrypted {
+                opener.open_in_place(&params, &mut chunk).unwrap();
+            } else {
+                opener.verify(&params, &chunk).unwrap();
+            }
+            let o = lay.offsets[k] as usize;
+            buf[o..o + spec.len].copy_from_slice(&chunk);
+        }
+        (buf, lay.offsets)
+    }
+
+    #[test]
+    fn window_layout_and_gather_offsets_rebuild_the_host_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dataset(dir.path(), 700);
+        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+        assert!(src.shard_count() > 2);
+        let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
+        for (seed, batch, w_blocks, world, rank, block_rows) in [
+            (1u64, 32usize, 8u64, 1u64, 0u64, None),
+            (2, 50, 3, 2, 1, None),
+            (3, 300, 1, 1, 0, Some(7)),
+            (4, 17, 2, 3, 2, Some(100)),
+        ] {
+            let o = LoaderOptions {
+                batch_size: batch,
+                seed,
+                window_blocks: w_blocks,
+                world_size: world,
+                rank,
+                block_rows,
+                epochs: 2,
+                ..Default::default()
+            };
+            let host: Vec<_> = Loader::new(src.clone(), &o)
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect();
+            let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();
+            let block_rows = block_rows.unwrap_or((src.chunk_size() / widest).max(1));
+            let bound = (window_chunk_bound(
+                src.columns(),
+                src.chunk_size(),
+                block_rows,
+                w_blocks,
+                &shard_rows,
+            ) * src.chunk_size().next_multiple_of(16)) as usize;
+            let cfg = SamplerConfig {
+                seed,
+                shuffle: true,
+                block_rows,
+                window_blocks: w_blocks,
+                rank,
+                world_size: world,
+                batch_size: batch as u64,
+                drop_last: false,
+            };
+            let mut hi = host.iter();
+            for epoch in 0..2 {
+                let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+                let mut cur = Cursor::new(&plan);
+                let mut windows: HashMap<usize, (Vec<u8>, HashMap<Key, u64>)> = HashMap::new();
+                for k in 0..plan.batches() {
+                    let (a, b) = plan.batch_positions(k);
+                    let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
+                    let h = hi.next().expect("as many batches as the host loader");
+                    for (c, col) in src.columns().iter().enumerate() {
+                        let rb = col.row_bytes;
+                        let mut got = vec![0u8; rows.len() * rb as usize];
+                        let mut pairs = Vec::new();
+                        for &(_, w) in &rows {
+                            windows
+                                .entry(w)
+                                .or_insert_with(|| host_window(&src, &plan, w, bound));
+                        }
+                        for (&w, (buf, offsets)) in &windows {
+                            gather_pairs(&rows, w, offsets, c, rb, src.chunk_size(), &mut pairs)
+                                .unwrap();
+                            for &(s, d) in &pairs {
+                                let (s, d, n) = (s as usize, d as usize, rb as usize);
+                                got[d..d + n].copy_from_slice(&buf[s..s + n]);
+                            }
+                        }
+                        assert_eq!(
+                            got,
+                            h.tensors().nth(c).unwrap().bytes,
+                            "column {} {o:?}",
+                            col.name
+                        );
+                    }
+                }
+            }
+            assert!(hi.next().is_none());
+        }
+    }
+}
