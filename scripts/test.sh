@@ -2,7 +2,9 @@
 # Runs every test suite. On a fresh machine it first installs what the tests need:
 #   - Mesa's lavapipe (CPU Vulkan driver) so the wgpu backend runs for real;
 #   - NVRTC from PyPI so the CUDA kernels are compiled (no GPU needed) and a kernel that does
-#     not compile fails the run.
+#     not compile fails the run;
+#   - a Python venv with maturin, pytest, numpy, torch and jax for the binding's tests
+#     (scripts/test-python.sh; CIPHERSHARD_PY_TORCH=0 / CIPHERSHARD_PY_JAX=0 skip those two).
 # Idempotent: what is already there is not installed again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,3 +42,6 @@ cargo test --no-default-features --release --lib 2>&1
 
 step "fuzz smoke: header/manifest/keyring/NPY parsers, 30 s of libFuzzer"
 FUZZ_SECONDS=${FUZZ_SECONDS:-30} bash scripts/fuzz-smoke.sh
+
+step "Python binding: build with maturin, pytest (numpy, torch, jax)"
+bash scripts/test-python.sh
