@@ -838,11 +838,18 @@ impl CudaOpener {
 
 impl ChunkOpener for CudaOpener {
     fn health(&self) -> crate::error::Result<()> {
-        match self.failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        match self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             None => Ok(()),
             Some(why) => Err(Error::Backend {
                 backend: "cuda",
-                reason: format!("{why} (the device failed; rerun with --backend cpu, or check nvidia-smi)"),
+                reason: format!(
+                    "{why} (the device failed; rerun with --backend cpu, or check nvidia-smi)"
+                ),
             }),
         }
     }
@@ -1267,6 +1274,17 @@ impl BatchDecryptor {
     /// take the vectorized path.
     pub fn submit_staged(&mut self, chunks: &[StagedChunk<'_>], out_len: usize) -> Result<Ticket> {
         self.submit_staged_inner(chunks, out_len, true)
+    }
+
+    /// [`submit_staged`](Self::submit_staged) without verification or decryption: the staged
+    /// bytes are uploaded and copied to the output as they are (the benchmarks' plaintext twin,
+    /// through the very same staging, upload and buffers).
+    pub fn submit_staged_plain(
+        &mut self,
+        chunks: &[StagedChunk<'_>],
+        out_len: usize,
+    ) -> Result<Ticket> {
+        self.submit_staged_inner(chunks, out_len, false)
     }
 
     fn submit_staged_inner(
