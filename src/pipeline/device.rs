@@ -31,7 +31,7 @@ use super::format_source::FormatSource;
 use super::loader::{DecryptMode, LoaderOptions, LoaderState};
 use super::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
-use super::telemetry::{Counters, LoaderStats, add};
+use super::telemetry::{Counters, DeviceStats, LoaderStats, add};
 use crate::cipher::cuda::{
     BatchDecryptor, CudaCipher, CudaKey, DeviceBatch, StagedChunk, Ticket, WaitError,
 };
@@ -220,34 +220,6 @@ impl std::fmt::Debug for DeviceLoader {
 /// Pinned staging slots of the reader: window k is gathered from while k+1 is verified and
 /// decrypted on the GPU and k+2 is read from the shards.
 const WINDOW_SLOTS: usize = 3;
-
-/// Device-path telemetry beyond [`LoaderStats`]: wall nanoseconds on the reader thread (which
-/// reads windows and drives the GPU) and on the gather thread (which builds batches), so a run
-/// shows which side is the bottleneck.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct DeviceStats {
-    /// Windows read, uploaded and verified.
-    pub windows: u64,
-    /// Bytes of ciphertext (or twin bytes) read into pinned staging.
-    pub window_bytes: u64,
-    /// Reader: `pread` of chunks into pinned staging.
-    pub read_ns: u64,
-    /// Reader: enqueueing a window's upload and kernels (host side of the transfer).
-    pub submit_ns: u64,
-    /// Reader: blocked until a window's upload, GHASH and CTR finished and its tags were
-    /// checked (device time not hidden behind reading).
-    pub gpu_wait_ns: u64,
-    /// Submission to verified, summed over windows (overlaps reading and gathering).
-    pub window_latency_ns: u64,
-    /// Gather thread: waiting for the reader's next verified window.
-    pub window_wait_ns: u64,
-    /// Gather thread: building row offsets and enqueueing the gathers.
-    pub gather_ns: u64,
-    /// Gather thread: waiting for a batch's gathers to complete before handing it out.
-    pub batch_sync_ns: u64,
-    /// Gather thread: blocked on a full prefetch queue (the consumer is the slower side).
-    pub send_wait_ns: u64,
-}
 
 #[derive(Debug, Default)]
 struct DeviceCounters {
