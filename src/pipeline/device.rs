@@ -931,7 +931,9 @@ impl Producer {
             while let Some(f) = inflight.pop_front() {
                 let r = self.finish(f, dec);
                 if open {
-                    open = r.is_ok() && tx.send(r).is_ok();
+                    // An error is sent too (in its place), then nothing after it.
+                    let ok = r.is_ok();
+                    open = tx.send(r).is_ok() && ok;
                 }
             }
             open
