@@ -15,7 +15,6 @@
 //! host [`super::Loader`]: the same seed gives the same rows in the same order, so a device
 //! batch downloaded equals the host loader's batch.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -87,7 +86,7 @@ impl<'a> CudaTensor<'a> {
         self.buf
     }
     /// Raw device pointer (`CUdeviceptr`) for DLPack; valid while the batch lives. The data is
-    /// complete: the stream was synchronized before the batch was handed out.
+    /// complete: its gathers had finished (event waited) before the batch was handed out.
     pub fn device_ptr(&self) -> u64 {
         let (p, _sync) = self.buf.device_ptr(self.stream);
         p
@@ -156,7 +155,7 @@ impl CudaBatch {
     pub fn row_ids(&self) -> &[u64] {
         &self.row_ids
     }
-    /// The stream every column was written on (already synchronized).
+    /// The stream every column was written on (its gathers already complete).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -282,7 +281,7 @@ struct Window {
     w: usize,
     buf: DeviceBatch,
     /// Byte offset in `buf` of each chunk (a shard/column's consecutive chunks are contiguous).
-    offsets: HashMap<Key, u64>,
+    offsets: ChunkOffsets,
 }
 
 /// A window submitted to the GPU and not yet waited for.
@@ -290,7 +289,7 @@ struct InFlight {
     epoch: u64,
     w: usize,
     keys: Vec<Key>,
-    offsets: HashMap<Key, u64>,
+    offsets: ChunkOffsets,
     total: u64,
     submitted: Instant,
     ticket: Ticket,
@@ -635,12 +634,28 @@ fn window_keys(columns: &[ColumnInfo], chunk: u64, plan: &EpochPlan, w: usize) -
     keys
 }
 
+/// Offset of each of a window's chunks in its buffer, sorted by key: a binary search per
+/// gathered row is cheaper than hashing the key (2 × batch rows lookups per batch).
+#[derive(Debug, Clone, Default)]
+struct ChunkOffsets(Vec<(Key, u64)>);
+
+impl ChunkOffsets {
+    fn get(&self, k: &Key) -> Option<u64> {
+        self.0
+            .binary_search_by(|(x, _)| x.cmp(k))
+            .ok()
+            .map(|i| self.0[i].1)
+    }
+}
+
 /// Where a window's chunks go in staging and in the window's device buffer.
 struct WindowLayout {
     /// Staging offset of each chunk (16-byte aligned: the vectorized kernel path).
     staging_offs: Vec<usize>,
-    /// Offset of each chunk's plaintext in the window buffer.
-    offsets: HashMap<Key, u64>,
+    /// Offset of each chunk's plaintext in the window buffer, in key order.
+    dst_offs: Vec<u64>,
+    /// The same, by key.
+    offsets: ChunkOffsets,
     staging_len: usize,
     out_len: u64,
 }
@@ -650,17 +665,20 @@ struct WindowLayout {
 /// contiguous range of the window buffer.
 fn window_layout(keys: &[Key], specs: &[ChunkSpec]) -> WindowLayout {
     let mut staging_offs = Vec::with_capacity(keys.len());
-    let mut offsets = HashMap::with_capacity(keys.len());
+    let mut dst_offs = Vec::with_capacity(keys.len());
     let (mut at, mut out) = (0usize, 0u64);
-    for (k, spec) in keys.iter().zip(specs) {
+    for spec in specs {
         staging_offs.push(at);
-        offsets.insert(*k, out);
+        dst_offs.push(out);
         at += spec.len.next_multiple_of(16);
         out += spec.len as u64;
     }
+    let mut offsets: Vec<(Key, u64)> = keys.iter().copied().zip(dst_offs.iter().copied()).collect();
+    offsets.sort_unstable_by_key(|e| e.0);
     WindowLayout {
         staging_offs,
-        offsets,
+        dst_offs,
+        offsets: ChunkOffsets(offsets),
         staging_len: at,
         out_len: out,
     }
@@ -671,7 +689,7 @@ fn window_layout(keys: &[Key], specs: &[ChunkSpec]) -> WindowLayout {
 fn gather_pairs(
     rows: &[(RowRef, usize)],
     w: usize,
-    offsets: &HashMap<Key, u64>,
+    offsets: &ChunkOffsets,
     c: usize,
     row_bytes: u64,
     chunk: u64,
@@ -986,6 +1004,7 @@ impl Producer {
             .collect();
         let WindowLayout {
             staging_offs,
+            dst_offs,
             offsets,
             staging_len: at,
             out_len: out,
@@ -1010,8 +1029,8 @@ impl Producer {
         let chunks: Vec<StagedChunk<'_>> = keys
             .iter()
             .zip(&specs)
-            .zip(&staging_offs)
-            .map(|((k, spec), &o)| StagedChunk {
+            .zip(staging_offs.iter().zip(&dst_offs))
+            .map(|((k, spec), (&o, &d))| StagedChunk {
                 key: &self.keys[k.0 as usize],
                 params: ChunkParams {
                     nonce: spec.nonce,
@@ -1021,7 +1040,7 @@ impl Producer {
                 },
                 staging_offset: o,
                 len: spec.len,
-                dst_offset: offsets[k] as usize,
+                dst_offset: d as usize,
             })
             .collect();
         let ticket = if self.twin {
@@ -1237,6 +1256,7 @@ mod tests {
     use crate::cipher::Backend;
     use crate::format::{ConvertInput, ConvertOptions, Dtype, convert};
     use crate::pipeline::Loader;
+    use std::collections::HashMap;
 
     fn dataset(dir: &Path, rows: u64) -> MasterKey {
         let key = MasterKey::generate().unwrap();
@@ -1287,7 +1307,7 @@ mod tests {
         plan: &EpochPlan,
         w: usize,
         bound: usize,
-    ) -> (Vec<u8>, HashMap<Key, u64>) {
+    ) -> (Vec<u8>, ChunkOffsets) {
         let keys = window_keys(src.columns(), src.chunk_size(), plan, w);
         let specs: Vec<ChunkSpec> = keys
             .iter()
@@ -1316,7 +1336,7 @@ mod tests {
             } else {
                 opener.verify(&params, &chunk).unwrap();
             }
-            let o = lay.offsets[k] as usize;
+            let o = lay.offsets.get(k).unwrap() as usize;
             buf[o..o + spec.len].copy_from_slice(&chunk);
         }
         (buf, lay.offsets)
@@ -1418,7 +1438,7 @@ mod tests {
             for epoch in 0..2 {
                 let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
                 let mut cur = Cursor::new(&plan);
-                let mut windows: HashMap<usize, (Vec<u8>, HashMap<Key, u64>)> = HashMap::new();
+                let mut windows: HashMap<usize, (Vec<u8>, ChunkOffsets)> = HashMap::new();
                 for k in 0..plan.batches() {
                     let (a, b) = plan.batch_positions(k);
                     let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
