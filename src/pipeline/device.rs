@@ -1388,6 +1388,97 @@ mod tests {
         }
     }
 
+    /// Host-side cost of the device path's planning, per batch, at `ciphershard bench`'s
+    /// geometry (262,144 rows of 1024 + 8 bytes, 2 MiB chunks, batch 1024, W = 8): the gather
+    /// thread's row walk and offsets, the reader's window order and layouts. Run with
+    /// `cargo test --release --lib device::tests::host_side_costs -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing probe, run by hand in release"]
+    fn host_side_costs_per_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::pipeline::bench::generate(dir.path(), 262_144, 256, 2 << 20).unwrap();
+        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+        let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
+        let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();
+        let cfg = SamplerConfig {
+            seed: 1,
+            shuffle: true,
+            block_rows: src.chunk_size() / widest,
+            window_blocks: 8,
+            rank: 0,
+            world_size: 1,
+            batch_size: 1024,
+            drop_last: false,
+        };
+        let epochs = 3;
+        let t = Instant::now();
+        let mut windows = 0;
+        for epoch in 0..epochs {
+            let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+            for w in load_order(&plan, 0) {
+                let keys = window_keys(src.columns(), src.chunk_size(), &plan, w);
+                let specs: Vec<ChunkSpec> = keys
+                    .iter()
+                    .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
+                    .collect();
+                std::hint::black_box(window_layout(&keys, &specs));
+                windows += 1;
+            }
+        }
+        let reader = t.elapsed();
+        let t = Instant::now();
+        let mut batches = 0u64;
+        let mut pairs = Vec::new();
+        for epoch in 0..epochs {
+            let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+            let mut cur = Cursor::new(&plan);
+            let mut layouts: HashMap<usize, ChunkOffsets> = HashMap::new();
+            for k in 0..plan.batches() {
+                let (a, b) = plan.batch_positions(k);
+                let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
+                let mut needed: Vec<usize> = rows.iter().map(|r| r.1).collect();
+                needed.sort_unstable();
+                needed.dedup();
+                for &w in &needed {
+                    layouts.entry(w).or_insert_with(|| {
+                        let keys = window_keys(src.columns(), src.chunk_size(), &plan, w);
+                        let specs: Vec<ChunkSpec> = keys
+                            .iter()
+                            .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
+                            .collect();
+                        window_layout(&keys, &specs).offsets
+                    });
+                }
+                pairs.clear();
+                for (c, col) in src.columns().iter().enumerate() {
+                    for &w in &needed {
+                        gather_pairs(
+                            &rows,
+                            w,
+                            &layouts[&w],
+                            c,
+                            col.row_bytes,
+                            src.chunk_size(),
+                            &mut pairs,
+                        )
+                        .unwrap();
+                    }
+                }
+                std::hint::black_box(&pairs);
+                batches += 1;
+            }
+        }
+        let gather = t.elapsed();
+        eprintln!(
+            "reader planning: {windows} windows in {:.2} ms ({:.1} us/window); gather planning: \
+             {batches} batches in {:.2} ms ({:.1} us/batch)",
+            reader.as_secs_f64() * 1e3,
+            reader.as_secs_f64() * 1e6 / windows as f64,
+            gather.as_secs_f64() * 1e3,
+            gather.as_secs_f64() * 1e6 / batches as f64
+        );
+    }
+
     #[test]
     fn window_layout_and_gather_offsets_rebuild_the_host_batches() {
         let dir = tempfile::tempdir().unwrap();
