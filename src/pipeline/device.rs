@@ -279,9 +279,8 @@ struct Producer {
 struct Window {
     epoch: u64,
     w: usize,
+    /// Laid out by [`window_layout`]: the planner's [`window_offsets`] say where each chunk is.
     buf: DeviceBatch,
-    /// Byte offset in `buf` of each chunk (a shard/column's consecutive chunks are contiguous).
-    offsets: ChunkOffsets,
 }
 
 /// A window submitted to the GPU and not yet waited for.
@@ -289,7 +288,6 @@ struct InFlight {
     epoch: u64,
     w: usize,
     keys: Vec<Key>,
-    offsets: ChunkOffsets,
     total: u64,
     submitted: Instant,
     ticket: Ticket,
@@ -636,7 +634,7 @@ fn window_keys(columns: &[ColumnInfo], chunk: u64, plan: &EpochPlan, w: usize) -
 
 /// Offset of each of a window's chunks in its buffer, sorted by key: a binary search per
 /// gathered row is cheaper than hashing the key (2 × batch rows lookups per batch).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct ChunkOffsets(Vec<(Key, u64)>);
 
 impl ChunkOffsets {
@@ -695,18 +693,32 @@ fn gather_pairs(
     chunk: u64,
     pairs: &mut Vec<(u64, u64)>,
 ) -> Result<()> {
+    // A 64-bit division per row dominated planning; chunk sizes are powers of two in practice.
+    let shift = chunk.is_power_of_two().then(|| chunk.trailing_zeros());
+    // Rows of one shard and chunk often follow each other (narrow columns): reuse the lookup.
+    let mut last: Option<(u32, u64, u64)> = None;
     for (i, (r, rw)) in rows.iter().enumerate() {
         if *rw != w {
             continue;
         }
         let off = r.row * row_bytes;
-        let j = off / chunk;
-        let base = offsets.get(&(r.shard, c as u32, j)).ok_or_else(|| {
-            Error::Stopped(format!(
-                "internal: chunk {j} of column {c} not in window {w}"
-            ))
-        })?;
-        pairs.push((base + off % chunk, i as u64 * row_bytes));
+        let (j, within) = match shift {
+            Some(sh) => (off >> sh, off & (chunk - 1)),
+            None => (off / chunk, off % chunk),
+        };
+        let base = match last {
+            Some((s, lj, base)) if s == r.shard && lj == j => base,
+            _ => {
+                let base = offsets.get(&(r.shard, c as u32, j)).ok_or_else(|| {
+                    Error::Stopped(format!(
+                        "internal: chunk {j} of column {c} not in window {w}"
+                    ))
+                })?;
+                last = Some((r.shard, j, base));
+                base
+            }
+        };
+        pairs.push((base + within, i as u64 * row_bytes));
     }
     Ok(())
 }
@@ -748,6 +760,83 @@ fn load_order(plan: &EpochPlan, first: u64) -> Vec<usize> {
     order
 }
 
+/// Everything the gather thread needs for one batch, computed on the CPU ahead of time by the
+/// planner thread: which rows, from which windows, at which offsets.
+struct BatchPlan {
+    epoch: u64,
+    index: u64,
+    /// Windows the batch reads, sorted.
+    needed: Vec<usize>,
+    /// Global dataset row of each row, in batch order.
+    row_ids: Vec<u64>,
+    /// `(column, window, range of pairs)`, one gather launch each.
+    jobs: Vec<(usize, usize, std::ops::Range<usize>)>,
+    /// `(offset in the window buffer, offset in the column buffer)` of every gathered row.
+    pairs: Vec<(u64, u64)>,
+}
+
+/// Offsets of window `w`'s chunks in its buffer (the layout the reader uploads).
+fn window_offsets(source: &FormatSource, plan: &EpochPlan, w: usize) -> ChunkOffsets {
+    let keys = window_keys(source.columns(), source.chunk_size(), plan, w);
+    let specs: Vec<ChunkSpec> = keys
+        .iter()
+        .map(|&(s, c, j)| source.chunk(s as usize, c as usize, j))
+        .collect();
+    window_layout(&keys, &specs).offsets
+}
+
+/// Plans batch `k` of `plan`. `layouts` caches the offsets of the windows the previous batch
+/// used (the others are dropped, as the gather thread evicts them).
+fn plan_batch(
+    source: &FormatSource,
+    plan: &EpochPlan,
+    cur: &mut Cursor<'_>,
+    layouts: &mut Vec<(usize, ChunkOffsets)>,
+    epoch: u64,
+    k: u64,
+) -> Result<BatchPlan> {
+    let (a, b) = plan.batch_positions(k);
+    let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
+    let mut needed: Vec<usize> = rows.iter().map(|r| r.1).collect();
+    needed.sort_unstable();
+    needed.dedup();
+    layouts.retain(|(w, _)| needed.binary_search(w).is_ok());
+    for &w in &needed {
+        if !layouts.iter().any(|(x, _)| *x == w) {
+            layouts.push((w, window_offsets(source, plan, w)));
+        }
+    }
+    let mut pairs = Vec::with_capacity(rows.len() * source.columns().len());
+    let mut jobs = Vec::with_capacity(source.columns().len() * needed.len());
+    for (c, col) in source.columns().iter().enumerate() {
+        for (w, offsets) in layouts.iter() {
+            let start = pairs.len();
+            gather_pairs(
+                &rows,
+                *w,
+                offsets,
+                c,
+                col.row_bytes,
+                source.chunk_size(),
+                &mut pairs,
+            )?;
+            jobs.push((c, *w, start..pairs.len()));
+        }
+    }
+    let row_ids = rows
+        .iter()
+        .map(|(r, _)| source.shard_row_start(r.shard as usize) + r.row)
+        .collect();
+    Ok(BatchPlan {
+        epoch,
+        index: k,
+        needed,
+        row_ids,
+        jobs,
+        pairs,
+    })
+}
+
 impl Producer {
     /// Runs the reader thread and the gather loop until the last batch, an error or a stop.
     #[allow(clippy::too_many_arguments)]
@@ -767,6 +856,7 @@ impl Producer {
             .map_err(|e| dev_err("creating a stream", e))?;
         let gather = Gather::load(&ctx)?;
         let (win_tx, win_rx) = bounded::<Result<Window>>(1);
+        let (plan_tx, plan_rx) = bounded::<Result<BatchPlan>>(16);
         let (recycle_tx, recycle_rx) = crossbeam_channel::unbounded::<DeviceBatch>();
         std::thread::scope(|sc| {
             let reader = std::thread::Builder::new()
@@ -781,13 +871,19 @@ impl Producer {
                     )
                 })
                 .map_err(|e| Error::Stopped(format!("cannot spawn the device reader: {e}")))?;
+            let planner = std::thread::Builder::new()
+                .name("cs-device-plan".into())
+                .spawn_scoped(sc, || {
+                    self.plan_batches(cfg, shard_rows, (start_epoch, start_batch, epochs), plan_tx)
+                })
+                .map_err(|e| Error::Stopped(format!("cannot spawn the device planner: {e}")))?;
             let mut resident: Vec<Window> = Vec::new();
             let mut pending: Option<Gathered> = None;
             let r = self.gather_loop(
                 cfg,
                 shard_rows,
                 (start_epoch, start_batch, epochs),
-                (win_rx, &recycle_tx),
+                (plan_rx, win_rx, &recycle_tx),
                 (&gather, &stream),
                 (&mut resident, &mut pending),
                 (tx, stop),
@@ -805,8 +901,9 @@ impl Producer {
             drop(pending);
             drop(resident);
             drop(recycle_tx);
-            // The reader stops at its next send (the window receiver is gone).
+            // The reader and planner stop at their next send (the receivers are gone).
             let _ = reader.join();
+            let _ = planner.join();
             r
         })
     }
@@ -821,22 +918,35 @@ impl Producer {
         cfg: &SamplerConfig,
         shard_rows: &[u64],
         (start_epoch, start_batch, epochs): (u64, u64, u64),
-        (windows, recycle): (Receiver<Result<Window>>, &Sender<DeviceBatch>),
+        (plans, windows, recycle): (
+            Receiver<Result<BatchPlan>>,
+            Receiver<Result<Window>>,
+            &Sender<DeviceBatch>,
+        ),
         (gather, stream): (&Gather, &Arc<CudaStream>),
         (resident, pending): (&mut Vec<Window>, &mut Option<Gathered>),
         (tx, stop): (&Sender<Result<CudaBatch>>, &Receiver<()>),
     ) -> Result<bool> {
-        let mut pairs: Vec<(u64, u64)> = Vec::new();
         for epoch in start_epoch..epochs {
-            let plan = EpochPlan::new(cfg, epoch, shard_rows);
-            let mut cur = Cursor::new(&plan);
+            let batches = EpochPlan::new(cfg, epoch, shard_rows).batches();
             let first = if epoch == start_epoch { start_batch } else { 0 };
-            for k in first..plan.batches() {
-                let (a, b) = plan.batch_positions(k);
-                let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
-                let mut needed: Vec<usize> = rows.iter().map(|r| r.1).collect();
-                needed.sort_unstable();
-                needed.dedup();
+            for k in first..batches {
+                let bp = match plans.recv() {
+                    Ok(Ok(bp)) => bp,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        return Err(Error::Stopped(
+                            "the device loader's planner thread exited early".into(),
+                        ));
+                    }
+                };
+                if (bp.epoch, bp.index) != (epoch, k) {
+                    return Err(Error::Stopped(format!(
+                        "internal: planner sent batch {} of epoch {}, expected {k} of {epoch}",
+                        bp.index, bp.epoch
+                    )));
+                }
+                let needed = &bp.needed;
                 let keep = |r: &Window| r.epoch == epoch && needed.binary_search(&r.w).is_ok();
                 if !resident.iter().all(keep) {
                     // The pending batch's gathers may still read a window about to be reused.
@@ -855,7 +965,7 @@ impl Producer {
                         }
                     }
                 }
-                for &w in &needed {
+                for &w in needed {
                     if resident.iter().any(|r| r.w == w) {
                         continue;
                     }
@@ -879,8 +989,7 @@ impl Producer {
                     }
                     resident.push(win);
                 }
-                let batch =
-                    self.gather_batch(epoch, k, &rows, resident, gather, stream, &mut pairs)?;
+                let batch = self.gather_batch(bp, resident, gather, stream)?;
                 let done = stream
                     .record_event(None)
                     .map_err(|e| dev_err("recording a gather event", e))?;
@@ -892,6 +1001,30 @@ impl Producer {
             }
         }
         Ok(true)
+    }
+
+    /// The planner side: every batch's rows and gather offsets, in order, ahead of the gather
+    /// thread (a bounded queue), so that thread only launches and hands out.
+    fn plan_batches(
+        &self,
+        cfg: &SamplerConfig,
+        shard_rows: &[u64],
+        (start_epoch, start_batch, epochs): (u64, u64, u64),
+        tx: Sender<Result<BatchPlan>>,
+    ) {
+        for epoch in start_epoch..epochs {
+            let plan = EpochPlan::new(cfg, epoch, shard_rows);
+            let mut cur = Cursor::new(&plan);
+            let mut layouts = Vec::new();
+            let first = if epoch == start_epoch { start_batch } else { 0 };
+            for k in first..plan.batches() {
+                let r = plan_batch(&self.source, &plan, &mut cur, &mut layouts, epoch, k);
+                let ok = r.is_ok();
+                if tx.send(r).is_err() || !ok {
+                    return;
+                }
+            }
+        }
     }
 
     /// Waits for a batch's gathers and sends it. `Ok(false)`: the loader was dropped.
@@ -1005,7 +1138,7 @@ impl Producer {
         let WindowLayout {
             staging_offs,
             dst_offs,
-            offsets,
+            offsets: _,
             staging_len: at,
             out_len: out,
         } = window_layout(&keys, &specs);
@@ -1053,7 +1186,6 @@ impl Producer {
             epoch,
             w,
             keys,
-            offsets,
             total,
             submitted: t1,
             ticket,
@@ -1087,7 +1219,6 @@ impl Producer {
             epoch: f.epoch,
             w: f.w,
             buf,
-            offsets: f.offsets,
         })
     }
     /// Reads every chunk into its staging range, the chunks dealt round-robin to `threads`
@@ -1171,18 +1302,14 @@ impl Producer {
             })
     }
 
-    /// Enqueues the gathers of the batch's rows from the resident windows into a pooled
+    /// Enqueues the gathers of a planned batch from the resident windows into a pooled
     /// column-buffer set: one upload of every row offset, one launch per column and window.
-    #[allow(clippy::too_many_arguments)]
     fn gather_batch(
         &self,
-        epoch: u64,
-        index: u64,
-        rows: &[(RowRef, usize)],
+        bp: BatchPlan,
         resident: &[Window],
         gather: &Gather,
         stream: &Arc<CudaStream>,
-        pairs: &mut Vec<(u64, u64)>,
     ) -> Result<CudaBatch> {
         let t = Instant::now();
         let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -1198,39 +1325,33 @@ impl Producer {
                 })
                 .collect::<Result<Vec<_>>>()?,
         };
-        pairs.clear();
-        let mut jobs = Vec::with_capacity(self.columns.len() * resident.len());
-        for (c, col) in self.columns.iter().enumerate() {
-            let rb = col.row_bytes;
-            for win in resident {
-                let a = pairs.len();
-                gather_pairs(rows, win.w, &win.offsets, c, rb, self.chunk_size, pairs)?;
-                jobs.push(GatherJob {
+        let jobs = bp
+            .jobs
+            .iter()
+            .map(|(c, w, range)| {
+                let win = resident.iter().find(|r| r.w == *w).ok_or_else(|| {
+                    Error::Stopped(format!("internal: window {w} not resident for a gather"))
+                })?;
+                Ok(GatherJob {
                     src: win.buf.slice(),
-                    dst: c,
-                    pairs: a..pairs.len(),
-                    row_bytes: rb,
-                });
-            }
-        }
-        gather.gather_many(stream, &jobs, pairs, &mut bufs)?;
+                    dst: *c,
+                    pairs: range.clone(),
+                    row_bytes: self.columns[*c].row_bytes,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Ranges are checked against the window and column buffers before any launch.
+        gather.gather_many(stream, &jobs, &bp.pairs, &mut bufs)?;
         let ns = ns_since(t);
         add(&self.counters.assemble_ns, ns);
         add(&self.device.gather_ns, ns);
-        let bytes: u64 = self
-            .columns
-            .iter()
-            .map(|c| c.row_bytes * rows.len() as u64)
-            .sum();
+        let rows = bp.row_ids.len() as u64;
+        let bytes: u64 = self.columns.iter().map(|c| c.row_bytes * rows).sum();
         add(&self.counters.assemble_bytes, bytes);
-        let row_ids = rows
-            .iter()
-            .map(|(r, _)| self.source.shard_row_start(r.shard as usize) + r.row)
-            .collect();
         Ok(CudaBatch {
-            epoch,
-            index,
-            row_ids,
+            epoch: bp.epoch,
+            index: bp.index,
+            row_ids: bp.row_ids,
             columns: self.columns.clone(),
             bufs,
             stream: stream.clone(),
@@ -1389,8 +1510,8 @@ mod tests {
     }
 
     /// Host-side cost of the device path's planning, per batch, at `ciphershard bench`'s
-    /// geometry (262,144 rows of 1024 + 8 bytes, 2 MiB chunks, batch 1024, W = 8): the gather
-    /// thread's row walk and offsets, the reader's window order and layouts. Run with
+    /// geometry (262,144 rows of 1024 + 8 bytes, 2 MiB chunks, batch 1024, W = 8): the planner
+    /// thread's row walk and offsets (`plan_batch`), the reader's window order and layouts. Run with
     /// `cargo test --release --lib device::tests::host_side_costs -- --ignored --nocapture`.
     #[test]
     #[ignore = "timing probe, run by hand in release"]
@@ -1428,49 +1549,19 @@ mod tests {
         let reader = t.elapsed();
         let t = Instant::now();
         let mut batches = 0u64;
-        let mut pairs = Vec::new();
         for epoch in 0..epochs {
             let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
             let mut cur = Cursor::new(&plan);
-            let mut layouts: HashMap<usize, ChunkOffsets> = HashMap::new();
+            let mut layouts = Vec::new();
             for k in 0..plan.batches() {
-                let (a, b) = plan.batch_positions(k);
-                let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
-                let mut needed: Vec<usize> = rows.iter().map(|r| r.1).collect();
-                needed.sort_unstable();
-                needed.dedup();
-                for &w in &needed {
-                    layouts.entry(w).or_insert_with(|| {
-                        let keys = window_keys(src.columns(), src.chunk_size(), &plan, w);
-                        let specs: Vec<ChunkSpec> = keys
-                            .iter()
-                            .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
-                            .collect();
-                        window_layout(&keys, &specs).offsets
-                    });
-                }
-                pairs.clear();
-                for (c, col) in src.columns().iter().enumerate() {
-                    for &w in &needed {
-                        gather_pairs(
-                            &rows,
-                            w,
-                            &layouts[&w],
-                            c,
-                            col.row_bytes,
-                            src.chunk_size(),
-                            &mut pairs,
-                        )
-                        .unwrap();
-                    }
-                }
-                std::hint::black_box(&pairs);
+                let bp = plan_batch(&src, &plan, &mut cur, &mut layouts, epoch, k).unwrap();
+                std::hint::black_box(&bp.pairs);
                 batches += 1;
             }
         }
         let gather = t.elapsed();
         eprintln!(
-            "reader planning: {windows} windows in {:.2} ms ({:.1} us/window); gather planning: \
+            "reader planning: {windows} windows in {:.2} ms ({:.1} us/window); planner thread: \
              {batches} batches in {:.2} ms ({:.1} us/batch)",
             reader.as_secs_f64() * 1e3,
             reader.as_secs_f64() * 1e6 / windows as f64,
@@ -1529,31 +1620,41 @@ mod tests {
             for epoch in 0..2 {
                 let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
                 let mut cur = Cursor::new(&plan);
-                let mut windows: HashMap<usize, (Vec<u8>, ChunkOffsets)> = HashMap::new();
+                let mut layouts = Vec::new();
+                let mut windows: HashMap<usize, Vec<u8>> = HashMap::new();
                 for k in 0..plan.batches() {
-                    let (a, b) = plan.batch_positions(k);
-                    let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
+                    // What the planner thread sends the gather thread.
+                    let bp = plan_batch(&src, &plan, &mut cur, &mut layouts, epoch, k).unwrap();
                     let h = hi.next().expect("as many batches as the host loader");
+                    assert_eq!((bp.epoch, bp.index), (h.epoch(), h.index()));
+                    assert_eq!(bp.row_ids, h.row_ids(), "{o:?}");
+                    for &w in &bp.needed {
+                        windows.entry(w).or_insert_with(|| {
+                            let (buf, offsets) = host_window(&src, &plan, w, bound);
+                            // The reader's layout is the one the planner assumes.
+                            assert_eq!(offsets, window_offsets(&src, &plan, w));
+                            buf
+                        });
+                    }
+                    let mut got: Vec<Vec<u8>> = src
+                        .columns()
+                        .iter()
+                        .map(|col| vec![0u8; bp.row_ids.len() * col.row_bytes as usize])
+                        .collect();
+                    let mut covered = vec![0usize; src.columns().len()];
+                    for (c, w, range) in &bp.jobs {
+                        let buf = &windows[w];
+                        let n = src.columns()[*c].row_bytes as usize;
+                        for &(s, d) in &bp.pairs[range.clone()] {
+                            let (s, d) = (s as usize, d as usize);
+                            got[*c][d..d + n].copy_from_slice(&buf[s..s + n]);
+                        }
+                        covered[*c] += range.len();
+                    }
                     for (c, col) in src.columns().iter().enumerate() {
-                        let rb = col.row_bytes;
-                        let mut got = vec![0u8; rows.len() * rb as usize];
-                        let mut pairs = Vec::new();
-                        for &(_, w) in &rows {
-                            windows
-                                .entry(w)
-                                .or_insert_with(|| host_window(&src, &plan, w, bound));
-                        }
-                        for (&w, (buf, offsets)) in &windows {
-                            pairs.clear();
-                            gather_pairs(&rows, w, offsets, c, rb, src.chunk_size(), &mut pairs)
-                                .unwrap();
-                            for &(s, d) in &pairs {
-                                let (s, d, n) = (s as usize, d as usize, rb as usize);
-                                got[d..d + n].copy_from_slice(&buf[s..s + n]);
-                            }
-                        }
+                        assert_eq!(covered[c], bp.row_ids.len(), "every row gathered once");
                         assert_eq!(
-                            got,
+                            got[c],
                             h.tensors().nth(c).unwrap().bytes,
                             "column {} {o:?}",
                             col.name
