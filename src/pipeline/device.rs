@@ -303,8 +303,8 @@ impl DeviceLoader {
     /// Opens the dataset at `path` with `key` (headers authenticated on the CPU), prepares every
     /// shard's data key on CUDA device `ordinal` and starts the loader. `opts.mode ==
     /// DecryptMode::TwinNoCrypto` (bench only) skips verification and decryption; `threads`
-    /// is the number of threads that `pread` a window's chunks into pinned staging (one
-    /// producer thread drives the GPU).
+    /// is the number of threads that `pread` a window's chunks into pinned staging (besides the
+    /// reader, planner and gather threads; see the module docs).
     pub fn open(
         path: &Path,
         key: &MasterKey,
