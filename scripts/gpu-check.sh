@@ -111,8 +111,8 @@ fi
 if [ -x "$BIN/ciphershard" ]; then
     out=$(CIPHERSHARD_CUDA_CTR=${CIPHERSHARD_CUDA_CTR:-} timeout 150 "$BIN/ciphershard" bench --backend cuda --threads 8 --epochs 3 --batch-size 1024 --json 2>&1); rc=$?
     echo "$out" > "${OUT:-/tmp}/bench-cuda.json"
-    echo "$out" | grep -E '"(backend|gb_per_s|ratio|ctr_gbps|ctr_ghash_gbps|e2e_[a-z_]*gbps)"' | head -20
-    [ $rc -eq 0 ] && row "ciphershard bench --backend cuda" "$(echo "$out" | tr -d ' \n' | grep -oE '"ratio":[0-9.]+' | head -1) (full JSON in bench-cuda.json)" \
+    echo "$out" | grep -E '"(backend|gb_per_s|ratio|steady_gb_per_s|steady_ratio|setup_seconds|first_batch_seconds|windows|read_ns|gpu_wait_ns|window_wait_ns|gather_ns|batch_sync_ns|send_wait_ns|ctr_gbps|ctr_ghash_gbps|e2e_[a-z_]*gbps)"' | head -40
+    [ $rc -eq 0 ] && row "ciphershard bench --backend cuda" "$(echo "$out" | tr -d ' \n' | grep -oE '"(steady_gb_per_s|ratio|steady_ratio)":[0-9.]+' | head -4 | tr '\n' ' ')(full JSON in bench-cuda.json)" \
         || row "ciphershard bench --backend cuda" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
 fi
 

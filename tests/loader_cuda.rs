@@ -71,10 +71,10 @@ fn make(dir: &Path, rows: u64, features: u64, chunk: u64, shard: u64) -> MasterK
 fn compare(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> usize {
     let src = FormatSource::open(dir, key, Backend::Cpu).unwrap();
     let host: Vec<_> = Loader::new(src, o).unwrap().map(|b| b.unwrap()).collect();
-    let dev = DeviceLoader::open(dir, key, 0, o).unwrap();
+    let mut dev = DeviceLoader::open(dir, key, 0, o).unwrap();
     assert_eq!(dev.batches_per_epoch() * o.epochs, host.len() as u64);
     let mut n = 0;
-    for (h, d) in host.iter().zip(dev) {
+    for (h, d) in host.iter().zip(dev.by_ref()) {
         let d = d.unwrap();
         assert_eq!((d.epoch(), d.index()), (h.epoch(), h.index()));
         assert_eq!(d.row_ids(), h.row_ids(), "{o:?}");
@@ -88,6 +88,16 @@ fn compare(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> usize {
         n += 1;
     }
     assert_eq!(n, host.len());
+    assert!(dev.next().is_none());
+    // The device telemetry accounts for every window and byte the loader read.
+    let (ds, st) = (dev.device_stats(), dev.stats());
+    assert!(ds.windows > 0 || n == 0, "{ds:?}");
+    assert_eq!(ds.window_bytes, st.read.bytes, "{ds:?}");
+    assert_eq!(
+        st.verify.bytes, st.read.bytes,
+        "every window read was verified: {st:?}"
+    );
+    assert_eq!(st.assemble.bytes, st.delivered_bytes);
     n
 }
 
@@ -106,6 +116,8 @@ fn device_batches_equal_host_batches() {
         (3, 64, 1, 2, 1, false, true),
         (4, 17, 2, 3, 2, true, true),
         (5, 100, 4, 1, 0, false, false),
+        // The last rank's padding wraps to the epoch's first window (reloaded after eviction).
+        (6, 33, 2, 3, 2, false, true),
     ] {
         let o = LoaderOptions {
             batch_size: batch,

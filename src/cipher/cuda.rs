@@ -1269,6 +1269,17 @@ impl BatchDecryptor {
         self.submit_staged_inner(chunks, out_len, true)
     }
 
+    /// [`submit_staged`](Self::submit_staged) without verification or decryption: the staged
+    /// bytes are uploaded and copied to the output as they are (the benchmarks' plaintext twin,
+    /// through the very same staging, upload and buffers).
+    pub fn submit_staged_plain(
+        &mut self,
+        chunks: &[StagedChunk<'_>],
+        out_len: usize,
+    ) -> Result<Ticket> {
+        self.submit_staged_inner(chunks, out_len, false)
+    }
+
     fn submit_staged_inner(
         &mut self,
         chunks: &[StagedChunk<'_>],

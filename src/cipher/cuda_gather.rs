@@ -64,19 +64,8 @@ impl Gather {
         if pairs.is_empty() || row_bytes == 0 {
             return Ok(());
         }
-        let (sl, dl) = (src.len() as u64, dst.len() as u64);
-        let mut flat = Vec::with_capacity(2 * pairs.len());
-        for (i, &(s, d)) in pairs.iter().enumerate() {
-            if s.checked_add(row_bytes).is_none_or(|e| e > sl)
-                || d.checked_add(row_bytes).is_none_or(|e| e > dl)
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "gather row {i}: range outside the source ({sl} B) or destination ({dl} B)"
-                )));
-            }
-            flat.push(s);
-            flat.push(d);
-        }
+        check_pairs(pairs, row_bytes, src.len() as u64, dst.len() as u64)?;
+        let flat: Vec<u64> = pairs.iter().flat_map(|&(s, d)| [s, d]).collect();
         let rows = u32::try_from(pairs.len())
             .map_err(|_| Error::InvalidArgument("more than 2^32 rows in one gather".into()))?;
         let d_pairs = stream
@@ -104,6 +93,93 @@ impl Gather {
         .map_err(|e| err("gather kernel launch", e))?;
         Ok(())
     }
+}
+
+/// One launch of a batch gather: rows `pairs` (a range of the flat pair list given to
+/// [`Gather::gather_many`]) of `row_bytes` bytes from `src` into destination buffer `dst`.
+pub struct GatherJob<'a> {
+    /// The source (a verified window buffer).
+    pub src: &'a CudaSlice<u8>,
+    /// Index of the destination in the `dsts` given to [`Gather::gather_many`].
+    pub dst: usize,
+    /// Range of pairs (not words) in the flat pair list.
+    pub pairs: std::ops::Range<usize>,
+    /// Bytes per row.
+    pub row_bytes: u64,
+}
+
+impl Gather {
+    /// Enqueues every job of a batch on `stream` with one upload of all their offsets (instead
+    /// of one allocation and upload per launch). `pairs[i] = (source offset, destination
+    /// offset)`; every range is checked against its buffers before anything is enqueued.
+    pub fn gather_many(
+        &self,
+        stream: &Arc<CudaStream>,
+        jobs: &[GatherJob<'_>],
+        pairs: &[(u64, u64)],
+        dsts: &mut [CudaSlice<u8>],
+    ) -> Result<()> {
+        for (n, job) in jobs.iter().enumerate() {
+            let dst = dsts.get(job.dst).ok_or_else(|| {
+                Error::InvalidArgument(format!("gather job {n}: no destination {}", job.dst))
+            })?;
+            let rows = pairs.get(job.pairs.clone()).ok_or_else(|| {
+                Error::InvalidArgument(format!("gather job {n}: pair range out of the list"))
+            })?;
+            check_pairs(rows, job.row_bytes, job.src.len() as u64, dst.len() as u64)?;
+            u32::try_from(rows.len())
+                .map_err(|_| Error::InvalidArgument("more than 2^32 rows in one gather".into()))?;
+        }
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let flat: Vec<u64> = pairs.iter().flat_map(|&(s, d)| [s, d]).collect();
+        let d_pairs = stream
+            .clone_htod(&flat[..])
+            .map_err(|e| err("uploading gather offsets", e))?;
+        for job in jobs {
+            if job.pairs.is_empty() || job.row_bytes == 0 {
+                continue;
+            }
+            let rows = job.pairs.len() as u32; // checked above
+            let view = d_pairs.slice(2 * job.pairs.start..2 * job.pairs.end);
+            let dst = &mut dsts[job.dst];
+            let cfg = LaunchConfig {
+                grid_dim: (rows.min(1 << 20), 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as in `gather`: every (offset + row_bytes) of this job was checked above
+            // against `job.src` and `dst`, `view` holds exactly 2 × rows offsets, and the
+            // argument types match the kernel's signature.
+            unsafe {
+                stream
+                    .launch_builder(&self.func)
+                    .arg(job.src)
+                    .arg(dst)
+                    .arg(&view)
+                    .arg(&rows)
+                    .arg(&job.row_bytes)
+                    .launch(cfg)
+            }
+            .map_err(|e| err("gather kernel launch", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Every row range `[offset, offset + row_bytes)` inside its buffer.
+fn check_pairs(pairs: &[(u64, u64)], row_bytes: u64, sl: u64, dl: u64) -> Result<()> {
+    for (i, &(s, d)) in pairs.iter().enumerate() {
+        if s.checked_add(row_bytes).is_none_or(|e| e > sl)
+            || d.checked_add(row_bytes).is_none_or(|e| e > dl)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "gather row {i}: range outside the source ({sl} B) or destination ({dl} B)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -425,7 +425,19 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         );
     }
     println!("ratio encrypted / plaintext twin: {:.3}", report.ratio);
+    for (name, r) in [("encrypted", &report.encrypted), ("plaintext twin", &report.plaintext_twin)] {
+        println!(
+            "{name:<15} steady state {:>7.2} GB/s  setup {:.1} ms  first batch {:.1} ms",
+            r.steady_gb_per_s,
+            r.setup_seconds * 1e3,
+            r.first_batch_seconds * 1e3
+        );
+    }
+    println!("steady-state ratio encrypted / plaintext twin: {:.3}", report.steady_ratio);
     println!("encrypted run, per stage:\n{}", report.encrypted.stats);
+    if let Some(d) = &report.encrypted.device {
+        println!("{d}");
+    }
     if let Some(k) = kernels {
         println!("{} kernels: {}", report.backend, serde_json::to_string(&k).expect("serializes"));
     }

@@ -1,34 +1,40 @@
 //! Device-memory batches: the loader's plan, with chunks verified and decrypted on a CUDA GPU
 //! and rows gathered into pooled device buffers. See docs/LOADER.md, "Device batches".
 //!
-//! Data path per shuffle window: `pread` of every chunk the window touches straight into the
-//! pinned staging buffer of a [`BatchDecryptor`] slot → one asynchronous host-to-device copy →
-//! GHASH (tags) and AES-CTR on the GPU into a device *window* buffer → `wait` checks every tag
-//! (on a mismatch the window is zeroed and nothing is handed out). Each batch is then gathered
-//! from the resident, verified windows into its column buffers by `cs_gather_rows`
-//! (`kernels/gather.cu`), one launch per column and window, and its stream synchronized before
-//! the batch is sent. Same plan as the host [`super::Loader`]: the same seed gives the same rows
-//! in the same order, so a device batch downloaded equals the host loader's batch.
+//! Two threads. The *reader* (`cs-device-read`) walks the windows in the order the batches
+//! will need them, across epochs: `pread` of every chunk a window touches straight into the
+//! pinned staging of the next [`BatchDecryptor`] slot (three) → one asynchronous host-to-device
+//! copy → GHASH (tags) and AES-CTR on the GPU into a device *window* buffer; only when every
+//! slot is busy does it wait for the oldest window, whose tags `wait` checks (on a mismatch
+//! the window is zeroed and nothing is handed out), and send it on. So window k+2 is read
+//! while k+1 is on the GPU and batches are gathered from k. The *producer* (`cs-device`)
+//! gathers each batch from the resident, verified windows into pooled column buffers with
+//! `cs_gather_rows` (`kernels/gather.cu`: one upload of row offsets per batch, one launch per
+//! column and window), records an event, and hands out the previous batch once its event has
+//! completed: a batch is complete in device memory when it is handed out. Same plan as the
+//! host [`super::Loader`]: the same seed gives the same rows in the same order, so a device
+//! batch downloaded equals the host loader's batch.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded, select};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
 
 use super::format_source::FormatSource;
 use super::loader::{DecryptMode, LoaderOptions, LoaderState};
 use super::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
-use super::telemetry::{Counters, LoaderStats, add};
-use crate::cipher::cuda::{BatchDecryptor, CudaCipher, CudaKey, StagedChunk, WaitError};
-use crate::cipher::cuda_gather::Gather;
+use super::telemetry::{Counters, DeviceStats, LoaderStats, add};
+use crate::cipher::cuda::{
+    BatchDecryptor, CudaCipher, CudaKey, DeviceBatch, StagedChunk, Ticket, WaitError,
+};
+use crate::cipher::cuda_gather::{Gather, GatherJob};
 use crate::cipher::{ChunkParams, cpu::CpuCipher};
 use crate::error::{Error, Result};
 use crate::format::Dataset;
@@ -80,7 +86,7 @@ impl<'a> CudaTensor<'a> {
         self.buf
     }
     /// Raw device pointer (`CUdeviceptr`) for DLPack; valid while the batch lives. The data is
-    /// complete: the stream was synchronized before the batch was handed out.
+    /// complete: its gathers had finished (event waited) before the batch was handed out.
     pub fn device_ptr(&self) -> u64 {
         let (p, _sync) = self.buf.device_ptr(self.stream);
         p
@@ -149,7 +155,7 @@ impl CudaBatch {
     pub fn row_ids(&self) -> &[u64] {
         &self.row_ids
     }
-    /// The stream every column was written on (already synchronized).
+    /// The stream every column was written on (its gathers already complete).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -196,6 +202,7 @@ pub struct DeviceLoader {
     state: LoaderState,
     batches_per_epoch: u64,
     counters: Arc<Counters>,
+    device: Arc<DeviceCounters>,
     built: Instant,
     columns: Arc<[ColumnInfo]>,
 }
@@ -209,7 +216,48 @@ impl std::fmt::Debug for DeviceLoader {
     }
 }
 
-/// Everything the producer thread owns.
+/// Pinned staging slots of the reader: window k is gathered from while k+1 is verified and
+/// decrypted on the GPU and k+2 is read from the shards.
+const WINDOW_SLOTS: usize = 3;
+
+#[derive(Debug, Default)]
+struct DeviceCounters {
+    windows: AtomicU64,
+    window_bytes: AtomicU64,
+    read_ns: AtomicU64,
+    submit_ns: AtomicU64,
+    gpu_wait_ns: AtomicU64,
+    window_latency_ns: AtomicU64,
+    window_wait_ns: AtomicU64,
+    gather_ns: AtomicU64,
+    batch_sync_ns: AtomicU64,
+    send_wait_ns: AtomicU64,
+}
+
+impl DeviceCounters {
+    fn snapshot(&self) -> DeviceStats {
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        DeviceStats {
+            windows: l(&self.windows),
+            window_bytes: l(&self.window_bytes),
+            read_ns: l(&self.read_ns),
+            submit_ns: l(&self.submit_ns),
+            gpu_wait_ns: l(&self.gpu_wait_ns),
+            window_latency_ns: l(&self.window_latency_ns),
+            window_wait_ns: l(&self.window_wait_ns),
+            gather_ns: l(&self.gather_ns),
+            batch_sync_ns: l(&self.batch_sync_ns),
+            send_wait_ns: l(&self.send_wait_ns),
+        }
+    }
+}
+
+fn ns_since(t: Instant) -> u64 {
+    t.elapsed().as_nanos() as u64
+}
+
+/// Everything the loader's threads share: the producer thread gathers batches, a reader
+/// thread it spawns reads, uploads and verifies windows.
 struct Producer {
     source: Arc<FormatSource>,
     files: Vec<File>,
@@ -223,6 +271,7 @@ struct Producer {
     batch_size: usize,
     slot_bytes: usize,
     counters: Arc<Counters>,
+    device: Arc<DeviceCounters>,
     pool: SetPool,
 }
 
@@ -230,9 +279,8 @@ struct Producer {
 struct Window {
     epoch: u64,
     w: usize,
-    buf: WindowBuf,
-    /// Byte offset in `buf` of each chunk (a shard/column's consecutive chunks are contiguous).
-    offsets: HashMap<Key, u64>,
+    /// Laid out by [`window_layout`]: the planner's [`window_offsets`] say where each chunk is.
+    buf: DeviceBatch,
 }
 
 /// A window submitted to the GPU and not yet waited for.
@@ -240,60 +288,23 @@ struct InFlight {
     epoch: u64,
     w: usize,
     keys: Vec<Key>,
-    offsets: HashMap<Key, u64>,
     total: u64,
     submitted: Instant,
-    pending: Pending,
+    ticket: Ticket,
 }
 
-enum Pending {
-    Decrypt(crate::cipher::cuda::Ticket),
-    Twin(CudaSlice<u8>),
-}
-
-/// The producer's GPU staging state.
-struct Stage {
-    dec: BatchDecryptor,
-    /// The twin's uploads (its own stream, like a decryptor slot's).
-    twin_stream: Arc<CudaStream>,
-    /// The twin's pinned staging: two, alternating, so a read-ahead copy never shares one.
-    twin_staging: Vec<PinnedHostSlice<u8>>,
-    twin_next: usize,
-    twin_free: Vec<CudaSlice<u8>>,
-    /// The column-buffer set being gathered into, between `gather_batch_async` and
-    /// `finish_batch`.
-    bufs: Option<Vec<CudaSlice<u8>>>,
-}
-
-impl Stage {
-    fn recycle(&mut self, b: WindowBuf) {
-        match b {
-            WindowBuf::Decrypted(d) => self.dec.recycle(d),
-            WindowBuf::Twin(s) => self.twin_free.push(s),
-        }
-    }
-}
-
-enum WindowBuf {
-    Decrypted(crate::cipher::cuda::DeviceBatch),
-    Twin(CudaSlice<u8>),
-}
-
-impl WindowBuf {
-    fn slice(&self) -> &CudaSlice<u8> {
-        match self {
-            WindowBuf::Decrypted(b) => b.slice(),
-            WindowBuf::Twin(s) => s,
-        }
-    }
+/// A gathered batch whose gathers may still run on the GPU: handed out once `done` completes.
+struct Gathered {
+    batch: CudaBatch,
+    done: CudaEvent,
 }
 
 impl DeviceLoader {
     /// Opens the dataset at `path` with `key` (headers authenticated on the CPU), prepares every
     /// shard's data key on CUDA device `ordinal` and starts the loader. `opts.mode ==
     /// DecryptMode::TwinNoCrypto` (bench only) skips verification and decryption; `threads`
-    /// is the number of threads that `pread` a window's chunks into pinned staging (one
-    /// producer thread drives the GPU).
+    /// is the number of threads that `pread` a window's chunks into pinned staging (besides the
+    /// reader, planner and gather threads; see the module docs).
     pub fn open(
         path: &Path,
         key: &MasterKey,
@@ -407,6 +418,7 @@ impl DeviceLoader {
         let slot_bytes = usize::try_from(window_chunks.max(1) * chunk_size.next_multiple_of(16))
             .map_err(|_| Error::InvalidArgument("window too large for this machine".into()))?;
         let counters = Arc::new(Counters::default());
+        let device = Arc::new(DeviceCounters::default());
         let producer = Producer {
             source,
             files,
@@ -419,6 +431,7 @@ impl DeviceLoader {
             batch_size: opts.batch_size,
             slot_bytes,
             counters: counters.clone(),
+            device: device.clone(),
             pool: Arc::new(Mutex::new(Vec::new())),
         };
         let (stop_tx, stop_rx) = bounded::<()>(0);
@@ -462,6 +475,7 @@ impl DeviceLoader {
             },
             batches_per_epoch,
             counters,
+            device,
             built,
             columns,
         };
@@ -482,10 +496,17 @@ impl DeviceLoader {
         self.state.clone()
     }
 
-    /// Telemetry so far: `read` = `pread` into pinned staging, `decrypt` = GPU verify + decrypt
-    /// of windows (wall time from submission to verified), `assemble` = gathers.
+    /// Telemetry so far, in the host loader's stages: `read` = `pread` into pinned staging,
+    /// `verify` = time the reader was blocked on a window's upload + GHASH + CTR and tag check
+    /// (GPU time not hidden), `decrypt` = submission to verified (wall, overlapped), `assemble`
+    /// = gathers (enqueue + completion wait). [`device_stats`](Self::device_stats) splits them.
     pub fn stats(&self) -> LoaderStats {
         self.counters.snapshot()
+    }
+
+    /// The device path's own telemetry (reader and gather threads, wall nanoseconds).
+    pub fn device_stats(&self) -> DeviceStats {
+        self.device.snapshot()
     }
 
     /// The dataset's columns.
@@ -611,12 +632,28 @@ fn window_keys(columns: &[ColumnInfo], chunk: u64, plan: &EpochPlan, w: usize) -
     keys
 }
 
+/// Offset of each of a window's chunks in its buffer, sorted by key: a binary search per
+/// gathered row is cheaper than hashing the key (2 × batch rows lookups per batch).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct ChunkOffsets(Vec<(Key, u64)>);
+
+impl ChunkOffsets {
+    fn get(&self, k: &Key) -> Option<u64> {
+        self.0
+            .binary_search_by(|(x, _)| x.cmp(k))
+            .ok()
+            .map(|i| self.0[i].1)
+    }
+}
+
 /// Where a window's chunks go in staging and in the window's device buffer.
 struct WindowLayout {
     /// Staging offset of each chunk (16-byte aligned: the vectorized kernel path).
     staging_offs: Vec<usize>,
-    /// Offset of each chunk's plaintext in the window buffer.
-    offsets: HashMap<Key, u64>,
+    /// Offset of each chunk's plaintext in the window buffer, in key order.
+    dst_offs: Vec<u64>,
+    /// The same, by key.
+    offsets: ChunkOffsets,
     staging_len: usize,
     out_len: u64,
 }
@@ -626,51 +663,182 @@ struct WindowLayout {
 /// contiguous range of the window buffer.
 fn window_layout(keys: &[Key], specs: &[ChunkSpec]) -> WindowLayout {
     let mut staging_offs = Vec::with_capacity(keys.len());
-    let mut offsets = HashMap::with_capacity(keys.len());
+    let mut dst_offs = Vec::with_capacity(keys.len());
     let (mut at, mut out) = (0usize, 0u64);
-    for (k, spec) in keys.iter().zip(specs) {
+    for spec in specs {
         staging_offs.push(at);
-        offsets.insert(*k, out);
+        dst_offs.push(out);
         at += spec.len.next_multiple_of(16);
         out += spec.len as u64;
     }
+    let mut offsets: Vec<(Key, u64)> = keys.iter().copied().zip(dst_offs.iter().copied()).collect();
+    offsets.sort_unstable_by_key(|e| e.0);
     WindowLayout {
         staging_offs,
-        offsets,
+        dst_offs,
+        offsets: ChunkOffsets(offsets),
         staging_len: at,
         out_len: out,
     }
 }
 
-/// `(offset in the window buffer, offset in the batch column)` of every row of the batch that
-/// comes from window `w`, for column `c` of `row_bytes` bytes.
+/// Appends `(offset in the window buffer, offset in the batch column)` of every row of the
+/// batch that comes from window `w`, for column `c` of `row_bytes` bytes.
 fn gather_pairs(
     rows: &[(RowRef, usize)],
     w: usize,
-    offsets: &HashMap<Key, u64>,
+    offsets: &ChunkOffsets,
     c: usize,
     row_bytes: u64,
     chunk: u64,
     pairs: &mut Vec<(u64, u64)>,
 ) -> Result<()> {
-    pairs.clear();
+    // A 64-bit division per row dominated planning; chunk sizes are powers of two in practice.
+    let shift = chunk.is_power_of_two().then(|| chunk.trailing_zeros());
+    // Rows of one shard and chunk often follow each other (narrow columns): reuse the lookup.
+    let mut last: Option<(u32, u64, u64)> = None;
     for (i, (r, rw)) in rows.iter().enumerate() {
         if *rw != w {
             continue;
         }
         let off = r.row * row_bytes;
-        let j = off / chunk;
-        let base = offsets.get(&(r.shard, c as u32, j)).ok_or_else(|| {
-            Error::Stopped(format!(
-                "internal: chunk {j} of column {c} not in window {w}"
-            ))
-        })?;
-        pairs.push((base + off % chunk, i as u64 * row_bytes));
+        let (j, within) = match shift {
+            Some(sh) => (off >> sh, off & (chunk - 1)),
+            None => (off / chunk, off % chunk),
+        };
+        let base = match last {
+            Some((s, lj, base)) if s == r.shard && lj == j => base,
+            _ => {
+                let base = offsets.get(&(r.shard, c as u32, j)).ok_or_else(|| {
+                    Error::Stopped(format!(
+                        "internal: chunk {j} of column {c} not in window {w}"
+                    ))
+                })?;
+                last = Some((r.shard, j, base));
+                base
+            }
+        };
+        pairs.push((base + within, i as u64 * row_bytes));
     }
     Ok(())
 }
 
+/// The windows batch `k` of `plan` reads, sorted: its positions (wrapped into `0..N` for
+/// padding) walked window by window.
+fn batch_windows(plan: &EpochPlan, k: u64) -> Vec<usize> {
+    let (a, b) = plan.batch_positions(k);
+    let n = plan.total_rows().max(1);
+    let mut v = Vec::new();
+    let mut p = a;
+    while p < b {
+        let q = p % n;
+        let w = plan.window_of(q);
+        v.push(w);
+        p += plan.window_start(w + 1) - q;
+    }
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// The order in which the gather thread asks for windows from batch `first` on: a window stays
+/// resident while consecutive batches use it and is loaded again if a later batch needs it
+/// after an eviction (the padding of the last rank wraps to the epoch's start).
+fn load_order(plan: &EpochPlan, first: u64) -> Vec<usize> {
+    let mut order = Vec::new();
+    let mut resident: Vec<usize> = Vec::new();
+    for k in first..plan.batches() {
+        let needed = batch_windows(plan, k);
+        resident.retain(|w| needed.binary_search(w).is_ok());
+        for &w in &needed {
+            if !resident.contains(&w) {
+                resident.push(w);
+                order.push(w);
+            }
+        }
+    }
+    order
+}
+
+/// Everything the gather thread needs for one batch, computed on the CPU ahead of time by the
+/// planner thread: which rows, from which windows, at which offsets.
+struct BatchPlan {
+    epoch: u64,
+    index: u64,
+    /// Windows the batch reads, sorted.
+    needed: Vec<usize>,
+    /// Global dataset row of each row, in batch order.
+    row_ids: Vec<u64>,
+    /// `(column, window, range of pairs)`, one gather launch each.
+    jobs: Vec<(usize, usize, std::ops::Range<usize>)>,
+    /// `(offset in the window buffer, offset in the column buffer)` of every gathered row.
+    pairs: Vec<(u64, u64)>,
+}
+
+/// Offsets of window `w`'s chunks in its buffer (the layout the reader uploads).
+fn window_offsets(source: &FormatSource, plan: &EpochPlan, w: usize) -> ChunkOffsets {
+    let keys = window_keys(source.columns(), source.chunk_size(), plan, w);
+    let specs: Vec<ChunkSpec> = keys
+        .iter()
+        .map(|&(s, c, j)| source.chunk(s as usize, c as usize, j))
+        .collect();
+    window_layout(&keys, &specs).offsets
+}
+
+/// Plans batch `k` of `plan`. `layouts` caches the offsets of the windows the previous batch
+/// used (the others are dropped, as the gather thread evicts them).
+fn plan_batch(
+    source: &FormatSource,
+    plan: &EpochPlan,
+    cur: &mut Cursor<'_>,
+    layouts: &mut Vec<(usize, ChunkOffsets)>,
+    epoch: u64,
+    k: u64,
+) -> Result<BatchPlan> {
+    let (a, b) = plan.batch_positions(k);
+    let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
+    let mut needed: Vec<usize> = rows.iter().map(|r| r.1).collect();
+    needed.sort_unstable();
+    needed.dedup();
+    layouts.retain(|(w, _)| needed.binary_search(w).is_ok());
+    for &w in &needed {
+        if !layouts.iter().any(|(x, _)| *x == w) {
+            layouts.push((w, window_offsets(source, plan, w)));
+        }
+    }
+    let mut pairs = Vec::with_capacity(rows.len() * source.columns().len());
+    let mut jobs = Vec::with_capacity(source.columns().len() * needed.len());
+    for (c, col) in source.columns().iter().enumerate() {
+        for (w, offsets) in layouts.iter() {
+            let start = pairs.len();
+            gather_pairs(
+                &rows,
+                *w,
+                offsets,
+                c,
+                col.row_bytes,
+                source.chunk_size(),
+                &mut pairs,
+            )?;
+            jobs.push((c, *w, start..pairs.len()));
+        }
+    }
+    let row_ids = rows
+        .iter()
+        .map(|(r, _)| source.shard_row_start(r.shard as usize) + r.row)
+        .collect();
+    Ok(BatchPlan {
+        epoch,
+        index: k,
+        needed,
+        row_ids,
+        jobs,
+        pairs,
+    })
+}
+
 impl Producer {
+    /// Runs the reader thread and the gather loop until the last batch, an error or a stop.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -687,106 +855,280 @@ impl Producer {
             .new_stream()
             .map_err(|e| dev_err("creating a stream", e))?;
         let gather = Gather::load(&ctx)?;
-        // Two slots: the window being gathered from is verified and resident while the next
-        // one is read, uploaded and decrypted in the other slot.
-        let mut st = Stage {
-            dec: self.cipher.batch_decryptor(2, self.slot_bytes)?,
-            twin_stream: ctx
-                .new_stream()
-                .map_err(|e| dev_err("creating a stream", e))?,
-            twin_staging: Vec::new(),
-            twin_next: 0,
-            twin_free: Vec::new(),
-            bufs: None,
-        };
-        if self.twin {
-            for _ in 0..2 {
-                // SAFETY: only the bytes just `pread` into it are ever uploaded.
-                let p = unsafe { ctx.alloc_pinned::<u8>(self.slot_bytes) }
-                    .map_err(|e| dev_err("allocating pinned staging memory", e))?;
-                st.twin_staging.push(p);
-            }
-        }
-        let mut resident: Vec<Window> = Vec::new();
-        let mut ahead: Option<InFlight> = None;
+        let (win_tx, win_rx) = bounded::<Result<Window>>(1);
+        let (plan_tx, plan_rx) = bounded::<Result<BatchPlan>>(16);
+        let (recycle_tx, recycle_rx) = crossbeam_channel::unbounded::<DeviceBatch>();
+        std::thread::scope(|sc| {
+            let reader = std::thread::Builder::new()
+                .name("cs-device-read".into())
+                .spawn_scoped(sc, || {
+                    self.read_windows(
+                        cfg,
+                        shard_rows,
+                        (start_epoch, start_batch, epochs),
+                        win_tx,
+                        recycle_rx,
+                    )
+                })
+                .map_err(|e| Error::Stopped(format!("cannot spawn the device reader: {e}")))?;
+            let planner = std::thread::Builder::new()
+                .name("cs-device-plan".into())
+                .spawn_scoped(sc, || {
+                    self.plan_batches(cfg, shard_rows, (start_epoch, start_batch, epochs), plan_tx)
+                })
+                .map_err(|e| Error::Stopped(format!("cannot spawn the device planner: {e}")))?;
+            let mut resident: Vec<Window> = Vec::new();
+            let mut pending: Option<Gathered> = None;
+            let r = self.gather_loop(
+                cfg,
+                shard_rows,
+                (start_epoch, start_batch, epochs),
+                (plan_rx, win_rx, &recycle_tx),
+                (&gather, &stream),
+                (&mut resident, &mut pending),
+                (tx, stop),
+            );
+            // Batches gathered before a failure are complete and valid: hand them out first.
+            let r = match r {
+                Ok(false) => Ok(()),
+                r => match pending.take() {
+                    Some(g) => self.hand_out(g, tx, stop).and(r.map(|_| ())),
+                    None => r.map(|_| ()),
+                },
+            };
+            // No gather may still read a window when its memory is freed or reused.
+            let _ = stream.synchronize();
+            drop(pending);
+            drop(resident);
+            drop(recycle_tx);
+            // The reader and planner stop at their next send (the receivers are gone).
+            let _ = reader.join();
+            let _ = planner.join();
+            r
+        })
+    }
+
+    /// The gather side: for each batch, the windows it needs (received verified from the
+    /// reader, in [`load_order`]), one upload of row offsets and a gather per column and
+    /// window, an event recorded; the previous batch is handed out once its event completes,
+    /// so the GPU gathers batch k while batch k-1 is handed out. `Ok(false)`: stopped.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_loop(
+        &self,
+        cfg: &SamplerConfig,
+        shard_rows: &[u64],
+        (start_epoch, start_batch, epochs): (u64, u64, u64),
+        (plans, windows, recycle): (
+            Receiver<Result<BatchPlan>>,
+            Receiver<Result<Window>>,
+            &Sender<DeviceBatch>,
+        ),
+        (gather, stream): (&Gather, &Arc<CudaStream>),
+        (resident, pending): (&mut Vec<Window>, &mut Option<Gathered>),
+        (tx, stop): (&Sender<Result<CudaBatch>>, &Receiver<()>),
+    ) -> Result<bool> {
         for epoch in start_epoch..epochs {
-            let plan = EpochPlan::new(cfg, epoch, shard_rows);
-            let mut cur = Cursor::new(&plan);
+            let batches = EpochPlan::new(cfg, epoch, shard_rows).batches();
             let first = if epoch == start_epoch { start_batch } else { 0 };
-            for k in first..plan.batches() {
-                let (a, b) = plan.batch_positions(k);
-                let mut rows: Vec<(RowRef, usize)> = Vec::with_capacity((b - a) as usize);
-                for p in a..b {
-                    rows.push(cur.row_at(p));
+            for k in first..batches {
+                let bp = match plans.recv() {
+                    Ok(Ok(bp)) => bp,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        return Err(Error::Stopped(
+                            "the device loader's planner thread exited early".into(),
+                        ));
+                    }
+                };
+                if (bp.epoch, bp.index) != (epoch, k) {
+                    return Err(Error::Stopped(format!(
+                        "internal: planner sent batch {} of epoch {}, expected {k} of {epoch}",
+                        bp.index, bp.epoch
+                    )));
                 }
-                let mut needed: Vec<usize> = rows.iter().map(|r| r.1).collect();
-                needed.sort_unstable();
-                needed.dedup();
-                // Evict windows this batch does not use (their gathers finished: every batch's
-                // stream is synchronized before it is sent).
-                let mut i = 0;
-                while i < resident.len() {
-                    if resident[i].epoch == epoch && needed.binary_search(&resident[i].w).is_ok() {
-                        i += 1;
-                    } else {
-                        st.recycle(resident.swap_remove(i).buf);
+                let needed = &bp.needed;
+                let keep = |r: &Window| r.epoch == epoch && needed.binary_search(&r.w).is_ok();
+                if !resident.iter().all(keep) {
+                    // The pending batch's gathers may still read a window about to be reused.
+                    if let Some(g) = pending.take()
+                        && !self.hand_out(g, tx, stop)?
+                    {
+                        return Ok(false);
+                    }
+                    let mut i = 0;
+                    while i < resident.len() {
+                        if keep(&resident[i]) {
+                            i += 1;
+                        } else {
+                            // The reader may have finished: then the buffer is just freed.
+                            let _ = recycle.send(resident.swap_remove(i).buf);
+                        }
                     }
                 }
-                for &w in &needed {
+                for &w in needed {
                     if resident.iter().any(|r| r.w == w) {
                         continue;
                     }
-                    // The window read ahead is finished first (right or wrong guess), so at
-                    // most one submission is ever outstanding.
-                    if let Some(f) = ahead.take() {
-                        let win = self.finish(f, &mut st)?;
-                        if win.epoch == epoch && needed.binary_search(&win.w).is_ok() {
-                            let hit = win.w == w;
-                            resident.push(win);
-                            if hit {
-                                continue;
-                            }
-                        } else {
-                            st.recycle(win.buf);
+                    let t = Instant::now();
+                    let win = match windows.recv() {
+                        Ok(Ok(win)) => win,
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => {
+                            return Err(Error::Stopped(
+                                "the device loader's reader thread exited early".into(),
+                            ));
                         }
+                    };
+                    add(&self.device.window_wait_ns, ns_since(t));
+                    if win.epoch != epoch || win.w != w {
+                        return Err(Error::Stopped(format!(
+                            "internal: reader sent window {} of epoch {}, batch {k} needs window \
+                             {w} of epoch {epoch}",
+                            win.w, win.epoch
+                        )));
                     }
-                    let f = self.submit_window(&plan, epoch, w, &mut st)?;
-                    resident.push(self.finish(f, &mut st)?);
+                    resident.push(win);
                 }
-                self.gather_batch_async(&rows, &resident, &gather, &stream, &mut st)?;
-                // While the GPU gathers, read and submit the window after the last one used.
-                // Only a window this rank reaches later in the epoch (never another rank's).
-                let next = needed.last().map_or(0, |w| w + 1);
-                let rank_end = plan.batch_positions(plan.batches() - 1).1;
-                if ahead.is_none()
-                    && k + 1 < plan.batches()
-                    && next < plan.windows()
-                    && plan.window_start(next) < rank_end
-                    && !resident.iter().any(|r| r.w == next)
+                let batch = self.gather_batch(bp, resident, gather, stream)?;
+                let done = stream
+                    .record_event(None)
+                    .map_err(|e| dev_err("recording a gather event", e))?;
+                if let Some(g) = pending.replace(Gathered { batch, done })
+                    && !self.hand_out(g, tx, stop)?
                 {
-                    ahead = Some(self.submit_window(&plan, epoch, next, &mut st)?);
-                }
-                let batch = self.finish_batch(epoch, k, &rows, &stream, &mut st)?;
-                if stopped(stop) {
-                    return Ok(());
-                }
-                select! {
-                    send(tx, Ok(batch)) -> r => if r.is_err() { return Ok(()) },
-                    recv(stop) -> _ => return Ok(()),
+                    return Ok(false);
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// Reads every chunk window `w` touches into pinned staging and enqueues its upload and
-    /// GPU verification + decryption (or, for the twin, the plain upload) without waiting.
+    /// The planner side: every batch's rows and gather offsets, in order, ahead of the gather
+    /// thread (a bounded queue), so that thread only launches and hands out.
+    fn plan_batches(
+        &self,
+        cfg: &SamplerConfig,
+        shard_rows: &[u64],
+        (start_epoch, start_batch, epochs): (u64, u64, u64),
+        tx: Sender<Result<BatchPlan>>,
+    ) {
+        for epoch in start_epoch..epochs {
+            let plan = EpochPlan::new(cfg, epoch, shard_rows);
+            let mut cur = Cursor::new(&plan);
+            let mut layouts = Vec::new();
+            let first = if epoch == start_epoch { start_batch } else { 0 };
+            for k in first..plan.batches() {
+                let r = plan_batch(&self.source, &plan, &mut cur, &mut layouts, epoch, k);
+                let ok = r.is_ok();
+                if tx.send(r).is_err() || !ok {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for a batch's gathers and sends it. `Ok(false)`: the loader was dropped.
+    fn hand_out(
+        &self,
+        g: Gathered,
+        tx: &Sender<Result<CudaBatch>>,
+        stop: &Receiver<()>,
+    ) -> Result<bool> {
+        let t = Instant::now();
+        g.done
+            .synchronize()
+            .map_err(|e| dev_err("gathering rows", e))?;
+        let ns = ns_since(t);
+        add(&self.counters.assemble_ns, ns);
+        add(&self.device.batch_sync_ns, ns);
+        if stopped(stop) {
+            return Ok(false);
+        }
+        let t = Instant::now();
+        select! {
+            send(tx, Ok(g.batch)) -> r => if r.is_err() { return Ok(false) },
+            recv(stop) -> _ => return Ok(false),
+        }
+        add(&self.device.send_wait_ns, ns_since(t));
+        Ok(true)
+    }
+
+    /// The reader side: every window in the gather thread's [`load_order`], across epochs,
+    /// read into the next free pinned slot and submitted; with every slot busy, the oldest
+    /// window is waited for (tags checked) and sent. Errors are sent in order, after the
+    /// windows before them.
+    fn read_windows(
+        &self,
+        cfg: &SamplerConfig,
+        shard_rows: &[u64],
+        (start_epoch, start_batch, epochs): (u64, u64, u64),
+        tx: Sender<Result<Window>>,
+        recycle: Receiver<DeviceBatch>,
+    ) {
+        let mut dec = match self.cipher.batch_decryptor(WINDOW_SLOTS, self.slot_bytes) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        let mut inflight: std::collections::VecDeque<InFlight> = Default::default();
+        // Finishes the in-flight windows in order, sending each; after a failed send or an
+        // error it still waits for the rest (their buffers must not be freed mid-copy).
+        let flush = |inflight: &mut std::collections::VecDeque<InFlight>,
+                     dec: &mut BatchDecryptor,
+                     mut open: bool|
+         -> bool {
+            while let Some(f) = inflight.pop_front() {
+                let r = self.finish(f, dec);
+                if open {
+                    // An error is sent too (in its place), then nothing after it.
+                    let ok = r.is_ok();
+                    open = tx.send(r).is_ok() && ok;
+                }
+            }
+            open
+        };
+        for epoch in start_epoch..epochs {
+            let plan = EpochPlan::new(cfg, epoch, shard_rows);
+            let first = if epoch == start_epoch { start_batch } else { 0 };
+            for w in load_order(&plan, first) {
+                while let Ok(b) = recycle.try_recv() {
+                    dec.recycle(b);
+                }
+                if inflight.len() >= WINDOW_SLOTS
+                    && let Some(f) = inflight.pop_front()
+                {
+                    let r = self.finish(f, &mut dec);
+                    let ok = r.is_ok();
+                    if tx.send(r).is_err() || !ok {
+                        flush(&mut inflight, &mut dec, false);
+                        return;
+                    }
+                }
+                match self.submit_window(&plan, epoch, w, &mut dec) {
+                    Ok(f) => inflight.push_back(f),
+                    Err(e) => {
+                        if flush(&mut inflight, &mut dec, true) {
+                            let _ = tx.send(Err(e));
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+        flush(&mut inflight, &mut dec, true);
+    }
+
+    /// Reads every chunk window `w` touches into the decryptor's next pinned slot and enqueues
+    /// its upload and GPU verification + decryption (for the twin, upload and copy) without
+    /// waiting.
     fn submit_window(
         &self,
         plan: &EpochPlan,
         epoch: u64,
         w: usize,
-        st: &mut Stage,
+        dec: &mut BatchDecryptor,
     ) -> Result<InFlight> {
         let keys = window_keys(&self.columns, self.chunk_size, plan, w);
         let specs: Vec<ChunkSpec> = keys
@@ -795,7 +1137,8 @@ impl Producer {
             .collect();
         let WindowLayout {
             staging_offs,
-            offsets,
+            dst_offs,
+            offsets: _,
             staging_len: at,
             out_len: out,
         } = window_layout(&keys, &specs);
@@ -806,108 +1149,78 @@ impl Producer {
             )));
         }
         let t0 = Instant::now();
-        let twin_idx = st.twin_next;
-        let staging: &mut [u8] = if self.twin {
-            st.twin_next = 1 - st.twin_next;
-            st.twin_staging[twin_idx]
-                .as_mut_slice()
-                .map_err(|e| dev_err("pinned staging buffer", e))?
-        } else {
-            st.dec.staging_mut()?
-        };
-        self.pread_all(&keys, &specs, &staging_offs, staging)?;
+        self.pread_all(&keys, &specs, &staging_offs, dec.staging_mut()?)?;
         let t1 = Instant::now();
-        add(&self.counters.read_ns, (t1 - t0).as_nanos() as u64);
+        let read = (t1 - t0).as_nanos() as u64;
+        add(&self.counters.read_ns, read);
+        add(&self.device.read_ns, read);
         let total: u64 = specs.iter().map(|s| s.len as u64).sum();
         add(&self.counters.read_bytes, total);
+        add(&self.device.window_bytes, total);
         add(&self.counters.chunks_loaded, keys.len() as u64);
         let out_len = (out as usize).max(16);
-        let pending = if self.twin {
-            let mut dst = match st.twin_free.iter().position(|b| b.len() >= out_len) {
-                Some(i) => st.twin_free.swap_remove(i),
-                None => st
-                    .twin_stream
-                    .alloc_zeros::<u8>(self.slot_bytes.max(16))
-                    .map_err(|e| dev_err("allocating a device window", e))?,
-            };
-            let staging = st.twin_staging[twin_idx]
-                .as_slice()
-                .map_err(|e| dev_err("pinned staging buffer", e))?;
-            for ((k, spec), &o) in keys.iter().zip(&specs).zip(&staging_offs) {
-                let d = offsets[k] as usize;
-                st.twin_stream
-                    .memcpy_htod(
-                        &staging[o..o + spec.len],
-                        &mut dst.slice_mut(d..d + spec.len),
-                    )
-                    .map_err(|e| dev_err("host-to-device copy", e))?;
-            }
-            Pending::Twin(dst)
+        let chunks: Vec<StagedChunk<'_>> = keys
+            .iter()
+            .zip(&specs)
+            .zip(staging_offs.iter().zip(&dst_offs))
+            .map(|((k, spec), (&o, &d))| StagedChunk {
+                key: &self.keys[k.0 as usize],
+                params: ChunkParams {
+                    nonce: spec.nonce,
+                    aad: &spec.aad,
+                    tag: spec.tag,
+                    encrypted: spec.encrypted,
+                },
+                staging_offset: o,
+                len: spec.len,
+                dst_offset: d as usize,
+            })
+            .collect();
+        let ticket = if self.twin {
+            dec.submit_staged_plain(&chunks, out_len)?
         } else {
-            let chunks: Vec<StagedChunk<'_>> = keys
-                .iter()
-                .zip(&specs)
-                .zip(&staging_offs)
-                .map(|((k, spec), &o)| StagedChunk {
-                    key: &self.keys[k.0 as usize],
-                    params: ChunkParams {
-                        nonce: spec.nonce,
-                        aad: &spec.aad,
-                        tag: spec.tag,
-                        encrypted: spec.encrypted,
-                    },
-                    staging_offset: o,
-                    len: spec.len,
-                    dst_offset: offsets[k] as usize,
-                })
-                .collect();
-            Pending::Decrypt(st.dec.submit_staged(&chunks, out_len)?)
+            dec.submit_staged(&chunks, out_len)?
         };
+        add(&self.device.submit_ns, ns_since(t1));
         Ok(InFlight {
             epoch,
             w,
             keys,
-            offsets,
             total,
             submitted: t1,
-            pending,
+            ticket,
         })
     }
 
-    /// Waits for a submitted window: every tag checked (or the twin's copy done).
-    fn finish(&self, f: InFlight, st: &mut Stage) -> Result<Window> {
-        let buf = match f.pending {
-            Pending::Twin(dst) => {
-                st.twin_stream
-                    .synchronize()
-                    .map_err(|e| dev_err("host-to-device copy", e))?;
-                WindowBuf::Twin(dst)
+    /// Waits for a submitted window: upload and kernels done, every tag checked (the twin
+    /// checks none).
+    fn finish(&self, f: InFlight, dec: &mut BatchDecryptor) -> Result<Window> {
+        let t = Instant::now();
+        let buf = match dec.wait(f.ticket) {
+            Ok(b) => b,
+            Err(WaitError::Tag { chunk }) => {
+                let (s, c, j) = f.keys[chunk];
+                return Err(Error::Integrity(
+                    self.source.location(s as usize, c as usize, j),
+                ));
             }
-            Pending::Decrypt(ticket) => match st.dec.wait(ticket) {
-                Ok(b) => WindowBuf::Decrypted(b),
-                Err(WaitError::Tag { chunk }) => {
-                    let (s, c, j) = f.keys[chunk];
-                    return Err(Error::Integrity(
-                        self.source.location(s as usize, c as usize, j),
-                    ));
-                }
-                Err(WaitError::Device(e)) => return Err(e),
-            },
+            Err(WaitError::Device(e)) => return Err(e),
         };
-        // Submission to verified (overlaps the previous window's gathers when read ahead).
-        add(
-            &self.counters.decrypt_ns,
-            f.submitted.elapsed().as_nanos() as u64,
-        );
+        let waited = ns_since(t);
+        add(&self.counters.verify_ns, waited);
+        add(&self.counters.verify_bytes, f.total);
+        add(&self.device.gpu_wait_ns, waited);
+        let latency = f.submitted.elapsed().as_nanos() as u64;
+        add(&self.counters.decrypt_ns, latency);
         add(&self.counters.decrypt_bytes, f.total);
+        add(&self.device.window_latency_ns, latency);
+        add(&self.device.windows, 1);
         Ok(Window {
             epoch: f.epoch,
             w: f.w,
             buf,
-            offsets: f.offsets,
         })
     }
-
     /// Reads every chunk into its staging range, the chunks dealt round-robin to `threads`
     /// scoped threads (one thread does not reach PCIe bandwidth copying from the page cache).
     fn pread_all(
@@ -989,16 +1302,16 @@ impl Producer {
             })
     }
 
-    /// Enqueues the gathers of the batch's rows from the resident windows into a pooled
-    /// column-buffer set (kept in `st.bufs` until [`finish_batch`](Self::finish_batch)).
-    fn gather_batch_async(
+    /// Enqueues the gathers of a planned batch from the resident windows into a pooled
+    /// column-buffer set: one upload of every row offset, one launch per column and window.
+    fn gather_batch(
         &self,
-        rows: &[(RowRef, usize)],
+        bp: BatchPlan,
         resident: &[Window],
         gather: &Gather,
         stream: &Arc<CudaStream>,
-        st: &mut Stage,
-    ) -> Result<()> {
+    ) -> Result<CudaBatch> {
+        let t = Instant::now();
         let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut bufs = match pooled {
             Some(b) => b,
@@ -1012,58 +1325,33 @@ impl Producer {
                 })
                 .collect::<Result<Vec<_>>>()?,
         };
-        let mut pairs: Vec<(u64, u64)> = Vec::with_capacity(rows.len());
-        for (c, col) in self.columns.iter().enumerate() {
-            let rb = col.row_bytes;
-            for win in resident {
-                gather_pairs(
-                    rows,
-                    win.w,
-                    &win.offsets,
-                    c,
-                    rb,
-                    self.chunk_size,
-                    &mut pairs,
-                )?;
-                gather.gather(stream, win.buf.slice(), &mut bufs[c], &pairs, rb)?;
-            }
-        }
-        st.bufs = Some(bufs);
-        Ok(())
-    }
-
-    /// Waits for the batch's gathers and wraps its buffers.
-    fn finish_batch(
-        &self,
-        epoch: u64,
-        index: u64,
-        rows: &[(RowRef, usize)],
-        stream: &Arc<CudaStream>,
-        st: &mut Stage,
-    ) -> Result<CudaBatch> {
-        let t = Instant::now();
-        let bufs = st
-            .bufs
-            .take()
-            .ok_or_else(|| Error::Stopped("internal: no batch being gathered".into()))?;
-        stream
-            .synchronize()
-            .map_err(|e| dev_err("gathering rows", e))?;
-        let bytes: u64 = self
-            .columns
+        let jobs = bp
+            .jobs
             .iter()
-            .map(|c| c.row_bytes * rows.len() as u64)
-            .sum();
-        add(&self.counters.assemble_ns, t.elapsed().as_nanos() as u64);
+            .map(|(c, w, range)| {
+                let win = resident.iter().find(|r| r.w == *w).ok_or_else(|| {
+                    Error::Stopped(format!("internal: window {w} not resident for a gather"))
+                })?;
+                Ok(GatherJob {
+                    src: win.buf.slice(),
+                    dst: *c,
+                    pairs: range.clone(),
+                    row_bytes: self.columns[*c].row_bytes,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Ranges are checked against the window and column buffers before any launch.
+        gather.gather_many(stream, &jobs, &bp.pairs, &mut bufs)?;
+        let ns = ns_since(t);
+        add(&self.counters.assemble_ns, ns);
+        add(&self.device.gather_ns, ns);
+        let rows = bp.row_ids.len() as u64;
+        let bytes: u64 = self.columns.iter().map(|c| c.row_bytes * rows).sum();
         add(&self.counters.assemble_bytes, bytes);
-        let row_ids = rows
-            .iter()
-            .map(|(r, _)| self.source.shard_row_start(r.shard as usize) + r.row)
-            .collect();
         Ok(CudaBatch {
-            epoch,
-            index,
-            row_ids,
+            epoch: bp.epoch,
+            index: bp.index,
+            row_ids: bp.row_ids,
             columns: self.columns.clone(),
             bufs,
             stream: stream.clone(),
@@ -1089,6 +1377,7 @@ mod tests {
     use crate::cipher::Backend;
     use crate::format::{ConvertInput, ConvertOptions, Dtype, convert};
     use crate::pipeline::Loader;
+    use std::collections::HashMap;
 
     fn dataset(dir: &Path, rows: u64) -> MasterKey {
         let key = MasterKey::generate().unwrap();
@@ -1139,7 +1428,7 @@ mod tests {
         plan: &EpochPlan,
         w: usize,
         bound: usize,
-    ) -> (Vec<u8>, HashMap<Key, u64>) {
+    ) -> (Vec<u8>, ChunkOffsets) {
         let keys = window_keys(src.columns(), src.chunk_size(), plan, w);
         let specs: Vec<ChunkSpec> = keys
             .iter()
@@ -1168,10 +1457,117 @@ mod tests {
             } else {
                 opener.verify(&params, &chunk).unwrap();
             }
-            let o = lay.offsets[k] as usize;
+            let o = lay.offsets.get(k).unwrap() as usize;
             buf[o..o + spec.len].copy_from_slice(&chunk);
         }
         (buf, lay.offsets)
+    }
+
+    /// The reader's window order is exactly what the gather loop asks for, batch by batch,
+    /// including the last rank's padding that wraps to the epoch's first window.
+    #[test]
+    fn reader_load_order_matches_the_gather_loop() {
+        let shard_rows = [1000u64, 37, 512, 999];
+        for (batch, w_blocks, world, rank, block_rows, drop_last, first) in [
+            (64u64, 4u64, 1u64, 0u64, 50u64, false, 0u64),
+            (100, 1, 3, 2, 64, false, 0),
+            (7, 2, 2, 1, 13, false, 5),
+            (1000, 3, 4, 3, 100, false, 0),
+            (33, 8, 3, 0, 10, true, 2),
+            (2548, 2, 1, 0, 128, false, 0),
+        ] {
+            let cfg = SamplerConfig {
+                seed: batch ^ rank,
+                shuffle: true,
+                block_rows,
+                window_blocks: w_blocks,
+                rank,
+                world_size: world,
+                batch_size: batch,
+                drop_last,
+            };
+            for epoch in 0..2 {
+                let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+                let mut cur = Cursor::new(&plan);
+                let (mut resident, mut asked) = (Vec::<usize>::new(), Vec::new());
+                for k in first.min(plan.batches())..plan.batches() {
+                    let (a, b) = plan.batch_positions(k);
+                    let mut needed: Vec<usize> = (a..b).map(|p| cur.row_at(p).1).collect();
+                    needed.sort_unstable();
+                    needed.dedup();
+                    assert_eq!(batch_windows(&plan, k), needed, "batch {k} of {cfg:?}");
+                    resident.retain(|w| needed.contains(w));
+                    for &w in &needed {
+                        if !resident.contains(&w) {
+                            resident.push(w);
+                            asked.push(w);
+                        }
+                    }
+                }
+                assert_eq!(load_order(&plan, first), asked, "{cfg:?} epoch {epoch}");
+            }
+        }
+    }
+
+    /// Host-side cost of the device path's planning, per batch, at `ciphershard bench`'s
+    /// geometry (262,144 rows of 1024 + 8 bytes, 2 MiB chunks, batch 1024, W = 8): the planner
+    /// thread's row walk and offsets (`plan_batch`), the reader's window order and layouts. Run with
+    /// `cargo test --release --lib device::tests::host_side_costs -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing probe, run by hand in release"]
+    fn host_side_costs_per_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::pipeline::bench::generate(dir.path(), 262_144, 256, 2 << 20).unwrap();
+        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+        let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
+        let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();
+        let cfg = SamplerConfig {
+            seed: 1,
+            shuffle: true,
+            block_rows: src.chunk_size() / widest,
+            window_blocks: 8,
+            rank: 0,
+            world_size: 1,
+            batch_size: 1024,
+            drop_last: false,
+        };
+        let epochs = 3;
+        let t = Instant::now();
+        let mut windows = 0;
+        for epoch in 0..epochs {
+            let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+            for w in load_order(&plan, 0) {
+                let keys = window_keys(src.columns(), src.chunk_size(), &plan, w);
+                let specs: Vec<ChunkSpec> = keys
+                    .iter()
+                    .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
+                    .collect();
+                std::hint::black_box(window_layout(&keys, &specs));
+                windows += 1;
+            }
+        }
+        let reader = t.elapsed();
+        let t = Instant::now();
+        let mut batches = 0u64;
+        for epoch in 0..epochs {
+            let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+            let mut cur = Cursor::new(&plan);
+            let mut layouts = Vec::new();
+            for k in 0..plan.batches() {
+                let bp = plan_batch(&src, &plan, &mut cur, &mut layouts, epoch, k).unwrap();
+                std::hint::black_box(&bp.pairs);
+                batches += 1;
+            }
+        }
+        let gather = t.elapsed();
+        eprintln!(
+            "reader planning: {windows} windows in {:.2} ms ({:.1} us/window); planner thread: \
+             {batches} batches in {:.2} ms ({:.1} us/batch)",
+            reader.as_secs_f64() * 1e3,
+            reader.as_secs_f64() * 1e6 / windows as f64,
+            gather.as_secs_f64() * 1e3,
+            gather.as_secs_f64() * 1e6 / batches as f64
+        );
     }
 
     #[test]
@@ -1224,30 +1620,41 @@ mod tests {
             for epoch in 0..2 {
                 let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
                 let mut cur = Cursor::new(&plan);
-                let mut windows: HashMap<usize, (Vec<u8>, HashMap<Key, u64>)> = HashMap::new();
+                let mut layouts = Vec::new();
+                let mut windows: HashMap<usize, Vec<u8>> = HashMap::new();
                 for k in 0..plan.batches() {
-                    let (a, b) = plan.batch_positions(k);
-                    let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
+                    // What the planner thread sends the gather thread.
+                    let bp = plan_batch(&src, &plan, &mut cur, &mut layouts, epoch, k).unwrap();
                     let h = hi.next().expect("as many batches as the host loader");
+                    assert_eq!((bp.epoch, bp.index), (h.epoch(), h.index()));
+                    assert_eq!(bp.row_ids, h.row_ids(), "{o:?}");
+                    for &w in &bp.needed {
+                        windows.entry(w).or_insert_with(|| {
+                            let (buf, offsets) = host_window(&src, &plan, w, bound);
+                            // The reader's layout is the one the planner assumes.
+                            assert_eq!(offsets, window_offsets(&src, &plan, w));
+                            buf
+                        });
+                    }
+                    let mut got: Vec<Vec<u8>> = src
+                        .columns()
+                        .iter()
+                        .map(|col| vec![0u8; bp.row_ids.len() * col.row_bytes as usize])
+                        .collect();
+                    let mut covered = vec![0usize; src.columns().len()];
+                    for (c, w, range) in &bp.jobs {
+                        let buf = &windows[w];
+                        let n = src.columns()[*c].row_bytes as usize;
+                        for &(s, d) in &bp.pairs[range.clone()] {
+                            let (s, d) = (s as usize, d as usize);
+                            got[*c][d..d + n].copy_from_slice(&buf[s..s + n]);
+                        }
+                        covered[*c] += range.len();
+                    }
                     for (c, col) in src.columns().iter().enumerate() {
-                        let rb = col.row_bytes;
-                        let mut got = vec![0u8; rows.len() * rb as usize];
-                        let mut pairs = Vec::new();
-                        for &(_, w) in &rows {
-                            windows
-                                .entry(w)
-                                .or_insert_with(|| host_window(&src, &plan, w, bound));
-                        }
-                        for (&w, (buf, offsets)) in &windows {
-                            gather_pairs(&rows, w, offsets, c, rb, src.chunk_size(), &mut pairs)
-                                .unwrap();
-                            for &(s, d) in &pairs {
-                                let (s, d, n) = (s as usize, d as usize, rb as usize);
-                                got[d..d + n].copy_from_slice(&buf[s..s + n]);
-                            }
-                        }
+                        assert_eq!(covered[c], bp.row_ids.len(), "every row gathered once");
                         assert_eq!(
-                            got,
+                            got[c],
                             h.tensors().nth(c).unwrap().bytes,
                             "column {} {o:?}",
                             col.name

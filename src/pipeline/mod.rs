@@ -11,7 +11,7 @@ pub use loader::{Batch, DecryptMode, Loader, LoaderOptions, LoaderState, Tensor}
 pub use pool::{Element, HOST_ALIGN, PinHook};
 pub use sampler::{RowRef, SamplerConfig, epoch_batches};
 pub use source::{AAD_LEN, ChunkSpec, ColumnInfo, RowSource};
-pub use telemetry::{LoaderStats, StageStats};
+pub use telemetry::{DeviceStats, LoaderStats, StageStats};
 pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod device;

@@ -144,3 +144,56 @@ impl std::fmt::Display for LoaderStats {
         )
     }
 }
+
+/// Device-path telemetry beyond [`LoaderStats`] (`DeviceLoader::device_stats`): wall nanoseconds on the reader thread (which
+/// reads windows and drives the GPU) and on the gather thread (which builds batches), so a run
+/// shows which side is the bottleneck.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceStats {
+    /// Windows read, uploaded and verified.
+    pub windows: u64,
+    /// Bytes of ciphertext (or twin bytes) read into pinned staging.
+    pub window_bytes: u64,
+    /// Reader: `pread` of chunks into pinned staging.
+    pub read_ns: u64,
+    /// Reader: enqueueing a window's upload and kernels (host side of the transfer).
+    pub submit_ns: u64,
+    /// Reader: blocked until a window's upload, GHASH and CTR finished and its tags were
+    /// checked (device time not hidden behind reading).
+    pub gpu_wait_ns: u64,
+    /// Submission to verified, summed over windows (overlaps reading and gathering).
+    pub window_latency_ns: u64,
+    /// Gather thread: waiting for the reader's next verified window.
+    pub window_wait_ns: u64,
+    /// Gather thread: building row offsets and enqueueing the gathers.
+    pub gather_ns: u64,
+    /// Gather thread: waiting for a batch's gathers to complete before handing it out.
+    pub batch_sync_ns: u64,
+    /// Gather thread: blocked on a full prefetch queue (the consumer is the slower side).
+    pub send_wait_ns: u64,
+}
+
+impl std::fmt::Display for DeviceStats {
+    /// One line per thread of the device loader, for the CLI.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        writeln!(
+            f,
+            "  device reader: {} windows {:.1} MB  pread {:.1} ms  submit {:.1} ms  GPU wait {:.1} ms  (submit→verified {:.1} ms summed)",
+            self.windows,
+            self.window_bytes as f64 / 1e6,
+            ms(self.read_ns),
+            ms(self.submit_ns),
+            ms(self.gpu_wait_ns),
+            ms(self.window_latency_ns)
+        )?;
+        write!(
+            f,
+            "  device gather: window wait {:.1} ms  gather {:.1} ms  batch sync {:.1} ms  send wait {:.1} ms",
+            ms(self.window_wait_ns),
+            ms(self.gather_ns),
+            ms(self.batch_sync_ns),
+            ms(self.send_wait_ns)
+        )
+    }
+}
