@@ -48,6 +48,14 @@ const DEFAULT_MAX_PIECE: u64 = 128 << 20;
 const GPU_TIMEOUT: Duration = Duration::from_secs(60);
 /// The shader source, compiled once per context.
 const SHADER: &str = include_str!("../../shaders/aes_ctr.wgsl");
+/// The GHASH shader (partial sums with powers of H), compiled once per context.
+const GHASH_SHADER: &str = include_str!("../../shaders/ghash.wgsl");
+/// Ciphertext blocks per GHASH invocation (the shader's `SEGMENT`).
+const GHASH_SEGMENT: u64 = 16;
+/// GHASH invocations per workgroup (the shader's workgroup size).
+const GHASH_WORKGROUP: u64 = 256;
+/// Blocks per GHASH workgroup: the host combines one partial sum per this many blocks.
+const GHASH_GROUP_BLOCKS: u64 = GHASH_SEGMENT * GHASH_WORKGROUP;
 
 /// A summary of the adapter wgpu would use here.
 #[derive(Debug, Clone)]
@@ -155,6 +163,11 @@ pub struct WgpuOptions {
     /// read it from the storage buffer (`Some(false)`). On lavapipe the two measured the same
     /// within the noise (0.05-0.14 GB/s each, alternating runs); kept to compare on real GPUs.
     pub shared_table: Option<bool>,
+    /// Where the tag check of `open` runs: `Some(true)` on the GPU (`shaders/ghash.wgsl`, partial
+    /// sums read back before any plaintext is), `Some(false)` on one CPU thread overlapped with
+    /// the GPU pass. `None` picks per adapter: the GPU for real GPUs, the CPU for CPU-type
+    /// adapters (lavapipe), where a GPU GHASH only competes for the same cores.
+    pub gpu_ghash: Option<bool>,
 }
 
 impl Default for WgpuOptions {
@@ -163,6 +176,7 @@ impl Default for WgpuOptions {
             allow_cpu_adapter: true,
             max_piece_bytes: None,
             shared_table: None,
+            gpu_ghash: None,
         }
     }
 }
@@ -232,56 +246,101 @@ fn expand_key(key: &[u8; 32], sbox: &[u8; 256]) -> Zeroizing<[u32; 60]> {
     w
 }
 
-/// Compiles the WGSL and builds the compute pipeline and its bind-group layout; a compile or
+/// Compiles the AES-CTR WGSL and builds its pipeline and bind-group layout; a compile or
 /// validation error comes back as text (wgpu's default would panic).
 fn build_pipeline(
     device: &::wgpu::Device,
     source: &str,
     shared_table: bool,
 ) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
-    let scope = device.push_error_scope(::wgpu::ErrorFilter::Validation);
-    let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
-        label: Some("aes_ctr.wgsl"),
-        source: ::wgpu::ShaderSource::Wgsl(source.into()),
-    });
-    let storage = |read_only| ::wgpu::BindingType::Buffer {
-        ty: ::wgpu::BufferBindingType::Storage { read_only },
-        has_dynamic_offset: false,
-        min_binding_size: None,
-    };
+    let (storage, uniform) = binding_types();
+    build_compute(
+        device,
+        "aes_ctr",
+        source,
+        &[uniform, storage(true), uniform, storage(false)],
+        &[("shared_table", if shared_table { 1.0 } else { 0.0 })],
+    )
+}
+
+/// Builds the GHASH pipeline (`shaders/ghash.wgsl`).
+fn build_ghash_pipeline(
+    device: &::wgpu::Device,
+    source: &str,
+) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
+    let (storage, uniform) = binding_types();
+    build_compute(
+        device,
+        "ghash",
+        source,
+        &[
+            uniform,
+            storage(true),
+            storage(true),
+            storage(true),
+            storage(false),
+        ],
+        &[("SEGMENT", GHASH_SEGMENT as f64)],
+    )
+}
+
+fn binding_types() -> (fn(bool) -> ::wgpu::BindingType, ::wgpu::BindingType) {
+    fn storage(read_only: bool) -> ::wgpu::BindingType {
+        ::wgpu::BindingType::Buffer {
+            ty: ::wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        }
+    }
     let uniform = ::wgpu::BindingType::Buffer {
         ty: ::wgpu::BufferBindingType::Uniform,
         has_dynamic_offset: false,
         min_binding_size: None,
     };
-    let entry = |binding, ty| ::wgpu::BindGroupLayoutEntry {
-        binding,
-        visibility: ::wgpu::ShaderStages::COMPUTE,
-        ty,
-        count: None,
-    };
+    (storage, uniform)
+}
+
+/// Compiles `source` and builds a compute pipeline (entry point `main`) whose bindings
+/// 0.. have the given types.
+fn build_compute(
+    device: &::wgpu::Device,
+    label: &str,
+    source: &str,
+    bindings: &[::wgpu::BindingType],
+    constants: &[(&str, f64)],
+) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
+    let scope = device.push_error_scope(::wgpu::ErrorFilter::Validation);
+    let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: ::wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let entries: Vec<::wgpu::BindGroupLayoutEntry> = bindings
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| ::wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: ::wgpu::ShaderStages::COMPUTE,
+            ty: *ty,
+            count: None,
+        })
+        .collect();
     let layout = device.create_bind_group_layout(&::wgpu::BindGroupLayoutDescriptor {
-        label: Some("aes_ctr"),
-        entries: &[
-            entry(0, uniform),
-            entry(1, storage(true)),
-            entry(2, uniform),
-            entry(3, storage(false)),
-        ],
+        label: Some(label),
+        entries: &entries,
     });
     let pipeline_layout = device.create_pipeline_layout(&::wgpu::PipelineLayoutDescriptor {
-        label: Some("aes_ctr"),
+        label: Some(label),
         bind_group_layouts: &[Some(&layout)],
         immediate_size: 0,
     });
     let pipeline = device.create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
-        label: Some("aes_ctr"),
+        label: Some(label),
         layout: Some(&pipeline_layout),
         module: &module,
         entry_point: Some("main"),
         compilation_options: ::wgpu::PipelineCompilationOptions {
-            constants: &[("shared_table", if shared_table { 1.0 } else { 0.0 })],
-            // Every entry of the workgroup table is written before the barrier.
+            constants,
+            // Every workgroup array entry is written before a barrier precedes its first read.
             zero_initialize_workgroup_memory: false,
         },
         cache: None,
@@ -290,6 +349,89 @@ fn build_pipeline(
         Some(e) => Err(e.to_string()),
         None => Ok((pipeline, layout)),
     }
+}
+
+/// GF(2^128) product in GCM's bit order, on 128-bit big-endian integers (the byte string read
+/// big-endian). Branch-free: the secret operands steer no branch or index.
+fn gf_mul(a: u128, b: u128) -> u128 {
+    const R: u128 = 0xe1 << 120;
+    let (mut z, mut v) = (0u128, b);
+    for i in 0..128 {
+        let bit = (a >> (127 - i)) & 1;
+        z ^= v & bit.wrapping_neg();
+        v = (v >> 1) ^ (R & (v & 1).wrapping_neg());
+    }
+    z
+}
+
+/// `h^e` by square and multiply (`e` is a public length; timing may depend on it).
+fn gf_pow(h: u128, mut e: u64) -> u128 {
+    // x^0 is the most significant bit: the field's one.
+    let (mut acc, mut base) = (1u128 << 127, h);
+    while e > 0 {
+        if e & 1 == 1 {
+            acc = gf_mul(acc, base);
+        }
+        base = gf_mul(base, base);
+        e >>= 1;
+    }
+    acc
+}
+
+/// The GHASH shader's per-key tables: the 4-bit Shoup table of H, the x^4 reduction words
+/// (not secret, but uploaded together) and the segment powers H^(SEGMENT * (255 - t)).
+fn ghash_tables(h: u128) -> (Zeroizing<Vec<u32>>, Zeroizing<Vec<u32>>) {
+    let words = |x: u128| {
+        [
+            (x >> 96) as u32,
+            (x >> 64) as u32,
+            (x >> 32) as u32,
+            x as u32,
+        ]
+    };
+    let mut tables = Zeroizing::new(Vec::with_capacity(16 * 4 + 16));
+    for i in 0..16u128 {
+        tables.extend(words(gf_mul(i << 124, h)));
+    }
+    for r in 0..16u128 {
+        // r * x^4 for r below x^4's degree: what a 4-bit right shift drops, folded back in.
+        let folded = gf_mul(r, 1u128 << 123);
+        debug_assert_eq!(folded & ((1u128 << 96) - 1), 0);
+        tables.push((folded >> 96) as u32);
+    }
+    let step = gf_pow(h, GHASH_SEGMENT);
+    let mut powers = Zeroizing::new(vec![0u32; GHASH_WORKGROUP as usize * 4]);
+    let mut p = 1u128 << 127;
+    for t in (0..GHASH_WORKGROUP as usize).rev() {
+        powers[4 * t..4 * t + 4].copy_from_slice(&words(p));
+        p = gf_mul(p, step);
+    }
+    (tables, powers)
+}
+
+/// GHASH workgroups (partial sums) for `blocks` blocks.
+fn ghash_groups(blocks: u64) -> u64 {
+    blocks.div_ceil(GHASH_GROUP_BLOCKS).max(1)
+}
+
+/// How `gpu_ctr` checks a tag before releasing plaintext.
+enum Gate<'g> {
+    /// No check (CTR only: `ctr_apply`, `seal_in_place`).
+    None,
+    /// Called with the whole source on the calling thread while the GPU runs the first piece.
+    Cpu(&'g mut dyn FnMut(&[u8]) -> bool),
+    /// GHASH on the GPU (one piece, aligned start only): called with the GHASH sum over the
+    /// padded source blocks alone (as if started from zero) and their count.
+    Gpu(&'g mut dyn FnMut(u128, u64) -> bool),
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct GhashParams {
+    blocks: u32,
+    pad: u32,
+    groups: u32,
+    row_groups: u32,
 }
 
 #[repr(C)]
@@ -318,6 +460,15 @@ struct Context {
     layout: ::wgpu::BindGroupLayout,
     t0: ::wgpu::Buffer,
     params: ::wgpu::Buffer,
+    /// GHASH partial sums (`shaders/ghash.wgsl`): pipeline, layout, parameters, one 16-byte
+    /// sum per workgroup of a piece, and its read-back copy.
+    ghash_pipeline: ::wgpu::ComputePipeline,
+    ghash_layout: ::wgpu::BindGroupLayout,
+    ghash_params: ::wgpu::Buffer,
+    partials: ::wgpu::Buffer,
+    partials_readback: ::wgpu::Buffer,
+    /// Whether openers check tags on the GPU by default.
+    gpu_ghash: bool,
     /// Largest piece, in bytes (a multiple of the workgroup's span).
     piece_bytes: u64,
     /// Whether the pipeline copies the table into workgroup memory.
@@ -385,6 +536,12 @@ impl WgpuCipher {
             ))
         })?;
 
+        let (ghash_pipeline, ghash_layout) =
+            build_ghash_pipeline(&device, GHASH_SHADER).map_err(|e| {
+                backend_err(format!("{summary}: shader ghash.wgsl failed to build: {e}"))
+            })?;
+        let gpu_ghash = options.gpu_ghash.unwrap_or(!summary.is_cpu());
+
         let sbox = sbox_table();
         let t0 = device.create_buffer(&::wgpu::BufferDescriptor {
             label: Some("aes_t0"),
@@ -414,6 +571,27 @@ impl WgpuCipher {
                 "wgpu piece size {cap} bytes is below one workgroup's span ({span} bytes)"
             )));
         }
+        let partials_bytes = ghash_groups(piece_bytes / BLOCK_LEN as u64) * 16;
+        let make = |label, size, usage| {
+            device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        use ::wgpu::BufferUsages as U;
+        let ghash_params = make(
+            "ghash_params",
+            std::mem::size_of::<GhashParams>() as u64,
+            U::UNIFORM | U::COPY_DST,
+        );
+        let partials = make("ghash_partials", partials_bytes, U::STORAGE | U::COPY_SRC);
+        let partials_readback = make(
+            "ghash_partials_readback",
+            partials_bytes,
+            U::MAP_READ | U::COPY_DST,
+        );
         Ok(WgpuCipher {
             ctx: Arc::new(Context {
                 adapter: summary,
@@ -423,6 +601,12 @@ impl WgpuCipher {
                 layout,
                 t0,
                 params,
+                ghash_pipeline,
+                ghash_layout,
+                ghash_params,
+                partials,
+                partials_readback,
+                gpu_ghash,
                 piece_bytes,
                 shared_table,
                 max_workgroups: limits.max_compute_workgroups_per_dimension.max(1),
@@ -442,6 +626,11 @@ impl WgpuCipher {
     /// The adapter in use.
     pub fn adapter(&self) -> &AdapterSummary {
         &self.ctx.adapter
+    }
+
+    /// Whether `open` checks tags on the GPU (see [`WgpuOptions::gpu_ghash`]).
+    pub fn gpu_ghash(&self) -> bool {
+        self.ctx.gpu_ghash
     }
 
     /// Bytes processed per dispatch at most.
@@ -472,12 +661,32 @@ impl WgpuCipher {
         let aes = Aes256::new(key.as_bytes().into());
         let mut h = [0u8; 16];
         aes.encrypt_block((&mut h).into());
+        let h_int = Zeroizing::new(u128::from_be_bytes(h));
+        let (tables, powers) = ghash_tables(*h_int);
+        let upload = |label, words: &[u32]| {
+            let buf = self.ctx.device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some(label),
+                size: words.len() as u64 * 4,
+                usage: ::wgpu::BufferUsages::STORAGE | ::wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.ctx
+                .queue
+                .write_buffer(&buf, 0, bytemuck::cast_slice(words));
+            buf
+        };
+        let ghash_tables = upload("ghash_tables", &tables);
+        let ghash_powers = upload("ghash_powers", &powers);
         let cpu = CpuCipher::new().prepare(key)?;
         Ok(WgpuOpener {
             ctx: self.ctx.clone(),
             keys_buf,
+            ghash_tables,
+            ghash_powers,
+            gpu_ghash: self.ctx.gpu_ghash,
             aes,
             h: Zeroizing::new(h),
+            h_int,
             cpu,
         })
     }
@@ -512,8 +721,15 @@ fn record(sink: &Mutex<Option<String>>, reason: String) {
 pub struct WgpuOpener {
     ctx: Arc<Context>,
     keys_buf: ::wgpu::Buffer,
+    /// Shoup table of H and reduction words; powers of H per GHASH invocation (key material).
+    ghash_tables: ::wgpu::Buffer,
+    ghash_powers: ::wgpu::Buffer,
+    /// Check `open` tags on the GPU (single-piece chunks) rather than on the calling thread.
+    gpu_ghash: bool,
     aes: Aes256,
     h: Zeroizing<[u8; 16]>,
+    /// H as a big-endian integer, for combining the GPU's partial sums.
+    h_int: Zeroizing<u128>,
     /// Finishes a call on the CPU if the GPU fails mid-way.
     cpu: Box<dyn ChunkOpener>,
 }
@@ -521,9 +737,17 @@ pub struct WgpuOpener {
 impl Drop for WgpuOpener {
     fn drop(&mut self) {
         // Overwrite the round keys in device memory before releasing it.
+        // Likewise H's tables and powers: with them a tag could be forged.
         self.ctx.queue.write_buffer(&self.keys_buf, 0, &[0u8; 240]);
+        for b in [&self.ghash_tables, &self.ghash_powers] {
+            self.ctx
+                .queue
+                .write_buffer(b, 0, &vec![0u8; b.size() as usize]);
+        }
         self.ctx.queue.submit([]);
         self.keys_buf.destroy();
+        self.ghash_tables.destroy();
+        self.ghash_powers.destroy();
     }
 }
 
@@ -648,7 +872,7 @@ impl WgpuOpener {
         nonce: &[u8; NONCE_LEN],
         offset: u64,
         io: &mut Io<'_>,
-        gate: &mut dyn FnMut(&[u8]) -> bool,
+        mut gate: Gate<'_>,
         done: &mut usize,
     ) -> Result<bool> {
         if let Some(reason) = lock(&self.ctx.failure).as_ref() {
@@ -683,7 +907,9 @@ impl WgpuOpener {
             (Some(u), Some(w), Some(r)) => (u, w, r),
             _ => return Err(backend_err("staging buffers missing")),
         };
-        let mut gate = Some(gate);
+        if matches!(gate, Gate::Gpu(_)) && (head != 0 || padded > ctx.piece_bytes) {
+            return Err(backend_err("GPU GHASH needs one aligned piece"));
+        }
         let mut start = 0u64;
         while start < padded {
             let size = (padded - start).min(ctx.piece_bytes);
@@ -743,6 +969,11 @@ impl WgpuOpener {
             });
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(upload, 0, work, 0, size);
+            let groups = if matches!(gate, Gate::Gpu(_)) {
+                Some(self.encode_ghash(&mut enc, work, blocks))
+            } else {
+                None
+            };
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
                 pass.set_pipeline(&ctx.pipeline);
@@ -750,6 +981,9 @@ impl WgpuOpener {
                 pass.dispatch_workgroups(x, y, 1);
             }
             enc.copy_buffer_to_buffer(work, 0, readback, 0, size);
+            if let Some(groups) = groups {
+                enc.copy_buffer_to_buffer(&ctx.partials, 0, &ctx.partials_readback, 0, groups * 16);
+            }
             let submission = ctx.queue.submit([enc.finish()]);
             let validation = pollster::block_on(scope.pop());
             let oom = pollster::block_on(scope_oom.pop());
@@ -759,10 +993,18 @@ impl WgpuOpener {
                     ctx.adapter
                 )));
             }
-            // Verify the tag while the GPU runs; release nothing unless it holds.
-            if let Some(g) = gate.take()
-                && !g(io.src())
-            {
+            // Verify the tag (on the CPU while the GPU runs, or from the GPU's partial sums);
+            // release nothing unless it holds.
+            let verified = match std::mem::replace(&mut gate, Gate::None) {
+                Gate::None => true,
+                Gate::Cpu(g) => g(io.src()),
+                Gate::Gpu(g) => {
+                    let groups = groups.expect("encoded with the GHASH pass");
+                    let sum = self.combine_partials(submission.clone(), groups)?;
+                    g(*sum, blocks)
+                }
+            };
+            if !verified {
                 // The upload buffer holds ciphertext only (and cannot be a copy target).
                 self.clear(&[work, readback]);
                 return Ok(false);
@@ -778,6 +1020,132 @@ impl WgpuOpener {
             start += size;
         }
         Ok(true)
+    }
+
+    /// Records the GHASH pass over the first `blocks` blocks of `work` (the ciphertext, before
+    /// the CTR pass runs in place); returns the number of partial sums it writes.
+    fn encode_ghash(
+        &self,
+        enc: &mut ::wgpu::CommandEncoder,
+        work: &::wgpu::Buffer,
+        blocks: u64,
+    ) -> u64 {
+        let ctx = &*self.ctx;
+        let groups = ghash_groups(blocks);
+        let row_groups = groups.min(u64::from(ctx.max_workgroups));
+        let params = GhashParams {
+            blocks: blocks as u32,
+            pad: (groups * GHASH_GROUP_BLOCKS - blocks) as u32,
+            groups: groups as u32,
+            row_groups: row_groups as u32,
+        };
+        ctx.queue
+            .write_buffer(&ctx.ghash_params, 0, bytemuck::bytes_of(&params));
+        let bind = ctx.device.create_bind_group(&::wgpu::BindGroupDescriptor {
+            label: Some("ghash"),
+            layout: &ctx.ghash_layout,
+            entries: &[
+                ::wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: ctx.ghash_params.as_entire_binding(),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: self.ghash_tables.as_entire_binding(),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: self.ghash_powers.as_entire_binding(),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 3,
+                    resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                        buffer: work,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(blocks.max(1) * BLOCK_LEN as u64),
+                    }),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 4,
+                    resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                        buffer: &ctx.partials,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(groups * 16),
+                    }),
+                },
+            ],
+        });
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&ctx.ghash_pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(row_groups as u32, groups.div_ceil(row_groups) as u32, 1);
+        groups
+    }
+
+    /// Waits for `submission`, reads the `groups` partial sums and combines them (Horner's rule
+    /// with H^(blocks per group)) into the GHASH sum of the piece's blocks.
+    fn combine_partials(
+        &self,
+        submission: ::wgpu::SubmissionIndex,
+        groups: u64,
+    ) -> Result<Zeroizing<u128>> {
+        let ctx = &*self.ctx;
+        let bytes = groups * 16;
+        self.map_blocking(
+            &ctx.partials_readback,
+            ::wgpu::MapMode::Read,
+            bytes,
+            Some(submission),
+        )?;
+        let step = Zeroizing::new(gf_pow(*self.h_int, GHASH_GROUP_BLOCKS));
+        let mut sum = Zeroizing::new(0u128);
+        {
+            let view = ctx
+                .partials_readback
+                .get_mapped_range(0..bytes)
+                .map_err(|e| backend_err(format!("{}: GHASH readback view: {e}", ctx.adapter)))?;
+            for p in view.chunks_exact(16) {
+                let words: [u32; 4] = bytemuck::pod_read_unaligned(p);
+                let part = (u128::from(words[0]) << 96)
+                    | (u128::from(words[1]) << 64)
+                    | (u128::from(words[2]) << 32)
+                    | u128::from(words[3]);
+                *sum = gf_mul(*sum, *step) ^ part;
+            }
+        }
+        ctx.partials_readback.unmap();
+        Ok(sum)
+    }
+
+    /// The GCM tag from the GPU's GHASH `sum` over the `blocks` ciphertext blocks: the AAD's
+    /// GHASH state shifted past them, plus the sum, the length block, and E(J0).
+    fn tag_from_sum(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        ct_len: usize,
+        sum: u128,
+        blocks: u64,
+    ) -> [u8; TAG_LEN] {
+        let mut g = GHash::new(&(*self.h).into());
+        g.update_padded(aad);
+        let aad_state = Zeroizing::new(u128::from_be_bytes(g.finalize().into()));
+        let h = *self.h_int;
+        let lens = (u128::from(aad.len() as u64 * 8) << 64) | u128::from(ct_len as u64 * 8);
+        let state = Zeroizing::new(gf_mul(
+            gf_mul(*aad_state, gf_pow(h, blocks)) ^ sum ^ lens,
+            h,
+        ));
+        let mut j0 = [0u8; 16];
+        j0[..12].copy_from_slice(nonce);
+        j0[15] = 1;
+        self.aes.encrypt_block((&mut j0).into());
+        let mut s = state.to_be_bytes();
+        for (t, e) in s.iter_mut().zip(j0) {
+            *t ^= e;
+        }
+        j0.zeroize();
+        s
     }
 
     /// Writes one padded piece into the mapped `upload` buffer (created once, reused): `lead`
@@ -894,12 +1262,29 @@ impl WgpuOpener {
             };
         }
         let mut verified = false;
-        let mut gate = |ct: &[u8]| {
+        let ct_len = io.src().len();
+        let on_gpu = self.gpu_ghash && (ct_len as u64).next_multiple_of(16) <= self.ctx.piece_bytes;
+        let mut cpu_gate = |ct: &[u8]| {
             verified = ct_eq(&self.tag(&chunk.nonce, chunk.aad, ct, true), &chunk.tag);
             verified
         };
+        let mut verified_gpu = false;
+        let mut gpu_gate = |sum: u128, blocks: u64| {
+            verified_gpu = ct_eq(
+                &self.tag_from_sum(&chunk.nonce, chunk.aad, ct_len, sum, blocks),
+                &chunk.tag,
+            );
+            verified_gpu
+        };
+        let gate = if on_gpu {
+            Gate::Gpu(&mut gpu_gate)
+        } else {
+            Gate::Cpu(&mut cpu_gate)
+        };
         let mut done = 0;
-        match self.gpu_ctr(&chunk.nonce, 0, &mut io, &mut gate, &mut done) {
+        let result = self.gpu_ctr(&chunk.nonce, 0, &mut io, gate, &mut done);
+        let verified = verified || verified_gpu;
+        match result {
             Ok(true) => Ok(()),
             Ok(false) => {
                 io.dst().zeroize();
@@ -966,7 +1351,7 @@ impl ChunkOpener for WgpuOpener {
             nonce,
             offset,
             &mut Io::Separate(src, dst),
-            &mut |_| true,
+            Gate::None,
             &mut done,
         ) {
             self.note_failure(&e);
@@ -983,8 +1368,7 @@ impl ChunkOpener for WgpuOpener {
     ) -> [u8; TAG_LEN] {
         if encrypted && !buf.is_empty() {
             let mut done = 0;
-            if let Err(e) = self.gpu_ctr(nonce, 0, &mut Io::InPlace(buf), &mut |_| true, &mut done)
-            {
+            if let Err(e) = self.gpu_ctr(nonce, 0, &mut Io::InPlace(buf), Gate::None, &mut done) {
                 self.note_failure(&e);
                 self.cpu_finish(nonce, 0, Io::InPlace(buf), done);
             }
@@ -1069,7 +1453,7 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
             &nonce,
             0,
             &mut Io::Separate(&src, &mut dst),
-            &mut |_| true,
+            Gate::None,
             &mut 0,
         )
         .map(|_| ())
@@ -1223,6 +1607,31 @@ mod tests {
             got.iter_mut().zip(j0).for_each(|(t, e)| *t ^= e);
             assert_eq!(got, want, "aad {a} data {d}");
         }
+    }
+
+    #[test]
+    fn gf_mul_and_pow_match_the_ghash_crate() {
+        // One GHASH block with key b is a * b; a chain of n zero-free blocks checks powers.
+        let mut rng = crate::cipher::conformance::SplitMix(7);
+        for _ in 0..50 {
+            let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+            rng.fill(&mut a);
+            rng.fill(&mut b);
+            let mut g = GHash::new(&b.into());
+            g.update(&[a.into()]);
+            let want = u128::from_be_bytes(g.finalize().into());
+            assert_eq!(gf_mul(u128::from_be_bytes(a), u128::from_be_bytes(b)), want);
+        }
+        let h = 0x66e94bd4ef8a2c3b884cfa59ca342b2eu128;
+        let mut p = 1u128 << 127;
+        for e in 0..40u64 {
+            assert_eq!(gf_pow(h, e), p, "h^{e}");
+            p = gf_mul(p, h);
+        }
+        // The Shoup table's reduction words touch only the top word.
+        let (tables, powers) = ghash_tables(h);
+        assert_eq!(tables.len(), 80);
+        assert_eq!(powers.len(), 1024);
     }
 
     /// The backend here, or `None` when there is no adapter (the integration tests enforce
