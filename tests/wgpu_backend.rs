@@ -4,7 +4,7 @@
 #![cfg(feature = "wgpu")]
 
 use ciphershard::cipher::conformance::{self, SplitMix};
-use ciphershard::cipher::wgpu::{WgpuCipher, WgpuOptions};
+use ciphershard::cipher::wgpu::{KernelVariant, WgpuCipher, WgpuOptions};
 use ciphershard::cipher::{ChunkParams, Cipher, TagMismatch, cpu::CpuCipher};
 use ciphershard::{Backend, DataKey};
 
@@ -41,6 +41,56 @@ fn wgpu_backend_conforms() {
         conformance::run(&c, 24).unwrap();
         c.health().unwrap();
     }
+}
+
+#[test]
+fn every_kernel_variant_conforms() {
+    // Each variant (workgroup size, blocks per invocation) against the suite and against the
+    // CPU at offsets whose blocks straddle workgroup spans and the 2^32 counter wrap.
+    for variant in KernelVariant::ALL {
+        let Some(c) = backend(WgpuOptions {
+            kernel: Some(variant),
+            ..WgpuOptions::default()
+        }) else {
+            return;
+        };
+        conformance::run(&c, 6).unwrap_or_else(|e| panic!("variant {variant}: {e}"));
+        let key = DataKey::from_bytes([0x17; 32]);
+        let (op, rop) = (
+            c.prepare(&key).unwrap(),
+            CpuCipher::new().prepare(&key).unwrap(),
+        );
+        let mut rng = SplitMix(u64::from(
+            variant.workgroup_size + variant.blocks_per_invocation,
+        ));
+        for (offset, len) in [
+            (0u64, 16 * 2048 + 5),
+            (7, 16 * 4096 * 2 + 33),
+            (
+                conformance::offset_for_counter(u32::MAX - 3000) + 3,
+                100_000,
+            ),
+        ] {
+            let mut src = vec![0u8; len];
+            rng.fill(&mut src);
+            let (mut x, mut y) = (vec![0u8; len], vec![0u8; len]);
+            op.ctr_apply(&[9; 12], offset, &src, &mut x);
+            rop.ctr_apply(&[9; 12], offset, &src, &mut y);
+            assert!(
+                x == y,
+                "variant {variant}: offset {offset} len {len} differs"
+            );
+        }
+        c.health().unwrap();
+    }
+    let bad = WgpuCipher::new(WgpuOptions {
+        kernel: Some(KernelVariant {
+            workgroup_size: 256,
+            blocks_per_invocation: 3,
+        }),
+        ..WgpuOptions::default()
+    });
+    assert!(bad.is_err(), "an unsupported variant was accepted");
 }
 
 #[test]

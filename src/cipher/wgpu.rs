@@ -39,6 +39,8 @@ use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
 const BACKEND: &str = "wgpu";
+/// Piece sizes are multiples of this many blocks (the largest workgroup span of any variant
+/// need not divide them: the kernels bound-check every block).
 const WORKGROUP_SIZE: u64 = 256;
 /// Default cap on one dispatch (lavapipe's binding limit): bounds the three staging buffers
 /// (upload, work, readback) on adapters with huge limits, and keeps the grid within 65535
@@ -163,6 +165,8 @@ pub struct WgpuOptions {
     /// read it from the storage buffer (`Some(false)`). On lavapipe the two measured the same
     /// within the noise (0.05-0.14 GB/s each, alternating runs); kept to compare on real GPUs.
     pub shared_table: Option<bool>,
+    /// The AES-CTR kernel variant (default: [`KernelVariant::DEFAULT`]).
+    pub kernel: Option<KernelVariant>,
     /// Where the tag check of `open` runs: `Some(true)` on the GPU (`shaders/ghash.wgsl`, partial
     /// sums read back before any plaintext is), `Some(false)` on one CPU thread overlapped with
     /// the GPU pass. `None` picks per adapter: the GPU for real GPUs, the CPU for CPU-type
@@ -176,6 +180,7 @@ impl Default for WgpuOptions {
             allow_cpu_adapter: true,
             max_piece_bytes: None,
             shared_table: None,
+            kernel: None,
             gpu_ghash: None,
         }
     }
@@ -246,20 +251,81 @@ fn expand_key(key: &[u8; 32], sbox: &[u8; 256]) -> Zeroizing<[u32; 60]> {
     w
 }
 
+/// A variant of the AES-CTR kernel (`shaders/aes_ctr.wgsl`), chosen at pipeline creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct KernelVariant {
+    /// Invocations per workgroup: 256 or 512 (capped by the device's limit).
+    pub workgroup_size: u32,
+    /// Blocks per invocation: 1 (`main`) or 4 (`main4`, four independent blocks for ILP).
+    pub blocks_per_invocation: u32,
+}
+
+impl KernelVariant {
+    /// The default: one block per invocation, 256 invocations (measured fastest so far).
+    pub const DEFAULT: KernelVariant = KernelVariant {
+        workgroup_size: 256,
+        blocks_per_invocation: 1,
+    };
+    /// Every variant `kernel_bench` measures.
+    pub const ALL: [KernelVariant; 4] = [
+        KernelVariant::DEFAULT,
+        KernelVariant {
+            workgroup_size: 512,
+            blocks_per_invocation: 1,
+        },
+        KernelVariant {
+            workgroup_size: 256,
+            blocks_per_invocation: 4,
+        },
+        KernelVariant {
+            workgroup_size: 512,
+            blocks_per_invocation: 4,
+        },
+    ];
+
+    fn entry_point(&self) -> &'static str {
+        if self.blocks_per_invocation == 4 {
+            "main4"
+        } else {
+            "main"
+        }
+    }
+
+    /// Blocks one workgroup covers.
+    fn span_blocks(&self) -> u64 {
+        u64::from(self.workgroup_size) * u64::from(self.blocks_per_invocation)
+    }
+}
+
+impl std::fmt::Display for KernelVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wg{}x{}",
+            self.workgroup_size, self.blocks_per_invocation
+        )
+    }
+}
+
 /// Compiles the AES-CTR WGSL and builds its pipeline and bind-group layout; a compile or
 /// validation error comes back as text (wgpu's default would panic).
 fn build_pipeline(
     device: &::wgpu::Device,
     source: &str,
     shared_table: bool,
+    variant: KernelVariant,
 ) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
     let (storage, uniform) = binding_types();
     build_compute(
         device,
         "aes_ctr",
         source,
+        variant.entry_point(),
         &[uniform, storage(true), uniform, storage(false)],
-        &[("shared_table", if shared_table { 1.0 } else { 0.0 })],
+        &[
+            ("shared_table", if shared_table { 1.0 } else { 0.0 }),
+            ("WG", f64::from(variant.workgroup_size)),
+        ],
     )
 }
 
@@ -273,6 +339,7 @@ fn build_ghash_pipeline(
         device,
         "ghash",
         source,
+        "main",
         &[
             uniform,
             storage(true),
@@ -306,6 +373,7 @@ fn build_compute(
     device: &::wgpu::Device,
     label: &str,
     source: &str,
+    entry_point: &str,
     bindings: &[::wgpu::BindingType],
     constants: &[(&str, f64)],
 ) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
@@ -337,7 +405,7 @@ fn build_compute(
         label: Some(label),
         layout: Some(&pipeline_layout),
         module: &module,
-        entry_point: Some("main"),
+        entry_point: Some(entry_point),
         compilation_options: ::wgpu::PipelineCompilationOptions {
             constants,
             // Every workgroup array entry is written before a barrier precedes its first read.
@@ -439,7 +507,7 @@ struct GhashParams {
 struct Params {
     nonce_ctr: [u32; 4],
     blocks: u32,
-    row_stride: u32,
+    row_groups: u32,
     _pad: [u32; 2],
 }
 
@@ -473,6 +541,8 @@ struct Context {
     piece_bytes: u64,
     /// Whether the pipeline copies the table into workgroup memory.
     shared_table: bool,
+    /// The kernel variant the pipeline runs.
+    variant: KernelVariant,
     max_workgroups: u32,
     buffers: Mutex<Buffers>,
     /// Set by the device-lost callback or the first failed GPU operation.
@@ -530,11 +600,25 @@ impl WgpuCipher {
         });
 
         let shared_table = options.shared_table.unwrap_or(true);
-        let (pipeline, layout) = build_pipeline(&device, SHADER, shared_table).map_err(|e| {
-            backend_err(format!(
-                "{summary}: shader aes_ctr.wgsl failed to build: {e}"
-            ))
-        })?;
+        let mut variant = options.kernel.unwrap_or(KernelVariant::DEFAULT);
+        if !matches!(variant.blocks_per_invocation, 1 | 4)
+            || !matches!(variant.workgroup_size, 64 | 128 | 256 | 512 | 1024)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "wgpu kernel variant {variant}: blocks per invocation must be 1 or 4 and the \
+                 workgroup size a power of two from 64 to 1024"
+            )));
+        }
+        variant.workgroup_size = variant
+            .workgroup_size
+            .min(limits.max_compute_invocations_per_workgroup)
+            .min(limits.max_compute_workgroup_size_x);
+        let (pipeline, layout) =
+            build_pipeline(&device, SHADER, shared_table, variant).map_err(|e| {
+                backend_err(format!(
+                    "{summary}: shader aes_ctr.wgsl failed to build: {e}"
+                ))
+            })?;
 
         let (ghash_pipeline, ghash_layout) =
             build_ghash_pipeline(&device, GHASH_SHADER).map_err(|e| {
@@ -609,6 +693,7 @@ impl WgpuCipher {
                 gpu_ghash,
                 piece_bytes,
                 shared_table,
+                variant,
                 max_workgroups: limits.max_compute_workgroups_per_dimension.max(1),
                 buffers: Mutex::new(Buffers {
                     capacity: 0,
@@ -925,7 +1010,7 @@ impl WgpuOpener {
                 .device
                 .push_error_scope(::wgpu::ErrorFilter::OutOfMemory);
             let scope = ctx.device.push_error_scope(::wgpu::ErrorFilter::Validation);
-            let workgroups = blocks.div_ceil(WORKGROUP_SIZE);
+            let workgroups = blocks.div_ceil(ctx.variant.span_blocks());
             let x = workgroups.min(u64::from(ctx.max_workgroups)) as u32;
             let y = workgroups.div_ceil(u64::from(x)) as u32;
             let params = Params {
@@ -936,7 +1021,7 @@ impl WgpuOpener {
                     first_ctr.wrapping_add((start / 16) as u32),
                 ],
                 blocks: blocks as u32,
-                row_stride: x * WORKGROUP_SIZE as u32,
+                row_groups: x,
                 _pad: [0; 2],
             };
             ctx.queue
@@ -1529,13 +1614,13 @@ impl WgpuOpener {
             ],
         });
         let blocks = size / BLOCK_LEN as u64;
-        let workgroups = blocks.div_ceil(WORKGROUP_SIZE);
+        let workgroups = blocks.div_ceil(ctx.variant.span_blocks());
         let x = workgroups.min(u64::from(ctx.max_workgroups)) as u32;
         let y = workgroups.div_ceil(u64::from(x)) as u32;
         let params = Params {
             nonce_ctr: [1, 2, 3, 4],
             blocks: blocks as u32,
-            row_stride: x * WORKGROUP_SIZE as u32,
+            row_groups: x,
             _pad: [0; 2],
         };
         ctx.queue
@@ -1646,12 +1731,12 @@ mod tests {
     fn shader_compile_error_is_an_error_not_a_panic() {
         let Some(c) = backend() else { return };
         let broken = SHADER.replace("fn main(", "fn main(oops ");
-        let Err(err) = build_pipeline(&c.ctx.device, &broken, true) else {
+        let Err(err) = build_pipeline(&c.ctx.device, &broken, true, KernelVariant::DEFAULT) else {
             panic!("broken WGSL accepted")
         };
         assert!(!err.is_empty());
         // The device stays usable afterwards.
-        build_pipeline(&c.ctx.device, SHADER, true).unwrap();
+        build_pipeline(&c.ctx.device, SHADER, true, KernelVariant::DEFAULT).unwrap();
         c.health().unwrap();
     }
 
