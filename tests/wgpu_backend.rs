@@ -318,7 +318,19 @@ fn kernel_bench_reports_throughput() {
     };
     let report = ciphershard::cipher::wgpu::kernel_bench_on(&c, 1 << 20).unwrap();
     eprintln!("{report}");
-    assert!(report.kernel_gbps > 0.0 && report.round_trip_gbps > 0.0);
+    assert_eq!(report.variants.len(), KernelVariant::ALL.len());
+    assert!(report.variants.iter().all(|v| v.gbps > 0.0));
+    for figure in [
+        report.kernel_gbps,
+        report.round_trip_gbps,
+        report.cpu_ghash_gbps,
+        report.gpu_ghash_gbps,
+        report.open_cpu_ghash_gbps,
+        report.open_gpu_ghash_gbps,
+    ] {
+        assert!(figure > 0.0 && figure.is_finite(), "{report}");
+    }
+    assert_eq!(report.gpu_ghash_default, c.gpu_ghash());
 }
 
 /// Throughput figures for the report (not a timed test: it asserts nothing about speed).

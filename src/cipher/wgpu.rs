@@ -1462,7 +1462,16 @@ impl ChunkOpener for WgpuOpener {
     }
 }
 
-/// Throughput of the wgpu AES-256-CTR path on this machine's adapter.
+/// One AES-CTR kernel variant's figure from [`kernel_bench`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VariantBench {
+    /// The variant (as named in the report, e.g. `wg256x1`).
+    pub variant: String,
+    /// Kernel only, GB/s; counted only after the variant's output matched the CPU backend.
+    pub gbps: f64,
+}
+
+/// Throughput of the wgpu paths on this machine's adapter, in GB/s (10^9 bytes/s).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KernelBench {
     /// The adapter measured.
@@ -1471,69 +1480,151 @@ pub struct KernelBench {
     pub shared_table: bool,
     /// Bytes per pass.
     pub bytes: u64,
-    /// Passes timed (after one warm-up pass).
+    /// Passes timed for the host round trip (after one warm-up pass).
     pub passes: u32,
-    /// Kernel only: data resident on the device, dispatch + wait, GB/s (10^9 bytes/s).
+    /// Every kernel variant, each checked against the CPU before it was timed.
+    pub variants: Vec<VariantBench>,
+    /// The fastest variant.
+    pub best_variant: String,
+    /// Kernel only, best variant: data resident on the device, dispatch + wait.
     pub kernel_gbps: f64,
-    /// Host to host: upload, dispatch, readback into a host buffer (`ctr_apply`), GB/s.
+    /// Host to host: upload, dispatch, readback into a host buffer (`ctr_apply`).
     pub round_trip_gbps: f64,
-    /// The tag check this backend runs on the CPU (GHASH, one thread), GB/s: when the kernel is
-    /// faster than this, GHASH on the GPU would pay off.
+    /// GHASH on one CPU thread (the CPU tag-check placement).
     pub cpu_ghash_gbps: f64,
-    /// `open` of one chunk of `bytes` from and to host memory: GPU CTR with the CPU tag check
-    /// overlapped, nothing released before it verified. GB/s.
+    /// GHASH on the GPU over data resident on the device: dispatch, wait, partial sums read
+    /// back and combined.
+    pub gpu_ghash_gbps: f64,
+    /// `open` of one chunk of `bytes`, host to host, nothing released before the tag verified,
+    /// with the tag check on the CPU (overlapped with the GPU pass).
+    pub open_cpu_ghash_gbps: f64,
+    /// The same with the tag check on the GPU.
+    pub open_gpu_ghash_gbps: f64,
+    /// Whether this adapter's default is the GPU tag check.
+    pub gpu_ghash_default: bool,
+    /// `open` with this adapter's default placement.
     pub open_gbps: f64,
 }
 
 impl std::fmt::Display for KernelBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
+        writeln!(
             f,
-            "wgpu AES-256-CTR on {} (table in {}): kernel {:.3} GB/s, host round trip {:.3} GB/s, \
-             CPU GHASH {:.3} GB/s, verified open {:.3} GB/s ({} MiB x {} passes)",
+            "wgpu on {} (table in {}, {} MiB per pass):",
             self.adapter,
             if self.shared_table {
                 "workgroup memory"
             } else {
                 "storage buffer"
             },
-            self.kernel_gbps,
-            self.round_trip_gbps,
-            self.cpu_ghash_gbps,
-            self.open_gbps,
             self.bytes >> 20,
-            self.passes
+        )?;
+        for v in &self.variants {
+            writeln!(
+                f,
+                "  kernel {:<8} {:>9.3} GB/s (checked against the CPU)",
+                v.variant, v.gbps
+            )?;
+        }
+        writeln!(
+            f,
+            "  best kernel {} {:.3} GB/s; host round trip {:.3} GB/s",
+            self.best_variant, self.kernel_gbps, self.round_trip_gbps
+        )?;
+        writeln!(
+            f,
+            "  GHASH: GPU {:.3} GB/s, CPU (one thread) {:.3} GB/s",
+            self.gpu_ghash_gbps, self.cpu_ghash_gbps
+        )?;
+        write!(
+            f,
+            "  verified open: GHASH on GPU {:.3} GB/s, GHASH on CPU {:.3} GB/s (default here: {})",
+            self.open_gpu_ghash_gbps,
+            self.open_cpu_ghash_gbps,
+            if self.gpu_ghash_default { "GPU" } else { "CPU" }
         )
     }
 }
 
-/// Measures the AES-256-CTR kernel on the default adapter (CPU adapters included) over `bytes`
-/// bytes (rounded up to whole blocks): kernel-only and host round-trip throughput.
+fn time_passes(f: &mut dyn FnMut() -> Result<()>) -> Result<(u32, f64)> {
+    f()?; // warm-up: buffers, pipeline caches
+    let (mut passes, t) = (0u32, Instant::now());
+    while passes < 3 || (t.elapsed() < Duration::from_millis(1500) && passes < 100) {
+        f()?;
+        passes += 1;
+    }
+    Ok((passes, t.elapsed().as_secs_f64()))
+}
+
+fn gbps(bytes: usize, (passes, secs): (u32, f64)) -> f64 {
+    (bytes as f64 * f64::from(passes)) / secs / 1e9
+}
+
+/// Measures every kernel variant, GHASH on the GPU and the CPU, and verified `open` with each
+/// tag-check placement on the default adapter (CPU adapters included), over `bytes` bytes
+/// (rounded up to whole blocks).
 pub fn kernel_bench(bytes: usize) -> Result<KernelBench> {
     let cipher = WgpuCipher::new(WgpuOptions::default())?;
     kernel_bench_on(&cipher, bytes)
 }
 
-/// [`kernel_bench`] on an existing backend.
+/// [`kernel_bench`] on an existing backend: its table placement and piece size, each variant
+/// on a device of its own.
 pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench> {
     let bytes = bytes.max(BLOCK_LEN).div_ceil(BLOCK_LEN) * BLOCK_LEN;
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| backend_err(format!("bench key: {e}")))?;
-    let op = cipher.prepare_opener(&DataKey::from_bytes(key))?;
+    let data_key = DataKey::from_bytes(key);
     key.zeroize();
+    let reference = CpuCipher::new().prepare(&data_key)?;
     let nonce = [7u8; NONCE_LEN];
-    let src = vec![0x5au8; bytes];
+    let mut src = vec![0u8; bytes];
+    getrandom::fill(&mut src).map_err(|e| backend_err(format!("bench data: {e}")))?;
     let mut dst = vec![0u8; bytes];
-    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<(u32, f64)> {
-        f()?; // warm-up: buffers, pipeline caches
-        let (mut passes, t) = (0u32, Instant::now());
-        while passes < 3 || (t.elapsed() < Duration::from_millis(1500) && passes < 100) {
-            f()?;
-            passes += 1;
+    let mut want = vec![0u8; bytes];
+    // An offset whose counters cross 2^32 inside the pass, as a check of the counter arithmetic.
+    let offset = super::conformance::offset_for_counter(u32::MAX - 1000);
+    reference.ctr_apply(&nonce, offset, &src, &mut want);
+
+    let mut variants = Vec::new();
+    for variant in KernelVariant::ALL {
+        let c = WgpuCipher::new(WgpuOptions {
+            shared_table: Some(cipher.ctx.shared_table),
+            max_piece_bytes: Some(cipher.ctx.piece_bytes),
+            kernel: Some(variant),
+            gpu_ghash: Some(cipher.ctx.gpu_ghash),
+            allow_cpu_adapter: true,
+        })?;
+        let op = c.prepare_opener(&data_key)?;
+        dst.fill(0);
+        op.gpu_ctr(
+            &nonce,
+            offset,
+            &mut Io::Separate(&src, &mut dst),
+            Gate::None,
+            &mut 0,
+        )?;
+        if dst != want {
+            return Err(backend_err(format!(
+                "{}: kernel variant {} differs from the CPU backend",
+                c.ctx.adapter, c.ctx.variant
+            )));
         }
-        Ok((passes, t.elapsed().as_secs_f64()))
-    };
-    let (passes, secs) = time(&mut || {
+        let t = time_passes(&mut || op.kernel_only(bytes as u64))?;
+        c.health()?;
+        variants.push(VariantBench {
+            variant: c.ctx.variant.to_string(),
+            gbps: gbps(bytes, t),
+        });
+    }
+    let best = variants
+        .iter()
+        .max_by(|a, b| a.gbps.total_cmp(&b.gbps))
+        .cloned()
+        .ok_or_else(|| backend_err("no kernel variant"))?;
+
+    let mut op = cipher.prepare_opener(&data_key)?;
+    let round_trip = time_passes(&mut || {
         op.gpu_ctr(
             &nonce,
             0,
@@ -1543,8 +1634,12 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
         )
         .map(|_| ())
     })?;
-    let round_trip_gbps = (bytes as f64 * f64::from(passes)) / secs / 1e9;
-    let (kpasses, ksecs) = time(&mut || op.kernel_only(bytes as u64))?;
+    let ghash_bytes = bytes.min(cipher.ctx.piece_bytes as usize);
+    let gpu_ghash = time_passes(&mut || op.ghash_only(ghash_bytes as u64).map(|_| ()))?;
+    let cpu_ghash = time_passes(&mut || {
+        std::hint::black_box(op.tag(&nonce, b"", &src, true));
+        Ok(())
+    })?;
     let mut ct = src.clone();
     let tag = op.seal_in_place(&nonce, b"bench", true, &mut ct);
     let chunk = ChunkParams {
@@ -1553,25 +1648,56 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
         tag,
         encrypted: true,
     };
-    let (opasses, osecs) = time(&mut || {
-        op.open(&chunk, &ct, &mut dst)
-            .map_err(|_| backend_err("benchmark chunk failed its own tag"))
-    })?;
-    let (gpasses, gsecs) = time(&mut || {
-        std::hint::black_box(op.tag(&nonce, b"", &src, true));
-        Ok(())
-    })?;
+    let mut open_with = |op: &WgpuOpener| {
+        time_passes(&mut || {
+            op.open(&chunk, &ct, &mut dst)
+                .map_err(|_| backend_err("benchmark chunk failed its own tag"))
+        })
+    };
+    op.gpu_ghash = false;
+    let open_cpu = open_with(&op)?;
+    op.gpu_ghash = true;
+    let open_gpu = open_with(&op)?;
     cipher.health()?;
+    let (open_cpu_ghash_gbps, open_gpu_ghash_gbps) = (gbps(bytes, open_cpu), gbps(bytes, open_gpu));
     Ok(KernelBench {
         adapter: cipher.ctx.adapter.to_string(),
         shared_table: cipher.ctx.shared_table,
         bytes: bytes as u64,
-        passes,
-        kernel_gbps: (bytes as f64 * f64::from(kpasses)) / ksecs / 1e9,
-        round_trip_gbps,
-        cpu_ghash_gbps: (bytes as f64 * f64::from(gpasses)) / gsecs / 1e9,
-        open_gbps: (bytes as f64 * f64::from(opasses)) / osecs / 1e9,
+        passes: round_trip.0,
+        kernel_gbps: best.gbps,
+        best_variant: best.variant,
+        variants,
+        round_trip_gbps: gbps(bytes, round_trip),
+        cpu_ghash_gbps: gbps(bytes, cpu_ghash),
+        gpu_ghash_gbps: gbps(ghash_bytes, gpu_ghash),
+        open_cpu_ghash_gbps,
+        open_gpu_ghash_gbps,
+        gpu_ghash_default: cipher.ctx.gpu_ghash,
+        open_gbps: if cipher.ctx.gpu_ghash {
+            open_gpu_ghash_gbps
+        } else {
+            open_cpu_ghash_gbps
+        },
     })
+}
+
+impl WgpuOpener {
+    /// GHASH pass over `bytes` already in the work buffer, waits, combines the partial sums.
+    fn ghash_only(&self, bytes: u64) -> Result<u128> {
+        let ctx = &*self.ctx;
+        let bufs = lock(&ctx.buffers);
+        let work = bufs
+            .work
+            .as_ref()
+            .ok_or_else(|| backend_err("no work buffer yet"))?;
+        let blocks = bytes.min(bufs.capacity) / BLOCK_LEN as u64;
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        let groups = self.encode_ghash(&mut enc, work, blocks);
+        enc.copy_buffer_to_buffer(&ctx.partials, 0, &ctx.partials_readback, 0, groups * 16);
+        let submission = ctx.queue.submit([enc.finish()]);
+        Ok(*self.combine_partials(submission, groups)?)
+    }
 }
 
 impl WgpuOpener {
