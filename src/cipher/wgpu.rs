@@ -1,17 +1,22 @@
 //! Portable GPU backend through wgpu (Vulkan, Metal, DX12): AES-256-CTR in WGSL
-//! (`shaders/aes_ctr.wgsl`), GHASH on the CPU overlapped with the GPU pass.
+//! (`shaders/aes_ctr.wgsl`) and the GCM tag check either on the GPU (`shaders/ghash.wgsl`) or
+//! on the calling thread overlapped with the GPU pass.
 //!
-//! Tag verification runs on the calling thread while the GPU decrypts the first piece; the
-//! plaintext stays in GPU / mapped staging memory and is copied into the caller's buffer only
-//! after the tag verified. On a mismatch the destination is zeroed and the GPU buffers holding
-//! plaintext are cleared.
+//! Nothing is released before the tag verified: the plaintext stays in GPU / mapped staging
+//! memory and is copied into the caller's buffer only afterwards. On a mismatch the destination
+//! is zeroed and the GPU buffers holding plaintext are cleared.
 //!
-//! Why GHASH on the CPU (measured on lavapipe, 2 shared vCPUs, load 4-8): one core's PCLMULQDQ
-//! GHASH ran at 2.4-4.6 GB/s while the WGSL AES kernel reached 0.04-0.14 GB/s; on a CPU Vulkan
-//! driver a GPU GHASH would only compete for the same cores, while the CPU pass hides behind the GPU one.
-//! On a discrete GPU the kernel can outrun one core's GHASH (`KernelBench::cpu_ghash_gbps` shows
-//! the bound next to the kernel figure); a GPU GHASH (partial sums with powers of H) is the next
-//! step there.
+//! GHASH on the GPU (the default on real GPUs, [`WgpuOptions::gpu_ghash`]): in the same
+//! submission as the CTR pass, before it, each invocation runs Horner's rule over 16 ciphertext
+//! blocks with a 4-bit Shoup table of H in workgroup memory and multiplies by its power of H
+//! (uploaded per key); each workgroup XOR-reduces its sums. The host reads those partial sums
+//! (16 bytes per 64 KiB), combines them with powers of H, adds the AAD and length blocks and
+//! compares tags in constant time, then reads the plaintext back. Chunks bigger than one piece
+//! (128 MiB by default) check on the CPU instead (every piece would have to be held back).
+//!
+//! GHASH on the CPU (the default on CPU-type adapters such as lavapipe, where the GPU GHASH
+//! competes for the same cores: 5.1-5.4 GB/s on one core against 0.11-0.15 GB/s through
+//! lavapipe, measured by `kernel_bench` on 2 shared vCPUs) runs while the GPU decrypts the first piece.
 //!
 //! The device, pipeline, bind-group layout, T-table and the upload/work/readback buffers live in
 //! one context created once per [`WgpuCipher`] and reused. Chunks bigger than a piece (128 MiB,
