@@ -16,12 +16,17 @@
 // - `main`: one block per invocation; `main4`: four blocks per invocation, their state words
 //   held as the lanes of vec4s so the four blocks' table lookups are independent (ILP);
 // - `WG`: the workgroup size (256 or 512);
-// - `shared_table`: the table in workgroup memory or read from the storage buffer.
+// - `shared_table`: the table in workgroup memory or read from the storage buffer;
+// - `COPIES`: 1, or 32 copies of the table interleaved so that entry x of copy c sits at word
+//   32x + c, and invocation i reads copy i mod 32 only: with 32 four-byte banks (NVIDIA, AMD)
+//   every lane of a 32-wide wave reads its own bank, so lookups never conflict (and their
+//   timing does not depend on the secret indices through bank conflicts). 32 KiB per workgroup.
 // Workgroup w covers blocks [w * WG * n, (w + 1) * WG * n) for n blocks per invocation; block j
 // of an invocation is at w * WG * n + j * WG + local index, so every load/store is coalesced.
 
 override shared_table: bool = true;
 override WG: u32 = 256u;
+override COPIES: u32 = 1u;
 
 struct Params {
     // Nonce as three big-endian words, then the counter of the dispatch's first block.
@@ -39,7 +44,9 @@ struct Params {
 @group(0) @binding(2) var<uniform> params: Params;
 @group(0) @binding(3) var<storage, read_write> data: array<vec4<u32>>;
 
-var<workgroup> t0: array<u32, 256>;
+var<workgroup> t0: array<u32, 256u * COPIES>;
+// This invocation's table copy (0 with one copy).
+var<private> lane: u32;
 
 fn rotr(x: u32, n: u32) -> u32 {
     return (x >> n) | (x << (32u - n));
@@ -51,7 +58,10 @@ fn bswap(x: u32) -> u32 {
 
 fn table(x: u32) -> u32 {
     if (shared_table) {
-        return t0[x];
+        if (COPIES == 1u) {
+            return t0[x];
+        }
+        return t0[(x << 5u) | lane];
     }
     return t0_table[x];
 }
@@ -72,8 +82,15 @@ fn last_word(a: u32, b: u32, c: u32, d: u32, k: u32) -> u32 {
 
 fn load_table(lid: u32) {
     if (shared_table) {
-        for (var x = lid; x < 256u; x += WG) {
-            t0[x] = t0_table[x];
+        if (COPIES == 1u) {
+            for (var x = lid; x < 256u; x += WG) {
+                t0[x] = t0_table[x];
+            }
+        } else {
+            lane = lid & 31u;
+            for (var w = lid; w < 8192u; w += WG) {
+                t0[w] = t0_table[w >> 5u];
+            }
         }
         workgroupBarrier();
     }

@@ -54,6 +54,7 @@ fn every_kernel_variant_conforms() {
         }) else {
             return;
         };
+        eprintln!("kernel variant {variant}");
         conformance::run(&c, 6).unwrap_or_else(|e| panic!("variant {variant}: {e}"));
         let key = DataKey::from_bytes([0x17; 32]);
         let (op, rop) = (
@@ -61,7 +62,7 @@ fn every_kernel_variant_conforms() {
             CpuCipher::new().prepare(&key).unwrap(),
         );
         let mut rng = SplitMix(u64::from(
-            variant.workgroup_size + variant.blocks_per_invocation,
+            variant.workgroup_size + variant.blocks_per_invocation + variant.table_copies,
         ));
         for (offset, len) in [
             (0u64, 16 * 2048 + 5),
@@ -85,8 +86,8 @@ fn every_kernel_variant_conforms() {
     }
     let bad = WgpuCipher::new(WgpuOptions {
         kernel: Some(KernelVariant {
-            workgroup_size: 256,
             blocks_per_invocation: 3,
+            ..KernelVariant::DEFAULT
         }),
         ..WgpuOptions::default()
     });

@@ -263,6 +263,9 @@ pub struct KernelVariant {
     pub workgroup_size: u32,
     /// Blocks per invocation: 1 (`main`) or 4 (`main4`, four independent blocks for ILP).
     pub blocks_per_invocation: u32,
+    /// Copies of the table in workgroup memory: 1, or 32 interleaved one per bank (32 KiB; the
+    /// CUDA kernel's conflict-free layout). Ignored when the table is read from storage.
+    pub table_copies: u32,
 }
 
 impl KernelVariant {
@@ -270,21 +273,35 @@ impl KernelVariant {
     pub const DEFAULT: KernelVariant = KernelVariant {
         workgroup_size: 256,
         blocks_per_invocation: 1,
+        table_copies: 1,
     };
     /// Every variant `kernel_bench` measures.
-    pub const ALL: [KernelVariant; 4] = [
+    pub const ALL: [KernelVariant; 6] = [
         KernelVariant::DEFAULT,
         KernelVariant {
             workgroup_size: 512,
             blocks_per_invocation: 1,
+            table_copies: 1,
         },
         KernelVariant {
             workgroup_size: 256,
             blocks_per_invocation: 4,
+            table_copies: 1,
         },
         KernelVariant {
             workgroup_size: 512,
             blocks_per_invocation: 4,
+            table_copies: 1,
+        },
+        KernelVariant {
+            workgroup_size: 256,
+            blocks_per_invocation: 4,
+            table_copies: 32,
+        },
+        KernelVariant {
+            workgroup_size: 512,
+            blocks_per_invocation: 4,
+            table_copies: 32,
         },
     ];
 
@@ -306,8 +323,14 @@ impl std::fmt::Display for KernelVariant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "wg{}x{}",
-            self.workgroup_size, self.blocks_per_invocation
+            "wg{}x{}{}",
+            self.workgroup_size,
+            self.blocks_per_invocation,
+            if self.table_copies == 32 {
+                "-banked"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -330,6 +353,7 @@ fn build_pipeline(
         &[
             ("shared_table", if shared_table { 1.0 } else { 0.0 }),
             ("WG", f64::from(variant.workgroup_size)),
+            ("COPIES", f64::from(variant.table_copies)),
         ],
     )
 }
@@ -608,10 +632,21 @@ impl WgpuCipher {
         let mut variant = options.kernel.unwrap_or(KernelVariant::DEFAULT);
         if !matches!(variant.blocks_per_invocation, 1 | 4)
             || !matches!(variant.workgroup_size, 64 | 128 | 256 | 512 | 1024)
+            || !matches!(variant.table_copies, 1 | 32)
         {
             return Err(Error::InvalidArgument(format!(
-                "wgpu kernel variant {variant}: blocks per invocation must be 1 or 4 and the \
-                 workgroup size a power of two from 64 to 1024"
+                "wgpu kernel variant {variant}: blocks per invocation must be 1 or 4, the \
+                 workgroup size a power of two from 64 to 1024, and table copies 1 or 32"
+            )));
+        }
+        if !shared_table {
+            variant.table_copies = 1;
+        }
+        if variant.table_copies * 1024 > limits.max_compute_workgroup_storage_size {
+            return Err(unavailable(format!(
+                "{summary}: kernel variant {variant} needs {} KiB of workgroup memory, the \
+                 device has {} bytes",
+                variant.table_copies, limits.max_compute_workgroup_storage_size
             )));
         }
         variant.workgroup_size = variant
@@ -1527,7 +1562,7 @@ impl std::fmt::Display for KernelBench {
         for v in &self.variants {
             writeln!(
                 f,
-                "  kernel {:<8} {:>9.3} GB/s (checked against the CPU)",
+                "  kernel {:<15} {:>9.3} GB/s (checked against the CPU)",
                 v.variant, v.gbps
             )?;
         }
