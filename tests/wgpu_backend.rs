@@ -4,7 +4,7 @@
 #![cfg(feature = "wgpu")]
 
 use ciphershard::cipher::conformance::{self, SplitMix};
-use ciphershard::cipher::wgpu::{WgpuCipher, WgpuOptions};
+use ciphershard::cipher::wgpu::{KernelVariant, WgpuCipher, WgpuOptions};
 use ciphershard::cipher::{ChunkParams, Cipher, TagMismatch, cpu::CpuCipher};
 use ciphershard::{Backend, DataKey};
 
@@ -24,20 +24,159 @@ fn backend(options: WgpuOptions) -> Option<WgpuCipher> {
 
 #[test]
 fn wgpu_backend_conforms() {
-    // Both table placements: the GPU default (workgroup memory) and the CPU-adapter default.
-    for shared_table in [true, false] {
+    // Both table placements (the GPU default, workgroup memory, and the storage buffer) and
+    // both tag-check placements (GHASH on the GPU, GHASH on the calling thread).
+    for (shared_table, gpu_ghash) in [(true, true), (false, false), (true, false)] {
         let options = WgpuOptions {
             shared_table: Some(shared_table),
+            gpu_ghash: Some(gpu_ghash),
             ..WgpuOptions::default()
         };
         let Some(c) = backend(options) else { return };
         eprintln!(
-            "wgpu adapter: {} (shared table: {shared_table})",
+            "wgpu adapter: {} (shared table: {shared_table}, GPU GHASH: {gpu_ghash})",
             c.describe()
         );
+        assert_eq!(c.gpu_ghash(), gpu_ghash);
         conformance::run(&c, 24).unwrap();
         c.health().unwrap();
     }
+}
+
+#[test]
+fn every_kernel_variant_conforms() {
+    // Each variant (workgroup size, blocks per invocation) against the suite and against the
+    // CPU at offsets whose blocks straddle workgroup spans and the 2^32 counter wrap.
+    for variant in KernelVariant::ALL {
+        let Some(c) = backend(WgpuOptions {
+            kernel: Some(variant),
+            ..WgpuOptions::default()
+        }) else {
+            return;
+        };
+        eprintln!("kernel variant {variant}");
+        conformance::run(&c, 6).unwrap_or_else(|e| panic!("variant {variant}: {e}"));
+        let key = DataKey::from_bytes([0x17; 32]);
+        let (op, rop) = (
+            c.prepare(&key).unwrap(),
+            CpuCipher::new().prepare(&key).unwrap(),
+        );
+        let mut rng = SplitMix(u64::from(
+            variant.workgroup_size + variant.blocks_per_invocation + variant.table_copies,
+        ));
+        for (offset, len) in [
+            (0u64, 16 * 2048 + 5),
+            (7, 16 * 4096 * 2 + 33),
+            (
+                conformance::offset_for_counter(u32::MAX - 3000) + 3,
+                100_000,
+            ),
+        ] {
+            let mut src = vec![0u8; len];
+            rng.fill(&mut src);
+            let (mut x, mut y) = (vec![0u8; len], vec![0u8; len]);
+            op.ctr_apply(&[9; 12], offset, &src, &mut x);
+            rop.ctr_apply(&[9; 12], offset, &src, &mut y);
+            assert!(
+                x == y,
+                "variant {variant}: offset {offset} len {len} differs"
+            );
+        }
+        c.health().unwrap();
+    }
+    let bad = WgpuCipher::new(WgpuOptions {
+        kernel: Some(KernelVariant {
+            blocks_per_invocation: 3,
+            ..KernelVariant::DEFAULT
+        }),
+        ..WgpuOptions::default()
+    });
+    assert!(bad.is_err(), "an unsupported variant was accepted");
+}
+
+#[test]
+fn gpu_ghash_matches_cpu_tags_and_rejects_tampering() {
+    let Some(c) = backend(WgpuOptions {
+        gpu_ghash: Some(true),
+        max_piece_bytes: Some(1 << 20),
+        ..WgpuOptions::default()
+    }) else {
+        return;
+    };
+    let mut rng = SplitMix(0x6ba5);
+    // Lengths around the shader's segment (16 blocks) and workgroup (4096 blocks) spans, the
+    // piece size (1 MiB: one piece, the GPU path) and past it (several pieces: the CPU path).
+    let lens = [
+        1usize,
+        15,
+        16,
+        17,
+        255,
+        256,
+        257,
+        65_535,
+        65_536,
+        65_537,
+        1 << 20,
+        (1 << 20) + 1,
+        3_000_000,
+    ];
+    for (case, &len) in lens.iter().enumerate() {
+        let mut kb = [0u8; 32];
+        rng.fill(&mut kb);
+        let key = DataKey::from_bytes(kb);
+        let (op, rop) = (
+            c.prepare(&key).unwrap(),
+            CpuCipher::new().prepare(&key).unwrap(),
+        );
+        let mut nonce = [0u8; 12];
+        rng.fill(&mut nonce);
+        let mut pt = vec![0u8; len];
+        rng.fill(&mut pt);
+        let aad: Vec<u8> = (0..(case * 7) as u8).collect();
+        let mut ct = pt.clone();
+        let tag = rop.seal_in_place(&nonce, &aad, true, &mut ct);
+        let params = ChunkParams {
+            nonce,
+            aad: &aad,
+            tag,
+            encrypted: true,
+        };
+        let mut out = vec![0u8; len];
+        op.open(&params, &ct, &mut out).unwrap();
+        assert!(out == pt, "len {len}: open differs");
+        let mut inplace = ct.clone();
+        op.open_in_place(&params, &mut inplace).unwrap();
+        assert!(inplace == pt, "len {len}: open_in_place differs");
+        // One flipped bit anywhere (first, middle, last byte), in the AAD or the tag: rejected,
+        // nothing released.
+        for at in [0, len / 2, len - 1] {
+            let mut bad = ct.clone();
+            bad[at] ^= 0x01;
+            let mut out = vec![0x77u8; len];
+            assert_eq!(
+                op.open(&params, &bad, &mut out),
+                Err(TagMismatch),
+                "len {len} at {at}"
+            );
+            assert!(out.iter().all(|&b| b == 0), "len {len}: bytes released");
+            assert_eq!(op.open_in_place(&params, &mut bad), Err(TagMismatch));
+            assert!(
+                bad.iter().all(|&b| b == 0),
+                "len {len}: bytes left in place"
+            );
+        }
+        let mut bad_tag = params;
+        bad_tag.tag[15] ^= 0x40;
+        assert_eq!(op.open(&bad_tag, &ct, &mut out), Err(TagMismatch));
+        let wrong_aad = [aad.as_slice(), b"x"].concat();
+        let bad_aad = ChunkParams {
+            aad: &wrong_aad,
+            ..params
+        };
+        assert_eq!(op.open(&bad_aad, &ct, &mut out), Err(TagMismatch));
+    }
+    c.health().unwrap();
 }
 
 #[test]
@@ -99,8 +238,15 @@ fn piecewise_dispatch_matches_cpu() {
 
 #[test]
 fn random_chunks_match_cpu_backend() {
+    for gpu_ghash in [true, false] {
+        random_chunks_match_cpu_backend_with(gpu_ghash);
+    }
+}
+
+fn random_chunks_match_cpu_backend_with(gpu_ghash: bool) {
     let Some(c) = backend(WgpuOptions {
         max_piece_bytes: Some(64 * 1024),
+        gpu_ghash: Some(gpu_ghash),
         ..WgpuOptions::default()
     }) else {
         return;
@@ -173,7 +319,19 @@ fn kernel_bench_reports_throughput() {
     };
     let report = ciphershard::cipher::wgpu::kernel_bench_on(&c, 1 << 20).unwrap();
     eprintln!("{report}");
-    assert!(report.kernel_gbps > 0.0 && report.round_trip_gbps > 0.0);
+    assert_eq!(report.variants.len(), KernelVariant::ALL.len());
+    assert!(report.variants.iter().all(|v| v.gbps > 0.0));
+    for figure in [
+        report.kernel_gbps,
+        report.round_trip_gbps,
+        report.cpu_ghash_gbps,
+        report.gpu_ghash_gbps,
+        report.open_cpu_ghash_gbps,
+        report.open_gpu_ghash_gbps,
+    ] {
+        assert!(figure > 0.0 && figure.is_finite(), "{report}");
+    }
+    assert_eq!(report.gpu_ghash_default, c.gpu_ghash());
 }
 
 /// Throughput figures for the report (not a timed test: it asserts nothing about speed).

@@ -1,17 +1,22 @@
 //! Portable GPU backend through wgpu (Vulkan, Metal, DX12): AES-256-CTR in WGSL
-//! (`shaders/aes_ctr.wgsl`), GHASH on the CPU overlapped with the GPU pass.
+//! (`shaders/aes_ctr.wgsl`) and the GCM tag check either on the GPU (`shaders/ghash.wgsl`) or
+//! on the calling thread overlapped with the GPU pass.
 //!
-//! Tag verification runs on the calling thread while the GPU decrypts the first piece; the
-//! plaintext stays in GPU / mapped staging memory and is copied into the caller's buffer only
-//! after the tag verified. On a mismatch the destination is zeroed and the GPU buffers holding
-//! plaintext are cleared.
+//! Nothing is released before the tag verified: the plaintext stays in GPU / mapped staging
+//! memory and is copied into the caller's buffer only afterwards. On a mismatch the destination
+//! is zeroed and the GPU buffers holding plaintext are cleared.
 //!
-//! Why GHASH on the CPU (measured on lavapipe, 2 shared vCPUs, load 4-8): one core's PCLMULQDQ
-//! GHASH ran at 2.4-4.6 GB/s while the WGSL AES kernel reached 0.04-0.14 GB/s; on a CPU Vulkan
-//! driver a GPU GHASH would only compete for the same cores, while the CPU pass hides behind the GPU one.
-//! On a discrete GPU the kernel can outrun one core's GHASH (`KernelBench::cpu_ghash_gbps` shows
-//! the bound next to the kernel figure); a GPU GHASH (partial sums with powers of H) is the next
-//! step there.
+//! GHASH on the GPU (the default on real GPUs, [`WgpuOptions::gpu_ghash`]): in the same
+//! submission as the CTR pass, before it, each invocation runs Horner's rule over 16 ciphertext
+//! blocks with a 4-bit Shoup table of H in workgroup memory and multiplies by its power of H
+//! (uploaded per key); each workgroup XOR-reduces its sums. The host reads those partial sums
+//! (16 bytes per 64 KiB), combines them with powers of H, adds the AAD and length blocks and
+//! compares tags in constant time, then reads the plaintext back. Chunks bigger than one piece
+//! (128 MiB by default) check on the CPU instead (every piece would have to be held back).
+//!
+//! GHASH on the CPU (the default on CPU-type adapters such as lavapipe, where the GPU GHASH
+//! competes for the same cores: 5.1-5.4 GB/s on one core against 0.11-0.15 GB/s through
+//! lavapipe, measured by `kernel_bench` on 2 shared vCPUs) runs while the GPU decrypts the first piece.
 //!
 //! The device, pipeline, bind-group layout, T-table and the upload/work/readback buffers live in
 //! one context created once per [`WgpuCipher`] and reused. Chunks bigger than a piece (128 MiB,
@@ -39,6 +44,8 @@ use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
 const BACKEND: &str = "wgpu";
+/// Piece sizes are multiples of this many blocks (the largest workgroup span of any variant
+/// need not divide them: the kernels bound-check every block).
 const WORKGROUP_SIZE: u64 = 256;
 /// Default cap on one dispatch (lavapipe's binding limit): bounds the three staging buffers
 /// (upload, work, readback) on adapters with huge limits, and keeps the grid within 65535
@@ -48,6 +55,14 @@ const DEFAULT_MAX_PIECE: u64 = 128 << 20;
 const GPU_TIMEOUT: Duration = Duration::from_secs(60);
 /// The shader source, compiled once per context.
 const SHADER: &str = include_str!("../../shaders/aes_ctr.wgsl");
+/// The GHASH shader (partial sums with powers of H), compiled once per context.
+const GHASH_SHADER: &str = include_str!("../../shaders/ghash.wgsl");
+/// Ciphertext blocks per GHASH invocation (the shader's `SEGMENT`).
+const GHASH_SEGMENT: u64 = 16;
+/// GHASH invocations per workgroup (the shader's workgroup size).
+const GHASH_WORKGROUP: u64 = 256;
+/// Blocks per GHASH workgroup: the host combines one partial sum per this many blocks.
+const GHASH_GROUP_BLOCKS: u64 = GHASH_SEGMENT * GHASH_WORKGROUP;
 
 /// A summary of the adapter wgpu would use here.
 #[derive(Debug, Clone)]
@@ -155,6 +170,13 @@ pub struct WgpuOptions {
     /// read it from the storage buffer (`Some(false)`). On lavapipe the two measured the same
     /// within the noise (0.05-0.14 GB/s each, alternating runs); kept to compare on real GPUs.
     pub shared_table: Option<bool>,
+    /// The AES-CTR kernel variant (default: [`KernelVariant::DEFAULT`]).
+    pub kernel: Option<KernelVariant>,
+    /// Where the tag check of `open` runs: `Some(true)` on the GPU (`shaders/ghash.wgsl`, partial
+    /// sums read back before any plaintext is), `Some(false)` on one CPU thread overlapped with
+    /// the GPU pass. `None` picks per adapter: the GPU for real GPUs, the CPU for CPU-type
+    /// adapters (lavapipe), where a GPU GHASH only competes for the same cores.
+    pub gpu_ghash: Option<bool>,
 }
 
 impl Default for WgpuOptions {
@@ -163,6 +185,8 @@ impl Default for WgpuOptions {
             allow_cpu_adapter: true,
             max_piece_bytes: None,
             shared_table: None,
+            kernel: None,
+            gpu_ghash: None,
         }
     }
 }
@@ -232,56 +256,188 @@ fn expand_key(key: &[u8; 32], sbox: &[u8; 256]) -> Zeroizing<[u32; 60]> {
     w
 }
 
-/// Compiles the WGSL and builds the compute pipeline and its bind-group layout; a compile or
+/// A variant of the AES-CTR kernel (`shaders/aes_ctr.wgsl`), chosen at pipeline creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct KernelVariant {
+    /// Invocations per workgroup: 256 or 512 (capped by the device's limit).
+    pub workgroup_size: u32,
+    /// Blocks per invocation: 1 (`main`) or 4 (`main4`, four independent blocks for ILP).
+    pub blocks_per_invocation: u32,
+    /// Copies of the table in workgroup memory: 1, or 32 interleaved one per bank (32 KiB; the
+    /// CUDA kernel's conflict-free layout). Ignored when the table is read from storage.
+    pub table_copies: u32,
+}
+
+impl KernelVariant {
+    /// The default: one block per invocation, 256 invocations (measured fastest so far).
+    pub const DEFAULT: KernelVariant = KernelVariant {
+        workgroup_size: 256,
+        blocks_per_invocation: 1,
+        table_copies: 1,
+    };
+    /// Every variant `kernel_bench` measures.
+    pub const ALL: [KernelVariant; 6] = [
+        KernelVariant::DEFAULT,
+        KernelVariant {
+            workgroup_size: 512,
+            blocks_per_invocation: 1,
+            table_copies: 1,
+        },
+        KernelVariant {
+            workgroup_size: 256,
+            blocks_per_invocation: 4,
+            table_copies: 1,
+        },
+        KernelVariant {
+            workgroup_size: 512,
+            blocks_per_invocation: 4,
+            table_copies: 1,
+        },
+        KernelVariant {
+            workgroup_size: 256,
+            blocks_per_invocation: 4,
+            table_copies: 32,
+        },
+        KernelVariant {
+            workgroup_size: 512,
+            blocks_per_invocation: 4,
+            table_copies: 32,
+        },
+    ];
+
+    fn entry_point(&self) -> &'static str {
+        if self.blocks_per_invocation == 4 {
+            "main4"
+        } else {
+            "main"
+        }
+    }
+
+    /// Blocks one workgroup covers.
+    fn span_blocks(&self) -> u64 {
+        u64::from(self.workgroup_size) * u64::from(self.blocks_per_invocation)
+    }
+}
+
+impl std::fmt::Display for KernelVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wg{}x{}{}",
+            self.workgroup_size,
+            self.blocks_per_invocation,
+            if self.table_copies == 32 {
+                "-banked"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// Compiles the AES-CTR WGSL and builds its pipeline and bind-group layout; a compile or
 /// validation error comes back as text (wgpu's default would panic).
 fn build_pipeline(
     device: &::wgpu::Device,
     source: &str,
     shared_table: bool,
+    variant: KernelVariant,
 ) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
-    let scope = device.push_error_scope(::wgpu::ErrorFilter::Validation);
-    let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
-        label: Some("aes_ctr.wgsl"),
-        source: ::wgpu::ShaderSource::Wgsl(source.into()),
-    });
-    let storage = |read_only| ::wgpu::BindingType::Buffer {
-        ty: ::wgpu::BufferBindingType::Storage { read_only },
-        has_dynamic_offset: false,
-        min_binding_size: None,
-    };
+    let (storage, uniform) = binding_types();
+    build_compute(
+        device,
+        "aes_ctr",
+        source,
+        variant.entry_point(),
+        &[uniform, storage(true), uniform, storage(false)],
+        &[
+            ("shared_table", if shared_table { 1.0 } else { 0.0 }),
+            ("WG", f64::from(variant.workgroup_size)),
+            ("COPIES", f64::from(variant.table_copies)),
+        ],
+    )
+}
+
+/// Builds the GHASH pipeline (`shaders/ghash.wgsl`).
+fn build_ghash_pipeline(
+    device: &::wgpu::Device,
+    source: &str,
+) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
+    let (storage, uniform) = binding_types();
+    build_compute(
+        device,
+        "ghash",
+        source,
+        "main",
+        &[
+            uniform,
+            storage(true),
+            storage(true),
+            storage(true),
+            storage(false),
+        ],
+        &[("SEGMENT", GHASH_SEGMENT as f64)],
+    )
+}
+
+fn binding_types() -> (fn(bool) -> ::wgpu::BindingType, ::wgpu::BindingType) {
+    fn storage(read_only: bool) -> ::wgpu::BindingType {
+        ::wgpu::BindingType::Buffer {
+            ty: ::wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        }
+    }
     let uniform = ::wgpu::BindingType::Buffer {
         ty: ::wgpu::BufferBindingType::Uniform,
         has_dynamic_offset: false,
         min_binding_size: None,
     };
-    let entry = |binding, ty| ::wgpu::BindGroupLayoutEntry {
-        binding,
-        visibility: ::wgpu::ShaderStages::COMPUTE,
-        ty,
-        count: None,
-    };
+    (storage, uniform)
+}
+
+/// Compiles `source` and builds a compute pipeline (entry point `main`) whose bindings
+/// 0.. have the given types.
+fn build_compute(
+    device: &::wgpu::Device,
+    label: &str,
+    source: &str,
+    entry_point: &str,
+    bindings: &[::wgpu::BindingType],
+    constants: &[(&str, f64)],
+) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
+    let scope = device.push_error_scope(::wgpu::ErrorFilter::Validation);
+    let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: ::wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let entries: Vec<::wgpu::BindGroupLayoutEntry> = bindings
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| ::wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: ::wgpu::ShaderStages::COMPUTE,
+            ty: *ty,
+            count: None,
+        })
+        .collect();
     let layout = device.create_bind_group_layout(&::wgpu::BindGroupLayoutDescriptor {
-        label: Some("aes_ctr"),
-        entries: &[
-            entry(0, uniform),
-            entry(1, storage(true)),
-            entry(2, uniform),
-            entry(3, storage(false)),
-        ],
+        label: Some(label),
+        entries: &entries,
     });
     let pipeline_layout = device.create_pipeline_layout(&::wgpu::PipelineLayoutDescriptor {
-        label: Some("aes_ctr"),
+        label: Some(label),
         bind_group_layouts: &[Some(&layout)],
         immediate_size: 0,
     });
     let pipeline = device.create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
-        label: Some("aes_ctr"),
+        label: Some(label),
         layout: Some(&pipeline_layout),
         module: &module,
-        entry_point: Some("main"),
+        entry_point: Some(entry_point),
         compilation_options: ::wgpu::PipelineCompilationOptions {
-            constants: &[("shared_table", if shared_table { 1.0 } else { 0.0 })],
-            // Every entry of the workgroup table is written before the barrier.
+            constants,
+            // Every workgroup array entry is written before a barrier precedes its first read.
             zero_initialize_workgroup_memory: false,
         },
         cache: None,
@@ -292,12 +448,95 @@ fn build_pipeline(
     }
 }
 
+/// GF(2^128) product in GCM's bit order, on 128-bit big-endian integers (the byte string read
+/// big-endian). Branch-free: the secret operands steer no branch or index.
+fn gf_mul(a: u128, b: u128) -> u128 {
+    const R: u128 = 0xe1 << 120;
+    let (mut z, mut v) = (0u128, b);
+    for i in 0..128 {
+        let bit = (a >> (127 - i)) & 1;
+        z ^= v & bit.wrapping_neg();
+        v = (v >> 1) ^ (R & (v & 1).wrapping_neg());
+    }
+    z
+}
+
+/// `h^e` by square and multiply (`e` is a public length; timing may depend on it).
+fn gf_pow(h: u128, mut e: u64) -> u128 {
+    // x^0 is the most significant bit: the field's one.
+    let (mut acc, mut base) = (1u128 << 127, h);
+    while e > 0 {
+        if e & 1 == 1 {
+            acc = gf_mul(acc, base);
+        }
+        base = gf_mul(base, base);
+        e >>= 1;
+    }
+    acc
+}
+
+/// The GHASH shader's per-key tables: the 4-bit Shoup table of H, the x^4 reduction words
+/// (not secret, but uploaded together) and the segment powers H^(SEGMENT * (255 - t)).
+fn ghash_tables(h: u128) -> (Zeroizing<Vec<u32>>, Zeroizing<Vec<u32>>) {
+    let words = |x: u128| {
+        [
+            (x >> 96) as u32,
+            (x >> 64) as u32,
+            (x >> 32) as u32,
+            x as u32,
+        ]
+    };
+    let mut tables = Zeroizing::new(Vec::with_capacity(16 * 4 + 16));
+    for i in 0..16u128 {
+        tables.extend(words(gf_mul(i << 124, h)));
+    }
+    for r in 0..16u128 {
+        // r * x^4 for r below x^4's degree: what a 4-bit right shift drops, folded back in.
+        let folded = gf_mul(r, 1u128 << 123);
+        debug_assert_eq!(folded & ((1u128 << 96) - 1), 0);
+        tables.push((folded >> 96) as u32);
+    }
+    let step = gf_pow(h, GHASH_SEGMENT);
+    let mut powers = Zeroizing::new(vec![0u32; GHASH_WORKGROUP as usize * 4]);
+    let mut p = 1u128 << 127;
+    for t in (0..GHASH_WORKGROUP as usize).rev() {
+        powers[4 * t..4 * t + 4].copy_from_slice(&words(p));
+        p = gf_mul(p, step);
+    }
+    (tables, powers)
+}
+
+/// GHASH workgroups (partial sums) for `blocks` blocks.
+fn ghash_groups(blocks: u64) -> u64 {
+    blocks.div_ceil(GHASH_GROUP_BLOCKS).max(1)
+}
+
+/// How `gpu_ctr` checks a tag before releasing plaintext.
+enum Gate<'g> {
+    /// No check (CTR only: `ctr_apply`, `seal_in_place`).
+    None,
+    /// Called with the whole source on the calling thread while the GPU runs the first piece.
+    Cpu(&'g mut dyn FnMut(&[u8]) -> bool),
+    /// GHASH on the GPU (one piece, aligned start only): called with the GHASH sum over the
+    /// padded source blocks alone (as if started from zero) and their count.
+    Gpu(&'g mut dyn FnMut(u128, u64) -> bool),
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct GhashParams {
+    blocks: u32,
+    pad: u32,
+    groups: u32,
+    row_groups: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
     nonce_ctr: [u32; 4],
     blocks: u32,
-    row_stride: u32,
+    row_groups: u32,
     _pad: [u32; 2],
 }
 
@@ -318,10 +557,21 @@ struct Context {
     layout: ::wgpu::BindGroupLayout,
     t0: ::wgpu::Buffer,
     params: ::wgpu::Buffer,
+    /// GHASH partial sums (`shaders/ghash.wgsl`): pipeline, layout, parameters, one 16-byte
+    /// sum per workgroup of a piece, and its read-back copy.
+    ghash_pipeline: ::wgpu::ComputePipeline,
+    ghash_layout: ::wgpu::BindGroupLayout,
+    ghash_params: ::wgpu::Buffer,
+    partials: ::wgpu::Buffer,
+    partials_readback: ::wgpu::Buffer,
+    /// Whether openers check tags on the GPU by default.
+    gpu_ghash: bool,
     /// Largest piece, in bytes (a multiple of the workgroup's span).
     piece_bytes: u64,
     /// Whether the pipeline copies the table into workgroup memory.
     shared_table: bool,
+    /// The kernel variant the pipeline runs.
+    variant: KernelVariant,
     max_workgroups: u32,
     buffers: Mutex<Buffers>,
     /// Set by the device-lost callback or the first failed GPU operation.
@@ -379,11 +629,42 @@ impl WgpuCipher {
         });
 
         let shared_table = options.shared_table.unwrap_or(true);
-        let (pipeline, layout) = build_pipeline(&device, SHADER, shared_table).map_err(|e| {
-            backend_err(format!(
-                "{summary}: shader aes_ctr.wgsl failed to build: {e}"
-            ))
-        })?;
+        let mut variant = options.kernel.unwrap_or(KernelVariant::DEFAULT);
+        if !matches!(variant.blocks_per_invocation, 1 | 4)
+            || !matches!(variant.workgroup_size, 64 | 128 | 256 | 512 | 1024)
+            || !matches!(variant.table_copies, 1 | 32)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "wgpu kernel variant {variant}: blocks per invocation must be 1 or 4, the \
+                 workgroup size a power of two from 64 to 1024, and table copies 1 or 32"
+            )));
+        }
+        if !shared_table {
+            variant.table_copies = 1;
+        }
+        if variant.table_copies * 1024 > limits.max_compute_workgroup_storage_size {
+            return Err(unavailable(format!(
+                "{summary}: kernel variant {variant} needs {} KiB of workgroup memory, the \
+                 device has {} bytes",
+                variant.table_copies, limits.max_compute_workgroup_storage_size
+            )));
+        }
+        variant.workgroup_size = variant
+            .workgroup_size
+            .min(limits.max_compute_invocations_per_workgroup)
+            .min(limits.max_compute_workgroup_size_x);
+        let (pipeline, layout) =
+            build_pipeline(&device, SHADER, shared_table, variant).map_err(|e| {
+                backend_err(format!(
+                    "{summary}: shader aes_ctr.wgsl failed to build: {e}"
+                ))
+            })?;
+
+        let (ghash_pipeline, ghash_layout) =
+            build_ghash_pipeline(&device, GHASH_SHADER).map_err(|e| {
+                backend_err(format!("{summary}: shader ghash.wgsl failed to build: {e}"))
+            })?;
+        let gpu_ghash = options.gpu_ghash.unwrap_or(!summary.is_cpu());
 
         let sbox = sbox_table();
         let t0 = device.create_buffer(&::wgpu::BufferDescriptor {
@@ -414,6 +695,27 @@ impl WgpuCipher {
                 "wgpu piece size {cap} bytes is below one workgroup's span ({span} bytes)"
             )));
         }
+        let partials_bytes = ghash_groups(piece_bytes / BLOCK_LEN as u64) * 16;
+        let make = |label, size, usage| {
+            device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        use ::wgpu::BufferUsages as U;
+        let ghash_params = make(
+            "ghash_params",
+            std::mem::size_of::<GhashParams>() as u64,
+            U::UNIFORM | U::COPY_DST,
+        );
+        let partials = make("ghash_partials", partials_bytes, U::STORAGE | U::COPY_SRC);
+        let partials_readback = make(
+            "ghash_partials_readback",
+            partials_bytes,
+            U::MAP_READ | U::COPY_DST,
+        );
         Ok(WgpuCipher {
             ctx: Arc::new(Context {
                 adapter: summary,
@@ -423,8 +725,15 @@ impl WgpuCipher {
                 layout,
                 t0,
                 params,
+                ghash_pipeline,
+                ghash_layout,
+                ghash_params,
+                partials,
+                partials_readback,
+                gpu_ghash,
                 piece_bytes,
                 shared_table,
+                variant,
                 max_workgroups: limits.max_compute_workgroups_per_dimension.max(1),
                 buffers: Mutex::new(Buffers {
                     capacity: 0,
@@ -442,6 +751,11 @@ impl WgpuCipher {
     /// The adapter in use.
     pub fn adapter(&self) -> &AdapterSummary {
         &self.ctx.adapter
+    }
+
+    /// Whether `open` checks tags on the GPU (see [`WgpuOptions::gpu_ghash`]).
+    pub fn gpu_ghash(&self) -> bool {
+        self.ctx.gpu_ghash
     }
 
     /// Bytes processed per dispatch at most.
@@ -472,12 +786,32 @@ impl WgpuCipher {
         let aes = Aes256::new(key.as_bytes().into());
         let mut h = [0u8; 16];
         aes.encrypt_block((&mut h).into());
+        let h_int = Zeroizing::new(u128::from_be_bytes(h));
+        let (tables, powers) = ghash_tables(*h_int);
+        let upload = |label, words: &[u32]| {
+            let buf = self.ctx.device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some(label),
+                size: words.len() as u64 * 4,
+                usage: ::wgpu::BufferUsages::STORAGE | ::wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.ctx
+                .queue
+                .write_buffer(&buf, 0, bytemuck::cast_slice(words));
+            buf
+        };
+        let ghash_tables = upload("ghash_tables", &tables);
+        let ghash_powers = upload("ghash_powers", &powers);
         let cpu = CpuCipher::new().prepare(key)?;
         Ok(WgpuOpener {
             ctx: self.ctx.clone(),
             keys_buf,
+            ghash_tables,
+            ghash_powers,
+            gpu_ghash: self.ctx.gpu_ghash,
             aes,
             h: Zeroizing::new(h),
+            h_int,
             cpu,
         })
     }
@@ -512,8 +846,15 @@ fn record(sink: &Mutex<Option<String>>, reason: String) {
 pub struct WgpuOpener {
     ctx: Arc<Context>,
     keys_buf: ::wgpu::Buffer,
+    /// Shoup table of H and reduction words; powers of H per GHASH invocation (key material).
+    ghash_tables: ::wgpu::Buffer,
+    ghash_powers: ::wgpu::Buffer,
+    /// Check `open` tags on the GPU (single-piece chunks) rather than on the calling thread.
+    gpu_ghash: bool,
     aes: Aes256,
     h: Zeroizing<[u8; 16]>,
+    /// H as a big-endian integer, for combining the GPU's partial sums.
+    h_int: Zeroizing<u128>,
     /// Finishes a call on the CPU if the GPU fails mid-way.
     cpu: Box<dyn ChunkOpener>,
 }
@@ -521,9 +862,17 @@ pub struct WgpuOpener {
 impl Drop for WgpuOpener {
     fn drop(&mut self) {
         // Overwrite the round keys in device memory before releasing it.
+        // Likewise H's tables and powers: with them a tag could be forged.
         self.ctx.queue.write_buffer(&self.keys_buf, 0, &[0u8; 240]);
+        for b in [&self.ghash_tables, &self.ghash_powers] {
+            self.ctx
+                .queue
+                .write_buffer(b, 0, &vec![0u8; b.size() as usize]);
+        }
         self.ctx.queue.submit([]);
         self.keys_buf.destroy();
+        self.ghash_tables.destroy();
+        self.ghash_powers.destroy();
     }
 }
 
@@ -648,7 +997,7 @@ impl WgpuOpener {
         nonce: &[u8; NONCE_LEN],
         offset: u64,
         io: &mut Io<'_>,
-        gate: &mut dyn FnMut(&[u8]) -> bool,
+        mut gate: Gate<'_>,
         done: &mut usize,
     ) -> Result<bool> {
         if let Some(reason) = lock(&self.ctx.failure).as_ref() {
@@ -683,7 +1032,9 @@ impl WgpuOpener {
             (Some(u), Some(w), Some(r)) => (u, w, r),
             _ => return Err(backend_err("staging buffers missing")),
         };
-        let mut gate = Some(gate);
+        if matches!(gate, Gate::Gpu(_)) && (head != 0 || padded > ctx.piece_bytes) {
+            return Err(backend_err("GPU GHASH needs one aligned piece"));
+        }
         let mut start = 0u64;
         while start < padded {
             let size = (padded - start).min(ctx.piece_bytes);
@@ -699,7 +1050,7 @@ impl WgpuOpener {
                 .device
                 .push_error_scope(::wgpu::ErrorFilter::OutOfMemory);
             let scope = ctx.device.push_error_scope(::wgpu::ErrorFilter::Validation);
-            let workgroups = blocks.div_ceil(WORKGROUP_SIZE);
+            let workgroups = blocks.div_ceil(ctx.variant.span_blocks());
             let x = workgroups.min(u64::from(ctx.max_workgroups)) as u32;
             let y = workgroups.div_ceil(u64::from(x)) as u32;
             let params = Params {
@@ -710,7 +1061,7 @@ impl WgpuOpener {
                     first_ctr.wrapping_add((start / 16) as u32),
                 ],
                 blocks: blocks as u32,
-                row_stride: x * WORKGROUP_SIZE as u32,
+                row_groups: x,
                 _pad: [0; 2],
             };
             ctx.queue
@@ -743,6 +1094,11 @@ impl WgpuOpener {
             });
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(upload, 0, work, 0, size);
+            let groups = if matches!(gate, Gate::Gpu(_)) {
+                Some(self.encode_ghash(&mut enc, work, blocks))
+            } else {
+                None
+            };
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
                 pass.set_pipeline(&ctx.pipeline);
@@ -750,6 +1106,9 @@ impl WgpuOpener {
                 pass.dispatch_workgroups(x, y, 1);
             }
             enc.copy_buffer_to_buffer(work, 0, readback, 0, size);
+            if let Some(groups) = groups {
+                enc.copy_buffer_to_buffer(&ctx.partials, 0, &ctx.partials_readback, 0, groups * 16);
+            }
             let submission = ctx.queue.submit([enc.finish()]);
             let validation = pollster::block_on(scope.pop());
             let oom = pollster::block_on(scope_oom.pop());
@@ -759,10 +1118,18 @@ impl WgpuOpener {
                     ctx.adapter
                 )));
             }
-            // Verify the tag while the GPU runs; release nothing unless it holds.
-            if let Some(g) = gate.take()
-                && !g(io.src())
-            {
+            // Verify the tag (on the CPU while the GPU runs, or from the GPU's partial sums);
+            // release nothing unless it holds.
+            let verified = match std::mem::replace(&mut gate, Gate::None) {
+                Gate::None => true,
+                Gate::Cpu(g) => g(io.src()),
+                Gate::Gpu(g) => {
+                    let groups = groups.expect("encoded with the GHASH pass");
+                    let sum = self.combine_partials(submission.clone(), groups)?;
+                    g(*sum, blocks)
+                }
+            };
+            if !verified {
                 // The upload buffer holds ciphertext only (and cannot be a copy target).
                 self.clear(&[work, readback]);
                 return Ok(false);
@@ -778,6 +1145,132 @@ impl WgpuOpener {
             start += size;
         }
         Ok(true)
+    }
+
+    /// Records the GHASH pass over the first `blocks` blocks of `work` (the ciphertext, before
+    /// the CTR pass runs in place); returns the number of partial sums it writes.
+    fn encode_ghash(
+        &self,
+        enc: &mut ::wgpu::CommandEncoder,
+        work: &::wgpu::Buffer,
+        blocks: u64,
+    ) -> u64 {
+        let ctx = &*self.ctx;
+        let groups = ghash_groups(blocks);
+        let row_groups = groups.min(u64::from(ctx.max_workgroups));
+        let params = GhashParams {
+            blocks: blocks as u32,
+            pad: (groups * GHASH_GROUP_BLOCKS - blocks) as u32,
+            groups: groups as u32,
+            row_groups: row_groups as u32,
+        };
+        ctx.queue
+            .write_buffer(&ctx.ghash_params, 0, bytemuck::bytes_of(&params));
+        let bind = ctx.device.create_bind_group(&::wgpu::BindGroupDescriptor {
+            label: Some("ghash"),
+            layout: &ctx.ghash_layout,
+            entries: &[
+                ::wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: ctx.ghash_params.as_entire_binding(),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: self.ghash_tables.as_entire_binding(),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: self.ghash_powers.as_entire_binding(),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 3,
+                    resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                        buffer: work,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(blocks.max(1) * BLOCK_LEN as u64),
+                    }),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 4,
+                    resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                        buffer: &ctx.partials,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(groups * 16),
+                    }),
+                },
+            ],
+        });
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&ctx.ghash_pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(row_groups as u32, groups.div_ceil(row_groups) as u32, 1);
+        groups
+    }
+
+    /// Waits for `submission`, reads the `groups` partial sums and combines them (Horner's rule
+    /// with H^(blocks per group)) into the GHASH sum of the piece's blocks.
+    fn combine_partials(
+        &self,
+        submission: ::wgpu::SubmissionIndex,
+        groups: u64,
+    ) -> Result<Zeroizing<u128>> {
+        let ctx = &*self.ctx;
+        let bytes = groups * 16;
+        self.map_blocking(
+            &ctx.partials_readback,
+            ::wgpu::MapMode::Read,
+            bytes,
+            Some(submission),
+        )?;
+        let step = Zeroizing::new(gf_pow(*self.h_int, GHASH_GROUP_BLOCKS));
+        let mut sum = Zeroizing::new(0u128);
+        {
+            let view = ctx
+                .partials_readback
+                .get_mapped_range(0..bytes)
+                .map_err(|e| backend_err(format!("{}: GHASH readback view: {e}", ctx.adapter)))?;
+            for p in view.chunks_exact(16) {
+                let words: [u32; 4] = bytemuck::pod_read_unaligned(p);
+                let part = (u128::from(words[0]) << 96)
+                    | (u128::from(words[1]) << 64)
+                    | (u128::from(words[2]) << 32)
+                    | u128::from(words[3]);
+                *sum = gf_mul(*sum, *step) ^ part;
+            }
+        }
+        ctx.partials_readback.unmap();
+        Ok(sum)
+    }
+
+    /// The GCM tag from the GPU's GHASH `sum` over the `blocks` ciphertext blocks: the AAD's
+    /// GHASH state shifted past them, plus the sum, the length block, and E(J0).
+    fn tag_from_sum(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        ct_len: usize,
+        sum: u128,
+        blocks: u64,
+    ) -> [u8; TAG_LEN] {
+        let mut g = GHash::new(&(*self.h).into());
+        g.update_padded(aad);
+        let aad_state = Zeroizing::new(u128::from_be_bytes(g.finalize().into()));
+        let h = *self.h_int;
+        let lens = (u128::from(aad.len() as u64 * 8) << 64) | u128::from(ct_len as u64 * 8);
+        let state = Zeroizing::new(gf_mul(
+            gf_mul(*aad_state, gf_pow(h, blocks)) ^ sum ^ lens,
+            h,
+        ));
+        let mut j0 = [0u8; 16];
+        j0[..12].copy_from_slice(nonce);
+        j0[15] = 1;
+        self.aes.encrypt_block((&mut j0).into());
+        let mut s = state.to_be_bytes();
+        for (t, e) in s.iter_mut().zip(j0) {
+            *t ^= e;
+        }
+        j0.zeroize();
+        s
     }
 
     /// Writes one padded piece into the mapped `upload` buffer (created once, reused): `lead`
@@ -894,12 +1387,29 @@ impl WgpuOpener {
             };
         }
         let mut verified = false;
-        let mut gate = |ct: &[u8]| {
+        let ct_len = io.src().len();
+        let on_gpu = self.gpu_ghash && (ct_len as u64).next_multiple_of(16) <= self.ctx.piece_bytes;
+        let mut cpu_gate = |ct: &[u8]| {
             verified = ct_eq(&self.tag(&chunk.nonce, chunk.aad, ct, true), &chunk.tag);
             verified
         };
+        let mut verified_gpu = false;
+        let mut gpu_gate = |sum: u128, blocks: u64| {
+            verified_gpu = ct_eq(
+                &self.tag_from_sum(&chunk.nonce, chunk.aad, ct_len, sum, blocks),
+                &chunk.tag,
+            );
+            verified_gpu
+        };
+        let gate = if on_gpu {
+            Gate::Gpu(&mut gpu_gate)
+        } else {
+            Gate::Cpu(&mut cpu_gate)
+        };
         let mut done = 0;
-        match self.gpu_ctr(&chunk.nonce, 0, &mut io, &mut gate, &mut done) {
+        let result = self.gpu_ctr(&chunk.nonce, 0, &mut io, gate, &mut done);
+        let verified = verified || verified_gpu;
+        match result {
             Ok(true) => Ok(()),
             Ok(false) => {
                 io.dst().zeroize();
@@ -966,7 +1476,7 @@ impl ChunkOpener for WgpuOpener {
             nonce,
             offset,
             &mut Io::Separate(src, dst),
-            &mut |_| true,
+            Gate::None,
             &mut done,
         ) {
             self.note_failure(&e);
@@ -983,8 +1493,7 @@ impl ChunkOpener for WgpuOpener {
     ) -> [u8; TAG_LEN] {
         if encrypted && !buf.is_empty() {
             let mut done = 0;
-            if let Err(e) = self.gpu_ctr(nonce, 0, &mut Io::InPlace(buf), &mut |_| true, &mut done)
-            {
+            if let Err(e) = self.gpu_ctr(nonce, 0, &mut Io::InPlace(buf), Gate::None, &mut done) {
                 self.note_failure(&e);
                 self.cpu_finish(nonce, 0, Io::InPlace(buf), done);
             }
@@ -993,7 +1502,16 @@ impl ChunkOpener for WgpuOpener {
     }
 }
 
-/// Throughput of the wgpu AES-256-CTR path on this machine's adapter.
+/// One AES-CTR kernel variant's figure from [`kernel_bench`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VariantBench {
+    /// The variant (as named in the report, e.g. `wg256x1`).
+    pub variant: String,
+    /// Kernel only, GB/s; counted only after the variant's output matched the CPU backend.
+    pub gbps: f64,
+}
+
+/// Throughput of the wgpu paths on this machine's adapter, in GB/s (10^9 bytes/s).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KernelBench {
     /// The adapter measured.
@@ -1002,80 +1520,166 @@ pub struct KernelBench {
     pub shared_table: bool,
     /// Bytes per pass.
     pub bytes: u64,
-    /// Passes timed (after one warm-up pass).
+    /// Passes timed for the host round trip (after one warm-up pass).
     pub passes: u32,
-    /// Kernel only: data resident on the device, dispatch + wait, GB/s (10^9 bytes/s).
+    /// Every kernel variant, each checked against the CPU before it was timed.
+    pub variants: Vec<VariantBench>,
+    /// The fastest variant.
+    pub best_variant: String,
+    /// Kernel only, best variant: data resident on the device, dispatch + wait.
     pub kernel_gbps: f64,
-    /// Host to host: upload, dispatch, readback into a host buffer (`ctr_apply`), GB/s.
+    /// Host to host: upload, dispatch, readback into a host buffer (`ctr_apply`).
     pub round_trip_gbps: f64,
-    /// The tag check this backend runs on the CPU (GHASH, one thread), GB/s: when the kernel is
-    /// faster than this, GHASH on the GPU would pay off.
+    /// GHASH on one CPU thread (the CPU tag-check placement).
     pub cpu_ghash_gbps: f64,
-    /// `open` of one chunk of `bytes` from and to host memory: GPU CTR with the CPU tag check
-    /// overlapped, nothing released before it verified. GB/s.
+    /// GHASH on the GPU over data resident on the device: dispatch, wait, partial sums read
+    /// back and combined.
+    pub gpu_ghash_gbps: f64,
+    /// `open` of one chunk of `bytes`, host to host, nothing released before the tag verified,
+    /// with the tag check on the CPU (overlapped with the GPU pass).
+    pub open_cpu_ghash_gbps: f64,
+    /// The same with the tag check on the GPU.
+    pub open_gpu_ghash_gbps: f64,
+    /// Whether this adapter's default is the GPU tag check.
+    pub gpu_ghash_default: bool,
+    /// `open` with this adapter's default placement.
     pub open_gbps: f64,
 }
 
 impl std::fmt::Display for KernelBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
+        writeln!(
             f,
-            "wgpu AES-256-CTR on {} (table in {}): kernel {:.3} GB/s, host round trip {:.3} GB/s, \
-             CPU GHASH {:.3} GB/s, verified open {:.3} GB/s ({} MiB x {} passes)",
+            "wgpu on {} (table in {}, {} MiB per pass):",
             self.adapter,
             if self.shared_table {
                 "workgroup memory"
             } else {
                 "storage buffer"
             },
-            self.kernel_gbps,
-            self.round_trip_gbps,
-            self.cpu_ghash_gbps,
-            self.open_gbps,
             self.bytes >> 20,
-            self.passes
+        )?;
+        for v in &self.variants {
+            writeln!(
+                f,
+                "  kernel {:<15} {:>9.3} GB/s (checked against the CPU)",
+                v.variant, v.gbps
+            )?;
+        }
+        writeln!(
+            f,
+            "  best kernel {} {:.3} GB/s; host round trip {:.3} GB/s",
+            self.best_variant, self.kernel_gbps, self.round_trip_gbps
+        )?;
+        writeln!(
+            f,
+            "  GHASH: GPU {:.3} GB/s, CPU (one thread) {:.3} GB/s",
+            self.gpu_ghash_gbps, self.cpu_ghash_gbps
+        )?;
+        write!(
+            f,
+            "  verified open: GHASH on GPU {:.3} GB/s, GHASH on CPU {:.3} GB/s (default here: {})",
+            self.open_gpu_ghash_gbps,
+            self.open_cpu_ghash_gbps,
+            if self.gpu_ghash_default { "GPU" } else { "CPU" }
         )
     }
 }
 
-/// Measures the AES-256-CTR kernel on the default adapter (CPU adapters included) over `bytes`
-/// bytes (rounded up to whole blocks): kernel-only and host round-trip throughput.
+fn time_passes(f: &mut dyn FnMut() -> Result<()>) -> Result<(u32, f64)> {
+    f()?; // warm-up: buffers, pipeline caches
+    let (mut passes, t) = (0u32, Instant::now());
+    while passes < 3 || (t.elapsed() < Duration::from_millis(1500) && passes < 100) {
+        f()?;
+        passes += 1;
+    }
+    Ok((passes, t.elapsed().as_secs_f64()))
+}
+
+fn gbps(bytes: usize, (passes, secs): (u32, f64)) -> f64 {
+    (bytes as f64 * f64::from(passes)) / secs / 1e9
+}
+
+/// Measures every kernel variant, GHASH on the GPU and the CPU, and verified `open` with each
+/// tag-check placement on the default adapter (CPU adapters included), over `bytes` bytes
+/// (rounded up to whole blocks).
 pub fn kernel_bench(bytes: usize) -> Result<KernelBench> {
     let cipher = WgpuCipher::new(WgpuOptions::default())?;
     kernel_bench_on(&cipher, bytes)
 }
 
-/// [`kernel_bench`] on an existing backend.
+/// [`kernel_bench`] on an existing backend: its table placement and piece size, each variant
+/// on a device of its own.
 pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench> {
     let bytes = bytes.max(BLOCK_LEN).div_ceil(BLOCK_LEN) * BLOCK_LEN;
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| backend_err(format!("bench key: {e}")))?;
-    let op = cipher.prepare_opener(&DataKey::from_bytes(key))?;
+    let data_key = DataKey::from_bytes(key);
     key.zeroize();
+    let reference = CpuCipher::new().prepare(&data_key)?;
     let nonce = [7u8; NONCE_LEN];
-    let src = vec![0x5au8; bytes];
+    let mut src = vec![0u8; bytes];
+    getrandom::fill(&mut src).map_err(|e| backend_err(format!("bench data: {e}")))?;
     let mut dst = vec![0u8; bytes];
-    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<(u32, f64)> {
-        f()?; // warm-up: buffers, pipeline caches
-        let (mut passes, t) = (0u32, Instant::now());
-        while passes < 3 || (t.elapsed() < Duration::from_millis(1500) && passes < 100) {
-            f()?;
-            passes += 1;
+    let mut want = vec![0u8; bytes];
+    // An offset whose counters cross 2^32 inside the pass, as a check of the counter arithmetic.
+    let offset = super::conformance::offset_for_counter(u32::MAX - 1000);
+    reference.ctr_apply(&nonce, offset, &src, &mut want);
+
+    let mut variants = Vec::new();
+    for variant in KernelVariant::ALL {
+        let c = WgpuCipher::new(WgpuOptions {
+            shared_table: Some(cipher.ctx.shared_table),
+            max_piece_bytes: Some(cipher.ctx.piece_bytes),
+            kernel: Some(variant),
+            gpu_ghash: Some(cipher.ctx.gpu_ghash),
+            allow_cpu_adapter: true,
+        })?;
+        let op = c.prepare_opener(&data_key)?;
+        dst.fill(0);
+        op.gpu_ctr(
+            &nonce,
+            offset,
+            &mut Io::Separate(&src, &mut dst),
+            Gate::None,
+            &mut 0,
+        )?;
+        if dst != want {
+            return Err(backend_err(format!(
+                "{}: kernel variant {} differs from the CPU backend",
+                c.ctx.adapter, c.ctx.variant
+            )));
         }
-        Ok((passes, t.elapsed().as_secs_f64()))
-    };
-    let (passes, secs) = time(&mut || {
+        let t = time_passes(&mut || op.kernel_only(bytes as u64))?;
+        c.health()?;
+        variants.push(VariantBench {
+            variant: c.ctx.variant.to_string(),
+            gbps: gbps(bytes, t),
+        });
+    }
+    let best = variants
+        .iter()
+        .max_by(|a, b| a.gbps.total_cmp(&b.gbps))
+        .cloned()
+        .ok_or_else(|| backend_err("no kernel variant"))?;
+
+    let mut op = cipher.prepare_opener(&data_key)?;
+    let round_trip = time_passes(&mut || {
         op.gpu_ctr(
             &nonce,
             0,
             &mut Io::Separate(&src, &mut dst),
-            &mut |_| true,
+            Gate::None,
             &mut 0,
         )
         .map(|_| ())
     })?;
-    let round_trip_gbps = (bytes as f64 * f64::from(passes)) / secs / 1e9;
-    let (kpasses, ksecs) = time(&mut || op.kernel_only(bytes as u64))?;
+    let ghash_bytes = bytes.min(cipher.ctx.piece_bytes as usize);
+    let gpu_ghash = time_passes(&mut || op.ghash_only(ghash_bytes as u64).map(|_| ()))?;
+    let cpu_ghash = time_passes(&mut || {
+        std::hint::black_box(op.tag(&nonce, b"", &src, true));
+        Ok(())
+    })?;
     let mut ct = src.clone();
     let tag = op.seal_in_place(&nonce, b"bench", true, &mut ct);
     let chunk = ChunkParams {
@@ -1084,25 +1688,56 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
         tag,
         encrypted: true,
     };
-    let (opasses, osecs) = time(&mut || {
-        op.open(&chunk, &ct, &mut dst)
-            .map_err(|_| backend_err("benchmark chunk failed its own tag"))
-    })?;
-    let (gpasses, gsecs) = time(&mut || {
-        std::hint::black_box(op.tag(&nonce, b"", &src, true));
-        Ok(())
-    })?;
+    let mut open_with = |op: &WgpuOpener| {
+        time_passes(&mut || {
+            op.open(&chunk, &ct, &mut dst)
+                .map_err(|_| backend_err("benchmark chunk failed its own tag"))
+        })
+    };
+    op.gpu_ghash = false;
+    let open_cpu = open_with(&op)?;
+    op.gpu_ghash = true;
+    let open_gpu = open_with(&op)?;
     cipher.health()?;
+    let (open_cpu_ghash_gbps, open_gpu_ghash_gbps) = (gbps(bytes, open_cpu), gbps(bytes, open_gpu));
     Ok(KernelBench {
         adapter: cipher.ctx.adapter.to_string(),
         shared_table: cipher.ctx.shared_table,
         bytes: bytes as u64,
-        passes,
-        kernel_gbps: (bytes as f64 * f64::from(kpasses)) / ksecs / 1e9,
-        round_trip_gbps,
-        cpu_ghash_gbps: (bytes as f64 * f64::from(gpasses)) / gsecs / 1e9,
-        open_gbps: (bytes as f64 * f64::from(opasses)) / osecs / 1e9,
+        passes: round_trip.0,
+        kernel_gbps: best.gbps,
+        best_variant: best.variant,
+        variants,
+        round_trip_gbps: gbps(bytes, round_trip),
+        cpu_ghash_gbps: gbps(bytes, cpu_ghash),
+        gpu_ghash_gbps: gbps(ghash_bytes, gpu_ghash),
+        open_cpu_ghash_gbps,
+        open_gpu_ghash_gbps,
+        gpu_ghash_default: cipher.ctx.gpu_ghash,
+        open_gbps: if cipher.ctx.gpu_ghash {
+            open_gpu_ghash_gbps
+        } else {
+            open_cpu_ghash_gbps
+        },
     })
+}
+
+impl WgpuOpener {
+    /// GHASH pass over `bytes` already in the work buffer, waits, combines the partial sums.
+    fn ghash_only(&self, bytes: u64) -> Result<u128> {
+        let ctx = &*self.ctx;
+        let bufs = lock(&ctx.buffers);
+        let work = bufs
+            .work
+            .as_ref()
+            .ok_or_else(|| backend_err("no work buffer yet"))?;
+        let blocks = bytes.min(bufs.capacity) / BLOCK_LEN as u64;
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        let groups = self.encode_ghash(&mut enc, work, blocks);
+        enc.copy_buffer_to_buffer(&ctx.partials, 0, &ctx.partials_readback, 0, groups * 16);
+        let submission = ctx.queue.submit([enc.finish()]);
+        Ok(*self.combine_partials(submission, groups)?)
+    }
 }
 
 impl WgpuOpener {
@@ -1145,13 +1780,13 @@ impl WgpuOpener {
             ],
         });
         let blocks = size / BLOCK_LEN as u64;
-        let workgroups = blocks.div_ceil(WORKGROUP_SIZE);
+        let workgroups = blocks.div_ceil(ctx.variant.span_blocks());
         let x = workgroups.min(u64::from(ctx.max_workgroups)) as u32;
         let y = workgroups.div_ceil(u64::from(x)) as u32;
         let params = Params {
             nonce_ctr: [1, 2, 3, 4],
             blocks: blocks as u32,
-            row_stride: x * WORKGROUP_SIZE as u32,
+            row_groups: x,
             _pad: [0; 2],
         };
         ctx.queue
@@ -1225,6 +1860,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn gf_mul_and_pow_match_the_ghash_crate() {
+        // One GHASH block with key b is a * b; a chain of n zero-free blocks checks powers.
+        let mut rng = crate::cipher::conformance::SplitMix(7);
+        for _ in 0..50 {
+            let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+            rng.fill(&mut a);
+            rng.fill(&mut b);
+            let mut g = GHash::new(&b.into());
+            g.update(&[a.into()]);
+            let want = u128::from_be_bytes(g.finalize().into());
+            assert_eq!(gf_mul(u128::from_be_bytes(a), u128::from_be_bytes(b)), want);
+        }
+        let h = 0x66e94bd4ef8a2c3b884cfa59ca342b2eu128;
+        let mut p = 1u128 << 127;
+        for e in 0..40u64 {
+            assert_eq!(gf_pow(h, e), p, "h^{e}");
+            p = gf_mul(p, h);
+        }
+        // The Shoup table's reduction words touch only the top word.
+        let (tables, powers) = ghash_tables(h);
+        assert_eq!(tables.len(), 80);
+        assert_eq!(powers.len(), 1024);
+    }
+
     /// The backend here, or `None` when there is no adapter (the integration tests enforce
     /// `CIPHERSHARD_REQUIRE_WGPU`).
     fn backend() -> Option<WgpuCipher> {
@@ -1237,12 +1897,12 @@ mod tests {
     fn shader_compile_error_is_an_error_not_a_panic() {
         let Some(c) = backend() else { return };
         let broken = SHADER.replace("fn main(", "fn main(oops ");
-        let Err(err) = build_pipeline(&c.ctx.device, &broken, true) else {
+        let Err(err) = build_pipeline(&c.ctx.device, &broken, true, KernelVariant::DEFAULT) else {
             panic!("broken WGSL accepted")
         };
         assert!(!err.is_empty());
         // The device stays usable afterwards.
-        build_pipeline(&c.ctx.device, SHADER, true).unwrap();
+        build_pipeline(&c.ctx.device, SHADER, true, KernelVariant::DEFAULT).unwrap();
         c.health().unwrap();
     }
 
