@@ -109,11 +109,19 @@ if [ -x "$BIN/loader_cuda" ]; then
     else row "loader device batches vs CPU loader, tamper" "FAIL (rc $rc): $(echo "$out" | grep -E 'SKIPPED|panicked|FAIL' | head -2 | tr '|\n' '/ ')"; fi
 fi
 if [ -x "$BIN/ciphershard" ]; then
-    out=$(CIPHERSHARD_CUDA_CTR=${CIPHERSHARD_CUDA_CTR:-} timeout 150 "$BIN/ciphershard" bench --backend cuda --threads 8 --epochs 3 --batch-size 1024 --json 2>&1); rc=$?
+    out=$(timeout 150 "$BIN/ciphershard" bench --backend cuda --threads 8 --epochs 8 --batch-size 1024 --json 2>&1); rc=$?
     echo "$out" > "${OUT:-/tmp}/bench-cuda.json"
     echo "$out" | grep -E '"(backend|gb_per_s|ratio|steady_gb_per_s|steady_ratio|setup_seconds|first_batch_seconds|windows|read_ns|gpu_wait_ns|window_wait_ns|gather_ns|batch_sync_ns|send_wait_ns|ctr_gbps|ctr_ghash_gbps|e2e_[a-z_]*gbps)"' | head -40
     [ $rc -eq 0 ] && row "ciphershard bench --backend cuda" "$(echo "$out" | tr -d ' \n' | grep -oE '"(steady_gb_per_s|ratio|steady_ratio)":[0-9.]+' | head -4 | tr '\n' ' ')(full JSON in bench-cuda.json)" \
         || row "ciphershard bench --backend cuda" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
+fi
+
+echo "== CPU backend loader on this machine (the baseline the GPU loaders are compared with)"
+if [ -x "$BIN/ciphershard" ]; then
+    out=$(timeout 90 "$BIN/ciphershard" bench --backend cpu --threads 8 --epochs 3 --batch-size 1024 --json 2>&1); rc=$?
+    echo "$out" > "${OUT:-/tmp}/bench-cpu.json"
+    [ $rc -eq 0 ] && row "ciphershard bench --backend cpu (8 threads)" "$(echo "$out" | tr -d ' \n' | grep -oE '"(gb_per_s|steady_gb_per_s|ratio)":[0-9.]+' | head -4 | tr '\n' ' ')" \
+        || row "ciphershard bench --backend cpu" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
 fi
 
 echo "== wgpu on Vulkan"
@@ -135,9 +143,9 @@ if [ -x "$BIN/wgpu_backend" ]; then
         || row "wgpu conformance + cross-backend tests" "FAIL (rc $rc): $(echo "$out" | grep -E 'panicked|No adapter|not available' | head -2 | tr '|\n' '/ ')"
 fi
 if [ -x "$BIN/ciphershard" ]; then
-    out=$(timeout 90 "$BIN/ciphershard" bench --backend wgpu --threads 8 --epochs 1 --json 2>&1); rc=$?
+    out=$(timeout 150 "$BIN/ciphershard" bench --backend wgpu --threads 8 --epochs 1 --json 2>&1); rc=$?
     echo "$out" > "${OUT:-/tmp}/bench-wgpu.json"
-    [ $rc -eq 0 ] && row "ciphershard bench --backend wgpu" "$(echo "$out" | tr -d ' \n' | grep -oE '"(ratio|kernel_gbps|open_gbps|adapter)":("[^"]*"|[0-9.]+)' | tr '\n' ' ')" \
+    [ $rc -eq 0 ] && row "ciphershard bench --backend wgpu" "$(echo "$out" | tr -d ' \n' | grep -oE '"(ratio|kernel_gbps|best_variant|gpu_ghash_gbps|cpu_ghash_gbps|open_gpu_ghash_gbps|open_cpu_ghash_gbps|open_gbps|adapter)":("[^"]*"|[0-9.]+)' | tr '\n' ' ')" \
         || row "ciphershard bench --backend wgpu" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
 fi
 
