@@ -18,7 +18,13 @@ pub struct ChunkLocation {
 
 impl std::fmt::Display for ChunkLocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: tensor '{}', chunk {}", self.path.display(), self.tensor, self.chunk)
+        write!(
+            f,
+            "{}: tensor '{}', chunk {}",
+            self.path.display(),
+            self.tensor,
+            self.chunk
+        )
     }
 }
 
@@ -57,7 +63,9 @@ pub enum Error {
         supported: String,
     },
     /// No key in the keyring matches the master key given.
-    #[error("{path}: wrong key: master key {key_id} cannot open this dataset (it is wrapped for: {available})")]
+    #[error(
+        "{path}: wrong key: master key {key_id} cannot open this dataset (it is wrapped for: {available})"
+    )]
     WrongKey {
         /// The keyring or shard.
         path: PathBuf,
@@ -67,7 +75,9 @@ pub enum Error {
         available: String,
     },
     /// An authentication tag did not verify: the data was tampered with or corrupted.
-    #[error("integrity check failed: {0}: the chunk was modified, truncated or moved (no plaintext was released)")]
+    #[error(
+        "integrity check failed: {0}: the chunk was modified, truncated or moved (no plaintext was released)"
+    )]
     Integrity(ChunkLocation),
     /// The shard header or dataset metadata failed authentication.
     #[error("{path}: integrity check failed: {what} was modified")]
@@ -107,12 +117,19 @@ pub enum Error {
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A malformed-structure error on `path`.
     pub fn format(path: impl Into<PathBuf>, what: &'static str, reason: impl Into<String>) -> Self {
-        Error::Format { path: path.into(), what, reason: reason.into() }
+        Error::Format {
+            path: path.into(),
+            what,
+            reason: reason.into(),
+        }
     }
 }
 

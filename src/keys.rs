@@ -142,7 +142,9 @@ impl MasterKey {
         let mut f = opts.open(path).map_err(|e| Error::io(path, e))?;
         let mut text = Zeroizing::new(hex::encode(self.0));
         text.push('\n');
-        f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| Error::io(path, e))
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Error::io(path, e))
     }
 
     /// Wraps a data key under this master key with AES-KW (RFC 3394).
@@ -213,7 +215,8 @@ mod tests {
                 .unwrap()
                 .try_into()
                 .unwrap();
-        let expect = "28C9F404C4B810F4CBCCB35CFB87F8263F5786E2D80ED326CBC7F0E71A99F43BFB988B9B7A02DD21";
+        let expect =
+            "28C9F404C4B810F4CBCCB35CFB87F8263F5786E2D80ED326CBC7F0E71A99F43BFB988B9B7A02DD21";
         let mk = MasterKey::from_bytes(kek);
         let w = mk.wrap(&DataKey::from_bytes(data)).unwrap();
         assert_eq!(hex::encode_upper(w), expect);

@@ -117,42 +117,73 @@ pub fn run(cipher: &dyn Cipher, random_cases: usize) -> Result<(), String> {
     // GCM spec vectors: open, open_in_place, verify, seal, and tamper rejection.
     for (i, v) in GCM_VECTORS.iter().enumerate() {
         let key = DataKey::from_bytes(arr(v.key));
-        let op = cipher.prepare(&key).map_err(|e| format!("{name}: prepare: {e}"))?;
+        let op = cipher
+            .prepare(&key)
+            .map_err(|e| format!("{name}: prepare: {e}"))?;
         let (pt, ct, aad) = (h(v.pt), h(v.ct), h(v.aad));
-        let params = ChunkParams { nonce: arr(v.iv), aad: &aad, tag: arr(v.tag), encrypted: true };
+        let params = ChunkParams {
+            nonce: arr(v.iv),
+            aad: &aad,
+            tag: arr(v.tag),
+            encrypted: true,
+        };
         let mut out = vec![0u8; ct.len()];
-        op.open(&params, &ct, &mut out).map_err(|_| format!("{name}: GCM vector {i}: tag rejected"))?;
-        check(out == pt, || format!("{name}: GCM vector {i}: wrong plaintext"))?;
+        op.open(&params, &ct, &mut out)
+            .map_err(|_| format!("{name}: GCM vector {i}: tag rejected"))?;
+        check(out == pt, || {
+            format!("{name}: GCM vector {i}: wrong plaintext")
+        })?;
         let mut buf = ct.clone();
-        op.open_in_place(&params, &mut buf).map_err(|_| format!("{name}: GCM vector {i}: in place: tag rejected"))?;
-        check(buf == pt, || format!("{name}: GCM vector {i}: in place: wrong plaintext"))?;
-        op.verify(&params, &ct).map_err(|_| format!("{name}: GCM vector {i}: verify rejected"))?;
+        op.open_in_place(&params, &mut buf)
+            .map_err(|_| format!("{name}: GCM vector {i}: in place: tag rejected"))?;
+        check(buf == pt, || {
+            format!("{name}: GCM vector {i}: in place: wrong plaintext")
+        })?;
+        op.verify(&params, &ct)
+            .map_err(|_| format!("{name}: GCM vector {i}: verify rejected"))?;
         let mut sealed = pt.clone();
         let tag = op.seal_in_place(&params.nonce, &aad, true, &mut sealed);
-        check(sealed == ct && tag == params.tag, || format!("{name}: GCM vector {i}: seal differs"))?;
+        check(sealed == ct && tag == params.tag, || {
+            format!("{name}: GCM vector {i}: seal differs")
+        })?;
         let mut bad = params;
         bad.tag[0] ^= 1;
         let mut out2 = vec![0xAAu8; ct.len()];
-        check(op.open(&bad, &ct, &mut out2) == Err(TagMismatch), || format!("{name}: GCM vector {i}: bad tag accepted"))?;
-        check(out2.iter().all(|&b| b == 0), || format!("{name}: GCM vector {i}: output not zeroed on failure"))?;
+        check(op.open(&bad, &ct, &mut out2) == Err(TagMismatch), || {
+            format!("{name}: GCM vector {i}: bad tag accepted")
+        })?;
+        check(out2.iter().all(|&b| b == 0), || {
+            format!("{name}: GCM vector {i}: output not zeroed on failure")
+        })?;
     }
 
     // SP 800-38A F.5.5 through ctr_apply: nonce = first 12 bytes of the counter block, and the
     // offset that makes the first counter equal its last 4 bytes.
     let (k, iv, pt, ct) = SP800_38A_F55;
-    let op = cipher.prepare(&DataKey::from_bytes(arr(k))).map_err(|e| format!("{name}: {e}"))?;
+    let op = cipher
+        .prepare(&DataKey::from_bytes(arr(k)))
+        .map_err(|e| format!("{name}: {e}"))?;
     let iv = h(iv);
     let nonce: [u8; NONCE_LEN] = iv[..12].try_into().unwrap();
     let ctr = u32::from_be_bytes(iv[12..].try_into().unwrap());
     let (pt, ct) = (h(pt), h(ct));
     let mut out = vec![0u8; pt.len()];
     op.ctr_apply(&nonce, offset_for_counter(ctr), &pt, &mut out);
-    check(out == ct, || format!("{name}: SP 800-38A F.5.5 CTR mismatch"))?;
+    check(out == ct, || {
+        format!("{name}: SP 800-38A F.5.5 CTR mismatch")
+    })?;
     // Mid-vector seek: start at block 2 and at an unaligned byte.
     for start in [16usize, 32, 37, 63] {
         let mut part = vec![0u8; pt.len() - start];
-        op.ctr_apply(&nonce, offset_for_counter(ctr) + start as u64, &pt[start..], &mut part);
-        check(part == ct[start..], || format!("{name}: F.5.5 seek to byte {start} mismatch"))?;
+        op.ctr_apply(
+            &nonce,
+            offset_for_counter(ctr) + start as u64,
+            &pt[start..],
+            &mut part,
+        );
+        check(part == ct[start..], || {
+            format!("{name}: F.5.5 seek to byte {start} mismatch")
+        })?;
     }
 
     // Randomized cross-check against the reference, including counter wrap and tiny lengths.
@@ -164,7 +195,11 @@ pub fn run(cipher: &dyn Cipher, random_cases: usize) -> Result<(), String> {
         let key = DataKey::from_bytes(kb);
         let op = cipher.prepare(&key).map_err(|e| format!("{name}: {e}"))?;
         let rop = reference.prepare(&key).map_err(|e| e.to_string())?;
-        let len = if case < lens.len() { lens[case] } else { rng.below(300_000) as usize };
+        let len = if case < lens.len() {
+            lens[case]
+        } else {
+            rng.below(300_000) as usize
+        };
         let mut nonce = [0u8; NONCE_LEN];
         rng.fill(&mut nonce);
         let mut aad = vec![0u8; 89];
@@ -176,20 +211,37 @@ pub fn run(cipher: &dyn Cipher, random_cases: usize) -> Result<(), String> {
         let tag = rop.seal_in_place(&nonce, &aad, encrypted, &mut ct);
         let mut ct2 = pt.clone();
         let tag2 = op.seal_in_place(&nonce, &aad, encrypted, &mut ct2);
-        check(ct2 == ct && tag2 == tag, || format!("{name}: case {case}: seal differs from reference (len {len})"))?;
-        let params = ChunkParams { nonce, aad: &aad, tag, encrypted };
+        check(ct2 == ct && tag2 == tag, || {
+            format!("{name}: case {case}: seal differs from reference (len {len})")
+        })?;
+        let params = ChunkParams {
+            nonce,
+            aad: &aad,
+            tag,
+            encrypted,
+        };
         let mut out = vec![0u8; len];
-        op.open(&params, &ct, &mut out).map_err(|_| format!("{name}: case {case}: open rejected (len {len})"))?;
-        check(out == pt, || format!("{name}: case {case}: open wrong plaintext (len {len})"))?;
-        op.verify(&params, &ct).map_err(|_| format!("{name}: case {case}: verify rejected"))?;
+        op.open(&params, &ct, &mut out)
+            .map_err(|_| format!("{name}: case {case}: open rejected (len {len})"))?;
+        check(out == pt, || {
+            format!("{name}: case {case}: open wrong plaintext (len {len})")
+        })?;
+        op.verify(&params, &ct)
+            .map_err(|_| format!("{name}: case {case}: verify rejected"))?;
         if len > 0 {
             let mut bad = ct.clone();
             let at = rng.below(len as u64) as usize;
             bad[at] ^= 1 << rng.below(8);
             let mut out = vec![0x55u8; len];
-            check(op.open(&params, &bad, &mut out) == Err(TagMismatch), || format!("{name}: case {case}: flipped byte {at} accepted"))?;
-            check(out.iter().all(|&b| b == 0), || format!("{name}: case {case}: not zeroed after failure"))?;
-            check(op.verify(&params, &bad) == Err(TagMismatch), || format!("{name}: case {case}: verify accepted flipped byte"))?;
+            check(op.open(&params, &bad, &mut out) == Err(TagMismatch), || {
+                format!("{name}: case {case}: flipped byte {at} accepted")
+            })?;
+            check(out.iter().all(|&b| b == 0), || {
+                format!("{name}: case {case}: not zeroed after failure")
+            })?;
+            check(op.verify(&params, &bad) == Err(TagMismatch), || {
+                format!("{name}: case {case}: verify accepted flipped byte")
+            })?;
         }
         if encrypted && len > 0 {
             // Seek: decrypt a random sub-range, counters near the 32-bit wrap.
@@ -197,14 +249,18 @@ pub fn run(cipher: &dyn Cipher, random_cases: usize) -> Result<(), String> {
             let b = a + rng.below((len - a) as u64 + 1) as usize;
             let mut part = vec![0u8; b - a];
             op.ctr_apply(&nonce, a as u64, &ct[a..b], &mut part);
-            check(part == pt[a..b], || format!("{name}: case {case}: ctr seek {a}..{b} mismatch"))?;
+            check(part == pt[a..b], || {
+                format!("{name}: case {case}: ctr seek {a}..{b} mismatch")
+            })?;
             let near_wrap = offset_for_counter(u32::MAX - rng.below(4) as u32) + rng.below(16);
             let span = (len - a).min(200);
             let mut x = vec![0u8; span];
             let mut y = vec![0u8; span];
             op.ctr_apply(&nonce, near_wrap, &pt[a..a + span], &mut x);
             rop.ctr_apply(&nonce, near_wrap, &pt[a..a + span], &mut y);
-            check(x == y, || format!("{name}: case {case}: counter wrap mismatch"))?;
+            check(x == y, || {
+                format!("{name}: case {case}: counter wrap mismatch")
+            })?;
         }
     }
     Ok(())

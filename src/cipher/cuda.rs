@@ -838,11 +838,18 @@ impl CudaOpener {
 
 impl ChunkOpener for CudaOpener {
     fn health(&self) -> crate::error::Result<()> {
-        match self.failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        match self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             None => Ok(()),
             Some(why) => Err(Error::Backend {
                 backend: "cuda",
-                reason: format!("{why} (the device failed; rerun with --backend cpu, or check nvidia-smi)"),
+                reason: format!(
+                    "{why} (the device failed; rerun with --backend cpu, or check nvidia-smi)"
+                ),
             }),
         }
     }

@@ -9,5 +9,8 @@ pub fn probe() -> std::result::Result<String, String> {
 
 /// Not compiled in.
 pub fn create() -> Result<std::sync::Arc<dyn super::Cipher>> {
-    Err(Error::BackendUnavailable { backend: "cuda", reason: probe().unwrap_err() })
+    Err(Error::BackendUnavailable {
+        backend: "cuda",
+        reason: probe().unwrap_err(),
+    })
 }

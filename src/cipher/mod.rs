@@ -83,7 +83,13 @@ pub trait ChunkOpener: Send + Sync {
     }
 
     /// Encrypts a chunk in place (or, for a plain chunk, leaves it) and returns its tag.
-    fn seal_in_place(&self, chunk_nonce: &[u8; NONCE_LEN], aad: &[u8], encrypted: bool, buf: &mut [u8]) -> [u8; TAG_LEN];
+    fn seal_in_place(
+        &self,
+        chunk_nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        encrypted: bool,
+        buf: &mut [u8],
+    ) -> [u8; TAG_LEN];
 }
 
 /// A cipher backend.
@@ -155,9 +161,18 @@ pub struct Availability {
 /// Lists every concrete backend and whether it is available here.
 pub fn availability() -> Vec<Availability> {
     vec![
-        Availability { backend: Backend::Cuda, status: cuda::probe() },
-        Availability { backend: Backend::Wgpu, status: wgpu::probe() },
-        Availability { backend: Backend::Cpu, status: Ok(cpu::CpuCipher::new().describe()) },
+        Availability {
+            backend: Backend::Cuda,
+            status: cuda::probe(),
+        },
+        Availability {
+            backend: Backend::Wgpu,
+            status: wgpu::probe(),
+        },
+        Availability {
+            backend: Backend::Cpu,
+            status: Ok(cpu::CpuCipher::new().describe()),
+        },
     ]
 }
 

@@ -9,7 +9,10 @@ pub fn probe() -> std::result::Result<String, String> {
 
 /// Not compiled in.
 pub fn create() -> Result<std::sync::Arc<dyn super::Cipher>> {
-    Err(Error::BackendUnavailable { backend: "wgpu", reason: probe().unwrap_err() })
+    Err(Error::BackendUnavailable {
+        backend: "wgpu",
+        reason: probe().unwrap_err(),
+    })
 }
 
 /// Not compiled in.

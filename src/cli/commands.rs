@@ -368,12 +368,24 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if args.cipher {
         let report = cipher::bench::run_cpu(&cipher::bench::CipherBenchOptions::default())?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("report serializes")
+            );
         } else {
-            println!("CPU: {}\nbackend: {}\nchunk: {} bytes", report.cpu, report.backend, report.chunk_bytes);
-            println!("{:<44} {:>7} {:>9} {:>17}", "case", "threads", "GB/s", "min..max");
+            println!(
+                "CPU: {}\nbackend: {}\nchunk: {} bytes",
+                report.cpu, report.backend, report.chunk_bytes
+            );
+            println!(
+                "{:<44} {:>7} {:>9} {:>17}",
+                "case", "threads", "GB/s", "min..max"
+            );
             for m in &report.results {
-                println!("{:<44} {:>7} {:>9.2} {:>8.2}..{:<8.2}", m.name, m.threads, m.gb_per_s, m.min_gb_per_s, m.max_gb_per_s);
+                println!(
+                    "{:<44} {:>7} {:>9.2} {:>8.2}..{:<8.2}",
+                    m.name, m.threads, m.gb_per_s, m.min_gb_per_s, m.max_gb_per_s
+                );
             }
             for r in &report.ratios {
                 println!("ratio {:<50} {:.2}x", r.name, r.ratio);
@@ -384,7 +396,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let defaults = pipeline::bench::BenchOptions::default();
     let opts = pipeline::bench::BenchOptions {
         backend: args.backend,
-        threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+        threads: args.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        }),
         batch_size: args.batch_size,
         epochs: args.epochs,
         mode: args.mode,
@@ -405,7 +421,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         if let Some(k) = &kernels {
             v["kernels"] = k.clone();
         }
-        println!("{}", serde_json::to_string_pretty(&v).expect("JSON value serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("JSON value serializes")
+        );
         return Ok(());
     }
     println!(
@@ -418,14 +437,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         report.batch_size,
         report.mode
     );
-    for (name, r) in [("encrypted", &report.encrypted), ("plaintext twin", &report.plaintext_twin)] {
+    for (name, r) in [
+        ("encrypted", &report.encrypted),
+        ("plaintext twin", &report.plaintext_twin),
+    ] {
         println!(
             "{name:<15} {:>8.1} batches/s {:>7.2} GB/s  ({} batches in {:.2} s)",
             r.batches_per_s, r.gb_per_s, r.batches, r.seconds
         );
     }
     println!("ratio encrypted / plaintext twin: {:.3}", report.ratio);
-    for (name, r) in [("encrypted", &report.encrypted), ("plaintext twin", &report.plaintext_twin)] {
+    for (name, r) in [
+        ("encrypted", &report.encrypted),
+        ("plaintext twin", &report.plaintext_twin),
+    ] {
         println!(
             "{name:<15} steady state {:>7.2} GB/s  setup {:.1} ms  first batch {:.1} ms",
             r.steady_gb_per_s,
@@ -433,13 +458,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             r.first_batch_seconds * 1e3
         );
     }
-    println!("steady-state ratio encrypted / plaintext twin: {:.3}", report.steady_ratio);
+    println!(
+        "steady-state ratio encrypted / plaintext twin: {:.3}",
+        report.steady_ratio
+    );
     println!("encrypted run, per stage:\n{}", report.encrypted.stats);
     if let Some(d) = &report.encrypted.device {
         println!("{d}");
     }
     if let Some(k) = kernels {
-        println!("{} kernels: {}", report.backend, serde_json::to_string(&k).expect("serializes"));
+        println!(
+            "{} kernels: {}",
+            report.backend,
+            serde_json::to_string(&k).expect("serializes")
+        );
     }
     Ok(())
 }
@@ -470,7 +502,10 @@ fn cuda_kernel_figures() -> Result<serde_json::Value> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_kernel_figures() -> Result<serde_json::Value> {
-    Err(Error::BackendUnavailable { backend: "cuda", reason: cipher::cuda::probe().unwrap_err() })
+    Err(Error::BackendUnavailable {
+        backend: "cuda",
+        reason: cipher::cuda::probe().unwrap_err(),
+    })
 }
 
 /// Kernel-only wgpu figures for `bench --backend wgpu` (64 MiB through the adapter).
@@ -482,7 +517,10 @@ fn wgpu_kernel_figures() -> Result<serde_json::Value> {
 
 #[cfg(not(feature = "wgpu"))]
 fn wgpu_kernel_figures() -> Result<serde_json::Value> {
-    Err(Error::BackendUnavailable { backend: "wgpu", reason: cipher::wgpu::probe().unwrap_err() })
+    Err(Error::BackendUnavailable {
+        backend: "wgpu",
+        reason: cipher::wgpu::probe().unwrap_err(),
+    })
 }
 
 /// Deletes the demo's directory (ciphertext only) however the demo ends.
@@ -517,7 +555,9 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
             features.extend_from_slice(&demo_value(r, j).to_le_bytes());
         }
     }
-    let labels: Vec<u8> = (0..rows).flat_map(|r| ((r % 10) as i64).to_le_bytes()).collect();
+    let labels: Vec<u8> = (0..rows)
+        .flat_map(|r| ((r % 10) as i64).to_le_bytes())
+        .collect();
     let bytes = features.len() as u64 + labels.len() as u64;
     println!(
         "1. generated {rows} rows: 'features' f32[{FEATURES}] (encrypted) and 'label' i64 (plain, authenticated), {:.1} MB, in memory ({:.0} ms)",
@@ -535,8 +575,18 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
         ..Default::default()
     };
     let inputs = [
-        ConvertInput::InMemory { name: "features".into(), dtype: format::Dtype::F32, shape: vec![rows, FEATURES], data: features },
-        ConvertInput::InMemory { name: "label".into(), dtype: format::Dtype::I64, shape: vec![rows], data: labels },
+        ConvertInput::InMemory {
+            name: "features".into(),
+            dtype: format::Dtype::F32,
+            shape: vec![rows, FEATURES],
+            data: features,
+        },
+        ConvertInput::InMemory {
+            name: "label".into(),
+            dtype: format::Dtype::I64,
+            shape: vec![rows],
+            data: labels,
+        },
     ];
     let t = Instant::now();
     let summary = format::convert(&inputs, &out, &opts, &mut |_, _| {})?;
@@ -555,26 +605,52 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
     let unlocked = ds.unlock(&key, cipher.as_ref())?;
     let t = Instant::now();
     let v = format::verify(&unlocked, &mut |_, _| {})?;
-    println!("3. verified {} chunk tags with the {} backend: {}", v.chunks, cipher.backend(), rate(v.bytes, t.elapsed()));
+    println!(
+        "3. verified {} chunk tags with the {} backend: {}",
+        v.chunks,
+        cipher.backend(),
+        rate(v.bytes, t.elapsed())
+    );
     drop(unlocked);
 
     // 4. Load it back through the loader: shuffled batches, every value checked.
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let src = pipeline::FormatSource::open(&out, &key, backend)?;
-    let lopts = pipeline::LoaderOptions { batch_size: 1024, threads, shuffle: true, seed: 7, epochs: 1, ..Default::default() };
+    let lopts = pipeline::LoaderOptions {
+        batch_size: 1024,
+        threads,
+        shuffle: true,
+        seed: 7,
+        epochs: 1,
+        ..Default::default()
+    };
     let t = Instant::now();
     let mut loader = pipeline::Loader::new(src, &lopts)?;
     let mut seen = vec![false; rows as usize];
     let mut checked = 0u64;
     for batch in loader.by_ref() {
         let batch = batch?;
-        let feats = batch.tensor("features").and_then(|t| t.as_slice::<f32>()).ok_or_else(|| Error::Stopped("batch lacks features".into()))?;
-        let labs = batch.tensor("label").and_then(|t| t.as_slice::<i64>()).ok_or_else(|| Error::Stopped("batch lacks label".into()))?;
+        let feats = batch
+            .tensor("features")
+            .and_then(|t| t.as_slice::<f32>())
+            .ok_or_else(|| Error::Stopped("batch lacks features".into()))?;
+        let labs = batch
+            .tensor("label")
+            .and_then(|t| t.as_slice::<i64>())
+            .ok_or_else(|| Error::Stopped("batch lacks label".into()))?;
         for (i, &r) in batch.row_ids().iter().enumerate() {
             let row = &feats[i * FEATURES as usize..(i + 1) * FEATURES as usize];
-            let ok = row.iter().enumerate().all(|(j, &v)| v == demo_value(r, j as u64)) && labs[i] == (r % 10) as i64;
+            let ok = row
+                .iter()
+                .enumerate()
+                .all(|(j, &v)| v == demo_value(r, j as u64))
+                && labs[i] == (r % 10) as i64;
             if !ok || seen[r as usize] {
-                return Err(Error::Stopped(format!("demo: row {r} came back wrong or twice")));
+                return Err(Error::Stopped(format!(
+                    "demo: row {r} came back wrong or twice"
+                )));
             }
             seen[r as usize] = true;
             checked += 1;
@@ -582,7 +658,9 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
     }
     let elapsed = t.elapsed();
     if checked != rows {
-        return Err(Error::Stopped(format!("demo: {checked} of {rows} rows delivered")));
+        return Err(Error::Stopped(format!(
+            "demo: {checked} of {rows} rows delivered"
+        )));
     }
     let stats = loader.stats();
     println!(
@@ -598,7 +676,9 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
     flip_byte(&shard, at)?;
     let unlocked = ds.unlock(&key, cipher.as_ref())?;
     match format::verify(&unlocked, &mut |_, _| {}) {
-        Err(e @ Error::Integrity(_)) => println!("5. flipped one ciphertext byte; verify refuses it: {e}"),
+        Err(e @ Error::Integrity(_)) => {
+            println!("5. flipped one ciphertext byte; verify refuses it: {e}")
+        }
         Err(e) => return Err(e),
         Ok(_) => return Err(Error::Stopped("demo: a tampered shard verified".into())),
     }
@@ -608,9 +688,14 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
 
 fn flip_byte(path: &Path, at: u64) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, e))?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
     let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).map_err(|e| Error::io(path, e))?;
+    f.read_exact_at(&mut b, at)
+        .map_err(|e| Error::io(path, e))?;
     b[0] ^= 0x01;
     f.write_all_at(&b, at).map_err(|e| Error::io(path, e))
 }
