@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, Sender, bounded, select};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
 
 use super::format_source::FormatSource;
-use super::loader::{DecryptMode, LoaderOptions, LoaderState};
+use super::loader::{DecryptMode, LoaderOptions, LoaderState, PlanSetup};
 use super::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use super::telemetry::{Counters, DeviceStats, LoaderStats, add};
@@ -336,12 +336,6 @@ impl DeviceLoader {
                 "batch_size, prefetch and window_blocks must be at least 1".into(),
             ));
         }
-        if opts.world_size == 0 || opts.rank >= opts.world_size {
-            return Err(Error::InvalidArgument(format!(
-                "rank {} is not below world_size {}",
-                opts.rank, opts.world_size
-            )));
-        }
         if keys.len() != source.shard_count() {
             return Err(Error::InvalidArgument(format!(
                 "{} device keys for {} shards",
@@ -349,65 +343,17 @@ impl DeviceLoader {
                 source.shard_count()
             )));
         }
-        let columns: Arc<[ColumnInfo]> = source.columns().to_vec().into();
-        let chunk_size = source.chunk_size();
-        if chunk_size == 0 {
-            return Err(Error::InvalidArgument("chunk_size is 0".into()));
-        }
-        // Same defaults as the host loader, so both walk the same plan.
-        let widest = columns
-            .iter()
-            .map(|c| c.row_bytes)
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let block_rows = opts
-            .block_rows
-            .unwrap_or((chunk_size / widest).max(1))
-            .max(1);
-        let shard_rows: Vec<u64> = (0..source.shard_count())
-            .map(|s| source.shard_rows(s))
-            .collect();
-        let total_rows: u64 = shard_rows.iter().sum();
-        let cfg = SamplerConfig {
-            seed: opts.seed,
-            shuffle: opts.shuffle,
+        let PlanSetup {
+            columns,
+            chunk_size,
             block_rows,
-            window_blocks: opts.window_blocks,
-            rank: opts.rank,
-            world_size: opts.world_size,
-            batch_size: opts.batch_size as u64,
-            drop_last: opts.drop_last,
-        };
-        let batches_per_epoch = EpochPlan::new(&cfg, 0, &shard_rows).batches();
-        if opts.start_batch > batches_per_epoch {
-            return Err(Error::InvalidArgument(format!(
-                "resume position {} is past the epoch's {batches_per_epoch} batches (different dataset?)",
-                opts.start_batch
-            )));
-        }
-        let total = if opts.start_epoch >= opts.epochs {
-            0
-        } else {
-            (opts.epochs - opts.start_epoch) * batches_per_epoch - opts.start_batch
-        };
-        let mut files = Vec::with_capacity(source.shard_count());
-        for s in 0..source.shard_count() {
-            let path = source.shard_path(s);
-            let f = File::open(path).map_err(|e| Error::io(path, e))?;
-            let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-            if len != source.shard_file_len(s) {
-                return Err(Error::format(
-                    path,
-                    "shard",
-                    format!(
-                        "file is {len} bytes but its header says {} (truncated or appended)",
-                        source.shard_file_len(s)
-                    ),
-                ));
-            }
-            files.push(f);
-        }
+            shard_rows,
+            total_rows,
+            cfg,
+            batches_per_epoch,
+            total,
+            files,
+        } = PlanSetup::new(source.as_ref(), opts)?;
         let window_chunks = window_chunk_bound(
             &columns,
             chunk_size,

@@ -577,19 +577,24 @@ pub struct Loader {
     chunk_pool: Arc<BufPool>,
 }
 
-impl Loader {
-    /// Builds a loader over `source` and starts its threads.
-    pub fn new(source: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<Self> {
-        let built = Instant::now();
-        if opts.batch_size == 0
-            || opts.threads == 0
-            || opts.prefetch == 0
-            || opts.window_blocks == 0
-        {
-            return Err(Error::InvalidArgument(
-                "batch_size, threads, prefetch and window_blocks must be at least 1".into(),
-            ));
-        }
+/// What the host and the device loaders both derive from a source and options before they start:
+/// the plan's configuration and size, and every shard opened once and checked against the length
+/// its authenticated header gives.
+pub(crate) struct PlanSetup {
+    pub(crate) columns: Arc<[ColumnInfo]>,
+    pub(crate) chunk_size: u64,
+    pub(crate) block_rows: u64,
+    pub(crate) shard_rows: Vec<u64>,
+    pub(crate) total_rows: u64,
+    pub(crate) cfg: SamplerConfig,
+    pub(crate) batches_per_epoch: u64,
+    /// Batches left to deliver from the start position.
+    pub(crate) total: u64,
+    pub(crate) files: Vec<File>,
+}
+
+impl PlanSetup {
+    pub(crate) fn new(source: &dyn RowSource, opts: &LoaderOptions) -> Result<Self> {
         if opts.world_size == 0 || opts.rank >= opts.world_size {
             return Err(Error::InvalidArgument(format!(
                 "rank {} is not below world_size {}",
@@ -655,6 +660,44 @@ impl Loader {
             }
             files.push(f);
         }
+        Ok(PlanSetup {
+            columns,
+            chunk_size,
+            block_rows,
+            shard_rows,
+            total_rows,
+            cfg,
+            batches_per_epoch,
+            total,
+            files,
+        })
+    }
+}
+
+impl Loader {
+    /// Builds a loader over `source` and starts its threads.
+    pub fn new(source: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<Self> {
+        let built = Instant::now();
+        if opts.batch_size == 0
+            || opts.threads == 0
+            || opts.prefetch == 0
+            || opts.window_blocks == 0
+        {
+            return Err(Error::InvalidArgument(
+                "batch_size, threads, prefetch and window_blocks must be at least 1".into(),
+            ));
+        }
+        let PlanSetup {
+            columns,
+            chunk_size,
+            block_rows,
+            shard_rows,
+            total_rows,
+            cfg,
+            batches_per_epoch,
+            total,
+            files,
+        } = PlanSetup::new(source.as_ref(), opts)?;
         let counters = Arc::new(Counters::default());
         let in_flight = opts.prefetch + opts.threads;
         let set_pool = Arc::new(SetPool {
