@@ -72,13 +72,13 @@ impl MasterKey {
     /// Parses a key file's contents: 64 hex digits (surrounding whitespace allowed) or 32 raw bytes.
     pub fn parse(contents: &[u8]) -> Result<Self> {
         let text = std::str::from_utf8(contents).ok().map(str::trim);
-        if let Some(t) = text {
-            if t.len() == 2 * KEY_LEN {
-                let mut k = [0u8; KEY_LEN];
-                hex::decode_to_slice(t, &mut k)
-                    .map_err(|_| Error::Key("key file is 64 characters but not hex".into()))?;
-                return Ok(Self(k));
-            }
+        if let Some(t) = text
+            && t.len() == 2 * KEY_LEN
+        {
+            let mut k = Zeroizing::new([0u8; KEY_LEN]);
+            hex::decode_to_slice(t, &mut *k)
+                .map_err(|_| Error::Key("key file is 64 characters but not hex".into()))?;
+            return Ok(Self(*k));
         }
         if contents.len() == KEY_LEN {
             let mut k = [0u8; KEY_LEN];

@@ -184,10 +184,10 @@ pub fn select(backend: Backend) -> Result<std::sync::Arc<dyn Cipher>> {
         Backend::Cuda => cuda::create(),
         Backend::Wgpu => wgpu::create(),
         Backend::Auto => {
-            if cuda::probe().is_ok() {
-                if let Ok(c) = cuda::create() {
-                    return Ok(c);
-                }
+            if cuda::probe().is_ok()
+                && let Ok(c) = cuda::create()
+            {
+                return Ok(c);
             }
             // wgpu on a GPU only: a CPU-type adapter (lavapipe) is slower than the CPU backend.
             if let Ok(c) = wgpu::create_auto() {
