@@ -18,11 +18,20 @@ import traceback
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import ciphershard  # noqa: E402
-import cuda_checks as cc  # noqa: E402
-
 
 def main() -> int:
+    try:
+        import numpy  # noqa: F401 - ciphershard.convert takes NumPy arrays
+    except ImportError:
+        print("FAIL setup: numpy is not installed (ciphershard.convert needs it)")
+        return 1
+    try:
+        import ciphershard
+    except ImportError as e:
+        print(f"FAIL setup: cannot import ciphershard ({e}); put the wheel's folder on PYTHONPATH")
+        return 1
+    import cuda_checks as cc
+
     print(f"ciphershard {ciphershard.__version__} from {ciphershard.__file__}")
     try:
         import torch
