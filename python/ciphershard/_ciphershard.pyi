@@ -114,6 +114,8 @@ class Loader:
     ``epochs=None``: each ``iter()`` runs the next epoch. ``epochs=N``: one iteration streams
     the remaining batches of epochs ``0..N``. ``rank``/``world_size`` default to the ``RANK`` /
     ``WORLD_SIZE`` environment variables. ``state=`` resumes from :meth:`state_dict`.
+    ``device="cuda"`` (or ``"cuda:N"``) decrypts on the GPU into device memory and yields
+    ``kDLCUDA`` tensors (DLPack stream protocol; ``backend`` must be None, "auto" or "cuda").
     """
 
     def __new__(
@@ -134,6 +136,7 @@ class Loader:
         block_rows: Optional[int] = None,
         state: Optional[Mapping[str, Any]] = None,
         as_torch: bool = False,
+        device: Optional[str] = None,
     ) -> Loader: ...
     def __iter__(self) -> Loader: ...
     def __next__(self) -> Dict[str, Any]: ...

@@ -66,6 +66,32 @@ impl PyDataset {
         Ok((src, resolved))
     }
 
+    /// Starts a CUDA device loader on device `ordinal` (headers re-authenticated, data keys
+    /// prepared on the device), resuming from `state` when given. Call without the GIL.
+    #[cfg(feature = "cuda")]
+    pub fn open_device(
+        &self,
+        ordinal: usize,
+        opts: &ciphershard::pipeline::LoaderOptions,
+        state: Option<&ciphershard::pipeline::LoaderState>,
+    ) -> ciphershard::Result<ciphershard::pipeline::DeviceLoader> {
+        use ciphershard::pipeline::DeviceLoader;
+        let opts = match state {
+            Some(s) => {
+                let rows = self.manifest.rows;
+                if rows != s.total_rows {
+                    return Err(ciphershard::Error::InvalidArgument(format!(
+                        "loader state is for a dataset of {} rows, this one has {rows}",
+                        s.total_rows
+                    )));
+                }
+                opts.clone().resume(s)
+            }
+            None => opts.clone(),
+        };
+        DeviceLoader::open(&self.path, &self.key, ordinal, &opts)
+    }
+
     /// The dataset directory as text.
     pub fn path_string(&self) -> String {
         self.path.display().to_string()

@@ -96,7 +96,65 @@ pub struct PyLoader {
     dataset: Py<PyDataset>,
     columns: Vec<(String, DType, Vec<i64>)>,
     as_torch: Option<Py<PyAny>>,
+    /// `Some(ordinal)`: batches decrypted into CUDA device `ordinal`'s memory.
+    device: Option<usize>,
     inner: Mutex<Inner>,
+}
+
+/// The running pipeline: host batches, or CUDA device batches.
+enum Active {
+    Host(Loader),
+    #[cfg(feature = "cuda")]
+    Device(ciphershard::pipeline::DeviceLoader),
+}
+
+/// One batch from either pipeline.
+enum AnyBatch {
+    Host(Batch),
+    #[cfg(feature = "cuda")]
+    Device(ciphershard::pipeline::CudaBatch),
+}
+
+impl Active {
+    fn state(&self) -> LoaderState {
+        match self {
+            Active::Host(l) => l.state(),
+            #[cfg(feature = "cuda")]
+            Active::Device(l) => l.state(),
+        }
+    }
+    fn stats(&self) -> LoaderStats {
+        match self {
+            Active::Host(l) => l.stats(),
+            #[cfg(feature = "cuda")]
+            Active::Device(l) => l.stats(),
+        }
+    }
+    fn batches_per_epoch(&self) -> u64 {
+        match self {
+            Active::Host(l) => l.batches_per_epoch(),
+            #[cfg(feature = "cuda")]
+            Active::Device(l) => l.batches_per_epoch(),
+        }
+    }
+    /// Waits (without the GIL, Ctrl-C checked between slices on the host path) for the next
+    /// batch. The device loader has no timed wait: its wait is GIL-free but not interruptible.
+    fn next(&mut self, py: Python<'_>) -> PyResult<Option<ciphershard::Result<AnyBatch>>> {
+        match self {
+            Active::Host(loader) => {
+                // A ready batch is taken without releasing the GIL; otherwise wait without it.
+                if !loader.wait_next(Duration::ZERO) {
+                    wait_interruptibly(py, || loader.wait_next(SIGNAL_POLL))?;
+                }
+                Ok(loader.next().map(|r| r.map(AnyBatch::Host)))
+            }
+            #[cfg(feature = "cuda")]
+            Active::Device(loader) => {
+                let item = py.detach(|| loader.next());
+                Ok(item.map(|r| r.map(AnyBatch::Device)))
+            }
+        }
+    }
 }
 
 /// The mutable part of a loader.
@@ -105,7 +163,7 @@ struct Inner {
     backend: Option<ciphershard::Backend>,
     epochs: Option<u64>,
     state: Option<LoaderState>,
-    active: Option<Loader>,
+    active: Option<Active>,
     /// Telemetry of the pipelines that already ended.
     finished: Option<LoaderStats>,
     closed: bool,
@@ -170,7 +228,7 @@ impl Inner {
     fn current_state(&self) -> Option<LoaderState> {
         self.active
             .as_ref()
-            .map(Loader::state)
+            .map(Active::state)
             .or_else(|| self.state.clone())
     }
 
@@ -188,8 +246,12 @@ impl Inner {
     }
 
     /// Starts a pipeline at the current position.
-    fn start(&mut self, py: Python<'_>, dataset: &PyDataset) -> PyResult<()> {
-        let (source, _) = dataset.source(py, self.backend)?;
+    fn start(
+        &mut self,
+        py: Python<'_>,
+        dataset: &PyDataset,
+        device: Option<usize>,
+    ) -> PyResult<()> {
         let mut opts = self.opts.clone();
         let state = self.state.clone();
         let start_epoch = state.as_ref().map_or(0, |s| s.epoch);
@@ -197,14 +259,58 @@ impl Inner {
             Some(n) => n,
             None => start_epoch + 1,
         };
+        if let Some(ordinal) = device {
+            #[cfg(feature = "cuda")]
+            {
+                let loader = py
+                    .detach(|| dataset.open_device(ordinal, &opts, state.as_ref()))
+                    .py()?;
+                self.active = Some(Active::Device(loader));
+                return Ok(());
+            }
+            #[cfg(not(feature = "cuda"))]
+            return Err(no_cuda_build(py, ordinal));
+        }
+        let (source, _) = dataset.source(py, self.backend)?;
         let loader = py
             .detach(|| match &state {
                 Some(s) => Loader::resume(source.clone(), &opts, s),
                 None => Loader::new(source.clone(), &opts),
             })
             .py()?;
-        self.active = Some(loader);
+        self.active = Some(Active::Host(loader));
         Ok(())
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda_build(py: Python<'_>, ordinal: usize) -> PyErr {
+    new_err(
+        py,
+        "InvalidArgumentError",
+        format!("device=\"cuda:{ordinal}\": this build of ciphershard has no CUDA support"),
+    )
+}
+
+/// Parses `device`: `None`/`"cpu"` → host batches, `"cuda"`/`"cuda:N"` → device `N` (0).
+fn parse_device(py: Python<'_>, device: Option<&str>) -> PyResult<Option<usize>> {
+    let bad = || {
+        new_err(
+            py,
+            "InvalidArgumentError",
+            format!(
+                "device={:?}: expected \"cpu\", \"cuda\" or \"cuda:N\"",
+                device.unwrap_or_default()
+            ),
+        )
+    };
+    match device.map(str::trim) {
+        None | Some("cpu") => Ok(None),
+        Some("cuda") => Ok(Some(0)),
+        Some(d) => match d.strip_prefix("cuda:") {
+            Some(n) => n.parse::<usize>().map(Some).map_err(|_| bad()),
+            None => Err(bad()),
+        },
     }
 }
 
@@ -215,17 +321,25 @@ impl PyLoader {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn batch_to_dict<'py>(
-        &self,
-        py: Python<'py>,
-        mut batch: Batch,
-    ) -> PyResult<Bound<'py, PyDict>> {
-        let rows = batch.len() as i64;
-        let regions = batch.column_ptrs_mut();
-        let storage: Arc<dyn Storage> = Arc::new(BatchStorage {
-            regions,
-            _batch: batch,
-        });
+    fn batch_to_dict<'py>(&self, py: Python<'py>, batch: AnyBatch) -> PyResult<Bound<'py, PyDict>> {
+        let (rows, storage): (i64, Arc<dyn Storage>) = match batch {
+            AnyBatch::Host(mut batch) => {
+                let rows = batch.len() as i64;
+                let regions = batch.column_ptrs_mut();
+                let storage = Arc::new(BatchStorage {
+                    regions,
+                    _batch: batch,
+                });
+                (rows, storage)
+            }
+            #[cfg(feature = "cuda")]
+            AnyBatch::Device(batch) => {
+                let rows = batch.len() as i64;
+                let ordinal = self.device.unwrap_or(0) as i32;
+                let storage = Arc::new(crate::cuda::DeviceBatchStorage::new(batch, ordinal));
+                (rows, storage)
+            }
+        };
         let out = PyDict::new(py);
         for (i, (name, dtype, row_shape)) in self.columns.iter().enumerate() {
             let shape: Vec<i64> = std::iter::once(rows)
@@ -247,7 +361,7 @@ impl PyLoader {
     #[pyo3(signature = (
         dataset, batch_size, *, shuffle=true, seed=0, epochs=None, prefetch=4, threads=None,
         backend=None, rank=None, world_size=None, drop_last=false, window_blocks=8,
-        block_rows=None, state=None, as_torch=false
+        block_rows=None, state=None, as_torch=false, device=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -267,7 +381,9 @@ impl PyLoader {
         block_rows: Option<u64>,
         state: Option<Bound<'_, PyAny>>,
         as_torch: bool,
+        device: Option<&str>,
     ) -> PyResult<Self> {
+        let device = parse_device(py, device)?;
         let rank = match rank {
             Some(r) => r,
             None => env_u64("RANK")?.unwrap_or(0),
@@ -282,6 +398,19 @@ impl PyLoader {
                 .clamp(1, 8)
         });
         let backend = backend.map(parse_backend).transpose()?;
+        if device.is_some()
+            && !matches!(
+                backend,
+                None | Some(ciphershard::Backend::Cuda | ciphershard::Backend::Auto)
+            )
+        {
+            return Err(new_err(
+                py,
+                "InvalidArgumentError",
+                "device=\"cuda\" decrypts on the GPU: backend must be None, \"auto\" or \"cuda\""
+                    .into(),
+            ));
+        }
         let columns = dataset
             .get()
             .columns()
@@ -325,6 +454,7 @@ impl PyLoader {
             dataset,
             columns,
             as_torch,
+            device,
             inner: Mutex::new(Inner {
                 opts,
                 backend,
@@ -349,7 +479,7 @@ impl PyLoader {
                 return Err(new_err(py, "LoaderStoppedError", "loader: closed".into()));
             }
             if inner.active.is_none() {
-                inner.start(py, slf.dataset.get())?;
+                inner.start(py, slf.dataset.get(), slf.device)?;
             }
         }
         Ok(slf)
@@ -361,14 +491,10 @@ impl PyLoader {
             return Err(new_err(py, "LoaderStoppedError", "loader: closed".into()));
         }
         if inner.active.is_none() {
-            inner.start(py, self.dataset.get())?;
+            inner.start(py, self.dataset.get(), self.device)?;
         }
         let loader = inner.active.as_mut().expect("started above");
-        // A ready batch is taken without releasing the GIL; otherwise wait without it.
-        if !loader.wait_next(Duration::ZERO) {
-            wait_interruptibly(py, || loader.wait_next(SIGNAL_POLL))?;
-        }
-        match loader.next() {
+        match loader.next(py)? {
             Some(Ok(batch)) => {
                 drop(inner);
                 self.batch_to_dict(py, batch)
@@ -388,7 +514,7 @@ impl PyLoader {
     fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
         let mut inner = self.lock(py);
         if inner.active.is_none() {
-            inner.start(py, self.dataset.get())?;
+            inner.start(py, self.dataset.get(), self.device)?;
         }
         Ok(inner
             .active
@@ -409,7 +535,7 @@ impl PyLoader {
         let mut inner = self.lock(py);
         if inner.current_state().is_none() {
             // Not started yet: start the pipeline, which settles the automatic block size.
-            inner.start(py, self.dataset.get())?;
+            inner.start(py, self.dataset.get(), self.device)?;
         }
         let state = inner.current_state().expect("a started loader has a state");
         drop(inner);

@@ -146,6 +146,16 @@ pub trait Storage: Send + Sync + 'static {
     fn region(&self, index: usize) -> (*mut u8, usize);
     /// Where the bytes live.
     fn device(&self) -> DLDevice;
+    /// The storage one DLPack export holds (`me` is this storage). Host memory needs no stream
+    /// bookkeeping, so by default the export shares `me`; device storage wraps it to learn when
+    /// the consumer's stream is done with the buffer (python/src/cuda.rs).
+    fn consumer_view(
+        &self,
+        me: Arc<dyn Storage>,
+        _stream: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Arc<dyn Storage>> {
+        Ok(me)
+    }
 }
 
 /// A private host copy (for `__dlpack__(copy=True)` and `Tensor` built from Python bytes).
@@ -313,7 +323,10 @@ impl Tensor {
 
     /// Exports the tensor as a DLPack capsule (the Python array API protocol).
     ///
-    /// `stream` must be `None` for host tensors. `max_version >= (1, 0)` gets a versioned
+    /// `stream` must be `None` (or -1) for host tensors. For CUDA tensors it is the consumer's
+    /// stream (`None`: legacy default; `-1`: no synchronisation): the data is already complete,
+    /// and the buffer is reused only after the work queued on that stream when the export is
+    /// released has finished (see python/src/cuda.rs). `max_version >= (1, 0)` gets a versioned
     /// capsule. `copy=True` exports a private copy; otherwise the export shares the buffer.
     #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
     fn __dlpack__(
@@ -354,7 +367,10 @@ impl Tensor {
             let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
             (Arc::new(OwnedStorage::copy_of(bytes)), 0, FLAG_IS_COPIED)
         } else {
-            (self.storage.clone(), self.region, 0)
+            let view = self
+                .storage
+                .consumer_view(self.storage.clone(), stream.as_ref())?;
+            (view, self.region, 0)
         };
         dlpack::export(
             py,
