@@ -16,7 +16,6 @@
 //! batch downloaded equals the host loader's batch.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -28,9 +27,13 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
 
 use super::format_source::FormatSource;
 use super::loader::{DecryptMode, LoaderOptions, LoaderState, PlanSetup};
-use super::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
+use super::sampler::{Cursor, EpochPlan, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use super::telemetry::{Counters, DeviceStats, LoaderStats, add};
+use super::window_plan::{
+    BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, plan_batch, window_chunk_bound,
+    window_keys, window_layout,
+};
 use crate::cipher::cuda::{
     BatchDecryptor, CudaCipher, CudaKey, DeviceBatch, StagedChunk, Ticket, WaitError,
 };
@@ -39,8 +42,6 @@ use crate::cipher::{ChunkParams, cpu::CpuCipher};
 use crate::error::{Error, Result};
 use crate::format::Dataset;
 use crate::keys::MasterKey;
-
-type Key = (u32, u32, u64); // shard, column, chunk j
 
 fn dev_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Backend {
@@ -529,260 +530,6 @@ impl Drop for DeviceLoader {
     }
 }
 
-/// Chunk keys covering rows `[r0, r0 + n)` of shard `s`, every column.
-fn keys_for_rows(columns: &[ColumnInfo], chunk: u64, s: u32, r0: u64, n: u64, out: &mut Vec<Key>) {
-    for (c, col) in columns.iter().enumerate() {
-        let (a, b) = (r0 * col.row_bytes, (r0 + n) * col.row_bytes);
-        if b > a {
-            for j in a / chunk..=(b - 1) / chunk {
-                out.push((s, c as u32, j));
-            }
-        }
-    }
-}
-
-/// Most chunks one window can touch (the host loader's bound): per column, W blocks of
-/// `block_rows` rows span ceil(bytes / chunk) chunks each (+1 when blocks do not start on chunk
-/// boundaries), never more than the column has in all shards.
-fn window_chunk_bound(
-    columns: &[ColumnInfo],
-    chunk_size: u64,
-    block_rows: u64,
-    window_blocks: u64,
-    shard_rows: &[u64],
-) -> u64 {
-    columns
-        .iter()
-        .map(|c| {
-            let block_bytes = block_rows * c.row_bytes;
-            let aligned = block_bytes.is_multiple_of(chunk_size)
-                || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
-            let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
-            let total: u64 = shard_rows
-                .iter()
-                .map(|&r| (r * c.row_bytes).div_ceil(chunk_size).max(1))
-                .sum();
-            (window_blocks * per_block).min(total)
-        })
-        .sum()
-}
-
-/// The chunks window `w` of `plan` touches, sorted (shard, column, chunk).
-fn window_keys(columns: &[ColumnInfo], chunk: u64, plan: &EpochPlan, w: usize) -> Vec<Key> {
-    let mut keys = Vec::new();
-    for &(s, r0, n) in plan.window_blocks(w) {
-        keys_for_rows(columns, chunk, s, r0, n, &mut keys);
-    }
-    keys.sort_unstable();
-    keys.dedup();
-    keys
-}
-
-/// Offset of each of a window's chunks in its buffer, sorted by key: a binary search per
-/// gathered row is cheaper than hashing the key (2 × batch rows lookups per batch).
-#[derive(Debug, Clone, Default, PartialEq)]
-struct ChunkOffsets(Vec<(Key, u64)>);
-
-impl ChunkOffsets {
-    fn get(&self, k: &Key) -> Option<u64> {
-        self.0
-            .binary_search_by(|(x, _)| x.cmp(k))
-            .ok()
-            .map(|i| self.0[i].1)
-    }
-}
-
-/// Where a window's chunks go in staging and in the window's device buffer.
-struct WindowLayout {
-    /// Staging offset of each chunk (16-byte aligned: the vectorized kernel path).
-    staging_offs: Vec<usize>,
-    /// Offset of each chunk's plaintext in the window buffer, in key order.
-    dst_offs: Vec<u64>,
-    /// The same, by key.
-    offsets: ChunkOffsets,
-    staging_len: usize,
-    out_len: u64,
-}
-
-/// Packs the plaintext in key order, so the consecutive chunks of one shard's column are
-/// contiguous (every chunk but a tensor's last is full): a row straddling two chunks is one
-/// contiguous range of the window buffer.
-fn window_layout(keys: &[Key], specs: &[ChunkSpec]) -> WindowLayout {
-    let mut staging_offs = Vec::with_capacity(keys.len());
-    let mut dst_offs = Vec::with_capacity(keys.len());
-    let (mut at, mut out) = (0usize, 0u64);
-    for spec in specs {
-        staging_offs.push(at);
-        dst_offs.push(out);
-        at += spec.len.next_multiple_of(16);
-        out += spec.len as u64;
-    }
-    let mut offsets: Vec<(Key, u64)> = keys.iter().copied().zip(dst_offs.iter().copied()).collect();
-    offsets.sort_unstable_by_key(|e| e.0);
-    WindowLayout {
-        staging_offs,
-        dst_offs,
-        offsets: ChunkOffsets(offsets),
-        staging_len: at,
-        out_len: out,
-    }
-}
-
-/// Appends `(offset in the window buffer, offset in the batch column)` of every row of the
-/// batch that comes from window `w`, for column `c` of `row_bytes` bytes.
-fn gather_pairs(
-    rows: &[(RowRef, usize)],
-    w: usize,
-    offsets: &ChunkOffsets,
-    c: usize,
-    row_bytes: u64,
-    chunk: u64,
-    pairs: &mut Vec<(u64, u64)>,
-) -> Result<()> {
-    // A 64-bit division per row dominated planning; chunk sizes are powers of two in practice.
-    let shift = chunk.is_power_of_two().then(|| chunk.trailing_zeros());
-    // Rows of one shard and chunk often follow each other (narrow columns): reuse the lookup.
-    let mut last: Option<(u32, u64, u64)> = None;
-    for (i, (r, rw)) in rows.iter().enumerate() {
-        if *rw != w {
-            continue;
-        }
-        let off = r.row * row_bytes;
-        let (j, within) = match shift {
-            Some(sh) => (off >> sh, off & (chunk - 1)),
-            None => (off / chunk, off % chunk),
-        };
-        let base = match last {
-            Some((s, lj, base)) if s == r.shard && lj == j => base,
-            _ => {
-                let base = offsets.get(&(r.shard, c as u32, j)).ok_or_else(|| {
-                    Error::Stopped(format!(
-                        "internal: chunk {j} of column {c} not in window {w}"
-                    ))
-                })?;
-                last = Some((r.shard, j, base));
-                base
-            }
-        };
-        pairs.push((base + within, i as u64 * row_bytes));
-    }
-    Ok(())
-}
-
-/// The windows batch `k` of `plan` reads, sorted: its positions (wrapped into `0..N` for
-/// padding) walked window by window.
-fn batch_windows(plan: &EpochPlan, k: u64) -> Vec<usize> {
-    let (a, b) = plan.batch_positions(k);
-    let n = plan.total_rows().max(1);
-    let mut v = Vec::new();
-    let mut p = a;
-    while p < b {
-        let q = p % n;
-        let w = plan.window_of(q);
-        v.push(w);
-        p += plan.window_start(w + 1) - q;
-    }
-    v.sort_unstable();
-    v.dedup();
-    v
-}
-
-/// The order in which the gather thread asks for windows from batch `first` on: a window stays
-/// resident while consecutive batches use it and is loaded again if a later batch needs it
-/// after an eviction (the padding of the last rank wraps to the epoch's start).
-fn load_order(plan: &EpochPlan, first: u64) -> Vec<usize> {
-    let mut order = Vec::new();
-    let mut resident: Vec<usize> = Vec::new();
-    for k in first..plan.batches() {
-        let needed = batch_windows(plan, k);
-        resident.retain(|w| needed.binary_search(w).is_ok());
-        for &w in &needed {
-            if !resident.contains(&w) {
-                resident.push(w);
-                order.push(w);
-            }
-        }
-    }
-    order
-}
-
-/// Everything the gather thread needs for one batch, computed on the CPU ahead of time by the
-/// planner thread: which rows, from which windows, at which offsets.
-struct BatchPlan {
-    epoch: u64,
-    index: u64,
-    /// Windows the batch reads, sorted.
-    needed: Vec<usize>,
-    /// Global dataset row of each row, in batch order.
-    row_ids: Vec<u64>,
-    /// `(column, window, range of pairs)`, one gather launch each.
-    jobs: Vec<(usize, usize, std::ops::Range<usize>)>,
-    /// `(offset in the window buffer, offset in the column buffer)` of every gathered row.
-    pairs: Vec<(u64, u64)>,
-}
-
-/// Offsets of window `w`'s chunks in its buffer (the layout the reader uploads).
-fn window_offsets(source: &FormatSource, plan: &EpochPlan, w: usize) -> ChunkOffsets {
-    let keys = window_keys(source.columns(), source.chunk_size(), plan, w);
-    let specs: Vec<ChunkSpec> = keys
-        .iter()
-        .map(|&(s, c, j)| source.chunk(s as usize, c as usize, j))
-        .collect();
-    window_layout(&keys, &specs).offsets
-}
-
-/// Plans batch `k` of `plan`. `layouts` caches the offsets of the windows the previous batch
-/// used (the others are dropped, as the gather thread evicts them).
-fn plan_batch(
-    source: &FormatSource,
-    plan: &EpochPlan,
-    cur: &mut Cursor<'_>,
-    layouts: &mut Vec<(usize, ChunkOffsets)>,
-    epoch: u64,
-    k: u64,
-) -> Result<BatchPlan> {
-    let (a, b) = plan.batch_positions(k);
-    let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
-    let mut needed: Vec<usize> = rows.iter().map(|r| r.1).collect();
-    needed.sort_unstable();
-    needed.dedup();
-    layouts.retain(|(w, _)| needed.binary_search(w).is_ok());
-    for &w in &needed {
-        if !layouts.iter().any(|(x, _)| *x == w) {
-            layouts.push((w, window_offsets(source, plan, w)));
-        }
-    }
-    let mut pairs = Vec::with_capacity(rows.len() * source.columns().len());
-    let mut jobs = Vec::with_capacity(source.columns().len() * needed.len());
-    for (c, col) in source.columns().iter().enumerate() {
-        for (w, offsets) in layouts.iter() {
-            let start = pairs.len();
-            gather_pairs(
-                &rows,
-                *w,
-                offsets,
-                c,
-                col.row_bytes,
-                source.chunk_size(),
-                &mut pairs,
-            )?;
-            jobs.push((c, *w, start..pairs.len()));
-        }
-    }
-    let row_ids = rows
-        .iter()
-        .map(|(r, _)| source.shard_row_start(r.shard as usize) + r.row)
-        .collect();
-    Ok(BatchPlan {
-        epoch,
-        index: k,
-        needed,
-        row_ids,
-        jobs,
-        pairs,
-    })
-}
-
 impl Producer {
     /// Runs the reader thread and the gather loop until the last batch, an error or a stop.
     #[allow(clippy::too_many_arguments)]
@@ -964,7 +711,15 @@ impl Producer {
             let mut layouts = Vec::new();
             let first = if epoch == start_epoch { start_batch } else { 0 };
             for k in first..plan.batches() {
-                let r = plan_batch(&self.source, &plan, &mut cur, &mut layouts, epoch, k);
+                let r = plan_batch(
+                    &self.source,
+                    &plan,
+                    &mut cur,
+                    &mut layouts,
+                    epoch,
+                    k,
+                    Packing::Packed,
+                );
                 let ok = r.is_ok();
                 if tx.send(r).is_err() || !ok {
                     return;
@@ -1087,7 +842,7 @@ impl Producer {
             offsets: _,
             staging_len: at,
             out_len: out,
-        } = window_layout(&keys, &specs);
+        } = window_layout(&keys, &specs, Packing::Packed);
         if at > self.slot_bytes {
             return Err(Error::Stopped(format!(
                 "internal: window {w} needs {at} bytes of staging, bound was {}",
@@ -1095,7 +850,12 @@ impl Producer {
             )));
         }
         let t0 = Instant::now();
-        self.pread_all(&keys, &specs, &staging_offs, dec.staging_mut()?)?;
+        ChunkReader {
+            source: &self.source,
+            files: &self.files,
+            threads: self.threads,
+        }
+        .pread_all(&keys, &specs, &staging_offs, dec.staging_mut()?)?;
         let t1 = Instant::now();
         let read = (t1 - t0).as_nanos() as u64;
         add(&self.counters.read_ns, read);
@@ -1167,87 +927,6 @@ impl Producer {
             buf,
         })
     }
-    /// Reads every chunk into its staging range, the chunks dealt round-robin to `threads`
-    /// scoped threads (one thread does not reach PCIe bandwidth copying from the page cache).
-    fn pread_all(
-        &self,
-        keys: &[Key],
-        specs: &[ChunkSpec],
-        offs: &[usize],
-        staging: &mut [u8],
-    ) -> Result<()> {
-        // Disjoint staging ranges, in order (offsets increase with the key order).
-        let mut jobs: Vec<(Key, &ChunkSpec, &mut [u8])> = Vec::with_capacity(keys.len());
-        let mut rest: &mut [u8] = staging;
-        let mut pos = 0usize;
-        for ((k, spec), &o) in keys.iter().zip(specs).zip(offs) {
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut(o - pos);
-            let (dst, tail) = tail.split_at_mut(spec.len);
-            rest = tail;
-            pos = o + spec.len;
-            jobs.push((*k, spec, dst));
-        }
-        let threads = self.threads.min(jobs.len()).max(1);
-        if threads == 1 {
-            return jobs
-                .into_iter()
-                .try_for_each(|(k, spec, dst)| self.pread(k, spec, dst));
-        }
-        let mut lanes: Vec<Vec<(Key, &ChunkSpec, &mut [u8])>> =
-            (0..threads).map(|_| Vec::new()).collect();
-        for (i, j) in jobs.into_iter().enumerate() {
-            lanes[i % threads].push(j);
-        }
-        std::thread::scope(|sc| {
-            let handles: Vec<_> = lanes
-                .into_iter()
-                .map(|lane| {
-                    sc.spawn(move || {
-                        lane.into_iter()
-                            .try_for_each(|(k, spec, dst)| self.pread(k, spec, dst))
-                    })
-                })
-                .collect();
-            // The first error in chunk order of lanes; a panicking reader is an error too.
-            let mut first = Ok(());
-            for h in handles {
-                let r = h
-                    .join()
-                    .unwrap_or_else(|_| Err(Error::Stopped("a pread thread panicked".into())));
-                if first.is_ok() {
-                    first = r;
-                }
-            }
-            first
-        })
-    }
-
-    fn pread(&self, k: Key, spec: &ChunkSpec, dst: &mut [u8]) -> Result<()> {
-        let (s, c, j) = (k.0 as usize, k.1, k.2);
-        let path = self.source.shard_path(s);
-        let end = spec.file_offset.checked_add(spec.len as u64);
-        if end.is_none_or(|e| e > self.source.shard_file_len(s)) {
-            return Err(Error::format(
-                path,
-                "shard",
-                format!("chunk {j} of column {c} lies outside the file"),
-            ));
-        }
-        self.files[s]
-            .read_exact_at(dst, spec.file_offset)
-            .map_err(|e| {
-                let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    std::io::Error::new(
-                        e.kind(),
-                        "shard file is shorter than its header says (truncated while open?)",
-                    )
-                } else {
-                    e
-                };
-                Error::io(path, e)
-            })
-    }
-
     /// Enqueues the gathers of a planned batch from the resident windows into a pooled
     /// column-buffer set: one upload of every row offset, one launch per column and window.
     fn gather_batch(
@@ -1312,303 +991,4 @@ fn stopped(stop: &Receiver<()>) -> bool {
         stop.try_recv(),
         Err(crossbeam_channel::TryRecvError::Disconnected)
     )
-}
-
-#[cfg(test)]
-mod tests {
-    //! The window layout and gather offsets, checked on the CPU (no GPU needed): windows are
-    //! opened on the host into buffers laid out exactly as on the device, rows gathered with
-    //! the same offsets, and every batch compared with the host loader's.
-    use super::*;
-    use crate::cipher::Backend;
-    use crate::format::{ConvertInput, ConvertOptions, Dtype, convert};
-    use crate::pipeline::Loader;
-    use std::collections::HashMap;
-
-    fn dataset(dir: &Path, rows: u64) -> MasterKey {
-        let key = MasterKey::generate().unwrap();
-        let col = |name: &str, dtype, shape: Vec<u64>, data: Vec<u8>| ConvertInput::InMemory {
-            name: name.into(),
-            dtype,
-            shape,
-            data,
-        };
-        let inputs = [
-            col(
-                "x",
-                Dtype::F32,
-                vec![rows, 3],
-                (0..rows * 3)
-                    .flat_map(|i| (i as f32).to_le_bytes())
-                    .collect(),
-            ),
-            col(
-                "y",
-                Dtype::I32,
-                vec![rows],
-                (0..rows as i32)
-                    .flat_map(|i| (i * 7).to_le_bytes())
-                    .collect(),
-            ),
-            col(
-                "z",
-                Dtype::U8,
-                vec![rows, 5],
-                (0..rows * 5).map(|i| (i * 31 % 251) as u8).collect(),
-            ),
-        ];
-        let opts = ConvertOptions {
-            keys: vec![key.clone()],
-            chunk_size: 128,
-            shard_size: 6000,
-            plain: vec!["y".into()],
-            ..Default::default()
-        };
-        convert(&inputs, dir, &opts, &mut |_, _| {}).unwrap();
-        key
-    }
-
-    /// Window `w` opened on the host into a buffer with the device layout.
-    fn host_window(
-        src: &FormatSource,
-        plan: &EpochPlan,
-        w: usize,
-        bound: usize,
-    ) -> (Vec<u8>, ChunkOffsets) {
-        let keys = window_keys(src.columns(), src.chunk_size(), plan, w);
-        let specs: Vec<ChunkSpec> = keys
-            .iter()
-            .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
-            .collect();
-        let lay = window_layout(&keys, &specs);
-        assert!(
-            lay.staging_len <= bound,
-            "window {w}: {} > bound {bound}",
-            lay.staging_len
-        );
-        let mut buf = vec![0u8; lay.out_len as usize];
-        for (k, spec) in keys.iter().zip(&specs) {
-            let mut chunk = vec![0u8; spec.len];
-            let f = File::open(src.shard_path(k.0 as usize)).unwrap();
-            f.read_exact_at(&mut chunk, spec.file_offset).unwrap();
-            let params = ChunkParams {
-                nonce: spec.nonce,
-                aad: &spec.aad,
-                tag: spec.tag,
-                encrypted: spec.encrypted,
-            };
-            let opener = src.opener(k.0 as usize);
-            if spec.encrypted {
-                opener.open_in_place(&params, &mut chunk).unwrap();
-            } else {
-                opener.verify(&params, &chunk).unwrap();
-            }
-            let o = lay.offsets.get(k).unwrap() as usize;
-            buf[o..o + spec.len].copy_from_slice(&chunk);
-        }
-        (buf, lay.offsets)
-    }
-
-    /// The reader's window order is exactly what the gather loop asks for, batch by batch,
-    /// including the last rank's padding that wraps to the epoch's first window.
-    #[test]
-    fn reader_load_order_matches_the_gather_loop() {
-        let shard_rows = [1000u64, 37, 512, 999];
-        for (batch, w_blocks, world, rank, block_rows, drop_last, first) in [
-            (64u64, 4u64, 1u64, 0u64, 50u64, false, 0u64),
-            (100, 1, 3, 2, 64, false, 0),
-            (7, 2, 2, 1, 13, false, 5),
-            (1000, 3, 4, 3, 100, false, 0),
-            (33, 8, 3, 0, 10, true, 2),
-            (2548, 2, 1, 0, 128, false, 0),
-        ] {
-            let cfg = SamplerConfig {
-                seed: batch ^ rank,
-                shuffle: true,
-                block_rows,
-                window_blocks: w_blocks,
-                rank,
-                world_size: world,
-                batch_size: batch,
-                drop_last,
-            };
-            for epoch in 0..2 {
-                let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
-                let mut cur = Cursor::new(&plan);
-                let (mut resident, mut asked) = (Vec::<usize>::new(), Vec::new());
-                for k in first.min(plan.batches())..plan.batches() {
-                    let (a, b) = plan.batch_positions(k);
-                    let mut needed: Vec<usize> = (a..b).map(|p| cur.row_at(p).1).collect();
-                    needed.sort_unstable();
-                    needed.dedup();
-                    assert_eq!(batch_windows(&plan, k), needed, "batch {k} of {cfg:?}");
-                    resident.retain(|w| needed.contains(w));
-                    for &w in &needed {
-                        if !resident.contains(&w) {
-                            resident.push(w);
-                            asked.push(w);
-                        }
-                    }
-                }
-                assert_eq!(load_order(&plan, first), asked, "{cfg:?} epoch {epoch}");
-            }
-        }
-    }
-
-    /// Host-side cost of the device path's planning, per batch, at `ciphershard bench`'s
-    /// geometry (262,144 rows of 1024 + 8 bytes, 2 MiB chunks, batch 1024, W = 8): the planner
-    /// thread's row walk and offsets (`plan_batch`), the reader's window order and layouts. Run with
-    /// `cargo test --release --lib device::tests::host_side_costs -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "timing probe, run by hand in release"]
-    fn host_side_costs_per_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = crate::pipeline::bench::generate(dir.path(), 262_144, 256, 2 << 20).unwrap();
-        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
-        let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
-        let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();
-        let cfg = SamplerConfig {
-            seed: 1,
-            shuffle: true,
-            block_rows: src.chunk_size() / widest,
-            window_blocks: 8,
-            rank: 0,
-            world_size: 1,
-            batch_size: 1024,
-            drop_last: false,
-        };
-        let epochs = 3;
-        let t = Instant::now();
-        let mut windows = 0;
-        for epoch in 0..epochs {
-            let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
-            for w in load_order(&plan, 0) {
-                let keys = window_keys(src.columns(), src.chunk_size(), &plan, w);
-                let specs: Vec<ChunkSpec> = keys
-                    .iter()
-                    .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
-                    .collect();
-                std::hint::black_box(window_layout(&keys, &specs));
-                windows += 1;
-            }
-        }
-        let reader = t.elapsed();
-        let t = Instant::now();
-        let mut batches = 0u64;
-        for epoch in 0..epochs {
-            let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
-            let mut cur = Cursor::new(&plan);
-            let mut layouts = Vec::new();
-            for k in 0..plan.batches() {
-                let bp = plan_batch(&src, &plan, &mut cur, &mut layouts, epoch, k).unwrap();
-                std::hint::black_box(&bp.pairs);
-                batches += 1;
-            }
-        }
-        let gather = t.elapsed();
-        eprintln!(
-            "reader planning: {windows} windows in {:.2} ms ({:.1} us/window); planner thread: \
-             {batches} batches in {:.2} ms ({:.1} us/batch)",
-            reader.as_secs_f64() * 1e3,
-            reader.as_secs_f64() * 1e6 / windows as f64,
-            gather.as_secs_f64() * 1e3,
-            gather.as_secs_f64() * 1e6 / batches as f64
-        );
-    }
-
-    #[test]
-    fn window_layout_and_gather_offsets_rebuild_the_host_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dataset(dir.path(), 700);
-        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
-        assert!(src.shard_count() > 2);
-        let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
-        for (seed, batch, w_blocks, world, rank, block_rows) in [
-            (1u64, 32usize, 8u64, 1u64, 0u64, None),
-            (2, 50, 3, 2, 1, None),
-            (3, 300, 1, 1, 0, Some(7)),
-            (4, 17, 2, 3, 2, Some(100)),
-        ] {
-            let o = LoaderOptions {
-                batch_size: batch,
-                seed,
-                window_blocks: w_blocks,
-                world_size: world,
-                rank,
-                block_rows,
-                epochs: 2,
-                ..Default::default()
-            };
-            let host: Vec<_> = Loader::new(src.clone(), &o)
-                .unwrap()
-                .map(|b| b.unwrap())
-                .collect();
-            let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();
-            let block_rows = block_rows.unwrap_or((src.chunk_size() / widest).max(1));
-            let bound = (window_chunk_bound(
-                src.columns(),
-                src.chunk_size(),
-                block_rows,
-                w_blocks,
-                &shard_rows,
-            ) * src.chunk_size().next_multiple_of(16)) as usize;
-            let cfg = SamplerConfig {
-                seed,
-                shuffle: true,
-                block_rows,
-                window_blocks: w_blocks,
-                rank,
-                world_size: world,
-                batch_size: batch as u64,
-                drop_last: false,
-            };
-            let mut hi = host.iter();
-            for epoch in 0..2 {
-                let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
-                let mut cur = Cursor::new(&plan);
-                let mut layouts = Vec::new();
-                let mut windows: HashMap<usize, Vec<u8>> = HashMap::new();
-                for k in 0..plan.batches() {
-                    // What the planner thread sends the gather thread.
-                    let bp = plan_batch(&src, &plan, &mut cur, &mut layouts, epoch, k).unwrap();
-                    let h = hi.next().expect("as many batches as the host loader");
-                    assert_eq!((bp.epoch, bp.index), (h.epoch(), h.index()));
-                    assert_eq!(bp.row_ids, h.row_ids(), "{o:?}");
-                    for &w in &bp.needed {
-                        windows.entry(w).or_insert_with(|| {
-                            let (buf, offsets) = host_window(&src, &plan, w, bound);
-                            // The reader's layout is the one the planner assumes.
-                            assert_eq!(offsets, window_offsets(&src, &plan, w));
-                            buf
-                        });
-                    }
-                    let mut got: Vec<Vec<u8>> = src
-                        .columns()
-                        .iter()
-                        .map(|col| vec![0u8; bp.row_ids.len() * col.row_bytes as usize])
-                        .collect();
-                    let mut covered = vec![0usize; src.columns().len()];
-                    for (c, w, range) in &bp.jobs {
-                        let buf = &windows[w];
-                        let n = src.columns()[*c].row_bytes as usize;
-                        for &(s, d) in &bp.pairs[range.clone()] {
-                            let (s, d) = (s as usize, d as usize);
-                            got[*c][d..d + n].copy_from_slice(&buf[s..s + n]);
-                        }
-                        covered[*c] += range.len();
-                    }
-                    for (c, col) in src.columns().iter().enumerate() {
-                        assert_eq!(covered[c], bp.row_ids.len(), "every row gathered once");
-                        assert_eq!(
-                            got[c],
-                            h.tensors().nth(c).unwrap().bytes,
-                            "column {} {o:?}",
-                            col.name
-                        );
-                    }
-                }
-            }
-            assert!(hi.next().is_none());
-        }
-    }
 }

@@ -19,3 +19,5 @@ pub mod device;
 pub use device::{CudaBatch, CudaTensor, DeviceLoader};
 pub mod format_source;
 pub use format_source::FormatSource;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod window_plan;

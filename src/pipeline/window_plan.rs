@@ -1,0 +1,711 @@
+//! The device loaders' plan, shared by the CUDA (`super::device`) and wgpu
+//! (`super::wgpu_device`) paths and computed on the CPU: which chunks each shuffle window
+//! touches, where they sit in a window buffer, the order the reader loads windows in, and for
+//! each batch the (window offset, column offset) of every row to gather. It follows the host
+//! [`super::Loader`]'s plan exactly, so a device batch equals the host batch (tested below).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use super::format_source::FormatSource;
+use super::sampler::{Cursor, EpochPlan, RowRef};
+use super::source::{ChunkSpec, ColumnInfo, RowSource};
+use crate::error::{Error, Result};
+
+/// A chunk: (shard, column, chunk index j).
+pub(crate) type Key = (u32, u32, u64);
+
+/// How a window buffer holds its chunks' plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Packing {
+    /// Back to back in key order (CUDA: the kernels write plaintext to a separate buffer).
+    Packed,
+    /// Each chunk at its 16-byte aligned staging offset (wgpu: decrypted in place, whole
+    /// blocks). Only a tensor's last chunk can be short, so a row spanning two chunks is still
+    /// one contiguous range.
+    Aligned,
+}
+
+/// Chunk keys covering rows `[r0, r0 + n)` of shard `s`, every column.
+pub(crate) fn keys_for_rows(
+    columns: &[ColumnInfo],
+    chunk: u64,
+    s: u32,
+    r0: u64,
+    n: u64,
+    out: &mut Vec<Key>,
+) {
+    for (c, col) in columns.iter().enumerate() {
+        let (a, b) = (r0 * col.row_bytes, (r0 + n) * col.row_bytes);
+        if b > a {
+            for j in a / chunk..=(b - 1) / chunk {
+                out.push((s, c as u32, j));
+            }
+        }
+    }
+}
+
+/// Most chunks one window can touch (the host loader's bound): per column, W blocks of
+/// `block_rows` rows span ceil(bytes / chunk) chunks each (+1 when blocks do not start on chunk
+/// boundaries), never more than the column has in all shards.
+pub(crate) fn window_chunk_bound(
+    columns: &[ColumnInfo],
+    chunk_size: u64,
+    block_rows: u64,
+    window_blocks: u64,
+    shard_rows: &[u64],
+) -> u64 {
+    columns
+        .iter()
+        .map(|c| {
+            let block_bytes = block_rows * c.row_bytes;
+            let aligned = block_bytes.is_multiple_of(chunk_size)
+                || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
+            let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
+            let total: u64 = shard_rows
+                .iter()
+                .map(|&r| (r * c.row_bytes).div_ceil(chunk_size).max(1))
+                .sum();
+            (window_blocks * per_block).min(total)
+        })
+        .sum()
+}
+
+/// The chunks window `w` of `plan` touches, sorted (shard, column, chunk).
+pub(crate) fn window_keys(
+    columns: &[ColumnInfo],
+    chunk: u64,
+    plan: &EpochPlan,
+    w: usize,
+) -> Vec<Key> {
+    let mut keys = Vec::new();
+    for &(s, r0, n) in plan.window_blocks(w) {
+        keys_for_rows(columns, chunk, s, r0, n, &mut keys);
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// Offset of each of a window's chunks in its buffer, sorted by key: a binary search per
+/// gathered row is cheaper than hashing the key (2 × batch rows lookups per batch).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct ChunkOffsets(Vec<(Key, u64)>);
+
+impl ChunkOffsets {
+    pub(crate) fn get(&self, k: &Key) -> Option<u64> {
+        self.0
+            .binary_search_by(|(x, _)| x.cmp(k))
+            .ok()
+            .map(|i| self.0[i].1)
+    }
+}
+
+/// Where a window's chunks go in staging and in the window's device buffer.
+pub(crate) struct WindowLayout {
+    /// Staging offset of each chunk (16-byte aligned: the vectorized kernel path).
+    pub(crate) staging_offs: Vec<usize>,
+    /// Offset of each chunk's plaintext in the window buffer, in key order.
+    pub(crate) dst_offs: Vec<u64>,
+    /// The same, by key.
+    pub(crate) offsets: ChunkOffsets,
+    pub(crate) staging_len: usize,
+    pub(crate) out_len: u64,
+}
+
+/// Lays the chunks out in key order, so the consecutive chunks of one shard's column are
+/// contiguous (every chunk but a tensor's last is full, and chunk sizes are multiples of 64):
+/// a row straddling two chunks is one contiguous range of the window buffer.
+pub(crate) fn window_layout(keys: &[Key], specs: &[ChunkSpec], packing: Packing) -> WindowLayout {
+    let mut staging_offs = Vec::with_capacity(keys.len());
+    let mut dst_offs = Vec::with_capacity(keys.len());
+    let (mut at, mut out) = (0usize, 0u64);
+    for spec in specs {
+        staging_offs.push(at);
+        dst_offs.push(match packing {
+            Packing::Packed => out,
+            Packing::Aligned => at as u64,
+        });
+        at += spec.len.next_multiple_of(16);
+        out += spec.len as u64;
+    }
+    if packing == Packing::Aligned {
+        out = at as u64;
+    }
+    let mut offsets: Vec<(Key, u64)> = keys.iter().copied().zip(dst_offs.iter().copied()).collect();
+    offsets.sort_unstable_by_key(|e| e.0);
+    WindowLayout {
+        staging_offs,
+        dst_offs,
+        offsets: ChunkOffsets(offsets),
+        staging_len: at,
+        out_len: out,
+    }
+}
+
+/// Appends `(offset in the window buffer, offset in the batch column)` of every row of the
+/// batch that comes from window `w`, for column `c` of `row_bytes` bytes.
+pub(crate) fn gather_pairs(
+    rows: &[(RowRef, usize)],
+    w: usize,
+    offsets: &ChunkOffsets,
+    c: usize,
+    row_bytes: u64,
+    chunk: u64,
+    pairs: &mut Vec<(u64, u64)>,
+) -> Result<()> {
+    // A 64-bit division per row dominated planning; chunk sizes are powers of two in practice.
+    let shift = chunk.is_power_of_two().then(|| chunk.trailing_zeros());
+    // Rows of one shard and chunk often follow each other (narrow columns): reuse the lookup.
+    let mut last: Option<(u32, u64, u64)> = None;
+    for (i, (r, rw)) in rows.iter().enumerate() {
+        if *rw != w {
+            continue;
+        }
+        let off = r.row * row_bytes;
+        let (j, within) = match shift {
+            Some(sh) => (off >> sh, off & (chunk - 1)),
+            None => (off / chunk, off % chunk),
+        };
+        let base = match last {
+            Some((s, lj, base)) if s == r.shard && lj == j => base,
+            _ => {
+                let base = offsets.get(&(r.shard, c as u32, j)).ok_or_else(|| {
+                    Error::Stopped(format!(
+                        "internal: chunk {j} of column {c} not in window {w}"
+                    ))
+                })?;
+                last = Some((r.shard, j, base));
+                base
+            }
+        };
+        pairs.push((base + within, i as u64 * row_bytes));
+    }
+    Ok(())
+}
+
+/// The windows batch `k` of `plan` reads, sorted: its positions (wrapped into `0..N` for
+/// padding) walked window by window.
+pub(crate) fn batch_windows(plan: &EpochPlan, k: u64) -> Vec<usize> {
+    let (a, b) = plan.batch_positions(k);
+    let n = plan.total_rows().max(1);
+    let mut v = Vec::new();
+    let mut p = a;
+    while p < b {
+        let q = p % n;
+        let w = plan.window_of(q);
+        v.push(w);
+        p += plan.window_start(w + 1) - q;
+    }
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// The order in which the gather thread asks for windows from batch `first` on: a window stays
+/// resident while consecutive batches use it and is loaded again if a later batch needs it
+/// after an eviction (the padding of the last rank wraps to the epoch's start).
+pub(crate) fn load_order(plan: &EpochPlan, first: u64) -> Vec<usize> {
+    let mut order = Vec::new();
+    let mut resident: Vec<usize> = Vec::new();
+    for k in first..plan.batches() {
+        let needed = batch_windows(plan, k);
+        resident.retain(|w| needed.binary_search(w).is_ok());
+        for &w in &needed {
+            if !resident.contains(&w) {
+                resident.push(w);
+                order.push(w);
+            }
+        }
+    }
+    order
+}
+
+/// Everything the gather thread needs for one batch, computed on the CPU ahead of time by the
+/// planner thread: which rows, from which windows, at which offsets.
+pub(crate) struct BatchPlan {
+    pub(crate) epoch: u64,
+    pub(crate) index: u64,
+    /// Windows the batch reads, sorted.
+    pub(crate) needed: Vec<usize>,
+    /// Global dataset row of each row, in batch order.
+    pub(crate) row_ids: Vec<u64>,
+    /// `(column, window, range of pairs)`, one gather launch each.
+    pub(crate) jobs: Vec<(usize, usize, std::ops::Range<usize>)>,
+    /// `(offset in the window buffer, offset in the column buffer)` of every gathered row.
+    pub(crate) pairs: Vec<(u64, u64)>,
+}
+
+/// Offsets of window `w`'s chunks in its buffer (the layout the reader uploads).
+pub(crate) fn window_offsets(
+    source: &FormatSource,
+    plan: &EpochPlan,
+    w: usize,
+    packing: Packing,
+) -> ChunkOffsets {
+    let keys = window_keys(source.columns(), source.chunk_size(), plan, w);
+    let specs: Vec<ChunkSpec> = keys
+        .iter()
+        .map(|&(s, c, j)| source.chunk(s as usize, c as usize, j))
+        .collect();
+    window_layout(&keys, &specs, packing).offsets
+}
+
+/// Plans batch `k` of `plan`. `layouts` caches the offsets of the windows the previous batch
+/// used (the others are dropped, as the gather thread evicts them).
+pub(crate) fn plan_batch(
+    source: &FormatSource,
+    plan: &EpochPlan,
+    cur: &mut Cursor<'_>,
+    layouts: &mut Vec<(usize, ChunkOffsets)>,
+    epoch: u64,
+    k: u64,
+    packing: Packing,
+) -> Result<BatchPlan> {
+    let (a, b) = plan.batch_positions(k);
+    let rows: Vec<(RowRef, usize)> = (a..b).map(|p| cur.row_at(p)).collect();
+    let mut needed: Vec<usize> = rows.iter().map(|r| r.1).collect();
+    needed.sort_unstable();
+    needed.dedup();
+    layouts.retain(|(w, _)| needed.binary_search(w).is_ok());
+    for &w in &needed {
+        if !layouts.iter().any(|(x, _)| *x == w) {
+            layouts.push((w, window_offsets(source, plan, w, packing)));
+        }
+    }
+    let mut pairs = Vec::with_capacity(rows.len() * source.columns().len());
+    let mut jobs = Vec::with_capacity(source.columns().len() * needed.len());
+    for (c, col) in source.columns().iter().enumerate() {
+        for (w, offsets) in layouts.iter() {
+            let start = pairs.len();
+            gather_pairs(
+                &rows,
+                *w,
+                offsets,
+                c,
+                col.row_bytes,
+                source.chunk_size(),
+                &mut pairs,
+            )?;
+            jobs.push((c, *w, start..pairs.len()));
+        }
+    }
+    let row_ids = rows
+        .iter()
+        .map(|(r, _)| source.shard_row_start(r.shard as usize) + r.row)
+        .collect();
+    Ok(BatchPlan {
+        epoch,
+        index: k,
+        needed,
+        row_ids,
+        jobs,
+        pairs,
+    })
+}
+
+/// Reads chunks into a window's staging with `pread`.
+pub(crate) struct ChunkReader<'a> {
+    pub(crate) source: &'a FormatSource,
+    pub(crate) files: &'a [File],
+    /// Threads that `pread` one window's chunks.
+    pub(crate) threads: usize,
+}
+
+impl ChunkReader<'_> {
+    /// Reads every chunk into its staging range, the chunks dealt round-robin to `threads`
+    /// scoped threads (one thread does not reach PCIe bandwidth copying from the page cache).
+    pub(crate) fn pread_all(
+        &self,
+        keys: &[Key],
+        specs: &[ChunkSpec],
+        offs: &[usize],
+        staging: &mut [u8],
+    ) -> Result<()> {
+        // Disjoint staging ranges, in order (offsets increase with the key order).
+        let mut jobs: Vec<(Key, &ChunkSpec, &mut [u8])> = Vec::with_capacity(keys.len());
+        let mut rest: &mut [u8] = staging;
+        let mut pos = 0usize;
+        for ((k, spec), &o) in keys.iter().zip(specs).zip(offs) {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(o - pos);
+            let (dst, tail) = tail.split_at_mut(spec.len);
+            rest = tail;
+            pos = o + spec.len;
+            jobs.push((*k, spec, dst));
+        }
+        let threads = self.threads.min(jobs.len()).max(1);
+        if threads == 1 {
+            return jobs
+                .into_iter()
+                .try_for_each(|(k, spec, dst)| self.pread(k, spec, dst));
+        }
+        let mut lanes: Vec<Vec<(Key, &ChunkSpec, &mut [u8])>> =
+            (0..threads).map(|_| Vec::new()).collect();
+        for (i, j) in jobs.into_iter().enumerate() {
+            lanes[i % threads].push(j);
+        }
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = lanes
+                .into_iter()
+                .map(|lane| {
+                    sc.spawn(move || {
+                        lane.into_iter()
+                            .try_for_each(|(k, spec, dst)| self.pread(k, spec, dst))
+                    })
+                })
+                .collect();
+            // The first error in chunk order of lanes; a panicking reader is an error too.
+            let mut first = Ok(());
+            for h in handles {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Stopped("a pread thread panicked".into())));
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+            first
+        })
+    }
+
+    pub(crate) fn pread(&self, k: Key, spec: &ChunkSpec, dst: &mut [u8]) -> Result<()> {
+        let (s, c, j) = (k.0 as usize, k.1, k.2);
+        let path = self.source.shard_path(s);
+        let end = spec.file_offset.checked_add(spec.len as u64);
+        if end.is_none_or(|e| e > self.source.shard_file_len(s)) {
+            return Err(Error::format(
+                path,
+                "shard",
+                format!("chunk {j} of column {c} lies outside the file"),
+            ));
+        }
+        self.files[s]
+            .read_exact_at(dst, spec.file_offset)
+            .map_err(|e| {
+                let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::new(
+                        e.kind(),
+                        "shard file is shorter than its header says (truncated while open?)",
+                    )
+                } else {
+                    e
+                };
+                Error::io(path, e)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The window layout and gather offsets, checked on the CPU (no GPU needed): windows are
+    //! opened on the host into buffers laid out exactly as on the device, rows gathered with
+    //! the same offsets, and every batch compared with the host loader's.
+    use super::*;
+    use crate::cipher::{Backend, ChunkParams};
+    use crate::format::{ConvertInput, ConvertOptions, Dtype, convert};
+    use crate::keys::MasterKey;
+    use crate::pipeline::{Loader, LoaderOptions, SamplerConfig};
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::time::Instant;
+
+    fn dataset(dir: &Path, rows: u64) -> MasterKey {
+        let key = MasterKey::generate().unwrap();
+        let col = |name: &str, dtype, shape: Vec<u64>, data: Vec<u8>| ConvertInput::InMemory {
+            name: name.into(),
+            dtype,
+            shape,
+            data,
+        };
+        let inputs = [
+            col(
+                "x",
+                Dtype::F32,
+                vec![rows, 3],
+                (0..rows * 3)
+                    .flat_map(|i| (i as f32).to_le_bytes())
+                    .collect(),
+            ),
+            col(
+                "y",
+                Dtype::I32,
+                vec![rows],
+                (0..rows as i32)
+                    .flat_map(|i| (i * 7).to_le_bytes())
+                    .collect(),
+            ),
+            col(
+                "z",
+                Dtype::U8,
+                vec![rows, 5],
+                (0..rows * 5).map(|i| (i * 31 % 251) as u8).collect(),
+            ),
+        ];
+        let opts = ConvertOptions {
+            keys: vec![key.clone()],
+            chunk_size: 128,
+            shard_size: 6000,
+            plain: vec!["y".into()],
+            ..Default::default()
+        };
+        convert(&inputs, dir, &opts, &mut |_, _| {}).unwrap();
+        key
+    }
+
+    /// Window `w` opened on the host into a buffer with the device layout.
+    fn host_window(
+        src: &FormatSource,
+        plan: &EpochPlan,
+        w: usize,
+        bound: usize,
+        packing: Packing,
+    ) -> (Vec<u8>, ChunkOffsets) {
+        let keys = window_keys(src.columns(), src.chunk_size(), plan, w);
+        let specs: Vec<ChunkSpec> = keys
+            .iter()
+            .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
+            .collect();
+        let lay = window_layout(&keys, &specs, packing);
+        assert!(
+            lay.staging_len <= bound,
+            "window {w}: {} > bound {bound}",
+            lay.staging_len
+        );
+        let mut buf = vec![0u8; lay.out_len as usize];
+        for (k, spec) in keys.iter().zip(&specs) {
+            let mut chunk = vec![0u8; spec.len];
+            let f = File::open(src.shard_path(k.0 as usize)).unwrap();
+            f.read_exact_at(&mut chunk, spec.file_offset).unwrap();
+            let params = ChunkParams {
+                nonce: spec.nonce,
+                aad: &spec.aad,
+                tag: spec.tag,
+                encrypted: spec.encrypted,
+            };
+            let opener = src.opener(k.0 as usize);
+            if spec.encrypted {
+                opener.open_in_place(&params, &mut chunk).unwrap();
+            } else {
+                opener.verify(&params, &chunk).unwrap();
+            }
+            let o = lay.offsets.get(k).unwrap() as usize;
+            buf[o..o + spec.len].copy_from_slice(&chunk);
+        }
+        (buf, lay.offsets)
+    }
+
+    /// The reader's window order is exactly what the gather loop asks for, batch by batch,
+    /// including the last rank's padding that wraps to the epoch's first window.
+    #[test]
+    fn reader_load_order_matches_the_gather_loop() {
+        let shard_rows = [1000u64, 37, 512, 999];
+        for (batch, w_blocks, world, rank, block_rows, drop_last, first) in [
+            (64u64, 4u64, 1u64, 0u64, 50u64, false, 0u64),
+            (100, 1, 3, 2, 64, false, 0),
+            (7, 2, 2, 1, 13, false, 5),
+            (1000, 3, 4, 3, 100, false, 0),
+            (33, 8, 3, 0, 10, true, 2),
+            (2548, 2, 1, 0, 128, false, 0),
+        ] {
+            let cfg = SamplerConfig {
+                seed: batch ^ rank,
+                shuffle: true,
+                block_rows,
+                window_blocks: w_blocks,
+                rank,
+                world_size: world,
+                batch_size: batch,
+                drop_last,
+            };
+            for epoch in 0..2 {
+                let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+                let mut cur = Cursor::new(&plan);
+                let (mut resident, mut asked) = (Vec::<usize>::new(), Vec::new());
+                for k in first.min(plan.batches())..plan.batches() {
+                    let (a, b) = plan.batch_positions(k);
+                    let mut needed: Vec<usize> = (a..b).map(|p| cur.row_at(p).1).collect();
+                    needed.sort_unstable();
+                    needed.dedup();
+                    assert_eq!(batch_windows(&plan, k), needed, "batch {k} of {cfg:?}");
+                    resident.retain(|w| needed.contains(w));
+                    for &w in &needed {
+                        if !resident.contains(&w) {
+                            resident.push(w);
+                            asked.push(w);
+                        }
+                    }
+                }
+                assert_eq!(load_order(&plan, first), asked, "{cfg:?} epoch {epoch}");
+            }
+        }
+    }
+
+    /// Host-side cost of the device path's planning, per batch, at `ciphershard bench`'s
+    /// geometry (262,144 rows of 1024 + 8 bytes, 2 MiB chunks, batch 1024, W = 8): the planner
+    /// thread's row walk and offsets (`plan_batch`), the reader's window order and layouts. Run with
+    /// `cargo test --release --lib window_plan::tests::host_side_costs -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing probe, run by hand in release"]
+    fn host_side_costs_per_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::pipeline::bench::generate(dir.path(), 262_144, 256, 2 << 20).unwrap();
+        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+        let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
+        let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();
+        let cfg = SamplerConfig {
+            seed: 1,
+            shuffle: true,
+            block_rows: src.chunk_size() / widest,
+            window_blocks: 8,
+            rank: 0,
+            world_size: 1,
+            batch_size: 1024,
+            drop_last: false,
+        };
+        let epochs = 3;
+        let t = Instant::now();
+        let mut windows = 0;
+        for epoch in 0..epochs {
+            let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+            for w in load_order(&plan, 0) {
+                let keys = window_keys(src.columns(), src.chunk_size(), &plan, w);
+                let specs: Vec<ChunkSpec> = keys
+                    .iter()
+                    .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
+                    .collect();
+                std::hint::black_box(window_layout(&keys, &specs, Packing::Packed));
+                windows += 1;
+            }
+        }
+        let reader = t.elapsed();
+        let t = Instant::now();
+        let mut batches = 0u64;
+        for epoch in 0..epochs {
+            let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+            let mut cur = Cursor::new(&plan);
+            let mut layouts = Vec::new();
+            for k in 0..plan.batches() {
+                let bp = plan_batch(
+                    &src,
+                    &plan,
+                    &mut cur,
+                    &mut layouts,
+                    epoch,
+                    k,
+                    Packing::Packed,
+                )
+                .unwrap();
+                std::hint::black_box(&bp.pairs);
+                batches += 1;
+            }
+        }
+        let gather = t.elapsed();
+        eprintln!(
+            "reader planning: {windows} windows in {:.2} ms ({:.1} us/window); planner thread: \
+             {batches} batches in {:.2} ms ({:.1} us/batch)",
+            reader.as_secs_f64() * 1e3,
+            reader.as_secs_f64() * 1e6 / windows as f64,
+            gather.as_secs_f64() * 1e3,
+            gather.as_secs_f64() * 1e6 / batches as f64
+        );
+    }
+
+    #[test]
+    fn window_layout_and_gather_offsets_rebuild_the_host_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dataset(dir.path(), 700);
+        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+        assert!(src.shard_count() > 2);
+        let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
+        for (seed, batch, w_blocks, world, rank, block_rows) in [
+            (1u64, 32usize, 8u64, 1u64, 0u64, None),
+            (2, 50, 3, 2, 1, None),
+            (3, 300, 1, 1, 0, Some(7)),
+            (4, 17, 2, 3, 2, Some(100)),
+        ] {
+            let o = LoaderOptions {
+                batch_size: batch,
+                seed,
+                window_blocks: w_blocks,
+                world_size: world,
+                rank,
+                block_rows,
+                epochs: 2,
+                ..Default::default()
+            };
+            let host: Vec<_> = Loader::new(src.clone(), &o)
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect();
+            let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();
+            let block_rows = block_rows.unwrap_or((src.chunk_size() / widest).max(1));
+            let bound = (window_chunk_bound(
+                src.columns(),
+                src.chunk_size(),
+                block_rows,
+                w_blocks,
+                &shard_rows,
+            ) * src.chunk_size().next_multiple_of(16)) as usize;
+            let cfg = SamplerConfig {
+                seed,
+                shuffle: true,
+                block_rows,
+                window_blocks: w_blocks,
+                rank,
+                world_size: world,
+                batch_size: batch as u64,
+                drop_last: false,
+            };
+            for packing in [Packing::Packed, Packing::Aligned] {
+                let mut hi = host.iter();
+                for epoch in 0..2 {
+                    let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+                    let mut cur = Cursor::new(&plan);
+                    let mut layouts = Vec::new();
+                    let mut windows: HashMap<usize, Vec<u8>> = HashMap::new();
+                    for k in 0..plan.batches() {
+                        // What the planner thread sends the gather thread.
+                        let bp = plan_batch(&src, &plan, &mut cur, &mut layouts, epoch, k, packing)
+                            .unwrap();
+                        let h = hi.next().expect("as many batches as the host loader");
+                        assert_eq!((bp.epoch, bp.index), (h.epoch(), h.index()));
+                        assert_eq!(bp.row_ids, h.row_ids(), "{o:?}");
+                        for &w in &bp.needed {
+                            windows.entry(w).or_insert_with(|| {
+                                let (buf, offsets) = host_window(&src, &plan, w, bound, packing);
+                                // The reader's layout is the one the planner assumes.
+                                assert_eq!(offsets, window_offsets(&src, &plan, w, packing));
+                                buf
+                            });
+                        }
+                        let mut got: Vec<Vec<u8>> = src
+                            .columns()
+                            .iter()
+                            .map(|col| vec![0u8; bp.row_ids.len() * col.row_bytes as usize])
+                            .collect();
+                        let mut covered = vec![0usize; src.columns().len()];
+                        for (c, w, range) in &bp.jobs {
+                            let buf = &windows[w];
+                            let n = src.columns()[*c].row_bytes as usize;
+                            for &(s, d) in &bp.pairs[range.clone()] {
+                                let (s, d) = (s as usize, d as usize);
+                                got[*c][d..d + n].copy_from_slice(&buf[s..s + n]);
+                            }
+                            covered[*c] += range.len();
+                        }
+                        for (c, col) in src.columns().iter().enumerate() {
+                            assert_eq!(covered[c], bp.row_ids.len(), "every row gathered once");
+                            assert_eq!(
+                                got[c],
+                                h.tensors().nth(c).unwrap().bytes,
+                                "column {} {o:?} {packing:?}",
+                                col.name
+                            );
+                        }
+                    }
+                }
+                assert!(hi.next().is_none());
+            }
+        }
+    }
+}
