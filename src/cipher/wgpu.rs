@@ -52,9 +52,13 @@ const WORKGROUP_SIZE: u64 = 256;
 /// workgroups per dimension.
 const DEFAULT_MAX_PIECE: u64 = 128 << 20;
 /// Longest we wait for one GPU submission before calling the device hung.
-const GPU_TIMEOUT: Duration = Duration::from_secs(60);
-/// The shader source, compiled once per context.
-const SHADER: &str = include_str!("../../shaders/aes_ctr.wgsl");
+pub(super) const GPU_TIMEOUT: Duration = Duration::from_secs(60);
+/// The shader source, compiled once per context: the AES core shared by the CTR kernels
+/// (overrides, T-table, round functions), then this kernel's entry file.
+const SHADER: &str = concat!(
+    include_str!("../../shaders/aes_core.wgsl"),
+    include_str!("../../shaders/aes_ctr.wgsl")
+);
 /// The GHASH shader (partial sums with powers of H), compiled once per context.
 const GHASH_SHADER: &str = include_str!("../../shaders/ghash.wgsl");
 /// Ciphertext blocks per GHASH invocation (the shader's `SEGMENT`).
@@ -191,7 +195,7 @@ impl Default for WgpuOptions {
     }
 }
 
-fn backend_err(reason: impl Into<String>) -> Error {
+pub(super) fn backend_err(reason: impl Into<String>) -> Error {
     Error::Backend {
         backend: BACKEND,
         reason: reason.into(),
@@ -236,7 +240,7 @@ fn t0_table(sbox: &[u8; 256]) -> [u32; 256] {
 }
 
 /// AES-256 key expansion: 60 big-endian round-key words.
-fn expand_key(key: &[u8; 32], sbox: &[u8; 256]) -> Zeroizing<[u32; 60]> {
+pub(super) fn expand_key(key: &[u8; 32], sbox: &[u8; 256]) -> Zeroizing<[u32; 60]> {
     let sub = |w: u32| u32::from_be_bytes(w.to_be_bytes().map(|b| sbox[b as usize]));
     let mut w = Zeroizing::new([0u32; 60]);
     for i in 0..8 {
@@ -380,7 +384,7 @@ fn build_ghash_pipeline(
     )
 }
 
-fn binding_types() -> (fn(bool) -> ::wgpu::BindingType, ::wgpu::BindingType) {
+pub(super) fn binding_types() -> (fn(bool) -> ::wgpu::BindingType, ::wgpu::BindingType) {
     fn storage(read_only: bool) -> ::wgpu::BindingType {
         ::wgpu::BindingType::Buffer {
             ty: ::wgpu::BufferBindingType::Storage { read_only },
@@ -396,9 +400,9 @@ fn binding_types() -> (fn(bool) -> ::wgpu::BindingType, ::wgpu::BindingType) {
     (storage, uniform)
 }
 
-/// Compiles `source` and builds a compute pipeline (entry point `main`) whose bindings
+/// Compiles `source` and builds a compute pipeline (entry point `entry_point`) whose bindings
 /// 0.. have the given types.
-fn build_compute(
+pub(super) fn build_compute(
     device: &::wgpu::Device,
     label: &str,
     source: &str,
@@ -548,14 +552,15 @@ struct Buffers {
     readback: Option<::wgpu::Buffer>,
 }
 
-/// Everything created once per device and shared by all openers.
-struct Context {
-    adapter: AdapterSummary,
-    device: ::wgpu::Device,
-    queue: ::wgpu::Queue,
+/// Everything created once per device and shared by all openers (and by
+/// [`super::wgpu_batch::WgpuBatchEngine`], which reads the `pub(super)` fields).
+pub(super) struct Context {
+    pub(super) adapter: AdapterSummary,
+    pub(super) device: ::wgpu::Device,
+    pub(super) queue: ::wgpu::Queue,
     pipeline: ::wgpu::ComputePipeline,
     layout: ::wgpu::BindGroupLayout,
-    t0: ::wgpu::Buffer,
+    pub(super) t0: ::wgpu::Buffer,
     params: ::wgpu::Buffer,
     /// GHASH partial sums (`shaders/ghash.wgsl`): pipeline, layout, parameters, one 16-byte
     /// sum per workgroup of a piece, and its read-back copy.
@@ -569,20 +574,20 @@ struct Context {
     /// Largest piece, in bytes (a multiple of the workgroup's span).
     piece_bytes: u64,
     /// Whether the pipeline copies the table into workgroup memory.
-    shared_table: bool,
+    pub(super) shared_table: bool,
     /// The kernel variant the pipeline runs.
-    variant: KernelVariant,
-    max_workgroups: u32,
+    pub(super) variant: KernelVariant,
+    pub(super) max_workgroups: u32,
     buffers: Mutex<Buffers>,
     /// Set by the device-lost callback or the first failed GPU operation.
-    failure: Arc<Mutex<Option<String>>>,
+    pub(super) failure: Arc<Mutex<Option<String>>>,
     warned: AtomicBool,
 }
 
 /// The wgpu backend.
 pub struct WgpuCipher {
-    ctx: Arc<Context>,
-    sbox: [u8; 256],
+    pub(super) ctx: Arc<Context>,
+    pub(super) sbox: [u8; 256],
 }
 
 impl std::fmt::Debug for WgpuCipher {
@@ -830,12 +835,12 @@ impl Cipher for WgpuCipher {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind; keep going.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn record(sink: &Mutex<Option<String>>, reason: String) {
+pub(super) fn record(sink: &Mutex<Option<String>>, reason: String) {
     let mut f = lock(sink);
     if f.is_none() {
         *f = Some(reason);
