@@ -26,7 +26,7 @@ if [ "${1:-}" = "--prepare" ]; then
     mkdir -p "$dir"
     cp target/release/examples/cuda_bench "$dir/cuda_bench"
     cp target/release/ciphershard "$dir/ciphershard"
-    for t in cuda_conformance wgpu_backend loader_cuda; do
+    for t in cuda_conformance wgpu_backend loader_cuda loader_wgpu; do
         if [ -f "tests/$t.rs" ]; then cp "$(test_exe "$t")" "$dir/$t"; fi
     done
     # PTX from NVRTC 13.0 (PTX ISA the 580 driver accepts), for a machine without libnvrtc.
@@ -142,10 +142,17 @@ if [ -x "$BIN/wgpu_backend" ]; then
     [ $rc -eq 0 ] && row "wgpu conformance + cross-backend tests" "PASS" \
         || row "wgpu conformance + cross-backend tests" "FAIL (rc $rc): $(echo "$out" | grep -E 'panicked|No adapter|not available' | head -2 | tr '|\n' '/ ')"
 fi
+if [ -x "$BIN/loader_wgpu" ]; then
+    out=$(CIPHERSHARD_REQUIRE_WGPU=1 timeout 90 "$BIN/loader_wgpu" --test-threads=1 2>&1); rc=$?
+    echo "$out" | grep -E '^test |test result|wgpu device loader:' | tail -10
+    [ $rc -eq 0 ] && row "wgpu device loader = host loader, tamper, resume" "PASS" \
+        || row "wgpu device loader tests" "FAIL (rc $rc): $(echo "$out" | grep -E 'panicked' | head -2 | tr '|\n' '/ ')"
+fi
 if [ -x "$BIN/ciphershard" ]; then
+    # The wgpu device loader (batches in wgpu::Buffers) over the bench dataset, plus kernel figures.
     out=$(timeout 150 "$BIN/ciphershard" bench --backend wgpu --threads 8 --epochs 1 --json 2>&1); rc=$?
     echo "$out" > "${OUT:-/tmp}/bench-wgpu.json"
-    [ $rc -eq 0 ] && row "ciphershard bench --backend wgpu" "$(echo "$out" | tr -d ' \n' | grep -oE '"(ratio|kernel_gbps|best_variant|gpu_ghash_gbps|cpu_ghash_gbps|open_gpu_ghash_gbps|open_cpu_ghash_gbps|open_gbps|adapter)":("[^"]*"|[0-9.]+)' | tr '\n' ' ')" \
+    [ $rc -eq 0 ] && row "ciphershard bench --backend wgpu" "$(echo "$out" | tr -d ' \n' | grep -oE '"(gb_per_s|steady_gb_per_s|ratio|kernel_gbps|best_variant|gpu_ghash_gbps|cpu_ghash_gbps|open_gpu_ghash_gbps|open_cpu_ghash_gbps|open_gbps|adapter)":("[^"]*"|[0-9.]+)' | tr '\n' ' ')" \
         || row "ciphershard bench --backend wgpu" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
 fi
 

@@ -182,31 +182,68 @@ fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> 
     Ok(clock.report(batches, l.stats(), None))
 }
 
-/// One run of the device loader (CUDA device 0): batches land in device memory.
-#[cfg(feature = "cuda")]
-fn run_device_once(path: &Path, key: &MasterKey, opts: &LoaderOptions) -> Result<RunReport> {
+/// One run of a device loader (CUDA device 0, or the wgpu adapter): batches land in device
+/// memory.
+#[cfg_attr(
+    not(all(feature = "cuda", feature = "wgpu")),
+    allow(unused_variables, unused_mut, unreachable_code)
+)]
+fn run_device_once(
+    backend: Backend,
+    path: &Path,
+    key: &MasterKey,
+    opts: &LoaderOptions,
+) -> Result<RunReport> {
     let mut clock = Clock::start();
-    let mut l = super::device::DeviceLoader::open(path, key, 0, opts)?;
-    clock.built();
     let mut batches = 0u64;
-    for b in l.by_ref() {
-        let b = b?;
-        clock.batch(b.tensors().map(|t| t.len() as u64).sum());
-        std::hint::black_box(b.len());
-        batches += 1;
-    }
-    // The loader's threads were joined when the last batch was taken: final telemetry.
-    let device = l.device_stats();
-    Ok(clock.report(batches, l.stats(), Some(device)))
+    let (stats, device) = match backend {
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            let mut l = super::device::DeviceLoader::open(path, key, 0, opts)?;
+            clock.built();
+            for b in l.by_ref() {
+                let b = b?;
+                clock.batch(b.tensors().map(|t| t.len() as u64).sum());
+                std::hint::black_box(b.len());
+                batches += 1;
+            }
+            // The loader's threads were joined when the last batch was taken.
+            (l.stats(), l.device_stats())
+        }
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => {
+            let wgpu = crate::cipher::wgpu::WgpuOptions::default();
+            let mut l = super::wgpu_device::WgpuDeviceLoader::open(path, key, wgpu, opts)?;
+            clock.built();
+            for b in l.by_ref() {
+                let b = b?;
+                clock.batch(b.tensors().map(|t| t.len() as u64).sum());
+                std::hint::black_box(b.len());
+                batches += 1;
+            }
+            (l.stats(), l.device_stats())
+        }
+        other => {
+            return Err(Error::BackendUnavailable {
+                backend: "device",
+                reason: format!(
+                    "no device loader for backend {} in this build",
+                    other.name()
+                ),
+            });
+        }
+    };
+    Ok(clock.report(batches, stats, Some(device)))
 }
 
 /// The bench into device memory: encrypted (pread → pinned staging → H2D → GPU verify and
 /// decrypt → gather) against the twin (the same pread, pinned staging, H2D, device copy and
 /// gather, no verify or decrypt), encrypted run twice around the twin, the faster steady state
 /// kept. Each run reports its setup (context, kernels, keys, staging), first-batch latency and
-/// steady state (first batch to last) apart, as short runs are dominated by setup.
-#[cfg(feature = "cuda")]
+/// steady state (first batch to last) apart, as short runs are dominated by setup. On wgpu the
+/// same, with the tags checked on the CPU after `pread` and the CTR pass on the adapter.
 fn run_device(
+    backend: Backend,
     path: &Path,
     key: &MasterKey,
     name: &str,
@@ -221,8 +258,9 @@ fn run_device(
         seed: 1,
         ..Default::default()
     };
-    let warm = run_device_once(path, key, &lo)?;
+    let warm = run_device_once(backend, path, key, &lo)?;
     let twin = run_device_once(
+        backend,
         path,
         key,
         &LoaderOptions {
@@ -230,7 +268,7 @@ fn run_device(
             ..lo.clone()
         },
     )?;
-    let again = run_device_once(path, key, &lo)?;
+    let again = run_device_once(backend, path, key, &lo)?;
     // The first run also compiles the kernels (setup): keep the faster steady state.
     let enc = if again.steady_gb_per_s > warm.steady_gb_per_s {
         again
@@ -247,7 +285,7 @@ fn run_device(
         .sum();
     Ok(BenchReport {
         dataset: name.to_string(),
-        backend: "cuda".into(),
+        backend: backend.name().into(),
         rows,
         epoch_bytes: rows * row_bytes,
         threads: opts.threads,
@@ -257,14 +295,6 @@ fn run_device(
         steady_ratio: enc.steady_gb_per_s / twin.steady_gb_per_s.max(1e-12),
         encrypted: enc,
         plaintext_twin: twin,
-    })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn run_device(_: &Path, _: &MasterKey, _: &str, _: &BenchOptions) -> Result<BenchReport> {
-    Err(Error::BackendUnavailable {
-        backend: "cuda",
-        reason: "built without the `cuda` feature".into(),
     })
 }
 
@@ -361,7 +391,8 @@ pub fn run(
     key: Option<&MasterKey>,
     opts: &BenchOptions,
 ) -> Result<BenchReport> {
-    // Name the backend actually used (`auto` resolves here); CUDA benches the device loader.
+    // Name the backend actually used (`auto` resolves here); GPU backends bench their device
+    // loader.
     let backend = match opts.backend {
         Backend::Auto => crate::cipher::select(Backend::Auto)?.backend(),
         b => b,
@@ -370,18 +401,26 @@ pub fn run(
         backend,
         ..opts.clone()
     };
+    // Before generating a dataset: say at once why there is no device.
     if backend == Backend::Cuda {
-        // Before generating a dataset: say at once why there is no device.
         crate::cipher::cuda::probe().map_err(|reason| Error::BackendUnavailable {
             backend: "cuda",
             reason,
         })?;
     }
+    if backend == Backend::Wgpu {
+        crate::cipher::wgpu::probe().map_err(|reason| Error::BackendUnavailable {
+            backend: "wgpu",
+            reason,
+        })?;
+    }
+    // GPU backends bench their device loader (batches stay in device memory).
+    let device_loader = matches!(backend, Backend::Cuda | Backend::Wgpu);
     match dataset {
         Some(p) => {
             let key = key.ok_or_else(|| Error::Key("bench over a dataset needs its key".into()))?;
-            if backend == Backend::Cuda {
-                return run_device(p, key, &p.display().to_string(), opts);
+            if device_loader {
+                return run_device(backend, p, key, &p.display().to_string(), opts);
             }
             let src = FormatSource::open(p, key, opts.backend)?;
             run_source(src, &p.display().to_string(), opts)
@@ -398,8 +437,8 @@ pub fn run(
                 opts.generated_features,
                 2 << 20,
             )?;
-            if backend == Backend::Cuda {
-                return run_device(&dir.0, &key, "generated", opts);
+            if device_loader {
+                return run_device(backend, &dir.0, &key, "generated", opts);
             }
             let src = FormatSource::open(&dir.0, &key, opts.backend)?;
             run_source(src, "generated", opts)

@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -29,7 +29,7 @@ use super::format_source::FormatSource;
 use super::loader::{DecryptMode, LoaderOptions, LoaderState, PlanSetup};
 use super::sampler::{Cursor, EpochPlan, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
-use super::telemetry::{Counters, DeviceStats, LoaderStats, add};
+use super::telemetry::{Counters, DeviceCounters, DeviceStats, LoaderStats, add, ns_since};
 use super::window_plan::{
     BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, plan_batch, window_chunk_bound,
     window_keys, window_layout,
@@ -221,42 +221,6 @@ impl std::fmt::Debug for DeviceLoader {
 /// decrypted on the GPU and k+2 is read from the shards.
 const WINDOW_SLOTS: usize = 3;
 
-#[derive(Debug, Default)]
-struct DeviceCounters {
-    windows: AtomicU64,
-    window_bytes: AtomicU64,
-    read_ns: AtomicU64,
-    submit_ns: AtomicU64,
-    gpu_wait_ns: AtomicU64,
-    window_latency_ns: AtomicU64,
-    window_wait_ns: AtomicU64,
-    gather_ns: AtomicU64,
-    batch_sync_ns: AtomicU64,
-    send_wait_ns: AtomicU64,
-}
-
-impl DeviceCounters {
-    fn snapshot(&self) -> DeviceStats {
-        let l = |a: &AtomicU64| a.load(Relaxed);
-        DeviceStats {
-            windows: l(&self.windows),
-            window_bytes: l(&self.window_bytes),
-            read_ns: l(&self.read_ns),
-            submit_ns: l(&self.submit_ns),
-            gpu_wait_ns: l(&self.gpu_wait_ns),
-            window_latency_ns: l(&self.window_latency_ns),
-            window_wait_ns: l(&self.window_wait_ns),
-            gather_ns: l(&self.gather_ns),
-            batch_sync_ns: l(&self.batch_sync_ns),
-            send_wait_ns: l(&self.send_wait_ns),
-        }
-    }
-}
-
-fn ns_since(t: Instant) -> u64 {
-    t.elapsed().as_nanos() as u64
-}
-
 /// Everything the loader's threads share: the producer thread gathers batches, a reader
 /// thread it spawns reads, uploads and verifies windows.
 struct Producer {
@@ -426,16 +390,8 @@ impl DeviceLoader {
             built,
             columns,
         };
-        l.normalize_state();
+        l.state.normalize(l.batches_per_epoch);
         Ok(l)
-    }
-
-    fn normalize_state(&mut self) {
-        if self.batches_per_epoch > 0 && self.state.batches_done_in_epoch >= self.batches_per_epoch
-        {
-            self.state.epoch += 1;
-            self.state.batches_done_in_epoch = 0;
-        }
     }
 
     /// The position after the last batch handed out (resume with [`LoaderOptions::resume`]).
@@ -513,7 +469,7 @@ impl Iterator for DeviceLoader {
                 }
                 self.state.epoch = b.epoch;
                 self.state.batches_done_in_epoch = b.index + 1;
-                self.normalize_state();
+                self.state.normalize(self.batches_per_epoch);
                 Some(Ok(b))
             }
             Err(e) => {
@@ -855,7 +811,13 @@ impl Producer {
             files: &self.files,
             threads: self.threads,
         }
-        .pread_all(&keys, &specs, &staging_offs, dec.staging_mut()?)?;
+        .pread_all(
+            &keys,
+            &specs,
+            &staging_offs,
+            dec.staging_mut()?,
+            &|_, _, _| Ok(()),
+        )?;
         let t1 = Instant::now();
         let read = (t1 - t0).as_nanos() as u64;
         add(&self.counters.read_ns, read);

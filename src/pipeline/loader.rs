@@ -140,6 +140,16 @@ pub struct LoaderState {
     pub total_rows: u64,
 }
 
+impl LoaderState {
+    /// A position at the end of an epoch is the start of the next one.
+    pub(crate) fn normalize(&mut self, batches_per_epoch: u64) {
+        if batches_per_epoch > 0 && self.batches_done_in_epoch >= batches_per_epoch {
+            self.epoch += 1;
+            self.batches_done_in_epoch = 0;
+        }
+    }
+}
+
 impl LoaderOptions {
     /// Options that continue from `state` (keeping this value's threads, prefetch, mode,
     /// epochs and hook; the order-defining fields come from the state).
@@ -834,7 +844,7 @@ impl Loader {
             set_pool,
             chunk_pool,
         };
-        l.normalize_state();
+        l.state.normalize(l.batches_per_epoch);
         Ok(l)
     }
 
@@ -852,14 +862,6 @@ impl Loader {
             )));
         }
         Loader::new(source, &opts.clone().resume(state))
-    }
-
-    fn normalize_state(&mut self) {
-        if self.batches_per_epoch > 0 && self.state.batches_done_in_epoch >= self.batches_per_epoch
-        {
-            self.state.epoch += 1;
-            self.state.batches_done_in_epoch = 0;
-        }
     }
 
     /// The position after the last batch handed out.
@@ -957,7 +959,7 @@ impl Iterator for Loader {
                 }
                 self.state.epoch = b.epoch;
                 self.state.batches_done_in_epoch = b.index + 1;
-                self.normalize_state();
+                self.state.normalize(self.batches_per_epoch);
                 Some(Ok(b))
             }
             Err(e) => {

@@ -19,5 +19,9 @@ pub mod device;
 pub use device::{CudaBatch, CudaTensor, DeviceLoader};
 pub mod format_source;
 pub use format_source::FormatSource;
+#[cfg(feature = "wgpu")]
+pub mod wgpu_device;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod window_plan;
+#[cfg(feature = "wgpu")]
+pub use wgpu_device::{WgpuBatch, WgpuDeviceLoader, WgpuTensor};

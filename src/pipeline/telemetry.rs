@@ -197,3 +197,43 @@ impl std::fmt::Display for DeviceStats {
         )
     }
 }
+
+/// Live counters of a device loader's threads (see [`DeviceStats`]).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+#[derive(Debug, Default)]
+pub(crate) struct DeviceCounters {
+    pub(crate) windows: AtomicU64,
+    pub(crate) window_bytes: AtomicU64,
+    pub(crate) read_ns: AtomicU64,
+    pub(crate) submit_ns: AtomicU64,
+    pub(crate) gpu_wait_ns: AtomicU64,
+    pub(crate) window_latency_ns: AtomicU64,
+    pub(crate) window_wait_ns: AtomicU64,
+    pub(crate) gather_ns: AtomicU64,
+    pub(crate) batch_sync_ns: AtomicU64,
+    pub(crate) send_wait_ns: AtomicU64,
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl DeviceCounters {
+    pub(crate) fn snapshot(&self) -> DeviceStats {
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        DeviceStats {
+            windows: l(&self.windows),
+            window_bytes: l(&self.window_bytes),
+            read_ns: l(&self.read_ns),
+            submit_ns: l(&self.submit_ns),
+            gpu_wait_ns: l(&self.gpu_wait_ns),
+            window_latency_ns: l(&self.window_latency_ns),
+            window_wait_ns: l(&self.window_wait_ns),
+            gather_ns: l(&self.gather_ns),
+            batch_sync_ns: l(&self.batch_sync_ns),
+            send_wait_ns: l(&self.send_wait_ns),
+        }
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn ns_since(t: std::time::Instant) -> u64 {
+    t.elapsed().as_nanos() as u64
+}

@@ -17,6 +17,7 @@ pub(crate) type Key = (u32, u32, u64);
 
 /// How a window buffer holds its chunks' plaintext.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) enum Packing {
     /// Back to back in key order (CUDA: the kernels write plaintext to a separate buffer).
     Packed,
@@ -102,6 +103,7 @@ impl ChunkOffsets {
 }
 
 /// Where a window's chunks go in staging and in the window's device buffer.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct WindowLayout {
     /// Staging offset of each chunk (16-byte aligned: the vectorized kernel path).
     pub(crate) staging_offs: Vec<usize>,
@@ -304,6 +306,9 @@ pub(crate) fn plan_batch(
     })
 }
 
+/// Runs on each chunk right after its read (e.g. its tag check), on the reading thread.
+pub(crate) type ChunkCheck<'a> = dyn Fn(Key, &ChunkSpec, &[u8]) -> Result<()> + Sync + 'a;
+
 /// Reads chunks into a window's staging with `pread`.
 pub(crate) struct ChunkReader<'a> {
     pub(crate) source: &'a FormatSource,
@@ -314,13 +319,16 @@ pub(crate) struct ChunkReader<'a> {
 
 impl ChunkReader<'_> {
     /// Reads every chunk into its staging range, the chunks dealt round-robin to `threads`
-    /// scoped threads (one thread does not reach PCIe bandwidth copying from the page cache).
+    /// scoped threads (one thread does not reach PCIe bandwidth copying from the page cache);
+    /// `check` runs on each chunk right after its read, on the same thread (cache-hot).
     pub(crate) fn pread_all(
         &self,
         keys: &[Key],
         specs: &[ChunkSpec],
         offs: &[usize],
         staging: &mut [u8],
+
+        check: &ChunkCheck<'_>,
     ) -> Result<()> {
         // Disjoint staging ranges, in order (offsets increase with the key order).
         let mut jobs: Vec<(Key, &ChunkSpec, &mut [u8])> = Vec::with_capacity(keys.len());
@@ -337,7 +345,7 @@ impl ChunkReader<'_> {
         if threads == 1 {
             return jobs
                 .into_iter()
-                .try_for_each(|(k, spec, dst)| self.pread(k, spec, dst));
+                .try_for_each(|(k, spec, dst)| self.pread_checked(k, spec, dst, check));
         }
         let mut lanes: Vec<Vec<(Key, &ChunkSpec, &mut [u8])>> =
             (0..threads).map(|_| Vec::new()).collect();
@@ -350,7 +358,7 @@ impl ChunkReader<'_> {
                 .map(|lane| {
                     sc.spawn(move || {
                         lane.into_iter()
-                            .try_for_each(|(k, spec, dst)| self.pread(k, spec, dst))
+                            .try_for_each(|(k, spec, dst)| self.pread_checked(k, spec, dst, check))
                     })
                 })
                 .collect();
@@ -366,6 +374,17 @@ impl ChunkReader<'_> {
             }
             first
         })
+    }
+
+    fn pread_checked(
+        &self,
+        k: Key,
+        spec: &ChunkSpec,
+        dst: &mut [u8],
+        check: &ChunkCheck<'_>,
+    ) -> Result<()> {
+        self.pread(k, spec, dst)?;
+        check(k, spec, dst)
     }
 
     pub(crate) fn pread(&self, k: Key, spec: &ChunkSpec, dst: &mut [u8]) -> Result<()> {

@@ -1,0 +1,286 @@
+//! The wgpu device loader (batches in `wgpu::Buffer`s) against the host loader: same seed,
+//! same rows, same bytes once read back; tamper → `Err(Integrity)` naming the shard, tensor
+//! and chunk, and nothing after. Runs on whatever adapter is here (in CI: lavapipe, Mesa's CPU
+//! Vulkan driver); without one each test prints why it skipped, unless
+//! `CIPHERSHARD_REQUIRE_WGPU=1`, which turns a missing adapter into a failure.
+#![cfg(feature = "wgpu")]
+
+use std::path::Path;
+
+use ciphershard::cipher::Backend;
+use ciphershard::cipher::wgpu::WgpuOptions;
+use ciphershard::pipeline::{
+    FormatSource, Loader, LoaderOptions, RowSource, WgpuDeviceLoader, bench,
+};
+use ciphershard::{Error, MasterKey};
+
+mod device_common;
+use device_common::make;
+
+/// Lavapipe is a CPU adapter: allowed here (correctness), never picked by `auto`.
+fn options() -> WgpuOptions {
+    WgpuOptions {
+        allow_cpu_adapter: true,
+        ..WgpuOptions::default()
+    }
+}
+
+fn adapter(test: &str) -> bool {
+    match ciphershard::cipher::wgpu::probe_adapter() {
+        Ok(a) => {
+            eprintln!("{test}: on {a}");
+            true
+        }
+        Err(why) => {
+            if std::env::var("CIPHERSHARD_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
+                panic!("CIPHERSHARD_REQUIRE_WGPU=1 but no wgpu adapter: {why}");
+            }
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}
+
+fn open(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> WgpuDeviceLoader {
+    WgpuDeviceLoader::open(dir, key, options(), o).unwrap()
+}
+
+/// Every device batch equals the host loader's batch for the same options, byte for byte.
+fn compare(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> usize {
+    let src = FormatSource::open(dir, key, Backend::Cpu).unwrap();
+    let host: Vec<_> = Loader::new(src, o).unwrap().map(|b| b.unwrap()).collect();
+    let mut dev = open(dir, key, o);
+    assert_eq!(dev.batches_per_epoch() * o.epochs, host.len() as u64);
+    let mut n = 0;
+    for (h, d) in host.iter().zip(dev.by_ref()) {
+        let d = d.unwrap();
+        assert_eq!((d.epoch(), d.index()), (h.epoch(), h.index()));
+        assert_eq!(d.row_ids(), h.row_ids(), "{o:?}");
+        for (ht, dt) in h.tensors().zip(d.tensors()) {
+            assert_eq!((ht.name, ht.dtype), (dt.name, dt.dtype));
+            assert_eq!(ht.shape(), dt.shape());
+            assert!(dt.buffer().size() >= dt.len() as u64);
+            assert_eq!(dt.to_host().unwrap(), ht.bytes, "column {} {o:?}", ht.name);
+        }
+        n += 1;
+    }
+    assert_eq!(n, host.len());
+    assert!(dev.next().is_none());
+    // The telemetry accounts for every window and byte the loader read and verified.
+    let (ds, st) = (dev.device_stats(), dev.stats());
+    assert!(ds.windows > 0 || n == 0, "{ds:?}");
+    assert_eq!(ds.window_bytes, st.read.bytes, "{ds:?}");
+    assert_eq!(
+        st.verify.bytes, st.read.bytes,
+        "every window read was verified: {st:?}"
+    );
+    assert_eq!(st.assemble.bytes, st.delivered_bytes);
+    n
+}
+
+#[test]
+fn device_batches_equal_host_batches() {
+    if !adapter("device_batches_equal_host_batches") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 12-, 4- and 5-byte rows over 128-byte chunks: rows straddle chunks and share 32-bit
+    // words of the batch buffers; several shards and keys.
+    let key = make(dir.path(), 700, 3, 128, 6000);
+    let mut n = 0;
+    for (seed, batch, w, world, rank, drop_last, shuffle, block_rows, threads) in [
+        (1, 32, 8, 1, 0, false, true, None, 2),
+        (2, 50, 3, 1, 0, false, true, None, 1),
+        (3, 64, 1, 2, 1, false, true, None, 3),
+        (4, 17, 2, 3, 2, true, true, None, 2),
+        (5, 100, 4, 1, 0, false, false, None, 2),
+        // The last rank's padding wraps to the epoch's first window (reloaded after eviction).
+        (6, 33, 2, 3, 2, false, true, None, 2),
+        // Tiny windows: one batch gathers from many resident windows.
+        (7, 90, 1, 1, 0, false, true, Some(3), 2),
+    ] {
+        let o = LoaderOptions {
+            batch_size: batch,
+            seed,
+            window_blocks: w,
+            world_size: world,
+            rank,
+            drop_last,
+            shuffle,
+            block_rows,
+            threads,
+            epochs: 2,
+            ..Default::default()
+        };
+        n += compare(dir.path(), &key, &o);
+    }
+    // 16-byte rows, 4 KiB chunks: word-aligned rows, bigger windows.
+    let dir2 = tempfile::tempdir().unwrap();
+    let key2 = make(dir2.path(), 5000, 4, 4096, 64 << 10);
+    n += compare(
+        dir2.path(),
+        &key2,
+        &LoaderOptions {
+            batch_size: 256,
+            seed: 9,
+            ..Default::default()
+        },
+    );
+    eprintln!("{n} wgpu device batches equal to the host loader's");
+}
+
+#[test]
+fn tampered_chunk_is_an_integrity_error_and_nothing_after() {
+    if !adapter("tampered_chunk_is_an_integrity_error_and_nothing_after") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = make(dir.path(), 700, 3, 128, 6000);
+    let o = LoaderOptions {
+        batch_size: 40,
+        seed: 11,
+        ..Default::default()
+    };
+    // x and z encrypted, y plain (GMAC): all three are checked.
+    for col in [0usize, 1, 2] {
+        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+        let c = src.chunk(1, col, 2);
+        let path = src.shard_path(1).to_path_buf();
+        let tensor = src.columns()[col].name.clone();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[c.file_offset as usize + 5] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut l = open(dir.path(), &key, &o);
+        let mut err = None;
+        let mut ok = 0;
+        for b in l.by_ref() {
+            match b {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        match err {
+            Some(Error::Integrity(loc)) => {
+                let msg = Error::Integrity(loc.clone()).to_string();
+                assert!(msg.contains(&*path.to_string_lossy()), "{msg}");
+                assert!(msg.contains(&tensor), "{msg}");
+            }
+            other => panic!("column {col}: expected an integrity error, got {other:?}"),
+        }
+        assert!(l.next().is_none(), "a batch after the integrity error");
+        assert!(ok < l.batches_per_epoch() as usize);
+        bytes[c.file_offset as usize + 5] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    // Restored: the whole epoch loads again.
+    let l = open(dir.path(), &key, &o);
+    let per_epoch = l.batches_per_epoch();
+    let mut n = 0u64;
+    for b in l {
+        b.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, per_epoch);
+}
+
+#[test]
+fn wrong_key_is_refused_before_any_device_work() {
+    if !adapter("wrong_key_is_refused_before_any_device_work") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    make(dir.path(), 100, 3, 128, 6000);
+    let other = MasterKey::generate().unwrap();
+    let err = WgpuDeviceLoader::open(dir.path(), &other, options(), &LoaderOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongKey { .. }), "{err}");
+}
+
+#[test]
+fn resume_and_drop_mid_epoch() {
+    if !adapter("resume_and_drop_mid_epoch") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = make(dir.path(), 700, 3, 128, 6000);
+    let o = LoaderOptions {
+        batch_size: 30,
+        seed: 4,
+        epochs: 2,
+        ..Default::default()
+    };
+    let all: Vec<Vec<u64>> = open(dir.path(), &key, &o)
+        .map(|b| b.unwrap().row_ids().to_vec())
+        .collect();
+    let mut l = open(dir.path(), &key, &o);
+    let head: Vec<Vec<u64>> = l
+        .by_ref()
+        .take(all.len() / 2 + 1)
+        .map(|b| b.unwrap().row_ids().to_vec())
+        .collect();
+    let state = l.state();
+    drop(l); // mid-epoch: joins its threads, no hang
+    let tail: Vec<Vec<u64>> = open(dir.path(), &key, &o.clone().resume(&state))
+        .map(|b| b.unwrap().row_ids().to_vec())
+        .collect();
+    assert_eq!([head, tail].concat(), all);
+}
+
+#[test]
+fn batches_held_by_the_consumer_are_not_overwritten() {
+    if !adapter("batches_held_by_the_consumer_are_not_overwritten") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = make(dir.path(), 700, 3, 128, 6000);
+    let o = LoaderOptions {
+        batch_size: 25,
+        seed: 8,
+        prefetch: 1,
+        ..Default::default()
+    };
+    let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+    let host: Vec<_> = Loader::new(src, &o).unwrap().map(|b| b.unwrap()).collect();
+    // Hold every batch until the end: the pool must allocate, never reuse a held buffer.
+    let held: Vec<_> = open(dir.path(), &key, &o).map(|b| b.unwrap()).collect();
+    assert_eq!(held.len(), host.len());
+    for (h, d) in host.iter().zip(&held) {
+        for (ht, dt) in h.tensors().zip(d.tensors()) {
+            assert_eq!(dt.to_host().unwrap(), ht.bytes);
+        }
+    }
+}
+
+#[test]
+fn wgpu_bench_runs_the_device_loader() {
+    if !adapter("wgpu_bench_runs_the_device_loader") {
+        return;
+    }
+    let r = bench::run(
+        None,
+        None,
+        &bench::BenchOptions {
+            backend: Backend::Wgpu,
+            generated_rows: 4096,
+            generated_features: 64,
+            epochs: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.backend, "wgpu");
+    assert!(r.encrypted.batches > 0);
+    assert_eq!(r.encrypted.batches, r.plaintext_twin.batches);
+    assert_eq!(
+        r.encrypted.stats.delivered_bytes,
+        r.plaintext_twin.stats.delivered_bytes
+    );
+    assert!(r.encrypted.device.is_some());
+    eprintln!(
+        "wgpu device loader: encrypted {:.3} GB/s, twin {:.3} GB/s, ratio {:.2}",
+        r.encrypted.gb_per_s, r.plaintext_twin.gb_per_s, r.ratio
+    );
+}
