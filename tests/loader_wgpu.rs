@@ -284,3 +284,38 @@ fn wgpu_bench_runs_the_device_loader() {
         r.encrypted.gb_per_s, r.plaintext_twin.gb_per_s, r.ratio
     );
 }
+
+#[test]
+fn lost_device_mid_epoch_is_an_error_then_the_end() {
+    if !adapter("lost_device_mid_epoch_is_an_error_then_the_end") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = make(dir.path(), 700, 3, 128, 6000);
+    let o = LoaderOptions {
+        batch_size: 20,
+        seed: 3,
+        prefetch: 1,
+        ..Default::default()
+    };
+    let mut l = open(dir.path(), &key, &o);
+    let first = l.next().unwrap().unwrap();
+    drop(first);
+    l.device().destroy();
+    // Batches already complete may still come; then one device error, then the end.
+    let mut err = None;
+    for b in l.by_ref() {
+        if let Err(e) = b {
+            err = Some(e);
+            break;
+        }
+    }
+    match err {
+        Some(Error::Backend { backend, reason }) => {
+            assert_eq!(backend, "wgpu");
+            eprintln!("device lost: {reason}");
+        }
+        other => panic!("expected a wgpu backend error, got {other:?}"),
+    }
+    assert!(l.next().is_none());
+}

@@ -41,7 +41,7 @@ use super::window_plan::{
     window_keys, window_layout,
 };
 use crate::cipher::wgpu::{WgpuCipher, WgpuOptions};
-use crate::cipher::wgpu_batch::{GatherJob, WgpuBatchEngine, WindowChunk};
+use crate::cipher::wgpu_batch::{GatherJob, UploadRing, WgpuBatchEngine, WindowChunk};
 use crate::cipher::{ChunkParams, cpu::CpuCipher};
 use crate::error::{Error, Result};
 use crate::format::Dataset;
@@ -49,6 +49,8 @@ use crate::keys::MasterKey;
 
 /// Verified windows the reader may hold ready ahead of the producer.
 const WINDOWS_AHEAD: usize = 1;
+/// Host-visible upload slots: the reader fills one while the GPU copies the other.
+const UPLOAD_SLOTS: usize = 2;
 
 /// One column of a device batch: shape `[B, ...]`, the dataset's dtype, in a `wgpu::Buffer`.
 #[derive(Debug, Clone, Copy)]
@@ -692,15 +694,23 @@ impl Producer {
         tx: Sender<Result<Window>>,
         recycle: Receiver<::wgpu::Buffer>,
     ) {
-        // Ciphertext only; reused for every window (write_buffer copies it out at once).
+        // Ciphertext only; reused for every window. Tags are checked here (cached host
+        // memory), then the window is copied once into the next host-visible ring slot.
         let mut staging = vec![0u8; self.window_bytes as usize];
+        let mut ring = match self.engine.upload_ring(UPLOAD_SLOTS, self.window_bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
         let mut free: Vec<::wgpu::Buffer> = Vec::new();
         for epoch in start_epoch..epochs {
             let plan = EpochPlan::new(cfg, epoch, shard_rows);
             let first = if epoch == start_epoch { start_batch } else { 0 };
             for w in load_order(&plan, first) {
                 free.extend(recycle.try_iter());
-                let r = self.load_window(&plan, epoch, w, &mut staging, &mut free);
+                let r = self.load_window(&plan, epoch, w, &mut staging, &mut ring, &mut free);
                 let ok = r.is_ok();
                 if tx.send(r).is_err() || !ok {
                     return;
@@ -717,6 +727,7 @@ impl Producer {
         epoch: u64,
         w: usize,
         staging: &mut [u8],
+        ring: &mut UploadRing,
         free: &mut Vec<::wgpu::Buffer>,
     ) -> Result<Window> {
         let keys = window_keys(&self.columns, self.chunk_size, plan, w);
@@ -798,7 +809,7 @@ impl Producer {
         };
         let decrypted: u64 = chunks.iter().map(|c| c.len).sum();
         self.engine
-            .upload_decrypt(&buf, &staging[..staging_len.max(16)], &chunks)?;
+            .upload_decrypt_ring(ring, &buf, &staging[..staging_len.max(16)], &chunks)?;
         let ns = ns_since(t1);
         add(&self.device.submit_ns, ns);
         add(&self.counters.decrypt_ns, ns);
