@@ -17,21 +17,20 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded, select};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
 
+use super::device_shell::{DeviceBatchMeta, DeviceHandle, Shape, plan_batches, stopped};
 use super::format_source::FormatSource;
 use super::loader::{DecryptMode, LoaderOptions, LoaderState, PlanSetup};
-use super::sampler::{Cursor, EpochPlan, SamplerConfig};
+use super::sampler::{EpochPlan, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use super::telemetry::{Counters, DeviceCounters, DeviceStats, LoaderStats, add, ns_since};
 use super::window_plan::{
-    BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, plan_batch, window_chunk_bound,
+    BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, window_chunk_bound,
     window_keys, window_layout,
 };
 use crate::cipher::cuda::{
@@ -195,24 +194,14 @@ impl Drop for CudaBatch {
 /// [`super::Loader`]'s plan, state and failure semantics (the first error is yielded once, then
 /// the loader stops; [`state`](Self::state) points at the failed batch).
 pub struct DeviceLoader {
-    rx: Receiver<Result<CudaBatch>>,
-    stop: Option<Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-    remaining: u64,
-    done: bool,
-    state: LoaderState,
-    batches_per_epoch: u64,
-    counters: Arc<Counters>,
-    device: Arc<DeviceCounters>,
-    built: Instant,
-    columns: Arc<[ColumnInfo]>,
+    inner: DeviceHandle<CudaBatch>,
 }
 
 impl std::fmt::Debug for DeviceLoader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceLoader")
-            .field("state", &self.state)
-            .field("remaining", &self.remaining)
+            .field("state", &self.inner.state)
+            .field("remaining", &self.inner.remaining())
             .finish_non_exhaustive()
     }
 }
@@ -345,58 +334,29 @@ impl DeviceLoader {
             device: device.clone(),
             pool: Arc::new(Mutex::new(Vec::new())),
         };
-        let (stop_tx, stop_rx) = bounded::<()>(0);
-        let (tx, rx) = bounded::<Result<CudaBatch>>(opts.prefetch);
-        let (epochs, se, sb) = (opts.epochs, opts.start_epoch, opts.start_batch);
-        let thread = std::thread::Builder::new()
-            .name("cs-device".into())
-            .spawn(move || {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    producer.run(&cfg, &shard_rows, se, sb, epochs, &tx, &stop_rx)
-                }));
-                if let Err(e) = r.unwrap_or_else(|_| {
-                    Err(Error::Stopped("the device loader thread panicked".into()))
-                }) {
-                    // Never block on a full channel once the loader is dropped.
-                    select! {
-                        send(tx, Err(e)) -> _ => {},
-                        recv(stop_rx) -> _ => {},
-                    }
-                }
-            })
-            .map_err(|e| Error::Stopped(format!("cannot spawn the device loader thread: {e}")))?;
-        let mut l = DeviceLoader {
-            rx,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-            remaining: total,
-            done: false,
-            state: LoaderState {
-                seed: opts.seed,
-                epoch: opts.start_epoch,
-                batches_done_in_epoch: opts.start_batch,
-                rank: opts.rank,
-                world_size: opts.world_size,
-                batch_size: opts.batch_size as u64,
-                shuffle: opts.shuffle,
-                drop_last: opts.drop_last,
-                window_blocks: opts.window_blocks,
-                block_rows,
-                total_rows,
-            },
+        let shape = Shape {
+            block_rows,
+            total_rows,
             batches_per_epoch,
+            total,
+            columns,
+        };
+        let (epochs, se, sb) = (opts.epochs, opts.start_epoch, opts.start_batch);
+        let inner = DeviceHandle::spawn(
+            "cs-device",
+            opts,
+            shape,
             counters,
             device,
             built,
-            columns,
-        };
-        l.state.normalize(l.batches_per_epoch);
-        Ok(l)
+            move |tx, stop| producer.run(&cfg, &shard_rows, se, sb, epochs, tx, stop),
+        )?;
+        Ok(DeviceLoader { inner })
     }
 
     /// The position after the last batch handed out (resume with [`LoaderOptions::resume`]).
     pub fn state(&self) -> LoaderState {
-        self.state.clone()
+        self.inner.state.clone()
     }
 
     /// Telemetry so far, in the host loader's stages: `read` = `pread` into pinned staging,
@@ -404,35 +364,27 @@ impl DeviceLoader {
     /// (GPU time not hidden), `decrypt` = submission to verified (wall, overlapped), `assemble`
     /// = gathers (enqueue + completion wait). [`device_stats`](Self::device_stats) splits them.
     pub fn stats(&self) -> LoaderStats {
-        self.counters.snapshot()
+        self.inner.counters.snapshot()
     }
 
     /// The device path's own telemetry (reader and gather threads, wall nanoseconds).
     pub fn device_stats(&self) -> DeviceStats {
-        self.device.snapshot()
+        self.inner.device.snapshot()
     }
 
     /// The dataset's columns.
     pub fn columns(&self) -> &[ColumnInfo] {
-        &self.columns
+        &self.inner.columns
     }
 
     /// Batches per epoch for this rank.
     pub fn batches_per_epoch(&self) -> u64 {
-        self.batches_per_epoch
+        self.inner.batches_per_epoch
     }
 
     /// Batches left to yield.
     pub fn remaining(&self) -> u64 {
-        if self.done { 0 } else { self.remaining }
-    }
-
-    fn shutdown(&mut self) {
-        self.done = true;
-        self.stop.take();
-        if let Some(h) = self.thread.take() {
-            let _ = h.join();
-        }
+        self.inner.remaining()
     }
 }
 
@@ -440,49 +392,19 @@ impl Iterator for DeviceLoader {
     type Item = Result<CudaBatch>;
 
     fn next(&mut self) -> Option<Result<CudaBatch>> {
-        if self.done {
-            return None;
-        }
-        if self.remaining == 0 {
-            self.shutdown();
-            return None;
-        }
-        let t = Instant::now();
-        let item = self.rx.recv().unwrap_or_else(|_| {
-            Err(Error::Stopped(
-                "the device loader's thread exited before the epoch ended".into(),
-            ))
-        });
-        add(
-            &self.counters.consumer_wait_ns,
-            t.elapsed().as_nanos() as u64,
-        );
-        match item {
-            Ok(b) => {
-                self.remaining -= 1;
-                let bytes: u64 = b.tensors().map(|t| t.len() as u64).sum();
-                add(&self.counters.delivered_bytes, bytes);
-                if self.counters.batches.fetch_add(1, Relaxed) == 0 {
-                    self.counters
-                        .first_batch_ns
-                        .store(self.built.elapsed().as_nanos() as u64, Relaxed);
-                }
-                self.state.epoch = b.epoch;
-                self.state.batches_done_in_epoch = b.index + 1;
-                self.state.normalize(self.batches_per_epoch);
-                Some(Ok(b))
-            }
-            Err(e) => {
-                self.shutdown();
-                Some(Err(e))
-            }
-        }
+        self.inner.next_batch()
     }
 }
 
-impl Drop for DeviceLoader {
-    fn drop(&mut self) {
-        self.shutdown();
+impl DeviceBatchMeta for CudaBatch {
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    fn index(&self) -> u64 {
+        self.index
+    }
+    fn bytes(&self) -> u64 {
+        self.tensors().map(|t| t.len() as u64).sum()
     }
 }
 
@@ -523,7 +445,14 @@ impl Producer {
             let planner = std::thread::Builder::new()
                 .name("cs-device-plan".into())
                 .spawn_scoped(sc, || {
-                    self.plan_batches(cfg, shard_rows, (start_epoch, start_batch, epochs), plan_tx)
+                    plan_batches(
+                        &self.source,
+                        cfg,
+                        shard_rows,
+                        (start_epoch, start_batch, epochs),
+                        Packing::Packed,
+                        plan_tx,
+                    )
                 })
                 .map_err(|e| Error::Stopped(format!("cannot spawn the device planner: {e}")))?;
             let mut resident: Vec<Window> = Vec::new();
@@ -650,38 +579,6 @@ impl Producer {
             }
         }
         Ok(true)
-    }
-
-    /// The planner side: every batch's rows and gather offsets, in order, ahead of the gather
-    /// thread (a bounded queue), so that thread only launches and hands out.
-    fn plan_batches(
-        &self,
-        cfg: &SamplerConfig,
-        shard_rows: &[u64],
-        (start_epoch, start_batch, epochs): (u64, u64, u64),
-        tx: Sender<Result<BatchPlan>>,
-    ) {
-        for epoch in start_epoch..epochs {
-            let plan = EpochPlan::new(cfg, epoch, shard_rows);
-            let mut cur = Cursor::new(&plan);
-            let mut layouts = Vec::new();
-            let first = if epoch == start_epoch { start_batch } else { 0 };
-            for k in first..plan.batches() {
-                let r = plan_batch(
-                    &self.source,
-                    &plan,
-                    &mut cur,
-                    &mut layouts,
-                    epoch,
-                    k,
-                    Packing::Packed,
-                );
-                let ok = r.is_ok();
-                if tx.send(r).is_err() || !ok {
-                    return;
-                }
-            }
-        }
     }
 
     /// Waits for a batch's gathers and sends it. `Ok(false)`: the loader was dropped.
@@ -945,12 +842,4 @@ impl Producer {
             pool: self.pool.clone(),
         })
     }
-}
-
-/// The loader was dropped (the stop channel is disconnected).
-fn stopped(stop: &Receiver<()>) -> bool {
-    matches!(
-        stop.try_recv(),
-        Err(crossbeam_channel::TryRecvError::Disconnected)
-    )
 }

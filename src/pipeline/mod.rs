@@ -19,6 +19,8 @@ pub mod device;
 pub use device::{CudaBatch, CudaTensor, DeviceLoader};
 pub mod format_source;
 pub use format_source::FormatSource;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod device_shell;
 #[cfg(feature = "wgpu")]
 pub mod wgpu_device;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]

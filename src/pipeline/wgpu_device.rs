@@ -24,20 +24,19 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded, select};
 
+use super::device_shell::{DeviceBatchMeta, DeviceHandle, Shape, plan_batches, stopped};
 use super::format_source::FormatSource;
 use super::loader::{DecryptMode, LoaderOptions, LoaderState, PlanSetup};
-use super::sampler::{Cursor, EpochPlan, SamplerConfig};
+use super::sampler::{EpochPlan, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use super::telemetry::{Counters, DeviceCounters, DeviceStats, LoaderStats, add, ns_since};
 use super::window_plan::{
-    BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, plan_batch, window_chunk_bound,
+    BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, window_chunk_bound,
     window_keys, window_layout,
 };
 use crate::cipher::wgpu::{WgpuCipher, WgpuOptions};
@@ -182,17 +181,7 @@ impl Drop for WgpuBatch {
 /// Yields [`WgpuBatch`]es: the host [`super::Loader`]'s plan (same seed, same rows, same
 /// order), decrypted on a wgpu adapter into device buffers.
 pub struct WgpuDeviceLoader {
-    rx: Receiver<Result<WgpuBatch>>,
-    stop: Option<Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-    remaining: u64,
-    done: bool,
-    state: LoaderState,
-    batches_per_epoch: u64,
-    counters: Arc<Counters>,
-    device: Arc<DeviceCounters>,
-    built: Instant,
-    columns: Arc<[ColumnInfo]>,
+    inner: DeviceHandle<WgpuBatch>,
     engine: Arc<WgpuBatchEngine>,
 }
 
@@ -200,8 +189,8 @@ impl std::fmt::Debug for WgpuDeviceLoader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WgpuDeviceLoader")
             .field("adapter", &self.engine.adapter().to_string())
-            .field("state", &self.state)
-            .field("remaining", &self.remaining)
+            .field("state", &self.inner.state)
+            .field("remaining", &self.inner.remaining())
             .finish_non_exhaustive()
     }
 }
@@ -334,86 +323,56 @@ impl WgpuDeviceLoader {
             device: device.clone(),
             pool: Arc::new(Mutex::new(Vec::new())),
         };
-        let (stop_tx, stop_rx) = bounded::<()>(0);
-        let (tx, rx) = bounded::<Result<WgpuBatch>>(opts.prefetch);
-        let (epochs, se, sb) = (opts.epochs, opts.start_epoch, opts.start_batch);
-        let thread = std::thread::Builder::new()
-            .name("cs-wgpu".into())
-            .spawn(move || {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    producer.run(&cfg, &shard_rows, (se, sb, epochs), &tx, &stop_rx)
-                }));
-                if let Err(e) = r.unwrap_or_else(|_| {
-                    Err(Error::Stopped("the wgpu loader thread panicked".into()))
-                }) {
-                    // Never block on a full channel once the loader is dropped.
-                    select! {
-                        send(tx, Err(e)) -> _ => {},
-                        recv(stop_rx) -> _ => {},
-                    }
-                }
-            })
-            .map_err(|e| Error::Stopped(format!("cannot spawn the wgpu loader thread: {e}")))?;
-        let mut l = WgpuDeviceLoader {
-            rx,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-            remaining: total,
-            done: false,
-            state: LoaderState {
-                seed: opts.seed,
-                epoch: opts.start_epoch,
-                batches_done_in_epoch: opts.start_batch,
-                rank: opts.rank,
-                world_size: opts.world_size,
-                batch_size: opts.batch_size as u64,
-                shuffle: opts.shuffle,
-                drop_last: opts.drop_last,
-                window_blocks: opts.window_blocks,
-                block_rows,
-                total_rows,
-            },
+        let shape = Shape {
+            block_rows,
+            total_rows,
             batches_per_epoch,
+            total,
+            columns,
+        };
+        let span = (opts.start_epoch, opts.start_batch, opts.epochs);
+        let inner = DeviceHandle::spawn(
+            "cs-wgpu",
+            opts,
+            shape,
             counters,
             device,
             built,
-            columns,
-            engine,
-        };
-        l.state.normalize(batches_per_epoch);
-        Ok(l)
+            move |tx, stop| producer.run(&cfg, &shard_rows, span, tx, stop),
+        )?;
+        Ok(WgpuDeviceLoader { inner, engine })
     }
 
     /// The position after the last batch handed out (resume with [`LoaderOptions::resume`]).
     pub fn state(&self) -> LoaderState {
-        self.state.clone()
+        self.inner.state.clone()
     }
 
     /// Telemetry in the host loader's stages: `read` = `pread` into staging, `verify` = tag
     /// checks on the CPU, `decrypt` = queueing the upload and CTR dispatch, `assemble` =
     /// gathers (enqueue + completion wait). [`device_stats`](Self::device_stats) splits them.
     pub fn stats(&self) -> LoaderStats {
-        self.counters.snapshot()
+        self.inner.counters.snapshot()
     }
 
     /// The device path's own telemetry (reader and gather threads, wall nanoseconds).
     pub fn device_stats(&self) -> DeviceStats {
-        self.device.snapshot()
+        self.inner.device.snapshot()
     }
 
     /// The dataset's columns.
     pub fn columns(&self) -> &[ColumnInfo] {
-        &self.columns
+        &self.inner.columns
     }
 
     /// Batches per epoch for this rank.
     pub fn batches_per_epoch(&self) -> u64 {
-        self.batches_per_epoch
+        self.inner.batches_per_epoch
     }
 
     /// Batches left to yield.
     pub fn remaining(&self) -> u64 {
-        if self.done { 0 } else { self.remaining }
+        self.inner.remaining()
     }
 
     /// The device the batches live on.
@@ -430,69 +389,26 @@ impl WgpuDeviceLoader {
     pub fn adapter(&self) -> String {
         self.engine.adapter().to_string()
     }
-
-    fn shutdown(&mut self) {
-        self.done = true;
-        self.stop.take();
-        if let Some(h) = self.thread.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 impl Iterator for WgpuDeviceLoader {
     type Item = Result<WgpuBatch>;
 
     fn next(&mut self) -> Option<Result<WgpuBatch>> {
-        if self.done {
-            return None;
-        }
-        if self.remaining == 0 {
-            self.shutdown();
-            return None;
-        }
-        let t = Instant::now();
-        let item = self.rx.recv().unwrap_or_else(|_| {
-            Err(Error::Stopped(
-                "the wgpu loader's thread exited before the epoch ended".into(),
-            ))
-        });
-        add(&self.counters.consumer_wait_ns, ns_since(t));
-        match item {
-            Ok(b) => {
-                self.remaining -= 1;
-                let bytes: u64 = b.tensors().map(|t| t.len() as u64).sum();
-                add(&self.counters.delivered_bytes, bytes);
-                if self.counters.batches.fetch_add(1, Relaxed) == 0 {
-                    self.counters
-                        .first_batch_ns
-                        .store(ns_since(self.built), Relaxed);
-                }
-                self.state.epoch = b.epoch;
-                self.state.batches_done_in_epoch = b.index + 1;
-                self.state.normalize(self.batches_per_epoch);
-                Some(Ok(b))
-            }
-            Err(e) => {
-                self.shutdown();
-                Some(Err(e))
-            }
-        }
+        self.inner.next_batch()
     }
 }
 
-impl Drop for WgpuDeviceLoader {
-    fn drop(&mut self) {
-        self.shutdown();
+impl DeviceBatchMeta for WgpuBatch {
+    fn epoch(&self) -> u64 {
+        self.epoch
     }
-}
-
-/// The loader was dropped (the stop channel is disconnected).
-fn stopped(stop: &Receiver<()>) -> bool {
-    matches!(
-        stop.try_recv(),
-        Err(crossbeam_channel::TryRecvError::Disconnected)
-    )
+    fn index(&self) -> u64 {
+        self.index
+    }
+    fn bytes(&self) -> u64 {
+        self.tensors().map(|t| t.len() as u64).sum()
+    }
 }
 
 impl Producer {
@@ -518,7 +434,16 @@ impl Producer {
                 .map_err(|e| Error::Stopped(format!("cannot spawn the wgpu reader: {e}")))?;
             let planner = std::thread::Builder::new()
                 .name("cs-wgpu-plan".into())
-                .spawn_scoped(sc, || self.plan_batches(cfg, shard_rows, span, plan_tx))
+                .spawn_scoped(sc, || {
+                    plan_batches(
+                        &self.source,
+                        cfg,
+                        shard_rows,
+                        span,
+                        Packing::Aligned,
+                        plan_tx,
+                    )
+                })
                 .map_err(|e| Error::Stopped(format!("cannot spawn the wgpu planner: {e}")))?;
             let mut pending: Option<Gathered> = None;
             let r = self.gather_loop(
@@ -626,37 +551,6 @@ impl Producer {
             }
         }
         Ok(true)
-    }
-
-    /// Every batch's rows and gather offsets, in order, ahead of the gather loop.
-    fn plan_batches(
-        &self,
-        cfg: &SamplerConfig,
-        shard_rows: &[u64],
-        (start_epoch, start_batch, epochs): (u64, u64, u64),
-        tx: Sender<Result<BatchPlan>>,
-    ) {
-        for epoch in start_epoch..epochs {
-            let plan = EpochPlan::new(cfg, epoch, shard_rows);
-            let mut cur = Cursor::new(&plan);
-            let mut layouts = Vec::new();
-            let first = if epoch == start_epoch { start_batch } else { 0 };
-            for k in first..plan.batches() {
-                let r = plan_batch(
-                    &self.source,
-                    &plan,
-                    &mut cur,
-                    &mut layouts,
-                    epoch,
-                    k,
-                    Packing::Aligned,
-                );
-                let ok = r.is_ok();
-                if tx.send(r).is_err() || !ok {
-                    return;
-                }
-            }
-        }
     }
 
     /// Waits for a batch's gathers and sends it. `Ok(false)`: the loader was dropped.

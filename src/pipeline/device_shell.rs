@@ -1,0 +1,204 @@
+//! What the CUDA and wgpu device loaders share besides the plan (`window_plan`): the iterator
+//! handle (producer thread, stop channel, position, telemetry) and the planner thread.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, bounded, select};
+
+use super::format_source::FormatSource;
+use super::loader::{LoaderOptions, LoaderState};
+use super::sampler::{Cursor, EpochPlan, SamplerConfig};
+use super::source::ColumnInfo;
+use super::telemetry::{Counters, DeviceCounters, add, ns_since};
+use super::window_plan::{BatchPlan, Packing, plan_batch};
+use crate::error::{Error, Result};
+
+/// What the handle needs to know of a device batch.
+pub(crate) trait DeviceBatchMeta: Send + 'static {
+    fn epoch(&self) -> u64;
+    fn index(&self) -> u64;
+    /// Bytes of all its tensors.
+    fn bytes(&self) -> u64;
+}
+
+/// The plan's shape, for the handle's position.
+pub(crate) struct Shape {
+    pub(crate) block_rows: u64,
+    pub(crate) total_rows: u64,
+    pub(crate) batches_per_epoch: u64,
+    /// Batches left to deliver from the start position.
+    pub(crate) total: u64,
+    pub(crate) columns: Arc<[ColumnInfo]>,
+}
+
+/// The consumer's side of a device loader: the producer thread, the batches it sends in plan
+/// order, the position after the last one handed out, and the telemetry.
+pub(crate) struct DeviceHandle<B> {
+    rx: Receiver<Result<B>>,
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    remaining: u64,
+    done: bool,
+    pub(crate) state: LoaderState,
+    pub(crate) batches_per_epoch: u64,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) device: Arc<DeviceCounters>,
+    built: Instant,
+    pub(crate) columns: Arc<[ColumnInfo]>,
+}
+
+impl<B: DeviceBatchMeta> DeviceHandle<B> {
+    /// Starts thread `name` running `run(batches, stop)`; its error, or a panic, is sent as the
+    /// last item (never blocking once the handle is dropped).
+    pub(crate) fn spawn(
+        name: &str,
+        opts: &LoaderOptions,
+        shape: Shape,
+        counters: Arc<Counters>,
+        device: Arc<DeviceCounters>,
+        built: Instant,
+        run: impl FnOnce(&Sender<Result<B>>, &Receiver<()>) -> Result<()> + Send + 'static,
+    ) -> Result<Self> {
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let (tx, rx) = bounded::<Result<B>>(opts.prefetch);
+        let what = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let r =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&tx, &stop_rx)));
+                if let Err(e) = r.unwrap_or_else(|_| {
+                    Err(Error::Stopped(format!("the {what} loader thread panicked")))
+                }) {
+                    select! {
+                        send(tx, Err(e)) -> _ => {},
+                        recv(stop_rx) -> _ => {},
+                    }
+                }
+            })
+            .map_err(|e| Error::Stopped(format!("cannot spawn thread {name}: {e}")))?;
+        let mut h = DeviceHandle {
+            rx,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            remaining: shape.total,
+            done: false,
+            state: LoaderState {
+                seed: opts.seed,
+                epoch: opts.start_epoch,
+                batches_done_in_epoch: opts.start_batch,
+                rank: opts.rank,
+                world_size: opts.world_size,
+                batch_size: opts.batch_size as u64,
+                shuffle: opts.shuffle,
+                drop_last: opts.drop_last,
+                window_blocks: opts.window_blocks,
+                block_rows: shape.block_rows,
+                total_rows: shape.total_rows,
+            },
+            batches_per_epoch: shape.batches_per_epoch,
+            counters,
+            device,
+            built,
+            columns: shape.columns,
+        };
+        h.state.normalize(h.batches_per_epoch);
+        Ok(h)
+    }
+
+    /// Batches left to yield.
+    pub(crate) fn remaining(&self) -> u64 {
+        if self.done { 0 } else { self.remaining }
+    }
+
+    /// The next batch: `None` after the last one or after an error (yielded once).
+    pub(crate) fn next_batch(&mut self) -> Option<Result<B>> {
+        if self.done {
+            return None;
+        }
+        if self.remaining == 0 {
+            self.shutdown();
+            return None;
+        }
+        let t = Instant::now();
+        let item = self.rx.recv().unwrap_or_else(|_| {
+            Err(Error::Stopped(
+                "the device loader's thread exited before the epoch ended".into(),
+            ))
+        });
+        add(&self.counters.consumer_wait_ns, ns_since(t));
+        match item {
+            Ok(b) => {
+                self.remaining -= 1;
+                add(&self.counters.delivered_bytes, b.bytes());
+                if self.counters.batches.fetch_add(1, Relaxed) == 0 {
+                    self.counters
+                        .first_batch_ns
+                        .store(ns_since(self.built), Relaxed);
+                }
+                self.state.epoch = b.epoch();
+                self.state.batches_done_in_epoch = b.index() + 1;
+                self.state.normalize(self.batches_per_epoch);
+                Some(Ok(b))
+            }
+            Err(e) => {
+                self.shutdown();
+                Some(Err(e))
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.done = true;
+        self.stop.take();
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl<B> Drop for DeviceHandle<B> {
+    fn drop(&mut self) {
+        self.done = true;
+        self.stop.take();
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The loader was dropped (the stop channel is disconnected).
+pub(crate) fn stopped(stop: &Receiver<()>) -> bool {
+    matches!(
+        stop.try_recv(),
+        Err(crossbeam_channel::TryRecvError::Disconnected)
+    )
+}
+
+/// The planner thread: every batch's rows and gather offsets, in order, ahead of the gather
+/// thread (a bounded queue), so that thread only launches and hands out.
+pub(crate) fn plan_batches(
+    source: &FormatSource,
+    cfg: &SamplerConfig,
+    shard_rows: &[u64],
+    (start_epoch, start_batch, epochs): (u64, u64, u64),
+    packing: Packing,
+    tx: Sender<Result<BatchPlan>>,
+) {
+    for epoch in start_epoch..epochs {
+        let plan = EpochPlan::new(cfg, epoch, shard_rows);
+        let mut cur = Cursor::new(&plan);
+        let mut layouts = Vec::new();
+        let first = if epoch == start_epoch { start_batch } else { 0 };
+        for k in first..plan.batches() {
+            let r = plan_batch(source, &plan, &mut cur, &mut layouts, epoch, k, packing);
+            let ok = r.is_ok();
+            if tx.send(r).is_err() || !ok {
+                return;
+            }
+        }
+    }
+}
