@@ -50,6 +50,10 @@ use crate::keys::MasterKey;
 const WINDOWS_AHEAD: usize = 1;
 /// Host-visible upload slots: the reader fills one while the GPU copies the other.
 const UPLOAD_SLOTS: usize = 2;
+/// Threads copying a window into its upload slot. One: on the 2-vCPU VMs one thread already
+/// saturates memory (16 MiB windows: 14.7-17.3 GB/s with one, 10.6-12.8 with two;
+/// `wgpu_batch::tests::measure_upload_paths`). Bigger hosts may gain from more: measure there.
+const UPLOAD_THREADS: usize = 1;
 
 /// One column of a device batch: shape `[B, ...]`, the dataset's dtype, in a `wgpu::Buffer`.
 #[derive(Debug, Clone, Copy)]
@@ -702,8 +706,13 @@ impl Producer {
                 .collect()
         };
         let decrypted: u64 = chunks.iter().map(|c| c.len).sum();
-        self.engine
-            .upload_decrypt_ring(ring, &buf, &staging[..staging_len.max(16)], &chunks)?;
+        self.engine.upload_decrypt_ring(
+            ring,
+            UPLOAD_THREADS,
+            &buf,
+            &staging[..staging_len.max(16)],
+            &chunks,
+        )?;
         let ns = ns_since(t1);
         add(&self.device.submit_ns, ns);
         add(&self.counters.decrypt_ns, ns);
