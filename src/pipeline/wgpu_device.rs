@@ -223,6 +223,15 @@ struct Window {
     buf: ::wgpu::Buffer,
 }
 
+/// A window read and verified on the host, on its way to the uploader.
+struct Staged {
+    window: Window,
+    staging: Vec<u8>,
+    /// Bytes of `staging` to upload (a multiple of 16).
+    len: usize,
+    chunks: Vec<WindowChunk>,
+}
+
 /// A batch whose gathers were submitted: handed out once `done` completed.
 struct Gathered {
     batch: WgpuBatch,
@@ -581,9 +590,11 @@ impl Producer {
         Ok(true)
     }
 
-    /// Every window in the gather loop's [`load_order`], across epochs: read, verified and
-    /// queued for upload and decryption, then sent. An error is sent in its place, then
-    /// nothing more.
+    /// Every window in the gather loop's [`load_order`], across epochs, in two stages so that
+    /// reading overlaps uploading: this thread `pread`s and verifies window k+1 into one host
+    /// staging buffer while the uploader thread (`cs-wgpu-upload`) copies window k from the
+    /// other into the upload ring and queues its CTR pass, then sends it on. An error is sent
+    /// in its place, then nothing more.
     fn read_windows(
         &self,
         cfg: &SamplerConfig,
@@ -592,9 +603,6 @@ impl Producer {
         tx: Sender<Result<Window>>,
         recycle: Receiver<::wgpu::Buffer>,
     ) {
-        // Ciphertext only; reused for every window. Tags are checked here (cached host
-        // memory), then the window is copied once into the next host-visible ring slot.
-        let mut staging = vec![0u8; self.window_bytes as usize];
         let mut ring = match self.engine.upload_ring(UPLOAD_SLOTS, self.window_bytes) {
             Ok(r) => r,
             Err(e) => {
@@ -602,32 +610,66 @@ impl Producer {
                 return;
             }
         };
-        let mut free: Vec<::wgpu::Buffer> = Vec::new();
-        for epoch in start_epoch..epochs {
-            let plan = EpochPlan::new(cfg, epoch, shard_rows);
-            let first = if epoch == start_epoch { start_batch } else { 0 };
-            for w in load_order(&plan, first) {
-                free.extend(recycle.try_iter());
-                let r = self.load_window(&plan, epoch, w, &mut staging, &mut ring, &mut free);
-                let ok = r.is_ok();
-                if tx.send(r).is_err() || !ok {
+        // Ciphertext only (tags are checked in cached host memory before any upload).
+        let (back_tx, back_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+        for _ in 0..2 {
+            let _ = back_tx.send(vec![0u8; self.window_bytes as usize]);
+        }
+        let (job_tx, job_rx) = bounded::<Result<Staged>>(1);
+        std::thread::scope(|sc| {
+            let upload = move || {
+                for job in job_rx {
+                    let r = job.and_then(|st| self.upload(&mut ring, st, &back_tx));
+                    let ok = r.is_ok();
+                    if tx.send(r).is_err() || !ok {
+                        return;
+                    }
+                }
+            };
+            let uploader = match std::thread::Builder::new()
+                .name("cs-wgpu-upload".into())
+                .spawn_scoped(sc, upload)
+            {
+                Ok(h) => h,
+                Err(e) => {
+                    // `tx` went into the closure: the gather loop sees the reader end early.
+                    eprintln!("ciphershard: cannot spawn the wgpu upload thread: {e}");
                     return;
                 }
+            };
+            let mut free: Vec<::wgpu::Buffer> = Vec::new();
+            'windows: for epoch in start_epoch..epochs {
+                let plan = EpochPlan::new(cfg, epoch, shard_rows);
+                let first = if epoch == start_epoch { start_batch } else { 0 };
+                for w in load_order(&plan, first) {
+                    free.extend(recycle.try_iter());
+                    // None left: the uploader stopped (error or loader dropped).
+                    let Ok(staging) = back_rx.recv() else {
+                        break 'windows;
+                    };
+                    let r = self.read_window(&plan, epoch, w, staging, &mut free);
+                    let ok = r.is_ok();
+                    if job_tx.send(r).is_err() || !ok {
+                        break 'windows;
+                    }
+                }
             }
-        }
+            drop(job_tx);
+            drop(back_rx);
+            let _ = uploader.join();
+        });
     }
 
-    /// Reads and verifies every chunk window `w` touches, then queues its upload into a
-    /// (recycled) device buffer and the CTR pass over its encrypted chunks.
-    fn load_window(
+    /// Reads window `w`'s chunks into `staging`, checking every tag, and picks its device
+    /// buffer (recycled or new).
+    fn read_window(
         &self,
         plan: &EpochPlan,
         epoch: u64,
         w: usize,
-        staging: &mut [u8],
-        ring: &mut UploadRing,
+        mut staging: Vec<u8>,
         free: &mut Vec<::wgpu::Buffer>,
-    ) -> Result<Window> {
+    ) -> Result<Staged> {
         let keys = window_keys(&self.columns, self.chunk_size, plan, w);
         let specs: Vec<ChunkSpec> = keys
             .iter()
@@ -666,12 +708,11 @@ impl Producer {
             files: &self.files,
             threads: self.threads,
         }
-        .pread_all(&keys, &specs, &staging_offs, staging, &check)?;
+        .pread_all(&keys, &specs, &staging_offs, &mut staging, &check)?;
         // The padding after each chunk's last byte: zeros, not a previous window's bytes.
         for (spec, &o) in specs.iter().zip(&staging_offs) {
             staging[o + spec.len..o + spec.len.next_multiple_of(16)].fill(0);
         }
-        let t1 = Instant::now();
         let total: u64 = specs.iter().map(|s| s.len as u64).sum();
         let verified = verify_ns.into_inner();
         let read = ns_since(t0).saturating_sub(verified);
@@ -705,20 +746,36 @@ impl Producer {
                 })
                 .collect()
         };
-        let decrypted: u64 = chunks.iter().map(|c| c.len).sum();
-        self.engine.upload_decrypt_ring(
+        Ok(Staged {
+            window: Window { epoch, w, buf },
+            staging,
+            len: staging_len.max(16),
+            chunks,
+        })
+    }
+
+    /// Copies a verified window into the upload ring and queues its CTR pass; hands the
+    /// staging buffer back to the reader.
+    fn upload(&self, ring: &mut UploadRing, st: Staged, back: &Sender<Vec<u8>>) -> Result<Window> {
+        let t = Instant::now();
+        let r = self.engine.upload_decrypt_ring(
             ring,
             UPLOAD_THREADS,
-            &buf,
-            &staging[..staging_len.max(16)],
-            &chunks,
-        )?;
-        let ns = ns_since(t1);
+            &st.window.buf,
+            &st.staging[..st.len],
+            &st.chunks,
+        );
+        let _ = back.send(st.staging);
+        r?;
+        let ns = ns_since(t);
         add(&self.device.submit_ns, ns);
         add(&self.counters.decrypt_ns, ns);
-        add(&self.counters.decrypt_bytes, decrypted);
+        add(
+            &self.counters.decrypt_bytes,
+            st.chunks.iter().map(|c| c.len).sum(),
+        );
         add(&self.device.windows, 1);
-        Ok(Window { epoch, w, buf })
+        Ok(st.window)
     }
 
     /// Submits the gathers of a planned batch from the resident windows into a pooled
