@@ -152,7 +152,7 @@ if [ -x "$BIN/ciphershard" ]; then
     # The wgpu device loader (batches in wgpu::Buffers) over the bench dataset, plus kernel figures.
     out=$(timeout 150 "$BIN/ciphershard" bench --backend wgpu --threads 8 --epochs 1 --json 2>&1); rc=$?
     echo "$out" > "${OUT:-/tmp}/bench-wgpu.json"
-    [ $rc -eq 0 ] && row "ciphershard bench --backend wgpu" "$(echo "$out" | tr -d ' \n' | grep -oE '"(gb_per_s|steady_gb_per_s|ratio|kernel_gbps|best_variant|gpu_ghash_gbps|cpu_ghash_gbps|open_gpu_ghash_gbps|open_cpu_ghash_gbps|open_gbps|adapter)":("[^"]*"|[0-9.]+)' | tr '\n' ' ')" \
+    [ $rc -eq 0 ] && row "ciphershard bench --backend wgpu" "$(echo "$out" | tr -d ' \n' | grep -oE '"(gb_per_s|steady_gb_per_s|ratio|kernel_gbps|window_ctr_gbps|gather_gbps|upload_gbps|best_variant|gpu_ghash_gbps|cpu_ghash_gbps|open_gpu_ghash_gbps|open_cpu_ghash_gbps|open_gbps|adapter)":("[^"]*"|[0-9.]+)' | tr '\n' ' ')" \
         || row "ciphershard bench --backend wgpu" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
 fi
 

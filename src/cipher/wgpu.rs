@@ -1549,6 +1549,8 @@ pub struct KernelBench {
     pub gpu_ghash_default: bool,
     /// `open` with this adapter's default placement.
     pub open_gbps: f64,
+    /// The device loader's GPU stages (window upload, window CTR, row gather).
+    pub device_loader: super::wgpu_batch::WindowBench,
 }
 
 impl std::fmt::Display for KernelBench {
@@ -1581,17 +1583,18 @@ impl std::fmt::Display for KernelBench {
             "  GHASH: GPU {:.3} GB/s, CPU (one thread) {:.3} GB/s",
             self.gpu_ghash_gbps, self.cpu_ghash_gbps
         )?;
-        write!(
+        writeln!(
             f,
             "  verified open: GHASH on GPU {:.3} GB/s, GHASH on CPU {:.3} GB/s (default here: {})",
             self.open_gpu_ghash_gbps,
             self.open_cpu_ghash_gbps,
             if self.gpu_ghash_default { "GPU" } else { "CPU" }
-        )
+        )?;
+        write!(f, "{}", self.device_loader)
     }
 }
 
-fn time_passes(f: &mut dyn FnMut() -> Result<()>) -> Result<(u32, f64)> {
+pub(super) fn time_passes(f: &mut dyn FnMut() -> Result<()>) -> Result<(u32, f64)> {
     f()?; // warm-up: buffers, pipeline caches
     let (mut passes, t) = (0u32, Instant::now());
     while passes < 3 || (t.elapsed() < Duration::from_millis(1500) && passes < 100) {
@@ -1601,7 +1604,7 @@ fn time_passes(f: &mut dyn FnMut() -> Result<()>) -> Result<(u32, f64)> {
     Ok((passes, t.elapsed().as_secs_f64()))
 }
 
-fn gbps(bytes: usize, (passes, secs): (u32, f64)) -> f64 {
+pub(super) fn gbps(bytes: usize, (passes, secs): (u32, f64)) -> f64 {
     (bytes as f64 * f64::from(passes)) / secs / 1e9
 }
 
@@ -1705,6 +1708,7 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
     let open_gpu = open_with(&op)?;
     cipher.health()?;
     let (open_cpu_ghash_gbps, open_gpu_ghash_gbps) = (gbps(bytes, open_cpu), gbps(bytes, open_gpu));
+    let device_loader = super::wgpu_batch::window_bench(cipher, bytes)?;
     Ok(KernelBench {
         adapter: cipher.ctx.adapter.to_string(),
         shared_table: cipher.ctx.shared_table,
@@ -1724,6 +1728,7 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
         } else {
             open_cpu_ghash_gbps
         },
+        device_loader,
     })
 }
 

@@ -198,6 +198,8 @@ enum Upload<'a> {
     Queue,
     /// The next slot of a ring, filled by this many threads.
     Ring(&'a mut UploadRing, usize),
+    /// Nothing to upload: the window already holds the bytes (benchmarks).
+    Resident,
 }
 
 /// Window decryption and row gather on the wgpu device of a [`WgpuCipher`].
@@ -520,6 +522,15 @@ impl WgpuBatchEngine {
         self.upload_with(Upload::Ring(ring, threads), window, staging, chunks)
     }
 
+    /// The CTR pass alone over chunks already in `window` (benchmarks: no upload).
+    pub fn decrypt_resident(
+        &self,
+        window: &::wgpu::Buffer,
+        chunks: &[WindowChunk],
+    ) -> Result<::wgpu::SubmissionIndex> {
+        self.upload_with(Upload::Resident, window, &[], chunks)
+    }
+
     /// Waits until `slot` is mapped again after its last copy.
     fn remap(&self, slot: &mut UploadSlot) -> Result<()> {
         if let Some((rx, after)) = slot.pending.take() {
@@ -575,7 +586,10 @@ impl WgpuBatchEngine {
         chunks: &[WindowChunk],
     ) -> Result<::wgpu::SubmissionIndex> {
         self.health()?;
-        let staged = staging.len() as u64;
+        let staged = match upload {
+            Upload::Resident => window.size(),
+            _ => staging.len() as u64,
+        };
         if !staged.is_multiple_of(4) {
             return Err(invalid(format!(
                 "upload_decrypt: staging length {staged} is not a multiple of 4"
@@ -680,7 +694,7 @@ impl WgpuBatchEngine {
         let ctx = &*self.ctx;
         // The ring slot to copy from, filled and unmapped before anything is encoded.
         let mut ring = match upload {
-            Upload::Queue => None,
+            Upload::Queue | Upload::Resident => None,
             Upload::Ring(ring, threads) => {
                 if staged > ring.slots[ring.next].buf.size() {
                     return Err(invalid(format!(
@@ -701,7 +715,7 @@ impl WgpuBatchEngine {
         let submission = self.scoped("upload_decrypt", || {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             match &ring {
-                None if staged > 0 => ctx.queue.write_buffer(window, 0, staging),
+                None if !staging.is_empty() => ctx.queue.write_buffer(window, 0, staging),
                 Some((ring, i)) if staged > 0 => {
                     enc.copy_buffer_to_buffer(&ring.slots[*i].buf, 0, window, 0, staged)
                 }
@@ -1021,6 +1035,129 @@ impl Drop for WgpuBatchEngine {
         self.ctx.queue.submit([]);
         self.keys.destroy();
     }
+}
+
+/// Throughput of the wgpu device loader's GPU stages ([`window_bench`]), each checked against
+/// the CPU before it was timed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WindowBench {
+    /// Bytes per pass (a window of 2 MiB chunks).
+    pub bytes: u64,
+    /// Upload through the mapped ring: host copy + GPU copy into the window, waited.
+    pub upload_gbps: f64,
+    /// The batch CTR kernel (`aes_ctr_batch.wgsl`) over the resident window, dispatch + wait.
+    pub window_ctr_gbps: f64,
+    /// The row gather (`gather.wgsl`), 1 KiB rows in random order from the window into one
+    /// column buffer, dispatch + wait.
+    pub gather_gbps: f64,
+}
+
+impl std::fmt::Display for WindowBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "  device loader stages ({} MiB window): upload {:.3} GB/s, window CTR {:.3} GB/s, \
+             gather {:.3} GB/s",
+            self.bytes >> 20,
+            self.upload_gbps,
+            self.window_ctr_gbps,
+            self.gather_gbps
+        )
+    }
+}
+
+/// Measures the device loader's GPU stages on `cipher`'s adapter over a window of about
+/// `bytes` bytes (2 MiB chunks, one key).
+pub fn window_bench(cipher: &WgpuCipher, bytes: usize) -> Result<WindowBench> {
+    use super::conformance::SplitMix;
+    use super::wgpu::{gbps, time_passes};
+    use super::{Cipher, cpu::CpuCipher};
+    const CHUNK: usize = 2 << 20;
+    const ROW: usize = 1024;
+    let bytes = bytes.max(CHUNK).next_multiple_of(CHUNK);
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| backend_err(format!("bench key: {e}")))?;
+    let data_key = DataKey::from_bytes(key);
+    zeroize::Zeroize::zeroize(&mut key);
+    let engine = WgpuBatchEngine::new(cipher, &[&data_key])?;
+    let cpu = CpuCipher::new().prepare(&data_key)?;
+    let mut rng = SplitMix(0x57A6E5);
+    let mut plain = vec![0u8; bytes];
+    rng.fill(&mut plain);
+    let mut staging = vec![0u8; bytes];
+    let chunks: Vec<WindowChunk> = (0..bytes / CHUNK)
+        .map(|i| {
+            let mut nonce = [0u8; NONCE_LEN];
+            nonce[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let at = i * CHUNK..(i + 1) * CHUNK;
+            cpu.ctr_apply(&nonce, 0, &plain[at.clone()], &mut staging[at]);
+            WindowChunk {
+                offset: (i * CHUNK) as u64,
+                len: CHUNK as u64,
+                nonce,
+                key: 0,
+            }
+        })
+        .collect();
+    let window = engine.create_buffer("bench_window", bytes as u64)?;
+    let mut ring = engine.upload_ring(2, bytes as u64)?;
+    let s = engine.upload_decrypt_ring(&mut ring, 1, &window, &staging, &chunks)?;
+    engine.wait(s)?;
+    if engine.read_buffer(&window, bytes as u64)? != plain {
+        return Err(backend_err(format!(
+            "{}: the window CTR kernel disagrees with the CPU",
+            cipher.adapter()
+        )));
+    }
+    let upload = time_passes(&mut || {
+        let s = engine.upload_decrypt_ring(&mut ring, 1, &window, &staging, &[])?;
+        engine.wait(s)
+    })?;
+    let ctr = time_passes(&mut || {
+        let s = engine.decrypt_resident(&window, &chunks)?;
+        engine.wait(s)
+    })?;
+    // The timed passes left the window in either state: upload and decrypt it once more.
+    engine.upload_decrypt(&window, &staging, &chunks)?;
+    let rows = bytes / ROW;
+    let mut order: Vec<u64> = (0..rows as u64).collect();
+    for i in (1..rows).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let pairs: Vec<(u64, u64)> = order
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| (r * ROW as u64, (i * ROW) as u64))
+        .collect();
+    let column = engine.create_buffer("bench_column", bytes as u64)?;
+    let jobs = [GatherJob {
+        src: &window,
+        dst: 0,
+        pairs: 0..pairs.len(),
+        row_bytes: ROW as u64,
+    }];
+    let s = engine.gather(&jobs, &pairs, &[&column])?;
+    engine.wait(s)?;
+    let got = engine.read_buffer(&column, bytes as u64)?;
+    if !order.iter().enumerate().all(|(i, &r)| {
+        got[i * ROW..(i + 1) * ROW] == plain[r as usize * ROW..(r as usize + 1) * ROW]
+    }) {
+        return Err(backend_err(format!(
+            "{}: the row gather disagrees with the host",
+            cipher.adapter()
+        )));
+    }
+    let gather = time_passes(&mut || {
+        let s = engine.gather(&jobs, &pairs, &[&column])?;
+        engine.wait(s)
+    })?;
+    engine.health()?;
+    Ok(WindowBench {
+        bytes: bytes as u64,
+        upload_gbps: gbps(bytes, upload),
+        window_ctr_gbps: gbps(bytes, ctr),
+        gather_gbps: gbps(bytes, gather),
+    })
 }
 
 #[cfg(test)]
