@@ -8,11 +8,13 @@
 use std::path::Path;
 
 use ciphershard::cipher::{Backend, cuda};
-use ciphershard::pipeline::{DeviceLoader, FormatSource, Loader, LoaderOptions, RowSource, bench};
+use ciphershard::pipeline::{
+    CudaBatch, DeviceLoader, DeviceStats, LoaderOptions, LoaderState, LoaderStats, bench,
+};
 use ciphershard::{Error, MasterKey};
 
 mod device_common;
-use device_common::make;
+use device_common::{Column, DeviceUnderTest, make};
 
 fn gpu(test: &str) -> bool {
     match cuda::probe() {
@@ -27,38 +29,40 @@ fn gpu(test: &str) -> bool {
     }
 }
 
-/// Every device batch equals the host loader's batch for the same options, byte for byte.
-fn compare(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> usize {
-    let src = FormatSource::open(dir, key, Backend::Cpu).unwrap();
-    let host: Vec<_> = Loader::new(src, o).unwrap().map(|b| b.unwrap()).collect();
-    let mut dev = DeviceLoader::open(dir, key, 0, o).unwrap();
-    assert_eq!(dev.batches_per_epoch() * o.epochs, host.len() as u64);
-    let mut n = 0;
-    for (h, d) in host.iter().zip(dev.by_ref()) {
-        let d = d.unwrap();
-        assert_eq!((d.epoch(), d.index()), (h.epoch(), h.index()));
-        assert_eq!(d.row_ids(), h.row_ids(), "{o:?}");
-        for (ht, dt) in h.tensors().zip(d.tensors()) {
-            assert_eq!((ht.name, ht.dtype), (dt.name, dt.dtype));
-            assert_eq!(ht.shape(), dt.shape());
-            assert_ne!(dt.device_ptr(), 0);
-            assert!(dt.slice().len() >= dt.len());
-            assert_eq!(dt.to_host().unwrap(), ht.bytes, "column {} {o:?}", ht.name);
-        }
-        n += 1;
+impl DeviceUnderTest for DeviceLoader {
+    type Batch = CudaBatch;
+    fn open_at(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> Self {
+        DeviceLoader::open(dir, key, 0, o).unwrap()
     }
-    assert_eq!(n, host.len());
-    assert!(dev.next().is_none());
-    // The device telemetry accounts for every window and byte the loader read.
-    let (ds, st) = (dev.device_stats(), dev.stats());
-    assert!(ds.windows > 0 || n == 0, "{ds:?}");
-    assert_eq!(ds.window_bytes, st.read.bytes, "{ds:?}");
-    assert_eq!(
-        st.verify.bytes, st.read.bytes,
-        "every window read was verified: {st:?}"
-    );
-    assert_eq!(st.assemble.bytes, st.delivered_bytes);
-    n
+    fn per_epoch(&self) -> u64 {
+        self.batches_per_epoch()
+    }
+    fn position(&self) -> LoaderState {
+        self.state()
+    }
+    fn telemetry(&self) -> (DeviceStats, LoaderStats) {
+        (self.device_stats(), self.stats())
+    }
+    fn place(b: &CudaBatch) -> (u64, u64) {
+        (b.epoch(), b.index())
+    }
+    fn rows(b: &CudaBatch) -> Vec<u64> {
+        b.row_ids().to_vec()
+    }
+    fn read_back(b: &CudaBatch) -> Vec<Column> {
+        b.tensors()
+            .map(|t| {
+                assert_ne!(t.device_ptr(), 0);
+                assert!(t.slice().len() >= t.len());
+                let bytes = t.to_host().unwrap();
+                (t.name.into(), t.dtype.into(), t.shape(), bytes)
+            })
+            .collect()
+    }
+}
+
+fn compare(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> usize {
+    device_common::compare::<DeviceLoader>(dir, key, o)
 }
 
 #[test]
@@ -109,95 +113,16 @@ fn device_batches_equal_host_batches() {
 
 #[test]
 fn tampered_chunk_is_an_integrity_error_and_nothing_after() {
-    if !gpu("tampered_chunk_is_an_integrity_error_and_nothing_after") {
-        return;
+    if gpu("tampered_chunk_is_an_integrity_error_and_nothing_after") {
+        device_common::tamper_each_column::<DeviceLoader>();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let key = make(dir.path(), 700, 3, 128, 6000);
-    for col in [0usize, 1, 2] {
-        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
-        let c = src.chunk(1, col, 2);
-        let path = src.shard_path(1).to_path_buf();
-        let tensor = src.columns()[col].name.clone();
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[c.file_offset as usize + 5] ^= 0x40;
-        std::fs::write(&path, &bytes).unwrap();
-        let o = LoaderOptions {
-            batch_size: 40,
-            seed: 11,
-            ..Default::default()
-        };
-        let mut l = DeviceLoader::open(dir.path(), &key, 0, &o).unwrap();
-        let mut err = None;
-        let mut ok = 0;
-        for b in l.by_ref() {
-            match b {
-                Ok(_) => ok += 1,
-                Err(e) => {
-                    err = Some(e);
-                    break;
-                }
-            }
-        }
-        match err {
-            Some(Error::Integrity(loc)) => {
-                let msg = Error::Integrity(loc.clone()).to_string();
-                assert!(msg.contains(&*path.to_string_lossy()), "{msg}");
-                assert!(msg.contains(&tensor), "{msg}");
-            }
-            other => panic!("column {col}: expected an integrity error, got {other:?}"),
-        }
-        assert!(l.next().is_none(), "a batch after the integrity error");
-        assert!(ok < l.batches_per_epoch() as usize);
-        bytes[c.file_offset as usize + 5] ^= 0x40;
-        std::fs::write(&path, &bytes).unwrap();
-    }
-    // Restored: the whole epoch loads again.
-    let o = LoaderOptions {
-        batch_size: 40,
-        seed: 11,
-        ..Default::default()
-    };
-    let l = DeviceLoader::open(dir.path(), &key, 0, &o).unwrap();
-    let per_epoch = l.batches_per_epoch();
-    let mut n = 0;
-    for b in l {
-        b.unwrap();
-        n += 1;
-    }
-    assert_eq!(n, per_epoch);
 }
 
 #[test]
 fn resume_and_drop_mid_epoch() {
-    if !gpu("resume_and_drop_mid_epoch") {
-        return;
+    if gpu("resume_and_drop_mid_epoch") {
+        device_common::resume_and_drop_mid_epoch::<DeviceLoader>();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let key = make(dir.path(), 700, 3, 128, 6000);
-    let o = LoaderOptions {
-        batch_size: 30,
-        seed: 4,
-        epochs: 2,
-        ..Default::default()
-    };
-    let all: Vec<Vec<u64>> = DeviceLoader::open(dir.path(), &key, 0, &o)
-        .unwrap()
-        .map(|b| b.unwrap().row_ids().to_vec())
-        .collect();
-    let mut l = DeviceLoader::open(dir.path(), &key, 0, &o).unwrap();
-    let head: Vec<Vec<u64>> = l
-        .by_ref()
-        .take(all.len() / 2 + 1)
-        .map(|b| b.unwrap().row_ids().to_vec())
-        .collect();
-    let state = l.state();
-    drop(l); // mid-epoch: joins its thread, no hang
-    let tail: Vec<Vec<u64>> = DeviceLoader::open(dir.path(), &key, 0, &o.clone().resume(&state))
-        .unwrap()
-        .map(|b| b.unwrap().row_ids().to_vec())
-        .collect();
-    assert_eq!([head, tail].concat(), all);
 }
 
 #[test]

@@ -10,12 +10,13 @@ use std::path::Path;
 use ciphershard::cipher::Backend;
 use ciphershard::cipher::wgpu::WgpuOptions;
 use ciphershard::pipeline::{
-    FormatSource, Loader, LoaderOptions, RowSource, WgpuDeviceLoader, bench,
+    DeviceStats, FormatSource, Loader, LoaderOptions, LoaderState, LoaderStats, WgpuBatch,
+    WgpuDeviceLoader, bench,
 };
 use ciphershard::{Error, MasterKey};
 
 mod device_common;
-use device_common::make;
+use device_common::{Column, DeviceUnderTest, make};
 
 /// Lavapipe is a CPU adapter: allowed here (correctness), never picked by `auto`.
 fn options() -> WgpuOptions {
@@ -45,37 +46,39 @@ fn open(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> WgpuDeviceLoader {
     WgpuDeviceLoader::open(dir, key, options(), o).unwrap()
 }
 
-/// Every device batch equals the host loader's batch for the same options, byte for byte.
-fn compare(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> usize {
-    let src = FormatSource::open(dir, key, Backend::Cpu).unwrap();
-    let host: Vec<_> = Loader::new(src, o).unwrap().map(|b| b.unwrap()).collect();
-    let mut dev = open(dir, key, o);
-    assert_eq!(dev.batches_per_epoch() * o.epochs, host.len() as u64);
-    let mut n = 0;
-    for (h, d) in host.iter().zip(dev.by_ref()) {
-        let d = d.unwrap();
-        assert_eq!((d.epoch(), d.index()), (h.epoch(), h.index()));
-        assert_eq!(d.row_ids(), h.row_ids(), "{o:?}");
-        for (ht, dt) in h.tensors().zip(d.tensors()) {
-            assert_eq!((ht.name, ht.dtype), (dt.name, dt.dtype));
-            assert_eq!(ht.shape(), dt.shape());
-            assert!(dt.buffer().size() >= dt.len() as u64);
-            assert_eq!(dt.to_host().unwrap(), ht.bytes, "column {} {o:?}", ht.name);
-        }
-        n += 1;
+impl DeviceUnderTest for WgpuDeviceLoader {
+    type Batch = WgpuBatch;
+    fn open_at(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> Self {
+        open(dir, key, o)
     }
-    assert_eq!(n, host.len());
-    assert!(dev.next().is_none());
-    // The telemetry accounts for every window and byte the loader read and verified.
-    let (ds, st) = (dev.device_stats(), dev.stats());
-    assert!(ds.windows > 0 || n == 0, "{ds:?}");
-    assert_eq!(ds.window_bytes, st.read.bytes, "{ds:?}");
-    assert_eq!(
-        st.verify.bytes, st.read.bytes,
-        "every window read was verified: {st:?}"
-    );
-    assert_eq!(st.assemble.bytes, st.delivered_bytes);
-    n
+    fn per_epoch(&self) -> u64 {
+        self.batches_per_epoch()
+    }
+    fn position(&self) -> LoaderState {
+        self.state()
+    }
+    fn telemetry(&self) -> (DeviceStats, LoaderStats) {
+        (self.device_stats(), self.stats())
+    }
+    fn place(b: &WgpuBatch) -> (u64, u64) {
+        (b.epoch(), b.index())
+    }
+    fn rows(b: &WgpuBatch) -> Vec<u64> {
+        b.row_ids().to_vec()
+    }
+    fn read_back(b: &WgpuBatch) -> Vec<Column> {
+        b.tensors()
+            .map(|t| {
+                assert!(t.buffer().size() >= t.len() as u64);
+                let bytes = t.to_host().unwrap();
+                (t.name.into(), t.dtype.into(), t.shape(), bytes)
+            })
+            .collect()
+    }
+}
+
+fn compare(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> usize {
+    device_common::compare::<WgpuDeviceLoader>(dir, key, o)
 }
 
 #[test]
@@ -131,59 +134,9 @@ fn device_batches_equal_host_batches() {
 
 #[test]
 fn tampered_chunk_is_an_integrity_error_and_nothing_after() {
-    if !adapter("tampered_chunk_is_an_integrity_error_and_nothing_after") {
-        return;
+    if adapter("tampered_chunk_is_an_integrity_error_and_nothing_after") {
+        device_common::tamper_each_column::<WgpuDeviceLoader>();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let key = make(dir.path(), 700, 3, 128, 6000);
-    let o = LoaderOptions {
-        batch_size: 40,
-        seed: 11,
-        ..Default::default()
-    };
-    // x and z encrypted, y plain (GMAC): all three are checked.
-    for col in [0usize, 1, 2] {
-        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
-        let c = src.chunk(1, col, 2);
-        let path = src.shard_path(1).to_path_buf();
-        let tensor = src.columns()[col].name.clone();
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[c.file_offset as usize + 5] ^= 0x40;
-        std::fs::write(&path, &bytes).unwrap();
-        let mut l = open(dir.path(), &key, &o);
-        let mut err = None;
-        let mut ok = 0;
-        for b in l.by_ref() {
-            match b {
-                Ok(_) => ok += 1,
-                Err(e) => {
-                    err = Some(e);
-                    break;
-                }
-            }
-        }
-        match err {
-            Some(Error::Integrity(loc)) => {
-                let msg = Error::Integrity(loc.clone()).to_string();
-                assert!(msg.contains(&*path.to_string_lossy()), "{msg}");
-                assert!(msg.contains(&tensor), "{msg}");
-            }
-            other => panic!("column {col}: expected an integrity error, got {other:?}"),
-        }
-        assert!(l.next().is_none(), "a batch after the integrity error");
-        assert!(ok < l.batches_per_epoch() as usize);
-        bytes[c.file_offset as usize + 5] ^= 0x40;
-        std::fs::write(&path, &bytes).unwrap();
-    }
-    // Restored: the whole epoch loads again.
-    let l = open(dir.path(), &key, &o);
-    let per_epoch = l.batches_per_epoch();
-    let mut n = 0u64;
-    for b in l {
-        b.unwrap();
-        n += 1;
-    }
-    assert_eq!(n, per_epoch);
 }
 
 #[test]
@@ -201,32 +154,9 @@ fn wrong_key_is_refused_before_any_device_work() {
 
 #[test]
 fn resume_and_drop_mid_epoch() {
-    if !adapter("resume_and_drop_mid_epoch") {
-        return;
+    if adapter("resume_and_drop_mid_epoch") {
+        device_common::resume_and_drop_mid_epoch::<WgpuDeviceLoader>();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let key = make(dir.path(), 700, 3, 128, 6000);
-    let o = LoaderOptions {
-        batch_size: 30,
-        seed: 4,
-        epochs: 2,
-        ..Default::default()
-    };
-    let all: Vec<Vec<u64>> = open(dir.path(), &key, &o)
-        .map(|b| b.unwrap().row_ids().to_vec())
-        .collect();
-    let mut l = open(dir.path(), &key, &o);
-    let head: Vec<Vec<u64>> = l
-        .by_ref()
-        .take(all.len() / 2 + 1)
-        .map(|b| b.unwrap().row_ids().to_vec())
-        .collect();
-    let state = l.state();
-    drop(l); // mid-epoch: joins its threads, no hang
-    let tail: Vec<Vec<u64>> = open(dir.path(), &key, &o.clone().resume(&state))
-        .map(|b| b.unwrap().row_ids().to_vec())
-        .collect();
-    assert_eq!([head, tail].concat(), all);
 }
 
 #[test]
