@@ -123,6 +123,17 @@ if [ -x "$BIN/ciphershard" ]; then
     [ $rc -eq 0 ] && row "ciphershard bench --backend cpu (8 threads)" "$(echo "$out" | tr -d ' \n' | grep -oE '"(gb_per_s|steady_gb_per_s|ratio)":[0-9.]+' | head -4 | tr '\n' ' ')" \
         || row "ciphershard bench --backend cpu" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
 fi
+# The host loader with a GPU backend (batches in host memory, a GPU round trip per chunk):
+# `auto` picks the GPU backend for host batches too, so this says whether that is a trap.
+host_bench() {
+    [ -x "$BIN/ciphershard" ] || return
+    local out rc
+    out=$(timeout 90 "$BIN/ciphershard" bench --backend "$1" --host-batches --threads 8 --epochs 1 --batch-size 1024 --json 2>&1); rc=$?
+    echo "$out" > "${OUT:-/tmp}/bench-$1-host.json"
+    [ $rc -eq 0 ] && row "ciphershard bench --backend $1 --host-batches" "$(echo "$out" | tr -d ' \n' | grep -oE '"(gb_per_s|steady_gb_per_s|ratio)":[0-9.]+' | head -4 | tr '\n' ' ')" \
+        || row "ciphershard bench --backend $1 --host-batches" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
+}
+host_bench cuda
 
 echo "== wgpu on Vulkan"
 # The image may lack the Vulkan loader: unpack carried Debian packages (see the device README).
@@ -155,6 +166,7 @@ if [ -x "$BIN/ciphershard" ]; then
     [ $rc -eq 0 ] && row "ciphershard bench --backend wgpu" "$(echo "$out" | tr -d ' \n' | grep -oE '"(gb_per_s|steady_gb_per_s|ratio|kernel_gbps|window_ctr_gbps|gather_gbps|upload_gbps|best_variant|gpu_ghash_gbps|cpu_ghash_gbps|open_gpu_ghash_gbps|open_cpu_ghash_gbps|open_gbps|adapter)":("[^"]*"|[0-9.]+)' | tr '\n' ' ')" \
         || row "ciphershard bench --backend wgpu" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
 fi
+host_bench wgpu
 
 echo
 echo "## GPU check $(date -u +%Y-%m-%dT%H:%MZ)"

@@ -359,6 +359,10 @@ pub struct BenchArgs {
     /// rows) or `row-ctr` (verify the tag, then decrypt rows straight into the batch).
     #[arg(long, default_value = "chunk-open", value_parser = parse_mode)]
     mode: pipeline::DecryptMode,
+    /// With `--backend cuda|wgpu`: bench the host loader (batches in host memory, one GPU round
+    /// trip per chunk) instead of the device loader.
+    #[arg(long)]
+    host_batches: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -404,6 +408,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         batch_size: args.batch_size,
         epochs: args.epochs,
         mode: args.mode,
+        host_batches: args.host_batches,
         ..defaults
     };
     let key = match &args.dataset {

@@ -42,6 +42,9 @@ pub struct BenchOptions {
     pub generated_rows: u64,
     /// f32 features per row of the generated dataset.
     pub generated_features: u64,
+    /// GPU backends: bench the host [`super::Loader`] (per-chunk openers) instead of the
+    /// device loader.
+    pub host_batches: bool,
 }
 
 impl Default for BenchOptions {
@@ -56,6 +59,7 @@ impl Default for BenchOptions {
             mode: DecryptMode::default(),
             generated_rows: 262_144,
             generated_features: 256,
+            host_batches: false,
         }
     }
 }
@@ -415,7 +419,7 @@ pub fn run(
         })?;
     }
     // GPU backends bench their device loader (batches stay in device memory).
-    let device_loader = matches!(backend, Backend::Cuda | Backend::Wgpu);
+    let device_loader = matches!(backend, Backend::Cuda | Backend::Wgpu) && !opts.host_batches;
     match dataset {
         Some(p) => {
             let key = key.ok_or_else(|| Error::Key("bench over a dataset needs its key".into()))?;
