@@ -10,8 +10,8 @@ use std::path::Path;
 use ciphershard::cipher::Backend;
 use ciphershard::cipher::wgpu::WgpuOptions;
 use ciphershard::pipeline::{
-    DeviceStats, FormatSource, Loader, LoaderOptions, LoaderState, LoaderStats, WgpuBatch,
-    WgpuDeviceLoader, bench,
+    DeviceStats, FormatSource, Loader, LoaderOptions, LoaderState, LoaderStats, RowSource,
+    WgpuBatch, WgpuDeviceLoader, bench,
 };
 use ciphershard::{Error, MasterKey};
 
@@ -248,4 +248,21 @@ fn lost_device_mid_epoch_is_an_error_then_the_end() {
         other => panic!("expected a wgpu backend error, got {other:?}"),
     }
     assert!(l.next().is_none());
+}
+
+#[test]
+fn keys_must_match_the_shards() {
+    if !adapter("keys_must_match_the_shards") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = make(dir.path(), 700, 3, 128, 6000);
+    let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+    assert!(src.shard_count() > 1);
+    let cipher = ciphershard::cipher::wgpu::WgpuCipher::new(options()).unwrap();
+    let one = ciphershard::DataKey::from_bytes([9; 32]);
+    let engine = ciphershard::cipher::wgpu_batch::WgpuBatchEngine::new(&cipher, &[&one]).unwrap();
+    let err = WgpuDeviceLoader::new(src, std::sync::Arc::new(engine), &LoaderOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }

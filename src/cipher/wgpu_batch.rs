@@ -382,6 +382,11 @@ impl WgpuBatchEngine {
         &self.ctx.adapter
     }
 
+    /// Number of keys (key indices of [`WindowChunk::key`] run below it).
+    pub fn key_count(&self) -> u32 {
+        self.key_count
+    }
+
     /// Largest buffer one binding may cover, bytes (min of the device's storage binding and
     /// buffer limits, and 4 GiB - 16 since shaders use u32 byte offsets).
     pub fn max_binding_bytes(&self) -> u64 {

@@ -274,6 +274,13 @@ impl WgpuDeviceLoader {
                 "batch_size, prefetch and window_blocks must be at least 1".into(),
             ));
         }
+        if engine.key_count() as usize != source.shard_count() {
+            return Err(Error::InvalidArgument(format!(
+                "{} keys on the device for {} shards",
+                engine.key_count(),
+                source.shard_count()
+            )));
+        }
         let PlanSetup {
             columns,
             chunk_size,
