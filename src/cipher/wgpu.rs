@@ -270,6 +270,12 @@ pub struct KernelVariant {
     /// Copies of the table in workgroup memory: 1, or 32 interleaved one per bank (32 KiB; the
     /// CUDA kernel's conflict-free layout). Ignored when the table is read from storage.
     pub table_copies: u32,
+    /// wgpu's shader runtime checks (index clamping, loop bounding), on by default. `false`
+    /// builds the module as trusted: the AES kernel's indices are in range by construction
+    /// (see `build_compute`), and each clamp costs an integer instruction per table lookup on
+    /// a kernel that is integer-bound on NVIDIA (docs/BENCHMARKS.md, kernel technique).
+    /// Measured per adapter by `kernel_bench`; never the default until a GPU run says so.
+    pub runtime_checks: bool,
 }
 
 impl KernelVariant {
@@ -278,34 +284,52 @@ impl KernelVariant {
         workgroup_size: 256,
         blocks_per_invocation: 1,
         table_copies: 1,
+        runtime_checks: true,
     };
     /// Every variant `kernel_bench` measures.
-    pub const ALL: [KernelVariant; 6] = [
+    pub const ALL: [KernelVariant; 8] = [
         KernelVariant::DEFAULT,
         KernelVariant {
             workgroup_size: 512,
             blocks_per_invocation: 1,
             table_copies: 1,
+            runtime_checks: true,
         },
         KernelVariant {
             workgroup_size: 256,
             blocks_per_invocation: 4,
             table_copies: 1,
+            runtime_checks: true,
         },
         KernelVariant {
             workgroup_size: 512,
             blocks_per_invocation: 4,
             table_copies: 1,
+            runtime_checks: true,
         },
         KernelVariant {
             workgroup_size: 256,
             blocks_per_invocation: 4,
             table_copies: 32,
+            runtime_checks: true,
         },
         KernelVariant {
             workgroup_size: 512,
             blocks_per_invocation: 4,
             table_copies: 32,
+            runtime_checks: true,
+        },
+        KernelVariant {
+            workgroup_size: 512,
+            blocks_per_invocation: 1,
+            table_copies: 1,
+            runtime_checks: false,
+        },
+        KernelVariant {
+            workgroup_size: 512,
+            blocks_per_invocation: 4,
+            table_copies: 32,
+            runtime_checks: false,
         },
     ];
 
@@ -327,13 +351,18 @@ impl std::fmt::Display for KernelVariant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "wg{}x{}{}",
+            "wg{}x{}{}{}",
             self.workgroup_size,
             self.blocks_per_invocation,
             if self.table_copies == 32 {
                 "-banked"
             } else {
                 ""
+            },
+            if self.runtime_checks {
+                ""
+            } else {
+                "-unchecked"
             }
         )
     }
@@ -359,6 +388,7 @@ fn build_pipeline(
             ("WG", f64::from(variant.workgroup_size)),
             ("COPIES", f64::from(variant.table_copies)),
         ],
+        variant.runtime_checks,
     )
 }
 
@@ -381,6 +411,7 @@ fn build_ghash_pipeline(
             storage(false),
         ],
         &[("SEGMENT", GHASH_SEGMENT as f64)],
+        true,
     )
 }
 
@@ -409,12 +440,39 @@ pub(super) fn build_compute(
     entry_point: &str,
     bindings: &[::wgpu::BindingType],
     constants: &[(&str, f64)],
+    runtime_checks: bool,
 ) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
+    if !runtime_checks && source != SHADER {
+        return Err(
+            "only the AES-CTR kernel (aes_core.wgsl + aes_ctr.wgsl) may be built \
+                    without runtime checks"
+                .into(),
+        );
+    }
     let scope = device.push_error_scope(::wgpu::ErrorFilter::Validation);
-    let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
+    let desc = ::wgpu::ShaderModuleDescriptor {
         label: Some(label),
         source: ::wgpu::ShaderSource::Wgsl(source.into()),
-    });
+    };
+    let module = if runtime_checks {
+        device.create_shader_module(desc)
+    } else {
+        // SAFETY: `source` is the AES-CTR kernel (checked above), whose every access is in
+        // range without wgpu's clamping and whose every loop terminates:
+        // - `t0[x]` and `t0_table[x]`: x is `w >> 24` or `(w >> k) & 0xff`, below 256; `t0`
+        //   with 32 copies is read at `(x << 5) | lane`, lane = lid & 31: below 8192, its
+        //   length; `load_table` writes `t0[x]`, x < 256, or `t0[w]`, w < 8192 (32 copies
+        //   only), reading `t0_table[w >> 5]` < 256;
+        // - `round_keys[r]`: r in 0..=14, the array has 15 entries;
+        // - `data[i]` (`main`) and `data[idx[j]]` (`main4`, j < 4) only after `i <
+        //   params.blocks`, and the host binds exactly `params.blocks` blocks (`gpu_ctr` and
+        //   `kernel_only` write `blocks = size / 16` for a binding of `size` bytes);
+        // - `ks[j]`, `idx[j]`: j < 4 in a loop bounded by 4;
+        // - loops: `r` to 14, `j` to 4, the table copies to 256 or 8192 in steps of WG >= 64.
+        unsafe {
+            device.create_shader_module_trusted(desc, ::wgpu::ShaderRuntimeChecks::unchecked())
+        }
+    };
     let entries: Vec<::wgpu::BindGroupLayoutEntry> = bindings
         .iter()
         .enumerate()
@@ -1569,7 +1627,7 @@ impl std::fmt::Display for KernelBench {
         for v in &self.variants {
             writeln!(
                 f,
-                "  kernel {:<15} {:>9.3} GB/s (checked against the CPU)",
+                "  kernel {:<26} {:>9.3} GB/s (checked against the CPU)",
                 v.variant, v.gbps
             )?;
         }

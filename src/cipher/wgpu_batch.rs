@@ -282,6 +282,8 @@ impl WgpuBatchEngine {
                 ("WG", f64::from(variant.workgroup_size)),
                 ("COPIES", f64::from(variant.table_copies)),
             ],
+            // Always checked: the trusted build is reserved for the standalone kernel.
+            true,
         )
         .map_err(|e| {
             backend_err(format!(
@@ -305,6 +307,7 @@ impl WgpuBatchEngine {
                 storage(false),
             ],
             &[],
+            true,
         )
         .map_err(|e| {
             backend_err(format!(
@@ -1375,6 +1378,7 @@ mod tests {
             workgroup_size: 512,
             blocks_per_invocation: 4,
             table_copies: 32,
+            runtime_checks: true,
         };
         for kernel in [None, Some(banked)] {
             let Some(c) = cipher(kernel) else { return };
