@@ -243,7 +243,7 @@ fn entire(buffer: &::wgpu::Buffer, size: u64) -> ::wgpu::BindingResource<'_> {
 }
 
 impl WgpuBatchEngine {
-    /// Pipelines built once; every key's round keys uploaded (key i = keys[i]).
+    /// Pipelines built once; every key's round keys uploaded (key index `i` is `keys[i]`).
     pub fn new(cipher: &WgpuCipher, keys: &[&DataKey]) -> Result<Self> {
         cipher.health()?;
         let ctx = cipher.ctx.clone();
@@ -964,7 +964,7 @@ impl WgpuBatchEngine {
         })
     }
 
-    /// Waits (at most [`GPU_TIMEOUT`]) for a submission; a lost device or a timeout is `Err`
+    /// Waits (at most 60 s) for a submission; a lost device or a timeout is `Err`
     /// (and recorded).
     pub fn wait(&self, s: ::wgpu::SubmissionIndex) -> Result<()> {
         self.ctx

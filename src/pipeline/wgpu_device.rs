@@ -3,7 +3,7 @@
 //! docs/LOADER.md, "Device batches".
 //!
 //! Three threads, as on CUDA ([`super::DeviceLoader`]), over the same plan
-//! ([`super::window_plan`]). The *reader* (`cs-wgpu-read`) walks the windows in the order the
+//! (`pipeline/window_plan.rs`). The *reader* (`cs-wgpu-read`) walks the windows in the order the
 //! batches will need them: `pread` of every chunk a window touches into a host staging buffer,
 //! each chunk's GCM tag checked on the CPU right after its read, on the reading thread (GHASH
 //! only, ~25 GB/s per core: cheaper than a GPU round trip for the tag); only then one

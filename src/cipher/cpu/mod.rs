@@ -14,7 +14,7 @@
 //!   Both beat the `ctr` crate, whose generic per-block-group interface caps it well below
 //!   the raw cipher speed.
 //!
-//! [`reference`] is the slow, independent RustCrypto `aes-gcm` + `ctr` implementation used to
+//! [`reference`](mod@reference) is the slow, independent RustCrypto `aes-gcm` + `ctr` implementation used to
 //! cross-check every backend.
 
 use aes::Aes256;
