@@ -30,8 +30,8 @@ use super::sampler::{EpochPlan, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use super::telemetry::{Counters, DeviceCounters, DeviceStats, LoaderStats, add, ns_since};
 use super::window_plan::{
-    BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, window_chunk_bound,
-    window_keys, window_layout,
+    BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, window_byte_bound, window_keys,
+    window_layout,
 };
 use crate::cipher::cuda::{
     BatchDecryptor, CudaCipher, CudaKey, DeviceBatch, StagedChunk, Ticket, WaitError,
@@ -308,15 +308,17 @@ impl DeviceLoader {
             total,
             files,
         } = PlanSetup::new(source.as_ref(), opts)?;
-        let window_chunks = window_chunk_bound(
+        let window_bytes = window_byte_bound(
             &columns,
             chunk_size,
             block_rows,
             opts.window_blocks,
             &shard_rows,
         );
-        let slot_bytes = usize::try_from(window_chunks.max(1) * chunk_size.next_multiple_of(16))
-            .map_err(|_| Error::InvalidArgument("window too large for this machine".into()))?;
+        let slot_bytes = usize::try_from(window_bytes)
+            .ok()
+            .filter(|&b| b < isize::MAX as usize / 4)
+            .ok_or_else(|| Error::InvalidArgument("window too large for this machine".into()))?;
         let counters = Arc::new(Counters::default());
         let device = Arc::new(DeviceCounters::default());
         let producer = Producer {

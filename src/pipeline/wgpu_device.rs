@@ -36,8 +36,8 @@ use super::sampler::{EpochPlan, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use super::telemetry::{Counters, DeviceCounters, DeviceStats, LoaderStats, add, ns_since};
 use super::window_plan::{
-    BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, window_chunk_bound,
-    window_keys, window_layout,
+    BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, window_byte_bound, window_keys,
+    window_layout,
 };
 use crate::cipher::wgpu::{WgpuCipher, WgpuOptions};
 use crate::cipher::wgpu_batch::{GatherJob, UploadRing, WgpuBatchEngine, WindowChunk};
@@ -292,14 +292,13 @@ impl WgpuDeviceLoader {
             total,
             files,
         } = PlanSetup::new(source.as_ref(), opts)?;
-        let window_chunks = window_chunk_bound(
+        let window_bytes = window_byte_bound(
             &columns,
             chunk_size,
             block_rows,
             opts.window_blocks,
             &shard_rows,
         );
-        let window_bytes = window_chunks.max(1) * chunk_size.next_multiple_of(16);
         let cap = engine.max_binding_bytes();
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         if window_bytes > cap {

@@ -46,30 +46,44 @@ pub(crate) fn keys_for_rows(
     }
 }
 
-/// Most chunks one window can touch (the host loader's bound): per column, W blocks of
+/// Most staging bytes one window can need (chunks padded to 16 bytes). Per column: W blocks of
 /// `block_rows` rows span ceil(bytes / chunk) chunks each (+1 when blocks do not start on chunk
-/// boundaries), never more than the column has in all shards.
-pub(crate) fn window_chunk_bound(
+/// boundaries), the host loader's bound; and never more than the column's chunks in all shards
+/// hold, so a huge chunk size or window over a small dataset does not size buffers by the
+/// chunk size. Saturating: absurd options give a huge bound (refused by the caller), not a wrap.
+pub(crate) fn window_byte_bound(
     columns: &[ColumnInfo],
     chunk_size: u64,
     block_rows: u64,
     window_blocks: u64,
     shard_rows: &[u64],
 ) -> u64 {
+    let chunk16 = chunk_size.next_multiple_of(16);
     columns
         .iter()
         .map(|c| {
-            let block_bytes = block_rows * c.row_bytes;
+            let block_bytes = block_rows.saturating_mul(c.row_bytes);
             let aligned = block_bytes.is_multiple_of(chunk_size)
                 || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
             let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
-            let total: u64 = shard_rows
+            let by_blocks = window_blocks
+                .saturating_mul(per_block)
+                .saturating_mul(chunk16);
+            let total = shard_rows
                 .iter()
-                .map(|&r| (r * c.row_bytes).div_ceil(chunk_size).max(1))
-                .sum();
-            (window_blocks * per_block).min(total)
+                .map(|&r| {
+                    // Every chunk of a tensor but its last is full.
+                    let len = r.saturating_mul(c.row_bytes);
+                    let full = len.div_ceil(chunk_size).max(1) - 1;
+                    let last = len - full * chunk_size;
+                    full.saturating_mul(chunk16)
+                        .saturating_add(last.next_multiple_of(16))
+                })
+                .fold(0, u64::saturating_add);
+            by_blocks.min(total)
         })
-        .sum()
+        .fold(0, u64::saturating_add)
+        .max(16)
 }
 
 /// The chunks window `w` of `plan` touches, sorted (shard, column, chunk).
@@ -658,13 +672,13 @@ mod tests {
                 .collect();
             let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();
             let block_rows = block_rows.unwrap_or((src.chunk_size() / widest).max(1));
-            let bound = (window_chunk_bound(
+            let bound = window_byte_bound(
                 src.columns(),
                 src.chunk_size(),
                 block_rows,
                 w_blocks,
                 &shard_rows,
-            ) * src.chunk_size().next_multiple_of(16)) as usize;
+            ) as usize;
             let cfg = SamplerConfig {
                 seed,
                 shuffle: true,
@@ -726,5 +740,32 @@ mod tests {
                 assert!(hi.next().is_none());
             }
         }
+    }
+
+    #[test]
+    fn window_bound_follows_the_data_not_the_chunk_size() {
+        let col = |row_bytes| ColumnInfo {
+            name: "c".into(),
+            dtype: "U8".into(),
+            elem_size: 1,
+            row_shape: vec![row_bytes],
+            row_bytes,
+        };
+        let cols = [col(12), col(5)];
+        // 256 MiB chunks over 2 × 100 rows: the bound is the data (padded), not 256 MiB.
+        let b = window_byte_bound(&cols, 256 << 20, 1000, 8, &[100, 100]);
+        assert_eq!(b, 2 * 1200 + 2 * 500u64.next_multiple_of(16));
+        // Absurd windows saturate instead of wrapping, and are still capped by the data.
+        assert_eq!(
+            window_byte_bound(&cols, 64, 1 << 40, u64::MAX, &[100, 100]),
+            b
+        );
+        assert_eq!(
+            window_byte_bound(&[col(u64::MAX / 2)], 64, 3, u64::MAX, &[u64::MAX]),
+            u64::MAX
+        );
+        // Small windows over big data: W blocks' chunks, as before.
+        let w = window_byte_bound(&[col(1024)], 2 << 20, 2048, 8, &[1 << 20]);
+        assert_eq!(w, 8 * (2 << 20));
     }
 }
