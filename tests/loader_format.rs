@@ -125,3 +125,50 @@ fn bench_reports_both_runs() {
             >= 1.0
     );
 }
+
+/// A small dataset written with the largest chunk size (256 MiB): the loader's buffers follow
+/// the data, not the chunk size (no 256 MiB allocation per pooled buffer), and absurd window
+/// options neither overflow nor allocate.
+#[test]
+fn huge_chunk_size_over_small_data_allocates_little() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate().unwrap();
+    let rows = 300u64;
+    let x: Vec<u8> = (0..rows * 4)
+        .flat_map(|i| (i as f32).to_le_bytes())
+        .collect();
+    let inputs = [ConvertInput::InMemory {
+        name: "x".into(),
+        dtype: Dtype::F32,
+        shape: vec![rows, 4],
+        data: x.clone(),
+    }];
+    let opts = ConvertOptions {
+        keys: vec![key.clone()],
+        chunk_size: 256 << 20,
+        ..Default::default()
+    };
+    convert(&inputs, dir.path(), &opts, &mut |_, _| {}).unwrap();
+    for window_blocks in [8, u64::MAX] {
+        let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+        let o = LoaderOptions {
+            batch_size: 64,
+            window_blocks,
+            ..Default::default()
+        };
+        let mut l = Loader::new(src, &o).unwrap();
+        let mut seen = 0;
+        for b in l.by_ref() {
+            let b = b.unwrap();
+            let t = b.tensor("x").unwrap();
+            for (i, &r) in b.row_ids().iter().enumerate() {
+                let at = r as usize * 16;
+                assert_eq!(t.bytes[i * 16..(i + 1) * 16], x[at..at + 16]);
+            }
+            seen += b.len();
+        }
+        assert_eq!(seen as u64, rows);
+        let pools = l.stats().pool_bytes;
+        assert!(pools < 16 << 20, "host pools hold {pools} bytes");
+    }
+}

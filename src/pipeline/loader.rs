@@ -746,16 +746,27 @@ impl Loader {
                     .iter()
                     .map(|&r| (r * c.row_bytes).div_ceil(chunk_size).max(1))
                     .sum();
-                (opts.window_blocks * per_block).min(total)
+                opts.window_blocks.saturating_mul(per_block).min(total)
             })
-            .sum();
-        let window_rows = (opts.window_blocks * block_rows).max(1);
-        let windows_in_flight = ((in_flight * opts.batch_size) as u64).div_ceil(window_rows) + 1;
-        let bound = (window_chunks * windows_in_flight) as usize;
+            .fold(0, u64::saturating_add);
+        let window_rows = opts.window_blocks.saturating_mul(block_rows).max(1);
+        let windows_in_flight = (in_flight.saturating_mul(opts.batch_size) as u64)
+            .div_ceil(window_rows)
+            .saturating_add(1);
+        let bound =
+            usize::try_from(window_chunks.saturating_mul(windows_in_flight)).unwrap_or(usize::MAX);
+        // Buffers as long as the longest chunk there is, not `chunk_size`: a small dataset
+        // written with 256 MiB chunks must not allocate 256 MiB per buffer.
+        let longest_chunk = shard_rows
+            .iter()
+            .flat_map(|&r| columns.iter().map(move |c| r.saturating_mul(c.row_bytes)))
+            .max()
+            .unwrap_or(0)
+            .clamp(1, chunk_size);
         let chunk_pool = Arc::new(BufPool::new(
-            chunk_size as usize,
+            longest_chunk as usize,
             bound.min(4096),
-            bound + opts.threads * columns.len(),
+            bound.saturating_add(opts.threads * columns.len()),
             opts.pin_hook.clone(),
             counters.pool_bytes.clone(),
         ));
