@@ -172,3 +172,36 @@ fn huge_chunk_size_over_small_data_allocates_little() {
         assert!(pools < 16 << 20, "host pools hold {pools} bytes");
     }
 }
+
+/// Absurd options: a batch size far above the dataset loads the whole dataset as one batch
+/// (buffers sized by the data), while absurd prefetch or thread counts are refused up front.
+#[test]
+fn absurd_loader_options_are_errors_or_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, x, _) = make(dir.path(), 200);
+    let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+    let o = LoaderOptions {
+        batch_size: usize::MAX,
+        shuffle: false,
+        ..Default::default()
+    };
+    let batches: Vec<_> = Loader::new(src.clone(), &o)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    assert_eq!(batches.len(), 1);
+    assert_eq!(batches[0].len(), 200);
+    let got: &[f32] = batches[0].tensor("x").unwrap().as_slice().unwrap();
+    assert_eq!(got, &x[..]);
+    for (prefetch, threads) in [(usize::MAX, 2), (4, 1 << 20)] {
+        let o = LoaderOptions {
+            prefetch,
+            threads,
+            ..Default::default()
+        };
+        match Loader::new(src.clone(), &o) {
+            Err(Error::InvalidArgument(msg)) => assert!(msg.contains("at most"), "{msg}"),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+}

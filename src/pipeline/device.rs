@@ -307,6 +307,7 @@ impl DeviceLoader {
             batches_per_epoch,
             total,
             files,
+            batch_rows,
         } = PlanSetup::new(source.as_ref(), opts)?;
         let window_bytes = window_byte_bound(
             &columns,
@@ -330,7 +331,7 @@ impl DeviceLoader {
             chunk_size,
             twin: opts.mode == DecryptMode::TwinNoCrypto,
             threads: opts.threads.max(1),
-            batch_size: opts.batch_size,
+            batch_size: batch_rows,
             slot_bytes,
             counters: counters.clone(),
             device: device.clone(),

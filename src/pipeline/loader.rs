@@ -590,6 +590,11 @@ pub struct Loader {
 /// What the host and the device loaders both derive from a source and options before they start:
 /// the plan's configuration and size, and every shard opened once and checked against the length
 /// its authenticated header gives.
+/// Most batches a loader may hold in flight (`prefetch`).
+pub const MAX_PREFETCH: usize = 4096;
+/// Most worker threads a loader may start.
+pub const MAX_THREADS: usize = 1024;
+
 pub(crate) struct PlanSetup {
     pub(crate) columns: Arc<[ColumnInfo]>,
     pub(crate) chunk_size: u64,
@@ -601,10 +606,31 @@ pub(crate) struct PlanSetup {
     /// Batches left to deliver from the start position.
     pub(crate) total: u64,
     pub(crate) files: Vec<File>,
+    /// Most rows one batch can hold: `batch_size`, but never more than the dataset has (so an
+    /// absurd batch size sizes no buffer beyond the data).
+    pub(crate) batch_rows: usize,
 }
 
 impl PlanSetup {
     pub(crate) fn new(source: &dyn RowSource, opts: &LoaderOptions) -> Result<Self> {
+        if opts.batch_size == 0
+            || opts.threads == 0
+            || opts.prefetch == 0
+            || opts.window_blocks == 0
+        {
+            return Err(Error::InvalidArgument(
+                "batch_size, threads, prefetch and window_blocks must be at least 1".into(),
+            ));
+        }
+        // Channels and buffer sets are sized by these up front: refuse absurd values rather
+        // than abort on an allocation.
+        if opts.prefetch > MAX_PREFETCH || opts.threads > MAX_THREADS {
+            return Err(Error::InvalidArgument(format!(
+                "prefetch {} / threads {}: at most {MAX_PREFETCH} batches in flight and \
+                 {MAX_THREADS} threads",
+                opts.prefetch, opts.threads
+            )));
+        }
         if opts.world_size == 0 || opts.rank >= opts.world_size {
             return Err(Error::InvalidArgument(format!(
                 "rank {} is not below world_size {}",
@@ -680,6 +706,9 @@ impl PlanSetup {
             batches_per_epoch,
             total,
             files,
+            batch_rows: opts
+                .batch_size
+                .min(usize::try_from(total_rows.max(1)).unwrap_or(usize::MAX)),
         })
     }
 }
@@ -707,14 +736,27 @@ impl Loader {
             batches_per_epoch,
             total,
             files,
+            batch_rows,
         } = PlanSetup::new(source.as_ref(), opts)?;
         let counters = Arc::new(Counters::default());
         let in_flight = opts.prefetch + opts.threads;
+        let sizes = columns
+            .iter()
+            .map(|c| {
+                usize::try_from(c.row_bytes)
+                    .ok()
+                    .and_then(|b| b.checked_mul(batch_rows))
+                    .filter(|&n| n < isize::MAX as usize)
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "a batch of {batch_rows} rows of column {} does not fit in memory",
+                            c.name
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<usize>>>()?;
         let set_pool = Arc::new(SetPool {
-            sizes: columns
-                .iter()
-                .map(|c| opts.batch_size * c.row_bytes as usize)
-                .collect(),
+            sizes,
             cap: in_flight + 2,
             free: Mutex::new(Vec::new()),
             pin: opts.pin_hook.clone(),
@@ -750,7 +792,7 @@ impl Loader {
             })
             .fold(0, u64::saturating_add);
         let window_rows = opts.window_blocks.saturating_mul(block_rows).max(1);
-        let windows_in_flight = (in_flight.saturating_mul(opts.batch_size) as u64)
+        let windows_in_flight = (in_flight.saturating_mul(batch_rows) as u64)
             .div_ceil(window_rows)
             .saturating_add(1);
         let bound =

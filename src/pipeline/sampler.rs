@@ -153,7 +153,7 @@ impl EpochPlan {
         let base = self.cfg.rank * self.rank_rows();
         let b = self.cfg.batch_size.max(1);
         let start = base + k * b;
-        let end = (start + b).min(base + self.rank_rows());
+        let end = start.saturating_add(b).min(base + self.rank_rows());
         (start, end)
     }
 

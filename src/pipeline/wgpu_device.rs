@@ -291,6 +291,7 @@ impl WgpuDeviceLoader {
             batches_per_epoch,
             total,
             files,
+            batch_rows,
         } = PlanSetup::new(source.as_ref(), opts)?;
         let window_bytes = window_byte_bound(
             &columns,
@@ -312,14 +313,14 @@ impl WgpuDeviceLoader {
         }
         if let Some(c) = columns
             .iter()
-            .find(|c| c.row_bytes * opts.batch_size as u64 > cap)
+            .find(|c| c.row_bytes.saturating_mul(batch_rows as u64) > cap)
         {
             return Err(Error::InvalidArgument(format!(
                 "column {} of a {}-row batch needs {:.1} MiB, above what {} can bind at once \
                  ({:.1} MiB): lower batch_size",
                 c.name,
-                opts.batch_size,
-                mib(c.row_bytes * opts.batch_size as u64),
+                batch_rows,
+                mib(c.row_bytes.saturating_mul(batch_rows as u64)),
                 engine.adapter(),
                 mib(cap)
             )));
@@ -336,7 +337,7 @@ impl WgpuDeviceLoader {
             chunk_size,
             twin: opts.mode == DecryptMode::TwinNoCrypto,
             threads: opts.threads.max(1),
-            batch_size: opts.batch_size,
+            batch_size: batch_rows,
             window_bytes,
             counters: counters.clone(),
             device: device.clone(),
