@@ -266,3 +266,123 @@ fn keys_must_match_the_shards() {
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }
+
+/// A training step's view: the consumer's own compute pass on the loader's queue reads each
+/// batch buffer as handed out (the sum of column z's bytes) and agrees with the host loader,
+/// while the loader keeps producing the next batches.
+#[test]
+fn a_consumer_kernel_on_the_loaders_queue_sees_each_batch() {
+    if !adapter("a_consumer_kernel_on_the_loaders_queue_sees_each_batch") {
+        return;
+    }
+    const SUM: &str = r#"
+struct P { len: u32 }
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> data: array<u32>;
+@group(0) @binding(2) var<storage, read_write> total: atomic<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) g: vec3<u32>) {
+    let w = g.x;
+    if (w * 4u >= p.len) { return; }
+    let v = data[w];
+    var s = 0u;
+    for (var b = 0u; b < 4u; b++) {
+        if (w * 4u + b < p.len) { s += (v >> (8u * b)) & 0xffu; }
+    }
+    atomicAdd(&total, s);
+}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let key = make(dir.path(), 700, 3, 128, 6000);
+    let o = LoaderOptions {
+        batch_size: 50,
+        seed: 21,
+        epochs: 2,
+        ..Default::default()
+    };
+    let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+    let expected: Vec<u32> = Loader::new(src, &o)
+        .unwrap()
+        .map(|b| {
+            let b = b.unwrap();
+            b.tensor("z")
+                .unwrap()
+                .bytes
+                .iter()
+                .map(|&v| u32::from(v))
+                .sum()
+        })
+        .collect();
+    let loader = open(dir.path(), &key, &o);
+    let (device, queue) = (loader.device().clone(), loader.queue().clone());
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("consumer_sum"),
+        source: wgpu::ShaderSource::Wgsl(SUM.into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("consumer_sum"),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let buffer = |usage, size| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    use wgpu::BufferUsages as U;
+    let params = buffer(U::UNIFORM | U::COPY_DST, 16);
+    let total = buffer(U::STORAGE | U::COPY_SRC | U::COPY_DST, 4);
+    let readback = buffer(U::MAP_READ | U::COPY_DST, 4);
+    let mut got = Vec::new();
+    for b in loader {
+        let b = b.unwrap();
+        let z = b.tensor("z").unwrap();
+        queue.write_buffer(&params, 0, &(z.len() as u32).to_le_bytes());
+        queue.write_buffer(&total, 0, &0u32.to_le_bytes());
+        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: params.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: z.buffer().as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: total.as_entire_binding(),
+                },
+            ],
+        });
+        let mut enc = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups((z.len() as u32).div_ceil(4).div_ceil(64).max(1), 1, 1);
+        }
+        enc.copy_buffer_to_buffer(&total, 0, &readback, 0, 4);
+        queue.submit([enc.finish()]);
+        drop(b); // back to the pool: any later gather into it is queued after this pass
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+        rx.recv().unwrap().unwrap();
+        let v = readback.get_mapped_range(..).unwrap();
+        got.push(u32::from_le_bytes(v[..4].try_into().unwrap()));
+        drop(v);
+        readback.unmap();
+    }
+    assert_eq!(got, expected);
+}
