@@ -1045,6 +1045,38 @@ impl WgpuOpener {
         s
     }
 
+    /// The CTR pipeline's bindings: this key's round keys, the table, the parameters and the
+    /// first `size` bytes of `work`.
+    fn ctr_bind_group(&self, work: &::wgpu::Buffer, size: u64) -> ::wgpu::BindGroup {
+        let ctx = &*self.ctx;
+        ctx.device.create_bind_group(&::wgpu::BindGroupDescriptor {
+            label: Some("aes_ctr"),
+            layout: &ctx.layout,
+            entries: &[
+                ::wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: self.keys_buf.as_entire_binding(),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: ctx.t0.as_entire_binding(),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: ctx.params.as_entire_binding(),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 3,
+                    resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                        buffer: work,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(size),
+                    }),
+                },
+            ],
+        })
+    }
+
     fn note_failure(&self, e: &Error) {
         record(&self.ctx.failure, e.to_string());
         if !self.ctx.warned.swap(true, Ordering::Relaxed) {
@@ -1129,32 +1161,7 @@ impl WgpuOpener {
             };
             ctx.queue
                 .write_buffer(&ctx.params, 0, bytemuck::bytes_of(&params));
-            let bind = ctx.device.create_bind_group(&::wgpu::BindGroupDescriptor {
-                label: Some("aes_ctr"),
-                layout: &ctx.layout,
-                entries: &[
-                    ::wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: self.keys_buf.as_entire_binding(),
-                    },
-                    ::wgpu::BindGroupEntry {
-                        binding: 1,
-                        resource: ctx.t0.as_entire_binding(),
-                    },
-                    ::wgpu::BindGroupEntry {
-                        binding: 2,
-                        resource: ctx.params.as_entire_binding(),
-                    },
-                    ::wgpu::BindGroupEntry {
-                        binding: 3,
-                        resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
-                            buffer: work,
-                            offset: 0,
-                            size: std::num::NonZeroU64::new(size),
-                        }),
-                    },
-                ],
-            });
+            let bind = self.ctr_bind_group(work, size);
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(upload, 0, work, 0, size);
             let groups = if matches!(gate, Gate::Gpu(_)) {
@@ -1811,32 +1818,7 @@ impl WgpuOpener {
         let size = bytes.min(bufs.capacity);
         let mut done = 0u64;
         // Whole-buffer passes until `bytes` were processed (the work buffer may be smaller).
-        let bind = ctx.device.create_bind_group(&::wgpu::BindGroupDescriptor {
-            label: Some("aes_ctr_bench"),
-            layout: &ctx.layout,
-            entries: &[
-                ::wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: self.keys_buf.as_entire_binding(),
-                },
-                ::wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: ctx.t0.as_entire_binding(),
-                },
-                ::wgpu::BindGroupEntry {
-                    binding: 2,
-                    resource: ctx.params.as_entire_binding(),
-                },
-                ::wgpu::BindGroupEntry {
-                    binding: 3,
-                    resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
-                        buffer: work,
-                        offset: 0,
-                        size: std::num::NonZeroU64::new(size),
-                    }),
-                },
-            ],
-        });
+        let bind = self.ctr_bind_group(work, size);
         let blocks = size / BLOCK_LEN as u64;
         let workgroups = blocks.div_ceil(ctx.variant.span_blocks());
         let x = workgroups.min(u64::from(ctx.max_workgroups)) as u32;

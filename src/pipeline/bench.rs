@@ -188,6 +188,22 @@ fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> 
 
 /// One run of a device loader (CUDA device 0, or the wgpu adapter): batches land in device
 /// memory.
+/// Takes every batch of a device loader, timing each; the number of batches.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn drain<B: super::device_shell::DeviceBatchMeta>(
+    batches: impl Iterator<Item = Result<B>>,
+    clock: &mut Clock,
+) -> Result<u64> {
+    let mut n = 0u64;
+    for b in batches {
+        let b = b?;
+        clock.batch(b.bytes());
+        std::hint::black_box(&b);
+        n += 1;
+    }
+    Ok(n)
+}
+
 #[cfg_attr(
     not(all(feature = "cuda", feature = "wgpu")),
     allow(unused_variables, unused_mut, unreachable_code)
@@ -199,33 +215,22 @@ fn run_device_once(
     opts: &LoaderOptions,
 ) -> Result<RunReport> {
     let mut clock = Clock::start();
-    let mut batches = 0u64;
-    let (stats, device) = match backend {
+    let (batches, stats, device) = match backend {
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             let mut l = super::device::DeviceLoader::open(path, key, 0, opts)?;
             clock.built();
-            for b in l.by_ref() {
-                let b = b?;
-                clock.batch(b.tensors().map(|t| t.len() as u64).sum());
-                std::hint::black_box(b.len());
-                batches += 1;
-            }
+            let n = drain(l.by_ref(), &mut clock)?;
             // The loader's threads were joined when the last batch was taken.
-            (l.stats(), l.device_stats())
+            (n, l.stats(), l.device_stats())
         }
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             let wgpu = crate::cipher::wgpu::WgpuOptions::default();
             let mut l = super::wgpu_device::WgpuDeviceLoader::open(path, key, wgpu, opts)?;
             clock.built();
-            for b in l.by_ref() {
-                let b = b?;
-                clock.batch(b.tensors().map(|t| t.len() as u64).sum());
-                std::hint::black_box(b.len());
-                batches += 1;
-            }
-            (l.stats(), l.device_stats())
+            let n = drain(l.by_ref(), &mut clock)?;
+            (n, l.stats(), l.device_stats())
         }
         other => {
             return Err(Error::BackendUnavailable {

@@ -285,11 +285,6 @@ impl DeviceLoader {
         opts: &LoaderOptions,
     ) -> Result<DeviceLoader> {
         let built = Instant::now();
-        if opts.batch_size == 0 || opts.prefetch == 0 || opts.window_blocks == 0 {
-            return Err(Error::InvalidArgument(
-                "batch_size, prefetch and window_blocks must be at least 1".into(),
-            ));
-        }
         if keys.len() != source.shard_count() {
             return Err(Error::InvalidArgument(format!(
                 "{} device keys for {} shards",
@@ -330,7 +325,7 @@ impl DeviceLoader {
             columns: columns.clone(),
             chunk_size,
             twin: opts.mode == DecryptMode::TwinNoCrypto,
-            threads: opts.threads.max(1),
+            threads: opts.threads,
             batch_size: batch_rows,
             slot_bytes,
             counters: counters.clone(),

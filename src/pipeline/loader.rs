@@ -141,6 +141,23 @@ pub struct LoaderState {
 }
 
 impl LoaderState {
+    /// The position a loader built with `opts` starts at.
+    pub(crate) fn start(opts: &LoaderOptions, block_rows: u64, total_rows: u64) -> Self {
+        LoaderState {
+            seed: opts.seed,
+            epoch: opts.start_epoch,
+            batches_done_in_epoch: opts.start_batch,
+            rank: opts.rank,
+            world_size: opts.world_size,
+            batch_size: opts.batch_size as u64,
+            shuffle: opts.shuffle,
+            drop_last: opts.drop_last,
+            window_blocks: opts.window_blocks,
+            block_rows,
+            total_rows,
+        }
+    }
+
     /// A position at the end of an epoch is the start of the next one.
     pub(crate) fn normalize(&mut self, batches_per_epoch: u64) {
         if batches_per_epoch > 0 && self.batches_done_in_epoch >= batches_per_epoch {
@@ -717,15 +734,6 @@ impl Loader {
     /// Builds a loader over `source` and starts its threads.
     pub fn new(source: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<Self> {
         let built = Instant::now();
-        if opts.batch_size == 0
-            || opts.threads == 0
-            || opts.prefetch == 0
-            || opts.window_blocks == 0
-        {
-            return Err(Error::InvalidArgument(
-                "batch_size, threads, prefetch and window_blocks must be at least 1".into(),
-            ));
-        }
         let PlanSetup {
             columns,
             chunk_size,
@@ -866,19 +874,7 @@ impl Loader {
                 .map_err(|e| Error::Stopped(format!("cannot spawn planner thread: {e}")))?;
             threads.push(h);
         }
-        let state = LoaderState {
-            seed: opts.seed,
-            epoch: opts.start_epoch,
-            batches_done_in_epoch: opts.start_batch,
-            rank: opts.rank,
-            world_size: opts.world_size,
-            batch_size: opts.batch_size as u64,
-            shuffle: opts.shuffle,
-            drop_last: opts.drop_last,
-            window_blocks: opts.window_blocks,
-            block_rows,
-            total_rows,
-        };
+        let state = LoaderState::start(opts, block_rows, total_rows);
         let mut l = Loader {
             rx: res_rx,
             credits: credit_tx,

@@ -269,11 +269,6 @@ impl WgpuDeviceLoader {
         opts: &LoaderOptions,
     ) -> Result<WgpuDeviceLoader> {
         let built = Instant::now();
-        if opts.batch_size == 0 || opts.prefetch == 0 || opts.window_blocks == 0 {
-            return Err(Error::InvalidArgument(
-                "batch_size, prefetch and window_blocks must be at least 1".into(),
-            ));
-        }
         if engine.key_count() as usize != source.shard_count() {
             return Err(Error::InvalidArgument(format!(
                 "{} keys on the device for {} shards",
@@ -336,7 +331,7 @@ impl WgpuDeviceLoader {
             columns: columns.clone(),
             chunk_size,
             twin: opts.mode == DecryptMode::TwinNoCrypto,
-            threads: opts.threads.max(1),
+            threads: opts.threads,
             batch_size: batch_rows,
             window_bytes,
             counters: counters.clone(),
