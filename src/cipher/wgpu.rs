@@ -167,8 +167,9 @@ pub struct WgpuOptions {
     /// Accept an adapter of `DeviceType::Cpu`.
     pub allow_cpu_adapter: bool,
     /// Cap on the bytes processed per dispatch (default 128 MiB, never above the device's
-    /// storage binding limit).
-    /// Lower it to force piecewise dispatch (tests) or to bound the staging memory.
+    /// storage binding limit): the openers' pieces, and the device loader's window pieces (a
+    /// window above it is split, its buffers and upload slots sized by it; at least one chunk
+    /// plus a row). Lower it to force piecewise dispatch (tests) or to bound the staging memory.
     pub max_piece_bytes: Option<u64>,
     /// Copy the AES table into workgroup memory (`None`/`Some(true)`, the usual GPU layout) or
     /// read it from the storage buffer (`Some(false)`). On lavapipe the two measured the same
@@ -630,7 +631,7 @@ pub(super) struct Context {
     /// Whether openers check tags on the GPU by default.
     gpu_ghash: bool,
     /// Largest piece, in bytes (a multiple of the workgroup's span).
-    piece_bytes: u64,
+    pub(super) piece_bytes: u64,
     /// Whether the pipeline copies the table into workgroup memory.
     pub(super) shared_table: bool,
     /// The kernel variant the pipeline runs.

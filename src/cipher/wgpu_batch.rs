@@ -396,6 +396,12 @@ impl WgpuBatchEngine {
         self.max_binding
     }
 
+    /// Bytes one dispatch should cover ([`super::wgpu::WgpuOptions::max_piece_bytes`], default
+    /// 128 MiB, never above the binding limit): the device loader splits bigger windows.
+    pub fn piece_bytes(&self) -> u64 {
+        self.ctx.piece_bytes.min(self.max_binding)
+    }
+
     /// `STORAGE | COPY_DST | COPY_SRC` buffer of `bytes` rounded up to a multiple of 16 (at
     /// least 16). Too big for a binding, or out of memory: `Err`, never a panic. A failure here
     /// is not recorded as a device failure (the caller may retry smaller).

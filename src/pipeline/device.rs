@@ -693,7 +693,14 @@ impl Producer {
             offsets: _,
             staging_len: at,
             out_len: out,
-        } = window_layout(&keys, &specs, Packing::Packed);
+            pieces: _,
+        } = window_layout(
+            &self.columns,
+            self.chunk_size,
+            &keys,
+            &specs,
+            Packing::Packed,
+        );
         if at > self.slot_bytes {
             return Err(Error::Stopped(format!(
                 "internal: window {w} needs {at} bytes of staging, bound was {}",
@@ -778,6 +785,7 @@ impl Producer {
         add(&self.counters.decrypt_bytes, f.total);
         add(&self.device.window_latency_ns, latency);
         add(&self.device.windows, 1);
+        add(&self.device.window_pieces, 1);
         Ok(Window {
             epoch: f.epoch,
             w: f.w,
@@ -810,7 +818,8 @@ impl Producer {
         let jobs = bp
             .jobs
             .iter()
-            .map(|(c, w, range)| {
+            .map(|(c, w, _piece, range)| {
+                // One piece per window with `Packing::Packed`.
                 let win = resident.iter().find(|r| r.w == *w).ok_or_else(|| {
                     Error::Stopped(format!("internal: window {w} not resident for a gather"))
                 })?;

@@ -152,6 +152,9 @@ impl std::fmt::Display for LoaderStats {
 pub struct DeviceStats {
     /// Windows read, uploaded and verified.
     pub windows: u64,
+    /// Device buffers (and CTR dispatches) those windows took: one each, more on wgpu when a
+    /// window above the piece size was split (`WgpuOptions::max_piece_bytes`).
+    pub window_pieces: u64,
     /// Bytes of ciphertext (or twin bytes) read into pinned staging.
     pub window_bytes: u64,
     /// Reader: `pread` of chunks into pinned staging.
@@ -179,8 +182,13 @@ impl std::fmt::Display for DeviceStats {
         let ms = |ns: u64| ns as f64 / 1e6;
         writeln!(
             f,
-            "  device reader: {} windows {:.1} MB  pread {:.1} ms  submit {:.1} ms  GPU wait {:.1} ms  (submit→verified {:.1} ms summed)",
+            "  device reader: {} windows{} {:.1} MB  pread {:.1} ms  submit {:.1} ms  GPU wait {:.1} ms  (submit→verified {:.1} ms summed)",
             self.windows,
+            if self.window_pieces > self.windows {
+                format!(" ({} pieces)", self.window_pieces)
+            } else {
+                String::new()
+            },
             self.window_bytes as f64 / 1e6,
             ms(self.read_ns),
             ms(self.submit_ns),
@@ -203,6 +211,7 @@ impl std::fmt::Display for DeviceStats {
 #[derive(Debug, Default)]
 pub(crate) struct DeviceCounters {
     pub(crate) windows: AtomicU64,
+    pub(crate) window_pieces: AtomicU64,
     pub(crate) window_bytes: AtomicU64,
     pub(crate) read_ns: AtomicU64,
     pub(crate) submit_ns: AtomicU64,
@@ -220,6 +229,7 @@ impl DeviceCounters {
         let l = |a: &AtomicU64| a.load(Relaxed);
         DeviceStats {
             windows: l(&self.windows),
+            window_pieces: l(&self.window_pieces),
             window_bytes: l(&self.window_bytes),
             read_ns: l(&self.read_ns),
             submit_ns: l(&self.submit_ns),

@@ -6,9 +6,11 @@
 //! (`pipeline/window_plan.rs`). The *reader* (`cs-wgpu-read`) walks the windows in the order the
 //! batches will need them: `pread` of every chunk a window touches into a host staging buffer,
 //! each chunk's GCM tag checked on the CPU right after its read, on the reading thread (GHASH
-//! only, ~25 GB/s per core: cheaper than a GPU round trip for the tag); only then one
-//! `queue.write_buffer` into a device window buffer and one CTR dispatch over all its chunks
-//! (`shaders/aes_ctr_batch.wgsl`, in place, a key per shard). So the device never holds a byte
+//! only, ~25 GB/s per core: cheaper than a GPU round trip for the tag); only then the uploader
+//! thread (`cs-wgpu-upload`) copies it through a mapped ring into a device window buffer and
+//! queues one CTR dispatch over all its chunks (`shaders/aes_ctr_batch.wgsl`, in place, a key
+//! per shard) — a buffer and dispatch per piece when the window exceeds the piece size (a
+//! binding limit; `window_plan::window_layout`). So the device never holds a byte
 //! of unverified plaintext, and a tampered chunk stops the loader with an error naming it
 //! before anything of its window is decrypted. The *planner* (`cs-wgpu-plan`) computes every
 //! batch's rows and offsets. The *producer* (`cs-wgpu`) gathers each batch from the resident
@@ -36,8 +38,8 @@ use super::sampler::{EpochPlan, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use super::telemetry::{Counters, DeviceCounters, DeviceStats, LoaderStats, add, ns_since};
 use super::window_plan::{
-    BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, window_byte_bound, window_keys,
-    window_layout,
+    BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, piece_unit_bound,
+    window_byte_bound, window_keys, window_layout,
 };
 use crate::cipher::wgpu::{WgpuCipher, WgpuOptions};
 use crate::cipher::wgpu_batch::{GatherJob, UploadRing, WgpuBatchEngine, WindowChunk};
@@ -209,7 +211,10 @@ struct Producer {
     twin: bool,
     threads: usize,
     batch_size: usize,
+    /// Most staging bytes a window needs without pieces (its chunks padded to 16 bytes).
     window_bytes: u64,
+    /// Most bytes of one window piece (`Packing::Aligned`'s `piece_cap`).
+    piece_cap: u64,
     counters: Arc<Counters>,
     device: Arc<DeviceCounters>,
     pool: SetPool,
@@ -220,16 +225,17 @@ struct Producer {
 struct Window {
     epoch: u64,
     w: usize,
-    buf: ::wgpu::Buffer,
+    /// One buffer per piece of the window's layout.
+    bufs: Vec<::wgpu::Buffer>,
 }
 
 /// A window read and verified on the host, on its way to the uploader.
 struct Staged {
     window: Window,
     staging: Vec<u8>,
-    /// Bytes of `staging` to upload (a multiple of 16).
-    len: usize,
-    chunks: Vec<WindowChunk>,
+    /// Per piece: its staging range (16-byte aligned, a multiple of 16 long) and its chunks to
+    /// decrypt, at offsets within the piece.
+    pieces: Vec<(std::ops::Range<usize>, Vec<WindowChunk>)>,
 }
 
 /// A batch whose gathers were submitted: handed out once `done` completed.
@@ -297,15 +303,20 @@ impl WgpuDeviceLoader {
         );
         let cap = engine.max_binding_bytes();
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        if window_bytes > cap {
+        // A window above the piece size is split into pieces, one buffer and dispatch each;
+        // a piece holds at least one chunk and the rest of the row its last byte belongs to.
+        let unit = piece_unit_bound(&columns, chunk_size);
+        if unit > cap {
             return Err(Error::InvalidArgument(format!(
-                "a shuffle window needs up to {:.1} MiB, above what {} can bind at once \
-                 ({:.1} MiB): lower window_blocks or block_rows",
-                mib(window_bytes),
+                "a {:.1} MiB chunk and the row it ends in need {:.1} MiB, above what {} can \
+                 bind at once ({:.1} MiB): convert with a smaller chunk_size",
+                mib(chunk_size),
+                mib(unit),
                 engine.adapter(),
                 mib(cap)
             )));
         }
+        let piece_cap = engine.piece_bytes().max(unit).min(cap);
         if let Some(c) = columns
             .iter()
             .find(|c| c.row_bytes.saturating_mul(batch_rows as u64) > cap)
@@ -334,6 +345,7 @@ impl WgpuDeviceLoader {
             threads: opts.threads,
             batch_size: batch_rows,
             window_bytes,
+            piece_cap,
             counters: counters.clone(),
             device: device.clone(),
             pool: Arc::new(Mutex::new(Vec::new())),
@@ -455,7 +467,9 @@ impl Producer {
                         cfg,
                         shard_rows,
                         span,
-                        Packing::Aligned,
+                        Packing::Aligned {
+                            piece_cap: self.piece_cap,
+                        },
                         plan_tx,
                     )
                 })
@@ -530,8 +544,10 @@ impl Producer {
                     if r.epoch == epoch && needed.binary_search(&r.w).is_ok() {
                         i += 1;
                     } else {
-                        // The reader may have finished: then the buffer is just dropped.
-                        let _ = recycle.send(resident.swap_remove(i).buf);
+                        // The reader may have finished: then the buffers are just dropped.
+                        for buf in resident.swap_remove(i).bufs {
+                            let _ = recycle.send(buf);
+                        }
                     }
                 }
                 for &w in needed {
@@ -605,7 +621,7 @@ impl Producer {
         tx: Sender<Result<Window>>,
         recycle: Receiver<::wgpu::Buffer>,
     ) {
-        let mut ring = match self.engine.upload_ring(UPLOAD_SLOTS, self.window_bytes) {
+        let mut ring = match self.engine.upload_ring(UPLOAD_SLOTS, self.piece_bytes()) {
             Ok(r) => r,
             Err(e) => {
                 let _ = tx.send(Err(e));
@@ -662,8 +678,14 @@ impl Producer {
         });
     }
 
-    /// Reads window `w`'s chunks into `staging`, checking every tag, and picks its device
-    /// buffer (recycled or new).
+    /// Size of every window piece buffer and upload ring slot: the whole window when it fits
+    /// one piece (then it is never split), else the piece cap.
+    fn piece_bytes(&self) -> u64 {
+        self.window_bytes.min(self.piece_cap)
+    }
+
+    /// Reads window `w`'s chunks into `staging`, checking every tag, fills the pieces'
+    /// extensions and picks a device buffer per piece (recycled or new).
     fn read_window(
         &self,
         plan: &EpochPlan,
@@ -680,13 +702,27 @@ impl Producer {
         let WindowLayout {
             staging_offs,
             staging_len,
+            pieces,
             ..
-        } = window_layout(&keys, &specs, Packing::Aligned);
-        if staging_len > staging.len() {
+        } = window_layout(
+            &self.columns,
+            self.chunk_size,
+            &keys,
+            &specs,
+            Packing::Aligned {
+                piece_cap: self.piece_cap,
+            },
+        );
+        let piece_bytes = self.piece_bytes();
+        if let Some(p) = pieces.iter().find(|p| p.range.len() as u64 > piece_bytes) {
             return Err(Error::Stopped(format!(
-                "internal: window {w} needs {staging_len} bytes of staging, bound was {}",
-                staging.len()
+                "internal: a piece of window {w} needs {} bytes, buffers hold {piece_bytes}",
+                p.range.len()
             )));
+        }
+        // Split windows carry extensions beyond the bound: grow once, then reused.
+        if staging_len > staging.len() {
+            staging.resize(staging_len, 0);
         }
         let t0 = Instant::now();
         let verify_ns = std::sync::atomic::AtomicU64::new(0);
@@ -715,6 +751,14 @@ impl Producer {
         for (spec, &o) in specs.iter().zip(&staging_offs) {
             staging[o + spec.len..o + spec.len.next_multiple_of(16)].fill(0);
         }
+        // Extensions: copies of verified ciphertext (the chunk's own tag held above).
+        for part in pieces.iter().flat_map(|p| &p.parts) {
+            let home = staging_offs[part.chunk];
+            if part.at != home {
+                staging.copy_within(home..home + part.len, part.at);
+                staging[part.at + part.len..part.at + part.len.next_multiple_of(16)].fill(0);
+            }
+        }
         let total: u64 = specs.iter().map(|s| s.len as u64).sum();
         let verified = verify_ns.into_inner();
         let read = ns_since(t0).saturating_sub(verified);
@@ -727,46 +771,63 @@ impl Producer {
             add(&self.counters.verify_ns, verified);
             add(&self.counters.verify_bytes, total);
         }
-        let buf = match free.pop() {
-            Some(b) => b,
-            None => self
-                .engine
-                .create_buffer("ciphershard_window", self.window_bytes)?,
-        };
-        let chunks: Vec<WindowChunk> = if self.twin {
-            Vec::new()
-        } else {
-            keys.iter()
-                .zip(&specs)
-                .zip(&staging_offs)
-                .filter(|((_, spec), _)| spec.encrypted && spec.len > 0)
-                .map(|((k, spec), &o)| WindowChunk {
-                    offset: o as u64,
-                    len: spec.len as u64,
-                    nonce: spec.nonce,
-                    key: k.0,
-                })
-                .collect()
-        };
+        let mut bufs = Vec::with_capacity(pieces.len());
+        for _ in &pieces {
+            bufs.push(match free.pop() {
+                Some(b) => b,
+                None => self
+                    .engine
+                    .create_buffer("ciphershard_window", piece_bytes)?,
+            });
+        }
+        let pieces = pieces
+            .into_iter()
+            .map(|p| {
+                let chunks = if self.twin {
+                    Vec::new()
+                } else {
+                    p.parts
+                        .iter()
+                        .filter(|part| specs[part.chunk].encrypted && part.len > 0)
+                        .map(|part| WindowChunk {
+                            offset: (part.at - p.range.start) as u64,
+                            len: part.len as u64,
+                            nonce: specs[part.chunk].nonce,
+                            key: keys[part.chunk].0,
+                        })
+                        .collect()
+                };
+                // An empty window still uploads one block (a binding is never empty).
+                let end = p.range.end.max(p.range.start + 16);
+                (p.range.start..end, chunks)
+            })
+            .collect();
         Ok(Staged {
-            window: Window { epoch, w, buf },
+            window: Window { epoch, w, bufs },
             staging,
-            len: staging_len.max(16),
-            chunks,
+            pieces,
         })
     }
 
-    /// Copies a verified window into the upload ring and queues its CTR pass; hands the
-    /// staging buffer back to the reader.
+    /// Copies a verified window into the upload ring, piece by piece, and queues each piece's
+    /// CTR pass; hands the staging buffer back to the reader.
     fn upload(&self, ring: &mut UploadRing, st: Staged, back: &Sender<Vec<u8>>) -> Result<Window> {
         let t = Instant::now();
-        let r = self.engine.upload_decrypt_ring(
-            ring,
-            UPLOAD_THREADS,
-            &st.window.buf,
-            &st.staging[..st.len],
-            &st.chunks,
-        );
+        let r = st
+            .pieces
+            .iter()
+            .zip(&st.window.bufs)
+            .try_for_each(|((range, chunks), buf)| {
+                self.engine
+                    .upload_decrypt_ring(
+                        ring,
+                        UPLOAD_THREADS,
+                        buf,
+                        &st.staging[range.clone()],
+                        chunks,
+                    )
+                    .map(|_| ())
+            });
         let _ = back.send(st.staging);
         r?;
         let ns = ns_since(t);
@@ -774,9 +835,14 @@ impl Producer {
         add(&self.counters.decrypt_ns, ns);
         add(
             &self.counters.decrypt_bytes,
-            st.chunks.iter().map(|c| c.len).sum(),
+            st.pieces
+                .iter()
+                .flat_map(|(_, chunks)| chunks)
+                .map(|c| c.len)
+                .sum(),
         );
         add(&self.device.windows, 1);
+        add(&self.device.window_pieces, st.pieces.len() as u64);
         Ok(st.window)
     }
 
@@ -801,13 +867,19 @@ impl Producer {
         let jobs = bp
             .jobs
             .iter()
-            .filter(|(_, _, range)| !range.is_empty())
-            .map(|(c, w, range)| {
-                let win = resident.iter().find(|r| r.w == *w).ok_or_else(|| {
-                    Error::Stopped(format!("internal: window {w} not resident for a gather"))
-                })?;
+            .filter(|(_, _, _, range)| !range.is_empty())
+            .map(|(c, w, piece, range)| {
+                let src = resident
+                    .iter()
+                    .find(|r| r.w == *w)
+                    .and_then(|r| r.bufs.get(*piece))
+                    .ok_or_else(|| {
+                        Error::Stopped(format!(
+                            "internal: piece {piece} of window {w} not resident for a gather"
+                        ))
+                    })?;
                 Ok(GatherJob {
-                    src: &win.buf,
+                    src,
                     dst: *c,
                     pairs: range.clone(),
                     row_bytes: self.columns[*c].row_bytes,

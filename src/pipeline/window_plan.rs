@@ -19,14 +19,16 @@ pub(crate) type Key = (u32, u32, u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) enum Packing {
-    /// Back to back in key order (CUDA: the kernels write plaintext to a separate buffer).
+    /// Back to back in key order, one buffer (CUDA: the kernels write plaintext to a separate
+    /// buffer).
     Packed,
     /// Each chunk at its 16-byte aligned staging offset (wgpu: decrypted in place, whole
     /// blocks). Only a tensor's last chunk can be short, so a row spanning two chunks is still
-    /// one contiguous range.
-    Aligned,
+    /// one contiguous range. A window above `piece_cap` bytes is split into [`Piece`]s of at
+    /// most `piece_cap` bytes, one device buffer each (a storage binding has a size limit).
+    #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+    Aligned { piece_cap: u64 },
 }
-
 /// Chunk keys covering rows `[r0, r0 + n)` of shard `s`, every column.
 pub(crate) fn keys_for_rows(
     columns: &[ColumnInfo],
@@ -103,20 +105,55 @@ pub(crate) fn window_keys(
 }
 
 /// Offset of each of a window's chunks in its buffer, sorted by key: a binary search per
-/// gathered row is cheaper than hashing the key (2 × batch rows lookups per batch).
+/// gathered row is cheaper than hashing the key (2 × batch rows lookups per batch). Offsets are
+/// into the window's pieces laid end to end; `pieces` holds where each piece starts.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct ChunkOffsets(Vec<(Key, u64)>);
+pub(crate) struct ChunkOffsets {
+    offsets: Vec<(Key, u64)>,
+    pieces: Vec<u64>,
+}
 
 impl ChunkOffsets {
     pub(crate) fn get(&self, k: &Key) -> Option<u64> {
-        self.0
+        self.offsets
             .binary_search_by(|(x, _)| x.cmp(k))
             .ok()
-            .map(|i| self.0[i].1)
+            .map(|i| self.offsets[i].1)
+    }
+
+    /// The piece holding window offset `at`, and the offset within that piece.
+    pub(crate) fn locate(&self, at: u64) -> (usize, u64) {
+        let p = self.pieces.partition_point(|&start| start <= at).max(1) - 1;
+        (p, at - self.pieces.get(p).copied().unwrap_or(0))
+    }
+
+    pub(crate) fn piece_count(&self) -> usize {
+        self.pieces.len().max(1)
     }
 }
 
-/// Where a window's chunks go in staging and in the window's device buffer.
+/// Bytes of one chunk present in a piece: the chunk itself at its home offset, or a copy of its
+/// first `len` bytes extending the previous piece (see [`window_layout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Part {
+    /// Index of the chunk in the window's keys.
+    pub(crate) chunk: usize,
+    /// Offset in the window (staging) of the part's first byte (16-byte aligned).
+    pub(crate) at: usize,
+    /// Bytes of the chunk (from its start) the part holds.
+    pub(crate) len: usize,
+}
+
+/// A range of the window uploaded into one device buffer and decrypted by one dispatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Piece {
+    /// Staging range: 16-byte aligned start, length a multiple of 16.
+    pub(crate) range: std::ops::Range<usize>,
+    /// Its chunks and extension prefixes, in staging order.
+    pub(crate) parts: Vec<Part>,
+}
+
+/// Where a window's chunks go in staging and in the window's device buffer(s).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct WindowLayout {
     /// Staging offset of each chunk (16-byte aligned: the vectorized kernel path).
@@ -127,35 +164,149 @@ pub(crate) struct WindowLayout {
     pub(crate) offsets: ChunkOffsets,
     pub(crate) staging_len: usize,
     pub(crate) out_len: u64,
+    /// The window's pieces (one with `Packing::Packed`, or when the window fits `piece_cap`).
+    #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+    pub(crate) pieces: Vec<Piece>,
+}
+
+/// Bytes after chunk `i` that a piece ending with it must carry: the rest of the row holding
+/// the chunk's last byte, taken from the same tensor's next chunks (`(index, bytes)` each).
+fn overhang(
+    columns: &[ColumnInfo],
+    chunk: u64,
+    keys: &[Key],
+    specs: &[ChunkSpec],
+    i: usize,
+) -> Vec<(usize, usize)> {
+    let (s, c, j) = keys[i];
+    let rb = columns[c as usize].row_bytes;
+    let end = j * chunk + specs[i].len as u64;
+    if rb == 0 || end == 0 {
+        return Vec::new();
+    }
+    let mut rest = ((end - 1) / rb + 1) * rb - end;
+    let mut out = Vec::new();
+    let mut k = i + 1;
+    while rest > 0 && k < keys.len() && keys[k] == (s, c, j + (k - i) as u64) {
+        let take = rest.min(specs[k].len as u64);
+        out.push((k, take as usize));
+        rest -= take;
+        k += 1;
+    }
+    out
+}
+
+/// Most bytes a piece needs for one chunk and its overhang (the smallest usable `piece_cap`).
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+pub(crate) fn piece_unit_bound(columns: &[ColumnInfo], chunk: u64) -> u64 {
+    let chunk16 = chunk.next_multiple_of(16);
+    columns
+        .iter()
+        .map(|c| {
+            let over = c.row_bytes.saturating_sub(1);
+            // Each chunk the overhang touches is padded to 16 bytes.
+            let parts = over.div_ceil(chunk.max(1)).saturating_add(1);
+            chunk16
+                .saturating_add(over.next_multiple_of(16))
+                .saturating_add(parts.saturating_mul(16))
+        })
+        .max()
+        .unwrap_or(chunk16)
 }
 
 /// Lays the chunks out in key order, so the consecutive chunks of one shard's column are
 /// contiguous (every chunk but a tensor's last is full, and chunk sizes are multiples of 64):
 /// a row straddling two chunks is one contiguous range of the window buffer.
-pub(crate) fn window_layout(keys: &[Key], specs: &[ChunkSpec], packing: Packing) -> WindowLayout {
+///
+/// `Packing::Aligned` over more than `piece_cap` bytes: pieces filled greedily in key order. A
+/// piece may end between two chunks of one tensor, where a row can straddle; it then also
+/// carries a copy of the next chunks' first bytes up to the end of that row (an extension, also
+/// decrypted there: CTR over a chunk's prefix is the prefix of its plaintext), so every row
+/// is contiguous in the piece of the chunk it starts in. Needs `piece_cap` at least
+/// [`piece_unit_bound`]; below it a piece holds one chunk and may exceed the cap (the caller
+/// checks).
+pub(crate) fn window_layout(
+    columns: &[ColumnInfo],
+    chunk: u64,
+    keys: &[Key],
+    specs: &[ChunkSpec],
+    packing: Packing,
+) -> WindowLayout {
     let mut staging_offs = Vec::with_capacity(keys.len());
     let mut dst_offs = Vec::with_capacity(keys.len());
+    let padded: usize = specs.iter().map(|s| s.len.next_multiple_of(16)).sum();
+    let cap = match packing {
+        Packing::Aligned { piece_cap } if padded as u64 > piece_cap => Some(piece_cap),
+        _ => None,
+    };
+    let mut pieces = Vec::new();
     let (mut at, mut out) = (0usize, 0u64);
-    for spec in specs {
+    let mut start = 0usize;
+    let mut parts: Vec<Part> = Vec::new();
+    let ext_len = |ext: &[(usize, usize)]| {
+        ext.iter()
+            .map(|&(_, n)| n.next_multiple_of(16))
+            .sum::<usize>()
+    };
+    for (i, spec) in specs.iter().enumerate() {
+        let p = spec.len.next_multiple_of(16);
+        if let Some(cap) = cap {
+            let ext = overhang(columns, chunk, keys, specs, i);
+            if !parts.is_empty() && (at - start + p + ext_len(&ext)) as u64 > cap {
+                // Close the piece after chunk i - 1, with its overhang (it fit when i - 1 came in).
+                for (k, n) in overhang(columns, chunk, keys, specs, i - 1) {
+                    parts.push(Part {
+                        chunk: k,
+                        at,
+                        len: n,
+                    });
+                    at += n.next_multiple_of(16);
+                }
+                pieces.push(Piece {
+                    range: start..at,
+                    parts: std::mem::take(&mut parts),
+                });
+                start = at;
+            }
+        }
         staging_offs.push(at);
         dst_offs.push(match packing {
             Packing::Packed => out,
-            Packing::Aligned => at as u64,
+            Packing::Aligned { .. } => at as u64,
         });
-        at += spec.len.next_multiple_of(16);
+        parts.push(Part {
+            chunk: i,
+            at: match packing {
+                Packing::Packed => out as usize,
+                Packing::Aligned { .. } => at,
+            },
+            len: spec.len,
+        });
+        at += p;
         out += spec.len as u64;
     }
-    if packing == Packing::Aligned {
+    if matches!(packing, Packing::Aligned { .. }) {
         out = at as u64;
     }
+    pieces.push(Piece {
+        range: match packing {
+            Packing::Packed => 0..out as usize,
+            Packing::Aligned { .. } => start..at,
+        },
+        parts,
+    });
     let mut offsets: Vec<(Key, u64)> = keys.iter().copied().zip(dst_offs.iter().copied()).collect();
     offsets.sort_unstable_by_key(|e| e.0);
     WindowLayout {
         staging_offs,
         dst_offs,
-        offsets: ChunkOffsets(offsets),
+        offsets: ChunkOffsets {
+            offsets,
+            pieces: pieces.iter().map(|p| p.range.start as u64).collect(),
+        },
         staging_len: at,
         out_len: out,
+        pieces,
     }
 }
 
@@ -246,9 +397,10 @@ pub(crate) struct BatchPlan {
     pub(crate) needed: Vec<usize>,
     /// Global dataset row of each row, in batch order.
     pub(crate) row_ids: Vec<u64>,
-    /// `(column, window, range of pairs)`, one gather launch each.
-    pub(crate) jobs: Vec<(usize, usize, std::ops::Range<usize>)>,
-    /// `(offset in the window buffer, offset in the column buffer)` of every gathered row.
+    /// `(column, window, piece, range of pairs)`, one gather launch each.
+    pub(crate) jobs: Vec<(usize, usize, usize, std::ops::Range<usize>)>,
+    /// `(offset in the window piece's buffer, offset in the column buffer)` of every gathered
+    /// row.
     pub(crate) pairs: Vec<(u64, u64)>,
 }
 
@@ -264,7 +416,14 @@ pub(crate) fn window_offsets(
         .iter()
         .map(|&(s, c, j)| source.chunk(s as usize, c as usize, j))
         .collect();
-    window_layout(&keys, &specs, packing).offsets
+    window_layout(
+        source.columns(),
+        source.chunk_size(),
+        &keys,
+        &specs,
+        packing,
+    )
+    .offsets
 }
 
 /// Plans batch `k` of `plan`. `layouts` caches the offsets of the windows the previous batch
@@ -303,7 +462,30 @@ pub(crate) fn plan_batch(
                 source.chunk_size(),
                 &mut pairs,
             )?;
-            jobs.push((c, *w, start..pairs.len()));
+            if offsets.piece_count() == 1 {
+                jobs.push((c, *w, 0, start..pairs.len()));
+                continue;
+            }
+            // Rows by piece (stable: batch order within a piece), offsets made piece-relative.
+            let mut located: Vec<(usize, (u64, u64))> = pairs[start..]
+                .iter()
+                .map(|&(src, dst)| {
+                    let (p, within) = offsets.locate(src);
+                    (p, (within, dst))
+                })
+                .collect();
+            located.sort_by_key(|e| e.0);
+            pairs.truncate(start);
+            let mut i = 0;
+            while i < located.len() {
+                let p = located[i].0;
+                let from = pairs.len();
+                while i < located.len() && located[i].0 == p {
+                    pairs.push(located[i].1);
+                    i += 1;
+                }
+                jobs.push((c, *w, p, from..pairs.len()));
+            }
         }
     }
     let row_ids = rows
@@ -473,11 +655,18 @@ mod tests {
                 vec![rows, 5],
                 (0..rows * 5).map(|i| (i * 31 % 251) as u8).collect(),
             ),
+            // Rows wider than a chunk: a row spans two or three chunks.
+            col(
+                "w",
+                Dtype::U8,
+                vec![rows, 200],
+                (0..rows * 200).map(|i| (i * 13 % 253) as u8).collect(),
+            ),
         ];
         let opts = ConvertOptions {
             keys: vec![key.clone()],
             chunk_size: 128,
-            shard_size: 6000,
+            shard_size: 30_000,
             plain: vec!["y".into()],
             ..Default::default()
         };
@@ -485,46 +674,76 @@ mod tests {
         key
     }
 
-    /// Window `w` opened on the host into a buffer with the device layout.
+    /// Window `w` opened on the host into buffers with the device layout, one per piece.
     fn host_window(
         src: &FormatSource,
         plan: &EpochPlan,
         w: usize,
         bound: usize,
         packing: Packing,
-    ) -> (Vec<u8>, ChunkOffsets) {
+    ) -> (Vec<Vec<u8>>, ChunkOffsets) {
         let keys = window_keys(src.columns(), src.chunk_size(), plan, w);
         let specs: Vec<ChunkSpec> = keys
             .iter()
             .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
             .collect();
-        let lay = window_layout(&keys, &specs, packing);
-        assert!(
-            lay.staging_len <= bound,
-            "window {w}: {} > bound {bound}",
-            lay.staging_len
-        );
-        let mut buf = vec![0u8; lay.out_len as usize];
-        for (k, spec) in keys.iter().zip(&specs) {
-            let mut chunk = vec![0u8; spec.len];
-            let f = File::open(src.shard_path(k.0 as usize)).unwrap();
-            f.read_exact_at(&mut chunk, spec.file_offset).unwrap();
-            let params = ChunkParams {
-                nonce: spec.nonce,
-                aad: &spec.aad,
-                tag: spec.tag,
-                encrypted: spec.encrypted,
-            };
-            let opener = src.opener(k.0 as usize);
-            if spec.encrypted {
-                opener.open_in_place(&params, &mut chunk).unwrap();
-            } else {
-                opener.verify(&params, &chunk).unwrap();
+        let lay = window_layout(src.columns(), src.chunk_size(), &keys, &specs, packing);
+        match packing {
+            Packing::Aligned { piece_cap } if lay.pieces.len() > 1 => {
+                for p in &lay.pieces {
+                    assert!(p.range.len() as u64 <= piece_cap, "window {w}: {p:?}");
+                    assert!(p.range.start.is_multiple_of(16) && p.range.len().is_multiple_of(16));
+                }
+                assert!(bound as u64 > piece_cap, "split although the window fits");
             }
-            let o = lay.offsets.get(k).unwrap() as usize;
-            buf[o..o + spec.len].copy_from_slice(&chunk);
+            _ => assert!(
+                lay.staging_len <= bound,
+                "window {w}: {} > bound {bound}",
+                lay.staging_len
+            ),
         }
-        (buf, lay.offsets)
+        let plain: Vec<Vec<u8>> = keys
+            .iter()
+            .zip(&specs)
+            .map(|(k, spec)| {
+                let mut chunk = vec![0u8; spec.len];
+                let f = File::open(src.shard_path(k.0 as usize)).unwrap();
+                f.read_exact_at(&mut chunk, spec.file_offset).unwrap();
+                let params = ChunkParams {
+                    nonce: spec.nonce,
+                    aad: &spec.aad,
+                    tag: spec.tag,
+                    encrypted: spec.encrypted,
+                };
+                let opener = src.opener(k.0 as usize);
+                if spec.encrypted {
+                    opener.open_in_place(&params, &mut chunk).unwrap();
+                } else {
+                    opener.verify(&params, &chunk).unwrap();
+                }
+                chunk
+            })
+            .collect();
+        let mut homes = 0;
+        let bufs = lay
+            .pieces
+            .iter()
+            .map(|p| {
+                let mut buf = vec![0u8; p.range.len()];
+                for part in &p.parts {
+                    let o = part.at - p.range.start;
+                    buf[o..o + part.len].copy_from_slice(&plain[part.chunk][..part.len]);
+                    if part.len == specs[part.chunk].len
+                        && lay.dst_offs[part.chunk] == part.at as u64
+                    {
+                        homes += 1;
+                    }
+                }
+                buf
+            })
+            .collect();
+        assert_eq!(homes, keys.len(), "every chunk has one home");
+        (bufs, lay.offsets)
     }
 
     /// The reader's window order is exactly what the gather loop asks for, batch by batch,
@@ -606,7 +825,13 @@ mod tests {
                     .iter()
                     .map(|&(s, c, j)| src.chunk(s as usize, c as usize, j))
                     .collect();
-                std::hint::black_box(window_layout(&keys, &specs, Packing::Packed));
+                std::hint::black_box(window_layout(
+                    src.columns(),
+                    src.chunk_size(),
+                    &keys,
+                    &specs,
+                    Packing::Packed,
+                ));
                 windows += 1;
             }
         }
@@ -689,13 +914,25 @@ mod tests {
                 batch_size: batch as u64,
                 drop_last: false,
             };
-            for packing in [Packing::Packed, Packing::Aligned] {
+            let unit = piece_unit_bound(src.columns(), src.chunk_size());
+            let mut split = 0;
+            for packing in [
+                Packing::Packed,
+                Packing::Aligned {
+                    piece_cap: u64::MAX,
+                },
+                Packing::Aligned { piece_cap: unit },
+                Packing::Aligned { piece_cap: 1000 },
+                Packing::Aligned {
+                    piece_cap: 3 * unit,
+                },
+            ] {
                 let mut hi = host.iter();
                 for epoch in 0..2 {
                     let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
                     let mut cur = Cursor::new(&plan);
                     let mut layouts = Vec::new();
-                    let mut windows: HashMap<usize, Vec<u8>> = HashMap::new();
+                    let mut windows: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
                     for k in 0..plan.batches() {
                         // What the planner thread sends the gather thread.
                         let bp = plan_batch(&src, &plan, &mut cur, &mut layouts, epoch, k, packing)
@@ -705,10 +942,11 @@ mod tests {
                         assert_eq!(bp.row_ids, h.row_ids(), "{o:?}");
                         for &w in &bp.needed {
                             windows.entry(w).or_insert_with(|| {
-                                let (buf, offsets) = host_window(&src, &plan, w, bound, packing);
+                                let (bufs, offsets) = host_window(&src, &plan, w, bound, packing);
                                 // The reader's layout is the one the planner assumes.
                                 assert_eq!(offsets, window_offsets(&src, &plan, w, packing));
-                                buf
+                                split += usize::from(bufs.len() > 1);
+                                bufs
                             });
                         }
                         let mut got: Vec<Vec<u8>> = src
@@ -717,8 +955,8 @@ mod tests {
                             .map(|col| vec![0u8; bp.row_ids.len() * col.row_bytes as usize])
                             .collect();
                         let mut covered = vec![0usize; src.columns().len()];
-                        for (c, w, range) in &bp.jobs {
-                            let buf = &windows[w];
+                        for (c, w, piece, range) in &bp.jobs {
+                            let buf = &windows[w][*piece];
                             let n = src.columns()[*c].row_bytes as usize;
                             for &(s, d) in &bp.pairs[range.clone()] {
                                 let (s, d) = (s as usize, d as usize);
@@ -739,6 +977,7 @@ mod tests {
                 }
                 assert!(hi.next().is_none());
             }
+            assert!(split > 0, "the small caps split windows ({o:?})");
         }
     }
 
