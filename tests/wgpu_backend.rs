@@ -310,6 +310,35 @@ fn explicit_selection_and_auto_policy() {
         probed.contains(&c.adapter().name),
         "probe '{probed}' names another adapter"
     );
+    // Auto says why it passed wgpu over (`ciphershard backends` prints it).
+    let (picked, passed) = ciphershard::cipher::select_auto();
+    assert_eq!(picked.backend(), auto.backend());
+    if auto.backend() != Backend::Wgpu {
+        let why = passed.iter().find(|(b, _)| *b == Backend::Wgpu);
+        assert!(why.is_some_and(|(_, w)| !w.is_empty()), "{passed:?}");
+    }
+}
+
+/// The check `auto` runs on a real GPU before using it for host-memory work: both paths open
+/// the same sealed chunks; a software adapter loses to one CPU thread by far.
+#[test]
+fn host_path_check_measures_both_paths() {
+    let Some(c) = backend(WgpuOptions::default()) else {
+        return;
+    };
+    let check = ciphershard::cipher::wgpu::host_path_check(&c).unwrap();
+    eprintln!("on {}: {check}", c.adapter());
+    assert!(
+        check.wgpu_gbps.is_finite() && check.wgpu_gbps > 0.0,
+        "{check:?}"
+    );
+    assert!(
+        check.cpu_gbps.is_finite() && check.cpu_gbps > 0.0,
+        "{check:?}"
+    );
+    if c.adapter().is_cpu() {
+        assert!(!check.wgpu_wins(), "{check}");
+    }
 }
 
 #[test]

@@ -107,7 +107,8 @@ pub trait Cipher: Send + Sync {
 /// The backends, and `Auto` to pick the best available one at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Backend {
-    /// CUDA if a device answers, else wgpu with a compute-capable adapter, else the CPU.
+    /// CUDA if a device answers, else wgpu on a real GPU that opens chunks faster than one CPU
+    /// thread, else the CPU ([`select_auto`]).
     #[default]
     Auto,
     /// AES-NI / VAES on the CPU.
@@ -178,24 +179,34 @@ pub fn availability() -> Vec<Availability> {
     ]
 }
 
-/// Creates the requested backend. `Auto` picks CUDA, then wgpu, then the CPU; an explicit
-/// backend that is not available is an error, never a silent fallback.
+/// Creates the requested backend. `Auto` picks CUDA, then wgpu, then the CPU
+/// ([`select_auto`]); an explicit backend that is not available is an error, never a silent
+/// fallback.
 pub fn select(backend: Backend) -> Result<std::sync::Arc<dyn Cipher>> {
     match backend {
         Backend::Cpu => Ok(std::sync::Arc::new(cpu::CpuCipher::new())),
         Backend::Cuda => cuda::create(),
         Backend::Wgpu => wgpu::create(),
-        Backend::Auto => {
-            if cuda::probe().is_ok()
-                && let Ok(c) = cuda::create()
-            {
-                return Ok(c);
-            }
-            // wgpu on a GPU only: a CPU-type adapter (lavapipe) is slower than the CPU backend.
-            if let Ok(c) = wgpu::create_auto() {
-                return Ok(c);
-            }
-            Ok(std::sync::Arc::new(cpu::CpuCipher::new()))
-        }
+        Backend::Auto => Ok(select_auto().0),
     }
+}
+
+/// What `Backend::Auto` picks, and why it passed over each GPU backend it did not pick.
+/// CUDA when a device answers; then wgpu on a real GPU adapter whose verified `open` beats one
+/// CPU thread ([`wgpu::create_auto`]: a CPU-type adapter such as lavapipe, or a slower host
+/// path, is skipped); else the CPU.
+pub fn select_auto() -> (std::sync::Arc<dyn Cipher>, Vec<(Backend, String)>) {
+    let mut passed = Vec::new();
+    match cuda::probe() {
+        Ok(_) => match cuda::create() {
+            Ok(c) => return (c, passed),
+            Err(e) => passed.push((Backend::Cuda, e.to_string())),
+        },
+        Err(why) => passed.push((Backend::Cuda, why)),
+    }
+    match wgpu::create_auto() {
+        Ok(c) => return (c, passed),
+        Err(e) => passed.push((Backend::Wgpu, e.to_string())),
+    }
+    (std::sync::Arc::new(cpu::CpuCipher::new()), passed)
 }

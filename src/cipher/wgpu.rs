@@ -152,13 +152,107 @@ pub fn create() -> Result<Arc<dyn Cipher>> {
     Ok(Arc::new(WgpuCipher::new(WgpuOptions::default())?))
 }
 
-/// Creates the wgpu backend for `Backend::Auto`: refuses a CPU-type adapter (lavapipe and the
-/// like are slower than the CPU backend).
+/// Creates the wgpu backend for `Backend::Auto`, which serves host-memory work (`verify`,
+/// `decrypt`, the host loader: every chunk a GPU round trip). Refuses a CPU-type adapter
+/// (lavapipe and the like are slower than the CPU backend), and a real GPU whose verified
+/// `open` is slower than the CPU backend's on one thread ([`host_path_check`], run once per
+/// process): on the H200 the wgpu host loader ran at 1.12 GB/s against the CPU loader's 5.76
+/// (docs/BENCHMARKS.md, run 3). `--backend wgpu` still forces it.
 pub fn create_auto() -> Result<Arc<dyn Cipher>> {
-    Ok(Arc::new(WgpuCipher::new(WgpuOptions {
+    let cipher = WgpuCipher::new(WgpuOptions {
         allow_cpu_adapter: false,
         ..WgpuOptions::default()
-    })?))
+    })?;
+    static CHECK: std::sync::OnceLock<std::result::Result<HostPathCheck, String>> =
+        std::sync::OnceLock::new();
+    match CHECK.get_or_init(|| host_path_check(&cipher).map_err(|e| e.to_string())) {
+        Ok(c) if c.wgpu_wins() => Ok(Arc::new(cipher)),
+        Ok(c) => Err(backend_err(format!(
+            "not picked by auto: {c} (--backend wgpu forces it)"
+        ))),
+        Err(e) => Err(backend_err(format!(
+            "not picked by auto: its host-path check failed: {e}"
+        ))),
+    }
+}
+
+/// Chunks opened per timed round of [`host_path_check`], of the format's default chunk size:
+/// the host loader opens chunk by chunk.
+const CHECK_CHUNKS: usize = 8;
+const CHECK_CHUNK_BYTES: usize = 2 << 20;
+
+/// A verified `open` of the same chunks through a wgpu cipher and through the CPU backend on
+/// one thread, best of three rounds after a warm-up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostPathCheck {
+    /// GB/s through the wgpu cipher (upload, tag check, CTR, read-back).
+    pub wgpu_gbps: f64,
+    /// GB/s through the CPU backend, one thread.
+    pub cpu_gbps: f64,
+}
+
+impl HostPathCheck {
+    /// Whether the wgpu cipher opens chunks at least as fast as one CPU thread.
+    pub fn wgpu_wins(&self) -> bool {
+        self.wgpu_gbps >= self.cpu_gbps
+    }
+}
+
+impl std::fmt::Display for HostPathCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "verified open of 2 MiB chunks at {:.2} GB/s through wgpu, {:.2} GB/s on one CPU thread",
+            self.wgpu_gbps, self.cpu_gbps
+        )
+    }
+}
+
+/// Times [`HostPathCheck`] on `cipher` (16 MiB in 2 MiB chunks, sealed with a fresh random key;
+/// tens of milliseconds on a GPU).
+pub fn host_path_check(cipher: &WgpuCipher) -> Result<HostPathCheck> {
+    let key = DataKey::generate()?;
+    let cpu = CpuCipher::new();
+    let sealer = cpu.prepare(&key)?;
+    let aad = b"ciphershard host-path check";
+    let chunks: Vec<([u8; NONCE_LEN], [u8; TAG_LEN], Vec<u8>)> = (0..CHECK_CHUNKS)
+        .map(|i| {
+            let mut nonce = [0u8; NONCE_LEN];
+            nonce[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let mut buf: Vec<u8> = (0..CHECK_CHUNK_BYTES).map(|b| (b * 7 + i) as u8).collect();
+            let tag = sealer.seal_in_place(&nonce, aad, true, &mut buf);
+            (nonce, tag, buf)
+        })
+        .collect();
+    let mut out = vec![0u8; CHECK_CHUNK_BYTES];
+    let mut rate = |opener: &dyn ChunkOpener| -> Result<f64> {
+        let mut best = f64::INFINITY;
+        for round in 0..4 {
+            let t = Instant::now();
+            for (nonce, tag, ct) in &chunks {
+                let params = ChunkParams {
+                    nonce: *nonce,
+                    aad,
+                    tag: *tag,
+                    encrypted: true,
+                };
+                opener.open(&params, ct, &mut out).map_err(|_| {
+                    backend_err("host-path check: a chunk sealed on the CPU did not open")
+                })?;
+            }
+            opener.health()?;
+            if round > 0 {
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        }
+        Ok((CHECK_CHUNKS * CHECK_CHUNK_BYTES) as f64 / best.max(1e-9) / 1e9)
+    };
+    let cpu_gbps = rate(sealer.as_ref())?;
+    let wgpu_gbps = rate(cipher.prepare(&key)?.as_ref())?;
+    Ok(HostPathCheck {
+        wgpu_gbps,
+        cpu_gbps,
+    })
 }
 
 /// Construction options for [`WgpuCipher`].

@@ -180,8 +180,11 @@ fn run(cli: Cli) -> Result<()> {
                     Err(why) => println!("{:<5} unavailable: {why}", a.backend.name()),
                 }
             }
-            let auto = cipher::select(Backend::Auto)?;
+            let (auto, passed) = cipher::select_auto();
             println!("auto  -> {}", auto.backend().name());
+            for (b, why) in passed {
+                println!("        (not {}: {why})", b.name());
+            }
             Ok(())
         }
     }
