@@ -124,7 +124,8 @@ if [ -x "$BIN/ciphershard" ]; then
         || row "ciphershard bench --backend cpu" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
 fi
 # The host loader with a GPU backend (batches in host memory, a GPU round trip per chunk):
-# `auto` picks the GPU backend for host batches too, so this says whether that is a trap.
+# `auto` picks CUDA for host batches too (unmeasured: this says whether that is a trap), and
+# wgpu only where its host-path check beats one CPU thread (reported below).
 host_bench() {
     [ -x "$BIN/ciphershard" ] || return
     local out rc
@@ -152,6 +153,9 @@ if [ -x "$BIN/wgpu_backend" ]; then
     echo "$out" | grep -E '^test |test result' | tail -12
     [ $rc -eq 0 ] && row "wgpu conformance + cross-backend tests" "PASS" \
         || row "wgpu conformance + cross-backend tests" "FAIL (rc $rc): $(echo "$out" | grep -E 'panicked|No adapter|not available' | head -2 | tr '|\n' '/ ')"
+    # What `auto` weighs before using wgpu for host-memory work (verify, decrypt, host loader).
+    hp=$(CIPHERSHARD_REQUIRE_WGPU=1 timeout 60 "$BIN/wgpu_backend" host_path_check --nocapture 2>&1 | grep -m1 'verified open of')
+    row "auto's wgpu host-path check" "${hp:-FAIL (no figure)}"
 fi
 if [ -x "$BIN/loader_wgpu" ]; then
     out=$(CIPHERSHARD_REQUIRE_WGPU=1 timeout 90 "$BIN/loader_wgpu" --test-threads=1 2>&1); rc=$?
