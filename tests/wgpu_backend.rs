@@ -243,6 +243,65 @@ fn random_chunks_match_cpu_backend() {
     }
 }
 
+/// Eight threads open chunks through one cipher at once (the host loader's pattern), each
+/// call taking its own lane of buffers and parameters: every result equals the CPU's, and a
+/// tampered chunk among them is refused with its destination zeroed.
+#[test]
+fn concurrent_opens_match_cpu_backend() {
+    for gpu_ghash in [true, false] {
+        let Some(c) = backend(WgpuOptions {
+            gpu_ghash: Some(gpu_ghash),
+            ..WgpuOptions::default()
+        }) else {
+            return;
+        };
+        std::thread::scope(|sc| {
+            for t in 0..8u64 {
+                let c = &c;
+                sc.spawn(move || {
+                    let mut rng = SplitMix(0xC0C0 + t);
+                    let mut kb = [0u8; 32];
+                    rng.fill(&mut kb);
+                    let key = DataKey::from_bytes(kb);
+                    let (op, rop) = (
+                        c.prepare(&key).unwrap(),
+                        CpuCipher::new().prepare(&key).unwrap(),
+                    );
+                    for case in 0..12 {
+                        let len = 16 + rng.below(70_000) as usize;
+                        let mut nonce = [0u8; 12];
+                        rng.fill(&mut nonce);
+                        let mut pt = vec![0u8; len];
+                        rng.fill(&mut pt);
+                        let mut ct = pt.clone();
+                        let tag = rop.seal_in_place(&nonce, b"aad", true, &mut ct);
+                        let tampered = case % 5 == 4;
+                        if tampered {
+                            ct[len / 2] ^= 1;
+                        }
+                        let params = ChunkParams {
+                            nonce,
+                            aad: b"aad",
+                            tag,
+                            encrypted: true,
+                        };
+                        let mut out = vec![0xAAu8; len];
+                        let r = op.open(&params, &ct, &mut out);
+                        if tampered {
+                            assert_eq!(r, Err(TagMismatch), "thread {t} case {case}");
+                            assert!(out.iter().all(|&b| b == 0), "thread {t} case {case}");
+                        } else {
+                            r.unwrap();
+                            assert!(out == pt, "thread {t} case {case}: differs from the CPU");
+                        }
+                    }
+                });
+            }
+        });
+        c.health().unwrap();
+    }
+}
+
 fn random_chunks_match_cpu_backend_with(gpu_ghash: bool) {
     let Some(c) = backend(WgpuOptions {
         max_piece_bytes: Some(64 * 1024),

@@ -18,9 +18,11 @@
 //! competes for the same cores: 5.1-5.4 GB/s on one core against 0.11-0.15 GB/s through
 //! lavapipe, measured by `kernel_bench` on 2 shared vCPUs) runs while the GPU decrypts the first piece.
 //!
-//! The device, pipeline, bind-group layout, T-table and the upload/work/readback buffers live in
-//! one context created once per [`WgpuCipher`] and reused. Chunks bigger than a piece (128 MiB,
-//! or the device's `max_storage_buffer_binding_size` if lower) are dispatched in pieces.
+//! The device, pipeline, bind-group layout and T-table live in one context created once per
+//! [`WgpuCipher`] and reused, with four *lanes* of upload/work/readback buffers and parameters:
+//! concurrent calls (the host loader's threads) each take a free lane, so their round trips
+//! overlap. Chunks bigger than a piece (128 MiB, or the device's
+//! `max_storage_buffer_binding_size` if lower) are dispatched in pieces.
 //!
 //! The [`ChunkOpener`] trait cannot return backend errors. If the device is lost or a GPU
 //! operation fails, the opener finishes the call on the CPU (same result, verified the same
@@ -697,12 +699,24 @@ struct Params {
     _pad: [u32; 2],
 }
 
-/// Buffers reused across calls, grown on demand up to the piece size.
-struct Buffers {
+/// Concurrent `open`/`ctr_apply` calls: each holds one lane for its whole round trip (upload,
+/// dispatch, read-back), so calls from the host loader's threads overlap instead of queueing
+/// on one set of buffers. A call is latency-bound (map, submit, wait): on the H200 one thread
+/// opened at 2.65 GB/s while eight sharing one set managed 1.12 (docs/BENCHMARKS.md, run 3).
+const LANES: usize = 4;
+
+/// One call's buffers, reused across calls: staging grown on demand up to the piece size, and
+/// its own CTR and GHASH parameters and GHASH partial sums (a `queue.write_buffer` is applied
+/// at the next submission of *any* thread, so parameters cannot be shared between calls).
+struct Lane {
     capacity: u64,
     upload: Option<::wgpu::Buffer>,
     work: Option<::wgpu::Buffer>,
     readback: Option<::wgpu::Buffer>,
+    params: ::wgpu::Buffer,
+    ghash_params: ::wgpu::Buffer,
+    partials: ::wgpu::Buffer,
+    partials_readback: ::wgpu::Buffer,
 }
 
 /// Everything created once per device and shared by all openers (and by
@@ -714,14 +728,10 @@ pub(super) struct Context {
     pipeline: ::wgpu::ComputePipeline,
     layout: ::wgpu::BindGroupLayout,
     pub(super) t0: ::wgpu::Buffer,
-    params: ::wgpu::Buffer,
-    /// GHASH partial sums (`shaders/ghash.wgsl`): pipeline, layout, parameters, one 16-byte
-    /// sum per workgroup of a piece, and its read-back copy.
+    /// GHASH partial sums (`shaders/ghash.wgsl`; each lane holds one 16-byte sum per workgroup
+    /// of a piece, and its read-back copy).
     ghash_pipeline: ::wgpu::ComputePipeline,
     ghash_layout: ::wgpu::BindGroupLayout,
-    ghash_params: ::wgpu::Buffer,
-    partials: ::wgpu::Buffer,
-    partials_readback: ::wgpu::Buffer,
     /// Whether openers check tags on the GPU by default.
     gpu_ghash: bool,
     /// Largest piece, in bytes (a multiple of the workgroup's span).
@@ -731,7 +741,7 @@ pub(super) struct Context {
     /// The kernel variant the pipeline runs.
     pub(super) variant: KernelVariant,
     pub(super) max_workgroups: u32,
-    buffers: Mutex<Buffers>,
+    lanes: Vec<Mutex<Lane>>,
     /// Set by the device-lost callback or the first failed GPU operation.
     pub(super) failure: Arc<Mutex<Option<String>>>,
     warned: AtomicBool,
@@ -832,12 +842,6 @@ impl WgpuCipher {
             mapped_at_creation: false,
         });
         queue.write_buffer(&t0, 0, bytemuck::cast_slice(&t0_table(&sbox)));
-        let params = device.create_buffer(&::wgpu::BufferDescriptor {
-            label: Some("aes_params"),
-            size: std::mem::size_of::<Params>() as u64,
-            usage: ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
 
         let span = WORKGROUP_SIZE * BLOCK_LEN as u64;
         let device_cap = limits
@@ -863,17 +867,32 @@ impl WgpuCipher {
             })
         };
         use ::wgpu::BufferUsages as U;
-        let ghash_params = make(
-            "ghash_params",
-            std::mem::size_of::<GhashParams>() as u64,
-            U::UNIFORM | U::COPY_DST,
-        );
-        let partials = make("ghash_partials", partials_bytes, U::STORAGE | U::COPY_SRC);
-        let partials_readback = make(
-            "ghash_partials_readback",
-            partials_bytes,
-            U::MAP_READ | U::COPY_DST,
-        );
+        let lanes = (0..LANES)
+            .map(|_| {
+                Mutex::new(Lane {
+                    capacity: 0,
+                    upload: None,
+                    work: None,
+                    readback: None,
+                    params: make(
+                        "aes_params",
+                        std::mem::size_of::<Params>() as u64,
+                        U::UNIFORM | U::COPY_DST,
+                    ),
+                    ghash_params: make(
+                        "ghash_params",
+                        std::mem::size_of::<GhashParams>() as u64,
+                        U::UNIFORM | U::COPY_DST,
+                    ),
+                    partials: make("ghash_partials", partials_bytes, U::STORAGE | U::COPY_SRC),
+                    partials_readback: make(
+                        "ghash_partials_readback",
+                        partials_bytes,
+                        U::MAP_READ | U::COPY_DST,
+                    ),
+                })
+            })
+            .collect();
         Ok(WgpuCipher {
             ctx: Arc::new(Context {
                 adapter: summary,
@@ -882,23 +901,14 @@ impl WgpuCipher {
                 pipeline,
                 layout,
                 t0,
-                params,
                 ghash_pipeline,
                 ghash_layout,
-                ghash_params,
-                partials,
-                partials_readback,
                 gpu_ghash,
                 piece_bytes,
                 shared_table,
                 variant,
                 max_workgroups: limits.max_compute_workgroups_per_dimension.max(1),
-                buffers: Mutex::new(Buffers {
-                    capacity: 0,
-                    upload: None,
-                    work: None,
-                    readback: None,
-                }),
+                lanes,
                 failure,
                 warned: AtomicBool::new(false),
             }),
@@ -991,6 +1001,23 @@ impl Cipher for WgpuCipher {
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind; keep going.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Context {
+    /// The first free lane (a single caller always gets lane 0, whose buffers stay grown), or
+    /// if every lane is busy, a wait for one of them.
+    fn lane(&self) -> std::sync::MutexGuard<'_, Lane> {
+        for l in &self.lanes {
+            match l.try_lock() {
+                Ok(g) => return g,
+                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let i = NEXT.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        lock(&self.lanes[i])
+    }
 }
 
 pub(super) fn record(sink: &Mutex<Option<String>>, reason: String) {
@@ -1140,9 +1167,14 @@ impl WgpuOpener {
         s
     }
 
-    /// The CTR pipeline's bindings: this key's round keys, the table, the parameters and the
-    /// first `size` bytes of `work`.
-    fn ctr_bind_group(&self, work: &::wgpu::Buffer, size: u64) -> ::wgpu::BindGroup {
+    /// The CTR pipeline's bindings: this key's round keys, the table, the lane's parameters and
+    /// the first `size` bytes of its `work` buffer.
+    fn ctr_bind_group(
+        &self,
+        params: &::wgpu::Buffer,
+        work: &::wgpu::Buffer,
+        size: u64,
+    ) -> ::wgpu::BindGroup {
         let ctx = &*self.ctx;
         ctx.device.create_bind_group(&::wgpu::BindGroupDescriptor {
             label: Some("aes_ctr"),
@@ -1158,7 +1190,7 @@ impl WgpuOpener {
                 },
                 ::wgpu::BindGroupEntry {
                     binding: 2,
-                    resource: ctx.params.as_entire_binding(),
+                    resource: params.as_entire_binding(),
                 },
                 ::wgpu::BindGroupEntry {
                     binding: 3,
@@ -1200,7 +1232,7 @@ impl WgpuOpener {
         let nonce_words =
             [0, 4, 8].map(|i| u32::from_be_bytes(nonce[i..i + 4].try_into().expect("4 bytes")));
         let ctx = &*self.ctx;
-        let mut bufs = lock(&ctx.buffers);
+        let mut bufs = ctx.lane();
         let need = padded.min(ctx.piece_bytes);
         if bufs.capacity < need {
             let cap = need.next_power_of_two().min(ctx.piece_bytes);
@@ -1255,12 +1287,12 @@ impl WgpuOpener {
                 _pad: [0; 2],
             };
             ctx.queue
-                .write_buffer(&ctx.params, 0, bytemuck::bytes_of(&params));
-            let bind = self.ctr_bind_group(work, size);
+                .write_buffer(&bufs.params, 0, bytemuck::bytes_of(&params));
+            let bind = self.ctr_bind_group(&bufs.params, work, size);
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(upload, 0, work, 0, size);
             let groups = if matches!(gate, Gate::Gpu(_)) {
-                Some(self.encode_ghash(&mut enc, work, blocks))
+                Some(self.encode_ghash(&mut enc, &bufs, work, blocks))
             } else {
                 None
             };
@@ -1272,7 +1304,13 @@ impl WgpuOpener {
             }
             enc.copy_buffer_to_buffer(work, 0, readback, 0, size);
             if let Some(groups) = groups {
-                enc.copy_buffer_to_buffer(&ctx.partials, 0, &ctx.partials_readback, 0, groups * 16);
+                enc.copy_buffer_to_buffer(
+                    &bufs.partials,
+                    0,
+                    &bufs.partials_readback,
+                    0,
+                    groups * 16,
+                );
             }
             let submission = ctx.queue.submit([enc.finish()]);
             let validation = pollster::block_on(scope.pop());
@@ -1290,7 +1328,7 @@ impl WgpuOpener {
                 Gate::Cpu(g) => g(io.src()),
                 Gate::Gpu(g) => {
                     let groups = groups.expect("encoded with the GHASH pass");
-                    let sum = self.combine_partials(submission.clone(), groups)?;
+                    let sum = self.combine_partials(&bufs, submission.clone(), groups)?;
                     g(*sum, blocks)
                 }
             };
@@ -1317,6 +1355,7 @@ impl WgpuOpener {
     fn encode_ghash(
         &self,
         enc: &mut ::wgpu::CommandEncoder,
+        lane: &Lane,
         work: &::wgpu::Buffer,
         blocks: u64,
     ) -> u64 {
@@ -1330,14 +1369,14 @@ impl WgpuOpener {
             row_groups: row_groups as u32,
         };
         ctx.queue
-            .write_buffer(&ctx.ghash_params, 0, bytemuck::bytes_of(&params));
+            .write_buffer(&lane.ghash_params, 0, bytemuck::bytes_of(&params));
         let bind = ctx.device.create_bind_group(&::wgpu::BindGroupDescriptor {
             label: Some("ghash"),
             layout: &ctx.ghash_layout,
             entries: &[
                 ::wgpu::BindGroupEntry {
                     binding: 0,
-                    resource: ctx.ghash_params.as_entire_binding(),
+                    resource: lane.ghash_params.as_entire_binding(),
                 },
                 ::wgpu::BindGroupEntry {
                     binding: 1,
@@ -1358,7 +1397,7 @@ impl WgpuOpener {
                 ::wgpu::BindGroupEntry {
                     binding: 4,
                     resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
-                        buffer: &ctx.partials,
+                        buffer: &lane.partials,
                         offset: 0,
                         size: std::num::NonZeroU64::new(groups * 16),
                     }),
@@ -1376,13 +1415,14 @@ impl WgpuOpener {
     /// with H^(blocks per group)) into the GHASH sum of the piece's blocks.
     fn combine_partials(
         &self,
+        lane: &Lane,
         submission: ::wgpu::SubmissionIndex,
         groups: u64,
     ) -> Result<Zeroizing<u128>> {
         let ctx = &*self.ctx;
         let bytes = groups * 16;
         self.map_blocking(
-            &ctx.partials_readback,
+            &lane.partials_readback,
             ::wgpu::MapMode::Read,
             bytes,
             Some(submission),
@@ -1390,7 +1430,7 @@ impl WgpuOpener {
         let step = Zeroizing::new(gf_pow(*self.h_int, GHASH_GROUP_BLOCKS));
         let mut sum = Zeroizing::new(0u128);
         {
-            let view = ctx
+            let view = lane
                 .partials_readback
                 .get_mapped_range(0..bytes)
                 .map_err(|e| backend_err(format!("{}: GHASH readback view: {e}", ctx.adapter)))?;
@@ -1403,7 +1443,7 @@ impl WgpuOpener {
                 *sum = gf_mul(*sum, *step) ^ part;
             }
         }
-        ctx.partials_readback.unmap();
+        lane.partials_readback.unmap();
         Ok(sum)
     }
 
@@ -1886,17 +1926,17 @@ impl WgpuOpener {
     /// GHASH pass over `bytes` already in the work buffer, waits, combines the partial sums.
     fn ghash_only(&self, bytes: u64) -> Result<u128> {
         let ctx = &*self.ctx;
-        let bufs = lock(&ctx.buffers);
+        let bufs = ctx.lane();
         let work = bufs
             .work
             .as_ref()
             .ok_or_else(|| backend_err("no work buffer yet"))?;
         let blocks = bytes.min(bufs.capacity) / BLOCK_LEN as u64;
         let mut enc = ctx.device.create_command_encoder(&Default::default());
-        let groups = self.encode_ghash(&mut enc, work, blocks);
-        enc.copy_buffer_to_buffer(&ctx.partials, 0, &ctx.partials_readback, 0, groups * 16);
+        let groups = self.encode_ghash(&mut enc, &bufs, work, blocks);
+        enc.copy_buffer_to_buffer(&bufs.partials, 0, &bufs.partials_readback, 0, groups * 16);
         let submission = ctx.queue.submit([enc.finish()]);
-        Ok(*self.combine_partials(submission, groups)?)
+        Ok(*self.combine_partials(&bufs, submission, groups)?)
     }
 }
 
@@ -1904,7 +1944,7 @@ impl WgpuOpener {
     /// Dispatches over `bytes` already on the device (whatever the work buffer holds), waits.
     fn kernel_only(&self, bytes: u64) -> Result<()> {
         let ctx = &*self.ctx;
-        let bufs = lock(&ctx.buffers);
+        let bufs = ctx.lane();
         let work = bufs
             .work
             .as_ref()
@@ -1913,7 +1953,7 @@ impl WgpuOpener {
         let size = bytes.min(bufs.capacity);
         let mut done = 0u64;
         // Whole-buffer passes until `bytes` were processed (the work buffer may be smaller).
-        let bind = self.ctr_bind_group(work, size);
+        let bind = self.ctr_bind_group(&bufs.params, work, size);
         let blocks = size / BLOCK_LEN as u64;
         let workgroups = blocks.div_ceil(ctx.variant.span_blocks());
         let x = workgroups.min(u64::from(ctx.max_workgroups)) as u32;
@@ -1925,7 +1965,7 @@ impl WgpuOpener {
             _pad: [0; 2],
         };
         ctx.queue
-            .write_buffer(&ctx.params, 0, bytemuck::bytes_of(&params));
+            .write_buffer(&bufs.params, 0, bytemuck::bytes_of(&params));
         while done < bytes {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(&ctx.pipeline);
