@@ -5,8 +5,19 @@
 
 use ciphershard::cipher::conformance::{self, SplitMix};
 use ciphershard::cipher::wgpu::{KernelVariant, WgpuCipher, WgpuOptions};
-use ciphershard::cipher::{ChunkParams, Cipher, TagMismatch, cpu::CpuCipher};
+use ciphershard::cipher::{ChunkOpener, ChunkParams, Cipher, TagMismatch, cpu::CpuCipher};
 use ciphershard::{Backend, DataKey};
+
+/// A random key prepared on `c` and on the CPU backend (the reference).
+fn openers(c: &WgpuCipher, rng: &mut SplitMix) -> (Box<dyn ChunkOpener>, Box<dyn ChunkOpener>) {
+    let mut kb = [0u8; 32];
+    rng.fill(&mut kb);
+    let key = DataKey::from_bytes(kb);
+    (
+        c.prepare(&key).unwrap(),
+        CpuCipher::new().prepare(&key).unwrap(),
+    )
+}
 
 /// The backend, or `None` (after printing why) when no adapter exists and none is required.
 fn backend(options: WgpuOptions) -> Option<WgpuCipher> {
@@ -122,13 +133,7 @@ fn gpu_ghash_matches_cpu_tags_and_rejects_tampering() {
         3_000_000,
     ];
     for (case, &len) in lens.iter().enumerate() {
-        let mut kb = [0u8; 32];
-        rng.fill(&mut kb);
-        let key = DataKey::from_bytes(kb);
-        let (op, rop) = (
-            c.prepare(&key).unwrap(),
-            CpuCipher::new().prepare(&key).unwrap(),
-        );
+        let (op, rop) = openers(&c, &mut rng);
         let mut nonce = [0u8; 12];
         rng.fill(&mut nonce);
         let mut pt = vec![0u8; len];
@@ -260,13 +265,7 @@ fn concurrent_opens_match_cpu_backend() {
                 let c = &c;
                 sc.spawn(move || {
                     let mut rng = SplitMix(0xC0C0 + t);
-                    let mut kb = [0u8; 32];
-                    rng.fill(&mut kb);
-                    let key = DataKey::from_bytes(kb);
-                    let (op, rop) = (
-                        c.prepare(&key).unwrap(),
-                        CpuCipher::new().prepare(&key).unwrap(),
-                    );
+                    let (op, rop) = openers(c, &mut rng);
                     for case in 0..12 {
                         let len = 16 + rng.below(70_000) as usize;
                         let mut nonce = [0u8; 12];
@@ -312,13 +311,7 @@ fn random_chunks_match_cpu_backend_with(gpu_ghash: bool) {
     };
     let mut rng = SplitMix(0x5eed);
     for case in 0..40 {
-        let mut kb = [0u8; 32];
-        rng.fill(&mut kb);
-        let key = DataKey::from_bytes(kb);
-        let (op, rop) = (
-            c.prepare(&key).unwrap(),
-            CpuCipher::new().prepare(&key).unwrap(),
-        );
+        let (op, rop) = openers(&c, &mut rng);
         let len = rng.below(200_000) as usize;
         let mut nonce = [0u8; 12];
         rng.fill(&mut nonce);
