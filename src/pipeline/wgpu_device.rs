@@ -305,7 +305,7 @@ impl WgpuDeviceLoader {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         // A window above the piece size is split into pieces, one buffer and dispatch each;
         // a piece holds at least one chunk and the rest of the row its last byte belongs to.
-        let unit = piece_unit_bound(&columns, chunk_size);
+        let unit = piece_unit_bound(&columns, chunk_size, &shard_rows);
         if unit > cap {
             return Err(Error::InvalidArgument(format!(
                 "a {:.1} MiB chunk and the row it ends in need {:.1} MiB, above what {} can \

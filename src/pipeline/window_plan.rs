@@ -29,6 +29,7 @@ pub(crate) enum Packing {
     #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
     Aligned { piece_cap: u64 },
 }
+
 /// Chunk keys covering rows `[r0, r0 + n)` of shard `s`, every column.
 pub(crate) fn keys_for_rows(
     columns: &[ColumnInfo],
@@ -197,21 +198,29 @@ fn overhang(
 }
 
 /// Most bytes a piece needs for one chunk and its overhang (the smallest usable `piece_cap`).
+/// A column's chunks are never longer than its longest tensor (a small dataset written with
+/// 256 MiB chunks has small chunks).
 #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
-pub(crate) fn piece_unit_bound(columns: &[ColumnInfo], chunk: u64) -> u64 {
-    let chunk16 = chunk.next_multiple_of(16);
+pub(crate) fn piece_unit_bound(columns: &[ColumnInfo], chunk: u64, shard_rows: &[u64]) -> u64 {
+    let pad16 = |n: u64| n.checked_next_multiple_of(16).unwrap_or(u64::MAX);
     columns
         .iter()
         .map(|c| {
+            let longest = shard_rows
+                .iter()
+                .map(|&r| r.saturating_mul(c.row_bytes))
+                .max()
+                .unwrap_or(0)
+                .clamp(1, chunk.max(1));
             let over = c.row_bytes.saturating_sub(1);
             // Each chunk the overhang touches is padded to 16 bytes.
             let parts = over.div_ceil(chunk.max(1)).saturating_add(1);
-            chunk16
-                .saturating_add(over.next_multiple_of(16))
+            pad16(longest)
+                .saturating_add(pad16(over))
                 .saturating_add(parts.saturating_mul(16))
         })
         .max()
-        .unwrap_or(chunk16)
+        .unwrap_or(16)
 }
 
 /// Lays the chunks out in key order, so the consecutive chunks of one shard's column are
@@ -914,7 +923,7 @@ mod tests {
                 batch_size: batch as u64,
                 drop_last: false,
             };
-            let unit = piece_unit_bound(src.columns(), src.chunk_size());
+            let unit = piece_unit_bound(src.columns(), src.chunk_size(), &shard_rows);
             let mut split = 0;
             for packing in [
                 Packing::Packed,
@@ -979,6 +988,38 @@ mod tests {
             }
             assert!(split > 0, "the small caps split windows ({o:?})");
         }
+    }
+
+    #[test]
+    fn piece_unit_bound_covers_a_chunk_and_its_overhang() {
+        let col = |row_bytes| ColumnInfo {
+            name: "c".into(),
+            dtype: "U8".into(),
+            elem_size: 1,
+            row_shape: vec![row_bytes],
+            row_bytes,
+        };
+        let rows = [1000, 20];
+        // 128-byte chunks: + the 11 bytes a 12-byte row can overhang (padded), in at most 2 parts.
+        assert_eq!(
+            piece_unit_bound(&[col(12), col(5)], 128, &rows),
+            128 + 16 + 2 * 16
+        );
+        // A 200-byte row overhangs up to 199 bytes over up to 3 chunks.
+        assert_eq!(
+            piece_unit_bound(&[col(5), col(200)], 128, &rows),
+            128 + 208 + 3 * 16
+        );
+        // 256 MiB chunks over a small dataset: its chunks are as long as its tensors.
+        assert_eq!(
+            piece_unit_bound(&[col(12)], 256 << 20, &rows),
+            12_000 + 16 + 2 * 16
+        );
+        // Absurd rows saturate instead of wrapping (open then refuses them).
+        assert_eq!(
+            piece_unit_bound(&[col(u64::MAX - 3)], 128, &[u64::MAX]),
+            u64::MAX
+        );
     }
 
     #[test]
