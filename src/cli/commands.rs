@@ -352,6 +352,10 @@ pub struct BenchArgs {
     /// Epochs.
     #[arg(long, default_value_t = 2)]
     epochs: u64,
+    /// Blocks per shuffle window (bigger: better shuffling, more memory; on wgpu a window
+    /// above the piece size is split).
+    #[arg(long)]
+    window_blocks: Option<u64>,
     /// Benchmark the raw cipher instead of the loader.
     #[arg(long)]
     cipher: bool,
@@ -409,6 +413,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         epochs: args.epochs,
         mode: args.mode,
         host_batches: args.host_batches,
+        window_blocks: args.window_blocks.unwrap_or(defaults.window_blocks),
         ..defaults
     };
     let key = match &args.dataset {
