@@ -631,6 +631,7 @@ mod tests {
     use crate::pipeline::{Loader, LoaderOptions, SamplerConfig};
     use std::collections::HashMap;
     use std::path::Path;
+    use std::sync::Arc;
     use std::time::Instant;
 
     fn dataset(dir: &Path, rows: u64) -> MasterKey {
@@ -877,6 +878,93 @@ mod tests {
         );
     }
 
+    /// Every batch of `o` rebuilt from windows laid out with each of `packings` (opened on the
+    /// host, one buffer per piece) and the planner's offsets equals the host loader's batch.
+    /// Returns how many windows were split into pieces.
+    fn rebuild_host_batches(
+        src: &Arc<FormatSource>,
+        o: &LoaderOptions,
+        packings: &[Packing],
+    ) -> usize {
+        let host: Vec<_> = Loader::new(src.clone(), o)
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect();
+        let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
+        let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();
+        let block_rows = o.block_rows.unwrap_or((src.chunk_size() / widest).max(1));
+        let bound = window_byte_bound(
+            src.columns(),
+            src.chunk_size(),
+            block_rows,
+            o.window_blocks,
+            &shard_rows,
+        ) as usize;
+        let cfg = SamplerConfig {
+            seed: o.seed,
+            shuffle: o.shuffle,
+            block_rows,
+            window_blocks: o.window_blocks,
+            rank: o.rank,
+            world_size: o.world_size,
+            batch_size: o.batch_size as u64,
+            drop_last: o.drop_last,
+        };
+        let mut split = 0;
+        for &packing in packings {
+            let mut hi = host.iter();
+            for epoch in 0..o.epochs {
+                let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
+                let mut cur = Cursor::new(&plan);
+                let mut layouts = Vec::new();
+                let mut windows: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
+                for k in 0..plan.batches() {
+                    // What the planner thread sends the gather thread.
+                    let bp =
+                        plan_batch(src, &plan, &mut cur, &mut layouts, epoch, k, packing).unwrap();
+                    let h = hi.next().expect("as many batches as the host loader");
+                    assert_eq!((bp.epoch, bp.index), (h.epoch(), h.index()));
+                    assert_eq!(bp.row_ids, h.row_ids(), "{o:?}");
+                    for &w in &bp.needed {
+                        windows.entry(w).or_insert_with(|| {
+                            let (bufs, offsets) = host_window(src, &plan, w, bound, packing);
+                            // The reader's layout is the one the planner assumes.
+                            assert_eq!(offsets, window_offsets(src, &plan, w, packing));
+                            split += usize::from(bufs.len() > 1);
+                            bufs
+                        });
+                    }
+                    let mut got: Vec<Vec<u8>> = src
+                        .columns()
+                        .iter()
+                        .map(|col| vec![0u8; bp.row_ids.len() * col.row_bytes as usize])
+                        .collect();
+                    let mut covered = vec![0usize; src.columns().len()];
+                    for (c, w, piece, range) in &bp.jobs {
+                        let buf = &windows[w][*piece];
+                        let n = src.columns()[*c].row_bytes as usize;
+                        for &(s, d) in &bp.pairs[range.clone()] {
+                            let (s, d) = (s as usize, d as usize);
+                            got[*c][d..d + n].copy_from_slice(&buf[s..s + n]);
+                        }
+                        covered[*c] += range.len();
+                    }
+                    for (c, col) in src.columns().iter().enumerate() {
+                        assert_eq!(covered[c], bp.row_ids.len(), "every row gathered once");
+                        assert_eq!(
+                            got[c],
+                            h.tensors().nth(c).unwrap().bytes,
+                            "column {} {o:?} {packing:?}",
+                            col.name
+                        );
+                    }
+                }
+            }
+            assert!(hi.next().is_none());
+        }
+        split
+    }
+
     #[test]
     fn window_layout_and_gather_offsets_rebuild_the_host_batches() {
         let dir = tempfile::tempdir().unwrap();
@@ -884,6 +972,18 @@ mod tests {
         let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
         assert!(src.shard_count() > 2);
         let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
+        let unit = piece_unit_bound(src.columns(), src.chunk_size(), &shard_rows);
+        let packings = [
+            Packing::Packed,
+            Packing::Aligned {
+                piece_cap: u64::MAX,
+            },
+            Packing::Aligned { piece_cap: unit },
+            Packing::Aligned { piece_cap: 1000 },
+            Packing::Aligned {
+                piece_cap: 3 * unit,
+            },
+        ];
         for (seed, batch, w_blocks, world, rank, block_rows) in [
             (1u64, 32usize, 8u64, 1u64, 0u64, None),
             (2, 50, 3, 2, 1, None),
@@ -900,94 +1000,77 @@ mod tests {
                 epochs: 2,
                 ..Default::default()
             };
-            let host: Vec<_> = Loader::new(src.clone(), &o)
-                .unwrap()
-                .map(|b| b.unwrap())
-                .collect();
-            let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();
-            let block_rows = block_rows.unwrap_or((src.chunk_size() / widest).max(1));
-            let bound = window_byte_bound(
-                src.columns(),
-                src.chunk_size(),
-                block_rows,
-                w_blocks,
-                &shard_rows,
-            ) as usize;
-            let cfg = SamplerConfig {
-                seed,
-                shuffle: true,
-                block_rows,
-                window_blocks: w_blocks,
-                rank,
-                world_size: world,
-                batch_size: batch as u64,
-                drop_last: false,
-            };
-            let unit = piece_unit_bound(src.columns(), src.chunk_size(), &shard_rows);
-            let mut split = 0;
-            for packing in [
-                Packing::Packed,
-                Packing::Aligned {
-                    piece_cap: u64::MAX,
-                },
-                Packing::Aligned { piece_cap: unit },
-                Packing::Aligned { piece_cap: 1000 },
-                Packing::Aligned {
-                    piece_cap: 3 * unit,
-                },
-            ] {
-                let mut hi = host.iter();
-                for epoch in 0..2 {
-                    let plan = EpochPlan::new(&cfg, epoch, &shard_rows);
-                    let mut cur = Cursor::new(&plan);
-                    let mut layouts = Vec::new();
-                    let mut windows: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
-                    for k in 0..plan.batches() {
-                        // What the planner thread sends the gather thread.
-                        let bp = plan_batch(&src, &plan, &mut cur, &mut layouts, epoch, k, packing)
-                            .unwrap();
-                        let h = hi.next().expect("as many batches as the host loader");
-                        assert_eq!((bp.epoch, bp.index), (h.epoch(), h.index()));
-                        assert_eq!(bp.row_ids, h.row_ids(), "{o:?}");
-                        for &w in &bp.needed {
-                            windows.entry(w).or_insert_with(|| {
-                                let (bufs, offsets) = host_window(&src, &plan, w, bound, packing);
-                                // The reader's layout is the one the planner assumes.
-                                assert_eq!(offsets, window_offsets(&src, &plan, w, packing));
-                                split += usize::from(bufs.len() > 1);
-                                bufs
-                            });
-                        }
-                        let mut got: Vec<Vec<u8>> = src
-                            .columns()
-                            .iter()
-                            .map(|col| vec![0u8; bp.row_ids.len() * col.row_bytes as usize])
-                            .collect();
-                        let mut covered = vec![0usize; src.columns().len()];
-                        for (c, w, piece, range) in &bp.jobs {
-                            let buf = &windows[w][*piece];
-                            let n = src.columns()[*c].row_bytes as usize;
-                            for &(s, d) in &bp.pairs[range.clone()] {
-                                let (s, d) = (s as usize, d as usize);
-                                got[*c][d..d + n].copy_from_slice(&buf[s..s + n]);
-                            }
-                            covered[*c] += range.len();
-                        }
-                        for (c, col) in src.columns().iter().enumerate() {
-                            assert_eq!(covered[c], bp.row_ids.len(), "every row gathered once");
-                            assert_eq!(
-                                got[c],
-                                h.tensors().nth(c).unwrap().bytes,
-                                "column {} {o:?} {packing:?}",
-                                col.name
-                            );
-                        }
-                    }
-                }
-                assert!(hi.next().is_none());
-            }
+            let split = rebuild_host_batches(&src, &o, &packings);
             assert!(split > 0, "the small caps split windows ({o:?})");
         }
+    }
+
+    /// Random geometries (row sizes from 1 byte to several chunks, chunk and shard sizes, options,
+    /// piece caps from the smallest usable up): every batch rebuilt from split windows equals
+    /// the host loader's.
+    #[test]
+    fn random_geometries_rebuild_the_host_batches() {
+        let mut rng = crate::cipher::conformance::SplitMix(0x9EC5);
+        let row_sizes = [1u64, 3, 4, 5, 7, 12, 33, 64, 100, 130, 200, 300, 517];
+        let mut split = 0;
+        for case in 0..24 {
+            let dir = tempfile::tempdir().unwrap();
+            let key = MasterKey::generate().unwrap();
+            let rows = 40 + rng.below(360);
+            let inputs: Vec<ConvertInput> = (0..1 + rng.below(3))
+                .map(|c| {
+                    let rb = row_sizes[rng.below(row_sizes.len() as u64) as usize];
+                    let mut data = vec![0u8; (rows * rb) as usize];
+                    rng.fill(&mut data);
+                    ConvertInput::InMemory {
+                        name: format!("c{c}"),
+                        dtype: Dtype::U8,
+                        shape: vec![rows, rb],
+                        data,
+                    }
+                })
+                .collect();
+            let plain = if rng.below(3) == 0 {
+                vec!["c0".into()]
+            } else {
+                Vec::new()
+            };
+            let copts = ConvertOptions {
+                keys: vec![key.clone()],
+                chunk_size: 64 * (1 + rng.below(8)),
+                shard_size: 2000 + rng.below(30_000),
+                plain,
+                ..Default::default()
+            };
+            convert(&inputs, dir.path(), &copts, &mut |_, _| {}).unwrap();
+            let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+            let world = 1 + rng.below(3);
+            let o = LoaderOptions {
+                batch_size: 1 + rng.below(150) as usize,
+                seed: case,
+                window_blocks: 1 + rng.below(12),
+                block_rows: (rng.below(2) == 0).then(|| 1 + rng.below(60)),
+                shuffle: rng.below(4) != 0,
+                world_size: world,
+                rank: rng.below(world),
+                drop_last: rng.below(3) == 0,
+                epochs: 1 + rng.below(2),
+                ..Default::default()
+            };
+            let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
+            let unit = piece_unit_bound(src.columns(), src.chunk_size(), &shard_rows);
+            let packings = [
+                Packing::Aligned { piece_cap: unit },
+                Packing::Aligned {
+                    piece_cap: unit + 16 * rng.below(unit / 8 + 1),
+                },
+                Packing::Aligned {
+                    piece_cap: 2 * unit,
+                },
+            ];
+            split += rebuild_host_batches(&src, &o, &packings);
+        }
+        assert!(split > 24, "windows were split ({split})");
     }
 
     #[test]
