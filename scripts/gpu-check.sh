@@ -172,12 +172,55 @@ if [ -x "$BIN/ciphershard" ]; then
 fi
 host_bench wgpu
 
+# The wgpu issue's goals and open defaults, computed from the JSON the benches wrote (python3 is
+# on the usual GPU images; skipped without it).
+goals=""
+if command -v python3 >/dev/null && [ -d "${OUT:-/tmp}" ]; then
+    goals=$(python3 - "${OUT:-/tmp}" <<'PY' 2>&1
+import json, os, sys
+d = sys.argv[1]
+def load(name):
+    try:
+        with open(os.path.join(d, name)) as f:
+            return json.load(f)
+    except Exception:
+        return None
+cuda, cpu, wg, wgh = (load(f"bench-{n}.json") for n in ("cuda", "cpu", "wgpu", "wgpu-host"))
+steady = lambda r: r["encrypted"]["steady_gb_per_s"] if r else None
+rows = []
+if cuda and wg and "kernels" in cuda and "kernels" in wg:
+    c, w = cuda["kernels"]["ctr_gbps"], wg["kernels"]["kernel_gbps"]
+    rows.append(("wgpu kernel / CUDA kernel (goal >= 0.5)",
+                 f"{w:.1f} / {c:.1f} GB/s = {w / c:.2f} ({wg['kernels']['best_variant']})"))
+if wg and "kernels" in wg:
+    k = wg["kernels"]
+    rows.append(("wgpu open: CPU vs GPU tag check (default gpu_ghash "
+                 f"{k['gpu_ghash_default']}: flip it if the other is faster)",
+                 f"{k['open_cpu_ghash_gbps']:.2f} vs {k['open_gpu_ghash_gbps']:.2f} GB/s"))
+if wg and cpu:
+    rows.append(("wgpu device loader / CPU loader, steady (goal >= 1)",
+                 f"{steady(wg):.2f} / {steady(cpu):.2f} GB/s = {steady(wg) / steady(cpu):.2f}"))
+if wgh and cpu:
+    rows.append(("wgpu host loader / CPU loader, steady (auto's host path)",
+                 f"{steady(wgh):.2f} / {steady(cpu):.2f} GB/s = {steady(wgh) / steady(cpu):.2f}"))
+for name, value in rows:
+    print(f"| {name} | {value} |")
+PY
+)
+fi
+
 echo
 echo "## GPU check $(date -u +%Y-%m-%dT%H:%MZ)"
 echo
 echo "| step | result |"
 echo "|---|---|"
 printf '%s\n' "${rows[@]}"
+if [ -n "$goals" ]; then
+    echo
+    echo "| goal / default | measured |"
+    echo "|---|---|"
+    echo "$goals"
+fi
 if [ -n "$bench_table" ]; then
     echo
     echo "$bench_table"
