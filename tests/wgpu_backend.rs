@@ -371,6 +371,43 @@ fn explicit_selection_and_auto_policy() {
     }
 }
 
+/// Where `open` checks tags by default: timed both ways by `new` on a real GPU (the faster kept,
+/// its figures in `describe`), the CPU on a CPU-type adapter without timing.
+#[test]
+fn tag_check_placement_is_timed_on_real_gpus() {
+    let Some(c) = backend(WgpuOptions::default()) else {
+        return;
+    };
+    let choice = ciphershard::cipher::wgpu::time_tag_checks(&c).unwrap();
+    eprintln!("on {}: {choice}", c.adapter());
+    assert!(
+        choice.cpu_tags_gbps > 0.0 && choice.gpu_tags_gbps > 0.0,
+        "{choice:?}"
+    );
+    if c.adapter().is_cpu() {
+        assert!(!c.gpu_ghash());
+        assert_eq!(c.tag_check_choice(), None);
+    } else {
+        let chosen = c.tag_check_choice().expect("timed on a real GPU");
+        assert_eq!(c.gpu_ghash(), chosen.gpu_wins());
+        assert!(
+            c.describe().contains("tags checked on the"),
+            "{}",
+            c.describe()
+        );
+    }
+    // An explicit placement is kept as given, untimed.
+    for gpu in [true, false] {
+        let Some(e) = backend(WgpuOptions {
+            gpu_ghash: Some(gpu),
+            ..WgpuOptions::default()
+        }) else {
+            return;
+        };
+        assert_eq!((e.gpu_ghash(), e.tag_check_choice()), (gpu, None));
+    }
+}
+
 /// The check `auto` runs on a real GPU before using it for host-memory work: both paths open
 /// the same sealed chunks; a software adapter loses to one CPU thread by far.
 #[test]

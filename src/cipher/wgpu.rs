@@ -6,17 +6,21 @@
 //! memory and is copied into the caller's buffer only afterwards. On a mismatch the destination
 //! is zeroed and the GPU buffers holding plaintext are cleared.
 //!
-//! GHASH on the GPU (the default on real GPUs, [`WgpuOptions::gpu_ghash`]): in the same
-//! submission as the CTR pass, before it, each invocation runs Horner's rule over 16 ciphertext
-//! blocks with a 4-bit Shoup table of H in workgroup memory and multiplies by its power of H
-//! (uploaded per key); each workgroup XOR-reduces its sums. The host reads those partial sums
+//! Where the tag is checked is chosen per adapter ([`WgpuOptions::gpu_ghash`]): on a real GPU
+//! `new` times a verified open both ways and keeps the faster ([`TagCheckChoice`]).
+//!
+//! GHASH on the GPU: in the same submission as the CTR pass, before it, each invocation runs
+//! Horner's rule over 16 ciphertext blocks with a 4-bit Shoup table of H in workgroup memory and
+//! multiplies by its power of H (uploaded per key); each workgroup XOR-reduces its sums. The
+//! host reads those partial sums
 //! (16 bytes per 64 KiB), combines them with powers of H, adds the AAD and length blocks and
 //! compares tags in constant time, then reads the plaintext back. Chunks bigger than one piece
 //! (128 MiB by default) check on the CPU instead (every piece would have to be held back).
 //!
-//! GHASH on the CPU (the default on CPU-type adapters such as lavapipe, where the GPU GHASH
-//! competes for the same cores: 5.1-5.4 GB/s on one core against 0.11-0.15 GB/s through
-//! lavapipe, measured by `kernel_bench` on 2 shared vCPUs) runs while the GPU decrypts the first piece.
+//! GHASH on the CPU (always the default on CPU-type adapters such as lavapipe, where the GPU
+//! GHASH competes for the same cores) runs on the calling thread through the CPU backend's
+//! verify (aws-lc, 27 GB/s on one core here against 0.23 GB/s through lavapipe, `kernel_bench`
+//! on 2 shared vCPUs) while the GPU decrypts the first piece.
 //!
 //! The device, pipeline, bind-group layout and T-table live in one context created once per
 //! [`WgpuCipher`] and reused, with four *lanes* of upload/work/readback buffers and parameters:
@@ -178,10 +182,102 @@ pub fn create_auto() -> Result<Arc<dyn Cipher>> {
     }
 }
 
-/// Chunks opened per timed round of [`host_path_check`], of the format's default chunk size:
-/// the host loader opens chunk by chunk.
-const CHECK_CHUNKS: usize = 8;
+/// Chunk size of the timed opens below: the format's default (the host loader opens chunk by
+/// chunk).
 const CHECK_CHUNK_BYTES: usize = 2 << 20;
+
+/// `n` chunks of [`CHECK_CHUNK_BYTES`] sealed on the CPU under a fresh random key.
+struct SealedSample {
+    key: DataKey,
+    chunks: Vec<([u8; NONCE_LEN], [u8; TAG_LEN], Vec<u8>)>,
+}
+
+const SAMPLE_AAD: &[u8] = b"ciphershard timing sample";
+
+impl SealedSample {
+    fn new(n: usize) -> Result<Self> {
+        let key = DataKey::generate()?;
+        let sealer = CpuCipher::new().prepare(&key)?;
+        let chunks = (0..n)
+            .map(|i| {
+                let mut nonce = [0u8; NONCE_LEN];
+                nonce[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                let mut buf: Vec<u8> = (0..CHECK_CHUNK_BYTES).map(|b| (b * 7 + i) as u8).collect();
+                let tag = sealer.seal_in_place(&nonce, SAMPLE_AAD, true, &mut buf);
+                (nonce, tag, buf)
+            })
+            .collect();
+        Ok(SealedSample { key, chunks })
+    }
+
+    /// GB/s of verified opens of every chunk through `opener`, best of `rounds` after a warm-up.
+    fn open_rate(&self, opener: &dyn ChunkOpener, rounds: usize) -> Result<f64> {
+        let mut out = vec![0u8; CHECK_CHUNK_BYTES];
+        let mut best = f64::INFINITY;
+        for round in 0..=rounds {
+            let t = Instant::now();
+            for (nonce, tag, ct) in &self.chunks {
+                let params = ChunkParams {
+                    nonce: *nonce,
+                    aad: SAMPLE_AAD,
+                    tag: *tag,
+                    encrypted: true,
+                };
+                opener.open(&params, ct, &mut out).map_err(|_| {
+                    backend_err("timing sample: a chunk sealed on the CPU did not open")
+                })?;
+            }
+            opener.health()?;
+            if round > 0 {
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        }
+        Ok((self.chunks.len() * CHECK_CHUNK_BYTES) as f64 / best.max(1e-9) / 1e9)
+    }
+}
+
+/// Where a real GPU's `open` checks tags by default: a verified open of 4 × 2 MiB timed with
+/// the tag check on the CPU and on the GPU (best of two rounds after a warm-up each).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TagCheckChoice {
+    /// GB/s with the tag checked on the calling thread (aws-lc GHASH), overlapped with the GPU.
+    pub cpu_tags_gbps: f64,
+    /// GB/s with the tag checked on the GPU (partial sums read back first).
+    pub gpu_tags_gbps: f64,
+}
+
+impl TagCheckChoice {
+    /// Whether the GPU check is at least as fast.
+    pub fn gpu_wins(&self) -> bool {
+        self.gpu_tags_gbps >= self.cpu_tags_gbps
+    }
+}
+
+impl std::fmt::Display for TagCheckChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "tags checked on the {} (verified open {:.2} GB/s that way, {:.2} the other)",
+            if self.gpu_wins() { "GPU" } else { "CPU" },
+            self.gpu_tags_gbps.max(self.cpu_tags_gbps),
+            self.gpu_tags_gbps.min(self.cpu_tags_gbps)
+        )
+    }
+}
+
+/// Times both tag-check placements on `cipher` (see [`TagCheckChoice`]).
+pub fn time_tag_checks(cipher: &WgpuCipher) -> Result<TagCheckChoice> {
+    let sample = SealedSample::new(4)?;
+    let mut op = cipher.prepare_opener(&sample.key)?;
+    op.gpu_ghash = false;
+    let cpu_tags_gbps = sample.open_rate(&op, 2)?;
+    op.gpu_ghash = true;
+    let gpu_tags_gbps = sample.open_rate(&op, 2)?;
+    Ok(TagCheckChoice {
+        cpu_tags_gbps,
+        gpu_tags_gbps,
+    })
+}
 
 /// A verified `open` of the same chunks through a wgpu cipher and through the CPU backend on
 /// one thread, best of three rounds after a warm-up.
@@ -213,44 +309,9 @@ impl std::fmt::Display for HostPathCheck {
 /// Times [`HostPathCheck`] on `cipher` (16 MiB in 2 MiB chunks, sealed with a fresh random key;
 /// tens of milliseconds on a GPU).
 pub fn host_path_check(cipher: &WgpuCipher) -> Result<HostPathCheck> {
-    let key = DataKey::generate()?;
-    let cpu = CpuCipher::new();
-    let sealer = cpu.prepare(&key)?;
-    let aad = b"ciphershard host-path check";
-    let chunks: Vec<([u8; NONCE_LEN], [u8; TAG_LEN], Vec<u8>)> = (0..CHECK_CHUNKS)
-        .map(|i| {
-            let mut nonce = [0u8; NONCE_LEN];
-            nonce[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            let mut buf: Vec<u8> = (0..CHECK_CHUNK_BYTES).map(|b| (b * 7 + i) as u8).collect();
-            let tag = sealer.seal_in_place(&nonce, aad, true, &mut buf);
-            (nonce, tag, buf)
-        })
-        .collect();
-    let mut out = vec![0u8; CHECK_CHUNK_BYTES];
-    let mut rate = |opener: &dyn ChunkOpener| -> Result<f64> {
-        let mut best = f64::INFINITY;
-        for round in 0..4 {
-            let t = Instant::now();
-            for (nonce, tag, ct) in &chunks {
-                let params = ChunkParams {
-                    nonce: *nonce,
-                    aad,
-                    tag: *tag,
-                    encrypted: true,
-                };
-                opener.open(&params, ct, &mut out).map_err(|_| {
-                    backend_err("host-path check: a chunk sealed on the CPU did not open")
-                })?;
-            }
-            opener.health()?;
-            if round > 0 {
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-        }
-        Ok((CHECK_CHUNKS * CHECK_CHUNK_BYTES) as f64 / best.max(1e-9) / 1e9)
-    };
-    let cpu_gbps = rate(sealer.as_ref())?;
-    let wgpu_gbps = rate(cipher.prepare(&key)?.as_ref())?;
+    let sample = SealedSample::new(8)?;
+    let cpu_gbps = sample.open_rate(CpuCipher::new().prepare(&sample.key)?.as_ref(), 3)?;
+    let wgpu_gbps = sample.open_rate(cipher.prepare(&sample.key)?.as_ref(), 3)?;
     Ok(HostPathCheck {
         wgpu_gbps,
         cpu_gbps,
@@ -275,8 +336,11 @@ pub struct WgpuOptions {
     pub kernel: Option<KernelVariant>,
     /// Where the tag check of `open` runs: `Some(true)` on the GPU (`shaders/ghash.wgsl`, partial
     /// sums read back before any plaintext is), `Some(false)` on one CPU thread overlapped with
-    /// the GPU pass. `None` picks per adapter: the GPU for real GPUs, the CPU for CPU-type
-    /// adapters (lavapipe), where a GPU GHASH only competes for the same cores.
+    /// the GPU pass. `None` picks per adapter: the CPU for CPU-type adapters (lavapipe), where a
+    /// GPU GHASH only competes for the same cores; on a real GPU, [`WgpuCipher::new`] times a
+    /// verified open of 4 × 2 MiB both ways and keeps the faster ([`TagCheckChoice`]; tens of
+    /// milliseconds). The GPU check costs a second mapping round trip per call, the CPU check a
+    /// GHASH pass (aws-lc, ~25 GB/s per core here) that overlaps the GPU's work.
     pub gpu_ghash: Option<bool>,
 }
 
@@ -732,8 +796,10 @@ pub(super) struct Context {
     /// of a piece, and its read-back copy).
     ghash_pipeline: ::wgpu::ComputePipeline,
     ghash_layout: ::wgpu::BindGroupLayout,
-    /// Whether openers check tags on the GPU by default.
-    gpu_ghash: bool,
+    /// Whether openers check tags on the GPU by default (set once, after the choice was timed).
+    gpu_ghash: AtomicBool,
+    /// The timing behind `gpu_ghash` when `new` measured it.
+    tag_check: std::sync::OnceLock<TagCheckChoice>,
     /// Largest piece, in bytes (a multiple of the workgroup's span).
     pub(super) piece_bytes: u64,
     /// Whether the pipeline copies the table into workgroup memory.
@@ -893,7 +959,7 @@ impl WgpuCipher {
                 })
             })
             .collect();
-        Ok(WgpuCipher {
+        let cipher = WgpuCipher {
             ctx: Arc::new(Context {
                 adapter: summary,
                 device,
@@ -903,7 +969,8 @@ impl WgpuCipher {
                 t0,
                 ghash_pipeline,
                 ghash_layout,
-                gpu_ghash,
+                gpu_ghash: AtomicBool::new(gpu_ghash),
+                tag_check: std::sync::OnceLock::new(),
                 piece_bytes,
                 shared_table,
                 variant,
@@ -913,7 +980,16 @@ impl WgpuCipher {
                 warned: AtomicBool::new(false),
             }),
             sbox,
-        })
+        };
+        if options.gpu_ghash.is_none() && !cipher.ctx.adapter.is_cpu() {
+            let choice = time_tag_checks(&cipher)?;
+            cipher
+                .ctx
+                .gpu_ghash
+                .store(choice.gpu_wins(), Ordering::Relaxed);
+            let _ = cipher.ctx.tag_check.set(choice);
+        }
+        Ok(cipher)
     }
 
     /// The adapter in use.
@@ -923,7 +999,13 @@ impl WgpuCipher {
 
     /// Whether `open` checks tags on the GPU (see [`WgpuOptions::gpu_ghash`]).
     pub fn gpu_ghash(&self) -> bool {
-        self.ctx.gpu_ghash
+        self.ctx.gpu_ghash.load(Ordering::Relaxed)
+    }
+
+    /// The timing that chose where tags are checked, when `new` measured it (a real GPU and
+    /// `WgpuOptions::gpu_ghash` left to `None`).
+    pub fn tag_check_choice(&self) -> Option<TagCheckChoice> {
+        self.ctx.tag_check.get().copied()
     }
 
     /// Bytes processed per dispatch at most.
@@ -976,7 +1058,7 @@ impl WgpuCipher {
             keys_buf,
             ghash_tables,
             ghash_powers,
-            gpu_ghash: self.ctx.gpu_ghash,
+            gpu_ghash: self.gpu_ghash(),
             aes,
             h: Zeroizing::new(h),
             h_int,
@@ -990,7 +1072,10 @@ impl Cipher for WgpuCipher {
         Backend::Wgpu
     }
     fn describe(&self) -> String {
-        format!("wgpu: {}", self.ctx.adapter)
+        match self.tag_check_choice() {
+            Some(c) => format!("wgpu: {}; {c}", self.ctx.adapter),
+            None => format!("wgpu: {}", self.ctx.adapter),
+        }
     }
     fn prepare(&self, key: &DataKey) -> Result<Box<dyn ChunkOpener>> {
         self.health()?;
@@ -1828,7 +1913,7 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
             shared_table: Some(cipher.ctx.shared_table),
             max_piece_bytes: Some(cipher.ctx.piece_bytes),
             kernel: Some(variant),
-            gpu_ghash: Some(cipher.ctx.gpu_ghash),
+            gpu_ghash: Some(cipher.gpu_ghash()),
             allow_cpu_adapter: true,
         })?;
         let op = c.prepare_opener(&data_key)?;
@@ -1912,8 +1997,8 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
         gpu_ghash_gbps: gbps(ghash_bytes, gpu_ghash),
         open_cpu_ghash_gbps,
         open_gpu_ghash_gbps,
-        gpu_ghash_default: cipher.ctx.gpu_ghash,
-        open_gbps: if cipher.ctx.gpu_ghash {
+        gpu_ghash_default: cipher.gpu_ghash(),
+        open_gbps: if cipher.gpu_ghash() {
             open_gpu_ghash_gbps
         } else {
             open_cpu_ghash_gbps
