@@ -194,8 +194,8 @@ if cuda and wg and "kernels" in cuda and "kernels" in wg:
                  f"{w:.1f} / {c:.1f} GB/s = {w / c:.2f} ({wg['kernels']['best_variant']})"))
 if wg and "kernels" in wg:
     k = wg["kernels"]
-    rows.append(("wgpu open: CPU vs GPU tag check (default gpu_ghash "
-                 f"{k['gpu_ghash_default']}: flip it if the other is faster)",
+    rows.append(("wgpu open: CPU vs GPU tag check (timed at start-up; GPU chosen: "
+                 f"{k['gpu_ghash_default']})",
                  f"{k['open_cpu_ghash_gbps']:.2f} vs {k['open_gpu_ghash_gbps']:.2f} GB/s"))
 if wg and cpu:
     rows.append(("wgpu device loader / CPU loader, steady (goal >= 1)",
