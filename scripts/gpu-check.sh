@@ -188,7 +188,8 @@ def load(name):
             return json.load(f)
     except Exception:
         return None
-cuda, cpu, wg, wgh = (load(f"bench-{n}.json") for n in ("cuda", "cpu", "wgpu", "wgpu-host"))
+cuda, cpu, wg, wgh, cuh = (load(f"bench-{n}.json")
+                           for n in ("cuda", "cpu", "wgpu", "wgpu-host", "cuda-host"))
 steady = lambda r: r["encrypted"]["steady_gb_per_s"] if r else None
 rows = []
 if cuda and wg and "kernels" in cuda and "kernels" in wg:
@@ -206,6 +207,9 @@ if wg and cpu:
 if wgh and cpu:
     rows.append(("wgpu host loader / CPU loader, steady (auto's host path)",
                  f"{steady(wgh):.2f} / {steady(cpu):.2f} GB/s = {steady(wgh) / steady(cpu):.2f}"))
+if cuh and cpu:
+    rows.append(("CUDA host loader / CPU loader, steady (auto still picks CUDA for host work)",
+                 f"{steady(cuh):.2f} / {steady(cpu):.2f} GB/s = {steady(cuh) / steady(cpu):.2f}"))
 for name, value in rows:
     print(f"| {name} | {value} |")
 PY

@@ -356,6 +356,16 @@ fn explicit_selection_and_auto_policy() {
             "Auto picked the CPU adapter {}",
             c.adapter()
         );
+        // Nor for device batches (bench, device loaders).
+        assert_ne!(
+            ciphershard::cipher::auto_for_device_batches(),
+            Backend::Wgpu
+        );
+    } else if ciphershard::cipher::cuda::probe().is_err() {
+        assert_eq!(
+            ciphershard::cipher::auto_for_device_batches(),
+            Backend::Wgpu
+        );
     }
     let probed = ciphershard::cipher::wgpu::probe().unwrap();
     assert!(

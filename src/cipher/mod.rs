@@ -191,7 +191,22 @@ pub fn select(backend: Backend) -> Result<std::sync::Arc<dyn Cipher>> {
     }
 }
 
-/// What `Backend::Auto` picks, and why it passed over each GPU backend it did not pick.
+/// What `auto` means where batches stay in device memory (the device loaders, and so
+/// `ciphershard bench` without `--host-batches`): CUDA when a device answers, then wgpu on a
+/// real GPU adapter, then the CPU. No host-path timing here, unlike [`select_auto`]: a device
+/// loader uploads whole windows and never reads plaintext back.
+pub fn auto_for_device_batches() -> Backend {
+    if cuda::probe().is_ok() {
+        Backend::Cuda
+    } else if wgpu::gpu_adapter_present() {
+        Backend::Wgpu
+    } else {
+        Backend::Cpu
+    }
+}
+
+/// What `Backend::Auto` picks for host-memory work (verify, decrypt, the host loader), and why
+/// it passed over each GPU backend it did not pick.
 /// CUDA when a device answers; then wgpu on a real GPU adapter whose verified `open` beats one
 /// CPU thread ([`wgpu::create_auto`]: a CPU-type adapter such as lavapipe, or a slower host
 /// path, is skipped); else the CPU.

@@ -147,6 +147,11 @@ pub fn probe_adapter() -> std::result::Result<AdapterSummary, String> {
     request_adapter(&instance()).map(|a| summarize(&a))
 }
 
+/// Whether the adapter wgpu would pick is a real GPU (not a CPU-type driver such as lavapipe).
+pub fn gpu_adapter_present() -> bool {
+    probe_adapter().is_ok_and(|a| !a.is_cpu())
+}
+
 /// `Ok("adapter name (backend, device type)")`, or `Err(reason)`.
 pub fn probe() -> std::result::Result<String, String> {
     probe_adapter().map(|a| a.to_string())

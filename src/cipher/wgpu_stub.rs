@@ -8,6 +8,11 @@ pub fn probe() -> std::result::Result<String, String> {
 }
 
 /// Not compiled in.
+pub fn gpu_adapter_present() -> bool {
+    false
+}
+
+/// Not compiled in.
 pub fn create() -> Result<std::sync::Arc<dyn super::Cipher>> {
     Err(Error::BackendUnavailable {
         backend: "wgpu",

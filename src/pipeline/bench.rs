@@ -401,9 +401,11 @@ pub fn run(
     opts: &BenchOptions,
 ) -> Result<BenchReport> {
     // Name the backend actually used (`auto` resolves here); GPU backends bench their device
-    // loader.
+    // loader, so `auto` prefers a GPU as the device loaders do, unless host batches are asked
+    // for (then it is the host loader's `auto`, with its host-path check).
     let backend = match opts.backend {
-        Backend::Auto => crate::cipher::select(Backend::Auto)?.backend(),
+        Backend::Auto if opts.host_batches => crate::cipher::select(Backend::Auto)?.backend(),
+        Backend::Auto => crate::cipher::auto_for_device_batches(),
         b => b,
     };
     let opts = &BenchOptions {
