@@ -425,10 +425,11 @@ fn host_path_check_measures_both_paths() {
     let Some(c) = backend(WgpuOptions::default()) else {
         return;
     };
-    let check = ciphershard::cipher::wgpu::host_path_check(&c).unwrap();
+    let check = ciphershard::cipher::timing::host_path_check(&c).unwrap();
+    assert_eq!(check.backend, Backend::Wgpu);
     eprintln!("on {}: {check}", c.adapter());
     assert!(
-        check.wgpu_gbps.is_finite() && check.wgpu_gbps > 0.0,
+        check.gpu_gbps.is_finite() && check.gpu_gbps > 0.0,
         "{check:?}"
     );
     assert!(
@@ -436,7 +437,7 @@ fn host_path_check_measures_both_paths() {
         "{check:?}"
     );
     if c.adapter().is_cpu() {
-        assert!(!check.wgpu_wins(), "{check}");
+        assert!(!check.gpu_wins(), "{check}");
     }
 }
 

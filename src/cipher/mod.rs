@@ -22,6 +22,7 @@ pub mod cuda;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_gather;
+pub mod timing;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 #[cfg(not(feature = "wgpu"))]
@@ -107,8 +108,9 @@ pub trait Cipher: Send + Sync {
 /// The backends, and `Auto` to pick the best available one at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Backend {
-    /// CUDA if a device answers, else wgpu on a real GPU that opens chunks faster than one CPU
-    /// thread, else the CPU ([`select_auto`]).
+    /// For host-memory work: CUDA, then wgpu on a real GPU, each only if it opens chunks faster
+    /// than one CPU thread, else the CPU ([`select_auto`]). For device batches: the first GPU
+    /// ([`auto_for_device_batches`]).
     #[default]
     Auto,
     /// AES-NI / VAES on the CPU.
@@ -206,22 +208,24 @@ pub fn auto_for_device_batches() -> Backend {
 }
 
 /// What `Backend::Auto` picks for host-memory work (verify, decrypt, the host loader), and why
-/// it passed over each GPU backend it did not pick.
-/// CUDA when a device answers; then wgpu on a real GPU adapter whose verified `open` beats one
-/// CPU thread ([`wgpu::create_auto`]: a CPU-type adapter such as lavapipe, or a slower host
-/// path, is skipped); else the CPU.
+/// it passed over each GPU backend it did not pick: CUDA when a device answers, then wgpu on a
+/// real GPU adapter (never a CPU-type one such as lavapipe), each only if its verified `open`
+/// beats one CPU thread ([`timing::host_path_check`], once per process); else the CPU.
 pub fn select_auto() -> (std::sync::Arc<dyn Cipher>, Vec<(Backend, String)>) {
     let mut passed = Vec::new();
+    let keep = |created: Result<std::sync::Arc<dyn Cipher>>| {
+        timing::keep_for_auto(created.map_err(|e| e.to_string())?)
+    };
     match cuda::probe() {
-        Ok(_) => match cuda::create() {
+        Ok(_) => match keep(cuda::create()) {
             Ok(c) => return (c, passed),
-            Err(e) => passed.push((Backend::Cuda, e.to_string())),
+            Err(why) => passed.push((Backend::Cuda, why)),
         },
         Err(why) => passed.push((Backend::Cuda, why)),
     }
-    match wgpu::create_auto() {
+    match keep(wgpu::create_auto()) {
         Ok(c) => return (c, passed),
-        Err(e) => passed.push((Backend::Wgpu, e.to_string())),
+        Err(why) => passed.push((Backend::Wgpu, why)),
     }
     (std::sync::Arc::new(cpu::CpuCipher::new()), passed)
 }

@@ -163,82 +163,13 @@ pub fn create() -> Result<Arc<dyn Cipher>> {
     Ok(Arc::new(WgpuCipher::new(WgpuOptions::default())?))
 }
 
-/// Creates the wgpu backend for `Backend::Auto`, which serves host-memory work (`verify`,
-/// `decrypt`, the host loader: every chunk a GPU round trip). Refuses a CPU-type adapter
-/// (lavapipe and the like are slower than the CPU backend), and a real GPU whose verified
-/// `open` is slower than the CPU backend's on one thread ([`host_path_check`], run once per
-/// process): on the H200 the wgpu host loader ran at 1.12 GB/s against the CPU loader's 5.76
-/// (docs/BENCHMARKS.md, run 3). `--backend wgpu` still forces it.
+/// Creates the wgpu backend for `Backend::Auto`: refuses a CPU-type adapter (lavapipe and the
+/// like are slower than the CPU backend). [`super::select_auto`] then also times its host path.
 pub fn create_auto() -> Result<Arc<dyn Cipher>> {
-    let cipher = WgpuCipher::new(WgpuOptions {
+    Ok(Arc::new(WgpuCipher::new(WgpuOptions {
         allow_cpu_adapter: false,
         ..WgpuOptions::default()
-    })?;
-    static CHECK: std::sync::OnceLock<std::result::Result<HostPathCheck, String>> =
-        std::sync::OnceLock::new();
-    match CHECK.get_or_init(|| host_path_check(&cipher).map_err(|e| e.to_string())) {
-        Ok(c) if c.wgpu_wins() => Ok(Arc::new(cipher)),
-        Ok(c) => Err(backend_err(format!(
-            "not picked by auto: {c} (--backend wgpu forces it)"
-        ))),
-        Err(e) => Err(backend_err(format!(
-            "not picked by auto: its host-path check failed: {e}"
-        ))),
-    }
-}
-
-/// Chunk size of the timed opens below: the format's default (the host loader opens chunk by
-/// chunk).
-const CHECK_CHUNK_BYTES: usize = 2 << 20;
-
-/// `n` chunks of [`CHECK_CHUNK_BYTES`] sealed on the CPU under a fresh random key.
-struct SealedSample {
-    key: DataKey,
-    chunks: Vec<([u8; NONCE_LEN], [u8; TAG_LEN], Vec<u8>)>,
-}
-
-const SAMPLE_AAD: &[u8] = b"ciphershard timing sample";
-
-impl SealedSample {
-    fn new(n: usize) -> Result<Self> {
-        let key = DataKey::generate()?;
-        let sealer = CpuCipher::new().prepare(&key)?;
-        let chunks = (0..n)
-            .map(|i| {
-                let mut nonce = [0u8; NONCE_LEN];
-                nonce[..8].copy_from_slice(&(i as u64).to_le_bytes());
-                let mut buf: Vec<u8> = (0..CHECK_CHUNK_BYTES).map(|b| (b * 7 + i) as u8).collect();
-                let tag = sealer.seal_in_place(&nonce, SAMPLE_AAD, true, &mut buf);
-                (nonce, tag, buf)
-            })
-            .collect();
-        Ok(SealedSample { key, chunks })
-    }
-
-    /// GB/s of verified opens of every chunk through `opener`, best of `rounds` after a warm-up.
-    fn open_rate(&self, opener: &dyn ChunkOpener, rounds: usize) -> Result<f64> {
-        let mut out = vec![0u8; CHECK_CHUNK_BYTES];
-        let mut best = f64::INFINITY;
-        for round in 0..=rounds {
-            let t = Instant::now();
-            for (nonce, tag, ct) in &self.chunks {
-                let params = ChunkParams {
-                    nonce: *nonce,
-                    aad: SAMPLE_AAD,
-                    tag: *tag,
-                    encrypted: true,
-                };
-                opener.open(&params, ct, &mut out).map_err(|_| {
-                    backend_err("timing sample: a chunk sealed on the CPU did not open")
-                })?;
-            }
-            opener.health()?;
-            if round > 0 {
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-        }
-        Ok((self.chunks.len() * CHECK_CHUNK_BYTES) as f64 / best.max(1e-9) / 1e9)
-    }
+    })?))
 }
 
 /// Where a real GPU's `open` checks tags by default: a verified open of 4 × 2 MiB timed with
@@ -272,7 +203,7 @@ impl std::fmt::Display for TagCheckChoice {
 
 /// Times both tag-check placements on `cipher` (see [`TagCheckChoice`]).
 pub fn time_tag_checks(cipher: &WgpuCipher) -> Result<TagCheckChoice> {
-    let sample = SealedSample::new(4)?;
+    let sample = super::timing::SealedSample::new(4)?;
     let mut op = cipher.prepare_opener(&sample.key)?;
     op.gpu_ghash = false;
     let cpu_tags_gbps = sample.open_rate(&op, 2)?;
@@ -281,45 +212,6 @@ pub fn time_tag_checks(cipher: &WgpuCipher) -> Result<TagCheckChoice> {
     Ok(TagCheckChoice {
         cpu_tags_gbps,
         gpu_tags_gbps,
-    })
-}
-
-/// A verified `open` of the same chunks through a wgpu cipher and through the CPU backend on
-/// one thread, best of three rounds after a warm-up.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HostPathCheck {
-    /// GB/s through the wgpu cipher (upload, tag check, CTR, read-back).
-    pub wgpu_gbps: f64,
-    /// GB/s through the CPU backend, one thread.
-    pub cpu_gbps: f64,
-}
-
-impl HostPathCheck {
-    /// Whether the wgpu cipher opens chunks at least as fast as one CPU thread.
-    pub fn wgpu_wins(&self) -> bool {
-        self.wgpu_gbps >= self.cpu_gbps
-    }
-}
-
-impl std::fmt::Display for HostPathCheck {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "verified open of 2 MiB chunks at {:.2} GB/s through wgpu, {:.2} GB/s on one CPU thread",
-            self.wgpu_gbps, self.cpu_gbps
-        )
-    }
-}
-
-/// Times [`HostPathCheck`] on `cipher` (16 MiB in 2 MiB chunks, sealed with a fresh random key;
-/// tens of milliseconds on a GPU).
-pub fn host_path_check(cipher: &WgpuCipher) -> Result<HostPathCheck> {
-    let sample = SealedSample::new(8)?;
-    let cpu_gbps = sample.open_rate(CpuCipher::new().prepare(&sample.key)?.as_ref(), 3)?;
-    let wgpu_gbps = sample.open_rate(cipher.prepare(&sample.key)?.as_ref(), 3)?;
-    Ok(HostPathCheck {
-        wgpu_gbps,
-        cpu_gbps,
     })
 }
 
