@@ -42,8 +42,17 @@ fn adapter(test: &str) -> bool {
     }
 }
 
+thread_local! {
+    /// `WgpuOptions::max_piece_bytes` of the loaders this test thread opens (`None`: default).
+    static PIECE_BYTES: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
 fn open(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> WgpuDeviceLoader {
-    WgpuDeviceLoader::open(dir, key, options(), o).unwrap()
+    let wgpu = WgpuOptions {
+        max_piece_bytes: PIECE_BYTES.get(),
+        ..options()
+    };
+    WgpuDeviceLoader::open(dir, key, wgpu, o).unwrap()
 }
 
 impl DeviceUnderTest for WgpuDeviceLoader {
@@ -132,48 +141,9 @@ fn device_batches_equal_host_batches() {
     eprintln!("{n} wgpu device batches equal to the host loader's");
 }
 
-/// The device loader with the smallest piece size (one workgroup's span): windows above it are
-/// split into pieces, one buffer and CTR dispatch each.
-struct Split(WgpuDeviceLoader);
-
-/// `WgpuOptions::max_piece_bytes` for [`Split`]: 256 invocations × 16 bytes.
+/// `WgpuOptions::max_piece_bytes` for the split-window test: one workgroup's span (256
+/// invocations × 16 bytes), the smallest allowed.
 const SMALL_PIECE: u64 = 4096;
-
-impl Iterator for Split {
-    type Item = Result<WgpuBatch, Error>;
-    fn next(&mut self) -> Option<Self::Item> {
-        self.0.next()
-    }
-}
-
-impl DeviceUnderTest for Split {
-    type Batch = WgpuBatch;
-    fn open_at(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> Self {
-        let wgpu = WgpuOptions {
-            max_piece_bytes: Some(SMALL_PIECE),
-            ..options()
-        };
-        Split(WgpuDeviceLoader::open(dir, key, wgpu, o).unwrap())
-    }
-    fn per_epoch(&self) -> u64 {
-        self.0.batches_per_epoch()
-    }
-    fn position(&self) -> LoaderState {
-        self.0.state()
-    }
-    fn telemetry(&self) -> (DeviceStats, LoaderStats) {
-        self.0.telemetry()
-    }
-    fn place(b: &WgpuBatch) -> (u64, u64) {
-        WgpuDeviceLoader::place(b)
-    }
-    fn rows(b: &WgpuBatch) -> Vec<u64> {
-        WgpuDeviceLoader::rows(b)
-    }
-    fn read_back(b: &WgpuBatch) -> Vec<Column> {
-        WgpuDeviceLoader::read_back(b)
-    }
-}
 
 /// Windows above the piece size (a binding limit: 128 MiB on lavapipe) are split, a piece
 /// ending mid-tensor carrying the rest of its last row; the batches still equal the host's.
@@ -187,6 +157,7 @@ fn windows_above_the_piece_size_are_split() {
     let key = make(dir.path(), 3000, 3, 128, 20_000);
     let wide = tempfile::tempdir().unwrap();
     let wide_key = make(wide.path(), 1000, 40, 128, 50_000);
+    PIECE_BYTES.set(Some(SMALL_PIECE));
     let mut n = 0;
     for (d, k, seed, batch, w, shuffle, block_rows) in [
         (dir.path(), &key, 1, 64, 16, true, None),
@@ -204,12 +175,8 @@ fn windows_above_the_piece_size_are_split() {
             epochs: 2,
             ..Default::default()
         };
-        n += device_common::compare::<Split>(d, k, &o);
-        let mut l = Split::open_at(d, k, &o);
-        for b in l.by_ref() {
-            b.unwrap();
-        }
-        let ds = l.0.device_stats();
+        let (batches, ds) = device_common::compare_stats::<WgpuDeviceLoader>(d, k, &o);
+        n += batches;
         assert!(
             ds.window_pieces > ds.windows,
             "windows were split: {ds:?} ({o:?})"

@@ -213,17 +213,14 @@ pub fn auto_for_device_batches() -> Backend {
 /// beats one CPU thread ([`timing::host_path_check`], once per process); else the CPU.
 pub fn select_auto() -> (std::sync::Arc<dyn Cipher>, Vec<(Backend, String)>) {
     let mut passed = Vec::new();
-    let keep = |created: Result<std::sync::Arc<dyn Cipher>>| {
-        timing::keep_for_auto(created.map_err(|e| e.to_string())?)
-    };
     match cuda::probe() {
-        Ok(_) => match keep(cuda::create()) {
+        Ok(_) => match timing::keep_for_auto(Backend::Cuda, cuda::create) {
             Ok(c) => return (c, passed),
             Err(why) => passed.push((Backend::Cuda, why)),
         },
         Err(why) => passed.push((Backend::Cuda, why)),
     }
-    match keep(wgpu::create_auto()) {
+    match timing::keep_for_auto(Backend::Wgpu, wgpu::create_auto) {
         Ok(c) => return (c, passed),
         Err(why) => passed.push((Backend::Wgpu, why)),
     }

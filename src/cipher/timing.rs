@@ -108,23 +108,31 @@ pub fn host_path_check(gpu: &dyn Cipher) -> Result<HostPathCheck> {
     })
 }
 
-/// `Backend::Auto`'s rule for a GPU backend that is available: keep it if its host path is at
-/// least as fast as one CPU thread (timed once per process and backend), else say why not.
-pub(crate) fn keep_for_auto(gpu: Arc<dyn Cipher>) -> std::result::Result<Arc<dyn Cipher>, String> {
+/// `Backend::Auto`'s rule for a GPU backend: create it, keep it if its host path is at least
+/// as fast as one CPU thread (timed once per process and backend), else say why not. A backend
+/// already timed slower is not created again.
+pub(crate) fn keep_for_auto(
+    backend: Backend,
+    create: impl FnOnce() -> Result<Arc<dyn Cipher>>,
+) -> std::result::Result<Arc<dyn Cipher>, String> {
     type Verdicts = Mutex<Vec<(Backend, std::result::Result<HostPathCheck, String>)>>;
     static VERDICTS: Verdicts = Mutex::new(Vec::new());
-    let backend = gpu.backend();
-    let verdict = {
-        let mut v = VERDICTS.lock().unwrap_or_else(|p| p.into_inner());
-        match v.iter().find(|(b, _)| *b == backend) {
-            Some((_, r)) => r.clone(),
-            None => {
-                let r = host_path_check(gpu.as_ref()).map_err(|e| e.to_string());
-                v.push((backend, r.clone()));
-                r
-            }
-        }
+    let known = |v: &Verdicts| {
+        let v = v.lock().unwrap_or_else(|p| p.into_inner());
+        v.iter()
+            .find(|(b, _)| *b == backend)
+            .map(|(_, r)| r.clone())
     };
+    if let Some(verdict) = known(&VERDICTS) {
+        decide(&verdict)?;
+        return create().map_err(|e| e.to_string());
+    }
+    let gpu = create().map_err(|e| e.to_string())?;
+    let verdict = host_path_check(gpu.as_ref()).map_err(|e| e.to_string());
+    VERDICTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((backend, verdict.clone()));
     decide(&verdict).map(|()| gpu)
 }
 
@@ -196,6 +204,23 @@ mod tests {
         ) -> [u8; TAG_LEN] {
             self.0.seal_in_place(nonce, aad, encrypted, buf)
         }
+    }
+
+    /// A backend timed slower is passed over again without being created again. (Labelled CUDA:
+    /// the verdict is process-wide, and `select_auto` only consults it when a CUDA driver
+    /// answers, which no machine running the unit tests has.)
+    #[test]
+    fn a_passed_over_backend_is_not_created_again() {
+        let created = std::sync::atomic::AtomicUsize::new(0);
+        let create = || -> Result<Arc<dyn Cipher>> {
+            created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Arc::new(SlowGpu))
+        };
+        let first = keep_for_auto(Backend::Cuda, create).err().unwrap();
+        let again = keep_for_auto(Backend::Cuda, create).err().unwrap();
+        assert!(first.contains("slower than the CPU"), "{first}");
+        assert_eq!(first, again);
+        assert_eq!(created.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -662,8 +662,10 @@ struct Params {
 
 /// Concurrent `open`/`ctr_apply` calls: each holds one lane for its whole round trip (upload,
 /// dispatch, read-back), so calls from the host loader's threads overlap instead of queueing
-/// on one set of buffers. A call is latency-bound (map, submit, wait): on the H200 one thread
-/// opened at 2.65 GB/s while eight sharing one set managed 1.12 (docs/BENCHMARKS.md, run 3).
+/// on one set of buffers. A call is latency-bound (map, submit, wait): on the H200 the host
+/// loader's eight threads sharing one set ran at 1.12 GB/s, below the 2.65 of a single verified
+/// open in `kernel_bench` (different benches; docs/BENCHMARKS.md, run 3). Unmeasured on a GPU
+/// since.
 const LANES: usize = 4;
 
 /// One call's buffers, reused across calls: staging grown on demand up to the piece size, and

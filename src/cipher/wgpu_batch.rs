@@ -1089,10 +1089,7 @@ pub fn window_bench(cipher: &WgpuCipher, bytes: usize) -> Result<WindowBench> {
     const CHUNK: usize = 2 << 20;
     const ROW: usize = 1024;
     let bytes = bytes.max(CHUNK).next_multiple_of(CHUNK);
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(|e| backend_err(format!("bench key: {e}")))?;
-    let data_key = DataKey::from_bytes(key);
-    zeroize::Zeroize::zeroize(&mut key);
+    let data_key = DataKey::generate()?;
     let engine = WgpuBatchEngine::new(cipher, &[&data_key])?;
     let cpu = CpuCipher::new().prepare(&data_key)?;
     let mut rng = SplitMix(0x57A6E5);

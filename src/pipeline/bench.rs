@@ -186,8 +186,6 @@ fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> 
     Ok(clock.report(batches, l.stats(), None))
 }
 
-/// One run of a device loader (CUDA device 0, or the wgpu adapter): batches land in device
-/// memory.
 /// Takes every batch of a device loader, timing each; the number of batches.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn drain<B: super::device_shell::DeviceBatchMeta>(
@@ -204,6 +202,8 @@ fn drain<B: super::device_shell::DeviceBatchMeta>(
     Ok(n)
 }
 
+/// One run of a device loader (CUDA device 0, or the wgpu adapter): batches land in device
+/// memory.
 #[cfg_attr(
     not(all(feature = "cuda", feature = "wgpu")),
     allow(unused_variables, unused_mut, unreachable_code)

@@ -604,14 +604,25 @@ pub struct Loader {
     chunk_pool: Arc<BufPool>,
 }
 
-/// What the host and the device loaders both derive from a source and options before they start:
-/// the plan's configuration and size, and every shard opened once and checked against the length
-/// its authenticated header gives.
+/// Bytes of the longest chunk of a column of `row_bytes`-byte rows: `chunk_size`, or its
+/// longest tensor when that is shorter (at least 1).
+pub(crate) fn longest_chunk(row_bytes: u64, shard_rows: &[u64], chunk_size: u64) -> u64 {
+    shard_rows
+        .iter()
+        .map(|&r| r.saturating_mul(row_bytes))
+        .max()
+        .unwrap_or(0)
+        .clamp(1, chunk_size.max(1))
+}
+
 /// Most batches a loader may hold in flight (`prefetch`).
 pub const MAX_PREFETCH: usize = 4096;
 /// Most worker threads a loader may start.
 pub const MAX_THREADS: usize = 1024;
 
+/// What the host and the device loaders both derive from a source and options before they start:
+/// the plan's configuration and size, and every shard opened once and checked against the length
+/// its authenticated header gives.
 pub(crate) struct PlanSetup {
     pub(crate) columns: Arc<[ColumnInfo]>,
     pub(crate) chunk_size: u64,
@@ -807,12 +818,11 @@ impl Loader {
             usize::try_from(window_chunks.saturating_mul(windows_in_flight)).unwrap_or(usize::MAX);
         // Buffers as long as the longest chunk there is, not `chunk_size`: a small dataset
         // written with 256 MiB chunks must not allocate 256 MiB per buffer.
-        let longest_chunk = shard_rows
+        let longest_chunk = columns
             .iter()
-            .flat_map(|&r| columns.iter().map(move |c| r.saturating_mul(c.row_bytes)))
+            .map(|c| longest_chunk(c.row_bytes, &shard_rows, chunk_size))
             .max()
-            .unwrap_or(0)
-            .clamp(1, chunk_size);
+            .unwrap_or(1);
         let chunk_pool = Arc::new(BufPool::new(
             longest_chunk as usize,
             bound.min(4096),

@@ -8,6 +8,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use super::format_source::FormatSource;
+use super::loader::longest_chunk;
 use super::sampler::{Cursor, EpochPlan, RowRef};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use crate::error::{Error, Result};
@@ -206,12 +207,7 @@ pub(crate) fn piece_unit_bound(columns: &[ColumnInfo], chunk: u64, shard_rows: &
     columns
         .iter()
         .map(|c| {
-            let longest = shard_rows
-                .iter()
-                .map(|&r| r.saturating_mul(c.row_bytes))
-                .max()
-                .unwrap_or(0)
-                .clamp(1, chunk.max(1));
+            let longest = longest_chunk(c.row_bytes, shard_rows, chunk);
             let over = c.row_bytes.saturating_sub(1);
             // Each chunk the overhang touches is padded to 16 bytes.
             let parts = over.div_ceil(chunk.max(1)).saturating_add(1);
@@ -252,6 +248,8 @@ pub(crate) fn window_layout(
     let (mut at, mut out) = (0usize, 0u64);
     let mut start = 0usize;
     let mut parts: Vec<Part> = Vec::new();
+    // The overhang of the last chunk placed: what closing the piece after it must carry.
+    let mut prev_ext: Vec<(usize, usize)> = Vec::new();
     let ext_len = |ext: &[(usize, usize)]| {
         ext.iter()
             .map(|&(_, n)| n.next_multiple_of(16))
@@ -263,7 +261,7 @@ pub(crate) fn window_layout(
             let ext = overhang(columns, chunk, keys, specs, i);
             if !parts.is_empty() && (at - start + p + ext_len(&ext)) as u64 > cap {
                 // Close the piece after chunk i - 1, with its overhang (it fit when i - 1 came in).
-                for (k, n) in overhang(columns, chunk, keys, specs, i - 1) {
+                for &(k, n) in &prev_ext {
                     parts.push(Part {
                         chunk: k,
                         at,
@@ -277,6 +275,7 @@ pub(crate) fn window_layout(
                 });
                 start = at;
             }
+            prev_ext = ext;
         }
         staging_offs.push(at);
         dst_offs.push(match packing {
@@ -1073,15 +1072,19 @@ mod tests {
         assert!(split > 24, "windows were split ({split})");
     }
 
-    #[test]
-    fn piece_unit_bound_covers_a_chunk_and_its_overhang() {
-        let col = |row_bytes| ColumnInfo {
+    /// A `u8` column of `row_bytes`-byte rows.
+    fn col(row_bytes: u64) -> ColumnInfo {
+        ColumnInfo {
             name: "c".into(),
             dtype: "U8".into(),
             elem_size: 1,
             row_shape: vec![row_bytes],
             row_bytes,
-        };
+        }
+    }
+
+    #[test]
+    fn piece_unit_bound_covers_a_chunk_and_its_overhang() {
         let rows = [1000, 20];
         // 128-byte chunks: + the 11 bytes a 12-byte row can overhang (padded), in at most 2 parts.
         assert_eq!(
@@ -1107,13 +1110,6 @@ mod tests {
 
     #[test]
     fn window_bound_follows_the_data_not_the_chunk_size() {
-        let col = |row_bytes| ColumnInfo {
-            name: "c".into(),
-            dtype: "U8".into(),
-            elem_size: 1,
-            row_shape: vec![row_bytes],
-            row_bytes,
-        };
         let cols = [col(12), col(5)];
         // 256 MiB chunks over 2 × 100 rows: the bound is the data (padded), not 256 MiB.
         let b = window_byte_bound(&cols, 256 << 20, 1000, 8, &[100, 100]);

@@ -74,6 +74,15 @@ pub trait DeviceUnderTest: Iterator<Item = Result<Self::Batch, Error>> + Sized {
 /// Every device batch equals the host loader's batch for the same options, byte for byte, and
 /// the telemetry accounts for every window and byte read. Returns the number of batches.
 pub fn compare<L: DeviceUnderTest>(dir: &Path, key: &MasterKey, o: &LoaderOptions) -> usize {
+    compare_stats::<L>(dir, key, o).0
+}
+
+/// [`compare`], also returning the device loader's telemetry.
+pub fn compare_stats<L: DeviceUnderTest>(
+    dir: &Path,
+    key: &MasterKey,
+    o: &LoaderOptions,
+) -> (usize, DeviceStats) {
     let src = FormatSource::open(dir, key, Backend::Cpu).unwrap();
     let host: Vec<_> = Loader::new(src, o).unwrap().map(|b| b.unwrap()).collect();
     let mut dev = L::open_at(dir, key, o);
@@ -102,7 +111,7 @@ pub fn compare<L: DeviceUnderTest>(dir: &Path, key: &MasterKey, o: &LoaderOption
         "every window read was verified: {st:?}"
     );
     assert_eq!(st.assemble.bytes, st.delivered_bytes);
-    n
+    (n, ds)
 }
 
 /// A flipped byte in a chunk of each column (x and z encrypted, y plain): one integrity error
