@@ -22,6 +22,9 @@
 override shared_table: bool = true;
 override WG: u32 = 256u;
 override COPIES: u32 = 1u;
+// Blocks each invocation of `aes_ctr.wgsl`'s `main` encrypts one after another (1, or more so
+// that the table copy into workgroup memory is shared by more blocks).
+override LOOP: u32 = 1u;
 
 var<workgroup> t0: array<u32, 256u * COPIES>;
 // This invocation's table copy (0 with one copy).

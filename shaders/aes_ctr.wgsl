@@ -7,8 +7,9 @@
 // here.
 //
 // Variants, picked at pipeline creation (measured per adapter by `kernel_bench`):
-// - `main`: one block per invocation; `main4`: four blocks per invocation, their state words
-//   held as the lanes of vec4s so the four blocks' table lookups are independent (ILP);
+// - `main`: one block per invocation, or `LOOP` blocks one after another; `main4`: four blocks
+//   per invocation, their state words held as the lanes of vec4s so the four blocks' table
+//   lookups are independent (ILP);
 // - the core's overrides `WG`, `shared_table` and `COPIES` (see `aes_core.wgsl`).
 // Workgroup w covers blocks [w * WG * n, (w + 1) * WG * n) for n blocks per invocation; block j
 // of an invocation is at w * WG * n + j * WG + local index, so every load/store is coalesced.
@@ -35,11 +36,18 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     load_table(lid);
-    let i = (wid.x + wid.y * params.row_groups) * WG + lid;
-    if (i >= params.blocks) {
-        return;
+    let first = (wid.x + wid.y * params.row_groups) * WG * LOOP + lid;
+    for (var it = 0u; it < LOOP; it++) {
+        let i = first + it * WG;
+        if (i >= params.blocks) {
+            return;
+        }
+        ctr_block(i);
     }
+}
 
+// Keystream block `i` of the dispatch XORed into `data[i]`.
+fn ctr_block(i: u32) {
     let k0 = round_keys[0];
     var s0 = params.nonce_ctr.x ^ k0.x;
     var s1 = params.nonce_ctr.y ^ k0.y;

@@ -73,7 +73,10 @@ fn every_kernel_variant_conforms() {
             CpuCipher::new().prepare(&key).unwrap(),
         );
         let mut rng = SplitMix(u64::from(
-            variant.workgroup_size + variant.blocks_per_invocation + variant.table_copies,
+            variant.workgroup_size
+                + variant.blocks_per_invocation
+                + variant.loop_blocks
+                + variant.table_copies,
         ));
         for (offset, len) in [
             (0u64, 16 * 2048 + 5),
@@ -95,14 +98,27 @@ fn every_kernel_variant_conforms() {
         }
         c.health().unwrap();
     }
-    let bad = WgpuCipher::new(WgpuOptions {
-        kernel: Some(KernelVariant {
+    for bad in [
+        KernelVariant {
             blocks_per_invocation: 3,
             ..KernelVariant::DEFAULT
-        }),
-        ..WgpuOptions::default()
-    });
-    assert!(bad.is_err(), "an unsupported variant was accepted");
+        },
+        KernelVariant {
+            blocks_per_invocation: 4,
+            loop_blocks: 2,
+            ..KernelVariant::DEFAULT
+        },
+        KernelVariant {
+            loop_blocks: 9,
+            ..KernelVariant::DEFAULT
+        },
+    ] {
+        let c = WgpuCipher::new(WgpuOptions {
+            kernel: Some(bad),
+            ..WgpuOptions::default()
+        });
+        assert!(c.is_err(), "the unsupported variant {bad} was accepted");
+    }
 }
 
 #[test]

@@ -318,6 +318,10 @@ pub(super) fn expand_key(key: &[u8; 32], sbox: &[u8; 256]) -> Zeroizing<[u32; 60
     w
 }
 
+/// Environment variable selecting the AES-CTR kernel variant ([`KernelVariant::parse`]) when
+/// [`WgpuOptions::kernel`] is not set: one GPU run can compare loaders across variants.
+pub const KERNEL_VARIANT_ENV: &str = "CIPHERSHARD_WGPU_KERNEL";
+
 /// A variant of the AES-CTR kernel (`shaders/aes_ctr.wgsl`), chosen at pipeline creation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct KernelVariant {
@@ -325,6 +329,9 @@ pub struct KernelVariant {
     pub workgroup_size: u32,
     /// Blocks per invocation: 1 (`main`) or 4 (`main4`, four independent blocks for ILP).
     pub blocks_per_invocation: u32,
+    /// With one block per invocation: blocks each invocation encrypts one after another (1 to
+    /// 8), so more blocks share the workgroup's table copy (32 KiB when banked).
+    pub loop_blocks: u32,
     /// Copies of the table in workgroup memory: 1, or 32 interleaved one per bank (32 KiB; the
     /// CUDA kernel's conflict-free layout). Ignored when the table is read from storage.
     pub table_copies: u32,
@@ -334,62 +341,82 @@ pub struct KernelVariant {
     /// a kernel that is integer-bound on NVIDIA (docs/BENCHMARKS.md, kernel technique).
     /// Measured per adapter by `kernel_bench`; never the default until a GPU run says so.
     pub runtime_checks: bool,
+    /// The 13 middle rounds written out in the source ([`unroll_rounds`]) instead of a loop:
+    /// every round key then has a constant index, and no loop is left to the driver's compiler.
+    pub unrolled: bool,
+}
+
+/// Shorthand for the variant table below.
+const fn variant(
+    workgroup_size: u32,
+    blocks_per_invocation: u32,
+    loop_blocks: u32,
+    table_copies: u32,
+    runtime_checks: bool,
+    unrolled: bool,
+) -> KernelVariant {
+    KernelVariant {
+        workgroup_size,
+        blocks_per_invocation,
+        loop_blocks,
+        table_copies,
+        runtime_checks,
+        unrolled,
+    }
 }
 
 impl KernelVariant {
     /// The default: one block per invocation, 256 invocations (measured fastest so far).
-    pub const DEFAULT: KernelVariant = KernelVariant {
-        workgroup_size: 256,
-        blocks_per_invocation: 1,
-        table_copies: 1,
-        runtime_checks: true,
-    };
-    /// Every variant `kernel_bench` measures.
-    pub const ALL: [KernelVariant; 8] = [
+    pub const DEFAULT: KernelVariant = variant(256, 1, 1, 1, true, false);
+    /// Every variant `kernel_bench` measures: the WebGPU-portable shapes, the bank-interleaved
+    /// table (CUDA's conflict-free layout, 32 KiB) filled once per 256 to 2048 blocks, and
+    /// without wgpu's runtime checks and with the rounds unrolled, the two changes that cut
+    /// integer instructions on an integer-bound kernel.
+    pub const ALL: [KernelVariant; 17] = [
         KernelVariant::DEFAULT,
-        KernelVariant {
-            workgroup_size: 512,
-            blocks_per_invocation: 1,
-            table_copies: 1,
-            runtime_checks: true,
-        },
-        KernelVariant {
-            workgroup_size: 256,
-            blocks_per_invocation: 4,
-            table_copies: 1,
-            runtime_checks: true,
-        },
-        KernelVariant {
-            workgroup_size: 512,
-            blocks_per_invocation: 4,
-            table_copies: 1,
-            runtime_checks: true,
-        },
-        KernelVariant {
-            workgroup_size: 256,
-            blocks_per_invocation: 4,
-            table_copies: 32,
-            runtime_checks: true,
-        },
-        KernelVariant {
-            workgroup_size: 512,
-            blocks_per_invocation: 4,
-            table_copies: 32,
-            runtime_checks: true,
-        },
-        KernelVariant {
-            workgroup_size: 512,
-            blocks_per_invocation: 1,
-            table_copies: 1,
-            runtime_checks: false,
-        },
-        KernelVariant {
-            workgroup_size: 512,
-            blocks_per_invocation: 4,
-            table_copies: 32,
-            runtime_checks: false,
-        },
+        variant(512, 1, 1, 1, true, false),
+        variant(256, 4, 1, 1, true, false),
+        variant(512, 4, 1, 1, true, false),
+        variant(256, 1, 1, 32, true, false),
+        variant(256, 4, 1, 32, true, false),
+        variant(512, 4, 1, 32, true, false),
+        variant(256, 1, 8, 32, true, false),
+        variant(512, 1, 1, 1, false, false),
+        variant(256, 1, 1, 32, false, false),
+        variant(256, 4, 1, 32, false, false),
+        variant(512, 4, 1, 32, false, false),
+        variant(256, 1, 4, 32, false, false),
+        variant(256, 1, 1, 32, true, true),
+        variant(256, 1, 1, 32, false, true),
+        variant(256, 1, 8, 32, false, true),
+        variant(512, 4, 1, 32, false, true),
     ];
+
+    /// The variant of [`KernelVariant::ALL`] with this name (as [`Display`] writes it, e.g.
+    /// `wg256x1-banked`).
+    ///
+    /// [`Display`]: std::fmt::Display
+    pub fn parse(name: &str) -> Option<KernelVariant> {
+        KernelVariant::ALL
+            .into_iter()
+            .find(|v| v.to_string() == name)
+    }
+
+    /// The variant named by [`KERNEL_VARIANT_ENV`], if set; an unknown name is an error.
+    fn from_env() -> Result<Option<KernelVariant>> {
+        let Some(name) = std::env::var(KERNEL_VARIANT_ENV)
+            .ok()
+            .filter(|v| !v.is_empty())
+        else {
+            return Ok(None);
+        };
+        KernelVariant::parse(&name).map(Some).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{KERNEL_VARIANT_ENV}={name}: unknown wgpu kernel variant (one of: {})",
+                KernelVariant::ALL.map(|v| v.to_string()).join(", ")
+            ))
+        })
+    }
 
     fn entry_point(&self) -> &'static str {
         if self.blocks_per_invocation == 4 {
@@ -401,7 +428,9 @@ impl KernelVariant {
 
     /// Blocks one workgroup covers.
     fn span_blocks(&self) -> u64 {
-        u64::from(self.workgroup_size) * u64::from(self.blocks_per_invocation)
+        u64::from(self.workgroup_size)
+            * u64::from(self.blocks_per_invocation)
+            * u64::from(self.loop_blocks)
     }
 }
 
@@ -409,9 +438,14 @@ impl std::fmt::Display for KernelVariant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "wg{}x{}{}{}",
+            "wg{}x{}{}{}{}{}",
             self.workgroup_size,
             self.blocks_per_invocation,
+            if self.loop_blocks > 1 {
+                format!("-loop{}", self.loop_blocks)
+            } else {
+                String::new()
+            },
             if self.table_copies == 32 {
                 "-banked"
             } else {
@@ -421,10 +455,58 @@ impl std::fmt::Display for KernelVariant {
                 ""
             } else {
                 "-unchecked"
-            }
+            },
+            if self.unrolled { "-unrolled" } else { "" }
         )
     }
 }
+
+/// The loop over AES's 13 middle rounds as the CTR kernels write it.
+const ROUND_LOOP: &str = "for (var r = 1u; r < 14u; r++) {";
+
+/// `source` with every [`ROUND_LOOP`] written out as 13 blocks `{ let r = Nu; <body> }`: the
+/// same statements with constant round indices (the variants' `unrolled` option). The body
+/// ends at the brace that closes the loop's own.
+pub(super) fn unroll_rounds(source: &str) -> String {
+    let mut out = String::with_capacity(source.len() * 8);
+    let mut rest = source;
+    while let Some(at) = rest.find(ROUND_LOOP) {
+        out.push_str(&rest[..at]);
+        let body_start = at + ROUND_LOOP.len();
+        let mut depth = 1usize;
+        let mut body_end = None;
+        for (i, ch) in rest[body_start..].char_indices() {
+            match ch {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        body_end = Some(body_start + i);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        // An unclosed loop: leave the text to the WGSL compiler, which reports it.
+        let Some(body_end) = body_end else {
+            out.push_str(&rest[at..]);
+            return out;
+        };
+        let body = &rest[body_start..body_end];
+        for r in 1..14 {
+            out.push_str(&format!("{{ let r = {r}u;{body}}}\n    "));
+        }
+        rest = &rest[body_end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The AES-CTR kernel source with its rounds unrolled (built once; the unchecked build accepts
+/// only this text and [`SHADER`]).
+static UNROLLED_SHADER: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| unroll_rounds(SHADER));
 
 /// Compiles the AES-CTR WGSL and builds its pipeline and bind-group layout; a compile or
 /// validation error comes back as text (wgpu's default would panic).
@@ -435,6 +517,13 @@ fn build_pipeline(
     variant: KernelVariant,
 ) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
     let (storage, uniform) = binding_types();
+    let unrolled;
+    let source = if variant.unrolled {
+        unrolled = unroll_rounds(source);
+        &unrolled
+    } else {
+        source
+    };
     build_compute(
         device,
         "aes_ctr",
@@ -445,6 +534,7 @@ fn build_pipeline(
             ("shared_table", if shared_table { 1.0 } else { 0.0 }),
             ("WG", f64::from(variant.workgroup_size)),
             ("COPIES", f64::from(variant.table_copies)),
+            ("LOOP", f64::from(variant.loop_blocks)),
         ],
         variant.runtime_checks,
     )
@@ -500,7 +590,7 @@ pub(super) fn build_compute(
     constants: &[(&str, f64)],
     runtime_checks: bool,
 ) -> std::result::Result<(::wgpu::ComputePipeline, ::wgpu::BindGroupLayout), String> {
-    if !runtime_checks && source != SHADER {
+    if !runtime_checks && source != SHADER && source != UNROLLED_SHADER.as_str() {
         return Err(
             "only the AES-CTR kernel (aes_core.wgsl + aes_ctr.wgsl) may be built \
                     without runtime checks"
@@ -521,12 +611,14 @@ pub(super) fn build_compute(
         //   with 32 copies is read at `(x << 5) | lane`, lane = lid & 31: below 8192, its
         //   length; `load_table` writes `t0[x]`, x < 256, or `t0[w]`, w < 8192 (32 copies
         //   only), reading `t0_table[w >> 5]` < 256;
-        // - `round_keys[r]`: r in 0..=14, the array has 15 entries;
-        // - `data[i]` (`main`) and `data[idx[j]]` (`main4`, j < 4) only after `i <
-        //   params.blocks`, and the host binds exactly `params.blocks` blocks (`gpu_ctr` and
+        // - `round_keys[r]`: r in 0..=14, the array has 15 entries (the unrolled text has the
+        //   same statements with r a constant from 1 to 13);
+        // - `data[i]` (`main`, via `ctr_block`) and `data[idx[j]]` (`main4`, j < 4) only after
+        //   `i < params.blocks`, and the host binds exactly `params.blocks` blocks (`gpu_ctr` and
         //   `kernel_only` write `blocks = size / 16` for a binding of `size` bytes);
         // - `ks[j]`, `idx[j]`: j < 4 in a loop bounded by 4;
-        // - loops: `r` to 14, `j` to 4, the table copies to 256 or 8192 in steps of WG >= 64.
+        // - loops: `r` to 14, `j` to 4, `it` to LOOP (at most 8), the table copies to 256 or
+        //   8192 in steps of WG >= 64.
         unsafe {
             device.create_shader_module_trusted(desc, ::wgpu::ShaderRuntimeChecks::unchecked())
         }
@@ -762,14 +854,20 @@ impl WgpuCipher {
         });
 
         let shared_table = options.shared_table.unwrap_or(true);
-        let mut variant = options.kernel.unwrap_or(KernelVariant::DEFAULT);
+        let mut variant = match options.kernel {
+            Some(v) => v,
+            None => KernelVariant::from_env()?.unwrap_or(KernelVariant::DEFAULT),
+        };
         if !matches!(variant.blocks_per_invocation, 1 | 4)
             || !matches!(variant.workgroup_size, 64 | 128 | 256 | 512 | 1024)
             || !matches!(variant.table_copies, 1 | 32)
+            || !(1..=8).contains(&variant.loop_blocks)
+            || (variant.loop_blocks > 1 && variant.blocks_per_invocation != 1)
         {
             return Err(Error::InvalidArgument(format!(
                 "wgpu kernel variant {variant}: blocks per invocation must be 1 or 4, the \
-                 workgroup size a power of two from 64 to 1024, and table copies 1 or 32"
+                 workgroup size a power of two from 64 to 1024, table copies 1 or 32, and \
+                 blocks in a loop 1 to 8 (with one block per invocation)"
             )));
         }
         if !shared_table {
@@ -1806,6 +1904,9 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
     let offset = super::conformance::offset_for_counter(u32::MAX - 1000);
     reference.ctr_apply(&nonce, offset, &src, &mut want);
 
+    // On a GPU one pass over `bytes` takes well under a millisecond, the size of a submit and
+    // wait: several dispatches per submission keep that overhead out of the kernel figure.
+    let repeat: u64 = if cipher.ctx.adapter.is_cpu() { 1 } else { 16 };
     let mut variants = Vec::new();
     for variant in KernelVariant::ALL {
         let c = WgpuCipher::new(WgpuOptions {
@@ -1830,11 +1931,11 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
                 c.ctx.adapter, c.ctx.variant
             )));
         }
-        let t = time_passes(&mut || op.kernel_only(bytes as u64))?;
+        let t = time_passes(&mut || op.kernel_only(bytes as u64 * repeat))?;
         c.health()?;
         variants.push(VariantBench {
             variant: c.ctx.variant.to_string(),
-            gbps: gbps(bytes, t),
+            gbps: gbps(bytes * repeat as usize, t),
         });
     }
     let best = variants
@@ -1971,6 +2072,48 @@ impl WgpuOpener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variants_parse_by_their_names() {
+        for v in KernelVariant::ALL {
+            assert_eq!(KernelVariant::parse(&v.to_string()), Some(v));
+        }
+        let names: std::collections::HashSet<String> =
+            KernelVariant::ALL.iter().map(|v| v.to_string()).collect();
+        assert_eq!(
+            names.len(),
+            KernelVariant::ALL.len(),
+            "two variants share a name"
+        );
+        assert_eq!(KernelVariant::parse("wg256x3"), None);
+        assert_eq!(KernelVariant::parse(""), None);
+    }
+
+    #[test]
+    fn unrolled_kernels_write_out_every_round() {
+        for (name, source) in [
+            ("aes_ctr", SHADER),
+            ("aes_ctr_batch", super::super::wgpu_batch::BATCH_SHADER),
+        ] {
+            let loops = source.matches(ROUND_LOOP).count();
+            assert!(loops > 0, "{name}: no round loop to unroll");
+            let unrolled = unroll_rounds(source);
+            assert!(!unrolled.contains(ROUND_LOOP), "{name}: a loop is left");
+            for r in 1..14 {
+                assert_eq!(
+                    unrolled.matches(&format!("{{ let r = {r}u;")).count(),
+                    loops,
+                    "{name}: round {r}"
+                );
+            }
+            assert!(!unrolled.contains("let r = 14u;") && !unrolled.contains("let r = 0u;"));
+            // The text after the last loop is kept whole.
+            assert!(unrolled.ends_with(&source[source.rfind("let k = round_keys[").unwrap()..]));
+        }
+        // An unclosed loop is left as it is (the WGSL compiler reports it).
+        let broken = format!("fn f() {{ {ROUND_LOOP} let x = 1u; ");
+        assert_eq!(unroll_rounds(&broken), broken);
+    }
 
     #[test]
     fn key_expansion_matches_fips197_a3() {

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
 /// The batch CTR kernel: the AES core, then its entry file.
-const BATCH_SHADER: &str = concat!(
+pub(super) const BATCH_SHADER: &str = concat!(
     include_str!("../../shaders/aes_core.wgsl"),
     include_str!("../../shaders/aes_ctr_batch.wgsl")
 );
@@ -265,10 +265,17 @@ impl WgpuBatchEngine {
 
         let (storage, uniform) = binding_types();
         let variant = ctx.variant;
+        let unrolled;
+        let source = if variant.unrolled {
+            unrolled = super::wgpu::unroll_rounds(BATCH_SHADER);
+            &unrolled
+        } else {
+            BATCH_SHADER
+        };
         let (ctr_pipeline, ctr_layout) = build_compute(
             &ctx.device,
             "aes_ctr_batch",
-            BATCH_SHADER,
+            source,
             "main",
             &[
                 storage(true),
@@ -1376,14 +1383,24 @@ mod tests {
         let key_refs: Vec<&DataKey> = keys.iter().collect();
         let lens = [1, 15, 16, 17, 4096, 65536 + 5, 0, 31, 33, 100, 2 << 20, 7];
         let (staging, chunks, plains) = encrypted_window(&mut rng, &keys, &lens);
-        // The default kernel variant and the 512-wide bank-interleaved one.
+        // The default kernel variant, the 512-wide bank-interleaved one, and one with the rounds
+        // unrolled (the batch kernel keeps the runtime checks whatever the variant says).
         let banked = KernelVariant {
             workgroup_size: 512,
             blocks_per_invocation: 4,
+            loop_blocks: 1,
             table_copies: 32,
             runtime_checks: true,
+            unrolled: false,
         };
-        for kernel in [None, Some(banked)] {
+        let unrolled = KernelVariant {
+            workgroup_size: 256,
+            table_copies: 32,
+            runtime_checks: false,
+            unrolled: true,
+            ..KernelVariant::DEFAULT
+        };
+        for kernel in [None, Some(banked), Some(unrolled)] {
             let Some(c) = cipher(kernel) else { return };
             let engine = WgpuBatchEngine::new(&c, &key_refs).unwrap();
             check_window(&engine, &staging, &chunks, &plains);

@@ -367,6 +367,10 @@ pub struct BenchArgs {
     /// trip per chunk) instead of the device loader.
     #[arg(long)]
     host_batches: bool,
+    /// With `--backend cuda|wgpu`: skip the kernel-only figures (every kernel variant, tag
+    /// checks, round trips) measured after the loader.
+    #[arg(long)]
+    no_kernel_figures: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -422,6 +426,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     };
     let report = pipeline::bench::run(args.dataset.as_deref(), key.as_ref(), &opts)?;
     let kernels = match report.backend.as_str() {
+        _ if args.no_kernel_figures => None,
         "cuda" => Some(cuda_kernel_figures()?),
         "wgpu" => Some(wgpu_kernel_figures()?),
         _ => None,
