@@ -109,7 +109,7 @@ if [ -x "$BIN/loader_cuda" ]; then
     else row "loader device batches vs CPU loader, tamper" "FAIL (rc $rc): $(echo "$out" | grep -E 'SKIPPED|panicked|FAIL' | head -2 | tr '|\n' '/ ')"; fi
 fi
 if [ -x "$BIN/ciphershard" ]; then
-    out=$(timeout 150 "$BIN/ciphershard" bench --backend cuda --threads 8 --epochs 8 --batch-size 1024 --json 2>&1); rc=$?
+    out=$(timeout 150 "$BIN/ciphershard" bench --backend cuda --threads 8 --epochs 20 --batch-size 1024 --json 2>&1); rc=$?
     echo "$out" > "${OUT:-/tmp}/bench-cuda.json"
     echo "$out" | grep -E '"(backend|gb_per_s|ratio|steady_gb_per_s|steady_ratio|setup_seconds|first_batch_seconds|windows|read_ns|gpu_wait_ns|window_wait_ns|gather_ns|batch_sync_ns|send_wait_ns|ctr_gbps|ctr_ghash_gbps|e2e_[a-z_]*gbps)"' | head -40
     [ $rc -eq 0 ] && row "ciphershard bench --backend cuda" "$(echo "$out" | tr -d ' \n' | grep -oE '"(steady_gb_per_s|ratio|steady_ratio)":[0-9.]+' | head -4 | tr '\n' ' ')(full JSON in bench-cuda.json)" \
@@ -118,7 +118,7 @@ fi
 
 echo "== CPU backend loader on this machine (the baseline the GPU loaders are compared with)"
 if [ -x "$BIN/ciphershard" ]; then
-    out=$(timeout 90 "$BIN/ciphershard" bench --backend cpu --threads 8 --epochs 3 --batch-size 1024 --json 2>&1); rc=$?
+    out=$(timeout 90 "$BIN/ciphershard" bench --backend cpu --threads 8 --epochs 20 --batch-size 1024 --json 2>&1); rc=$?
     echo "$out" > "${OUT:-/tmp}/bench-cpu.json"
     [ $rc -eq 0 ] && row "ciphershard bench --backend cpu (8 threads)" "$(echo "$out" | tr -d ' \n' | grep -oE '"(gb_per_s|steady_gb_per_s|ratio)":[0-9.]+' | head -4 | tr '\n' ' ')" \
         || row "ciphershard bench --backend cpu" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
@@ -132,7 +132,7 @@ host_bench() {
     [ -x "$BIN/ciphershard" ] || return
     if [ "$SECONDS" -gt 420 ]; then row "ciphershard bench --backend $1 --host-batches" "SKIPPED: ${SECONDS}s into the run"; return; fi
     local out rc
-    out=$(timeout 90 "$BIN/ciphershard" bench --backend "$1" --host-batches --threads 8 --epochs 1 --batch-size 1024 --json 2>&1); rc=$?
+    out=$(timeout 90 "$BIN/ciphershard" bench --backend "$1" --host-batches --threads 8 --epochs 3 --batch-size 1024 --json 2>&1); rc=$?
     echo "$out" > "${OUT:-/tmp}/bench-$1-host.json"
     [ $rc -eq 0 ] && row "ciphershard bench --backend $1 --host-batches" "$(echo "$out" | tr -d ' \n' | grep -oE '"(gb_per_s|steady_gb_per_s|ratio)":[0-9.]+' | head -4 | tr '\n' ' ')" \
         || row "ciphershard bench --backend $1 --host-batches" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
@@ -169,7 +169,7 @@ fi
 if [ -x "$BIN/ciphershard" ]; then
     # The wgpu device loader (batches in wgpu::Buffers) over the bench dataset, plus kernel figures.
     # Same batch size and epochs as the CPU loader's bench above, so the steady figures compare.
-    out=$(timeout 150 "$BIN/ciphershard" bench --backend wgpu --threads 8 --epochs 3 --batch-size 1024 --json 2>&1); rc=$?
+    out=$(timeout 150 "$BIN/ciphershard" bench --backend wgpu --threads 8 --epochs 20 --batch-size 1024 --json 2>&1); rc=$?
     echo "$out" > "${OUT:-/tmp}/bench-wgpu.json"
     [ $rc -eq 0 ] && row "ciphershard bench --backend wgpu" "$(echo "$out" | tr -d ' \n' | grep -oE '"(gb_per_s|steady_gb_per_s|ratio|kernel_gbps|window_ctr_gbps|gather_gbps|upload_gbps|best_variant|gpu_ghash_gbps|cpu_ghash_gbps|open_gpu_ghash_gbps|open_cpu_ghash_gbps|open_gbps|adapter)":("[^"]*"|[0-9.]+)' | tr '\n' ' ')" \
         || row "ciphershard bench --backend wgpu" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"
@@ -178,7 +178,7 @@ if [ -x "$BIN/ciphershard" ]; then
     # is in the goals table.
     best=$(echo "$out" | tr -d ' \n' | grep -oE '"best_variant":"[^"]*"' | head -1 | cut -d'"' -f4)
     if [ -n "$best" ]; then
-        out=$(CIPHERSHARD_WGPU_KERNEL=$best timeout 90 "$BIN/ciphershard" bench --backend wgpu --threads 8 --epochs 3 --batch-size 1024 --no-kernel-figures --json 2>&1); rc=$?
+        out=$(CIPHERSHARD_WGPU_KERNEL=$best timeout 90 "$BIN/ciphershard" bench --backend wgpu --threads 8 --epochs 20 --batch-size 1024 --no-kernel-figures --json 2>&1); rc=$?
         echo "$out" > "${OUT:-/tmp}/bench-wgpu-best.json"
         [ $rc -eq 0 ] && row "ciphershard bench --backend wgpu, kernel $best" "$(echo "$out" | tr -d ' \n' | grep -oE '"(gb_per_s|steady_gb_per_s|ratio)":[0-9.]+' | head -4 | tr '\n' ' ')" \
             || row "ciphershard bench --backend wgpu, kernel $best" "FAIL (rc $rc): $(echo "$out" | tail -2 | tr '|\n' '/ ')"

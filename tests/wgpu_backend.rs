@@ -517,3 +517,32 @@ fn measure_throughput() {
         kernel / cpu
     );
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn created_and_dropped_backends_release_their_resources() {
+    // On the H200 (driver 580) the test binaries ran out of adapters after some 60 backends
+    // had come and gone ("vulkan drivers/libraries could not be loaded"): each one used to make
+    // its own Vulkan instance. Open file descriptors must stay flat over many of them.
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let Some(first) = backend(WgpuOptions::default()) else {
+        return;
+    };
+    drop(first);
+    let before = fds();
+    for i in 0..48 {
+        let c = backend(WgpuOptions::default())
+            .unwrap_or_else(|| panic!("backend {i} could not be created"));
+        let key = DataKey::from_bytes([i as u8; 32]);
+        let mut out = vec![0u8; 4096];
+        c.prepare(&key)
+            .unwrap()
+            .ctr_apply(&[1; 12], 0, &[0u8; 4096], &mut out);
+    }
+    let after = fds();
+    assert!(
+        after <= before + 8,
+        "48 backends created and dropped left {} more open file descriptors",
+        after - before
+    );
+}

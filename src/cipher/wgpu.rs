@@ -98,14 +98,22 @@ impl AdapterSummary {
     }
 }
 
+/// The process's one wgpu instance (created on first use): every backend, probe and device
+/// comes from it, as wgpu intends, instead of one Vulkan instance per device.
 fn instance() -> ::wgpu::Instance {
-    let mut desc = ::wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    if std::env::var_os("WGPU_BACKEND").is_none() {
-        // Vulkan, Metal, DX12: the APIs with compute shaders everywhere. (GL only if asked for
-        // through WGPU_BACKEND; probing it on a headless box prints EGL noise.)
-        desc.backends = ::wgpu::Backends::PRIMARY;
-    }
-    ::wgpu::Instance::new(desc)
+    static INSTANCE: std::sync::OnceLock<::wgpu::Instance> = std::sync::OnceLock::new();
+    INSTANCE
+        .get_or_init(|| {
+            let mut desc = ::wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+            if std::env::var_os("WGPU_BACKEND").is_none() {
+                // Vulkan, Metal, DX12: the APIs with compute shaders everywhere. (GL only if
+                // asked for through WGPU_BACKEND; probing it on a headless box prints EGL
+                // noise.)
+                desc.backends = ::wgpu::Backends::PRIMARY;
+            }
+            ::wgpu::Instance::new(desc)
+        })
+        .clone()
 }
 
 fn request_adapter(instance: &::wgpu::Instance) -> std::result::Result<::wgpu::Adapter, String> {
@@ -229,7 +237,8 @@ pub struct WgpuOptions {
     /// read it from the storage buffer (`Some(false)`). On lavapipe the two measured the same
     /// within the noise (0.05-0.14 GB/s each, alternating runs); kept to compare on real GPUs.
     pub shared_table: Option<bool>,
-    /// The AES-CTR kernel variant (default: [`KernelVariant::DEFAULT`]).
+    /// The AES-CTR kernel variant (default: [`KERNEL_VARIANT_ENV`] if set, else
+    /// [`KernelVariant::GPU_DEFAULT`] on a GPU and [`KernelVariant::DEFAULT`] on a CPU adapter).
     pub kernel: Option<KernelVariant>,
     /// Where the tag check of `open` runs: `Some(true)` on the GPU (`shaders/ghash.wgsl`, partial
     /// sums read back before any plaintext is), `Some(false)` on one CPU thread overlapped with
@@ -366,8 +375,16 @@ const fn variant(
 }
 
 impl KernelVariant {
-    /// The default: one block per invocation, 256 invocations (measured fastest so far).
+    /// The default on CPU (software) adapters, and the most portable shape: one block per
+    /// invocation, 256 invocations, 1 KiB of workgroup memory, runtime checks on.
     pub const DEFAULT: KernelVariant = variant(256, 1, 1, 1, true, false);
+    /// The default on GPUs: four blocks per invocation, 512 invocations, the bank-interleaved
+    /// table (32 KiB; one copy where the device has less workgroup memory), built without
+    /// runtime checks (every index is in range by construction: see `build_compute`). Fastest
+    /// of the 17 variants on the H200 (Vulkan, driver 580, 2026-11-27): 244.8 GB/s against
+    /// 184.8 for [`KernelVariant::DEFAULT`] and 193.8 for the same shape with checks
+    /// (docs/BENCHMARKS.md, run 5).
+    pub const GPU_DEFAULT: KernelVariant = variant(512, 4, 1, 32, false, false);
     /// Every variant `kernel_bench` measures: the WebGPU-portable shapes, the bank-interleaved
     /// table (CUDA's conflict-free layout, 32 KiB) filled once per 256 to 2048 blocks, and
     /// without wgpu's runtime checks and with the rounds unrolled, the two changes that cut
@@ -854,9 +871,14 @@ impl WgpuCipher {
         });
 
         let shared_table = options.shared_table.unwrap_or(true);
-        let mut variant = match options.kernel {
-            Some(v) => v,
-            None => KernelVariant::from_env()?.unwrap_or(KernelVariant::DEFAULT),
+        let (mut variant, chosen) = match options
+            .kernel
+            .map(Ok)
+            .or_else(|| KernelVariant::from_env().transpose())
+        {
+            Some(v) => (v?, true),
+            None if summary.is_cpu() => (KernelVariant::DEFAULT, false),
+            None => (KernelVariant::GPU_DEFAULT, false),
         };
         if !matches!(variant.blocks_per_invocation, 1 | 4)
             || !matches!(variant.workgroup_size, 64 | 128 | 256 | 512 | 1024)
@@ -871,6 +893,11 @@ impl WgpuCipher {
             )));
         }
         if !shared_table {
+            variant.table_copies = 1;
+        }
+        if !chosen && variant.table_copies * 1024 > limits.max_compute_workgroup_storage_size {
+            // The GPU default's 32 KiB table where a device offers less (WebGPU's minimum is
+            // 16 KiB): one copy, bank conflicts and all.
             variant.table_copies = 1;
         }
         if variant.table_copies * 1024 > limits.max_compute_workgroup_storage_size {
@@ -2085,6 +2112,9 @@ mod tests {
             KernelVariant::ALL.len(),
             "two variants share a name"
         );
+        // Both defaults are measured (and conformance-tested) with the rest.
+        assert!(KernelVariant::ALL.contains(&KernelVariant::DEFAULT));
+        assert!(KernelVariant::ALL.contains(&KernelVariant::GPU_DEFAULT));
         assert_eq!(KernelVariant::parse("wg256x3"), None);
         assert_eq!(KernelVariant::parse(""), None);
     }

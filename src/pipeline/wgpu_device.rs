@@ -52,10 +52,38 @@ use crate::keys::MasterKey;
 const WINDOWS_AHEAD: usize = 1;
 /// Host-visible upload slots: the reader fills one while the GPU copies the other.
 const UPLOAD_SLOTS: usize = 2;
-/// Threads copying a window into its upload slot. One: on the 2-vCPU VMs one thread already
-/// saturates memory (16 MiB windows: 14.7-17.3 GB/s with one, 10.6-12.8 with two;
-/// `wgpu_batch::tests::measure_upload_paths`). Bigger hosts may gain from more: measure there.
+/// Threads copying a window into its upload slot on a host with fewer than
+/// [`UPLOAD_THREADS_FROM_CORES`] cores: one. On the 2-vCPU VMs one thread already saturates
+/// memory (16 MiB windows: 14.7-17.3 GB/s with one, 10.6-12.8 with two;
+/// `wgpu_batch::tests::measure_upload_paths`).
 const UPLOAD_THREADS: usize = 1;
+/// From this many cores on, two upload threads: on the 16-core H200 box the device loader ran
+/// at 9.80 GB/s steady with two, 7.48 with one, 8.31 with four (docs/BENCHMARKS.md, run 5).
+const UPLOAD_THREADS_FROM_CORES: usize = 8;
+/// Environment variable overriding the upload thread count (1 to 16), a tuning knob.
+pub const UPLOAD_THREADS_ENV: &str = "CIPHERSHARD_WGPU_UPLOAD_THREADS";
+
+fn upload_threads() -> Result<usize> {
+    match std::env::var(UPLOAD_THREADS_ENV) {
+        Ok(v) if !v.is_empty() => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=16).contains(n))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{UPLOAD_THREADS_ENV}={v}: expected a thread count from 1 to 16"
+                ))
+            }),
+        _ => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Ok(if cores >= UPLOAD_THREADS_FROM_CORES {
+                2
+            } else {
+                UPLOAD_THREADS
+            })
+        }
+    }
+}
 
 /// One column of a device batch: shape `[B, ...]`, the dataset's dtype, in a `wgpu::Buffer`.
 #[derive(Debug, Clone, Copy)]
@@ -210,6 +238,8 @@ struct Producer {
     chunk_size: u64,
     twin: bool,
     threads: usize,
+    /// Threads copying a window into its upload slot.
+    upload_threads: usize,
     batch_size: usize,
     /// Most staging bytes a window needs without pieces (its chunks padded to 16 bytes).
     window_bytes: u64,
@@ -347,6 +377,7 @@ impl WgpuDeviceLoader {
             chunk_size,
             twin: opts.mode == DecryptMode::TwinNoCrypto,
             threads: opts.threads,
+            upload_threads: upload_threads()?,
             batch_size: batch_rows,
             window_bytes,
             piece_cap,
@@ -825,7 +856,7 @@ impl Producer {
                 self.engine
                     .upload_decrypt_ring(
                         ring,
-                        UPLOAD_THREADS,
+                        self.upload_threads,
                         buf,
                         &st.staging[range.clone()],
                         chunks,
