@@ -348,9 +348,9 @@ pub struct KernelVariant {
     /// builds the module as trusted: the AES kernel's indices are in range by construction
     /// (see `build_compute`), and each clamp costs an integer instruction per table lookup on
     /// a kernel that is integer-bound on NVIDIA (docs/BENCHMARKS.md, kernel technique).
-    /// Measured per adapter by `kernel_bench`; never the default until a GPU run says so.
+    /// Measured per adapter by `kernel_bench`; off in [`KernelVariant::GPU_DEFAULT`] (H200 run 5).
     pub runtime_checks: bool,
-    /// The 13 middle rounds written out in the source ([`unroll_rounds`]) instead of a loop:
+    /// The 13 middle rounds written out in the source instead of a loop:
     /// every round key then has a constant index, and no loop is left to the driver's compiler.
     pub unrolled: bool,
 }
@@ -382,7 +382,7 @@ impl KernelVariant {
     /// table (32 KiB; one copy where the device has less workgroup memory), built without
     /// runtime checks (every index is in range by construction: see `build_compute`). Fastest
     /// of the 17 variants on the H200 (Vulkan, driver 580, 2026-11-27): 244.8 GB/s against
-    /// 184.8 for [`KernelVariant::DEFAULT`] and 193.8 for the same shape with checks
+    /// 184.8 for [`KernelVariant::DEFAULT`] and 193.7 for the same shape with checks
     /// (docs/BENCHMARKS.md, run 5).
     pub const GPU_DEFAULT: KernelVariant = variant(512, 4, 1, 32, false, false);
     /// Every variant `kernel_bench` measures: the WebGPU-portable shapes, the bank-interleaved
