@@ -99,7 +99,8 @@ impl AdapterSummary {
 }
 
 /// The process's one wgpu instance (created on first use): every backend, probe and device
-/// comes from it, as wgpu intends, instead of one Vulkan instance per device.
+/// comes from it, as wgpu intends. One instance per device ran out on the H200: its Vulkan
+/// driver (580) found no adapter for the 29th instance a process had created and dropped.
 fn instance() -> ::wgpu::Instance {
     static INSTANCE: std::sync::OnceLock<::wgpu::Instance> = std::sync::OnceLock::new();
     INSTANCE
