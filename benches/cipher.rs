@@ -97,7 +97,7 @@ fn fixture(len: usize) -> Fixture {
     let key = DataKey::from_bytes([0x42; 32]);
     let opener = CpuCipher::new().prepare(&key).unwrap();
     let mut ct: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
-    let tag = opener.seal_in_place(&NONCE, &AAD, true, &mut ct);
+    let tag = opener.seal_in_place(&NONCE, &AAD, true, &mut ct).unwrap();
     Fixture {
         key,
         opener,
@@ -163,13 +163,14 @@ fn single_core(c: &mut Criterion) {
     });
     g.bench_function("ciphershard_ctr_apply", |b| {
         cpu_timed_loop(b, &mut dst, |d| {
-            f.opener.ctr_apply(&NONCE, 0, black_box(&f.ct), d)
+            f.opener.ctr_apply(&NONCE, 0, black_box(&f.ct), d).unwrap()
         })
     });
     g.bench_function("ciphershard_ctr_apply_offset_37", |b| {
         cpu_timed_loop(b, &mut dst, |d| {
             f.opener
                 .ctr_apply(&NONCE, 37, black_box(&f.ct[37..]), &mut d[37..])
+                .unwrap()
         })
     });
     g.bench_function("rustcrypto_ctr_crate", |b| {
@@ -194,7 +195,7 @@ fn single_core(c: &mut Criterion) {
     });
     g.bench_function("ciphershard_seal_in_place", |b| {
         cpu_timed_loop(b, &mut dst, |d| {
-            black_box(f.opener.seal_in_place(&NONCE, &AAD, true, d));
+            black_box(f.opener.seal_in_place(&NONCE, &AAD, true, d).unwrap());
         })
     });
     g.bench_function("aws_lc_rs_seal_in_place", |b| {
@@ -222,6 +223,7 @@ fn single_core(c: &mut Criterion) {
         cpu_timed_loop(b, &mut dst, |d| {
             f.opener
                 .ctr_apply(&NONCE, 1000, black_box(&f.ct[..4096]), &mut d[..4096])
+                .unwrap()
         })
     });
     g.finish();

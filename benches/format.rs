@@ -62,7 +62,11 @@ fn bench(c: &mut Criterion) {
             for (i, chunk) in buf.chunks_mut(2 * MIB).enumerate() {
                 let mut nonce = [0u8; 12];
                 nonce[4..].copy_from_slice(&(i as u64).to_be_bytes());
-                black_box(opener.seal_in_place(&nonce, &[0u8; 89], true, chunk));
+                black_box(
+                    opener
+                        .seal_in_place(&nonce, &[0u8; 89], true, chunk)
+                        .unwrap(),
+                );
             }
         })
     });

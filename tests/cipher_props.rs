@@ -7,7 +7,7 @@ use ciphershard::DataKey;
 use ciphershard::cipher::conformance::{self, offset_for_counter};
 use ciphershard::cipher::cpu::reference::ReferenceCipher;
 use ciphershard::cipher::cpu::{CpuCipher, ctr::ctr32_xor};
-use ciphershard::cipher::{ChunkOpener, ChunkParams, Cipher, TagMismatch};
+use ciphershard::cipher::{ChunkOpener, ChunkParams, Cipher, OpenError};
 use proptest::prelude::*;
 
 fn openers(key: [u8; 32]) -> (Box<dyn ChunkOpener>, Box<dyn ChunkOpener>) {
@@ -51,21 +51,21 @@ proptest! {
         let pt = bytes(len, seed);
         let aad = bytes(aad_len, !seed);
         let mut ct = pt.clone();
-        let tag = reference.seal_in_place(&nonce, &aad, encrypted, &mut ct);
+        let tag = reference.seal_in_place(&nonce, &aad, encrypted, &mut ct).unwrap();
         let mut ct_fast = pt.clone();
-        prop_assert_eq!(fast.seal_in_place(&nonce, &aad, encrypted, &mut ct_fast), tag);
+        prop_assert_eq!(fast.seal_in_place(&nonce, &aad, encrypted, &mut ct_fast).unwrap(), tag);
         prop_assert_eq!(&ct_fast, &ct);
         if !encrypted {
             prop_assert_eq!(&ct, &pt);
         }
 
         let p = ChunkParams { nonce, aad: &aad, tag, encrypted };
-        prop_assert_eq!(fast.verify(&p, &ct), Ok(()));
+        prop_assert!(fast.verify(&p, &ct).is_ok());
         let mut out = vec![0xEEu8; len];
-        prop_assert_eq!(fast.open(&p, &ct, &mut out), Ok(()));
+        prop_assert!(fast.open(&p, &ct, &mut out).is_ok());
         prop_assert_eq!(&out, &pt);
         let mut buf = ct.clone();
-        prop_assert_eq!(fast.open_in_place(&p, &mut buf), Ok(()));
+        prop_assert!(fast.open_in_place(&p, &mut buf).is_ok());
         prop_assert_eq!(&buf, &pt);
     }
 
@@ -79,19 +79,19 @@ proptest! {
         let (fast, _) = openers(key);
         let mut ct = bytes(len, seed);
         let mut aad = bytes(89, !seed);
-        let mut tag = fast.seal_in_place(&nonce, &aad, encrypted, &mut ct);
+        let mut tag = fast.seal_in_place(&nonce, &aad, encrypted, &mut ct).unwrap();
         match target {
             0 if len > 0 => ct[at % len] ^= 1 << bit,
             1 => aad[at % 89] ^= 1 << bit,
             _ => tag[at % 16] ^= 1 << bit,
         }
         let p = ChunkParams { nonce, aad: &aad, tag, encrypted };
-        prop_assert_eq!(fast.verify(&p, &ct), Err(TagMismatch));
+        prop_assert!(matches!(fast.verify(&p, &ct), Err(OpenError::TagMismatch)));
         let mut out = vec![0xEEu8; len];
-        prop_assert_eq!(fast.open(&p, &ct, &mut out), Err(TagMismatch));
+        prop_assert!(matches!(fast.open(&p, &ct, &mut out), Err(OpenError::TagMismatch)));
         prop_assert!(out.iter().all(|&b| b == 0));
         let mut buf = ct.clone();
-        prop_assert_eq!(fast.open_in_place(&p, &mut buf), Err(TagMismatch));
+        prop_assert!(matches!(fast.open_in_place(&p, &mut buf), Err(OpenError::TagMismatch)));
         prop_assert!(buf.iter().all(|&b| b == 0));
     }
 
@@ -105,9 +105,9 @@ proptest! {
         let (fast, reference) = openers(key);
         let src = bytes(len, seed);
         let mut want = vec![0u8; len];
-        reference.ctr_apply(&nonce, offset, &src, &mut want);
+        reference.ctr_apply(&nonce, offset, &src, &mut want).unwrap();
         let mut got = vec![0u8; len];
-        fast.ctr_apply(&nonce, offset, &src, &mut got);
+        fast.ctr_apply(&nonce, offset, &src, &mut got).unwrap();
         prop_assert_eq!(&got, &want);
         let aes = aes::Aes256::new(&key.into());
         let mut portable = vec![0u8; len];
@@ -125,15 +125,15 @@ proptest! {
         let (fast, _) = openers(key);
         let pt = bytes(len, seed);
         let mut ct = pt.clone();
-        let tag = fast.seal_in_place(&nonce, &[], true, &mut ct);
+        let tag = fast.seal_in_place(&nonce, &[], true, &mut ct).unwrap();
         let p = ChunkParams { nonce, aad: &[], tag, encrypted: true };
-        prop_assert_eq!(fast.verify(&p, &ct), Ok(()));
+        prop_assert!(fast.verify(&p, &ct).is_ok());
         let mut points: Vec<usize> = cuts.iter().map(|c| c % (len + 1)).collect();
         points.extend([0, len]);
         points.sort_unstable();
         let mut out = vec![0u8; len];
         for w in points.windows(2) {
-            fast.ctr_apply(&nonce, w[0] as u64, &ct[w[0]..w[1]], &mut out[w[0]..w[1]]);
+            fast.ctr_apply(&nonce, w[0] as u64, &ct[w[0]..w[1]], &mut out[w[0]..w[1]]).unwrap();
         }
         prop_assert_eq!(&out, &pt);
     }

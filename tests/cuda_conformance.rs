@@ -20,12 +20,9 @@ fn device() -> Option<Arc<CudaCipher>> {
 #[test]
 fn cuda_backend_conforms() {
     let Some(c) = device() else { return };
+    // A device failure is an error of the call that met it (no CPU fallback), so a broken
+    // device fails the suite rather than passing on the CPU.
     conformance::run(c.as_ref(), 60).unwrap();
-    assert_eq!(
-        cuda::cpu_fallback_count(),
-        0,
-        "some calls were completed on the CPU because the device failed"
-    );
 }
 
 #[test]
@@ -48,7 +45,7 @@ fn batch_decrypts_into_device_memory_and_rejects_tampering() {
         rng.fill(&mut pt);
         let mut ct = pt.clone();
         let nonce = [i as u8; 12];
-        tags.push(rop.seal_in_place(&nonce, &aad, i != 3, &mut ct));
+        tags.push(rop.seal_in_place(&nonce, &aad, i != 3, &mut ct).unwrap());
         pts.push(pt);
         cts.push(ct);
     }
@@ -124,7 +121,10 @@ fn every_ctr_variant_conforms_and_staged_batches_decrypt_with_each() {
         let mut pt = vec![0u8; len];
         rng.fill(&mut pt);
         let mut ct = pt.clone();
-        tags.push(rop.seal_in_place(&[i as u8 + 1; 12], &aad, i != 1, &mut ct));
+        tags.push(
+            rop.seal_in_place(&[i as u8 + 1; 12], &aad, i != 1, &mut ct)
+                .unwrap(),
+        );
         pts.push(pt);
         cts.push(ct);
     }
@@ -136,14 +136,7 @@ fn every_ctr_variant_conforms_and_staged_batches_decrypt_with_each() {
             continue;
         }
         c.set_ctr_variant(v).unwrap();
-        let before = cuda::cpu_fallback_count();
         conformance::run(c.as_ref(), 10).unwrap_or_else(|e| panic!("{}: {e}", v.name()));
-        assert_eq!(
-            cuda::cpu_fallback_count(),
-            before,
-            "{}: CPU fallbacks",
-            v.name()
-        );
         let mut dec = c.batch_decryptor(2, 16 << 20).unwrap();
         for tamper in [false, true] {
             let staging = dec.staging_mut().unwrap();

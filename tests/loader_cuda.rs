@@ -9,7 +9,7 @@ use std::path::Path;
 
 use ciphershard::cipher::{Backend, cuda};
 use ciphershard::pipeline::{
-    CudaBatch, DeviceLoader, DeviceStats, LoaderOptions, LoaderState, LoaderStats, bench,
+    CudaBatch, DeviceLoader, DeviceStats, LoaderOptions, LoaderState, LoaderStats,
 };
 use ciphershard::{Error, MasterKey};
 
@@ -130,10 +130,10 @@ fn device_bench_reports_cuda_end_to_end() {
     if !gpu("device_bench_reports_cuda_end_to_end") {
         return;
     }
-    let r = bench::run(
+    let r = ciphershard::bench::loader::run(
         None,
         None,
-        &bench::BenchOptions {
+        &ciphershard::bench::loader::BenchOptions {
             backend: Backend::Cuda,
             generated_rows: 8192,
             generated_features: 64,
@@ -170,10 +170,10 @@ fn without_a_device_the_error_is_clear() {
         }
         other => panic!("expected BackendUnavailable, got {other:?}"),
     }
-    let r = bench::run(
+    let r = ciphershard::bench::loader::run(
         None,
         None,
-        &bench::BenchOptions {
+        &ciphershard::bench::loader::BenchOptions {
             backend: Backend::Auto,
             generated_rows: 2048,
             generated_features: 16,

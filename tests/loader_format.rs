@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use ciphershard::cipher::Backend;
 use ciphershard::format::{ConvertInput, ConvertOptions, Dtype, convert};
-use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions, RowSource, bench};
+use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions, RowSource};
 use ciphershard::{Error, MasterKey};
 
 fn make(dir: &std::path::Path, rows: u64) -> (MasterKey, Vec<f32>, Vec<i32>) {
@@ -102,12 +102,12 @@ fn tampered_shard_byte_is_reported() {
 fn bench_reports_both_runs() {
     let dir = tempfile::tempdir().unwrap();
     let (key, _, _) = make(dir.path(), 2000);
-    let o = bench::BenchOptions {
+    let o = ciphershard::bench::loader::BenchOptions {
         epochs: 1,
         batch_size: 64,
         ..Default::default()
     };
-    let r = bench::run(Some(dir.path()), Some(&key), &o).unwrap();
+    let r = ciphershard::bench::loader::run(Some(dir.path()), Some(&key), &o).unwrap();
     assert_eq!(r.rows, 2000);
     assert_eq!(r.encrypted.batches, 32);
     assert_eq!(r.plaintext_twin.batches, 32);

@@ -1,8 +1,8 @@
 //! Throughput of the loader vs its plaintext twin (not a timed test: `#[ignore]`, run with
 //! `cargo test --release --no-default-features --test loader_perf -- --ignored --nocapture`).
 //! Prints one JSON BenchReport per configuration; figures are reported, never asserted.
+use ciphershard::bench::loader::{BenchOptions, generate, run_source};
 use ciphershard::pipeline::DecryptMode;
-use ciphershard::pipeline::bench::{BenchOptions, generate, run_source};
 use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions, RowSource};
 
 #[test]

@@ -11,7 +11,7 @@ use ciphershard::cipher::Backend;
 use ciphershard::cipher::wgpu::WgpuOptions;
 use ciphershard::pipeline::{
     DeviceStats, FormatSource, Loader, LoaderOptions, LoaderState, LoaderStats, RowSource,
-    WgpuBatch, WgpuDeviceLoader, bench,
+    WgpuBatch, WgpuDeviceLoader,
 };
 use ciphershard::{Error, MasterKey};
 
@@ -242,10 +242,10 @@ fn wgpu_bench_runs_the_device_loader() {
     if !adapter("wgpu_bench_runs_the_device_loader") {
         return;
     }
-    let r = bench::run(
+    let r = ciphershard::bench::loader::run(
         None,
         None,
-        &bench::BenchOptions {
+        &ciphershard::bench::loader::BenchOptions {
             backend: Backend::Wgpu,
             generated_rows: 4096,
             generated_features: 64,

@@ -635,7 +635,7 @@ pub fn _bench_native<'py>(
     prefetch: usize,
     window_blocks: u64,
 ) -> PyResult<Bound<'py, PyAny>> {
-    use ciphershard::pipeline::bench::{BenchOptions, run_source};
+    use ciphershard::bench::loader::{BenchOptions, run_source};
     let (source, backend) = dataset.get().source(py, None)?;
     let opts = BenchOptions {
         backend,

@@ -3,7 +3,7 @@
 //!
 //! Each backend's tests call [`run`]; one body, every device (as candle's `test_device!`).
 
-use super::{ChunkParams, Cipher, NONCE_LEN, TagMismatch};
+use super::{ChunkParams, Cipher, NONCE_LEN, OpenError};
 use crate::keys::DataKey;
 
 fn h(s: &str) -> Vec<u8> {
@@ -129,29 +129,32 @@ pub fn run(cipher: &dyn Cipher, random_cases: usize) -> Result<(), String> {
         };
         let mut out = vec![0u8; ct.len()];
         op.open(&params, &ct, &mut out)
-            .map_err(|_| format!("{name}: GCM vector {i}: tag rejected"))?;
+            .map_err(|e| format!("{name}: GCM vector {i}: open: {e}"))?;
         check(out == pt, || {
             format!("{name}: GCM vector {i}: wrong plaintext")
         })?;
         let mut buf = ct.clone();
         op.open_in_place(&params, &mut buf)
-            .map_err(|_| format!("{name}: GCM vector {i}: in place: tag rejected"))?;
+            .map_err(|e| format!("{name}: GCM vector {i}: in place: {e}"))?;
         check(buf == pt, || {
             format!("{name}: GCM vector {i}: in place: wrong plaintext")
         })?;
         op.verify(&params, &ct)
-            .map_err(|_| format!("{name}: GCM vector {i}: verify rejected"))?;
+            .map_err(|e| format!("{name}: GCM vector {i}: verify: {e}"))?;
         let mut sealed = pt.clone();
-        let tag = op.seal_in_place(&params.nonce, &aad, true, &mut sealed);
+        let tag = op
+            .seal_in_place(&params.nonce, &aad, true, &mut sealed)
+            .map_err(|e| format!("{name}: GCM vector {i}: seal: {e}"))?;
         check(sealed == ct && tag == params.tag, || {
             format!("{name}: GCM vector {i}: seal differs")
         })?;
         let mut bad = params;
         bad.tag[0] ^= 1;
         let mut out2 = vec![0xAAu8; ct.len()];
-        check(op.open(&bad, &ct, &mut out2) == Err(TagMismatch), || {
-            format!("{name}: GCM vector {i}: bad tag accepted")
-        })?;
+        check(
+            matches!(op.open(&bad, &ct, &mut out2), Err(OpenError::TagMismatch)),
+            || format!("{name}: GCM vector {i}: bad tag accepted"),
+        )?;
         check(out2.iter().all(|&b| b == 0), || {
             format!("{name}: GCM vector {i}: output not zeroed on failure")
         })?;
@@ -168,7 +171,8 @@ pub fn run(cipher: &dyn Cipher, random_cases: usize) -> Result<(), String> {
     let ctr = u32::from_be_bytes(iv[12..].try_into().unwrap());
     let (pt, ct) = (h(pt), h(ct));
     let mut out = vec![0u8; pt.len()];
-    op.ctr_apply(&nonce, offset_for_counter(ctr), &pt, &mut out);
+    op.ctr_apply(&nonce, offset_for_counter(ctr), &pt, &mut out)
+        .map_err(|e| format!("{name}: ctr_apply: {e}"))?;
     check(out == ct, || {
         format!("{name}: SP 800-38A F.5.5 CTR mismatch")
     })?;
@@ -180,7 +184,8 @@ pub fn run(cipher: &dyn Cipher, random_cases: usize) -> Result<(), String> {
             offset_for_counter(ctr) + start as u64,
             &pt[start..],
             &mut part,
-        );
+        )
+        .map_err(|e| format!("{name}: ctr_apply: {e}"))?;
         check(part == ct[start..], || {
             format!("{name}: F.5.5 seek to byte {start} mismatch")
         })?;
@@ -208,9 +213,13 @@ pub fn run(cipher: &dyn Cipher, random_cases: usize) -> Result<(), String> {
         rng.fill(&mut pt);
         let encrypted = case % 5 != 4;
         let mut ct = pt.clone();
-        let tag = rop.seal_in_place(&nonce, &aad, encrypted, &mut ct);
+        let tag = rop
+            .seal_in_place(&nonce, &aad, encrypted, &mut ct)
+            .map_err(|e| e.to_string())?;
         let mut ct2 = pt.clone();
-        let tag2 = op.seal_in_place(&nonce, &aad, encrypted, &mut ct2);
+        let tag2 = op
+            .seal_in_place(&nonce, &aad, encrypted, &mut ct2)
+            .map_err(|e| format!("{name}: case {case}: seal: {e}"))?;
         check(ct2 == ct && tag2 == tag, || {
             format!("{name}: case {case}: seal differs from reference (len {len})")
         })?;
@@ -222,33 +231,39 @@ pub fn run(cipher: &dyn Cipher, random_cases: usize) -> Result<(), String> {
         };
         let mut out = vec![0u8; len];
         op.open(&params, &ct, &mut out)
-            .map_err(|_| format!("{name}: case {case}: open rejected (len {len})"))?;
+            .map_err(|e| format!("{name}: case {case}: open (len {len}): {e}"))?;
         check(out == pt, || {
             format!("{name}: case {case}: open wrong plaintext (len {len})")
         })?;
         op.verify(&params, &ct)
-            .map_err(|_| format!("{name}: case {case}: verify rejected"))?;
+            .map_err(|e| format!("{name}: case {case}: verify: {e}"))?;
         if len > 0 {
             let mut bad = ct.clone();
             let at = rng.below(len as u64) as usize;
             bad[at] ^= 1 << rng.below(8);
             let mut out = vec![0x55u8; len];
-            check(op.open(&params, &bad, &mut out) == Err(TagMismatch), || {
-                format!("{name}: case {case}: flipped byte {at} accepted")
-            })?;
+            check(
+                matches!(
+                    op.open(&params, &bad, &mut out),
+                    Err(OpenError::TagMismatch)
+                ),
+                || format!("{name}: case {case}: flipped byte {at} accepted"),
+            )?;
             check(out.iter().all(|&b| b == 0), || {
                 format!("{name}: case {case}: not zeroed after failure")
             })?;
-            check(op.verify(&params, &bad) == Err(TagMismatch), || {
-                format!("{name}: case {case}: verify accepted flipped byte")
-            })?;
+            check(
+                matches!(op.verify(&params, &bad), Err(OpenError::TagMismatch)),
+                || format!("{name}: case {case}: verify accepted flipped byte"),
+            )?;
         }
         if encrypted && len > 0 {
             // Seek: decrypt a random sub-range, counters near the 32-bit wrap.
             let a = rng.below(len as u64) as usize;
             let b = a + rng.below((len - a) as u64 + 1) as usize;
             let mut part = vec![0u8; b - a];
-            op.ctr_apply(&nonce, a as u64, &ct[a..b], &mut part);
+            op.ctr_apply(&nonce, a as u64, &ct[a..b], &mut part)
+                .map_err(|e| format!("{name}: case {case}: ctr_apply: {e}"))?;
             check(part == pt[a..b], || {
                 format!("{name}: case {case}: ctr seek {a}..{b} mismatch")
             })?;
@@ -256,8 +271,10 @@ pub fn run(cipher: &dyn Cipher, random_cases: usize) -> Result<(), String> {
             let span = (len - a).min(200);
             let mut x = vec![0u8; span];
             let mut y = vec![0u8; span];
-            op.ctr_apply(&nonce, near_wrap, &pt[a..a + span], &mut x);
-            rop.ctr_apply(&nonce, near_wrap, &pt[a..a + span], &mut y);
+            op.ctr_apply(&nonce, near_wrap, &pt[a..a + span], &mut x)
+                .map_err(|e| format!("{name}: case {case}: ctr_apply: {e}"))?;
+            rop.ctr_apply(&nonce, near_wrap, &pt[a..a + span], &mut y)
+                .map_err(|e| e.to_string())?;
             check(x == y, || {
                 format!("{name}: case {case}: counter wrap mismatch")
             })?;

@@ -31,7 +31,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use zeroize::Zeroize;
 
-use super::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, TAG_LEN, TagMismatch};
+use super::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
@@ -471,12 +471,9 @@ impl Cipher for CudaCipher {
     }
     fn prepare(&self, key: &DataKey) -> Result<Box<dyn ChunkOpener>> {
         let dkey = Arc::new(CudaKey::new(&self.dev, key)?);
-        let fallback = super::cpu::CpuCipher::new().prepare(key)?;
         Ok(Box::new(CudaOpener {
             key: dkey,
-            fallback,
             lock: Mutex::new(()),
-            failure: Mutex::new(None),
         }))
     }
 }
@@ -737,23 +734,10 @@ fn ct_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
     a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
-static CPU_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many trait-level calls in this process fell back to the CPU because the device failed
-/// (tests and the GPU check require 0, so a broken device cannot pass as a working one).
-pub fn cpu_fallback_count() -> u64 {
-    CPU_FALLBACKS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// The trait-level opener: one chunk at a time through host buffers.
 pub struct CudaOpener {
     key: Arc<CudaKey>,
-    /// Used only if the device fails in a call that has no error channel (`ctr_apply`,
-    /// `seal_in_place`) or mid-`open`; each such fallback is reported on stderr.
-    fallback: Box<dyn ChunkOpener>,
     lock: Mutex<()>,
-    /// The first device failure, reported by `health()`.
-    failure: Mutex<Option<String>>,
 }
 
 enum Mode {
@@ -825,59 +809,21 @@ impl CudaOpener {
         let _ = s.memset_zeros(&mut d_dst);
         Ok((out, acc_bytes(&accv)))
     }
-
-    fn device_failed(&self, what: &str, e: &Error) {
-        CPU_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        eprintln!("ciphershard: CUDA {what} failed ({e}); this call was completed on the CPU");
-        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        if f.is_none() {
-            *f = Some(format!("{what} failed: {e}"));
-        }
-    }
 }
 
 impl ChunkOpener for CudaOpener {
-    fn health(&self) -> crate::error::Result<()> {
-        match self
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            None => Ok(()),
-            Some(why) => Err(Error::Backend {
-                backend: "cuda",
-                reason: format!(
-                    "{why} (the device failed; rerun with --backend cpu, or check nvidia-smi)"
-                ),
-            }),
-        }
-    }
-
-    fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), TagMismatch> {
+    fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), OpenError> {
         if src.len() != dst.len() {
             dst.zeroize();
-            return Err(TagMismatch);
+            return Err(OpenError::Backend(Error::InvalidArgument(
+                "open: source and destination lengths differ".into(),
+            )));
         }
         // Verify first, on the device; only then decrypt and copy plaintext out.
-        match self.run(
-            Mode::Verify,
-            &chunk.nonce,
-            0,
-            chunk.aad,
-            !chunk.encrypted,
-            src,
-        ) {
-            Ok((_, ghash)) => {
-                if !ct_eq(&ghash, &self.key.expected_ghash(&chunk.nonce, &chunk.tag)) {
-                    dst.zeroize();
-                    return Err(TagMismatch);
-                }
-            }
-            Err(e) => {
-                self.device_failed("open", &e);
-                return self.fallback.open(chunk, src, dst);
-            }
+        let verified = self.verify(chunk, src);
+        if let Err(e) = verified {
+            dst.zeroize();
+            return Err(e);
         }
         if !chunk.encrypted {
             dst.copy_from_slice(src);
@@ -889,46 +835,54 @@ impl ChunkOpener for CudaOpener {
                 Ok(())
             }
             Err(e) => {
-                self.device_failed("open", &e);
-                self.fallback.open(chunk, src, dst)
+                dst.zeroize();
+                Err(OpenError::Backend(e))
             }
         }
     }
 
-    fn open_in_place(&self, chunk: &ChunkParams<'_>, buf: &mut [u8]) -> Result<(), TagMismatch> {
-        let src = buf.to_vec();
+    fn open_in_place(&self, chunk: &ChunkParams<'_>, buf: &mut [u8]) -> Result<(), OpenError> {
+        let src = zeroize::Zeroizing::new(buf.to_vec());
         self.open(chunk, &src, buf)
     }
 
-    fn verify(&self, chunk: &ChunkParams<'_>, src: &[u8]) -> Result<(), TagMismatch> {
-        match self.run(
+    fn verify(&self, chunk: &ChunkParams<'_>, src: &[u8]) -> Result<(), OpenError> {
+        let (_, ghash) = self.run(
             Mode::Verify,
             &chunk.nonce,
             0,
             chunk.aad,
             !chunk.encrypted,
             src,
-        ) {
-            Ok((_, g)) if ct_eq(&g, &self.key.expected_ghash(&chunk.nonce, &chunk.tag)) => Ok(()),
-            Ok(_) => Err(TagMismatch),
-            Err(e) => {
-                self.device_failed("verify", &e);
-                self.fallback.verify(chunk, src)
-            }
+        )?;
+        if ct_eq(&ghash, &self.key.expected_ghash(&chunk.nonce, &chunk.tag)) {
+            Ok(())
+        } else {
+            Err(OpenError::TagMismatch)
         }
     }
 
-    fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]) {
-        assert_eq!(
-            src.len(),
-            dst.len(),
-            "ctr_apply: source and destination lengths differ"
-        );
+    fn ctr_apply(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        offset: u64,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<()> {
+        if src.len() != dst.len() {
+            dst.zeroize();
+            return Err(Error::InvalidArgument(
+                "ctr_apply: source and destination lengths differ".into(),
+            ));
+        }
         match self.run(Mode::Ctr, nonce, offset, &[], false, src) {
-            Ok((out, _)) => dst.copy_from_slice(&out),
+            Ok((out, _)) => {
+                dst.copy_from_slice(&out);
+                Ok(())
+            }
             Err(e) => {
-                self.device_failed("ctr_apply", &e);
-                self.fallback.ctr_apply(nonce, offset, src, dst)
+                dst.zeroize();
+                Err(e)
             }
         }
     }
@@ -939,20 +893,13 @@ impl ChunkOpener for CudaOpener {
         aad: &[u8],
         encrypted: bool,
         buf: &mut [u8],
-    ) -> [u8; TAG_LEN] {
-        match self.run(Mode::Seal, nonce, 0, aad, !encrypted, buf) {
-            Ok((out, ghash)) => {
-                if encrypted {
-                    buf.copy_from_slice(&out);
-                }
-                // tag = GHASH ^ E_K(J0) = expected_ghash(nonce, ghash)
-                self.key.expected_ghash(nonce, &ghash)
-            }
-            Err(e) => {
-                self.device_failed("seal", &e);
-                self.fallback.seal_in_place(nonce, aad, encrypted, buf)
-            }
+    ) -> Result<[u8; TAG_LEN]> {
+        let (out, ghash) = self.run(Mode::Seal, nonce, 0, aad, !encrypted, buf)?;
+        if encrypted {
+            buf.copy_from_slice(&out);
         }
+        // tag = GHASH ^ E_K(J0) = expected_ghash(nonce, ghash)
+        Ok(self.key.expected_ghash(nonce, &ghash))
     }
 }
 
@@ -1897,7 +1844,8 @@ pub fn kernel_bench_with(
             let got = s
                 .clone_dtoh(&dst.slice(i * CHUNK..(i + 1) * CHUNK))
                 .map_err(|e| format!("reading the output back: {e}"))?;
-            cpu.ctr_apply(&nonce_of(i), 0, &zeros, &mut want);
+            cpu.ctr_apply(&nonce_of(i), 0, &zeros, &mut want)
+                .map_err(|e| e.to_string())?;
             if let Some(p) = got.iter().zip(&want).position(|(a, b)| a != b) {
                 return Err(format!(
                     "output differs from the CPU keystream in chunk {i} at byte {p}"
@@ -1996,7 +1944,7 @@ pub fn kernel_bench_with(
     let mut tags = Vec::with_capacity(chunks_total);
     for (i, c) in host.chunks_mut(CHUNK).enumerate() {
         let nonce = nonce_of(i);
-        tags.push((nonce, cpu.seal_in_place(&nonce, &aad_host, true, c)));
+        tags.push((nonce, cpu.seal_in_place(&nonce, &aad_host, true, c)?));
     }
     let dkey = Arc::new(dkey);
     let per_batch = 16usize;

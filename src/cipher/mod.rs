@@ -7,12 +7,12 @@
 //! ([`ChunkOpener::ctr_apply`]) once the whole chunk's tag has been checked.
 //!
 //! Contract for every backend: **no unverified plaintext leaves `open`**. If the tag does not
-//! verify, the destination is zeroed before `Err(TagMismatch)` is returned.
+//! verify, the destination is zeroed before `Err(OpenError::TagMismatch)` is returned; a backend
+//! failure is an error too (`OpenError::Backend`), never a silent fallback.
 
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
-pub mod bench;
 pub mod conformance;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -38,9 +38,47 @@ pub const TAG_LEN: usize = 16;
 /// AES block length.
 pub const BLOCK_LEN: usize = 16;
 
-/// A chunk's authentication tag did not verify. The destination was zeroed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TagMismatch;
+/// Why a chunk was not opened. Either way no byte of unverified plaintext was released: the
+/// destination was zeroed.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The chunk's authentication tag did not verify (tampered, corrupted or moved data, or
+    /// the wrong key).
+    TagMismatch,
+    /// The backend failed (device lost, out of memory, a failed launch): the chunk's integrity
+    /// is unknown. Stop with this error; `--backend cpu` is the way round a failing device.
+    Backend(Error),
+}
+
+impl OpenError {
+    /// The crate error for this failure at `location` (the chunk's file, tensor and index).
+    pub fn at(self, location: impl FnOnce() -> crate::error::ChunkLocation) -> Error {
+        match self {
+            OpenError::TagMismatch => Error::Integrity(location()),
+            OpenError::Backend(e) => e,
+        }
+    }
+
+    /// `true` for [`OpenError::TagMismatch`].
+    pub fn is_tag_mismatch(&self) -> bool {
+        matches!(self, OpenError::TagMismatch)
+    }
+}
+
+impl From<Error> for OpenError {
+    fn from(e: Error) -> Self {
+        OpenError::Backend(e)
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::TagMismatch => f.write_str("authentication tag mismatch"),
+            OpenError::Backend(e) => write!(f, "{e}"),
+        }
+    }
+}
 
 /// What a backend needs to open one chunk, besides its bytes.
 #[derive(Debug, Clone, Copy)]
@@ -58,32 +96,33 @@ pub struct ChunkParams<'a> {
 
 /// A data key prepared by a backend (round keys expanded, H computed, uploaded...).
 /// Dropping it zeroizes the key material it holds.
+///
+/// Every method reports a backend failure as an error (no fallback, no side channel): a
+/// device that fails mid-call never passes as a working one, and the caller stops with the
+/// error.
 pub trait ChunkOpener: Send + Sync {
     /// Verifies and decrypts a whole chunk from `src` into `dst` (same length).
-    /// On a tag mismatch `dst` is zeroed and `Err(TagMismatch)` returned.
-    fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), TagMismatch>;
+    /// On any error `dst` is zeroed.
+    fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), OpenError>;
 
-    /// Verifies and decrypts a whole chunk in place. On a tag mismatch `buf` is zeroed.
-    fn open_in_place(&self, chunk: &ChunkParams<'_>, buf: &mut [u8]) -> Result<(), TagMismatch>;
+    /// Verifies and decrypts a whole chunk in place. On any error `buf` is zeroed.
+    fn open_in_place(&self, chunk: &ChunkParams<'_>, buf: &mut [u8]) -> Result<(), OpenError>;
 
     /// Checks the tag of a whole chunk (ciphertext, or plain bytes for a plain chunk) without
     /// decrypting it. Constant-time comparison.
-    fn verify(&self, chunk: &ChunkParams<'_>, src: &[u8]) -> Result<(), TagMismatch>;
+    fn verify(&self, chunk: &ChunkParams<'_>, src: &[u8]) -> Result<(), OpenError>;
 
     /// Raw AES-256-CTR: XORs the keystream of the chunk with this `nonce`, starting
     /// `offset` bytes into the chunk (counter block `nonce || 2 + offset/16`, 32-bit wrapping
     /// as GCM specifies), into `dst`. No authentication: call only on bytes whose chunk tag
-    /// was verified from the same private copy.
-    fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]);
-
-    /// `Err` once the backend's device has failed (lost, out of memory, a failed launch). The
-    /// per-chunk methods have no error channel, so a GPU backend that fails mid-call finishes
-    /// that call correctly on the CPU (still verified) and reports the failure here; callers
-    /// check it after each chunk and stop with this error, so a failed device never passes
-    /// silently as a working one.
-    fn health(&self) -> Result<()> {
-        Ok(())
-    }
+    /// was verified from the same private copy. On an error `dst` is zeroed.
+    fn ctr_apply(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        offset: u64,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<()>;
 
     /// Encrypts a chunk in place (or, for a plain chunk, leaves it) and returns its tag.
     fn seal_in_place(
@@ -92,7 +131,7 @@ pub trait ChunkOpener: Send + Sync {
         aad: &[u8],
         encrypted: bool,
         buf: &mut [u8],
-    ) -> [u8; TAG_LEN];
+    ) -> Result<[u8; TAG_LEN]>;
 }
 
 /// A cipher backend.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::cpu::CpuCipher;
-use super::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, TAG_LEN};
+use super::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
@@ -31,10 +31,10 @@ impl SealedSample {
                 let mut nonce = [0u8; NONCE_LEN];
                 nonce[..8].copy_from_slice(&(i as u64).to_le_bytes());
                 let mut buf: Vec<u8> = (0..CHECK_CHUNK_BYTES).map(|b| (b * 7 + i) as u8).collect();
-                let tag = sealer.seal_in_place(&nonce, SAMPLE_AAD, true, &mut buf);
-                (nonce, tag, buf)
+                let tag = sealer.seal_in_place(&nonce, SAMPLE_AAD, true, &mut buf)?;
+                Ok((nonce, tag, buf))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(SealedSample { key, chunks })
     }
 
@@ -51,11 +51,13 @@ impl SealedSample {
                     tag: *tag,
                     encrypted: true,
                 };
-                opener.open(&params, ct, &mut out).map_err(|_| {
-                    Error::Stopped("timing sample: a chunk sealed on the CPU did not open".into())
+                opener.open(&params, ct, &mut out).map_err(|e| match e {
+                    OpenError::TagMismatch => Error::Stopped(
+                        "timing sample: a chunk sealed on the CPU did not open".into(),
+                    ),
+                    OpenError::Backend(e) => e,
                 })?;
             }
-            opener.health()?;
             if round > 0 {
                 best = best.min(t.elapsed().as_secs_f64());
             }
@@ -174,7 +176,7 @@ mod tests {
             chunk: &ChunkParams<'_>,
             src: &[u8],
             dst: &mut [u8],
-        ) -> std::result::Result<(), super::super::TagMismatch> {
+        ) -> std::result::Result<(), OpenError> {
             std::thread::sleep(std::time::Duration::from_millis(2));
             self.0.open(chunk, src, dst)
         }
@@ -182,17 +184,23 @@ mod tests {
             &self,
             chunk: &ChunkParams<'_>,
             buf: &mut [u8],
-        ) -> std::result::Result<(), super::super::TagMismatch> {
+        ) -> std::result::Result<(), OpenError> {
             self.0.open_in_place(chunk, buf)
         }
         fn verify(
             &self,
             chunk: &ChunkParams<'_>,
             src: &[u8],
-        ) -> std::result::Result<(), super::super::TagMismatch> {
+        ) -> std::result::Result<(), OpenError> {
             self.0.verify(chunk, src)
         }
-        fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]) {
+        fn ctr_apply(
+            &self,
+            nonce: &[u8; NONCE_LEN],
+            offset: u64,
+            src: &[u8],
+            dst: &mut [u8],
+        ) -> Result<()> {
             self.0.ctr_apply(nonce, offset, src, dst)
         }
         fn seal_in_place(
@@ -201,7 +209,7 @@ mod tests {
             aad: &[u8],
             encrypted: bool,
             buf: &mut [u8],
-        ) -> [u8; TAG_LEN] {
+        ) -> Result<[u8; TAG_LEN]> {
             self.0.seal_in_place(nonce, aad, encrypted, buf)
         }
     }

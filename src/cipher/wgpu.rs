@@ -28,9 +28,9 @@
 //! overlap. Chunks bigger than a piece (128 MiB, or the device's
 //! `max_storage_buffer_binding_size` if lower) are dispatched in pieces.
 //!
-//! The [`ChunkOpener`] trait cannot return backend errors. If the device is lost or a GPU
-//! operation fails, the opener finishes the call on the CPU (same result, verified the same
-//! way), records the error ([`WgpuCipher::health`]) and warns once on stderr. Nothing panics.
+//! If the device is lost or a GPU operation fails, the call returns the error (its destination
+//! zeroed), and the failure is recorded ([`WgpuCipher::health`]) so every later call on the
+//! device fails fast with it. Nothing panics.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,9 +43,7 @@ use ghash::universal_hash::UniversalHash;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::cpu::CpuCipher;
-use super::{
-    BLOCK_LEN, Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, TAG_LEN, TagMismatch,
-};
+use super::{BLOCK_LEN, Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
@@ -819,7 +817,6 @@ pub(super) struct Context {
     lanes: Vec<Mutex<Lane>>,
     /// Set by the device-lost callback or the first failed GPU operation.
     pub(super) failure: Arc<Mutex<Option<String>>>,
-    warned: AtomicBool,
 }
 
 /// The wgpu backend.
@@ -1002,7 +999,6 @@ impl WgpuCipher {
                 max_workgroups: limits.max_compute_workgroups_per_dimension.max(1),
                 lanes,
                 failure,
-                warned: AtomicBool::new(false),
             }),
             sbox,
         };
@@ -1137,7 +1133,7 @@ pub(super) fn record(sink: &Mutex<Option<String>>, reason: String) {
     }
 }
 
-/// A data key prepared on the device: round keys uploaded, H and the CPU fallback ready.
+/// A data key prepared on the device: round keys uploaded, H and the CPU tag check ready.
 pub struct WgpuOpener {
     ctx: Arc<Context>,
     keys_buf: ::wgpu::Buffer,
@@ -1314,13 +1310,6 @@ impl WgpuOpener {
         })
     }
 
-    fn note_failure(&self, e: &Error) {
-        record(&self.ctx.failure, e.to_string());
-        if !self.ctx.warned.swap(true, Ordering::Relaxed) {
-            eprintln!("ciphershard: {e}; continuing on the CPU");
-        }
-    }
-
     /// XORs the CTR keystream over `io` starting `offset` bytes into the chunk. `gate` runs on
     /// the calling thread while the GPU works on the first piece; if it returns `false`, no byte
     /// is written to the destination, the GPU buffers are cleared and `Ok(false)` is returned.
@@ -1330,7 +1319,6 @@ impl WgpuOpener {
         offset: u64,
         io: &mut Io<'_>,
         mut gate: Gate<'_>,
-        done: &mut usize,
     ) -> Result<bool> {
         if let Some(reason) = lock(&self.ctx.failure).as_ref() {
             return Err(backend_err(reason.clone()));
@@ -1454,7 +1442,6 @@ impl WgpuOpener {
                 lead,
                 &mut io.dst()[src_from..src_to],
             )?;
-            *done = src_to;
             start += size;
         }
         Ok(true)
@@ -1669,122 +1656,104 @@ impl WgpuOpener {
         Ok(())
     }
 
-    /// Applies the keystream on the CPU to the bytes the GPU did not finish (from `done` on).
-    fn cpu_finish(&self, nonce: &[u8; NONCE_LEN], offset: u64, io: Io<'_>, done: usize) {
-        match io {
-            Io::Separate(s, d) => {
-                self.cpu
-                    .ctr_apply(nonce, offset + done as u64, &s[done..], &mut d[done..])
-            }
-            Io::InPlace(b) => {
-                let rest = Zeroizing::new(b[done..].to_vec());
-                self.cpu
-                    .ctr_apply(nonce, offset + done as u64, &rest, &mut b[done..]);
-            }
-        }
-    }
-
     /// Decrypts `io` if its tag verifies; the GPU pass overlaps the GHASH.
-    fn open_io(&self, chunk: &ChunkParams<'_>, mut io: Io<'_>) -> Result<(), TagMismatch> {
+    fn open_io(&self, chunk: &ChunkParams<'_>, mut io: Io<'_>) -> Result<(), OpenError> {
         if !chunk.encrypted || io.src().is_empty() {
-            let ok = self.cpu.verify(chunk, io.src()).is_ok();
-            if let Io::Separate(s, d) = &mut io {
+            let checked = self.cpu.verify(chunk, io.src());
+            if checked.is_ok()
+                && let Io::Separate(s, d) = &mut io
+            {
                 d.copy_from_slice(s);
             }
-            return if ok {
-                Ok(())
-            } else {
-                io.dst().zeroize();
-                Err(TagMismatch)
-            };
+            return checked.inspect_err(|_| io.dst().zeroize());
         }
-        let mut verified = false;
         let ct_len = io.src().len();
         let on_gpu = self.gpu_ghash && (ct_len as u64).next_multiple_of(16) <= self.ctx.piece_bytes;
         // The CPU check is the CPU backend's own (aws-lc GHASH, ~25 GB/s per core here,
         // against 5 for the RustCrypto GHASH of `tag`).
-        let mut cpu_gate = |ct: &[u8]| {
-            verified = self.cpu.verify(chunk, ct).is_ok();
-            verified
+        let mut cpu_failure = None;
+        let mut cpu_gate = |ct: &[u8]| match self.cpu.verify(chunk, ct) {
+            Ok(()) => true,
+            Err(e) => {
+                cpu_failure = Some(e);
+                false
+            }
         };
-        let mut verified_gpu = false;
         let mut gpu_gate = |sum: u128, blocks: u64| {
-            verified_gpu = ct_eq(
+            ct_eq(
                 &self.tag_from_sum(&chunk.nonce, chunk.aad, ct_len, sum, blocks),
                 &chunk.tag,
-            );
-            verified_gpu
+            )
         };
         let gate = if on_gpu {
             Gate::Gpu(&mut gpu_gate)
         } else {
             Gate::Cpu(&mut cpu_gate)
         };
-        let mut done = 0;
-        let result = self.gpu_ctr(&chunk.nonce, 0, &mut io, gate, &mut done);
-        let verified = verified || verified_gpu;
+        let result = self.gpu_ctr(&chunk.nonce, 0, &mut io, gate);
         match result {
             Ok(true) => Ok(()),
             Ok(false) => {
                 io.dst().zeroize();
-                Err(TagMismatch)
+                Err(cpu_failure.unwrap_or(OpenError::TagMismatch))
             }
             Err(e) => {
-                self.note_failure(&e);
-                // The GPU failed; finish on the CPU. The tag may already have been checked.
-                if !verified && self.cpu.verify(chunk, io.src()).is_err() {
-                    io.dst().zeroize();
-                    return Err(TagMismatch);
-                }
-                self.cpu_finish(&chunk.nonce, 0, io, done);
-                Ok(())
+                io.dst().zeroize();
+                Err(OpenError::Backend(self.record_failure(e)))
             }
         }
+    }
+
+    /// Records a GPU failure as the device's (every later call fails fast with it) and returns
+    /// it for the caller.
+    fn record_failure(&self, e: Error) -> Error {
+        record(&self.ctx.failure, e.to_string());
+        e
     }
 }
 
 impl ChunkOpener for WgpuOpener {
-    fn health(&self) -> Result<()> {
-        match lock(&self.ctx.failure).as_ref() {
-            None => Ok(()),
-            Some(reason) => Err(backend_err(format!("{}: {reason}", self.ctx.adapter))),
+    fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), OpenError> {
+        if src.len() != dst.len() {
+            dst.zeroize();
+            return Err(OpenError::Backend(Error::InvalidArgument(
+                "open: source and destination lengths differ".into(),
+            )));
         }
-    }
-
-    fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), TagMismatch> {
-        assert_eq!(
-            src.len(),
-            dst.len(),
-            "open: source and destination lengths differ"
-        );
         self.open_io(chunk, Io::Separate(src, dst))
     }
 
-    fn open_in_place(&self, chunk: &ChunkParams<'_>, buf: &mut [u8]) -> Result<(), TagMismatch> {
+    fn open_in_place(&self, chunk: &ChunkParams<'_>, buf: &mut [u8]) -> Result<(), OpenError> {
         self.open_io(chunk, Io::InPlace(buf))
     }
 
-    fn verify(&self, chunk: &ChunkParams<'_>, src: &[u8]) -> Result<(), TagMismatch> {
+    fn verify(&self, chunk: &ChunkParams<'_>, src: &[u8]) -> Result<(), OpenError> {
         // Tag-only: nothing for the GPU to do; the CPU backend's GHASH is the fast one.
         self.cpu.verify(chunk, src)
     }
 
-    fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]) {
-        assert_eq!(src.len(), dst.len());
+    fn ctr_apply(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        offset: u64,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<()> {
+        if src.len() != dst.len() {
+            dst.zeroize();
+            return Err(Error::InvalidArgument(
+                "ctr_apply: source and destination lengths differ".into(),
+            ));
+        }
         if src.is_empty() {
-            return;
+            return Ok(());
         }
-        let mut done = 0;
-        if let Err(e) = self.gpu_ctr(
-            nonce,
-            offset,
-            &mut Io::Separate(src, dst),
-            Gate::None,
-            &mut done,
-        ) {
-            self.note_failure(&e);
-            self.cpu_finish(nonce, offset, Io::Separate(src, dst), done);
-        }
+        self.gpu_ctr(nonce, offset, &mut Io::Separate(src, dst), Gate::None)
+            .map(|_| ())
+            .map_err(|e| {
+                dst.zeroize();
+                self.record_failure(e)
+            })
     }
 
     fn seal_in_place(
@@ -1793,15 +1762,12 @@ impl ChunkOpener for WgpuOpener {
         aad: &[u8],
         encrypted: bool,
         buf: &mut [u8],
-    ) -> [u8; TAG_LEN] {
+    ) -> Result<[u8; TAG_LEN]> {
         if encrypted && !buf.is_empty() {
-            let mut done = 0;
-            if let Err(e) = self.gpu_ctr(nonce, 0, &mut Io::InPlace(buf), Gate::None, &mut done) {
-                self.note_failure(&e);
-                self.cpu_finish(nonce, 0, Io::InPlace(buf), done);
-            }
+            self.gpu_ctr(nonce, 0, &mut Io::InPlace(buf), Gate::None)
+                .map_err(|e| self.record_failure(e))?;
         }
-        self.tag(nonce, aad, buf, encrypted)
+        Ok(self.tag(nonce, aad, buf, encrypted))
     }
 }
 
@@ -1930,7 +1896,7 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
     let mut want = vec![0u8; bytes];
     // An offset whose counters cross 2^32 inside the pass, as a check of the counter arithmetic.
     let offset = super::conformance::offset_for_counter(u32::MAX - 1000);
-    reference.ctr_apply(&nonce, offset, &src, &mut want);
+    reference.ctr_apply(&nonce, offset, &src, &mut want)?;
 
     // On a GPU one pass over `bytes` takes well under a millisecond, the size of a submit and
     // wait: several dispatches per submission keep that overhead out of the kernel figure.
@@ -1951,7 +1917,6 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
             offset,
             &mut Io::Separate(&src, &mut dst),
             Gate::None,
-            &mut 0,
         )?;
         if dst != want {
             return Err(backend_err(format!(
@@ -1974,19 +1939,13 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
 
     let mut op = cipher.prepare_opener(&data_key)?;
     let round_trip = time_passes(&mut || {
-        op.gpu_ctr(
-            &nonce,
-            0,
-            &mut Io::Separate(&src, &mut dst),
-            Gate::None,
-            &mut 0,
-        )
-        .map(|_| ())
+        op.gpu_ctr(&nonce, 0, &mut Io::Separate(&src, &mut dst), Gate::None)
+            .map(|_| ())
     })?;
     let ghash_bytes = bytes.min(cipher.ctx.piece_bytes as usize);
     let gpu_ghash = time_passes(&mut || op.ghash_only(ghash_bytes as u64).map(|_| ()))?;
     let mut ct = src.clone();
-    let tag = op.seal_in_place(&nonce, b"bench", true, &mut ct);
+    let tag = op.seal_in_place(&nonce, b"bench", true, &mut ct)?;
     let chunk = ChunkParams {
         nonce,
         aad: b"bench",
@@ -2179,7 +2138,7 @@ mod tests {
         for (a, d) in [(0usize, 0usize), (89, 0), (89, 1000), (16, 33), (3, 5)] {
             let aad = vec![0x11u8; a];
             let mut data = vec![0x22u8; d];
-            let want = cpu.seal_in_place(&[1; 12], &aad, false, &mut data);
+            let want = cpu.seal_in_place(&[1; 12], &aad, false, &mut data).unwrap();
             let mut g = GhashStream::new(&h);
             g.absorb(&aad);
             g.absorb(&data);
@@ -2240,32 +2199,40 @@ mod tests {
     }
 
     #[test]
-    fn lost_device_falls_back_to_cpu_and_reports() {
+    fn lost_device_is_an_error_on_every_call() {
         let Some(c) = backend() else { return };
         let key = DataKey::from_bytes([5u8; 32]);
         let op = c.prepare(&key).unwrap();
         let rop = CpuCipher::new().prepare(&key).unwrap();
         let pt: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         let mut ct = pt.clone();
-        let tag = rop.seal_in_place(&[1; 12], b"a", true, &mut ct);
+        let tag = rop.seal_in_place(&[1; 12], b"a", true, &mut ct).unwrap();
         c.ctx.device.destroy();
         let _ = c.ctx.device.poll(::wgpu::PollType::Poll);
-        // Every call still gives the right answer (finished on the CPU), none panics.
+        // Every GPU call reports the failure, releases nothing and none panics.
         let params = ChunkParams {
             nonce: [1; 12],
             aad: b"a",
             tag,
             encrypted: true,
         };
-        let mut out = vec![0u8; pt.len()];
-        op.open(&params, &ct, &mut out).unwrap();
-        assert!(out == pt);
-        let mut x = vec![0u8; 100];
-        op.ctr_apply(&[1; 12], 33, &ct[33..133], &mut x);
-        assert!(x == pt[33..133]);
+        let mut out = vec![0xAAu8; pt.len()];
+        let e = op.open(&params, &ct, &mut out).unwrap_err();
+        assert!(
+            matches!(e, OpenError::Backend(Error::Backend { .. })),
+            "{e}"
+        );
+        assert!(out.iter().all(|&b| b == 0), "nothing released");
+        let mut x = vec![0xAAu8; 100];
+        assert!(op.ctr_apply(&[1; 12], 33, &ct[33..133], &mut x).is_err());
+        assert!(x.iter().all(|&b| b == 0), "nothing released");
         let mut bad = ct.clone();
         bad[0] ^= 1;
-        assert_eq!(op.open(&params, &bad, &mut out), Err(TagMismatch));
+        // Tags are still checked on the CPU: a tampered chunk is still a tag mismatch.
+        assert!(matches!(
+            op.open(&params, &bad, &mut out),
+            Err(OpenError::TagMismatch)
+        ));
         assert!(out.iter().all(|&b| b == 0));
         let err = c.health().unwrap_err();
         assert!(matches!(err, Error::Backend { .. }), "{err}");

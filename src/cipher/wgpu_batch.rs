@@ -1108,15 +1108,15 @@ pub fn window_bench(cipher: &WgpuCipher, bytes: usize) -> Result<WindowBench> {
             let mut nonce = [0u8; NONCE_LEN];
             nonce[..8].copy_from_slice(&(i as u64).to_be_bytes());
             let at = i * CHUNK..(i + 1) * CHUNK;
-            cpu.ctr_apply(&nonce, 0, &plain[at.clone()], &mut staging[at]);
-            WindowChunk {
+            cpu.ctr_apply(&nonce, 0, &plain[at.clone()], &mut staging[at])?;
+            Ok(WindowChunk {
                 offset: (i * CHUNK) as u64,
                 len: CHUNK as u64,
                 nonce,
                 key: 0,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let window = engine.create_buffer("bench_window", bytes as u64)?;
     let mut ring = engine.upload_ring(2, bytes as u64)?;
     let s = engine.upload_decrypt_ring(&mut ring, 1, &window, &staging, &chunks)?;
@@ -1237,7 +1237,7 @@ mod tests {
             rng.fill(&mut pt);
             let op = CpuCipher::new().prepare(&keys[c.key as usize]).unwrap();
             let at = c.offset as usize..(c.offset + c.len) as usize;
-            op.ctr_apply(&c.nonce, 0, &pt, &mut staging[at]);
+            op.ctr_apply(&c.nonce, 0, &pt, &mut staging[at]).unwrap();
             plains.push(pt);
         }
         (staging, chunks, plains)

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use ciphershard::bench as crate_bench;
 use ciphershard::pipeline;
 
 use ciphershard::cipher::{self, Backend};
@@ -378,7 +379,8 @@ pub struct BenchArgs {
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.cipher {
-        let report = cipher::bench::run_cpu(&cipher::bench::CipherBenchOptions::default())?;
+        let report =
+            crate_bench::cipher::run_cpu(&crate_bench::cipher::CipherBenchOptions::default())?;
         if args.json {
             println!(
                 "{}",
@@ -405,8 +407,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let defaults = pipeline::bench::BenchOptions::default();
-    let opts = pipeline::bench::BenchOptions {
+    let defaults = crate_bench::loader::BenchOptions::default();
+    let opts = crate_bench::loader::BenchOptions {
         backend: args.backend,
         threads: args.threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -424,7 +426,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         Some(_) => Some(args.key.load_one()?),
         None => None,
     };
-    let report = pipeline::bench::run(args.dataset.as_deref(), key.as_ref(), &opts)?;
+    let report = crate_bench::loader::run(args.dataset.as_deref(), key.as_ref(), &opts)?;
     let kernels = match report.backend.as_str() {
         _ if args.no_kernel_figures => None,
         "cuda" => Some(cuda_kernel_figures()?),

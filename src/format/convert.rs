@@ -625,7 +625,7 @@ pub fn convert(
             desc_json.as_bytes(),
             false,
             &mut [],
-        ));
+        )?);
         let placeholder = canonical_header(
             &desc_json,
             &B64.encode(vec![0u8; tags.len()]),
@@ -688,7 +688,7 @@ pub fn convert(
                 for ((job, buf), tag) in jobs.iter().zip(bufs.iter_mut()).zip(tags.iter_mut()) {
                     buf.resize(job.len, 0);
                     sources.read(&cols[job.col], job.src_offset, buf)?;
-                    *tag = opener.seal_in_place(&job.nonce, &job.aad, job.encrypted, buf);
+                    *tag = opener.seal_in_place(&job.nonce, &job.aad, job.encrypted, buf)?;
                 }
                 Ok(())
             };

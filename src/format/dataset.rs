@@ -284,9 +284,9 @@ pub fn verify(ds: &UnlockedDataset, progress: &mut dyn FnMut(u64, u64)) -> Resul
             for c in h.chunks(t) {
                 scratch.resize(c.len, 0);
                 read_at(&file, &h.path, c.file_offset, &mut scratch)?;
-                let r = ds.opener(i).verify(&c.params(), &scratch);
-                ds.opener(i).health()?;
-                r.map_err(|_| Error::Integrity(h.chunk_location(&c)))?;
+                ds.opener(i)
+                    .verify(&c.params(), &scratch)
+                    .map_err(|e| e.at(|| h.chunk_location(&c)))?;
                 done += c.len as u64;
                 chunks += 1;
                 progress(done, total);
@@ -364,9 +364,9 @@ pub fn decrypt_shard(ds: &UnlockedDataset, shard: usize, out: &Path) -> Result<(
             for c in h.chunks(t) {
                 buf.resize(c.len, 0);
                 read_at(&src, &h.path, c.file_offset, &mut buf)?;
-                let r = ds.opener(shard).open_in_place(&c.params(), &mut buf);
-                ds.opener(shard).health()?;
-                r.map_err(|_| Error::Integrity(h.chunk_location(&c)))?;
+                ds.opener(shard)
+                    .open_in_place(&c.params(), &mut buf)
+                    .map_err(|e| e.at(|| h.chunk_location(&c)))?;
                 w.write_all(&buf).map_err(io)?;
             }
         }

@@ -14,7 +14,7 @@ use super::{
     CIPHER_NAME, Dtype, FORMAT_VERSION, MAX_CHUNK_SIZE, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN,
     tensor_bytes,
 };
-use crate::cipher::{ChunkOpener, ChunkParams, NONCE_LEN, TAG_LEN};
+use crate::cipher::{ChunkOpener, ChunkParams, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::{ChunkLocation, Error, Result};
 
 /// Length of a chunk's associated data.
@@ -653,12 +653,13 @@ impl ShardHeader {
             tag: self.header_tag,
             encrypted: false,
         };
-        opener
-            .verify(&params, &[])
-            .map_err(|_| Error::HeaderIntegrity {
+        opener.verify(&params, &[]).map_err(|e| match e {
+            OpenError::TagMismatch => Error::HeaderIntegrity {
                 path: self.path.clone(),
                 what: "shard header (header tag does not verify with this shard's data key)".into(),
-            })
+            },
+            OpenError::Backend(e) => e,
+        })
     }
 
     /// Looks a tensor up by name.

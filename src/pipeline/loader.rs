@@ -481,11 +481,8 @@ impl Shared {
             }
         };
         loaded.buf = Some(buf);
-        opener.health()?;
-        match ok {
-            Ok(()) => Ok(loaded),
-            Err(_) => Err(Error::Integrity(self.source.location(s, c, j))),
-        }
+        ok.map_err(|e| e.at(|| self.source.location(s, c, j)))?;
+        Ok(loaded)
     }
 
     fn run(&self, job: &Job) -> Result<Batch> {
@@ -542,7 +539,7 @@ impl Shared {
                         [in_chunk as usize..in_chunk as usize + len];
                     let dst = &mut dst_all[d..d + len];
                     if l.ciphertext {
-                        opener.ctr_apply(&l.nonce, in_chunk, src, dst);
+                        opener.ctr_apply(&l.nonce, in_chunk, src, dst)?;
                         dec_b += len as u64;
                     } else {
                         dst.copy_from_slice(src);
@@ -551,7 +548,6 @@ impl Shared {
                     off += len as u64;
                     d += len;
                 }
-                opener.health()?;
             }
             // A column's chunks are all encrypted or all plain: the time is one stage's.
             let ns = t.elapsed().as_nanos() as u64;

@@ -12,7 +12,6 @@ pub use pool::{Element, HOST_ALIGN, PinHook};
 pub use sampler::{RowRef, SamplerConfig, epoch_batches};
 pub use source::{AAD_LEN, ChunkSpec, ColumnInfo, RowSource};
 pub use telemetry::{DeviceStats, LoaderStats, StageStats};
-pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod device;
 #[cfg(feature = "cuda")]
@@ -20,7 +19,7 @@ pub use device::{CudaBatch, CudaTensor, DeviceLoader};
 pub mod format_source;
 pub use format_source::FormatSource;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-mod device_shell;
+pub(crate) mod device_shell;
 #[cfg(feature = "wgpu")]
 pub mod wgpu_device;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]

@@ -774,7 +774,7 @@ impl Producer {
             };
             let r = self.source.opener(k.0 as usize).verify(&params, ct);
             add(&verify_ns, ns_since(t));
-            r.map_err(|_| Error::Integrity(self.source.location(k.0 as usize, k.1 as usize, k.2)))
+            r.map_err(|e| e.at(|| self.source.location(k.0 as usize, k.1 as usize, k.2)))
         };
         ChunkReader {
             source: &self.source,

@@ -809,7 +809,7 @@ mod tests {
     #[ignore = "timing probe, run by hand in release"]
     fn host_side_costs_per_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let key = crate::pipeline::bench::generate(dir.path(), 262_144, 256, 2 << 20).unwrap();
+        let key = crate::bench::loader::generate(dir.path(), 262_144, 256, 2 << 20).unwrap();
         let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
         let shard_rows: Vec<u64> = (0..src.shard_count()).map(|s| src.shard_rows(s)).collect();
         let widest = src.columns().iter().map(|c| c.row_bytes).max().unwrap();

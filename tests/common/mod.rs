@@ -103,12 +103,14 @@ impl Fixture {
                     let mut piece = data
                         [a.min(data.len())..((j + 1) * chunk_size as usize).min(data.len())]
                         .to_vec();
-                    let tag = op.seal_in_place(
-                        &chunk_nonce(gchunk),
-                        &chunk_aad(s, c, j as u64, cols[c].4),
-                        cols[c].4,
-                        &mut piece,
-                    );
+                    let tag = op
+                        .seal_in_place(
+                            &chunk_nonce(gchunk),
+                            &chunk_aad(s, c, j as u64, cols[c].4),
+                            cols[c].4,
+                            &mut piece,
+                        )
+                        .unwrap();
                     gchunk += 1;
                     ct.push(tag);
                     file.extend(piece);

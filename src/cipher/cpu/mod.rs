@@ -24,7 +24,7 @@ use ghash::GHash;
 use ghash::universal_hash::UniversalHash;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, TAG_LEN, TagMismatch};
+use super::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
@@ -178,12 +178,13 @@ pub fn ctr_start_block(nonce: &[u8; NONCE_LEN], blocks: u64) -> [u8; 16] {
 }
 
 impl ChunkOpener for CpuOpener {
-    fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), TagMismatch> {
-        assert_eq!(
-            src.len(),
-            dst.len(),
-            "open: source and destination lengths differ"
-        );
+    fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), OpenError> {
+        if src.len() != dst.len() {
+            dst.zeroize();
+            return Err(OpenError::Backend(Error::InvalidArgument(
+                "open: source and destination lengths differ".into(),
+            )));
+        }
         if !chunk.encrypted {
             // Copy first, then verify the private copy: a memory-mapped source may change
             // underneath, and only the verified bytes may be handed out.
@@ -196,11 +197,11 @@ impl ChunkOpener for CpuOpener {
             .open_separate_gather(nonce, Aad::from(chunk.aad), src, &chunk.tag, dst)
             .map_err(|_| {
                 dst.zeroize();
-                TagMismatch
+                OpenError::TagMismatch
             })
     }
 
-    fn open_in_place(&self, chunk: &ChunkParams<'_>, buf: &mut [u8]) -> Result<(), TagMismatch> {
+    fn open_in_place(&self, chunk: &ChunkParams<'_>, buf: &mut [u8]) -> Result<(), OpenError> {
         if !chunk.encrypted {
             return self.verify(chunk, buf).inspect_err(|_| buf.zeroize());
         }
@@ -212,12 +213,12 @@ impl ChunkOpener for CpuOpener {
             Ok(_) => Ok(()),
             Err(_) => {
                 buf.zeroize();
-                Err(TagMismatch)
+                Err(OpenError::TagMismatch)
             }
         }
     }
 
-    fn verify(&self, chunk: &ChunkParams<'_>, src: &[u8]) -> Result<(), TagMismatch> {
+    fn verify(&self, chunk: &ChunkParams<'_>, src: &[u8]) -> Result<(), OpenError> {
         let tag = if chunk.encrypted {
             self.ciphertext_tag(&chunk.nonce, chunk.aad, src)
         } else {
@@ -225,15 +226,29 @@ impl ChunkOpener for CpuOpener {
         };
         match tag {
             Some(t) if ct_eq(&t, &chunk.tag) => Ok(()),
-            _ => Err(TagMismatch),
+            Some(_) => Err(OpenError::TagMismatch),
+            None => Err(OpenError::Backend(gmac_failed())),
         }
     }
 
-    fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]) {
+    fn ctr_apply(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        offset: u64,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<()> {
+        if src.len() != dst.len() {
+            dst.zeroize();
+            return Err(Error::InvalidArgument(
+                "ctr_apply: source and destination lengths differ".into(),
+            ));
+        }
         match &self.vaes {
             Some(v) => v.xor(nonce, offset, src, dst),
             None => ctr::ctr32_xor(&self.aes, nonce, offset, src, dst),
         }
+        Ok(())
     }
 
     fn seal_in_place(
@@ -242,16 +257,25 @@ impl ChunkOpener for CpuOpener {
         aad: &[u8],
         encrypted: bool,
         buf: &mut [u8],
-    ) -> [u8; TAG_LEN] {
+    ) -> Result<[u8; TAG_LEN]> {
         if !encrypted {
-            return self
-                .gmac(nonce, &[aad, buf])
-                .expect("aws-lc GMAC failed (out of memory)");
+            return self.gmac(nonce, &[aad, buf]).ok_or_else(gmac_failed);
         }
         let tag = self
             .gcm
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), buf)
-            .expect("chunk within GCM's per-nonce limit (chunks are at most 2^32-2 blocks)");
-        tag.as_ref().try_into().expect("AES-GCM tag is 16 bytes")
+            .map_err(|_| Error::Backend {
+                backend: "cpu",
+                reason: "aws-lc refused to seal a chunk (longer than GCM allows per nonce?)".into(),
+            })?;
+        Ok(tag.as_ref().try_into().expect("AES-GCM tag is 16 bytes"))
+    }
+}
+
+/// aws-lc's GMAC context could not be created (allocation failure).
+fn gmac_failed() -> Error {
+    Error::Backend {
+        backend: "cpu",
+        reason: "aws-lc GMAC failed (out of memory)".into(),
     }
 }

@@ -9,7 +9,7 @@ use ctr::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use zeroize::Zeroize;
 
 use super::{ct_eq, ctr_start_block};
-use crate::cipher::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, TAG_LEN, TagMismatch};
+use crate::cipher::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::Result;
 use crate::keys::DataKey;
 
@@ -61,7 +61,7 @@ impl ReferenceOpener {
 }
 
 impl ChunkOpener for ReferenceOpener {
-    fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), TagMismatch> {
+    fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), OpenError> {
         assert_eq!(
             src.len(),
             dst.len(),
@@ -71,7 +71,7 @@ impl ChunkOpener for ReferenceOpener {
         self.open_in_place(chunk, dst)
     }
 
-    fn open_in_place(&self, chunk: &ChunkParams<'_>, buf: &mut [u8]) -> Result<(), TagMismatch> {
+    fn open_in_place(&self, chunk: &ChunkParams<'_>, buf: &mut [u8]) -> Result<(), OpenError> {
         if !chunk.encrypted {
             return self.verify(chunk, buf).inspect_err(|_| buf.zeroize());
         }
@@ -83,11 +83,11 @@ impl ChunkOpener for ReferenceOpener {
         );
         r.map_err(|_| {
             buf.zeroize();
-            TagMismatch
+            OpenError::TagMismatch
         })
     }
 
-    fn verify(&self, chunk: &ChunkParams<'_>, src: &[u8]) -> Result<(), TagMismatch> {
+    fn verify(&self, chunk: &ChunkParams<'_>, src: &[u8]) -> Result<(), OpenError> {
         let tag = if chunk.encrypted {
             // Tag of the ciphertext: re-encrypting would need a copy; compute GCM over a
             // scratch copy (reference path only).
@@ -102,18 +102,28 @@ impl ChunkOpener for ReferenceOpener {
                 )
                 .is_ok();
             scratch.zeroize();
-            return if ok { Ok(()) } else { Err(TagMismatch) };
+            return if ok {
+                Ok(())
+            } else {
+                Err(OpenError::TagMismatch)
+            };
         } else {
             self.gmac(&chunk.nonce, chunk.aad, src)
         };
         if ct_eq(&tag, &chunk.tag) {
             Ok(())
         } else {
-            Err(TagMismatch)
+            Err(OpenError::TagMismatch)
         }
     }
 
-    fn ctr_apply(&self, nonce: &[u8; NONCE_LEN], offset: u64, src: &[u8], dst: &mut [u8]) {
+    fn ctr_apply(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        offset: u64,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> crate::Result<()> {
         assert_eq!(src.len(), dst.len());
         // Start at the block that holds `offset` (GCM's inc32 wraps modulo 2^32), then skip
         // into it.
@@ -122,6 +132,7 @@ impl ChunkOpener for ReferenceOpener {
         c.seek(offset % 16);
         dst.copy_from_slice(src);
         c.apply_keystream(dst);
+        Ok(())
     }
 
     fn seal_in_place(
@@ -130,13 +141,14 @@ impl ChunkOpener for ReferenceOpener {
         aad: &[u8],
         encrypted: bool,
         buf: &mut [u8],
-    ) -> [u8; TAG_LEN] {
+    ) -> crate::Result<[u8; TAG_LEN]> {
         if !encrypted {
-            return self.gmac(nonce, aad, buf);
+            return Ok(self.gmac(nonce, aad, buf));
         }
-        self.gcm
+        Ok(self
+            .gcm
             .encrypt_inout_detached(&Nonce::from(*nonce), aad, buf.into())
             .expect("chunk within GCM limits")
-            .into()
+            .into())
     }
 }

@@ -12,14 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::format_source::FormatSource;
-use super::loader::{DecryptMode, Loader, LoaderOptions};
-use super::source::RowSource;
-use super::telemetry::{DeviceStats, LoaderStats};
 use crate::cipher::Backend;
 use crate::error::{Error, Result};
 use crate::format::{ConvertInput, ConvertOptions, Dtype, convert};
 use crate::keys::MasterKey;
+use crate::pipeline::{
+    DecryptMode, DeviceStats, FormatSource, Loader, LoaderOptions, LoaderStats, RowSource,
+};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -42,7 +41,7 @@ pub struct BenchOptions {
     pub generated_rows: u64,
     /// f32 features per row of the generated dataset.
     pub generated_features: u64,
-    /// GPU backends: bench the host [`super::Loader`] (per-chunk openers) instead of the
+    /// GPU backends: bench the host [`crate::pipeline::Loader`] (per-chunk openers) instead of the
     /// device loader.
     pub host_batches: bool,
 }
@@ -188,7 +187,7 @@ fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> 
 
 /// Takes every batch of a device loader, timing each; the number of batches.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn drain<B: super::device_shell::DeviceBatchMeta>(
+fn drain<B: crate::pipeline::device_shell::DeviceBatchMeta>(
     batches: impl Iterator<Item = Result<B>>,
     clock: &mut Clock,
 ) -> Result<u64> {
@@ -218,7 +217,7 @@ fn run_device_once(
     let (batches, stats, device) = match backend {
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
-            let mut l = super::device::DeviceLoader::open(path, key, 0, opts)?;
+            let mut l = crate::pipeline::device::DeviceLoader::open(path, key, 0, opts)?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             // The loader's threads were joined when the last batch was taken.
@@ -227,7 +226,8 @@ fn run_device_once(
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             let wgpu = crate::cipher::wgpu::WgpuOptions::default();
-            let mut l = super::wgpu_device::WgpuDeviceLoader::open(path, key, wgpu, opts)?;
+            let mut l =
+                crate::pipeline::wgpu_device::WgpuDeviceLoader::open(path, key, wgpu, opts)?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             (n, l.stats(), l.device_stats())

@@ -1,0 +1,10 @@
+//! Benchmarks and tuning sweeps, apart from the code they measure: the CLI's `bench`,
+//! `scripts/gpu-check.sh` and the criterion benches use them; the backends expose what a
+//! benchmark needs without containing one.
+//!
+//! - [`loader`]: the loader over an encrypted dataset and over its plaintext twin (the
+//!   [`twin`] source wrapper), through the same pipeline, in one process.
+//! - [`cipher`]: the CPU backend against aws-lc-rs in one run.
+
+pub mod cipher;
+pub mod loader;
