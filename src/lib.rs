@@ -8,6 +8,7 @@ pub mod error;
 pub mod format;
 pub mod keys;
 pub mod pipeline;
+pub mod store;
 
 pub use cipher::Backend;
 pub use error::{Error, Result};

@@ -48,7 +48,7 @@ fn tamper_in_a_running_epoch_names_the_chunk() {
         let first = l.next().unwrap().unwrap();
         fx.check_batch(&first);
         // Flip one byte of chunk 3 of shard 1 (read only near the end of the epoch).
-        let path = src.shard_path(1).to_path_buf();
+        let path = src.store().name(1).to_path_buf();
         let f = std::fs::OpenOptions::new()
             .write(true)
             .read(true)
@@ -96,7 +96,7 @@ fn truncated_while_open_is_an_io_error() {
     let src: Arc<dyn RowSource> = fx.clone();
     let mut l = Loader::new(src.clone(), &sequential(DecryptMode::RowCtr)).unwrap();
     l.next().unwrap().unwrap();
-    let path = src.shard_path(1).to_path_buf();
+    let path = src.store().name(1).to_path_buf();
     std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
@@ -123,7 +123,7 @@ fn deleted_while_open_still_reads_or_errors() {
     let fx = big(dir.path());
     let src: Arc<dyn RowSource> = fx.clone();
     let mut l = Loader::new(src.clone(), &sequential(DecryptMode::ChunkOpen)).unwrap();
-    std::fs::remove_file(src.shard_path(1)).unwrap();
+    std::fs::remove_file(src.store().name(1)).unwrap();
     let mut n = 0;
     for b in l.by_ref() {
         fx.check_batch(&b.unwrap());
@@ -183,7 +183,7 @@ fn bytes_changed_after_verification_never_reach_a_batch() {
         // those rows are assembled after the write, from the chunk verified before it.
         let f = std::fs::OpenOptions::new()
             .write(true)
-            .open(src.shard_path(0))
+            .open(src.store().name(0))
             .unwrap();
         f.write_all_at(&[0xFF; 32768], fx.chunk_offset(0, 0, 0) + 32768)
             .unwrap();
@@ -215,11 +215,8 @@ impl RowSource for PanickingSource {
     fn shard_row_start(&self, s: usize) -> u64 {
         self.0.shard_row_start(s)
     }
-    fn shard_path(&self, s: usize) -> &std::path::Path {
-        self.0.shard_path(s)
-    }
-    fn shard_file_len(&self, s: usize) -> u64 {
-        self.0.shard_file_len(s)
+    fn store(&self) -> &dyn ciphershard::store::ShardStore {
+        self.0.store()
     }
     fn columns(&self) -> &[ciphershard::pipeline::ColumnInfo] {
         self.0.columns()

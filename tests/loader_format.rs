@@ -73,7 +73,7 @@ fn tampered_shard_byte_is_reported() {
     let (key, _, _) = make(dir.path(), 300);
     let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
     let c = src.chunk(1, 0, 2);
-    let path = src.shard_path(1).to_path_buf();
+    let path = src.store().name(1).to_path_buf();
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[c.file_offset as usize + 7] ^= 1;
     std::fs::write(&path, &bytes).unwrap();

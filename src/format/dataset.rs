@@ -3,16 +3,18 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
     DatasetKind, KEYRING_FILE, Keyring, MANIFEST_FILE, MAX_JSON_FILE_LEN, Manifest, ShardHeader,
-    random_suffix, read_at, read_bounded, sync_dir, write_atomic,
+    random_suffix, read_bounded, sync_dir, write_atomic,
 };
 use crate::cipher::cpu::CpuCipher;
 use crate::cipher::{ChunkOpener, Cipher};
 use crate::error::{Error, Result};
 use crate::keys::{DataKey, MasterKey};
+use crate::store::{LocalStore, ShardStore};
 
 /// A dataset directory whose manifest, keyring and shard headers parse and agree with each
 /// other (docs/FORMAT.md section 5). Nothing is authenticated until [`Dataset::unlock`].
@@ -22,6 +24,8 @@ pub struct Dataset {
     manifest: Manifest,
     keyring: Keyring,
     shards: Vec<ShardHeader>,
+    /// Where the shards' bytes are read from (headers included).
+    store: Arc<dyn ShardStore>,
 }
 
 fn mismatch(path: &Path, what: String) -> Error {
@@ -71,11 +75,14 @@ impl Dataset {
                 ));
             }
         }
+        let store: Arc<dyn ShardStore> = Arc::new(LocalStore::open(
+            manifest.shards.iter().map(|e| dir.join(&e.file)),
+        )?);
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut next_row = 0u64;
         for (i, entry) in manifest.shards.iter().enumerate() {
-            let spath = dir.join(&entry.file);
-            let h = ShardHeader::read(&spath)?;
+            let spath = store.name(i).to_path_buf();
+            let h = ShardHeader::read_from(store.as_ref(), i)?;
             let d = &h.descriptor;
             let check = |ok: bool, what: &str| {
                 if ok {
@@ -168,6 +175,7 @@ impl Dataset {
             manifest,
             keyring,
             shards,
+            store,
         })
     }
 
@@ -187,25 +195,28 @@ impl Dataset {
     pub fn keyring(&self) -> &Keyring {
         &self.keyring
     }
-
-    fn unwrap_all(&self, key: &MasterKey) -> Result<Vec<DataKey>> {
-        (0..self.shards.len())
-            .map(|i| self.keyring.unwrap(key, i))
-            .collect()
+    /// Where the shards' bytes are read from.
+    pub fn store(&self) -> &Arc<dyn ShardStore> {
+        &self.store
     }
 
-    /// Unwraps every data key, prepares an opener per shard on `cipher` and verifies every
-    /// header tag.
+    /// Unwraps every data key (the only place a dataset's keys are unwrapped), prepares an
+    /// opener per shard on `cipher` and verifies every header tag. The unwrapped keys stay in
+    /// the result (zeroized when it is dropped) for backends that prepare their own key
+    /// material from them ([`UnlockedDataset::data_key`]).
     pub fn unlock(&self, key: &MasterKey, cipher: &dyn Cipher) -> Result<UnlockedDataset> {
-        let keys = self.unwrap_all(key)?;
-        let mut openers = Vec::with_capacity(keys.len());
-        for (h, dk) in self.shards.iter().zip(&keys) {
+        let data_keys = (0..self.shards.len())
+            .map(|i| self.keyring.unwrap(key, i))
+            .collect::<Result<Vec<DataKey>>>()?;
+        let mut openers = Vec::with_capacity(data_keys.len());
+        for (h, dk) in self.shards.iter().zip(&data_keys) {
             let opener = cipher.prepare(dk)?;
             h.verify_header_tag(opener.as_ref())?;
             openers.push(opener);
         }
         Ok(UnlockedDataset {
             dataset: self.clone(),
+            data_keys,
             openers,
         })
     }
@@ -214,6 +225,8 @@ impl Dataset {
 /// A dataset whose data keys are unwrapped and whose headers are authenticated.
 pub struct UnlockedDataset {
     dataset: Dataset,
+    /// Zeroized on drop (`DataKey`).
+    data_keys: Vec<DataKey>,
     openers: Vec<Box<dyn ChunkOpener>>,
 }
 
@@ -230,6 +243,11 @@ impl UnlockedDataset {
     /// The opener (prepared data key) of shard `shard`.
     pub fn opener(&self, shard: usize) -> &dyn ChunkOpener {
         self.openers[shard].as_ref()
+    }
+    /// The unwrapped data key of shard `shard`, for a backend that prepares its own key
+    /// material (a GPU batch engine).
+    pub fn data_key(&self, shard: usize) -> &DataKey {
+        &self.data_keys[shard]
     }
     /// The dataset.
     pub fn dataset(&self) -> &Dataset {
@@ -250,22 +268,6 @@ pub struct VerifySummary {
     pub seconds: f64,
 }
 
-fn open_shard_file(h: &ShardHeader) -> Result<File> {
-    let f = File::open(&h.path).map_err(|e| Error::io(&h.path, e))?;
-    let len = f.metadata().map_err(|e| Error::io(&h.path, e))?.len();
-    if len != h.file_len {
-        return Err(Error::format(
-            &h.path,
-            "shard header",
-            format!(
-                "file changed size since it was opened ({} -> {len} bytes)",
-                h.file_len
-            ),
-        ));
-    }
-    Ok(f)
-}
-
 /// Checks every chunk tag of every shard; the first failure is [`Error::Integrity`] naming the
 /// shard, tensor and chunk.
 pub fn verify(ds: &UnlockedDataset, progress: &mut dyn FnMut(u64, u64)) -> Result<VerifySummary> {
@@ -279,11 +281,12 @@ pub fn verify(ds: &UnlockedDataset, progress: &mut dyn FnMut(u64, u64)) -> Resul
     let (mut done, mut chunks) = (0u64, 0u64);
     let mut scratch = zeroize::Zeroizing::new(Vec::new());
     for (i, h) in ds.dataset.shards.iter().enumerate() {
-        let file = open_shard_file(h)?;
+        let store = ds.dataset.store();
+        store.check_unchanged(i)?;
         for t in 0..h.descriptor.tensors.len() as u32 {
             for c in h.chunks(t) {
                 scratch.resize(c.len, 0);
-                read_at(&file, &h.path, c.file_offset, &mut scratch)?;
+                store.read_at(i, c.file_offset, &mut scratch)?;
                 ds.opener(i)
                     .verify(&c.params(), &scratch)
                     .map_err(|e| e.at(|| h.chunk_location(&c)))?;
@@ -350,7 +353,8 @@ pub fn decrypt_shard(ds: &UnlockedDataset, shard: usize, out: &Path) -> Result<(
         .unwrap_or_default();
     let tmp = dir.join(format!("{name}.tmp-{}", random_suffix()?));
     let result = (|| {
-        let src = open_shard_file(h)?;
+        let store = ds.dataset.store();
+        store.check_unchanged(shard)?;
         let mut w = std::io::BufWriter::with_capacity(
             1 << 20,
             File::create_new(&tmp).map_err(|e| Error::io(&tmp, e))?,
@@ -363,7 +367,7 @@ pub fn decrypt_shard(ds: &UnlockedDataset, shard: usize, out: &Path) -> Result<(
         for t in 0..d.tensors.len() as u32 {
             for c in h.chunks(t) {
                 buf.resize(c.len, 0);
-                read_at(&src, &h.path, c.file_offset, &mut buf)?;
+                store.read_at(shard, c.file_offset, &mut buf)?;
                 ds.opener(shard)
                     .open_in_place(&c.params(), &mut buf)
                     .map_err(|e| e.at(|| h.chunk_location(&c)))?;
@@ -391,12 +395,7 @@ pub fn decrypt_shard(ds: &UnlockedDataset, shard: usize, out: &Path) -> Result<(
 /// Unwraps every data key with `key` and checks it against the shard header tags (so a
 /// rewrap never propagates a corrupt key).
 fn checked_data_keys(ds: &Dataset, key: &MasterKey) -> Result<Vec<DataKey>> {
-    let keys = ds.unwrap_all(key)?;
-    let cpu = CpuCipher::new();
-    for (h, dk) in ds.shards.iter().zip(&keys) {
-        h.verify_header_tag(cpu.prepare(dk)?.as_ref())?;
-    }
-    Ok(keys)
+    Ok(ds.unlock(key, &CpuCipher::new())?.data_keys)
 }
 
 /// Rotates a master key: rewraps every data key from `old` to `new` and replaces

@@ -1,8 +1,6 @@
 //! Shard files: the safetensors header, the ciphershard descriptor, tags and chunk addressing.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -16,6 +14,7 @@ use super::{
 };
 use crate::cipher::{ChunkOpener, ChunkParams, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::{ChunkLocation, Error, Result};
+use crate::store::{LocalStore, ShardStore};
 
 /// Length of a chunk's associated data.
 pub const AAD_LEN: usize = 89;
@@ -524,15 +523,18 @@ impl ShardHeader {
     /// Opens and parses a shard file, reading only its header (bounded: the header length is
     /// checked against the file size and [`MAX_HEADER_LEN`] before it is read).
     pub fn read(path: &Path) -> Result<Self> {
-        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let n = header_len(path, file_len, |buf| {
-            file.read_exact(buf).map_err(|e| Error::io(path, e))
-        })?;
+        Self::read_from(&LocalStore::open([path.to_path_buf()])?, 0)
+    }
+
+    /// Reads and parses the header of shard `s` of `store` (the shard's pinned length is the
+    /// file length the header must describe).
+    pub fn read_from(store: &dyn ShardStore, s: usize) -> Result<Self> {
+        let path = store.name(s);
+        let file_len = store.identity(s).len;
+        let n = header_len(path, file_len, |buf| store.read_at(s, 0, buf))?;
         let mut prefix = vec![0u8; 8 + n as usize];
         prefix[..8].copy_from_slice(&n.to_le_bytes());
-        file.read_exact(&mut prefix[8..])
-            .map_err(|e| Error::io(path, e))?;
+        store.read_at(s, 8, &mut prefix[8..])?;
         Self::parse_prefix(path, &prefix, file_len)
     }
 

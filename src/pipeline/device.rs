@@ -15,7 +15,6 @@
 //! host [`super::Loader`]: the same seed gives the same rows in the same order, so a device
 //! batch downloaded equals the host loader's batch.
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -214,7 +213,6 @@ const WINDOW_SLOTS: usize = 3;
 /// thread it spawns reads, uploads and verifies windows.
 struct Producer {
     source: Arc<FormatSource>,
-    files: Vec<File>,
     keys: Vec<Arc<CudaKey>>,
     cipher: Arc<CudaCipher>,
     columns: Arc<[ColumnInfo]>,
@@ -266,14 +264,11 @@ impl DeviceLoader {
         opts: &LoaderOptions,
     ) -> Result<DeviceLoader> {
         let cipher = CudaCipher::new(ordinal)?;
-        let ds = Dataset::open(path)?;
-        let unlocked = ds.unlock(key, &CpuCipher::new())?;
-        let mut keys = Vec::with_capacity(ds.shards().len());
-        for s in 0..ds.shards().len() {
-            let dk = ds.keyring().unwrap(key, s)?; // zeroized on drop
-            keys.push(cipher.prepare_device(&dk)?);
-        }
+        let unlocked = Dataset::open(path)?.unlock(key, &CpuCipher::new())?;
         let source = Arc::new(FormatSource::new(unlocked)?);
+        let keys = (0..source.shard_count())
+            .map(|s| cipher.prepare_device(source.data_key(s)))
+            .collect::<Result<Vec<_>>>()?;
         DeviceLoader::new(source, keys, cipher, opts)
     }
 
@@ -301,7 +296,6 @@ impl DeviceLoader {
             cfg,
             batches_per_epoch,
             total,
-            files,
             batch_rows,
         } = PlanSetup::new(source.as_ref(), opts)?;
         let window_bytes = window_byte_bound(
@@ -319,7 +313,6 @@ impl DeviceLoader {
         let device = Arc::new(DeviceCounters::default());
         let producer = Producer {
             source,
-            files,
             keys,
             cipher,
             columns: columns.clone(),
@@ -710,7 +703,6 @@ impl Producer {
         let t0 = Instant::now();
         ChunkReader {
             source: &self.source,
-            files: &self.files,
             threads: self.threads,
         }
         .pread_all(

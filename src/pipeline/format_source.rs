@@ -7,7 +7,8 @@ use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use crate::cipher::{Backend, ChunkOpener};
 use crate::error::{ChunkLocation, Error, Result};
 use crate::format::{Dataset, DatasetKind, UnlockedDataset};
-use crate::keys::MasterKey;
+use crate::keys::{DataKey, MasterKey};
+use crate::store::ShardStore;
 
 /// A dataset whose headers are authenticated and data keys prepared, seen as rows × columns.
 pub struct FormatSource {
@@ -97,6 +98,12 @@ impl FormatSource {
     pub fn dataset(&self) -> &UnlockedDataset {
         &self.ds
     }
+
+    /// Shard `s`'s data key, unwrapped once when the dataset was unlocked: GPU backends
+    /// prepare their own key material from it.
+    pub fn data_key(&self, s: usize) -> &DataKey {
+        self.ds.data_key(s)
+    }
 }
 
 impl RowSource for FormatSource {
@@ -109,11 +116,8 @@ impl RowSource for FormatSource {
     fn shard_row_start(&self, s: usize) -> u64 {
         self.ds.dataset().shards()[s].descriptor.row_start
     }
-    fn shard_path(&self, s: usize) -> &Path {
-        &self.ds.dataset().shards()[s].path
-    }
-    fn shard_file_len(&self, s: usize) -> u64 {
-        self.ds.dataset().shards()[s].file_len
+    fn store(&self) -> &dyn ShardStore {
+        self.ds.dataset().store().as_ref()
     }
     fn columns(&self) -> &[ColumnInfo] {
         &self.columns

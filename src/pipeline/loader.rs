@@ -2,8 +2,6 @@
 //! → consumer, over bounded crossbeam channels.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -394,7 +392,6 @@ struct Job {
 
 struct Shared {
     source: Arc<dyn RowSource>,
-    files: Vec<File>,
     columns: Arc<[ColumnInfo]>,
     chunk_size: u64,
     mode: DecryptMode,
@@ -422,27 +419,18 @@ impl Shared {
         let spec = self.source.chunk(s, c, j);
         let mut buf = self.chunk_pool.get();
         let t0 = Instant::now();
-        let path = self.source.shard_path(s);
-        let end = spec.file_offset.checked_add(spec.len as u64);
-        if spec.len > buf.len() || end.is_none_or(|e| e > self.source.shard_file_len(s)) {
+        let store = self.source.store();
+        if spec.len > buf.len() {
             self.chunk_pool.put(buf);
             return Err(Error::format(
-                path,
+                store.name(s),
                 "shard",
-                format!("chunk {j} of column {c} lies outside the file"),
+                format!("chunk {j} of column {c} is longer than the chunk size"),
             ));
         }
-        if let Err(e) = self.files[s].read_exact_at(&mut buf[..spec.len], spec.file_offset) {
+        if let Err(e) = store.read_at(s, spec.file_offset, &mut buf[..spec.len]) {
             self.chunk_pool.put(buf);
-            let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                std::io::Error::new(
-                    e.kind(),
-                    "shard file is shorter than its header says (truncated while open?)",
-                )
-            } else {
-                e
-            };
-            return Err(Error::io(path, e));
+            return Err(e);
         }
         let t1 = Instant::now();
         add(&self.counters.read_ns, (t1 - t0).as_nanos() as u64);
@@ -629,7 +617,6 @@ pub(crate) struct PlanSetup {
     pub(crate) batches_per_epoch: u64,
     /// Batches left to deliver from the start position.
     pub(crate) total: u64,
-    pub(crate) files: Vec<File>,
     /// Most rows one batch can hold: `batch_size`, but never more than the dataset has (so an
     /// absurd batch size sizes no buffer beyond the data).
     pub(crate) batch_rows: usize,
@@ -702,23 +689,17 @@ impl PlanSetup {
         } else {
             (opts.epochs - opts.start_epoch) * batches_per_epoch - opts.start_batch
         };
-        // Open every shard once and check its length against its authenticated header.
-        let mut files = Vec::with_capacity(source.shard_count());
+        // Every shard still as it was when its store pinned it (length from its header).
+        let store = source.store();
+        if store.shard_count() != source.shard_count() {
+            return Err(Error::InvalidArgument(format!(
+                "the source has {} shards, its store {}",
+                source.shard_count(),
+                store.shard_count()
+            )));
+        }
         for s in 0..source.shard_count() {
-            let path = source.shard_path(s);
-            let f = File::open(path).map_err(|e| Error::io(path, e))?;
-            let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-            if len != source.shard_file_len(s) {
-                return Err(Error::format(
-                    path,
-                    "shard",
-                    format!(
-                        "file is {len} bytes but its header says {} (truncated or appended)",
-                        source.shard_file_len(s)
-                    ),
-                ));
-            }
-            files.push(f);
+            store.check_unchanged(s)?;
         }
         Ok(PlanSetup {
             columns,
@@ -729,7 +710,6 @@ impl PlanSetup {
             cfg,
             batches_per_epoch,
             total,
-            files,
             batch_rows: opts
                 .batch_size
                 .min(usize::try_from(total_rows.max(1)).unwrap_or(usize::MAX)),
@@ -750,7 +730,6 @@ impl Loader {
             cfg,
             batches_per_epoch,
             total,
-            files,
             batch_rows,
         } = PlanSetup::new(source.as_ref(), opts)?;
         let counters = Arc::new(Counters::default());
@@ -828,7 +807,6 @@ impl Loader {
         ));
         let shared = Arc::new(Shared {
             source,
-            files,
             columns: columns.clone(),
             chunk_size,
             mode: opts.mode,

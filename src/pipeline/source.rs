@@ -4,10 +4,9 @@
 //! failure paths can be tested on their own; [`super::FormatSource`] implements it over a real
 //! `format::UnlockedDataset`.
 
-use std::path::Path;
-
 use crate::cipher::{ChunkOpener, NONCE_LEN, TAG_LEN};
 use crate::error::ChunkLocation;
+use crate::store::ShardStore;
 
 /// Length of a chunk's associated data (docs/FORMAT.md, section 4.2).
 pub const AAD_LEN: usize = 89;
@@ -30,7 +29,7 @@ pub struct ColumnInfo {
 /// Where one chunk lives and how to open it.
 #[derive(Debug, Clone)]
 pub struct ChunkSpec {
-    /// Absolute offset of the chunk in the shard file.
+    /// Offset of the chunk in the shard's bytes (read through [`RowSource::store`]).
     pub file_offset: u64,
     /// Chunk length in bytes.
     pub len: usize,
@@ -55,10 +54,8 @@ pub trait RowSource: Send + Sync {
     fn shard_rows(&self, s: usize) -> u64;
     /// Global index of shard `s`'s first row.
     fn shard_row_start(&self, s: usize) -> u64;
-    /// The shard's file.
-    fn shard_path(&self, s: usize) -> &Path;
-    /// The length the shard file must have (from its authenticated header).
-    fn shard_file_len(&self, s: usize) -> u64;
+    /// Where the shards' bytes are read from (shard `s` of the store is shard `s` here).
+    fn store(&self) -> &dyn ShardStore;
     /// The columns, in a fixed order.
     fn columns(&self) -> &[ColumnInfo];
     /// Bytes per chunk.

@@ -24,7 +24,6 @@
 //! later submission than any work the consumer queued on them (the consumer must use this
 //! loader's [`device`](WgpuDeviceLoader::device) and [`queue`](WgpuDeviceLoader::queue)).
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -232,7 +231,6 @@ impl std::fmt::Debug for WgpuDeviceLoader {
 /// What the producer thread shares with the reader and planner it spawns.
 struct Producer {
     source: Arc<FormatSource>,
-    files: Vec<File>,
     engine: Arc<WgpuBatchEngine>,
     columns: Arc<[ColumnInfo]>,
     chunk_size: u64,
@@ -290,14 +288,12 @@ impl WgpuDeviceLoader {
             gpu_ghash: wgpu.gpu_ghash.or(Some(false)),
             ..wgpu
         })?;
-        let ds = Dataset::open(path)?;
-        let unlocked = ds.unlock(key, &CpuCipher::new())?;
-        let data_keys = (0..ds.shards().len())
-            .map(|s| ds.keyring().unwrap(key, s))
-            .collect::<Result<Vec<_>>>()?; // zeroized on drop
-        let engine = WgpuBatchEngine::new(&cipher, &data_keys.iter().collect::<Vec<_>>())?;
-        drop(data_keys);
+        let unlocked = Dataset::open(path)?.unlock(key, &CpuCipher::new())?;
         let source = Arc::new(FormatSource::new(unlocked)?);
+        let data_keys: Vec<_> = (0..source.shard_count())
+            .map(|s| source.data_key(s))
+            .collect();
+        let engine = WgpuBatchEngine::new(&cipher, &data_keys)?;
         WgpuDeviceLoader::new(source, Arc::new(engine), opts)
     }
 
@@ -325,7 +321,6 @@ impl WgpuDeviceLoader {
             cfg,
             batches_per_epoch,
             total,
-            files,
             batch_rows,
         } = PlanSetup::new(source.as_ref(), opts)?;
         let window_bytes = window_byte_bound(
@@ -371,7 +366,6 @@ impl WgpuDeviceLoader {
         let device = Arc::new(DeviceCounters::default());
         let producer = Producer {
             source,
-            files,
             engine: engine.clone(),
             columns: columns.clone(),
             chunk_size,
@@ -778,7 +772,6 @@ impl Producer {
         };
         ChunkReader {
             source: &self.source,
-            files: &self.files,
             threads: self.threads,
         }
         .pread_all(&keys, &specs, &staging_offs, &mut staging, &check)?;

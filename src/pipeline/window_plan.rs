@@ -4,9 +4,6 @@
 //! each batch the (window offset, column offset) of every row to gather. It follows the host
 //! [`super::Loader`]'s plan exactly, so a device batch equals the host batch (tested below).
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-
 use super::format_source::FormatSource;
 use super::loader::longest_chunk;
 use super::sampler::{Cursor, EpochPlan, RowRef};
@@ -513,10 +510,9 @@ pub(crate) fn plan_batch(
 /// Runs on each chunk right after its read (e.g. its tag check), on the reading thread.
 pub(crate) type ChunkCheck<'a> = dyn Fn(Key, &ChunkSpec, &[u8]) -> Result<()> + Sync + 'a;
 
-/// Reads chunks into a window's staging with `pread`.
+/// Reads chunks into a window's staging through the source's store.
 pub(crate) struct ChunkReader<'a> {
     pub(crate) source: &'a FormatSource,
-    pub(crate) files: &'a [File],
     /// Threads that `pread` one window's chunks.
     pub(crate) threads: usize,
 }
@@ -592,29 +588,9 @@ impl ChunkReader<'_> {
     }
 
     pub(crate) fn pread(&self, k: Key, spec: &ChunkSpec, dst: &mut [u8]) -> Result<()> {
-        let (s, c, j) = (k.0 as usize, k.1, k.2);
-        let path = self.source.shard_path(s);
-        let end = spec.file_offset.checked_add(spec.len as u64);
-        if end.is_none_or(|e| e > self.source.shard_file_len(s)) {
-            return Err(Error::format(
-                path,
-                "shard",
-                format!("chunk {j} of column {c} lies outside the file"),
-            ));
-        }
-        self.files[s]
-            .read_exact_at(dst, spec.file_offset)
-            .map_err(|e| {
-                let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    std::io::Error::new(
-                        e.kind(),
-                        "shard file is shorter than its header says (truncated while open?)",
-                    )
-                } else {
-                    e
-                };
-                Error::io(path, e)
-            })
+        self.source
+            .store()
+            .read_at(k.0 as usize, spec.file_offset, dst)
     }
 }
 
@@ -716,8 +692,9 @@ mod tests {
             .zip(&specs)
             .map(|(k, spec)| {
                 let mut chunk = vec![0u8; spec.len];
-                let f = File::open(src.shard_path(k.0 as usize)).unwrap();
-                f.read_exact_at(&mut chunk, spec.file_offset).unwrap();
+                src.store()
+                    .read_at(k.0 as usize, spec.file_offset, &mut chunk)
+                    .unwrap();
                 let params = ChunkParams {
                     nonce: spec.nonce,
                     aad: &spec.aad,

@@ -11,6 +11,7 @@ use ciphershard::DataKey;
 use ciphershard::cipher::{ChunkOpener, Cipher, cpu::CpuCipher};
 use ciphershard::error::ChunkLocation;
 use ciphershard::pipeline::{AAD_LEN, ChunkSpec, ColumnInfo, RowSource};
+use ciphershard::store::{LocalStore, ShardStore};
 
 /// A column to generate: name, dtype, element size, elements per row, encrypted.
 pub struct Col(
@@ -23,7 +24,7 @@ pub struct Col(
 
 pub struct Fixture {
     paths: Vec<PathBuf>,
-    file_lens: Vec<u64>,
+    store: LocalStore,
     rows: Vec<u64>,
     row_start: Vec<u64>,
     columns: Vec<ColumnInfo>,
@@ -79,8 +80,8 @@ impl Fixture {
                 row_bytes: c.2 as u64 * c.3,
             })
             .collect();
-        let (mut paths, mut file_lens, mut tags, mut col_offset, mut openers, mut row_start) =
-            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut paths, mut tags, mut col_offset, mut openers, mut row_start) =
+            (vec![], vec![], vec![], vec![], vec![]);
         let mut g0 = 0u64;
         for (s, &rows) in shard_rows.iter().enumerate() {
             let mut kb = [0u8; 32];
@@ -120,7 +121,6 @@ impl Fixture {
             let path = dir.join(format!("shard-{s:05}.bin"));
             std::fs::write(&path, &file).unwrap();
             paths.push(path);
-            file_lens.push(file.len() as u64);
             tags.push(st);
             col_offset.push(so);
             openers.push(op);
@@ -128,8 +128,8 @@ impl Fixture {
             g0 += rows;
         }
         Arc::new(Fixture {
+            store: LocalStore::open(paths.clone()).unwrap(),
             paths,
-            file_lens,
             rows: shard_rows.to_vec(),
             row_start,
             encrypted: cols.iter().map(|c| c.4).collect(),
@@ -172,11 +172,8 @@ impl RowSource for Fixture {
     fn shard_row_start(&self, s: usize) -> u64 {
         self.row_start[s]
     }
-    fn shard_path(&self, s: usize) -> &Path {
-        &self.paths[s]
-    }
-    fn shard_file_len(&self, s: usize) -> u64 {
-        self.file_lens[s]
+    fn store(&self) -> &dyn ShardStore {
+        &self.store
     }
     fn columns(&self) -> &[ColumnInfo] {
         &self.columns

@@ -127,7 +127,7 @@ pub fn tamper_each_column<L: DeviceUnderTest>() {
     for col in [0usize, 1, 2] {
         let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
         let c = src.chunk(1, col, 2);
-        let path = src.shard_path(1).to_path_buf();
+        let path = src.store().name(1).to_path_buf();
         let tensor = src.columns()[col].name.clone();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[c.file_offset as usize + 5] ^= 0x40;

@@ -1,0 +1,59 @@
+//! The storage seam: where a dataset's shard bytes live, seen as "read these byte ranges of
+//! shard `i`". Headers, the host loader, the window planner and both device loaders read shards
+//! only through [`ShardStore`]; local files ([`LocalStore`]) are its first implementation, and a
+//! non-file source (an object store, an in-memory set for tests) is one more implementation.
+//!
+//! Each shard's identity (its length and a version) is pinned when the store is opened. Reads
+//! past the pinned length are errors naming the shard, a shard found shorter while reading is
+//! an error ("truncated while open"), and [`ShardStore::check_unchanged`] re-checks the
+//! identity before a new pass over the data (a loader's start, `verify`, `decrypt`). Content
+//! changes are the tags' business: every chunk is authenticated.
+
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use crate::error::Result;
+
+mod local;
+
+pub use local::LocalStore;
+
+/// What a shard was when its store was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardIdentity {
+    /// Length in bytes.
+    pub len: u64,
+    /// What else identifies this version of the shard: modification time and inode for a local
+    /// file (an ETag or object version for an object store). Informational for local files:
+    /// their content is checked by the tags, their length by [`ShardStore::check_unchanged`].
+    pub version: String,
+}
+
+/// Byte-range reads of a dataset's shards.
+pub trait ShardStore: Send + Sync + std::fmt::Debug {
+    /// Number of shards.
+    fn shard_count(&self) -> usize;
+
+    /// Names shard `s` in errors and reports (its path, or its URL).
+    fn name(&self, s: usize) -> &Path;
+
+    /// Shard `s` as it was when the store was opened.
+    fn identity(&self, s: usize) -> &ShardIdentity;
+
+    /// Reads `dst.len()` bytes of shard `s` at `offset`. A range past the pinned length, or a
+    /// shard that turns out shorter, is an error naming the shard.
+    fn read_at(&self, s: usize, offset: u64, dst: &mut [u8]) -> Result<()>;
+
+    /// Reads several ranges of shard `s`, each into its buffer (object stores coalesce nearby
+    /// ranges into one request; local files read each in turn).
+    fn read_ranges(&self, s: usize, ranges: &mut [(u64, &mut [u8])]) -> Result<()> {
+        ranges
+            .iter_mut()
+            .try_for_each(|(offset, dst)| self.read_at(s, *offset, dst))
+    }
+
+    /// `Err` naming the shard if it no longer matches its pinned identity (for local files:
+    /// its length changed, truncated or appended since the store was opened).
+    fn check_unchanged(&self, s: usize) -> Result<()>;
+}
