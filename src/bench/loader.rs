@@ -2,11 +2,10 @@
 //! through the same pipeline, in the same process.
 //!
 //! The plaintext twin is the same shard files read by the same pipeline (same sampler, same
-//! `pread`s, same pools, same row copies) with verification and decryption skipped
-//! ([`DecryptMode::TwinNoCrypto`]). Ciphertext has exactly the plaintext's length and offsets,
-//! so an unencrypted copy of the dataset would be read byte for byte the same way; the ratio
-//! therefore isolates the cost of authenticated decryption. (A converted twin with every
-//! column `--plain` would still verify a GMAC per chunk, which is not "without encryption".)
+//! reads, same pools, same row copies) with verification and decryption left out: the host
+//! loader over a [`super::twin`] source wrapper, the device loaders built as their twin
+//! (same staging, uploads and gathers, no tag check, no decryption). The ratio therefore
+//! isolates the cost of authenticated decryption.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -212,12 +211,13 @@ fn run_device_once(
     path: &Path,
     key: &MasterKey,
     opts: &LoaderOptions,
+    twin: bool,
 ) -> Result<RunReport> {
     let mut clock = Clock::start();
     let (batches, stats, device) = match backend {
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
-            let mut l = crate::pipeline::device::DeviceLoader::open(path, key, 0, opts)?;
+            let mut l = crate::pipeline::device::DeviceLoader::open_as(path, key, 0, opts, twin)?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             // The loader's threads were joined when the last batch was taken.
@@ -226,8 +226,9 @@ fn run_device_once(
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             let wgpu = crate::cipher::wgpu::WgpuOptions::default();
-            let mut l =
-                crate::pipeline::wgpu_device::WgpuDeviceLoader::open(path, key, wgpu, opts)?;
+            let mut l = crate::pipeline::wgpu_device::WgpuDeviceLoader::open_as(
+                path, key, wgpu, opts, twin,
+            )?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             (n, l.stats(), l.device_stats())
@@ -267,17 +268,9 @@ fn run_device(
         seed: 1,
         ..Default::default()
     };
-    let warm = run_device_once(backend, path, key, &lo)?;
-    let twin = run_device_once(
-        backend,
-        path,
-        key,
-        &LoaderOptions {
-            mode: DecryptMode::TwinNoCrypto,
-            ..lo.clone()
-        },
-    )?;
-    let again = run_device_once(backend, path, key, &lo)?;
+    let warm = run_device_once(backend, path, key, &lo, false)?;
+    let twin = run_device_once(backend, path, key, &lo, true)?;
+    let again = run_device_once(backend, path, key, &lo, false)?;
     // The first run also compiles the kernels (setup): keep the faster steady state.
     let enc = if again.steady_gb_per_s > warm.steady_gb_per_s {
         again
@@ -321,13 +314,7 @@ pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> R
         ..Default::default()
     };
     let warm = run_once(src.clone(), &lo)?;
-    let twin = run_once(
-        src.clone(),
-        &LoaderOptions {
-            mode: DecryptMode::TwinNoCrypto,
-            ..lo.clone()
-        },
-    )?;
+    let twin = run_once(super::twin::TwinSource::new(src.clone()), &lo)?;
     let again = run_once(src.clone(), &lo)?;
     let enc = if again.seconds < warm.seconds {
         again

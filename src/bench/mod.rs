@@ -8,3 +8,4 @@
 
 pub mod cipher;
 pub mod loader;
+mod twin;

@@ -24,7 +24,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
 
 use super::device_shell::{DeviceBatchMeta, DeviceHandle, Shape, plan_batches, stopped};
 use super::format_source::FormatSource;
-use super::loader::{DecryptMode, LoaderOptions, LoaderState, PlanSetup};
+use super::loader::{LoaderOptions, LoaderState, PlanSetup};
 use super::sampler::{EpochPlan, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use super::telemetry::{Counters, DeviceCounters, DeviceStats, LoaderStats, add, ns_since};
@@ -253,15 +253,26 @@ struct Gathered {
 
 impl DeviceLoader {
     /// Opens the dataset at `path` with `key` (headers authenticated on the CPU), prepares every
-    /// shard's data key on CUDA device `ordinal` and starts the loader. `opts.mode ==
-    /// DecryptMode::TwinNoCrypto` (bench only) skips verification and decryption; `threads`
-    /// is the number of threads that `pread` a window's chunks into pinned staging (besides the
-    /// reader, planner and gather threads; see the module docs).
+    /// shard's data key on CUDA device `ordinal` and starts the loader; `threads` is the number
+    /// of threads that `pread` a window's chunks into pinned staging (besides the reader,
+    /// planner and gather threads; see the module docs).
     pub fn open(
         path: &Path,
         key: &MasterKey,
         ordinal: usize,
         opts: &LoaderOptions,
+    ) -> Result<DeviceLoader> {
+        Self::open_as(path, key, ordinal, opts, false)
+    }
+
+    /// [`open`](Self::open), or with `twin` the benchmarks' plaintext twin (crate::bench):
+    /// the same reads, staging, uploads and gathers with no tag check and no decryption.
+    pub(crate) fn open_as(
+        path: &Path,
+        key: &MasterKey,
+        ordinal: usize,
+        opts: &LoaderOptions,
+        twin: bool,
     ) -> Result<DeviceLoader> {
         let cipher = CudaCipher::new(ordinal)?;
         let unlocked = Dataset::open(path)?.unlock(key, &CpuCipher::new())?;
@@ -269,7 +280,7 @@ impl DeviceLoader {
         let keys = (0..source.shard_count())
             .map(|s| cipher.prepare_device(source.data_key(s)))
             .collect::<Result<Vec<_>>>()?;
-        DeviceLoader::new(source, keys, cipher, opts)
+        DeviceLoader::start(source, keys, cipher, opts, twin)
     }
 
     /// Starts a device loader over `source` with each shard's key prepared on `cipher`'s device.
@@ -278,6 +289,16 @@ impl DeviceLoader {
         keys: Vec<Arc<CudaKey>>,
         cipher: Arc<CudaCipher>,
         opts: &LoaderOptions,
+    ) -> Result<DeviceLoader> {
+        Self::start(source, keys, cipher, opts, false)
+    }
+
+    fn start(
+        source: Arc<FormatSource>,
+        keys: Vec<Arc<CudaKey>>,
+        cipher: Arc<CudaCipher>,
+        opts: &LoaderOptions,
+        twin: bool,
     ) -> Result<DeviceLoader> {
         let built = Instant::now();
         if keys.len() != source.shard_count() {
@@ -317,7 +338,7 @@ impl DeviceLoader {
             cipher,
             columns: columns.clone(),
             chunk_size,
-            twin: opts.mode == DecryptMode::TwinNoCrypto,
+            twin,
             threads: opts.threads,
             batch_size: batch_rows,
             slot_bytes,

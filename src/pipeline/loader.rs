@@ -27,9 +27,6 @@ pub enum DecryptMode {
     /// rows into the batch. Plaintext sits in a private pooled buffer (zeroized on release).
     #[default]
     ChunkOpen,
-    /// Benchmark only (the "plaintext twin"): read and copy rows, no verify, no decrypt.
-    #[doc(hidden)]
-    TwinNoCrypto,
 }
 
 /// How to build a loader.
@@ -452,7 +449,6 @@ impl Shared {
             pool: self.chunk_pool.clone(),
         };
         let ok = match (self.mode, spec.encrypted) {
-            (DecryptMode::TwinNoCrypto, _) => Ok(()),
             (DecryptMode::ChunkOpen, true) => {
                 let r = opener.open_in_place(&params, &mut buf[..spec.len]);
                 add(&self.counters.decrypt_ns, t1.elapsed().as_nanos() as u64);

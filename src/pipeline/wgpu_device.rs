@@ -32,7 +32,7 @@ use crossbeam_channel::{Receiver, Sender, bounded, select};
 
 use super::device_shell::{DeviceBatchMeta, DeviceHandle, Shape, plan_batches, stopped};
 use super::format_source::FormatSource;
-use super::loader::{DecryptMode, LoaderOptions, LoaderState, PlanSetup};
+use super::loader::{LoaderOptions, LoaderState, PlanSetup};
 use super::sampler::{EpochPlan, SamplerConfig};
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use super::telemetry::{Counters, DeviceCounters, DeviceStats, LoaderStats, add, ns_since};
@@ -275,13 +275,24 @@ struct Gathered {
 impl WgpuDeviceLoader {
     /// Opens the dataset at `path` with `key` (headers authenticated and tags checked on the
     /// CPU), uploads every shard's round keys to the adapter `wgpu` picks and starts the
-    /// loader. `opts.mode == DecryptMode::TwinNoCrypto` (bench only) skips verification and
-    /// decryption; `opts.threads` threads `pread` and verify a window's chunks.
+    /// loader; `opts.threads` threads `pread` and verify a window's chunks.
     pub fn open(
         path: &Path,
         key: &MasterKey,
         wgpu: WgpuOptions,
         opts: &LoaderOptions,
+    ) -> Result<WgpuDeviceLoader> {
+        Self::open_as(path, key, wgpu, opts, false)
+    }
+
+    /// [`open`](Self::open), or with `twin` the benchmarks' plaintext twin (crate::bench):
+    /// the same reads, staging, uploads and gathers with no tag check and no decryption.
+    pub(crate) fn open_as(
+        path: &Path,
+        key: &MasterKey,
+        wgpu: WgpuOptions,
+        opts: &LoaderOptions,
+        twin: bool,
     ) -> Result<WgpuDeviceLoader> {
         // Tags are checked by the reader on the CPU: no need to time the openers' placement.
         let cipher = WgpuCipher::new(WgpuOptions {
@@ -294,7 +305,7 @@ impl WgpuDeviceLoader {
             .map(|s| source.data_key(s))
             .collect();
         let engine = WgpuBatchEngine::new(&cipher, &data_keys)?;
-        WgpuDeviceLoader::new(source, Arc::new(engine), opts)
+        WgpuDeviceLoader::start(source, Arc::new(engine), opts, twin)
     }
 
     /// Starts a loader over `source` (whose CPU openers check the tags) with `engine` holding
@@ -303,6 +314,15 @@ impl WgpuDeviceLoader {
         source: Arc<FormatSource>,
         engine: Arc<WgpuBatchEngine>,
         opts: &LoaderOptions,
+    ) -> Result<WgpuDeviceLoader> {
+        Self::start(source, engine, opts, false)
+    }
+
+    fn start(
+        source: Arc<FormatSource>,
+        engine: Arc<WgpuBatchEngine>,
+        opts: &LoaderOptions,
+        twin: bool,
     ) -> Result<WgpuDeviceLoader> {
         let built = Instant::now();
         if engine.key_count() as usize != source.shard_count() {
@@ -369,7 +389,7 @@ impl WgpuDeviceLoader {
             engine: engine.clone(),
             columns: columns.clone(),
             chunk_size,
-            twin: opts.mode == DecryptMode::TwinNoCrypto,
+            twin,
             threads: opts.threads,
             upload_threads: upload_threads()?,
             batch_size: batch_rows,
