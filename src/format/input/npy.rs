@@ -1,12 +1,14 @@
 //! NPY header parsing (format versions 1, 2 and 3): little-endian numeric dtypes and bool, C
 //! order only. Only the header is parsed here; the data is streamed by the converter.
 
+#![forbid(unsafe_code)]
+
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use super::{Dtype, tensor_bytes};
 use crate::error::{Error, Result};
+use crate::format::{Dtype, tensor_bytes};
 
 const WHAT: &str = "NPY header";
 /// Largest NPY header accepted.
