@@ -17,11 +17,11 @@ mod keyring;
 mod manifest;
 mod shard;
 
-pub use convert::{ConvertInput, ConvertOptions, ConvertSummary, convert};
+pub use convert::{ConvertOptions, ConvertSummary, convert};
 pub use dataset::{
     Dataset, UnlockedDataset, VerifySummary, add_key, decrypt_shard, rekey, remove_key, verify,
 };
-pub use input::npy;
+pub use input::{ConvertInput, npy};
 pub use keyring::{KeyWrap, Keyring};
 pub use manifest::{Column, DatasetKind, Manifest, ShardEntry};
 pub use shard::{
