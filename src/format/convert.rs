@@ -5,6 +5,8 @@
 //! only ciphertext (or the bytes of `--plain` tensors) reaches disk. Shards are written to a
 //! temporary name, fsynced and renamed; the manifest is written last.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
