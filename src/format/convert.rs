@@ -5,6 +5,8 @@
 //! only ciphertext (or the bytes of `--plain` tensors) reaches disk. Shards are written to a
 //! temporary name, fsynced and renamed; the manifest is written last.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
@@ -15,12 +17,12 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use sha2::{Digest, Sha256};
 
+use super::input::{ConvertInput, Plan, plan};
 use super::shard::{chunk_aad, chunk_nonce};
 use super::{
-    Column, DatasetKind, Descriptor, Dtype, FORMAT_VERSION, HEADER_TAG_NONCE, KEYRING_FILE,
-    Keyring, MANIFEST_FILE, MAX_CHUNK_SIZE, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN, Manifest,
-    ShardEntry, TensorDesc, canonical_header, npy, random_suffix, read_at, shard_file_name,
-    sync_dir, tensor_bytes, write_atomic,
+    Column, DatasetKind, Descriptor, FORMAT_VERSION, HEADER_TAG_NONCE, KEYRING_FILE, Keyring,
+    MANIFEST_FILE, MAX_CHUNK_SIZE, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN, Manifest, ShardEntry,
+    TensorDesc, canonical_header, random_suffix, shard_file_name, sync_dir, write_atomic,
 };
 use crate::cipher::cpu::CpuCipher;
 use crate::cipher::{Cipher, TAG_LEN};
@@ -54,31 +56,6 @@ impl Default for ConvertOptions {
     }
 }
 
-/// One input of [`convert`].
-#[derive(Debug, Clone)]
-pub enum ConvertInput {
-    /// A safetensors file: its tensors are columns (or, alone and not a dataset, a `tensors` shard).
-    Safetensors(PathBuf),
-    /// An NPY file holding one column.
-    Npy {
-        /// Column name.
-        column: String,
-        /// The file.
-        path: PathBuf,
-    },
-    /// A column held in memory (tests, the demo).
-    InMemory {
-        /// Column name.
-        name: String,
-        /// Element type.
-        dtype: Dtype,
-        /// Full shape (first dimension = rows).
-        shape: Vec<u64>,
-        /// Little-endian bytes.
-        data: Vec<u8>,
-    },
-}
-
 /// What [`convert`] wrote.
 #[derive(Debug, Clone)]
 pub struct ConvertSummary {
@@ -109,69 +86,6 @@ impl ConvertSummary {
     }
 }
 
-/// Where some bytes of a column come from.
-#[derive(Debug)]
-enum Source {
-    File { file: usize, offset: u64 },
-    Mem { input: usize },
-}
-
-#[derive(Debug)]
-struct Piece {
-    source: Source,
-    len: u64,
-}
-
-#[derive(Debug)]
-struct Col {
-    name: String,
-    dtype: Dtype,
-    /// Row shape (dataset) or full shape (tensors).
-    shape: Vec<u64>,
-    rows: u64,
-    row_bytes: u64,
-    encrypted: bool,
-    pieces: Vec<Piece>,
-}
-
-/// Inputs opened for reading.
-struct Sources<'a> {
-    files: Vec<(PathBuf, File)>,
-    inputs: &'a [ConvertInput],
-}
-
-impl Sources<'_> {
-    /// Copies bytes `[offset, offset + dst.len())` of the column's concatenated pieces.
-    fn read(&self, col: &Col, mut offset: u64, mut dst: &mut [u8]) -> Result<()> {
-        for p in &col.pieces {
-            if dst.is_empty() {
-                break;
-            }
-            if offset >= p.len {
-                offset -= p.len;
-                continue;
-            }
-            let n = ((p.len - offset) as usize).min(dst.len());
-            let (head, tail) = dst.split_at_mut(n);
-            match p.source {
-                Source::File { file, offset: base } => {
-                    let (path, f) = &self.files[file];
-                    read_at(f, path, base + offset, head)?;
-                }
-                Source::Mem { input } => {
-                    let ConvertInput::InMemory { data, .. } = &self.inputs[input] else {
-                        unreachable!("Mem source is InMemory")
-                    };
-                    head.copy_from_slice(&data[offset as usize..offset as usize + n]);
-                }
-            }
-            dst = tail;
-            offset = 0;
-        }
-        Ok(())
-    }
-}
-
 /// `*` matches any run, `?` one character.
 pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
@@ -193,262 +107,6 @@ pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
         }
     }
     p[pi..].iter().all(|&c| c == '*')
-}
-
-struct StTensor {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<u64>,
-    offset: u64,
-    len: u64,
-}
-
-/// Parses a plaintext safetensors file's header (bounded) and validates its offsets.
-fn read_safetensors(path: &Path) -> Result<(File, Vec<StTensor>, BTreeMap<String, String>)> {
-    const WHAT: &str = "safetensors header";
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if file_len < 8 {
-        return Err(Error::format(
-            path,
-            WHAT,
-            format!("truncated: {file_len} bytes"),
-        ));
-    }
-    let mut b = [0u8; 8];
-    read_at(&file, path, 0, &mut b)?;
-    let n = u64::from_le_bytes(b);
-    if n > MAX_HEADER_LEN || n > file_len - 8 {
-        return Err(Error::format(
-            path,
-            WHAT,
-            format!(
-                "header length {n} exceeds the file ({file_len} bytes) or the {MAX_HEADER_LEN}-byte limit"
-            ),
-        ));
-    }
-    let mut h = vec![0u8; n as usize];
-    read_at(&file, path, 8, &mut h)?;
-    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&h)
-        .map_err(|e| Error::format(path, WHAT, format!("invalid JSON: {e}")))?;
-    let data_len = file_len - 8 - n;
-    let mut meta = BTreeMap::new();
-    let mut tensors = Vec::new();
-    for (name, entry) in v {
-        if name == "__metadata__" {
-            let m: BTreeMap<String, String> = serde_json::from_value(entry).map_err(|_| {
-                Error::format(path, WHAT, "__metadata__ must map strings to strings")
-            })?;
-            meta = m;
-            continue;
-        }
-        #[derive(serde::Deserialize)]
-        struct Entry {
-            dtype: String,
-            shape: Vec<u64>,
-            data_offsets: [u64; 2],
-        }
-        let e: Entry = serde_json::from_value(entry)
-            .map_err(|e| Error::format(path, WHAT, format!("tensor '{name}': {e}")))?;
-        let dtype: Dtype = e.dtype.parse().map_err(|_| Error::Unsupported {
-            path: path.into(),
-            what: "dtype",
-            found: e.dtype.clone(),
-            supported: "the safetensors dtypes".into(),
-        })?;
-        let [b, end] = e.data_offsets;
-        if end < b || end > data_len || tensor_bytes(dtype, &e.shape) != Some(end - b) {
-            return Err(Error::format(
-                path,
-                WHAT,
-                format!(
-                    "tensor '{name}': data_offsets [{b}, {end}] are out of range or do not match dtype {dtype} and shape {:?}",
-                    e.shape
-                ),
-            ));
-        }
-        tensors.push(StTensor {
-            name,
-            dtype,
-            shape: e.shape,
-            offset: 8 + n + b,
-            len: end - b,
-        });
-    }
-    tensors.sort_by_key(|t| (t.offset, t.len));
-    for w in tensors.windows(2) {
-        if w[1].offset < w[0].offset + w[0].len {
-            return Err(Error::format(
-                path,
-                WHAT,
-                format!("tensors '{}' and '{}' overlap", w[0].name, w[1].name),
-            ));
-        }
-    }
-    if tensors.is_empty() {
-        return Err(Error::format(path, WHAT, "no tensors"));
-    }
-    Ok((file, tensors, meta))
-}
-
-/// What [`plan`] decided: the kind, the columns, the opened input files and the metadata.
-type Plan = (
-    DatasetKind,
-    Vec<Col>,
-    Vec<(PathBuf, File)>,
-    BTreeMap<String, String>,
-);
-
-/// Plans columns from the inputs: which kind, which pieces.
-fn plan(inputs: &[ConvertInput], opts: &ConvertOptions) -> Result<Plan> {
-    if inputs.is_empty() {
-        return Err(Error::InvalidArgument("no input to convert".into()));
-    }
-    let encrypted = |name: &str| !opts.plain.iter().any(|p| glob_match(p, name));
-    let mut files = Vec::new();
-    let mut meta = BTreeMap::new();
-    // (name, dtype, full shape, source) in input order.
-    let mut items: Vec<(String, Dtype, Vec<u64>, Piece, PathBuf)> = Vec::new();
-    let mut first_names: Option<(PathBuf, Vec<String>)> = None;
-    let mut lone_tensors = None;
-    for (i, input) in inputs.iter().enumerate() {
-        match input {
-            ConvertInput::Safetensors(path) => {
-                let (file, tensors, m) = read_safetensors(path)?;
-                meta.extend(m);
-                let mut names: Vec<String> = tensors.iter().map(|t| t.name.clone()).collect();
-                names.sort();
-                match &first_names {
-                    None => first_names = Some((path.clone(), names)),
-                    Some((p0, n0)) if *n0 != names => {
-                        return Err(Error::InvalidArgument(format!(
-                            "{} has tensors {names:?} but {} has {n0:?}: safetensors inputs are concatenated by rows and must hold the same columns",
-                            path.display(),
-                            p0.display()
-                        )));
-                    }
-                    Some(_) => {}
-                }
-                let first = tensors[0].shape.first().copied();
-                let is_dataset =
-                    first.is_some() && tensors.iter().all(|t| t.shape.first().copied() == first);
-                if !is_dataset {
-                    if inputs.len() != 1 {
-                        return Err(Error::InvalidArgument(format!(
-                            "{}: its tensors do not share a first dimension (not a dataset); convert such a file (e.g. model weights) on its own",
-                            path.display()
-                        )));
-                    }
-                    lone_tensors = Some(());
-                }
-                files.push((path.clone(), file));
-                for t in tensors {
-                    let piece = Piece {
-                        source: Source::File {
-                            file: files.len() - 1,
-                            offset: t.offset,
-                        },
-                        len: t.len,
-                    };
-                    items.push((t.name, t.dtype, t.shape, piece, path.clone()));
-                }
-            }
-            ConvertInput::Npy { column, path } => {
-                let h = npy::read_header(path)?;
-                let file = File::open(path).map_err(|e| Error::io(path, e))?;
-                files.push((path.clone(), file));
-                let piece = Piece {
-                    source: Source::File {
-                        file: files.len() - 1,
-                        offset: h.data_offset,
-                    },
-                    len: h.data_len,
-                };
-                items.push((column.clone(), h.dtype, h.shape, piece, path.clone()));
-            }
-            ConvertInput::InMemory {
-                name,
-                dtype,
-                shape,
-                data,
-            } => {
-                if tensor_bytes(*dtype, shape) != Some(data.len() as u64) {
-                    return Err(Error::InvalidArgument(format!(
-                        "in-memory column '{name}': {} bytes do not match dtype {dtype} and shape {shape:?}",
-                        data.len()
-                    )));
-                }
-                let piece = Piece {
-                    source: Source::Mem { input: i },
-                    len: data.len() as u64,
-                };
-                items.push((
-                    name.clone(),
-                    *dtype,
-                    shape.clone(),
-                    piece,
-                    PathBuf::from("<memory>"),
-                ));
-            }
-        }
-    }
-    meta.extend(opts.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
-    if lone_tensors.is_some() {
-        let cols = items
-            .into_iter()
-            .map(|(name, dtype, shape, piece, _)| Col {
-                encrypted: encrypted(&name),
-                row_bytes: 0,
-                rows: 0,
-                name,
-                dtype,
-                shape,
-                pieces: vec![piece],
-            })
-            .collect();
-        return Ok((DatasetKind::Tensors, cols, files, meta));
-    }
-    let mut cols: Vec<Col> = Vec::new();
-    for (name, dtype, shape, piece, path) in items {
-        let Some((&rows, row_shape)) = shape.split_first() else {
-            return Err(Error::InvalidArgument(format!(
-                "{}: '{name}' is a scalar; a dataset's columns share a first dimension (the row count)",
-                path.display()
-            )));
-        };
-        let row_bytes = tensor_bytes(dtype, row_shape).expect("sub-shape of a valid shape");
-        match cols.iter_mut().find(|c| c.name == name) {
-            Some(c) => {
-                if c.dtype != dtype || c.shape != row_shape {
-                    return Err(Error::InvalidArgument(format!(
-                        "{}: column '{name}' is {dtype} {row_shape:?} per row here but {} {:?} in an earlier input",
-                        path.display(),
-                        c.dtype,
-                        c.shape
-                    )));
-                }
-                c.rows += rows;
-                c.pieces.push(piece);
-            }
-            None => cols.push(Col {
-                encrypted: encrypted(&name),
-                name,
-                dtype,
-                shape: row_shape.to_vec(),
-                rows,
-                row_bytes,
-                pieces: vec![piece],
-            }),
-        }
-    }
-    let rows = cols[0].rows;
-    if let Some(c) = cols.iter().find(|c| c.rows != rows) {
-        return Err(Error::InvalidArgument(format!(
-            "columns have different row counts: '{}' has {rows}, '{}' has {}",
-            cols[0].name, c.name, c.rows
-        )));
-    }
-    Ok((DatasetKind::Dataset, cols, files, meta))
 }
 
 /// Removes what a failed conversion created.
@@ -521,8 +179,14 @@ pub fn convert(
     if opts.shard_size == 0 {
         return Err(Error::InvalidArgument("shard size must be positive".into()));
     }
-    let (kind, cols, files, metadata) = plan(inputs, opts)?;
-    let sources = Sources { files, inputs };
+    let encrypted = |name: &str| !opts.plain.iter().any(|p| glob_match(p, name));
+    let Plan {
+        kind,
+        cols,
+        sources,
+        mut metadata,
+    } = plan(inputs, &encrypted)?;
+    metadata.extend(opts.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
     refuse_existing_dataset(out_dir)?;
 
     let rows = if kind == DatasetKind::Dataset {

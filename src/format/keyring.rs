@@ -1,5 +1,7 @@
 //! `keyring.json`: every shard's data key wrapped under each master key (docs/FORMAT.md section 3).
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use base64::Engine;

@@ -1,5 +1,7 @@
 //! `manifest.json`: what a dataset holds (docs/FORMAT.md section 5).
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};

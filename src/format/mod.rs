@@ -12,15 +12,16 @@ use crate::error::{Error, Result};
 
 mod convert;
 mod dataset;
+mod input;
 mod keyring;
 mod manifest;
-pub mod npy;
 mod shard;
 
-pub use convert::{ConvertInput, ConvertOptions, ConvertSummary, convert};
+pub use convert::{ConvertOptions, ConvertSummary, convert};
 pub use dataset::{
     Dataset, UnlockedDataset, VerifySummary, add_key, decrypt_shard, rekey, remove_key, verify,
 };
+pub use input::{ConvertInput, npy};
 pub use keyring::{KeyWrap, Keyring};
 pub use manifest::{Column, DatasetKind, Manifest, ShardEntry};
 pub use shard::{

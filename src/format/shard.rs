@@ -1,5 +1,7 @@
 //! Shard files: the safetensors header, the ciphershard descriptor, tags and chunk addressing.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

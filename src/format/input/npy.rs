@@ -1,12 +1,16 @@
 //! NPY header parsing (format versions 1, 2 and 3): little-endian numeric dtypes and bool, C
 //! order only. Only the header is parsed here; the data is streamed by the converter.
 
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use super::{Dtype, tensor_bytes};
+use super::{FileInput, FileTensor, open_file};
 use crate::error::{Error, Result};
+use crate::format::{Dtype, tensor_bytes};
 
 const WHAT: &str = "NPY header";
 /// Largest NPY header accepted.
@@ -27,8 +31,28 @@ pub struct NpyHeader {
 
 /// Reads and parses the header of an NPY file; checks the file holds exactly the data.
 pub fn read_header(path: &Path) -> Result<NpyHeader> {
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    open_header(path).map(|(_, h)| h)
+}
+
+/// Opens an NPY file as the input of one column named `column`.
+pub(super) fn open_input(path: &Path, column: &str) -> Result<FileInput> {
+    let (file, h) = open_header(path)?;
+    Ok(FileInput {
+        file,
+        tensors: vec![FileTensor {
+            name: column.to_string(),
+            dtype: h.dtype,
+            shape: h.shape,
+            offset: h.data_offset,
+            len: h.data_len,
+        }],
+        metadata: BTreeMap::new(),
+    })
+}
+
+/// [`read_header`], keeping the file open for reading the data.
+fn open_header(path: &Path) -> Result<(File, NpyHeader)> {
+    let (mut f, file_len) = open_file(path)?;
     let mut pre = [0u8; 12];
     let n = (file_len.min(12)) as usize;
     f.read_exact(&mut pre[..n])
@@ -60,7 +84,7 @@ pub fn read_header(path: &Path) -> Result<NpyHeader> {
             ),
         ));
     }
-    Ok(h)
+    Ok((f, h))
 }
 
 /// Header length and where the header text starts.

@@ -1,0 +1,301 @@
+//! The plaintext inputs of `convert`: the formats it reads ([`ConvertInput`]), one reader per
+//! format in its own file, and the columns they are gathered into.
+//!
+//! A file reader opens its file, parses the header (bounded, every failure an [`Error`] naming
+//! the file) and returns a `FileInput`: the open file and the tensors it holds at byte ranges.
+//! The converter then streams those ranges with `Sources::read`, never the whole file.
+
+#![forbid(unsafe_code)]
+
+pub mod npy;
+mod safetensors;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::format::{DatasetKind, Dtype, read_at, tensor_bytes};
+
+/// One input of [`convert`](crate::format::convert()).
+#[derive(Debug, Clone)]
+pub enum ConvertInput {
+    /// A safetensors file: its tensors are columns (or, alone and not a dataset, a `tensors` shard).
+    Safetensors(PathBuf),
+    /// An NPY file holding one column.
+    Npy {
+        /// Column name.
+        column: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A column held in memory (tests, the demo).
+    InMemory {
+        /// Column name.
+        name: String,
+        /// Element type.
+        dtype: Dtype,
+        /// Full shape (first dimension = rows).
+        shape: Vec<u64>,
+        /// Little-endian bytes.
+        data: Vec<u8>,
+    },
+}
+
+/// A tensor held as a contiguous byte range of an input file.
+struct FileTensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<u64>,
+    offset: u64,
+    len: u64,
+}
+
+/// What a file reader returns: the file, open for reading its data, and what it holds.
+struct FileInput {
+    file: File,
+    tensors: Vec<FileTensor>,
+    /// The file's own metadata (safetensors `__metadata__`).
+    metadata: BTreeMap<String, String>,
+}
+
+/// Opens `path` for reading and returns it with its length.
+fn open_file(path: &Path) -> Result<(File, u64)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    Ok((file, len))
+}
+
+/// Where some bytes of a column come from.
+#[derive(Debug)]
+enum Source {
+    File { file: usize, offset: u64 },
+    Mem { input: usize },
+}
+
+/// Some bytes of a column.
+#[derive(Debug)]
+pub(super) struct Piece {
+    source: Source,
+    pub len: u64,
+}
+
+/// A column (dataset) or a tensor (tensors), and where its bytes come from.
+#[derive(Debug)]
+pub(super) struct Col {
+    pub name: String,
+    pub dtype: Dtype,
+    /// Row shape (dataset) or full shape (tensors).
+    pub shape: Vec<u64>,
+    pub rows: u64,
+    pub row_bytes: u64,
+    pub encrypted: bool,
+    /// Its bytes, concatenated in input order.
+    pub pieces: Vec<Piece>,
+}
+
+/// Inputs opened for reading.
+pub(super) struct Sources<'a> {
+    files: Vec<(PathBuf, File)>,
+    inputs: &'a [ConvertInput],
+}
+
+impl Sources<'_> {
+    /// Copies bytes `[offset, offset + dst.len())` of the column's concatenated pieces.
+    pub(super) fn read(&self, col: &Col, mut offset: u64, mut dst: &mut [u8]) -> Result<()> {
+        for p in &col.pieces {
+            if dst.is_empty() {
+                break;
+            }
+            if offset >= p.len {
+                offset -= p.len;
+                continue;
+            }
+            let n = ((p.len - offset) as usize).min(dst.len());
+            let (head, tail) = dst.split_at_mut(n);
+            match p.source {
+                Source::File { file, offset: base } => {
+                    let (path, f) = &self.files[file];
+                    read_at(f, path, base + offset, head)?;
+                }
+                Source::Mem { input } => {
+                    let ConvertInput::InMemory { data, .. } = &self.inputs[input] else {
+                        unreachable!("Mem source is InMemory")
+                    };
+                    head.copy_from_slice(&data[offset as usize..offset as usize + n]);
+                }
+            }
+            dst = tail;
+            offset = 0;
+        }
+        Ok(())
+    }
+}
+
+/// What [`plan`] decided.
+pub(super) struct Plan<'a> {
+    /// Dataset (columns share rows) or tensors (one file of unrelated tensors).
+    pub kind: DatasetKind,
+    /// The columns, in input order.
+    pub cols: Vec<Col>,
+    /// The inputs, opened for reading the columns' bytes.
+    pub sources: Sources<'a>,
+    /// The inputs' metadata, later inputs overriding earlier ones.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Plans columns from the inputs: which kind, which pieces. `encrypted(name)` says whether a
+/// column is to be encrypted.
+pub(super) fn plan<'a>(
+    inputs: &'a [ConvertInput],
+    encrypted: &dyn Fn(&str) -> bool,
+) -> Result<Plan<'a>> {
+    if inputs.is_empty() {
+        return Err(Error::InvalidArgument("no input to convert".into()));
+    }
+    let mut files = Vec::new();
+    let mut meta = BTreeMap::new();
+    // (name, dtype, full shape, source) in input order.
+    let mut items: Vec<(String, Dtype, Vec<u64>, Piece, PathBuf)> = Vec::new();
+    let mut first_names: Option<(PathBuf, Vec<String>)> = None;
+    let mut lone_tensors = None;
+    for (i, input) in inputs.iter().enumerate() {
+        let (path, opened) = match input {
+            ConvertInput::Safetensors(path) => {
+                let opened = safetensors::open_input(path)?;
+                let tensors = &opened.tensors;
+                let mut names: Vec<String> = tensors.iter().map(|t| t.name.clone()).collect();
+                names.sort();
+                match &first_names {
+                    None => first_names = Some((path.clone(), names)),
+                    Some((p0, n0)) if *n0 != names => {
+                        return Err(Error::InvalidArgument(format!(
+                            "{} has tensors {names:?} but {} has {n0:?}: safetensors inputs are concatenated by rows and must hold the same columns",
+                            path.display(),
+                            p0.display()
+                        )));
+                    }
+                    Some(_) => {}
+                }
+                let first = tensors[0].shape.first().copied();
+                let is_dataset =
+                    first.is_some() && tensors.iter().all(|t| t.shape.first().copied() == first);
+                if !is_dataset {
+                    if inputs.len() != 1 {
+                        return Err(Error::InvalidArgument(format!(
+                            "{}: its tensors do not share a first dimension (not a dataset); convert such a file (e.g. model weights) on its own",
+                            path.display()
+                        )));
+                    }
+                    lone_tensors = Some(());
+                }
+                (path, opened)
+            }
+            ConvertInput::Npy { column, path } => (path, npy::open_input(path, column)?),
+            ConvertInput::InMemory {
+                name,
+                dtype,
+                shape,
+                data,
+            } => {
+                if tensor_bytes(*dtype, shape) != Some(data.len() as u64) {
+                    return Err(Error::InvalidArgument(format!(
+                        "in-memory column '{name}': {} bytes do not match dtype {dtype} and shape {shape:?}",
+                        data.len()
+                    )));
+                }
+                let piece = Piece {
+                    source: Source::Mem { input: i },
+                    len: data.len() as u64,
+                };
+                items.push((
+                    name.clone(),
+                    *dtype,
+                    shape.clone(),
+                    piece,
+                    PathBuf::from("<memory>"),
+                ));
+                continue;
+            }
+        };
+        meta.extend(opened.metadata);
+        files.push((path.clone(), opened.file));
+        for t in opened.tensors {
+            let piece = Piece {
+                source: Source::File {
+                    file: files.len() - 1,
+                    offset: t.offset,
+                },
+                len: t.len,
+            };
+            items.push((t.name, t.dtype, t.shape, piece, path.clone()));
+        }
+    }
+    let sources = Sources { files, inputs };
+    if lone_tensors.is_some() {
+        let cols = items
+            .into_iter()
+            .map(|(name, dtype, shape, piece, _)| Col {
+                encrypted: encrypted(&name),
+                row_bytes: 0,
+                rows: 0,
+                name,
+                dtype,
+                shape,
+                pieces: vec![piece],
+            })
+            .collect();
+        return Ok(Plan {
+            kind: DatasetKind::Tensors,
+            cols,
+            sources,
+            metadata: meta,
+        });
+    }
+    let mut cols: Vec<Col> = Vec::new();
+    for (name, dtype, shape, piece, path) in items {
+        let Some((&rows, row_shape)) = shape.split_first() else {
+            return Err(Error::InvalidArgument(format!(
+                "{}: '{name}' is a scalar; a dataset's columns share a first dimension (the row count)",
+                path.display()
+            )));
+        };
+        let row_bytes = tensor_bytes(dtype, row_shape).expect("sub-shape of a valid shape");
+        match cols.iter_mut().find(|c| c.name == name) {
+            Some(c) => {
+                if c.dtype != dtype || c.shape != row_shape {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: column '{name}' is {dtype} {row_shape:?} per row here but {} {:?} in an earlier input",
+                        path.display(),
+                        c.dtype,
+                        c.shape
+                    )));
+                }
+                c.rows += rows;
+                c.pieces.push(piece);
+            }
+            None => cols.push(Col {
+                encrypted: encrypted(&name),
+                name,
+                dtype,
+                shape: row_shape.to_vec(),
+                rows,
+                row_bytes,
+                pieces: vec![piece],
+            }),
+        }
+    }
+    let rows = cols[0].rows;
+    if let Some(c) = cols.iter().find(|c| c.rows != rows) {
+        return Err(Error::InvalidArgument(format!(
+            "columns have different row counts: '{}' has {rows}, '{}' has {}",
+            cols[0].name, c.name, c.rows
+        )));
+    }
+    Ok(Plan {
+        kind: DatasetKind::Dataset,
+        cols,
+        sources,
+        metadata: meta,
+    })
+}
