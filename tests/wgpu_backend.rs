@@ -463,7 +463,7 @@ fn host_path_check_measures_both_paths() {
     let Some(c) = backend(WgpuOptions::default()) else {
         return;
     };
-    let check = ciphershard::cipher::timing::host_path_check(&c).unwrap();
+    let check = ciphershard::cipher::auto::host_path_check(&c).unwrap();
     assert_eq!(check.backend, Backend::Wgpu);
     eprintln!("on {}: {check}", c.adapter());
     assert!(

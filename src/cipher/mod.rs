@@ -13,6 +13,9 @@
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
+pub use auto::{auto_for_device_batches, select_auto};
+
+pub mod auto;
 pub mod conformance;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -22,7 +25,6 @@ pub mod cuda;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_gather;
-pub mod timing;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 #[cfg(not(feature = "wgpu"))]
@@ -230,38 +232,4 @@ pub fn select(backend: Backend) -> Result<std::sync::Arc<dyn Cipher>> {
         Backend::Wgpu => wgpu::create(),
         Backend::Auto => Ok(select_auto().0),
     }
-}
-
-/// What `auto` means where batches stay in device memory (the device loaders, and so
-/// `ciphershard bench` without `--host-batches`): CUDA when a device answers, then wgpu on a
-/// real GPU adapter, then the CPU. No host-path timing here, unlike [`select_auto`]: a device
-/// loader uploads whole windows and never reads plaintext back.
-pub fn auto_for_device_batches() -> Backend {
-    if cuda::probe().is_ok() {
-        Backend::Cuda
-    } else if wgpu::gpu_adapter_present() {
-        Backend::Wgpu
-    } else {
-        Backend::Cpu
-    }
-}
-
-/// What `Backend::Auto` picks for host-memory work (verify, decrypt, the host loader), and why
-/// it passed over each GPU backend it did not pick: CUDA when a device answers, then wgpu on a
-/// real GPU adapter (never a CPU-type one such as lavapipe), each only if its verified `open`
-/// beats one CPU thread ([`timing::host_path_check`], once per process); else the CPU.
-pub fn select_auto() -> (std::sync::Arc<dyn Cipher>, Vec<(Backend, String)>) {
-    let mut passed = Vec::new();
-    match cuda::probe() {
-        Ok(_) => match timing::keep_for_auto(Backend::Cuda, cuda::create) {
-            Ok(c) => return (c, passed),
-            Err(why) => passed.push((Backend::Cuda, why)),
-        },
-        Err(why) => passed.push((Backend::Cuda, why)),
-    }
-    match timing::keep_for_auto(Backend::Wgpu, wgpu::create_auto) {
-        Ok(c) => return (c, passed),
-        Err(why) => passed.push((Backend::Wgpu, why)),
-    }
-    (std::sync::Arc::new(cpu::CpuCipher::new()), passed)
 }

@@ -210,7 +210,7 @@ impl std::fmt::Display for TagCheckChoice {
 
 /// Times both tag-check placements on `cipher` (see [`TagCheckChoice`]).
 pub fn time_tag_checks(cipher: &WgpuCipher) -> Result<TagCheckChoice> {
-    let sample = super::timing::SealedSample::new(4)?;
+    let sample = super::auto::SealedSample::new(4)?;
     let mut op = cipher.prepare_opener(&sample.key)?;
     op.gpu_ghash = false;
     let cpu_tags_gbps = sample.open_rate(&op, 2)?;
