@@ -186,8 +186,8 @@ fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> 
 
 /// Takes every batch of a device loader, timing each; the number of batches.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn drain<B: crate::pipeline::device_shell::DeviceBatchMeta>(
-    batches: impl Iterator<Item = Result<B>>,
+fn drain<E: crate::pipeline::device::DeviceEngine>(
+    batches: impl Iterator<Item = Result<crate::pipeline::GpuBatch<E>>>,
     clock: &mut Clock,
 ) -> Result<u64> {
     let mut n = 0u64;
@@ -217,7 +217,7 @@ fn run_device_once(
     let (batches, stats, device) = match backend {
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
-            let mut l = crate::pipeline::device::DeviceLoader::open_as(path, key, 0, opts, twin)?;
+            let mut l = crate::pipeline::DeviceLoader::open_as(path, key, 0, opts, twin)?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             // The loader's threads were joined when the last batch was taken.
@@ -226,9 +226,7 @@ fn run_device_once(
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             let wgpu = crate::cipher::wgpu::WgpuOptions::default();
-            let mut l = crate::pipeline::wgpu_device::WgpuDeviceLoader::open_as(
-                path, key, wgpu, opts, twin,
-            )?;
+            let mut l = crate::pipeline::WgpuDeviceLoader::open_as(path, key, wgpu, opts, twin)?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             (n, l.stats(), l.device_stats())

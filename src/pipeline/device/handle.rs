@@ -1,5 +1,7 @@
-//! What the CUDA and wgpu device loaders share besides the plan (`window_plan`): the iterator
-//! handle (producer thread, stop channel, position, telemetry) and the planner thread.
+//! The consumer's side of a device loader: the producer thread, the batches it sends in plan
+//! order, the position after the last one handed out, and the telemetry.
+
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -8,21 +10,12 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded, select};
 
-use super::format_source::FormatSource;
-use super::loader::{LoaderOptions, LoaderState};
-use super::sampler::{Cursor, EpochPlan, SamplerConfig};
-use super::source::ColumnInfo;
-use super::telemetry::{Counters, DeviceCounters, add, ns_since};
-use super::window_plan::{BatchPlan, Packing, plan_batch};
+use super::batch::GpuBatch;
+use super::engine::DeviceEngine;
 use crate::error::{Error, Result};
-
-/// What the handle needs to know of a device batch.
-pub(crate) trait DeviceBatchMeta: Send + 'static {
-    fn epoch(&self) -> u64;
-    fn index(&self) -> u64;
-    /// Bytes of all its tensors.
-    fn bytes(&self) -> u64;
-}
+use crate::pipeline::options::{LoaderOptions, LoaderState};
+use crate::pipeline::source::ColumnInfo;
+use crate::pipeline::telemetry::{Counters, DeviceCounters, add, ns_since};
 
 /// The plan's shape, for the handle's position.
 pub(crate) struct Shape {
@@ -36,8 +29,8 @@ pub(crate) struct Shape {
 
 /// The consumer's side of a device loader: the producer thread, the batches it sends in plan
 /// order, the position after the last one handed out, and the telemetry.
-pub(crate) struct DeviceHandle<B> {
-    rx: Receiver<Result<B>>,
+pub(crate) struct DeviceHandle<E: DeviceEngine> {
+    rx: Receiver<Result<GpuBatch<E>>>,
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
     remaining: u64,
@@ -50,7 +43,7 @@ pub(crate) struct DeviceHandle<B> {
     pub(crate) columns: Arc<[ColumnInfo]>,
 }
 
-impl<B: DeviceBatchMeta> DeviceHandle<B> {
+impl<E: DeviceEngine> DeviceHandle<E> {
     /// Starts thread `name` running `run(batches, stop)`; its error, or a panic, is sent as the
     /// last item (never blocking once the handle is dropped).
     pub(crate) fn spawn(
@@ -60,10 +53,10 @@ impl<B: DeviceBatchMeta> DeviceHandle<B> {
         counters: Arc<Counters>,
         device: Arc<DeviceCounters>,
         built: Instant,
-        run: impl FnOnce(&Sender<Result<B>>, &Receiver<()>) -> Result<()> + Send + 'static,
+        run: impl FnOnce(&Sender<Result<GpuBatch<E>>>, &Receiver<()>) -> Result<()> + Send + 'static,
     ) -> Result<Self> {
         let (stop_tx, stop_rx) = bounded::<()>(0);
-        let (tx, rx) = bounded::<Result<B>>(opts.prefetch);
+        let (tx, rx) = bounded::<Result<GpuBatch<E>>>(opts.prefetch);
         let what = name.to_string();
         let thread = std::thread::Builder::new()
             .name(name.into())
@@ -103,7 +96,7 @@ impl<B: DeviceBatchMeta> DeviceHandle<B> {
     }
 
     /// The next batch: `None` after the last one or after an error (yielded once).
-    pub(crate) fn next_batch(&mut self) -> Option<Result<B>> {
+    pub(crate) fn next_batch(&mut self) -> Option<Result<GpuBatch<E>>> {
         if self.done {
             return None;
         }
@@ -148,45 +141,12 @@ impl<B: DeviceBatchMeta> DeviceHandle<B> {
     }
 }
 
-impl<B> Drop for DeviceHandle<B> {
+impl<E: DeviceEngine> Drop for DeviceHandle<E> {
     fn drop(&mut self) {
         self.done = true;
         self.stop.take();
         if let Some(h) = self.thread.take() {
             let _ = h.join();
-        }
-    }
-}
-
-/// The loader was dropped (the stop channel is disconnected).
-pub(crate) fn stopped(stop: &Receiver<()>) -> bool {
-    matches!(
-        stop.try_recv(),
-        Err(crossbeam_channel::TryRecvError::Disconnected)
-    )
-}
-
-/// The planner thread: every batch's rows and gather offsets, in order, ahead of the gather
-/// thread (a bounded queue), so that thread only launches and hands out.
-pub(crate) fn plan_batches(
-    source: &FormatSource,
-    cfg: &SamplerConfig,
-    shard_rows: &[u64],
-    (start_epoch, start_batch, epochs): (u64, u64, u64),
-    packing: Packing,
-    tx: Sender<Result<BatchPlan>>,
-) {
-    for epoch in start_epoch..epochs {
-        let plan = EpochPlan::new(cfg, epoch, shard_rows);
-        let mut cur = Cursor::new(&plan);
-        let mut layouts = Vec::new();
-        let first = if epoch == start_epoch { start_batch } else { 0 };
-        for k in first..plan.batches() {
-            let r = plan_batch(source, &plan, &mut cur, &mut layouts, epoch, k, packing);
-            let ok = r.is_ok();
-            if tx.send(r).is_err() || !ok {
-                return;
-            }
         }
     }
 }

@@ -1,0 +1,360 @@
+//! The host loader's threads: the planner hands each batch's rows and chunk keys to the
+//! workers; a worker reads every chunk the batch touches into a private pooled buffer through
+//! the source's store, verifies (or opens) it once for every batch that shares it, then copies
+//! (or CTR-decrypts) the rows into the batch's buffers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, select};
+use zeroize::Zeroize;
+
+use super::batch::{Batch, SetPool};
+use crate::cipher::{ChunkParams, NONCE_LEN};
+use crate::error::{Error, Result};
+use crate::pipeline::options::{ChunkKey, DecryptMode, keys_for_rows, stopped};
+use crate::pipeline::pool::{AlignedBuf, BufPool};
+use crate::pipeline::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
+use crate::pipeline::source::{ColumnInfo, RowSource};
+use crate::pipeline::telemetry::{Counters, add};
+
+/// A chunk read into a private buffer and verified (or opened).
+pub(super) struct Loaded {
+    pub(super) buf: Option<AlignedBuf>,
+    pub(super) len: usize,
+    pub(super) nonce: [u8; NONCE_LEN],
+    /// The buffer holds ciphertext still to be CTR-decrypted.
+    pub(super) ciphertext: bool,
+    pub(super) plaintext_held: bool,
+    pub(super) pool: Arc<BufPool>,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        if let Some(mut b) = self.buf.take() {
+            if self.plaintext_held {
+                b[..self.len].zeroize();
+            }
+            self.pool.put(b);
+        }
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Slot {
+    pub(super) cell: OnceLock<Result<Loaded, Error>>,
+}
+
+/// Verified chunks shared by the batches that need them, refcounted by the planner.
+#[derive(Default)]
+pub(super) struct ChunkCache {
+    map: Mutex<HashMap<ChunkKey, (Arc<Slot>, usize)>>,
+}
+
+impl ChunkCache {
+    pub(super) fn acquire(&self, keys: &[ChunkKey]) -> Vec<Arc<Slot>> {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        keys.iter()
+            .map(|k| {
+                let e = m.entry(*k).or_default();
+                e.1 += 1;
+                e.0.clone()
+            })
+            .collect()
+    }
+    pub(super) fn release(&self, keys: &[ChunkKey]) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            if let Some(e) = m.get_mut(k) {
+                e.1 -= 1;
+                if e.1 == 0 {
+                    m.remove(k);
+                }
+            }
+        }
+    }
+}
+
+/// A copy of an error for a second batch that hit the same failed chunk.
+pub(super) fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::Integrity(loc) => Error::Integrity(loc.clone()),
+        Error::Io { path, source } => Error::io(
+            path.clone(),
+            std::io::Error::new(source.kind(), source.to_string()),
+        ),
+        Error::Format { path, what, reason } => Error::format(path.clone(), what, reason.clone()),
+        other => Error::Stopped(other.to_string()),
+    }
+}
+
+pub(super) struct Job {
+    pub(super) seq: u64,
+    pub(super) epoch: u64,
+    pub(super) index: u64,
+    pub(super) rows: Vec<RowRef>,
+    pub(super) keys: Vec<ChunkKey>,
+    pub(super) slots: Vec<Arc<Slot>>,
+}
+
+pub(super) struct Shared {
+    pub(super) source: Arc<dyn RowSource>,
+    pub(super) columns: Arc<[ColumnInfo]>,
+    pub(super) chunk_size: u64,
+    pub(super) mode: DecryptMode,
+    pub(super) cache: ChunkCache,
+    pub(super) chunk_pool: Arc<BufPool>,
+    pub(super) set_pool: Arc<SetPool>,
+    pub(super) counters: Arc<Counters>,
+}
+
+impl Shared {
+    fn load(&self, k: ChunkKey) -> Result<Loaded> {
+        let (s, c, j) = (k.0 as usize, k.1 as usize, k.2);
+        let spec = self.source.chunk(s, c, j);
+        let mut buf = self.chunk_pool.get();
+        let t0 = Instant::now();
+        let store = self.source.store();
+        if spec.len > buf.len() {
+            self.chunk_pool.put(buf);
+            return Err(Error::format(
+                store.name(s),
+                "shard",
+                format!("chunk {j} of column {c} is longer than the chunk size"),
+            ));
+        }
+        if let Err(e) = store.read_at(s, spec.file_offset, &mut buf[..spec.len]) {
+            self.chunk_pool.put(buf);
+            return Err(e);
+        }
+        let t1 = Instant::now();
+        add(&self.counters.read_ns, (t1 - t0).as_nanos() as u64);
+        add(&self.counters.read_bytes, spec.len as u64);
+        add(&self.counters.chunks_loaded, 1);
+        let params = ChunkParams {
+            nonce: spec.nonce,
+            aad: &spec.aad,
+            tag: spec.tag,
+            encrypted: spec.encrypted,
+        };
+        let opener = self.source.opener(s);
+        let mut loaded = Loaded {
+            buf: None,
+            len: spec.len,
+            nonce: spec.nonce,
+            ciphertext: false,
+            plaintext_held: false,
+            pool: self.chunk_pool.clone(),
+        };
+        let ok = match (self.mode, spec.encrypted) {
+            (DecryptMode::ChunkOpen, true) => {
+                let r = opener.open_in_place(&params, &mut buf[..spec.len]);
+                add(&self.counters.decrypt_ns, t1.elapsed().as_nanos() as u64);
+                add(&self.counters.decrypt_bytes, spec.len as u64);
+                loaded.plaintext_held = true;
+                r
+            }
+            (DecryptMode::RowCtr, true) | (_, false) => {
+                let r = opener.verify(&params, &buf[..spec.len]);
+                add(&self.counters.verify_ns, t1.elapsed().as_nanos() as u64);
+                add(&self.counters.verify_bytes, spec.len as u64);
+                loaded.ciphertext = spec.encrypted;
+                r
+            }
+        };
+        loaded.buf = Some(buf);
+        ok.map_err(|e| e.at(|| self.source.location(s, c, j)))?;
+        Ok(loaded)
+    }
+
+    fn run(&self, job: &Job) -> Result<Batch> {
+        // Stage 1: every chunk the batch touches is read and verified (once, shared). Consecutive
+        // batches of a window need the same chunks; each job starts at a different one, so the
+        // workers load a new window's chunks in parallel instead of queueing behind one loader.
+        let n = job.keys.len();
+        let first = if n == 0 {
+            0
+        } else {
+            (job.seq as usize).wrapping_mul(7) % n
+        };
+        for i in (first..n).chain(0..first) {
+            if let Err(e) = job.slots[i].cell.get_or_init(|| self.load(job.keys[i])) {
+                return Err(clone_error(e));
+            }
+        }
+        // Stage 2: rows into the batch buffers, coalescing runs of consecutive source rows.
+        let mut bufs = self.set_pool.get();
+        let mut runs: Vec<(RowRef, usize, u64)> = Vec::new(); // (first row, batch pos, count)
+        for (i, r) in job.rows.iter().enumerate() {
+            match runs.last_mut() {
+                Some((f, p, n))
+                    if f.shard == r.shard && f.row + *n == r.row && *p + *n as usize == i =>
+                {
+                    *n += 1
+                }
+                _ => runs.push((*r, i, 1)),
+            }
+        }
+        for (c, col) in self.columns.iter().enumerate() {
+            let rb = col.row_bytes;
+            // One clock read per column and batch: per-row timing costs more than a row copy.
+            let (mut dec_b, mut asm_b) = (0u64, 0u64);
+            let t = Instant::now();
+            let dst_all = &mut bufs[c];
+            for &(first, pos, n) in &runs {
+                let opener = self.source.opener(first.shard as usize);
+                let mut off = first.row * rb;
+                let end = off + n * rb;
+                let mut d = pos * rb as usize;
+                while off < end {
+                    let j = off / self.chunk_size;
+                    let in_chunk = off % self.chunk_size;
+                    let len = (self.chunk_size - in_chunk).min(end - off) as usize;
+                    let key = (first.shard, c as u32, j);
+                    let idx = job.keys.binary_search(&key).map_err(|_| {
+                        Error::Stopped(format!("internal: chunk {key:?} not planned"))
+                    })?;
+                    let Some(Ok(l)) = job.slots[idx].cell.get() else {
+                        return Err(Error::Stopped("internal: chunk not loaded".into()));
+                    };
+                    let src = &l.buf.as_ref().expect("loaded buffer")
+                        [in_chunk as usize..in_chunk as usize + len];
+                    let dst = &mut dst_all[d..d + len];
+                    if l.ciphertext {
+                        opener.ctr_apply(&l.nonce, in_chunk, src, dst)?;
+                        dec_b += len as u64;
+                    } else {
+                        dst.copy_from_slice(src);
+                        asm_b += len as u64;
+                    }
+                    off += len as u64;
+                    d += len;
+                }
+            }
+            // A column's chunks are all encrypted or all plain: the time is one stage's.
+            let ns = t.elapsed().as_nanos() as u64;
+            let stage = if dec_b > 0 {
+                &self.counters.decrypt_ns
+            } else {
+                &self.counters.assemble_ns
+            };
+            add(stage, ns);
+            add(&self.counters.decrypt_bytes, dec_b);
+            add(&self.counters.assemble_bytes, asm_b);
+        }
+        let row_ids = job
+            .rows
+            .iter()
+            .map(|r| self.source.shard_row_start(r.shard as usize) + r.row)
+            .collect();
+        Ok(Batch {
+            epoch: job.epoch,
+            index: job.index,
+            row_ids,
+            columns: self.columns.clone(),
+            bufs,
+            pool: self.set_pool.clone(),
+        })
+    }
+}
+
+pub(super) fn worker(
+    sh: &Shared,
+    jobs: &Receiver<Job>,
+    res: &Sender<(u64, Result<Batch>)>,
+    stop: &Receiver<()>,
+) {
+    loop {
+        if stopped(stop) {
+            return;
+        }
+        let job = select! {
+            recv(jobs) -> j => match j { Ok(j) => j, Err(_) => return },
+            recv(stop) -> _ => return,
+        };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sh.run(&job)))
+            .unwrap_or_else(|_| Err(Error::Stopped("a loader worker panicked".into())));
+        sh.cache.release(&job.keys);
+        if res.send((job.seq, r)).is_err() {
+            return;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn planner(
+    sh: &Shared,
+    cfg: &SamplerConfig,
+    shard_rows: &[u64],
+    start_epoch: u64,
+    start_batch: u64,
+    epochs: u64,
+    credits: &Receiver<()>,
+    jobs: &Sender<Job>,
+    stop: &Receiver<()>,
+) {
+    let mut seq = 0u64;
+    let mut pinned: Option<(usize, Vec<ChunkKey>)> = None;
+    for epoch in start_epoch..epochs {
+        let plan = EpochPlan::new(cfg, epoch, shard_rows);
+        let mut cur = Cursor::new(&plan);
+        let first = if epoch == start_epoch { start_batch } else { 0 };
+        for k in first..plan.batches() {
+            // `select!` picks at random among ready operations: check the stop signal first so
+            // a dropped loader never dispatches more work.
+            if stopped(stop) {
+                return;
+            }
+            select! {
+                recv(credits) -> c => if c.is_err() { return },
+                recv(stop) -> _ => return,
+            }
+            let (a, b) = plan.batch_positions(k);
+            let mut rows = Vec::with_capacity((b - a) as usize);
+            let mut keys = Vec::new();
+            let mut old_pin = None;
+            for p in a..b {
+                let (row, w) = cur.row_at(p);
+                if pinned.as_ref().is_none_or(|(pw, _)| *pw != w) {
+                    // Hold the whole window's chunks while the planner is inside it, so each is
+                    // read and verified once per window however batches interleave.
+                    let mut wk = Vec::new();
+                    for &(s, r0, n) in plan.window_blocks(w) {
+                        keys_for_rows(&sh.columns, sh.chunk_size, s, r0, n, &mut wk);
+                    }
+                    wk.sort_unstable();
+                    wk.dedup();
+                    let _ = sh.cache.acquire(&wk);
+                    if let Some(old) = pinned.replace((w, wk)) {
+                        old_pin.get_or_insert_with(Vec::new).push(old.1);
+                    }
+                }
+                keys_for_rows(&sh.columns, sh.chunk_size, row.shard, row.row, 1, &mut keys);
+                rows.push(row);
+            }
+            keys.sort_unstable();
+            keys.dedup();
+            let slots = sh.cache.acquire(&keys);
+            let job = Job {
+                seq,
+                epoch,
+                index: k,
+                rows,
+                keys,
+                slots,
+            };
+            select! {
+                send(jobs, job) -> r => if r.is_err() { return },
+                recv(stop) -> _ => return,
+            }
+            seq += 1;
+            for old in old_pin.into_iter().flatten() {
+                sh.cache.release(&old);
+            }
+        }
+        if let Some((_, old)) = pinned.take() {
+            sh.cache.release(&old);
+        }
+    }
+}

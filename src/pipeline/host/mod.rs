@@ -1,0 +1,379 @@
+//! The host loader: planner → worker threads (read, verify, decrypt into batch buffers) →
+//! reorder → consumer, over bounded crossbeam channels.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+
+use crate::error::{Error, Result};
+use crate::pipeline::options::{LoaderOptions, LoaderState, PlanSetup, longest_chunk};
+use crate::pipeline::pool::BufPool;
+use crate::pipeline::source::{ColumnInfo, RowSource};
+use crate::pipeline::telemetry::{Counters, LoaderStats, add};
+
+mod batch;
+mod chunks;
+
+use batch::SetPool;
+pub use batch::{Batch, Tensor};
+use chunks::{ChunkCache, Job, Shared, planner, worker};
+
+/// The data loader: an iterator of `Result<Batch>`.
+///
+/// Failure semantics: the first error (I/O, integrity, internal) is yielded once as `Err`, then
+/// the loader stops its threads and the iterator ends; [`Loader::state`] still points at the
+/// failed batch, so a new loader resumed from it retries exactly there.
+pub struct Loader {
+    rx: Receiver<(u64, Result<Batch>)>,
+    credits: Sender<()>,
+    stop: Option<Sender<()>>,
+    threads: Vec<JoinHandle<()>>,
+    reorder: BTreeMap<u64, Result<Batch>>,
+    next_seq: u64,
+    total: u64,
+    done: bool,
+    state: LoaderState,
+    batches_per_epoch: u64,
+    epochs: u64,
+    counters: Arc<Counters>,
+    built: Instant,
+    columns: Arc<[ColumnInfo]>,
+    set_pool: Arc<SetPool>,
+    chunk_pool: Arc<BufPool>,
+}
+
+impl Loader {
+    /// Builds a loader over `source` and starts its threads.
+    pub fn new(source: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<Self> {
+        let built = Instant::now();
+        let PlanSetup {
+            columns,
+            chunk_size,
+            block_rows,
+            shard_rows,
+            total_rows,
+            cfg,
+            batches_per_epoch,
+            total,
+            batch_rows,
+        } = PlanSetup::new(source.as_ref(), opts)?;
+        let counters = Arc::new(Counters::default());
+        let in_flight = opts.prefetch + opts.threads;
+        let sizes = columns
+            .iter()
+            .map(|c| {
+                usize::try_from(c.row_bytes)
+                    .ok()
+                    .and_then(|b| b.checked_mul(batch_rows))
+                    .filter(|&n| n < isize::MAX as usize)
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "a batch of {batch_rows} rows of column {} does not fit in memory",
+                            c.name
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        let set_pool = Arc::new(SetPool {
+            sizes,
+            cap: in_flight + 2,
+            free: Mutex::new(Vec::new()),
+            pin: opts.pin_hook.clone(),
+            counter: counters.pool_bytes.clone(),
+            allocations: Default::default(),
+        });
+        {
+            let mut free = set_pool.free.lock().unwrap_or_else(|e| e.into_inner());
+            // In flight, plus the one the consumer holds.
+            for _ in 0..in_flight + 1 {
+                free.push(set_pool.alloc());
+            }
+        }
+        // Chunks held at once: the pinned window plus the windows the in-flight batches still
+        // reach into. Per window and column: W blocks of `block_rows` rows each span
+        // ceil(bytes / chunk) chunks (+1 when blocks do not start on chunk boundaries), but
+        // never more than the column has in all shards (narrow columns share chunks). The pool
+        // is allocated (and touched) once at that bound, so steady state allocates nothing
+        // (tests/loader_soak.rs checks it); it only grows if the bound is ever exceeded.
+        let window_chunks: u64 = columns
+            .iter()
+            .map(|c| {
+                let block_bytes = block_rows * c.row_bytes;
+                // Blocks start on chunk boundaries, or nest inside chunks.
+                let aligned = block_bytes.is_multiple_of(chunk_size)
+                    || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
+                let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
+                let total: u64 = shard_rows
+                    .iter()
+                    .map(|&r| (r * c.row_bytes).div_ceil(chunk_size).max(1))
+                    .sum();
+                opts.window_blocks.saturating_mul(per_block).min(total)
+            })
+            .fold(0, u64::saturating_add);
+        let window_rows = opts.window_blocks.saturating_mul(block_rows).max(1);
+        let windows_in_flight = (in_flight.saturating_mul(batch_rows) as u64)
+            .div_ceil(window_rows)
+            .saturating_add(1);
+        let bound =
+            usize::try_from(window_chunks.saturating_mul(windows_in_flight)).unwrap_or(usize::MAX);
+        // Buffers as long as the longest chunk there is, not `chunk_size`: a small dataset
+        // written with 256 MiB chunks must not allocate 256 MiB per buffer.
+        let longest_chunk = columns
+            .iter()
+            .map(|c| longest_chunk(c.row_bytes, &shard_rows, chunk_size))
+            .max()
+            .unwrap_or(1);
+        let chunk_pool = Arc::new(BufPool::new(
+            longest_chunk as usize,
+            bound.min(4096),
+            bound.saturating_add(opts.threads * columns.len()),
+            opts.pin_hook.clone(),
+            counters.pool_bytes.clone(),
+        ));
+        let shared = Arc::new(Shared {
+            source,
+            columns: columns.clone(),
+            chunk_size,
+            mode: opts.mode,
+            cache: ChunkCache::default(),
+            chunk_pool: chunk_pool.clone(),
+            set_pool: set_pool.clone(),
+            counters: counters.clone(),
+        });
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let (credit_tx, credit_rx) = bounded::<()>(in_flight);
+        for _ in 0..in_flight {
+            let _ = credit_tx.try_send(());
+        }
+        let (job_tx, job_rx) = bounded::<Job>(opts.threads);
+        let (res_tx, res_rx) = unbounded::<(u64, Result<Batch>)>();
+        let mut threads = Vec::new();
+        for i in 0..opts.threads {
+            let (sh, jobs, res, stop) = (
+                shared.clone(),
+                job_rx.clone(),
+                res_tx.clone(),
+                stop_rx.clone(),
+            );
+            let h = std::thread::Builder::new()
+                .name(format!("cs-worker-{i}"))
+                .spawn(move || worker(&sh, &jobs, &res, &stop))
+                .map_err(|e| Error::Stopped(format!("cannot spawn worker thread: {e}")))?;
+            threads.push(h);
+        }
+        drop(res_tx);
+        {
+            let (sh, cfg) = (shared.clone(), cfg.clone());
+            let (epochs, se, sb) = (opts.epochs, opts.start_epoch, opts.start_batch);
+            let h = std::thread::Builder::new()
+                .name("cs-planner".into())
+                .spawn(move || {
+                    planner(
+                        &sh,
+                        &cfg,
+                        &shard_rows,
+                        se,
+                        sb,
+                        epochs,
+                        &credit_rx,
+                        &job_tx,
+                        &stop_rx,
+                    )
+                })
+                .map_err(|e| Error::Stopped(format!("cannot spawn planner thread: {e}")))?;
+            threads.push(h);
+        }
+        let state = LoaderState::start(opts, block_rows, total_rows);
+        let mut l = Loader {
+            rx: res_rx,
+            credits: credit_tx,
+            stop: Some(stop_tx),
+            threads,
+            reorder: BTreeMap::new(),
+            next_seq: 0,
+            total,
+            done: false,
+            state,
+            batches_per_epoch,
+            epochs: opts.epochs,
+            counters,
+            built,
+            columns,
+            set_pool,
+            chunk_pool,
+        };
+        l.state.normalize(l.batches_per_epoch);
+        Ok(l)
+    }
+
+    /// Builds a loader that continues from `state` (checked against the dataset's row count).
+    pub fn resume(
+        source: Arc<dyn RowSource>,
+        opts: &LoaderOptions,
+        state: &LoaderState,
+    ) -> Result<Self> {
+        if source.total_rows() != state.total_rows {
+            return Err(Error::InvalidArgument(format!(
+                "loader state is for a dataset of {} rows, this one has {}",
+                state.total_rows,
+                source.total_rows()
+            )));
+        }
+        Loader::new(source, &opts.clone().resume(state))
+    }
+
+    /// The position after the last batch handed out.
+    pub fn state(&self) -> LoaderState {
+        self.state.clone()
+    }
+
+    /// Telemetry so far.
+    pub fn stats(&self) -> LoaderStats {
+        let mut s = self.counters.snapshot();
+        let _ = (&self.chunk_pool, &self.set_pool);
+        s.pool_bytes = self.counters.pool_bytes.load(Relaxed);
+        s
+    }
+
+    /// Buffers allocated after construction (0 in steady state when batches are dropped).
+    pub fn extra_allocations(&self) -> u64 {
+        self.set_pool.allocations.load(Relaxed) + self.chunk_pool.allocations.load(Relaxed)
+    }
+
+    /// The dataset's columns.
+    pub fn columns(&self) -> &[ColumnInfo] {
+        &self.columns
+    }
+
+    /// Batches per epoch for this rank.
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.batches_per_epoch
+    }
+
+    /// Batches left to yield.
+    pub fn remaining(&self) -> u64 {
+        if self.done {
+            0
+        } else {
+            self.total - self.next_seq
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.done = true;
+        self.stop.take(); // disconnects the stop channel: every blocked select wakes up
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+
+    /// Epochs this loader was built to run to.
+    pub fn epochs(&self) -> u64 {
+        self.epochs
+    }
+}
+
+impl Iterator for Loader {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.done {
+            return None;
+        }
+        if self.next_seq >= self.total {
+            self.shutdown();
+            return None;
+        }
+        let t = Instant::now();
+        let item = loop {
+            if let Some(r) = self.reorder.remove(&self.next_seq) {
+                break r;
+            }
+            match self.rx.recv() {
+                Ok((seq, r)) => {
+                    self.reorder.insert(seq, r);
+                }
+                Err(_) => {
+                    break Err(Error::Stopped(
+                        "the loader's threads exited before the epoch ended".into(),
+                    ));
+                }
+            }
+        };
+        add(
+            &self.counters.consumer_wait_ns,
+            t.elapsed().as_nanos() as u64,
+        );
+        match item {
+            Ok(b) => {
+                self.next_seq += 1;
+                let _ = self.credits.try_send(());
+                let bytes: u64 = b.tensors().map(|t| t.bytes.len() as u64).sum();
+                add(&self.counters.delivered_bytes, bytes);
+                if self.counters.batches.fetch_add(1, Relaxed) == 0 {
+                    self.counters
+                        .first_batch_ns
+                        .store(self.built.elapsed().as_nanos() as u64, Relaxed);
+                }
+                self.state.epoch = b.epoch;
+                self.state.batches_done_in_epoch = b.index + 1;
+                self.state.normalize(self.batches_per_epoch);
+                Some(Ok(b))
+            }
+            Err(e) => {
+                self.shutdown();
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("state", &self.state)
+            .field("remaining", &self.remaining())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Loader {
+    /// Waits at most `timeout` for the next item. Returns `true` when [`Iterator::next`] will
+    /// not block (a batch or an error is ready, or the iteration is over), `false` on timeout.
+    /// The time waited counts as consumer wait in [`Loader::stats`].
+    pub fn wait_next(&mut self, timeout: std::time::Duration) -> bool {
+        if self.done || self.next_seq >= self.total || self.reorder.contains_key(&self.next_seq) {
+            return true;
+        }
+        let t = Instant::now();
+        let deadline = t + timeout;
+        let ready = loop {
+            match self.rx.recv_deadline(deadline) {
+                Ok((seq, r)) => {
+                    self.reorder.insert(seq, r);
+                    if self.reorder.contains_key(&self.next_seq) {
+                        break true;
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => break false,
+                // `next` reports the disconnection as an error without blocking.
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break true,
+            }
+        };
+        add(
+            &self.counters.consumer_wait_ns,
+            t.elapsed().as_nanos() as u64,
+        );
+        ready
+    }
+}

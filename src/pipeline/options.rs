@@ -1,0 +1,336 @@
+//! What both loaders (host and device) share: their options, their position (state), and the
+//! setup every loader derives from a source and options before it starts.
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+
+use super::pool::PinHook;
+use super::sampler::{EpochPlan, SamplerConfig};
+use super::source::{ColumnInfo, RowSource};
+use crate::error::{Error, Result};
+
+/// How chunk bytes become batch bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum DecryptMode {
+    /// Verify the whole chunk's tag on the private ciphertext copy, then AES-CTR-decrypt only
+    /// the rows each batch needs straight into the batch buffer (no plaintext intermediate).
+    RowCtr,
+    /// Open (verify + decrypt, one fused GCM pass) the whole private copy in place, then copy
+    /// rows into the batch. Plaintext sits in a private pooled buffer (zeroized on release).
+    #[default]
+    ChunkOpen,
+}
+
+/// How to build a loader.
+#[derive(Clone)]
+pub struct LoaderOptions {
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Seed of the shuffle.
+    pub seed: u64,
+    /// Shuffle blocks and rows (`false`: dataset order).
+    pub shuffle: bool,
+    /// Epochs to run (the iterator ends after epoch `epochs - 1`).
+    pub epochs: u64,
+    /// This process's rank.
+    pub rank: u64,
+    /// Number of processes.
+    pub world_size: u64,
+    /// See [`SamplerConfig::drop_last`].
+    pub drop_last: bool,
+    /// Batches in flight ahead of the consumer (bounds memory: about `prefetch × batch bytes`).
+    pub prefetch: usize,
+    /// Worker threads.
+    pub threads: usize,
+    /// Blocks per shuffle window: larger shuffles better and holds more chunks in memory.
+    pub window_blocks: u64,
+    /// Rows per block; `None`: the rows of one chunk of the widest column.
+    pub block_rows: Option<u64>,
+    /// Decryption strategy.
+    pub mode: DecryptMode,
+    /// Epoch to start at (resumption).
+    pub start_epoch: u64,
+    /// Batches of `start_epoch` already consumed (resumption).
+    pub start_batch: u64,
+    /// Called for every host buffer allocated/freed (page-locking hook for GPU transfers).
+    pub pin_hook: Option<Arc<dyn PinHook>>,
+}
+
+impl Default for LoaderOptions {
+    fn default() -> Self {
+        LoaderOptions {
+            batch_size: 256,
+            seed: 0,
+            shuffle: true,
+            epochs: 1,
+            rank: 0,
+            world_size: 1,
+            drop_last: false,
+            prefetch: 4,
+            threads: 2,
+            window_blocks: 8,
+            block_rows: None,
+            mode: DecryptMode::default(),
+            start_epoch: 0,
+            start_batch: 0,
+            pin_hook: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for LoaderOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoaderOptions")
+            .field("batch_size", &self.batch_size)
+            .field("seed", &self.seed)
+            .field("shuffle", &self.shuffle)
+            .field("epochs", &self.epochs)
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("drop_last", &self.drop_last)
+            .field("prefetch", &self.prefetch)
+            .field("threads", &self.threads)
+            .field("window_blocks", &self.window_blocks)
+            .field("block_rows", &self.block_rows)
+            .field("mode", &self.mode)
+            .field("start_epoch", &self.start_epoch)
+            .field("start_batch", &self.start_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a loader stands: everything the order depends on plus the position. Serializable;
+/// [`LoaderOptions::resume`] continues exactly after the last batch handed out.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoaderState {
+    /// Shuffle seed.
+    pub seed: u64,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Batches of `epoch` already handed out.
+    pub batches_done_in_epoch: u64,
+    /// Rank.
+    pub rank: u64,
+    /// World size.
+    pub world_size: u64,
+    /// Rows per batch.
+    pub batch_size: u64,
+    /// Shuffle on.
+    pub shuffle: bool,
+    /// drop_last.
+    pub drop_last: bool,
+    /// Blocks per window.
+    pub window_blocks: u64,
+    /// Rows per block.
+    pub block_rows: u64,
+    /// Rows in the dataset (checked on resume).
+    pub total_rows: u64,
+}
+
+impl LoaderState {
+    /// The position a loader built with `opts` starts at.
+    pub(crate) fn start(opts: &LoaderOptions, block_rows: u64, total_rows: u64) -> Self {
+        LoaderState {
+            seed: opts.seed,
+            epoch: opts.start_epoch,
+            batches_done_in_epoch: opts.start_batch,
+            rank: opts.rank,
+            world_size: opts.world_size,
+            batch_size: opts.batch_size as u64,
+            shuffle: opts.shuffle,
+            drop_last: opts.drop_last,
+            window_blocks: opts.window_blocks,
+            block_rows,
+            total_rows,
+        }
+    }
+
+    /// A position at the end of an epoch is the start of the next one.
+    pub(crate) fn normalize(&mut self, batches_per_epoch: u64) {
+        if batches_per_epoch > 0 && self.batches_done_in_epoch >= batches_per_epoch {
+            self.epoch += 1;
+            self.batches_done_in_epoch = 0;
+        }
+    }
+}
+
+impl LoaderOptions {
+    /// Options that continue from `state` (keeping this value's threads, prefetch, mode,
+    /// epochs and hook; the order-defining fields come from the state).
+    pub fn resume(mut self, state: &LoaderState) -> Self {
+        self.seed = state.seed;
+        self.start_epoch = state.epoch;
+        self.start_batch = state.batches_done_in_epoch;
+        self.rank = state.rank;
+        self.world_size = state.world_size;
+        self.batch_size = state.batch_size as usize;
+        self.shuffle = state.shuffle;
+        self.drop_last = state.drop_last;
+        self.window_blocks = state.window_blocks;
+        self.block_rows = Some(state.block_rows);
+        self
+    }
+}
+
+/// Bytes of the longest chunk of a column of `row_bytes`-byte rows: `chunk_size`, or its
+/// longest tensor when that is shorter (at least 1).
+pub(crate) fn longest_chunk(row_bytes: u64, shard_rows: &[u64], chunk_size: u64) -> u64 {
+    shard_rows
+        .iter()
+        .map(|&r| r.saturating_mul(row_bytes))
+        .max()
+        .unwrap_or(0)
+        .clamp(1, chunk_size.max(1))
+}
+
+/// Most batches a loader may hold in flight (`prefetch`).
+pub const MAX_PREFETCH: usize = 4096;
+/// Most worker threads a loader may start.
+pub const MAX_THREADS: usize = 1024;
+
+/// What the host and the device loaders both derive from a source and options before they start:
+/// the plan's configuration and size, and every shard opened once and checked against the length
+/// its authenticated header gives.
+pub(crate) struct PlanSetup {
+    pub(crate) columns: Arc<[ColumnInfo]>,
+    pub(crate) chunk_size: u64,
+    pub(crate) block_rows: u64,
+    pub(crate) shard_rows: Vec<u64>,
+    pub(crate) total_rows: u64,
+    pub(crate) cfg: SamplerConfig,
+    pub(crate) batches_per_epoch: u64,
+    /// Batches left to deliver from the start position.
+    pub(crate) total: u64,
+    /// Most rows one batch can hold: `batch_size`, but never more than the dataset has (so an
+    /// absurd batch size sizes no buffer beyond the data).
+    pub(crate) batch_rows: usize,
+}
+
+impl PlanSetup {
+    pub(crate) fn new(source: &dyn RowSource, opts: &LoaderOptions) -> Result<Self> {
+        if opts.batch_size == 0
+            || opts.threads == 0
+            || opts.prefetch == 0
+            || opts.window_blocks == 0
+        {
+            return Err(Error::InvalidArgument(
+                "batch_size, threads, prefetch and window_blocks must be at least 1".into(),
+            ));
+        }
+        // Channels and buffer sets are sized by these up front: refuse absurd values rather
+        // than abort on an allocation.
+        if opts.prefetch > MAX_PREFETCH || opts.threads > MAX_THREADS {
+            return Err(Error::InvalidArgument(format!(
+                "prefetch {} / threads {}: at most {MAX_PREFETCH} batches in flight and \
+                 {MAX_THREADS} threads",
+                opts.prefetch, opts.threads
+            )));
+        }
+        if opts.world_size == 0 || opts.rank >= opts.world_size {
+            return Err(Error::InvalidArgument(format!(
+                "rank {} is not below world_size {}",
+                opts.rank, opts.world_size
+            )));
+        }
+        let columns: Arc<[ColumnInfo]> = source.columns().to_vec().into();
+        let chunk_size = source.chunk_size();
+        if chunk_size == 0 {
+            return Err(Error::InvalidArgument("chunk_size is 0".into()));
+        }
+        let widest = columns
+            .iter()
+            .map(|c| c.row_bytes)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let block_rows = opts
+            .block_rows
+            .unwrap_or((chunk_size / widest).max(1))
+            .max(1);
+        let shard_rows: Vec<u64> = (0..source.shard_count())
+            .map(|s| source.shard_rows(s))
+            .collect();
+        let total_rows: u64 = shard_rows.iter().sum();
+        let cfg = SamplerConfig {
+            seed: opts.seed,
+            shuffle: opts.shuffle,
+            block_rows,
+            window_blocks: opts.window_blocks,
+            rank: opts.rank,
+            world_size: opts.world_size,
+            batch_size: opts.batch_size as u64,
+            drop_last: opts.drop_last,
+        };
+        let batches_per_epoch = EpochPlan::new(&cfg, 0, &shard_rows).batches();
+        if opts.start_batch > batches_per_epoch {
+            return Err(Error::InvalidArgument(format!(
+                "resume position {} is past the epoch's {batches_per_epoch} batches (different dataset?)",
+                opts.start_batch
+            )));
+        }
+        let total = if opts.start_epoch >= opts.epochs {
+            0
+        } else {
+            (opts.epochs - opts.start_epoch) * batches_per_epoch - opts.start_batch
+        };
+        // Every shard still as it was when its store pinned it (length from its header).
+        let store = source.store();
+        if store.shard_count() != source.shard_count() {
+            return Err(Error::InvalidArgument(format!(
+                "the source has {} shards, its store {}",
+                source.shard_count(),
+                store.shard_count()
+            )));
+        }
+        for s in 0..source.shard_count() {
+            store.check_unchanged(s)?;
+        }
+        Ok(PlanSetup {
+            columns,
+            chunk_size,
+            block_rows,
+            shard_rows,
+            total_rows,
+            cfg,
+            batches_per_epoch,
+            total,
+            batch_rows: opts
+                .batch_size
+                .min(usize::try_from(total_rows.max(1)).unwrap_or(usize::MAX)),
+        })
+    }
+}
+
+/// A chunk: (shard, column, chunk index j).
+pub(crate) type ChunkKey = (u32, u32, u64);
+
+/// Chunk keys covering rows `[r0, r0 + n)` of shard `s`, every column (`chunk` bytes per
+/// chunk).
+pub(crate) fn keys_for_rows(
+    columns: &[ColumnInfo],
+    chunk: u64,
+    s: u32,
+    r0: u64,
+    n: u64,
+    out: &mut Vec<ChunkKey>,
+) {
+    for (c, col) in columns.iter().enumerate() {
+        let (a, b) = (r0 * col.row_bytes, (r0 + n) * col.row_bytes);
+        if b > a {
+            for j in a / chunk..=(b - 1) / chunk {
+                out.push((s, c as u32, j));
+            }
+        }
+    }
+}
+
+/// The loader was dropped (its stop channel is disconnected).
+pub(crate) fn stopped(stop: &Receiver<()>) -> bool {
+    matches!(
+        stop.try_recv(),
+        Err(crossbeam_channel::TryRecvError::Disconnected)
+    )
+}
