@@ -20,8 +20,6 @@ pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub mod cuda;
-#[cfg(feature = "cuda")]
-pub mod cuda_gather;
 pub mod timing;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;

@@ -34,9 +34,9 @@ use super::window_plan::{
     window_layout,
 };
 use crate::cipher::cuda::{
-    BatchDecryptor, CudaCipher, CudaKey, DeviceBatch, StagedChunk, Ticket, WaitError,
+    BatchDecryptor, CudaCipher, CudaKey, DeviceBatch, Gather, GatherJob, StagedChunk, Ticket,
+    WaitError,
 };
-use crate::cipher::cuda_gather::{Gather, GatherJob};
 use crate::cipher::{ChunkParams, cpu::CpuCipher};
 use crate::error::{Error, Result};
 use crate::format::Dataset;

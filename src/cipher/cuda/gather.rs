@@ -15,9 +15,9 @@ use cudarc::nvrtc::Ptx;
 use crate::error::{Error, Result};
 
 /// The gather kernel's source.
-pub const GATHER_CU: &str = include_str!("../../kernels/gather.cu");
+pub const GATHER_CU: &str = include_str!("../../../kernels/gather.cu");
 /// The gather kernel compiled by NVRTC 13.0 for `compute_75`.
-pub const GATHER_PTX: &str = include_str!("../../kernels/gather.ptx");
+pub const GATHER_PTX: &str = include_str!("../../../kernels/gather.ptx");
 /// NVRTC options that produce [`GATHER_PTX`] from [`GATHER_CU`].
 pub const GATHER_NVRTC_OPTIONS: [&str; 2] = ["--std=c++17", "--gpu-architecture=compute_75"];
 
@@ -189,7 +189,7 @@ mod tests {
     #[test]
     fn embedded_ptx_is_current() {
         assert!(GATHER_PTX.contains(".entry cs_gather_rows"));
-        if !super::super::cuda::nvrtc_present() {
+        if !super::super::nvrtc_present() {
             eprintln!("SKIPPED freshness check: libnvrtc not found");
             return;
         }

@@ -35,8 +35,12 @@ use super::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
-const CORE_H: &str = include_str!("../../kernels/aes_core.h");
-const KERNELS_CU: &str = include_str!("../../kernels/aes_gcm.cu");
+mod gather;
+
+pub use gather::{GATHER_CU, GATHER_NVRTC_OPTIONS, GATHER_PTX, Gather, GatherJob};
+
+const CORE_H: &str = include_str!("../../../kernels/aes_core.h");
+const KERNELS_CU: &str = include_str!("../../../kernels/aes_gcm.cu");
 /// GHASH segment length in blocks (`CS_SEG_BLOCKS` in aes_core.h).
 const SEG_BLOCKS: u64 = 32;
 const DESC_WORDS: usize = 8;
