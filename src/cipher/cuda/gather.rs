@@ -4,14 +4,14 @@
 //! The kernel ships as PTX (`kernels/gather.ptx`, NVRTC 13.0 output for `compute_75`, which the
 //! driver JIT-compiles for any newer card), so the device loader needs no NVRTC at run time.
 //! A unit test recompiles `gather.cu` with NVRTC 13.0 when present and checks the PTX is current.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 use cudarc::nvrtc::Ptx;
 
+use super::launch;
 use crate::error::{Error, Result};
 
 /// The gather kernel's source.
@@ -21,9 +21,8 @@ pub const GATHER_PTX: &str = include_str!("../../../kernels/gather.ptx");
 /// NVRTC options that produce [`GATHER_PTX`] from [`GATHER_CU`].
 pub const GATHER_NVRTC_OPTIONS: [&str; 2] = ["--std=c++17", "--gpu-architecture=compute_75"];
 
-const THREADS: u32 = 128;
-
-fn err(what: &str, e: impl std::fmt::Display) -> Error {
+/// An error of the gather path, saying what to do next.
+pub(super) fn gather_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Backend {
         backend: "cuda",
         reason: format!(
@@ -43,10 +42,10 @@ impl Gather {
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Gather> {
         let module = ctx
             .load_module(Ptx::from_src(GATHER_PTX))
-            .map_err(|e| err("loading kernels/gather.ptx", e))?;
+            .map_err(|e| gather_err("loading kernels/gather.ptx", e))?;
         let func = module
             .load_function("cs_gather_rows")
-            .map_err(|e| err("cs_gather_rows missing from kernels/gather.ptx", e))?;
+            .map_err(|e| gather_err("cs_gather_rows missing from kernels/gather.ptx", e))?;
         Ok(Gather { func })
     }
 
@@ -64,34 +63,26 @@ impl Gather {
         if pairs.is_empty() || row_bytes == 0 {
             return Ok(());
         }
-        check_pairs(pairs, row_bytes, src.len() as u64, dst.len() as u64)?;
-        let flat: Vec<u64> = pairs.iter().flat_map(|&(s, d)| [s, d]).collect();
-        let rows = u32::try_from(pairs.len())
-            .map_err(|_| Error::InvalidArgument("more than 2^32 rows in one gather".into()))?;
-        let d_pairs = stream
-            .clone_htod(&flat[..])
-            .map_err(|e| err("uploading gather offsets", e))?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.min(1 << 20), 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+        let job = GatherJob {
+            src,
+            dst: 0,
+            pairs: 0..pairs.len(),
+            row_bytes,
         };
-        // SAFETY: the kernel reads `row_bytes` at each `pairs[r].0` of `src` and writes them at
-        // `pairs[r].1` of `dst`; every such range was checked above to lie inside its buffer,
-        // and `d_pairs` holds exactly 2 × rows offsets. Argument types match the kernel's
-        // signature (pointer, pointer, pointer, unsigned int, unsigned long long).
-        unsafe {
-            stream
-                .launch_builder(&self.func)
-                .arg(src)
-                .arg(dst)
-                .arg(&d_pairs)
-                .arg(&rows)
-                .arg(&row_bytes)
-                .launch(cfg)
-        }
-        .map_err(|e| err("gather kernel launch", e))?;
-        Ok(())
+        launch::gather_rows(&self.func, stream, &[job], pairs, std::slice::from_mut(dst))
+    }
+
+    /// Enqueues every job of a batch on `stream` with one upload of all their offsets (instead
+    /// of one allocation and upload per launch). `pairs[i] = (source offset, destination
+    /// offset)`; every range is checked against its buffers before anything is enqueued.
+    pub fn gather_many(
+        &self,
+        stream: &Arc<CudaStream>,
+        jobs: &[GatherJob<'_>],
+        pairs: &[(u64, u64)],
+        dsts: &mut [CudaSlice<u8>],
+    ) -> Result<()> {
+        launch::gather_rows(&self.func, stream, jobs, pairs, dsts)
     }
 }
 
@@ -106,80 +97,6 @@ pub struct GatherJob<'a> {
     pub pairs: std::ops::Range<usize>,
     /// Bytes per row.
     pub row_bytes: u64,
-}
-
-impl Gather {
-    /// Enqueues every job of a batch on `stream` with one upload of all their offsets (instead
-    /// of one allocation and upload per launch). `pairs[i] = (source offset, destination
-    /// offset)`; every range is checked against its buffers before anything is enqueued.
-    pub fn gather_many(
-        &self,
-        stream: &Arc<CudaStream>,
-        jobs: &[GatherJob<'_>],
-        pairs: &[(u64, u64)],
-        dsts: &mut [CudaSlice<u8>],
-    ) -> Result<()> {
-        for (n, job) in jobs.iter().enumerate() {
-            let dst = dsts.get(job.dst).ok_or_else(|| {
-                Error::InvalidArgument(format!("gather job {n}: no destination {}", job.dst))
-            })?;
-            let rows = pairs.get(job.pairs.clone()).ok_or_else(|| {
-                Error::InvalidArgument(format!("gather job {n}: pair range out of the list"))
-            })?;
-            check_pairs(rows, job.row_bytes, job.src.len() as u64, dst.len() as u64)?;
-            u32::try_from(rows.len())
-                .map_err(|_| Error::InvalidArgument("more than 2^32 rows in one gather".into()))?;
-        }
-        if pairs.is_empty() {
-            return Ok(());
-        }
-        let flat: Vec<u64> = pairs.iter().flat_map(|&(s, d)| [s, d]).collect();
-        let d_pairs = stream
-            .clone_htod(&flat[..])
-            .map_err(|e| err("uploading gather offsets", e))?;
-        for job in jobs {
-            if job.pairs.is_empty() || job.row_bytes == 0 {
-                continue;
-            }
-            let rows = job.pairs.len() as u32; // checked above
-            let view = d_pairs.slice(2 * job.pairs.start..2 * job.pairs.end);
-            let dst = &mut dsts[job.dst];
-            let cfg = LaunchConfig {
-                grid_dim: (rows.min(1 << 20), 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: as in `gather`: every (offset + row_bytes) of this job was checked above
-            // against `job.src` and `dst`, `view` holds exactly 2 × rows offsets, and the
-            // argument types match the kernel's signature.
-            unsafe {
-                stream
-                    .launch_builder(&self.func)
-                    .arg(job.src)
-                    .arg(dst)
-                    .arg(&view)
-                    .arg(&rows)
-                    .arg(&job.row_bytes)
-                    .launch(cfg)
-            }
-            .map_err(|e| err("gather kernel launch", e))?;
-        }
-        Ok(())
-    }
-}
-
-/// Every row range `[offset, offset + row_bytes)` inside its buffer.
-fn check_pairs(pairs: &[(u64, u64)], row_bytes: u64, sl: u64, dl: u64) -> Result<()> {
-    for (i, &(s, d)) in pairs.iter().enumerate() {
-        if s.checked_add(row_bytes).is_none_or(|e| e > sl)
-            || d.checked_add(row_bytes).is_none_or(|e| e > dl)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "gather row {i}: range outside the source ({sl} B) or destination ({dl} B)"
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
