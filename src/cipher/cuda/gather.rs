@@ -1,25 +1,14 @@
 //! Row gather on the GPU for device batches: copies shuffled rows out of a decrypted window
-//! buffer into a batch's column buffer in one launch (`kernels/gather.cu`).
-//!
-//! The kernel ships as PTX (`kernels/gather.ptx`, NVRTC 13.0 output for `compute_75`, which the
-//! driver JIT-compiles for any newer card), so the device loader needs no NVRTC at run time.
-//! A unit test recompiles `gather.cu` with NVRTC 13.0 when present and checks the PTX is current.
+//! buffer into a batch's column buffers (`kernels/gather.cu`, in the same module as the AES
+//! kernels: see `compile.rs`).
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
-use cudarc::nvrtc::Ptx;
 
-use super::launch;
+use super::{compile, launch};
 use crate::error::{Error, Result};
-
-/// The gather kernel's source.
-pub const GATHER_CU: &str = include_str!("../../../kernels/gather.cu");
-/// The gather kernel compiled by NVRTC 13.0 for `compute_75`.
-pub const GATHER_PTX: &str = include_str!("../../../kernels/gather.ptx");
-/// NVRTC options that produce [`GATHER_PTX`] from [`GATHER_CU`].
-pub const GATHER_NVRTC_OPTIONS: [&str; 2] = ["--std=c++17", "--gpu-architecture=compute_75"];
 
 /// An error of the gather path, saying what to do next.
 pub(super) fn gather_err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -38,14 +27,13 @@ pub struct Gather {
 }
 
 impl Gather {
-    /// Loads the kernel into `ctx` from the embedded PTX.
+    /// The kernel in `ctx`: from the module a [`super::CudaCipher`] on `ctx` already loaded,
+    /// else compiled (once per process) and loaded now.
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Gather> {
-        let module = ctx
-            .load_module(Ptx::from_src(GATHER_PTX))
-            .map_err(|e| gather_err("loading kernels/gather.ptx", e))?;
-        let func = module
-            .load_function("cs_gather_rows")
-            .map_err(|e| gather_err("cs_gather_rows missing from kernels/gather.ptx", e))?;
+        let func = compile::load(ctx)?
+            .gather
+            .clone()
+            .map_err(|e| gather_err("loading the row gather kernel", e))?;
         Ok(Gather { func })
     }
 
@@ -97,42 +85,4 @@ pub struct GatherJob<'a> {
     pub pairs: std::ops::Range<usize>,
     /// Bytes per row.
     pub row_bytes: u64,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn embedded_ptx_is_current() {
-        assert!(GATHER_PTX.contains(".entry cs_gather_rows"));
-        if !super::super::nvrtc_present() {
-            eprintln!("SKIPPED freshness check: libnvrtc not found");
-            return;
-        }
-        let opts = cudarc::nvrtc::CompileOptions {
-            options: GATHER_NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(GATHER_CU, opts)
-            .unwrap_or_else(|e| panic!("kernels/gather.cu does not compile: {e}"));
-        let fresh = ptx.to_src();
-        if !fresh.contains("release 13.0,") {
-            eprintln!("SKIPPED freshness check: NVRTC is not 13.0 (kernel compiles)");
-            return;
-        }
-        let body = |s: &str| {
-            s.lines()
-                .filter(|l| !l.starts_with("//"))
-                .map(str::trim_end)
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        assert_eq!(
-            body(&fresh),
-            body(GATHER_PTX),
-            "kernels/gather.ptx is stale: regenerate it from kernels/gather.cu with NVRTC 13.0 \
-             ({GATHER_NVRTC_OPTIONS:?})"
-        );
-    }
 }

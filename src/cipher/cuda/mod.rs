@@ -1,8 +1,8 @@
 //! CUDA backend: AES-256-CTR and a parallel GHASH on the GPU, through cudarc and NVRTC.
 //!
-//! The kernels (`kernels/aes_core.h` + `kernels/aes_gcm.cu`) are compiled with NVRTC at first
-//! use (once per process, for the device's compute capability) and loaded once per context
-//! (`compile.rs`). Two ways in:
+//! The kernels (`kernels/aes_core.h` + `kernels/aes_gcm.cu`, and the row gather of device
+//! batches, `kernels/gather.cu`) are compiled with NVRTC at first use (once per process, for the
+//! device's compute capability) and loaded once per context (`compile.rs`). Two ways in:
 //! - the [`Cipher`] / [`ChunkOpener`](crate::cipher::ChunkOpener) trait on host buffers
 //!   ([`CudaOpener`]: upload, verify + decrypt, download), so the conformance suite and
 //!   cross-backend tests run on it exactly as on the CPU;
@@ -47,7 +47,7 @@ mod variants;
 pub use batch::{BatchChunk, BatchDecryptor, DeviceBatch, StagedChunk, Ticket, WaitError};
 pub use compile::{PTX_ENV, compile_kernels, kernel_source};
 pub use ffi::{driver_present, nvrtc_present};
-pub use gather::{GATHER_CU, GATHER_NVRTC_OPTIONS, GATHER_PTX, Gather, GatherJob};
+pub use gather::{Gather, GatherJob};
 pub use key::CudaKey;
 pub use launch::MAX_CHUNKS_PER_LAUNCH;
 pub use opener::CudaOpener;
@@ -142,7 +142,7 @@ impl CudaCipher {
             reason,
         })?;
         let ctx = CudaContext::new(ordinal).map_err(drv("cannot open the CUDA device"))?;
-        let k = Arc::new(compile::load(&ctx)?);
+        let k = compile::load(&ctx)?;
         if let Err(e) = &k.ctr[CtrVariant::Replicated.index()] {
             return Err(Error::Backend {
                 backend: "cuda",
