@@ -88,7 +88,7 @@ impl ChunkDesc {
     }
 
     /// Starts `offset` bytes into the chunk (CTR: counter block `2 + offset / 16`).
-    pub(crate) fn seek(self, offset: u64) -> ChunkDesc {
+    pub(super) fn seek(self, offset: u64) -> ChunkDesc {
         ChunkDesc {
             seek: offset,
             ..self
@@ -133,7 +133,7 @@ impl ChunkDesc {
     }
 
     /// AES blocks of keystream the chunk's range spans (for the CTR grid).
-    pub(crate) fn ctr_blocks(&self) -> u64 {
+    pub(super) fn ctr_blocks(&self) -> u64 {
         (self.seek % 16 + self.len).div_ceil(16)
     }
 }
@@ -192,7 +192,7 @@ impl DeviceDescs {
     }
 
     /// Most GHASH segments of one chunk: powers of H a GHASH launch over these needs.
-    pub(crate) fn max_segments(&self) -> u64 {
+    pub(super) fn max_segments(&self) -> u64 {
         self.max_segments
     }
 }

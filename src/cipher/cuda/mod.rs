@@ -3,7 +3,7 @@
 //! The kernels (`kernels/aes_core.h` + `kernels/aes_gcm.cu`, and the row gather of device
 //! batches, `kernels/gather.cu`) are compiled with NVRTC at first use (once per process, for the
 //! device's compute capability) and loaded once per context (`compile.rs`). Two ways in:
-//! - the [`Cipher`] / [`ChunkOpener`](crate::cipher::ChunkOpener) trait on host buffers
+//! - the [`Cipher`] / [`ChunkOpener`] trait on host buffers
 //!   ([`CudaOpener`]: upload, verify + decrypt, download), so the conformance suite and
 //!   cross-backend tests run on it exactly as on the CPU;
 //! - [`BatchDecryptor`]: many chunks per batch from pinned staging buffers into a device buffer,
@@ -11,7 +11,7 @@
 //!   checked before [`BatchDecryptor::wait`] hands the [`DeviceBatch`] out.
 //!
 //! The AES-CTR kernel has run-time selectable variants ([`CtrVariant`], `CIPHERSHARD_CUDA_CTR`);
-//! `ciphershard::bench::cuda` measures and checks them all in one run.
+//! [`crate::bench::cuda`] measures and checks them all in one run.
 //!
 //! Tags: GHASH runs on the GPU (segments folded in parallel, scaled by precomputed powers of H,
 //! combined with `atomicXor`); only 16 bytes per chunk come back, and the host XORs `E_K(J0)`

@@ -10,8 +10,8 @@ use cudarc::driver::{CudaFunction, CudaModule};
 pub const CTR_VARIANT_ENV: &str = "CIPHERSHARD_CUDA_CTR";
 
 /// AES-256-CTR kernel variants (kernels/aes_gcm.cu), selectable at run time so one GPU run can
-/// measure them all (`ciphershard::bench::cuda::kernel_bench`) and the fastest verified one can
-/// be chosen.
+/// measure them all ([`kernel_bench`](crate::bench::cuda::kernel_bench)) and the fastest
+/// verified one can be chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CtrVariant {
     /// Round 1: Te0 replicated per lane (32 KiB), two integer ops per lookup address.
