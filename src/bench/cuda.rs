@@ -464,11 +464,7 @@ pub fn kernel_bench_with(
             if inflight.len() == SLOTS {
                 finish(&mut dec, inflight.pop_front().expect("in flight"))?;
             }
-            inflight.push_back(if decrypt {
-                dec.submit(&chunks, group.len())?
-            } else {
-                dec.submit_plain(&chunks, group.len())?
-            });
+            inflight.push_back(dec.submit_inner(&chunks, group.len(), decrypt)?);
         }
         while let Some(tk) = inflight.pop_front() {
             finish(&mut dec, tk)?;
@@ -550,11 +546,7 @@ pub fn kernel_bench_with(
                         dst_offset: j * CHUNK,
                     })
                     .collect();
-                inflight.push_back(if decrypt {
-                    dec.submit_staged(&chunks, len)?
-                } else {
-                    dec.submit_staged_plain(&chunks, len)?
-                });
+                inflight.push_back(dec.submit_staged_inner(&chunks, len, decrypt)?);
             }
             while let Some(tk) = inflight.pop_front() {
                 finish(&mut dec, tk)?;

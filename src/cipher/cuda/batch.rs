@@ -203,18 +203,10 @@ impl BatchDecryptor {
         self.submit_inner(chunks, out_len, true)
     }
 
-    /// [`submit`](Self::submit) without verification or decryption: the bytes are staged,
-    /// uploaded and copied to the output as they are (the benchmarks' plaintext twin, through
-    /// the very same staging, upload and buffers).
-    pub(crate) fn submit_plain(
-        &mut self,
-        chunks: &[BatchChunk<'_>],
-        out_len: usize,
-    ) -> Result<Ticket> {
-        self.submit_inner(chunks, out_len, false)
-    }
-
-    fn submit_inner(
+    /// [`submit`](Self::submit), or with `decrypt: false` the benchmarks' plaintext twin: the
+    /// bytes are staged, uploaded and copied to the output as they are, through the very same
+    /// staging, upload and buffers, without verification or decryption.
+    pub(crate) fn submit_inner(
         &mut self,
         chunks: &[BatchChunk<'_>],
         out_len: usize,
@@ -308,7 +300,9 @@ impl BatchDecryptor {
         self.submit_staged_inner(chunks, out_len, false)
     }
 
-    fn submit_staged_inner(
+    /// [`submit_staged`](Self::submit_staged), or with `decrypt: false`
+    /// [`submit_staged_plain`](Self::submit_staged_plain).
+    pub(crate) fn submit_staged_inner(
         &mut self,
         chunks: &[StagedChunk<'_>],
         out_len: usize,
