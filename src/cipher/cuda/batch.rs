@@ -21,7 +21,8 @@ use crate::error::{Error, Result};
 /// One chunk of a batch: its key, GCM parameters, ciphertext (e.g. a slice of the mapped shard)
 /// and where its plaintext goes in the batch's device buffer.
 pub struct BatchChunk<'a> {
-    /// The shard's data key, prepared with [`CudaCipher::prepare_device`](super::CudaCipher::prepare_device).
+    /// The shard's data key, prepared with
+    /// [`CudaCipher::prepare_device`](super::CudaCipher::prepare_device).
     pub key: &'a Arc<CudaKey>,
     /// GCM nonce, associated data and stored tag; `encrypted: false` for plain (GMAC) chunks.
     pub params: ChunkParams<'a>,
@@ -34,7 +35,8 @@ pub struct BatchChunk<'a> {
 /// One chunk of a batch whose stored bytes the caller already wrote into the slot's pinned
 /// staging buffer ([`BatchDecryptor::staging_mut`]).
 pub struct StagedChunk<'a> {
-    /// The shard's data key, prepared with [`CudaCipher::prepare_device`](super::CudaCipher::prepare_device).
+    /// The shard's data key, prepared with
+    /// [`CudaCipher::prepare_device`](super::CudaCipher::prepare_device).
     pub key: &'a Arc<CudaKey>,
     /// GCM nonce, associated data and stored tag; `encrypted: false` for plain (GMAC) chunks.
     pub params: ChunkParams<'a>,

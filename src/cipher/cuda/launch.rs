@@ -26,7 +26,8 @@ use crate::error::{Error, Result};
 pub const MAX_CHUNKS_PER_LAUNCH: usize = 65_535;
 /// GHASH segment length in 16-byte blocks (`CS_SEG_BLOCKS` in aes_core.h): one thread folds one.
 const SEG_BLOCKS: u64 = 32;
-/// `CS_FLAG_PLAIN` of aes_core.h: descriptor word 7, bit 48 + 0: a plain (GMAC) chunk.
+/// `CS_FLAG_PLAIN` of aes_core.h, a flag of descriptor word 7 (bit 48 of the word): a plain
+/// (GMAC) chunk.
 const FLAG_PLAIN: u64 = 1;
 /// Descriptor word 7 holds the associated-data length below bit 48, flags above.
 const AAD_LEN_MASK: u64 = (1 << 48) - 1;
@@ -36,7 +37,8 @@ const THREADS: u32 = 256;
 const GATHER_THREADS: u32 = 128;
 /// AES blocks each CTR thread handles (amortizes the shared-table fill per thread block).
 const CTR_BLOCKS_PER_THREAD: u64 = 32;
-/// Most blocks along grid.x (every kernel here strides over the grid, so this bounds nothing).
+/// Most blocks along grid.x. The kernels stride over the grid, so this bounds no access (in
+/// cs_hpowers, which does not, it bounds how many powers are computed, never what is touched).
 const MAX_GRID_X: u64 = 1 << 20;
 
 /// One chunk's descriptor: the `CS_DESC_WORDS` (8) 64-bit words of `kernels/aes_core.h`
@@ -95,7 +97,7 @@ impl ChunkDesc {
         }
     }
 
-    /// The chunk's associated data: `len` bytes at `offset` in the AAD buffer.
+    /// The chunk's associated data: `len` (below 2^48) bytes at `offset` in the AAD buffer.
     pub(crate) fn aad(self, offset: u64, len: u64) -> ChunkDesc {
         ChunkDesc {
             aad_off: offset,
@@ -105,7 +107,7 @@ impl ChunkDesc {
     }
 
     /// `true`: a plain chunk, whose tag is a GMAC over `aad || bytes`.
-    pub(crate) fn plain(self, plain: bool) -> ChunkDesc {
+    pub(super) fn plain(self, plain: bool) -> ChunkDesc {
         ChunkDesc {
             aad_len_flags: (self.aad_len_flags & AAD_LEN_MASK) | (u64::from(plain) << 48),
             ..self
@@ -162,6 +164,12 @@ impl DeviceDescs {
             return Err(Error::InvalidArgument(format!(
                 "a launch takes 1 to {MAX_CHUNKS_PER_LAUNCH} chunks, not {}",
                 descs.len()
+            )));
+        }
+        // No buffer is longer than isize::MAX bytes; below that, no sum here can overflow.
+        if let Some(i) = descs.iter().position(|d| d.len > isize::MAX as u64) {
+            return Err(Error::InvalidArgument(format!(
+                "chunk {i}: longer than any buffer"
             )));
         }
         let (mut src_end, mut dst_end, mut aad_end, mut max_segments, mut max_blocks) =
