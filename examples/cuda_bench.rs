@@ -9,6 +9,7 @@
 //! `CIPHERSHARD_BENCH_DIR`, default /dev/shm, falling back to the temp folder), or
 //! `cuda_bench --emit-ptx sm_90 FILE` to prebuild the kernels for `CIPHERSHARD_CUDA_PTX`.
 
+use ciphershard::bench::cuda::{KernelBenchOptions, kernel_bench_with};
 use ciphershard::cipher::cuda;
 use ciphershard::cipher::{Cipher, conformance};
 
@@ -66,7 +67,7 @@ fn main() {
     }
     // Every other CTR kernel variant must pass the suite too before its figures count.
     let default = cipher.ctr_variant();
-    let mut opts = cuda::BenchOptions {
+    let mut opts = KernelBenchOptions {
         // Where the page-cache-hot benchmark file (ciphertext only) goes; default /dev/shm.
         file_dir: std::env::var_os("CIPHERSHARD_BENCH_DIR").map(Into::into),
         ..Default::default()
@@ -109,7 +110,7 @@ fn main() {
         std::process::exit(1);
     }
     let bytes = |g: f64| (g * (1u64 << 30) as f64) as usize;
-    match cuda::kernel_bench_with(&cipher, bytes(kernel_gib), bytes(e2e_gib), &opts) {
+    match kernel_bench_with(&cipher, bytes(kernel_gib), bytes(e2e_gib), &opts) {
         Ok(r) => {
             println!();
             print!("{r}");

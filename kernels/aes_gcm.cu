@@ -1,5 +1,5 @@
 // ciphershard CUDA kernels: AES-256-CTR (GCM's counter mode) and a parallel GHASH.
-// Compiled at run time with NVRTC; src/cipher/cuda.rs prepends kernels/aes_core.h.
+// Compiled at run time with NVRTC; src/cipher/cuda/compile.rs prepends kernels/aes_core.h.
 #include "aes_core.h"
 
 #define CS_THREADS 256

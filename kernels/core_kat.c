@@ -54,7 +54,7 @@ static void gcm(const cs_u8 *key, const cs_u8 *iv, const cs_u8 *aad, size_t alen
     for (int i = 0; i < 16; i++) tag[i] = ks[i] ^ (cs_u8)((i < 8 ? th >> (56 - 8 * i) : tl >> (56 - 8 * (i - 8))));
 }
 
-/* The kernel's descriptor words 4-5 from a nonce, as src/cipher/cuda.rs builds them. */
+/* The kernel's descriptor words 4-5 from a nonce, as src/cipher/cuda/launch.rs builds them. */
 static void nonce_words(const cs_u8 *nonce, cs_u64 *d) {
     d[4] = 0; d[5] = 0;
     for (int i = 7; i >= 0; i--) d[4] = d[4] << 8 | nonce[i];

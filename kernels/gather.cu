@@ -1,4 +1,4 @@
-// Row gather for device batches (ciphershard loader, src/cipher/cuda_gather.rs).
+// Row gather for device batches (ciphershard loader, src/cipher/cuda/gather.rs).
 //
 // Copies `rows` rows of `row_bytes` bytes each from a verified, decrypted window buffer `src`
 // into a batch column buffer `dst`. `pairs[2*r]` is row r's byte offset in `src`,
@@ -6,8 +6,7 @@
 // before the launch. One thread block per row (grid-stride over rows); the widest access the
 // offsets' alignment allows (16, 4 or 1 bytes).
 //
-// kernels/gather.ptx is this file compiled by NVRTC 13.0 for compute_75
-// (tests/cuda_nvrtc_gather in src/cipher/cuda_gather.rs checks it is up to date).
+// Compiled at run time with NVRTC, in one module with aes_gcm.cu (src/cipher/cuda/compile.rs).
 
 extern "C" __global__ void cs_gather_rows(const unsigned char* __restrict__ src,
                                           unsigned char* __restrict__ dst,

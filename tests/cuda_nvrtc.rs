@@ -1,6 +1,6 @@
-//! The CUDA kernels must compile with NVRTC (no GPU needed). Skips, saying why, when the NVRTC
-//! library is absent; CI installs it (`pip install nvidia-cuda-nvrtc`, lib folder on
-//! LD_LIBRARY_PATH) so a kernel that does not compile fails CI.
+//! The CUDA kernels, the row gather included, must compile with NVRTC (no GPU needed). Skips,
+//! saying why, when the NVRTC library is absent; CI installs it (`pip install
+//! nvidia-cuda-nvrtc`, lib folder on LD_LIBRARY_PATH) so a kernel that does not compile fails CI.
 #![cfg(feature = "cuda")]
 
 use ciphershard::cipher::cuda;
@@ -31,6 +31,7 @@ fn kernels_compile_with_nvrtc_for_hopper_and_ampere() {
             "cs_ctr_w4",
             "cs_ctr_w4b",
             "cs_ghash",
+            "cs_gather_rows",
         ] {
             assert!(
                 src.contains(&format!(".entry {k}")),

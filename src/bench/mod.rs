@@ -5,7 +5,11 @@
 //! - [`loader`]: the loader over an encrypted dataset and over its plaintext twin (the
 //!   [`twin`] source wrapper), through the same pipeline, in one process.
 //! - [`cipher`]: the CPU backend against aws-lc-rs in one run.
+//! - `cuda` (with the `cuda` feature): the CUDA kernels, every CTR variant checked against the
+//!   CPU, and the batch path against its plaintext twin.
 
 pub mod cipher;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod loader;
 mod twin;

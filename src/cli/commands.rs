@@ -505,7 +505,7 @@ fn parse_mode(s: &str) -> std::result::Result<pipeline::DecryptMode, String> {
 #[cfg(feature = "cuda")]
 fn cuda_kernel_figures() -> Result<serde_json::Value> {
     let c = cipher::cuda::CudaCipher::new(0)?;
-    let r = cipher::cuda::kernel_bench(&c, 1 << 30, 1 << 30)?;
+    let r = crate_bench::cuda::kernel_bench(&c, 1 << 30, 1 << 30)?;
     Ok(serde_json::json!({
         "device": r.device,
         "ctr_gbps": r.ctr_gbps,

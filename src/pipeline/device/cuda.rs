@@ -25,9 +25,9 @@ use super::windows::Packing;
 use crate::cipher::ChunkParams;
 use crate::cipher::cpu::CpuCipher;
 use crate::cipher::cuda::{
-    BatchDecryptor, CudaCipher, CudaKey, DeviceBatch, StagedChunk, Ticket, WaitError,
+    BatchDecryptor, CudaCipher, CudaKey, DeviceBatch, Gather, GatherJob as CudaGatherJob,
+    StagedChunk, Ticket, WaitError,
 };
-use crate::cipher::cuda_gather::{Gather, GatherJob as CudaGatherJob};
 use crate::error::{Error, Result};
 use crate::format::Dataset;
 use crate::keys::MasterKey;

@@ -128,12 +128,7 @@ impl WindowFeed<'_> {
         Ok(())
     }
 
-    fn read_all(
-        &self,
-        win: &WindowRead,
-        staging: &mut [u8],
-        check: &ChunkCheck<'_>,
-    ) -> Result<()> {
+    fn read_all(&self, win: &WindowRead, staging: &mut [u8], check: &ChunkCheck<'_>) -> Result<()> {
         // Disjoint staging ranges, in order (offsets increase with the key order).
         let mut jobs: Vec<(ChunkKey, &ChunkSpec, &mut [u8])> = Vec::with_capacity(win.keys.len());
         let mut rest: &mut [u8] = staging;
