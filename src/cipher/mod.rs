@@ -259,7 +259,7 @@ pub fn select_auto() -> (std::sync::Arc<dyn Cipher>, Vec<(Backend, String)>) {
         },
         Err(why) => passed.push((Backend::Cuda, why)),
     }
-    match timing::keep_for_auto(Backend::Wgpu, wgpu::create_auto) {
+    match timing::keep_for_auto(Backend::Wgpu, wgpu::create_gpu_only) {
         Ok(c) => return (c, passed),
         Err(why) => passed.push((Backend::Wgpu, why)),
     }

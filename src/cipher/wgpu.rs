@@ -6,8 +6,8 @@
 //! memory and is copied into the caller's buffer only afterwards. On a mismatch the destination
 //! is zeroed and the GPU buffers holding plaintext are cleared.
 //!
-//! Where the tag is checked is chosen per adapter ([`WgpuOptions::gpu_ghash`]): on a real GPU
-//! `new` times a verified open both ways and keeps the faster ([`TagCheckChoice`]).
+//! Where the tag is checked is a setting ([`WgpuOptions::gpu_ghash`],
+//! [`WgpuCipher::set_gpu_ghash`]), the CPU by default; constructing the backend times nothing.
 //!
 //! GHASH on the GPU: in the same submission as the CTR pass, before it, each invocation runs
 //! Horner's rule over 16 ciphertext blocks with a 4-bit Shoup table of H in workgroup memory and
@@ -17,8 +17,8 @@
 //! compares tags in constant time, then reads the plaintext back. Chunks bigger than one piece
 //! (128 MiB by default) check on the CPU instead (every piece would have to be held back).
 //!
-//! GHASH on the CPU (always the default on CPU-type adapters such as lavapipe, where the GPU
-//! GHASH competes for the same cores) runs on the calling thread through the CPU backend's
+//! GHASH on the CPU (the default; on CPU-type adapters such as lavapipe the GPU GHASH only
+//! competes for the same cores) runs on the calling thread through the CPU backend's
 //! verify (aws-lc, 27 GB/s on one core here against 0.23 GB/s through lavapipe, `kernel_bench`
 //! on 2 shared vCPUs) while the GPU decrypts the first piece.
 //!
@@ -170,56 +170,14 @@ pub fn create() -> Result<Arc<dyn Cipher>> {
     Ok(Arc::new(WgpuCipher::new(WgpuOptions::default())?))
 }
 
-/// Creates the wgpu backend for `Backend::Auto`: refuses a CPU-type adapter (lavapipe and the
-/// like are slower than the CPU backend). [`super::select_auto`] then also times its host path.
-pub fn create_auto() -> Result<Arc<dyn Cipher>> {
+/// Creates the wgpu backend on a real GPU only: refuses a CPU-type adapter (lavapipe and the
+/// like are slower than the CPU backend). Times nothing: `Backend::Auto`'s selection
+/// ([`super::select_auto`]) does that, and sets where tags are checked.
+pub fn create_gpu_only() -> Result<Arc<dyn Cipher>> {
     Ok(Arc::new(WgpuCipher::new(WgpuOptions {
         allow_cpu_adapter: false,
         ..WgpuOptions::default()
     })?))
-}
-
-/// Where a real GPU's `open` checks tags by default: a verified open of 4 × 2 MiB timed with
-/// the tag check on the CPU and on the GPU (best of two rounds after a warm-up each).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TagCheckChoice {
-    /// GB/s with the tag checked on the calling thread (aws-lc GHASH), overlapped with the GPU.
-    pub cpu_tags_gbps: f64,
-    /// GB/s with the tag checked on the GPU (partial sums read back first).
-    pub gpu_tags_gbps: f64,
-}
-
-impl TagCheckChoice {
-    /// Whether the GPU check is at least as fast.
-    pub fn gpu_wins(&self) -> bool {
-        self.gpu_tags_gbps >= self.cpu_tags_gbps
-    }
-}
-
-impl std::fmt::Display for TagCheckChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "tags checked on the {} (verified open {:.2} GB/s that way, {:.2} the other)",
-            if self.gpu_wins() { "GPU" } else { "CPU" },
-            self.gpu_tags_gbps.max(self.cpu_tags_gbps),
-            self.gpu_tags_gbps.min(self.cpu_tags_gbps)
-        )
-    }
-}
-
-/// Times both tag-check placements on `cipher` (see [`TagCheckChoice`]).
-pub fn time_tag_checks(cipher: &WgpuCipher) -> Result<TagCheckChoice> {
-    let sample = super::timing::SealedSample::new(4)?;
-    let mut op = cipher.prepare_opener(&sample.key)?;
-    op.gpu_ghash = false;
-    let cpu_tags_gbps = sample.open_rate(&op, 2)?;
-    op.gpu_ghash = true;
-    let gpu_tags_gbps = sample.open_rate(&op, 2)?;
-    Ok(TagCheckChoice {
-        cpu_tags_gbps,
-        gpu_tags_gbps,
-    })
 }
 
 /// Construction options for [`WgpuCipher`].
@@ -239,14 +197,15 @@ pub struct WgpuOptions {
     /// The AES-CTR kernel variant (default: [`KERNEL_VARIANT_ENV`] if set, else
     /// [`KernelVariant::GPU_DEFAULT`] on a GPU and [`KernelVariant::DEFAULT`] on a CPU adapter).
     pub kernel: Option<KernelVariant>,
-    /// Where the tag check of `open` runs: `Some(true)` on the GPU (`shaders/ghash.wgsl`, partial
-    /// sums read back before any plaintext is), `Some(false)` on one CPU thread overlapped with
-    /// the GPU pass. `None` picks per adapter: the CPU for CPU-type adapters (lavapipe), where a
-    /// GPU GHASH only competes for the same cores; on a real GPU, [`WgpuCipher::new`] times a
-    /// verified open of 4 × 2 MiB both ways and keeps the faster ([`TagCheckChoice`]; tens of
-    /// milliseconds). The GPU check costs a second mapping round trip per call, the CPU check a
-    /// GHASH pass (aws-lc, ~25 GB/s per core here) that overlaps the GPU's work.
-    pub gpu_ghash: Option<bool>,
+    /// Where the tag check of `open` runs: `true` on the GPU (`shaders/ghash.wgsl`, partial sums
+    /// read back before any plaintext is), `false` (the default) on one CPU thread overlapped
+    /// with the GPU pass. The GPU check costs a second mapping round trip per call, the CPU
+    /// check a GHASH pass (aws-lc, ~25 GB/s per core here) that overlaps the GPU's work; on the
+    /// H200 the CPU check was the faster (docs/BENCHMARKS.md, run 5), and on CPU-type adapters
+    /// (lavapipe) a GPU GHASH only competes for the same cores. The backend never times this
+    /// itself: the process-wide auto-selection decides and passes it in (or calls
+    /// [`WgpuCipher::set_gpu_ghash`]).
+    pub gpu_ghash: bool,
 }
 
 impl Default for WgpuOptions {
@@ -256,7 +215,7 @@ impl Default for WgpuOptions {
             max_piece_bytes: None,
             shared_table: None,
             kernel: None,
-            gpu_ghash: None,
+            gpu_ghash: false,
         }
     }
 }
@@ -803,10 +762,9 @@ pub(super) struct Context {
     /// of a piece, and its read-back copy).
     ghash_pipeline: ::wgpu::ComputePipeline,
     ghash_layout: ::wgpu::BindGroupLayout,
-    /// Whether openers check tags on the GPU by default (set once, after the choice was timed).
+    /// Whether openers prepared from now on check tags on the GPU ([`WgpuOptions::gpu_ghash`],
+    /// [`WgpuCipher::set_gpu_ghash`]).
     gpu_ghash: AtomicBool,
-    /// The timing behind `gpu_ghash` when `new` measured it.
-    tag_check: std::sync::OnceLock<TagCheckChoice>,
     /// Largest piece, in bytes (a multiple of the workgroup's span).
     pub(super) piece_bytes: u64,
     /// Whether the pipeline copies the table into workgroup memory.
@@ -920,7 +878,6 @@ impl WgpuCipher {
             build_ghash_pipeline(&device, GHASH_SHADER).map_err(|e| {
                 backend_err(format!("{summary}: shader ghash.wgsl failed to build: {e}"))
             })?;
-        let gpu_ghash = options.gpu_ghash.unwrap_or(!summary.is_cpu());
 
         let sbox = sbox_table();
         let t0 = device.create_buffer(&::wgpu::BufferDescriptor {
@@ -981,7 +938,7 @@ impl WgpuCipher {
                 })
             })
             .collect();
-        let cipher = WgpuCipher {
+        Ok(WgpuCipher {
             ctx: Arc::new(Context {
                 adapter: summary,
                 device,
@@ -991,8 +948,7 @@ impl WgpuCipher {
                 t0,
                 ghash_pipeline,
                 ghash_layout,
-                gpu_ghash: AtomicBool::new(gpu_ghash),
-                tag_check: std::sync::OnceLock::new(),
+                gpu_ghash: AtomicBool::new(options.gpu_ghash),
                 piece_bytes,
                 shared_table,
                 variant,
@@ -1001,16 +957,7 @@ impl WgpuCipher {
                 failure,
             }),
             sbox,
-        };
-        if options.gpu_ghash.is_none() && !cipher.ctx.adapter.is_cpu() {
-            let choice = time_tag_checks(&cipher)?;
-            cipher
-                .ctx
-                .gpu_ghash
-                .store(choice.gpu_wins(), Ordering::Relaxed);
-            let _ = cipher.ctx.tag_check.set(choice);
-        }
-        Ok(cipher)
+        })
     }
 
     /// The adapter in use.
@@ -1018,15 +965,27 @@ impl WgpuCipher {
         &self.ctx.adapter
     }
 
-    /// Whether `open` checks tags on the GPU (see [`WgpuOptions::gpu_ghash`]).
+    /// Whether openers prepared now check tags on the GPU (see [`WgpuOptions::gpu_ghash`]).
     pub fn gpu_ghash(&self) -> bool {
         self.ctx.gpu_ghash.load(Ordering::Relaxed)
     }
 
-    /// The timing that chose where tags are checked, when `new` measured it (a real GPU and
-    /// `WgpuOptions::gpu_ghash` left to `None`).
-    pub fn tag_check_choice(&self) -> Option<TagCheckChoice> {
-        self.ctx.tag_check.get().copied()
+    /// Where openers prepared from now on check tags: on the GPU (`true`) or on the calling
+    /// thread (see [`WgpuOptions::gpu_ghash`]). Openers prepared before keep their placement.
+    pub fn set_gpu_ghash(&self, on: bool) {
+        self.ctx.gpu_ghash.store(on, Ordering::Relaxed);
+    }
+
+    /// [`Cipher::prepare`] with the tag check of `open` on the GPU (`gpu_ghash`) or on the
+    /// calling thread, whatever this backend's setting: what a timing of the two placements
+    /// needs.
+    pub fn prepare_with_tag_placement(
+        &self,
+        key: &DataKey,
+        gpu_ghash: bool,
+    ) -> Result<Box<dyn ChunkOpener>> {
+        self.health()?;
+        Ok(Box::new(self.prepare_opener(key, gpu_ghash)?))
     }
 
     /// Bytes processed per dispatch at most.
@@ -1035,7 +994,7 @@ impl WgpuCipher {
     }
 
     /// `Ok` while the device works; the first GPU failure (device lost, mapping failure,
-    /// validation error) as `Error::Backend` afterwards. Openers fall back to the CPU then.
+    /// validation error) as `Error::Backend` afterwards: every later GPU call fails with it.
     pub fn health(&self) -> Result<()> {
         match lock(&self.ctx.failure).as_ref() {
             None => Ok(()),
@@ -1043,7 +1002,7 @@ impl WgpuCipher {
         }
     }
 
-    fn prepare_opener(&self, key: &DataKey) -> Result<WgpuOpener> {
+    fn prepare_opener(&self, key: &DataKey, gpu_ghash: bool) -> Result<WgpuOpener> {
         let round_keys = expand_key(key.as_bytes(), &self.sbox);
         let keys_buf = self.ctx.device.create_buffer(&::wgpu::BufferDescriptor {
             label: Some("aes_round_keys"),
@@ -1079,7 +1038,7 @@ impl WgpuCipher {
             keys_buf,
             ghash_tables,
             ghash_powers,
-            gpu_ghash: self.gpu_ghash(),
+            gpu_ghash,
             aes,
             h: Zeroizing::new(h),
             h_int,
@@ -1093,14 +1052,10 @@ impl Cipher for WgpuCipher {
         Backend::Wgpu
     }
     fn describe(&self) -> String {
-        match self.tag_check_choice() {
-            Some(c) => format!("wgpu: {}; {c}", self.ctx.adapter),
-            None => format!("wgpu: {}", self.ctx.adapter),
-        }
+        format!("wgpu: {}", self.ctx.adapter)
     }
     fn prepare(&self, key: &DataKey) -> Result<Box<dyn ChunkOpener>> {
-        self.health()?;
-        Ok(Box::new(self.prepare_opener(key)?))
+        self.prepare_with_tag_placement(key, self.gpu_ghash())
     }
 }
 
@@ -1146,7 +1101,8 @@ pub struct WgpuOpener {
     h: Zeroizing<[u8; 16]>,
     /// H as a big-endian integer, for combining the GPU's partial sums.
     h_int: Zeroizing<u128>,
-    /// Finishes a call on the CPU if the GPU fails mid-way.
+    /// The CPU backend's opener: tag checks on the calling thread (aws-lc GHASH) and plain
+    /// chunks.
     cpu: Box<dyn ChunkOpener>,
 }
 
@@ -1907,10 +1863,10 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
             shared_table: Some(cipher.ctx.shared_table),
             max_piece_bytes: Some(cipher.ctx.piece_bytes),
             kernel: Some(variant),
-            gpu_ghash: Some(cipher.gpu_ghash()),
+            gpu_ghash: cipher.gpu_ghash(),
             allow_cpu_adapter: true,
         })?;
-        let op = c.prepare_opener(&data_key)?;
+        let op = c.prepare_opener(&data_key, cipher.gpu_ghash())?;
         dst.fill(0);
         op.gpu_ctr(
             &nonce,
@@ -1937,7 +1893,7 @@ pub fn kernel_bench_on(cipher: &WgpuCipher, bytes: usize) -> Result<KernelBench>
         .cloned()
         .ok_or_else(|| backend_err("no kernel variant"))?;
 
-    let mut op = cipher.prepare_opener(&data_key)?;
+    let mut op = cipher.prepare_opener(&data_key, cipher.gpu_ghash())?;
     let round_trip = time_passes(&mut || {
         op.gpu_ctr(&nonce, 0, &mut Io::Separate(&src, &mut dst), Gate::None)
             .map(|_| ())

@@ -285,11 +285,7 @@ impl WgpuDeviceLoader {
         wgpu: WgpuOptions,
         opts: &LoaderOptions,
     ) -> Result<WgpuDeviceLoader> {
-        // Tags are checked by the reader on the CPU: no need to time the openers' placement.
-        let cipher = WgpuCipher::new(WgpuOptions {
-            gpu_ghash: wgpu.gpu_ghash.or(Some(false)),
-            ..wgpu
-        })?;
+        let cipher = WgpuCipher::new(wgpu)?;
         let ds = Dataset::open(path)?;
         let unlocked = ds.unlock(key, &CpuCipher::new())?;
         let data_keys = (0..ds.shards().len())
