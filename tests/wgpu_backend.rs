@@ -40,7 +40,7 @@ fn wgpu_backend_conforms() {
     for (shared_table, gpu_ghash) in [(true, true), (false, false), (true, false)] {
         let options = WgpuOptions {
             shared_table: Some(shared_table),
-            gpu_ghash: gpu_ghash,
+            gpu_ghash,
             ..WgpuOptions::default()
         };
         let Some(c) = backend(options) else { return };
@@ -288,7 +288,7 @@ fn random_chunks_match_cpu_backend() {
 fn concurrent_opens_match_cpu_backend() {
     for gpu_ghash in [true, false] {
         let Some(c) = backend(WgpuOptions {
-            gpu_ghash: gpu_ghash,
+            gpu_ghash,
             ..WgpuOptions::default()
         }) else {
             return;
@@ -340,7 +340,7 @@ fn concurrent_opens_match_cpu_backend() {
 fn random_chunks_match_cpu_backend_with(gpu_ghash: bool) {
     let Some(c) = backend(WgpuOptions {
         max_piece_bytes: Some(64 * 1024),
-        gpu_ghash: gpu_ghash,
+        gpu_ghash,
         ..WgpuOptions::default()
     }) else {
         return;
@@ -507,7 +507,7 @@ fn kernel_bench_reports_throughput() {
     let Some(c) = backend(WgpuOptions::default()) else {
         return;
     };
-    let report = ciphershard::cipher::wgpu::kernel_bench_on(&c, 1 << 20).unwrap();
+    let report = ciphershard::bench::wgpu::kernel_bench_on(&c, 1 << 20).unwrap();
     eprintln!("{report}");
     assert_eq!(report.variants.len(), KernelVariant::ALL.len());
     assert!(report.variants.iter().all(|v| v.gbps > 0.0));
@@ -541,7 +541,7 @@ fn measure_throughput() {
             ..WgpuOptions::default()
         };
         let Some(c) = backend(options) else { return };
-        let report = ciphershard::cipher::wgpu::kernel_bench_on(&c, mib << 20).unwrap();
+        let report = ciphershard::bench::wgpu::kernel_bench_on(&c, mib << 20).unwrap();
         println!("{report}");
         kernel = kernel.max(report.kernel_gbps);
     }

@@ -5,6 +5,10 @@
 //! - [`loader`]: the loader over an encrypted dataset and over its plaintext twin (the
 //!   [`twin`] source wrapper), through the same pipeline, in one process.
 //! - [`cipher`]: the CPU backend against aws-lc-rs in one run.
+//! - `wgpu` (feature `wgpu`): the wgpu backend's kernel variants, tag-check placements, host
+//!   round trip and device loader stages on this machine's adapter.
 
 pub mod cipher;
 pub mod loader;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;

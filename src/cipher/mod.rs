@@ -28,8 +28,6 @@ pub mod wgpu;
 #[cfg(not(feature = "wgpu"))]
 #[path = "wgpu_stub.rs"]
 pub mod wgpu;
-#[cfg(feature = "wgpu")]
-pub mod wgpu_batch;
 
 /// GCM nonce length (96 bits).
 pub const NONCE_LEN: usize = 12;

@@ -41,8 +41,9 @@ use super::window_plan::{
     BatchPlan, ChunkReader, Key, Packing, WindowLayout, load_order, piece_unit_bound,
     window_byte_bound, window_keys, window_layout,
 };
-use crate::cipher::wgpu::{WgpuCipher, WgpuOptions};
-use crate::cipher::wgpu_batch::{GatherJob, UploadRing, WgpuBatchEngine, WindowChunk};
+use crate::cipher::wgpu::{
+    GatherJob, UploadRing, WgpuBatchEngine, WgpuCipher, WgpuOptions, WindowChunk,
+};
 use crate::cipher::{ChunkParams, cpu::CpuCipher};
 use crate::error::{Error, Result};
 use crate::format::Dataset;
@@ -55,7 +56,7 @@ const UPLOAD_SLOTS: usize = 2;
 /// Threads copying a window into its upload slot on a host with fewer than
 /// [`UPLOAD_THREADS_FROM_CORES`] cores: one. On the 2-vCPU VMs one thread already saturates
 /// memory (16 MiB windows: 14.7-17.3 GB/s with one, 10.6-12.8 with two;
-/// `wgpu_batch::tests::measure_upload_paths`).
+/// `bench::wgpu::tests::measure_upload_paths`).
 const UPLOAD_THREADS: usize = 1;
 /// From this many cores on, two upload threads: on the 16-core H200 box the device loader ran
 /// at 9.80 GB/s steady with two, 7.48 with one, 8.31 with four (docs/BENCHMARKS.md, run 5).
