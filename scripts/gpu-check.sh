@@ -213,7 +213,7 @@ if wg and "kernels" in wg:
                            sorted(wg["kernels"]["variants"], key=lambda v: -v["gbps"]))))
 if wg and "kernels" in wg:
     k = wg["kernels"]
-    rows.append(("wgpu open: CPU vs GPU tag check (timed at start-up; GPU chosen: "
+    rows.append(("wgpu open: CPU vs GPU tag check (the backend's setting here, GPU: "
                  f"{k['gpu_ghash_default']})",
                  f"{k['open_cpu_ghash_gbps']:.2f} vs {k['open_gpu_ghash_gbps']:.2f} GB/s"))
 if wg and cpu:

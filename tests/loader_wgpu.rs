@@ -314,7 +314,7 @@ fn keys_must_match_the_shards() {
     assert!(src.shard_count() > 1);
     let cipher = ciphershard::cipher::wgpu::WgpuCipher::new(options()).unwrap();
     let one = ciphershard::DataKey::from_bytes([9; 32]);
-    let engine = ciphershard::cipher::wgpu_batch::WgpuBatchEngine::new(&cipher, &[&one]).unwrap();
+    let engine = ciphershard::cipher::wgpu::WgpuBatchEngine::new(&cipher, &[&one]).unwrap();
     let err = WgpuDeviceLoader::new(src, std::sync::Arc::new(engine), &LoaderOptions::default())
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");

@@ -40,7 +40,7 @@ fn wgpu_backend_conforms() {
     for (shared_table, gpu_ghash) in [(true, true), (false, false), (true, false)] {
         let options = WgpuOptions {
             shared_table: Some(shared_table),
-            gpu_ghash: Some(gpu_ghash),
+            gpu_ghash,
             ..WgpuOptions::default()
         };
         let Some(c) = backend(options) else { return };
@@ -124,7 +124,7 @@ fn every_kernel_variant_conforms() {
 #[test]
 fn gpu_ghash_matches_cpu_tags_and_rejects_tampering() {
     let Some(c) = backend(WgpuOptions {
-        gpu_ghash: Some(true),
+        gpu_ghash: true,
         max_piece_bytes: Some(1 << 20),
         ..WgpuOptions::default()
     }) else {
@@ -288,7 +288,7 @@ fn random_chunks_match_cpu_backend() {
 fn concurrent_opens_match_cpu_backend() {
     for gpu_ghash in [true, false] {
         let Some(c) = backend(WgpuOptions {
-            gpu_ghash: Some(gpu_ghash),
+            gpu_ghash,
             ..WgpuOptions::default()
         }) else {
             return;
@@ -340,7 +340,7 @@ fn concurrent_opens_match_cpu_backend() {
 fn random_chunks_match_cpu_backend_with(gpu_ghash: bool) {
     let Some(c) = backend(WgpuOptions {
         max_piece_bytes: Some(64 * 1024),
-        gpu_ghash: Some(gpu_ghash),
+        gpu_ghash,
         ..WgpuOptions::default()
     }) else {
         return;
@@ -419,41 +419,64 @@ fn explicit_selection_and_auto_policy() {
     }
 }
 
-/// Where `open` checks tags by default: timed both ways by `new` on a real GPU (the faster kept,
-/// its figures in `describe`), the CPU on a CPU-type adapter without timing.
+/// Where `open` checks tags: the CPU unless told otherwise, never timed by the backend (its
+/// description says nothing of a timing); both placements open the same chunks and refuse a
+/// tampered one, whatever the backend's setting, and `set_gpu_ghash` applies to openers
+/// prepared afterwards.
 #[test]
-fn tag_check_placement_is_timed_on_real_gpus() {
+fn both_tag_placements_open_through_prepare_with_tag_placement() {
     let Some(c) = backend(WgpuOptions::default()) else {
         return;
     };
-    let choice = ciphershard::cipher::wgpu::time_tag_checks(&c).unwrap();
-    eprintln!("on {}: {choice}", c.adapter());
-    assert!(
-        choice.cpu_tags_gbps > 0.0 && choice.gpu_tags_gbps > 0.0,
-        "{choice:?}"
-    );
-    if c.adapter().is_cpu() {
-        assert!(!c.gpu_ghash());
-        assert_eq!(c.tag_check_choice(), None);
-    } else {
-        let chosen = c.tag_check_choice().expect("timed on a real GPU");
-        assert_eq!(c.gpu_ghash(), chosen.gpu_wins());
+    assert!(!c.gpu_ghash(), "tags are checked on the CPU by default");
+    assert_eq!(c.describe(), format!("wgpu: {}", c.adapter()));
+    let mut rng = SplitMix(0x7a6);
+    let mut kb = [0u8; 32];
+    rng.fill(&mut kb);
+    let key = DataKey::from_bytes(kb);
+    let rop = CpuCipher::new().prepare(&key).unwrap();
+    let mut pt = vec![0u8; 300_001];
+    rng.fill(&mut pt);
+    let mut ct = pt.clone();
+    let tag = rop
+        .seal_in_place(&[4; 12], b"placement", true, &mut ct)
+        .unwrap();
+    let params = ChunkParams {
+        nonce: [4; 12],
+        aad: b"placement",
+        tag,
+        encrypted: true,
+    };
+    for gpu in [true, false] {
+        let op = c.prepare_with_tag_placement(&key, gpu).unwrap();
+        let mut out = vec![0u8; pt.len()];
+        op.open(&params, &ct, &mut out).unwrap();
+        assert!(out == pt, "GPU GHASH {gpu}: open differs");
+        let mut bad = ct.clone();
+        bad[150_000] ^= 0x10;
         assert!(
-            c.describe().contains("tags checked on the"),
-            "{}",
-            c.describe()
+            matches!(
+                op.open(&params, &bad, &mut out),
+                Err(OpenError::TagMismatch)
+            ),
+            "GPU GHASH {gpu}: tampered chunk opened"
+        );
+        assert!(
+            out.iter().all(|&b| b == 0),
+            "GPU GHASH {gpu}: bytes released"
         );
     }
-    // An explicit placement is kept as given, untimed.
-    for gpu in [true, false] {
-        let Some(e) = backend(WgpuOptions {
-            gpu_ghash: Some(gpu),
-            ..WgpuOptions::default()
-        }) else {
-            return;
-        };
-        assert_eq!((e.gpu_ghash(), e.tag_check_choice()), (gpu, None));
-    }
+    c.set_gpu_ghash(true);
+    assert!(c.gpu_ghash());
+    let mut out = vec![0u8; pt.len()];
+    c.prepare(&key)
+        .unwrap()
+        .open(&params, &ct, &mut out)
+        .unwrap();
+    assert!(out == pt);
+    c.set_gpu_ghash(false);
+    assert!(!c.gpu_ghash());
+    c.health().unwrap();
 }
 
 /// The check `auto` runs on a real GPU before using it for host-memory work: both paths open
@@ -484,7 +507,7 @@ fn kernel_bench_reports_throughput() {
     let Some(c) = backend(WgpuOptions::default()) else {
         return;
     };
-    let report = ciphershard::cipher::wgpu::kernel_bench_on(&c, 1 << 20).unwrap();
+    let report = ciphershard::bench::wgpu::kernel_bench_on(&c, 1 << 20).unwrap();
     eprintln!("{report}");
     assert_eq!(report.variants.len(), KernelVariant::ALL.len());
     assert!(report.variants.iter().all(|v| v.gbps > 0.0));
@@ -518,7 +541,7 @@ fn measure_throughput() {
             ..WgpuOptions::default()
         };
         let Some(c) = backend(options) else { return };
-        let report = ciphershard::cipher::wgpu::kernel_bench_on(&c, mib << 20).unwrap();
+        let report = ciphershard::bench::wgpu::kernel_bench_on(&c, mib << 20).unwrap();
         println!("{report}");
         kernel = kernel.max(report.kernel_gbps);
     }

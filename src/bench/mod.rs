@@ -7,9 +7,13 @@
 //! - [`cipher`]: the CPU backend against aws-lc-rs in one run.
 //! - `cuda` (with the `cuda` feature): the CUDA kernels, every CTR variant checked against the
 //!   CPU, and the batch path against its plaintext twin.
+//! - `wgpu` (feature `wgpu`): the wgpu backend's kernel variants, tag-check placements, host
+//!   round trip and device loader stages on this machine's adapter.
 
 pub mod cipher;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod loader;
 mod twin;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;

@@ -174,7 +174,7 @@ fn host_choice() -> &'static HostChoice {
                 }),
             )),
         }
-        candidates.push((Backend::Wgpu, Box::new(wgpu::create_auto)));
+        candidates.push((Backend::Wgpu, Box::new(|| wgpu_placed(false))));
         choose(candidates, host_path_check)
     })
 }
@@ -201,6 +201,103 @@ pub fn auto_for_device_batches() -> Backend {
     } else {
         Backend::Cpu
     }
+}
+
+/// The wgpu backend as [`super::select`] and `auto` hand it out: where its openers check tags
+/// decided by [`wgpu_tags_on_gpu`]. `allow_cpu_adapter: false` refuses lavapipe and the like.
+#[cfg(feature = "wgpu")]
+pub(crate) fn wgpu_placed(allow_cpu_adapter: bool) -> Result<Arc<dyn Cipher>> {
+    let c = wgpu::WgpuCipher::new(wgpu::WgpuOptions {
+        allow_cpu_adapter,
+        ..wgpu::WgpuOptions::default()
+    })?;
+    c.set_gpu_ghash(wgpu_tags_on_gpu(&c));
+    Ok(Arc::new(c))
+}
+
+/// Not compiled in: the stub says so.
+#[cfg(not(feature = "wgpu"))]
+pub(crate) fn wgpu_placed(allow_cpu_adapter: bool) -> Result<Arc<dyn Cipher>> {
+    if allow_cpu_adapter {
+        wgpu::create()
+    } else {
+        wgpu::create_gpu_only()
+    }
+}
+
+/// Where a real GPU's `open` checks tags: a verified open of 4 × 2 MiB timed with the tag
+/// check on the CPU and on the GPU (best of two rounds after a warm-up each).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TagCheckChoice {
+    /// GB/s with the tag checked on the calling thread (aws-lc GHASH), overlapped with the GPU.
+    pub cpu_tags_gbps: f64,
+    /// GB/s with the tag checked on the GPU (partial sums read back first).
+    pub gpu_tags_gbps: f64,
+}
+
+impl TagCheckChoice {
+    /// Whether the GPU check is at least as fast.
+    pub fn gpu_wins(&self) -> bool {
+        self.gpu_tags_gbps >= self.cpu_tags_gbps
+    }
+}
+
+impl std::fmt::Display for TagCheckChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "tags checked on the {} (verified open {:.2} GB/s that way, {:.2} the other)",
+            if self.gpu_wins() { "GPU" } else { "CPU" },
+            self.gpu_tags_gbps.max(self.cpu_tags_gbps),
+            self.gpu_tags_gbps.min(self.cpu_tags_gbps)
+        )
+    }
+}
+
+/// Times both tag-check placements on `cipher` (see [`TagCheckChoice`]; tens of milliseconds).
+#[cfg(feature = "wgpu")]
+pub fn time_tag_checks(cipher: &wgpu::WgpuCipher) -> Result<TagCheckChoice> {
+    let sample = SealedSample::new(4)?;
+    let cpu_tags_gbps = sample.open_rate(
+        cipher
+            .prepare_with_tag_placement(&sample.key, false)?
+            .as_ref(),
+        2,
+    )?;
+    let gpu_tags_gbps = sample.open_rate(
+        cipher
+            .prepare_with_tag_placement(&sample.key, true)?
+            .as_ref(),
+        2,
+    )?;
+    Ok(TagCheckChoice {
+        cpu_tags_gbps,
+        gpu_tags_gbps,
+    })
+}
+
+/// The process's tag-check timing, taken on the first real GPU a wgpu backend opened.
+static TAG_CHECKS: OnceLock<std::result::Result<TagCheckChoice, String>> = OnceLock::new();
+
+/// Whether a wgpu backend on `cipher`'s adapter should check tags on the GPU: never on a
+/// CPU-type adapter (lavapipe: a GPU GHASH only competes for the same cores), else the faster
+/// of the two placements, timed once per process ([`time_tag_checks`]); a failed timing keeps
+/// the CPU (its reason in [`wgpu_tag_check_choice`]).
+#[cfg(feature = "wgpu")]
+pub fn wgpu_tags_on_gpu(cipher: &wgpu::WgpuCipher) -> bool {
+    if cipher.adapter().is_cpu() {
+        return false;
+    }
+    TAG_CHECKS
+        .get_or_init(|| time_tag_checks(cipher).map_err(|e| e.to_string()))
+        .as_ref()
+        .is_ok_and(TagCheckChoice::gpu_wins)
+}
+
+/// The tag-check timing behind [`wgpu_tags_on_gpu`], once a real GPU was timed (for
+/// `ciphershard backends`): the figures, or why the timing failed.
+pub fn wgpu_tag_check_choice() -> Option<std::result::Result<TagCheckChoice, String>> {
+    TAG_CHECKS.get().cloned()
 }
 
 #[cfg(test)]

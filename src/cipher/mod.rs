@@ -28,8 +28,6 @@ pub mod wgpu;
 #[cfg(not(feature = "wgpu"))]
 #[path = "wgpu_stub.rs"]
 pub mod wgpu;
-#[cfg(feature = "wgpu")]
-pub mod wgpu_batch;
 
 /// GCM nonce length (96 bits).
 pub const NONCE_LEN: usize = 12;
@@ -227,7 +225,7 @@ pub fn select(backend: Backend) -> Result<std::sync::Arc<dyn Cipher>> {
     match backend {
         Backend::Cpu => Ok(std::sync::Arc::new(cpu::CpuCipher::new())),
         Backend::Cuda => cuda::create(),
-        Backend::Wgpu => wgpu::create(),
+        Backend::Wgpu => auto::wgpu_placed(true),
         Backend::Auto => Ok(select_auto().0),
     }
 }

@@ -21,6 +21,6 @@ pub fn create() -> Result<std::sync::Arc<dyn super::Cipher>> {
 }
 
 /// Not compiled in.
-pub fn create_auto() -> Result<std::sync::Arc<dyn super::Cipher>> {
+pub fn create_gpu_only() -> Result<std::sync::Arc<dyn super::Cipher>> {
     create()
 }

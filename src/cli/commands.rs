@@ -528,7 +528,7 @@ fn cuda_kernel_figures() -> Result<serde_json::Value> {
 /// Kernel-only wgpu figures for `bench --backend wgpu` (64 MiB through the adapter).
 #[cfg(feature = "wgpu")]
 fn wgpu_kernel_figures() -> Result<serde_json::Value> {
-    let r = cipher::wgpu::kernel_bench(64 << 20)?;
+    let r = crate_bench::wgpu::kernel_bench(64 << 20)?;
     Ok(serde_json::to_value(&r).expect("report serializes"))
 }
 

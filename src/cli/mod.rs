@@ -185,6 +185,11 @@ fn run(cli: Cli) -> Result<()> {
             for (b, why) in passed {
                 println!("        (not {}: {why})", b.name());
             }
+            match cipher::auto::wgpu_tag_check_choice() {
+                Some(Ok(choice)) => println!("wgpu  {choice}"),
+                Some(Err(why)) => println!("wgpu  tags checked on the CPU (timing failed: {why})"),
+                None => {}
+            }
             Ok(())
         }
     }

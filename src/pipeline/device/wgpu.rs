@@ -30,9 +30,8 @@ use super::engine::{DeviceEngine, GatherJob, Geometry, Window};
 use super::feed::{WindowFeed, WindowRead};
 use super::windows::{Packing, piece_unit_bound};
 use crate::cipher::cpu::CpuCipher;
-use crate::cipher::wgpu::{WgpuCipher, WgpuOptions};
-use crate::cipher::wgpu_batch::{
-    GatherJob as WgpuGatherJob, UploadRing, WgpuBatchEngine, WindowChunk,
+use crate::cipher::wgpu::{
+    GatherJob as WgpuGatherJob, UploadRing, WgpuBatchEngine, WgpuCipher, WgpuOptions, WindowChunk,
 };
 use crate::error::{Error, Result};
 use crate::format::Dataset;
@@ -416,10 +415,7 @@ impl GpuLoader<WgpuBatchEngine> {
         twin: bool,
     ) -> Result<WgpuDeviceLoader> {
         // Tags are checked by the reader on the CPU: the openers' placement does not matter.
-        let cipher = WgpuCipher::new(WgpuOptions {
-            gpu_ghash: wgpu.gpu_ghash.or(Some(false)),
-            ..wgpu
-        })?;
+        let cipher = WgpuCipher::new(wgpu)?;
         let unlocked = Dataset::open(path)?.unlock(key, &CpuCipher::new())?;
         let source = Arc::new(FormatSource::new(unlocked)?);
         let data_keys: Vec<_> = (0..source.shard_count())
