@@ -3,6 +3,8 @@
 //! Every variant that concerns a file carries its path, so the message a user sees names the
 //! file and the cause. Key material never appears in an error.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 
 /// Where in a shard an integrity failure was found.

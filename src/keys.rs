@@ -4,6 +4,8 @@
 //! from the command line: it is read from a file, a file named by an environment variable, or
 //! standard input.
 
+#![forbid(unsafe_code)]
+
 use std::io::Read;
 use std::path::Path;
 

@@ -3,6 +3,8 @@
 //! single core and on 1..=N threads. The criterion benches (benches/cipher.rs) are the
 //! reference figures; this gives a user the same comparison on their own machine.
 
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};

@@ -3,9 +3,11 @@
 //!
 //! The plaintext twin is the same shard files read by the same pipeline (same sampler, same
 //! reads, same pools, same row copies) with verification and decryption left out: the host
-//! loader over a [`super::twin`] source wrapper, the device loaders built as their twin
+//! loader over a `bench::twin` source wrapper, the device loaders built as their twin
 //! (same staging, uploads and gathers, no tag check, no decryption). The ratio therefore
 //! isolates the cost of authenticated decryption.
+
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

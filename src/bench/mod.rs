@@ -3,7 +3,7 @@
 //! benchmark needs without containing one.
 //!
 //! - [`loader`]: the loader over an encrypted dataset and over its plaintext twin (the
-//!   [`twin`] source wrapper), through the same pipeline, in one process.
+//!   `twin` source wrapper), through the same pipeline, in one process.
 //! - [`cipher`]: the CPU backend against aws-lc-rs in one run.
 //! - `cuda` (with the `cuda` feature): the CUDA kernels, every CTR variant checked against the
 //!   CPU, and the batch path against its plaintext twin.
@@ -14,6 +14,8 @@ pub mod cipher;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod loader;
+#[cfg(feature = "cuda")]
+mod reader_pool;
 mod twin;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;

@@ -11,6 +11,8 @@
 //!
 //! Crate-private on purpose: no public path reads a dataset without verifying it.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 
 use crate::cipher::{ChunkOpener, ChunkParams, NONCE_LEN, OpenError, TAG_LEN};

@@ -8,6 +8,8 @@
 //! `ghash_resident` over data already on the device, `WgpuCipher::with_kernel` for a device
 //! per variant); this module times them.
 
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 use zeroize::Zeroize;

@@ -13,6 +13,8 @@
 //!   checked on the CPU and on the GPU, the faster kept for every wgpu backend of the process;
 //!   CPU-type adapters (lavapipe) check on the CPU untimed.
 
+#![forbid(unsafe_code)]
+
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 

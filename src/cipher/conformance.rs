@@ -3,6 +3,8 @@
 //!
 //! Each backend's tests call [`run`]; one body, every device (as candle's `test_device!`).
 
+#![forbid(unsafe_code)]
+
 use super::{ChunkParams, Cipher, NONCE_LEN, OpenError};
 use crate::keys::DataKey;
 

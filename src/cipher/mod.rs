@@ -78,6 +78,15 @@ impl std::fmt::Display for OpenError {
     }
 }
 
+/// Constant-time equality of two tags (or GHASH values): every backend's tag check.
+pub(crate) fn ct_eq(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
+    let mut d = 0u8;
+    for i in 0..TAG_LEN {
+        d |= a[i] ^ b[i];
+    }
+    std::hint::black_box(d) == 0
+}
+
 /// What a backend needs to open one chunk, besides its bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct ChunkParams<'a> {

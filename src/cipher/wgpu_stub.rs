@@ -1,5 +1,7 @@
 //! Stand-in when the `wgpu` feature is off: same functions, each saying it was not compiled in.
 
+#![forbid(unsafe_code)]
+
 use crate::error::{Error, Result};
 
 /// Not compiled in.

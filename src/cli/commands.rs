@@ -1,5 +1,7 @@
 //! The subcommands.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

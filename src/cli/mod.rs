@@ -1,5 +1,7 @@
 //! Command-line interface: argument parsing, key sources, progress bars and summaries.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

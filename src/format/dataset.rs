@@ -1,5 +1,7 @@
 //! A dataset directory: open (no key), unlock (with a key), verify, rekey, decrypt.
 
+#![forbid(unsafe_code)]
+
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -4,6 +4,8 @@
 //! Every parser here takes untrusted bytes: lengths are checked against the file size and a cap
 //! before anything is allocated, and every failure is an [`Error`] naming the file.
 
+#![forbid(unsafe_code)]
+
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};

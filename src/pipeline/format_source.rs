@@ -1,5 +1,7 @@
 //! [`RowSource`] over a real encrypted dataset (`format::UnlockedDataset`).
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::sync::Arc;
 

@@ -3,6 +3,8 @@
 //! All of the loader's `unsafe` lives in this file: the aligned allocation and the typed view
 //! of a buffer's bytes.
 
+#![allow(unsafe_code)] // the aligned allocation and the typed views (see above); the crate denies it elsewhere
+
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::Arc;

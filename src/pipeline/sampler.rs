@@ -11,6 +11,8 @@
 //! `floor(N / w)` with `drop_last` or `ceil(N / w)` without it (positions past `N` wrap
 //! to the start, padding by repetition as torch's `DistributedSampler` does).
 
+#![forbid(unsafe_code)]
+
 use crate::cipher::conformance::SplitMix;
 
 /// One row: shard index and row within the shard.

@@ -4,6 +4,8 @@
 //! failure paths can be tested on their own; [`super::FormatSource`] implements it over a real
 //! `format::UnlockedDataset`.
 
+#![forbid(unsafe_code)]
+
 use crate::cipher::{ChunkOpener, NONCE_LEN, TAG_LEN};
 use crate::error::ChunkLocation;
 use crate::store::ShardStore;

@@ -1,5 +1,7 @@
 //! Per-stage counters, shared by every thread of a loader (relaxed atomics: statistics only).
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Live counters.

@@ -4,6 +4,8 @@
 //! memory-mapped (a file changed underneath can neither crash the process with SIGBUS nor slip
 //! unverified bytes into a buffer that was already checked).
 
+#![forbid(unsafe_code)]
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -5,6 +5,8 @@
 //! interface (~7.6 GB/s here). Here a whole batch of counter blocks is built once, encrypted
 //! with one `encrypt_blocks_b2b` call and XORed in wide words, which keeps the VAES pipeline full.
 
+#![forbid(unsafe_code)]
+
 use aes::cipher::consts::U16;
 use aes::cipher::{Array, BlockCipherEncrypt};
 use zeroize::Zeroize;

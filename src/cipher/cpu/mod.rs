@@ -24,7 +24,7 @@ use ghash::GHash;
 use ghash::universal_hash::UniversalHash;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN};
+use super::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN, ct_eq};
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
@@ -158,15 +158,6 @@ impl CpuOpener {
         }
         Some(tag)
     }
-}
-
-/// Constant-time tag comparison.
-pub(crate) fn ct_eq(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
-    let mut d = 0u8;
-    for i in 0..TAG_LEN {
-        d |= a[i] ^ b[i];
-    }
-    std::hint::black_box(d) == 0
 }
 
 /// The counter block GCM starts encrypting at: `nonce || 2`, advanced by `blocks` (mod 2^32).

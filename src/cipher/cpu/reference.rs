@@ -2,13 +2,16 @@
 //! reachable so the fast backend ([`super::CpuCipher`]) and the GPU backends can be
 //! cross-checked against an independent implementation.
 
+#![forbid(unsafe_code)]
+
 use aes::Aes256;
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use ctr::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use zeroize::Zeroize;
 
-use super::{ct_eq, ctr_start_block};
+use super::ctr_start_block;
+use crate::cipher::ct_eq;
 use crate::cipher::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::Result;
 use crate::keys::DataKey;

@@ -5,6 +5,8 @@
 //! [`VaesCtrKey::new`]); otherwise the CPU backend uses the portable loop in `super::ctr`.
 //! All `unsafe` of this module is the intrinsics, each call guarded by that detection.
 
+#![allow(unsafe_code)] // the VAES-512 intrinsics, each call behind run-time CPU detection; the crate denies it elsewhere
+
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use std::arch::x86_64::*;

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 
 use super::ffi::alloc_pinned;
-use super::key::{CudaKey, acc_bytes, ct_eq};
+use super::key::{CudaKey, acc_bytes};
 use super::launch::{ChunkDesc, DeviceDescs, MAX_CHUNKS_PER_LAUNCH};
 use super::staging::parallel_copy;
 use super::{Device, backend_err, drv};
 use crate::cipher::ChunkParams;
+use crate::cipher::ct_eq;
 use crate::error::{Error, Result};
 
 /// One chunk of a batch: its key, GCM parameters, ciphertext (e.g. a slice of the mapped shard)

@@ -153,8 +153,3 @@ pub(super) fn acc_bytes(acc: &[u32]) -> [u8; 16] {
     }
     out
 }
-
-/// Constant-time equality of two tags or GHASH values.
-pub(super) fn ct_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
-}

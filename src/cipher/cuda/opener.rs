@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use zeroize::Zeroize;
 
 use super::drv;
-use super::key::{CudaKey, acc_bytes, ct_eq};
+use super::key::{CudaKey, acc_bytes};
 use super::launch::{ChunkDesc, DeviceDescs};
+use crate::cipher::ct_eq;
 use crate::cipher::{ChunkOpener, ChunkParams, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::{Error, Result};
 

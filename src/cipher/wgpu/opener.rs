@@ -17,6 +17,7 @@ use super::params::{Params, nonce_words};
 use super::pipelines::entire;
 use super::tables::{GhashStream, expand_key};
 use crate::cipher::cpu::CpuCipher;
+use crate::cipher::ct_eq;
 use crate::cipher::{BLOCK_LEN, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
@@ -51,10 +52,6 @@ impl Io<'_> {
             Io::InPlace(b) => b,
         }
     }
-}
-
-fn ct_eq(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
-    a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// A data key prepared on the device: round keys uploaded, H and the CPU tag check ready.

@@ -26,7 +26,7 @@ use crate::cipher::ChunkParams;
 use crate::cipher::cpu::CpuCipher;
 use crate::cipher::cuda::{
     BatchDecryptor, CudaCipher, CudaKey, DeviceBatch, Gather, GatherJob as CudaGatherJob,
-    StagedChunk, Ticket, WaitError,
+    StagedChunk, Ticket, WaitError, backend_err,
 };
 use crate::error::{Error, Result};
 use crate::format::Dataset;
@@ -39,16 +39,6 @@ use crate::pipeline::telemetry::{add, ns_since};
 /// Pinned staging slots of the reader: window k is gathered from while k+1 is verified and
 /// decrypted on the GPU and k+2 is read from the shards.
 const WINDOW_SLOTS: usize = 3;
-
-fn dev_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Backend {
-        backend: "cuda",
-        reason: format!(
-            "{what}: {e} (out of device memory: use a smaller batch or window; otherwise check \
-             `nvidia-smi`, or use the host loader with --backend cpu)"
-        ),
-    }
-}
 
 /// A CUDA device with every shard's key prepared on it, and the stream and kernel the loader
 /// gathers batches with.
@@ -65,7 +55,7 @@ impl CudaEngine {
         let ctx = cipher.context().clone();
         let stream = ctx
             .new_stream()
-            .map_err(|e| dev_err("creating a stream", e))?;
+            .map_err(|e| backend_err("creating a stream", e))?;
         let gather = Gather::load(&ctx)?;
         Ok(CudaEngine {
             cipher,
@@ -175,7 +165,7 @@ impl DeviceEngine for CudaEngine {
     fn alloc_column(&self, _column: &ColumnInfo, bytes: u64) -> Result<CudaSlice<u8>> {
         self.stream
             .alloc_zeros::<u8>((bytes as usize).max(16))
-            .map_err(|e| dev_err("allocating a device batch buffer", e))
+            .map_err(|e| backend_err("allocating a device batch buffer", e))
     }
 
     fn gather(
@@ -196,13 +186,13 @@ impl DeviceEngine for CudaEngine {
         self.gather.gather_many(&self.stream, &jobs, pairs, dsts)?;
         self.stream
             .record_event(None)
-            .map_err(|e| dev_err("recording a gather event", e))
+            .map_err(|e| backend_err("recording a gather event", e))
     }
 
     fn wait(&self, fence: CudaEvent) -> Result<()> {
         fence
             .synchronize()
-            .map_err(|e| dev_err("gathering rows", e))
+            .map_err(|e| backend_err("gathering rows", e))
     }
 
     fn quiesce(&self) {
@@ -213,10 +203,10 @@ impl DeviceEngine for CudaEngine {
         let mut v = vec![0u8; len];
         self.stream
             .memcpy_dtoh(&buf.slice(..len), &mut v[..])
-            .map_err(|e| dev_err("device-to-host copy", e))?;
+            .map_err(|e| backend_err("device-to-host copy", e))?;
         self.stream
             .synchronize()
-            .map_err(|e| dev_err("device-to-host copy", e))?;
+            .map_err(|e| backend_err("device-to-host copy", e))?;
         Ok(v)
     }
 }

@@ -1,7 +1,7 @@
 //! Device-memory batches: the host loader's plan, with windows of chunks verified and decrypted
 //! on a GPU and rows gathered into pooled device buffers. See docs/LOADER.md, "Device batches".
 //!
-//! One loader, [`GpuLoader`], over one seam, [`DeviceEngine`] (`engine.rs`), implemented by
+//! One loader, [`GpuLoader`], over one seam, `DeviceEngine` (`engine.rs`), implemented by
 //! each GPU backend in its own file: `cuda.rs` ([`DeviceLoader`], [`CudaBatch`]) and `wgpu.rs`
 //! ([`WgpuDeviceLoader`], [`WgpuBatch`]). The rest is shared: the window layout and its byte
 //! bounds (`windows.rs`), each batch's gather plan (`batches.rs`), the reader's feed of windows

@@ -1,6 +1,8 @@
 //! The window layout and gather offsets, checked on the CPU (no GPU needed): windows are
 //! opened on the host into buffers laid out exactly as on the device, rows gathered with
 //! the same offsets, and every batch compared with the host loader's.
+
+#![forbid(unsafe_code)]
 use super::batches::*;
 use super::windows::*;
 use crate::cipher::{Backend, ChunkParams};

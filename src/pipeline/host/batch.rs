@@ -1,5 +1,7 @@
 //! The host loader's batches: one page-aligned, pooled buffer per column.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 

@@ -3,6 +3,8 @@
 //! the source's store, verifies (or opens) it once for every batch that shares it, then copies
 //! (or CTR-decrypts) the rows into the batch's buffers.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;

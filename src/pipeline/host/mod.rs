@@ -1,6 +1,8 @@
 //! The host loader: planner → worker threads (read, verify, decrypt into batch buffers) →
 //! reorder → consumer, over bounded crossbeam channels.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
