@@ -64,6 +64,22 @@ impl Default for BenchOptions {
     }
 }
 
+impl BenchOptions {
+    /// The loader options every run of the bench uses (a fixed seed: the same batches).
+    fn loader_options(&self) -> LoaderOptions {
+        LoaderOptions {
+            batch_size: self.batch_size,
+            epochs: self.epochs,
+            threads: self.threads,
+            prefetch: self.prefetch,
+            window_blocks: self.window_blocks,
+            mode: self.mode,
+            seed: 1,
+            ..Default::default()
+        }
+    }
+}
+
 /// One run of the loader.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RunReport {
@@ -259,14 +275,10 @@ fn run_device(
     name: &str,
     opts: &BenchOptions,
 ) -> Result<BenchReport> {
+    // The device loaders have one decryption path: `mode` is the host loader's.
     let lo = LoaderOptions {
-        batch_size: opts.batch_size,
-        epochs: opts.epochs,
-        threads: opts.threads,
-        prefetch: opts.prefetch,
-        window_blocks: opts.window_blocks,
-        seed: 1,
-        ..Default::default()
+        mode: DecryptMode::default(),
+        ..opts.loader_options()
     };
     let warm = run_device_once(backend, path, key, &lo, false)?;
     let twin = run_device_once(backend, path, key, &lo, true)?;
@@ -303,16 +315,7 @@ fn run_device(
 /// Runs the bench over a source (encrypted run, then the twin, then the encrypted run again;
 /// the report keeps the faster of the two encrypted runs so page-cache warm-up does not count).
 pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> Result<BenchReport> {
-    let lo = LoaderOptions {
-        batch_size: opts.batch_size,
-        epochs: opts.epochs,
-        threads: opts.threads,
-        prefetch: opts.prefetch,
-        window_blocks: opts.window_blocks,
-        mode: opts.mode,
-        seed: 1,
-        ..Default::default()
-    };
+    let lo = opts.loader_options();
     let warm = run_once(src.clone(), &lo)?;
     let twin = run_once(super::twin::TwinSource::new(src.clone()), &lo)?;
     let again = run_once(src.clone(), &lo)?;

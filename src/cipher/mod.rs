@@ -78,6 +78,18 @@ impl std::fmt::Display for OpenError {
     }
 }
 
+/// `Ok` when `src` and `dst` have the same length; otherwise `dst` is zeroed and the error
+/// names `call`: every opener's first check.
+pub(crate) fn same_len(call: &str, src: &[u8], dst: &mut [u8]) -> Result<()> {
+    if src.len() == dst.len() {
+        return Ok(());
+    }
+    zeroize::Zeroize::zeroize(dst);
+    Err(Error::InvalidArgument(format!(
+        "{call}: source and destination lengths differ"
+    )))
+}
+
 /// Constant-time equality of two tags (or GHASH values): every backend's tag check.
 pub(crate) fn ct_eq(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
     let mut d = 0u8;

@@ -24,7 +24,9 @@ use ghash::GHash;
 use ghash::universal_hash::UniversalHash;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN, ct_eq};
+use super::{
+    Backend, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN, ct_eq, same_len,
+};
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
 
@@ -170,12 +172,7 @@ pub fn ctr_start_block(nonce: &[u8; NONCE_LEN], blocks: u64) -> [u8; 16] {
 
 impl ChunkOpener for CpuOpener {
     fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), OpenError> {
-        if src.len() != dst.len() {
-            dst.zeroize();
-            return Err(OpenError::Backend(Error::InvalidArgument(
-                "open: source and destination lengths differ".into(),
-            )));
-        }
+        same_len("open", src, dst)?;
         if !chunk.encrypted {
             // Copy first, then verify the private copy: a memory-mapped source may change
             // underneath, and only the verified bytes may be handed out.
@@ -229,12 +226,7 @@ impl ChunkOpener for CpuOpener {
         src: &[u8],
         dst: &mut [u8],
     ) -> Result<()> {
-        if src.len() != dst.len() {
-            dst.zeroize();
-            return Err(Error::InvalidArgument(
-                "ctr_apply: source and destination lengths differ".into(),
-            ));
-        }
+        same_len("ctr_apply", src, dst)?;
         match &self.vaes {
             Some(v) => v.xor(nonce, offset, src, dst),
             None => ctr::ctr32_xor(&self.aes, nonce, offset, src, dst),

@@ -10,9 +10,9 @@ use zeroize::Zeroize;
 use super::drv;
 use super::key::{CudaKey, acc_bytes};
 use super::launch::{ChunkDesc, DeviceDescs};
-use crate::cipher::ct_eq;
 use crate::cipher::{ChunkOpener, ChunkParams, NONCE_LEN, OpenError, TAG_LEN};
-use crate::error::{Error, Result};
+use crate::cipher::{ct_eq, same_len};
+use crate::error::Result;
 
 /// The trait-level opener: one chunk at a time through host buffers.
 pub struct CudaOpener {
@@ -101,12 +101,7 @@ impl CudaOpener {
 
 impl ChunkOpener for CudaOpener {
     fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), OpenError> {
-        if src.len() != dst.len() {
-            dst.zeroize();
-            return Err(OpenError::Backend(Error::InvalidArgument(
-                "open: source and destination lengths differ".into(),
-            )));
-        }
+        same_len("open", src, dst)?;
         // Verify first, on the device; only then decrypt and copy plaintext out.
         let verified = self.verify(chunk, src);
         if let Err(e) = verified {
@@ -157,12 +152,7 @@ impl ChunkOpener for CudaOpener {
         src: &[u8],
         dst: &mut [u8],
     ) -> Result<()> {
-        if src.len() != dst.len() {
-            dst.zeroize();
-            return Err(Error::InvalidArgument(
-                "ctr_apply: source and destination lengths differ".into(),
-            ));
-        }
+        same_len("ctr_apply", src, dst)?;
         match self.run(Mode::Ctr, nonce, offset, &[], false, src) {
             Ok((out, _)) => {
                 dst.copy_from_slice(&out);

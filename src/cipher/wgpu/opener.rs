@@ -17,9 +17,9 @@ use super::params::{Params, nonce_words};
 use super::pipelines::entire;
 use super::tables::{GhashStream, expand_key};
 use crate::cipher::cpu::CpuCipher;
-use crate::cipher::ct_eq;
 use crate::cipher::{BLOCK_LEN, ChunkOpener, ChunkParams, Cipher, NONCE_LEN, OpenError, TAG_LEN};
-use crate::error::{Error, Result};
+use crate::cipher::{ct_eq, same_len};
+use crate::error::Result;
 use crate::keys::DataKey;
 
 /// How `gpu_ctr` checks a tag before releasing plaintext.
@@ -438,12 +438,7 @@ impl WgpuOpener {
 
 impl ChunkOpener for WgpuOpener {
     fn open(&self, chunk: &ChunkParams<'_>, src: &[u8], dst: &mut [u8]) -> Result<(), OpenError> {
-        if src.len() != dst.len() {
-            dst.zeroize();
-            return Err(OpenError::Backend(Error::InvalidArgument(
-                "open: source and destination lengths differ".into(),
-            )));
-        }
+        same_len("open", src, dst)?;
         self.open_io(chunk, Io::Separate(src, dst))
     }
 
@@ -463,12 +458,7 @@ impl ChunkOpener for WgpuOpener {
         src: &[u8],
         dst: &mut [u8],
     ) -> Result<()> {
-        if src.len() != dst.len() {
-            dst.zeroize();
-            return Err(Error::InvalidArgument(
-                "ctr_apply: source and destination lengths differ".into(),
-            ));
-        }
+        same_len("ctr_apply", src, dst)?;
         if src.is_empty() {
             return Ok(());
         }
@@ -499,6 +489,7 @@ impl ChunkOpener for WgpuOpener {
 mod tests {
     use super::*;
     use crate::cipher::wgpu::{WgpuCipher, WgpuOptions};
+    use crate::error::Error;
 
     /// The backend here, or `None` when there is no adapter (the integration tests enforce
     /// `CIPHERSHARD_REQUIRE_WGPU`).
