@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::shard::{J, check_fields, check_format_version, parse_hex};
+use super::json::{self, AnyString, FromJson, Hex, List, json_object};
+use super::shard::parse_hex;
+use super::{MAX_KEY_WRAPS, MAX_SHARDS};
 use crate::error::{Error, Result};
 use crate::keys::{DataKey, MasterKey, WRAPPED_LEN};
 
@@ -33,21 +35,70 @@ pub struct Keyring {
     pub wraps: Vec<KeyWrap>,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WrapJson {
-    key_id: String,
-    alg: String,
+/// One wrapped data key: base64 of [`WRAPPED_LEN`] bytes, decoded where it is read.
+struct Wrapped([u8; WRAPPED_LEN]);
+
+impl<'de> serde::de::Visitor<'de> for Wrapped {
+    type Value = Wrapped;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`data_keys` entries to be base64 of {WRAPPED_LEN} bytes")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Wrapped, E> {
+        // Room for what 56 base64 digits can decode to; anything longer fails to fit.
+        let mut out = [0u8; WRAPPED_LEN + 3];
+        match B64.decode_slice(v, &mut out) {
+            Ok(WRAPPED_LEN) => Ok(Wrapped(out[..WRAPPED_LEN].try_into().expect("length"))),
+            _ => Err(E::invalid_value(
+                serde::de::Unexpected::Str(&json::quote(v)),
+                &self,
+            )),
+        }
+    }
+}
+
+impl<'de> FromJson<'de> for Wrapped {
+    fn read<D: serde::Deserializer<'de>>(
+        d: D,
+        _: &'static str,
+    ) -> std::result::Result<Self, D::Error> {
+        d.deserialize_str(Wrapped([0; WRAPPED_LEN]))
+    }
+}
+
+json_object! {
+    struct WrapJson {
+        key_id: String,
+        alg: String,
+        data_keys: List<Wrapped, MAX_SHARDS>,
+    }
+}
+
+json_object! {
+    // `format`, `version` (and `cipher`) are required here but checked by the probe that
+    // runs first (json::check_format_version), so they are read and not kept.
+    #[allow(dead_code)]
+    struct KeyringJson {
+        format: AnyString,
+        version: u64,
+        dataset_id: Hex<16>,
+        wraps: List<WrapJson, MAX_KEY_WRAPS>,
+    }
+}
+
+/// What `to_json` writes (field order is the file's).
+#[derive(Serialize)]
+struct WrapOut<'a> {
+    key_id: &'a str,
+    alg: &'a str,
     data_keys: Vec<String>,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeyringJson {
-    format: String,
+#[derive(Serialize)]
+struct KeyringOut<'a> {
+    format: &'a str,
     version: u32,
     dataset_id: String,
-    wraps: Vec<WrapJson>,
+    wraps: Vec<WrapOut<'a>>,
 }
 
 impl Keyring {
@@ -65,79 +116,34 @@ impl Keyring {
         &self.path
     }
 
-    /// Parses a keyring.
+    /// Parses a keyring: typed and bounded (docs/FORMAT.md section 9), key ids unique.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
-        let v: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| Error::format(path, WHAT, format!("invalid JSON: {e}")))?;
-        check_format_version(path, WHAT, &v, "ciphershard-keyring")?;
-        use J::*;
-        check_fields(
-            path,
-            WHAT,
-            "",
-            &v,
-            &[
-                ("format", Str),
-                ("version", Uint),
-                ("dataset_id", Str),
-                ("wraps", Arr),
-            ],
-        )?;
-        for (i, w) in v["wraps"].as_array().into_iter().flatten().enumerate() {
-            check_fields(
-                path,
-                WHAT,
-                &format!("wraps[{i}]: "),
-                w,
-                &[("key_id", Str), ("alg", Str), ("data_keys", Arr)],
-            )?;
-        }
-        let j: KeyringJson =
-            serde_json::from_value(v).map_err(|e| Error::format(path, WHAT, e.to_string()))?;
-        let mut wraps: Vec<KeyWrap> = Vec::with_capacity(j.wraps.len());
-        for w in j.wraps {
+        json::check_format_version(path, WHAT, bytes, "ciphershard-keyring", None)?;
+        let j: KeyringJson = json::parse_object(path, WHAT, bytes)?;
+        let mut wraps: Vec<KeyWrap> = Vec::with_capacity(j.wraps.0.len());
+        for w in j.wraps.0 {
             if w.alg != "A256KW" {
                 return Err(Error::Unsupported {
                     path: path.into(),
                     what: "key wrap algorithm",
-                    found: w.alg,
+                    found: json::quote(&w.alg).into_owned(),
                     supported: "A256KW".into(),
                 });
             }
             parse_hex::<8>(path, WHAT, "key_id", &w.key_id)?;
-            if wraps.iter().any(|o| o.key_id == w.key_id) {
-                return Err(Error::format(
-                    path,
-                    WHAT,
-                    format!("key id {} is listed twice", w.key_id),
-                ));
-            }
-            let data_keys = w
-                .data_keys
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    let b = B64
-                        .decode(s)
-                        .ok()
-                        .filter(|b| b.len() == WRAPPED_LEN)
-                        .ok_or_else(|| {
-                            Error::format(
-                                path,
-                                WHAT,
-                                format!(
-                                    "key {}: data_keys[{i}] is not base64 of {WRAPPED_LEN} bytes",
-                                    w.key_id
-                                ),
-                            )
-                        })?;
-                    Ok(b.try_into().expect("length checked"))
-                })
-                .collect::<Result<Vec<_>>>()?;
             wraps.push(KeyWrap {
                 key_id: w.key_id,
-                data_keys,
+                data_keys: w.data_keys.0.into_iter().map(|k| k.0).collect(),
             });
+        }
+        // A hash set, not a comparison with every earlier entry: a keyring is read before any
+        // key is needed, and may hold a million entries.
+        if let Some(id) = json::first_repeat(wraps.iter().map(|w| w.key_id.as_str())) {
+            return Err(Error::format(
+                path,
+                WHAT,
+                format!("key id {id} is listed twice"),
+            ));
         }
         if wraps.is_empty() {
             return Err(Error::format(
@@ -148,23 +154,23 @@ impl Keyring {
         }
         Ok(Keyring {
             path: path.into(),
-            dataset_id: parse_hex::<16>(path, WHAT, "dataset_id", &j.dataset_id)?,
+            dataset_id: j.dataset_id.0,
             wraps,
         })
     }
 
     /// Serializes the keyring (compact JSON plus a trailing newline).
     pub fn to_json(&self) -> String {
-        let j = KeyringJson {
-            format: "ciphershard-keyring".into(),
+        let j = KeyringOut {
+            format: "ciphershard-keyring",
             version: super::FORMAT_VERSION,
             dataset_id: hex::encode(self.dataset_id),
             wraps: self
                 .wraps
                 .iter()
-                .map(|w| WrapJson {
-                    key_id: w.key_id.clone(),
-                    alg: "A256KW".into(),
+                .map(|w| WrapOut {
+                    key_id: &w.key_id,
+                    alg: "A256KW",
                     data_keys: w.data_keys.iter().map(|k| B64.encode(k)).collect(),
                 })
                 .collect(),

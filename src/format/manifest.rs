@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::shard::{J, check_fields, check_format_version, parse_hex};
-use super::{Dtype, shard_file_name};
+use super::json::{self, AnyString, DtypeName, Hex, List, json_object};
+use super::{Dtype, MAX_RANK, MAX_SHARDS, MAX_TENSORS, shard_file_name};
 use crate::error::{Error, Result};
 
 const WHAT: &str = "manifest";
@@ -76,92 +76,77 @@ pub struct Manifest {
     pub shards: Vec<ShardEntry>,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ColumnJson {
-    name: String,
-    dtype: String,
-    shape: Vec<u64>,
+json_object! {
+    struct ColumnJson {
+        name: String,
+        dtype: DtypeName,
+        shape: List<u64, MAX_RANK>,
+        encrypted: bool,
+    }
+}
+
+json_object! {
+    struct ShardJson {
+        file: String,
+        row_start: u64,
+        rows: u64,
+        bytes: u64,
+        header_digest: Hex<32>,
+    }
+}
+
+json_object! {
+    // `format`, `version` (and `cipher`) are required here but checked by the probe that
+    // runs first (json::check_format_version), so they are read and not kept.
+    #[allow(dead_code)]
+    struct ManifestJson {
+        format: AnyString,
+        version: u64,
+        dataset_id: Hex<16>,
+        kind: String,
+        rows: u64,
+        chunk_size: u64,
+        columns: List<ColumnJson, MAX_TENSORS>,
+        shards: List<ShardJson, MAX_SHARDS>,
+    }
+}
+
+/// What `to_json` writes (field order is the file's).
+#[derive(Serialize)]
+struct ColumnOut<'a> {
+    name: &'a str,
+    dtype: &'a str,
+    shape: &'a [u64],
     encrypted: bool,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ShardJson {
-    file: String,
+#[derive(Serialize)]
+struct ShardOut<'a> {
+    file: &'a str,
     row_start: u64,
     rows: u64,
     bytes: u64,
     header_digest: String,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ManifestJson {
-    format: String,
+#[derive(Serialize)]
+struct ManifestOut<'a> {
+    format: &'a str,
     version: u32,
     dataset_id: String,
-    kind: String,
+    kind: &'a str,
     rows: u64,
     chunk_size: u64,
-    columns: Vec<ColumnJson>,
-    shards: Vec<ShardJson>,
+    columns: Vec<ColumnOut<'a>>,
+    shards: Vec<ShardOut<'a>>,
 }
 
 impl Manifest {
-    /// Parses and checks a manifest's syntax (the dataset cross-check is [`super::Dataset::open`]'s).
+    /// Parses and checks a manifest's syntax, typed and bounded (docs/FORMAT.md section 9);
+    /// the dataset cross-check is [`super::Dataset::open`]'s.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
-        let v: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| Error::format(path, WHAT, format!("invalid JSON: {e}")))?;
-        check_format_version(path, WHAT, &v, "ciphershard-dataset")?;
-        use J::*;
-        check_fields(
-            path,
-            WHAT,
-            "",
-            &v,
-            &[
-                ("format", Str),
-                ("version", Uint),
-                ("dataset_id", Str),
-                ("kind", Str),
-                ("rows", Uint),
-                ("chunk_size", Uint),
-                ("columns", Arr),
-                ("shards", Arr),
-            ],
-        )?;
-        for (i, c) in v["columns"].as_array().into_iter().flatten().enumerate() {
-            check_fields(
-                path,
-                WHAT,
-                &format!("columns[{i}]: "),
-                c,
-                &[
-                    ("name", Str),
-                    ("dtype", Str),
-                    ("shape", Arr),
-                    ("encrypted", Bool),
-                ],
-            )?;
-        }
-        for (i, s) in v["shards"].as_array().into_iter().flatten().enumerate() {
-            check_fields(
-                path,
-                WHAT,
-                &format!("shards[{i}]: "),
-                s,
-                &[
-                    ("file", Str),
-                    ("row_start", Uint),
-                    ("rows", Uint),
-                    ("bytes", Uint),
-                    ("header_digest", Str),
-                ],
-            )?;
-        }
-        let j: ManifestJson =
-            serde_json::from_value(v).map_err(|e| Error::format(path, WHAT, e.to_string()))?;
+        json::check_format_version(path, WHAT, bytes, "ciphershard-dataset", None)?;
+        let j: ManifestJson = json::parse_object(path, WHAT, bytes)?;
         let kind = match j.kind.as_str() {
             "dataset" => DatasetKind::Dataset,
             "tensors" => DatasetKind::Tensors,
@@ -169,54 +154,61 @@ impl Manifest {
                 return Err(Error::format(
                     path,
                     WHAT,
-                    format!("kind '{k}' is neither 'dataset' nor 'tensors'"),
+                    format!(
+                        "kind '{}' is neither 'dataset' nor 'tensors'",
+                        json::quote(k)
+                    ),
                 ));
             }
         };
         let columns = j
             .columns
+            .0
             .into_iter()
             .map(|c| {
-                let dtype = c.dtype.parse().map_err(|_| Error::Unsupported {
-                    path: path.into(),
-                    what: "dtype",
-                    found: c.dtype.clone(),
-                    supported: "the safetensors dtypes".into(),
-                })?;
                 Ok(Column {
                     name: c.name,
-                    dtype,
-                    shape: c.shape,
+                    dtype: c.dtype.get(path)?,
+                    shape: c.shape.0,
                     encrypted: c.encrypted,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        if j.shards.is_empty() || j.shards.len() > u32::MAX as usize {
+        if let Some(name) = json::first_repeat(columns.iter().map(|c| c.name.as_str())) {
             return Err(Error::format(
                 path,
                 WHAT,
-                "a dataset has between 1 and 2^32-1 shards",
+                format!("column '{}' is listed twice", json::quote(name)),
+            ));
+        }
+        if j.shards.0.is_empty() {
+            return Err(Error::format(
+                path,
+                WHAT,
+                format!("a dataset has between 1 and {MAX_SHARDS} shards"),
             ));
         }
         let shards = j
             .shards
+            .0
             .into_iter()
             .enumerate()
             .map(|(i, s)| {
                 // Shard files are named by index, never by an arbitrary path from the file.
-                if s.file != shard_file_name(i as u32) {
+                // (`i` < MAX_SHARDS < 2^32: the list's cap.)
+                let want = shard_file_name(i as u32);
+                if s.file != want {
                     return Err(Error::format(
                         path,
                         WHAT,
                         format!(
-                            "shard {i} is named '{}', expected '{}'",
-                            s.file,
-                            shard_file_name(i as u32)
+                            "shard {i} is named '{}', expected '{want}'",
+                            json::quote(&s.file),
                         ),
                     ));
                 }
                 Ok(ShardEntry {
-                    header_digest: parse_hex::<32>(path, WHAT, "header_digest", &s.header_digest)?,
+                    header_digest: s.header_digest.0,
                     file: s.file,
                     row_start: s.row_start,
                     rows: s.rows,
@@ -225,7 +217,7 @@ impl Manifest {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Manifest {
-            dataset_id: parse_hex::<16>(path, WHAT, "dataset_id", &j.dataset_id)?,
+            dataset_id: j.dataset_id.0,
             kind,
             rows: j.rows,
             chunk_size: j.chunk_size,
@@ -236,28 +228,28 @@ impl Manifest {
 
     /// Serializes the manifest (compact JSON plus a trailing newline).
     pub fn to_json(&self) -> String {
-        let j = ManifestJson {
-            format: "ciphershard-dataset".into(),
+        let j = ManifestOut {
+            format: "ciphershard-dataset",
             version: super::FORMAT_VERSION,
             dataset_id: hex::encode(self.dataset_id),
-            kind: self.kind.as_str().into(),
+            kind: self.kind.as_str(),
             rows: self.rows,
             chunk_size: self.chunk_size,
             columns: self
                 .columns
                 .iter()
-                .map(|c| ColumnJson {
-                    name: c.name.clone(),
-                    dtype: c.dtype.as_str().into(),
-                    shape: c.shape.clone(),
+                .map(|c| ColumnOut {
+                    name: &c.name,
+                    dtype: c.dtype.as_str(),
+                    shape: &c.shape,
                     encrypted: c.encrypted,
                 })
                 .collect(),
             shards: self
                 .shards
                 .iter()
-                .map(|s| ShardJson {
-                    file: s.file.clone(),
+                .map(|s| ShardOut {
+                    file: &s.file,
                     row_start: s.row_start,
                     rows: s.rows,
                     bytes: s.bytes,

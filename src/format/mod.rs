@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 mod convert;
 mod dataset;
 mod input;
+mod json;
 mod keyring;
 mod manifest;
 mod shard;
@@ -42,6 +43,19 @@ pub const MAX_JSON_FILE_LEN: u64 = 64 << 20;
 pub const MAX_CHUNK_SIZE: u64 = 256 << 20;
 /// Largest number of chunks in a shard (GCM invocations per key, NIST SP 800-38D).
 pub const MAX_CHUNKS_PER_SHARD: u64 = (1 << 32) - 2;
+/// Most tensors in one shard, and so most columns in a manifest (a header needs over 150 bytes
+/// per tensor, so a 100 MB header holds fewer than this anyway).
+pub const MAX_TENSORS: usize = 1 << 20;
+/// Most shards in a manifest (and wrapped data keys per master key in a keyring); a 64 MiB
+/// manifest holds fewer than half as many.
+pub const MAX_SHARDS: usize = 1 << 20;
+/// Most master keys in a keyring.
+pub const MAX_KEY_WRAPS: usize = 1 << 20;
+/// Most entries in a shard's user metadata (and in its `__metadata__`): an entry costs about
+/// ten times its JSON size in memory, so this one is kept far below what the header could hold.
+pub const MAX_METADATA_ENTRIES: usize = 1 << 16;
+/// Most dimensions of a tensor's shape (NumPy's own limit; the `.npy` reader has the same).
+pub const MAX_RANK: usize = 64;
 /// Manifest file name inside a dataset directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Keyring file name inside a dataset directory.

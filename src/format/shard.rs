@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::json::{self, AnyString, DtypeName, Hex, List, Pair, StrMap, json_object};
 use super::{
-    CIPHER_NAME, Dtype, FORMAT_VERSION, MAX_CHUNK_SIZE, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN,
-    tensor_bytes,
+    CIPHER_NAME, Dtype, MAX_CHUNK_SIZE, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN, MAX_METADATA_ENTRIES,
+    MAX_RANK, MAX_TENSORS, tensor_bytes,
 };
 use crate::cipher::{ChunkOpener, ChunkParams, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::{ChunkLocation, Error, Result};
@@ -79,117 +80,118 @@ pub struct Descriptor {
     pub metadata: BTreeMap<String, String>,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TensorJson {
-    name: String,
-    dtype: String,
-    shape: Vec<u64>,
-    offsets: [u64; 2],
-    encrypted: bool,
-    first_chunk: u64,
-    chunks: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DescriptorJson {
-    format: String,
-    version: u32,
-    cipher: String,
-    dataset_id: String,
-    shard_index: u32,
-    shard_count: u32,
-    row_start: u64,
-    rows: u64,
-    chunk_size: u64,
-    tensors: Vec<TensorJson>,
-    metadata: BTreeMap<String, String>,
-}
-
-/// Checks the `format`, `version` and `cipher` fields before anything else, so that a future
-/// version gets "unsupported version" rather than a schema error.
-pub(crate) fn check_format_version(
-    path: &Path,
-    what: &'static str,
-    v: &serde_json::Value,
-    format: &str,
-) -> Result<()> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| Error::format(path, what, "not a JSON object"))?;
-    match obj.get("format").and_then(|f| f.as_str()) {
-        Some(f) if f == format => {}
-        Some(f) => {
-            return Err(Error::format(
-                path,
-                what,
-                format!("format is '{f}', expected '{format}'"),
-            ));
-        }
-        None => return Err(Error::format(path, what, "missing string field 'format'")),
-    }
-    match obj.get("version") {
-        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(FORMAT_VERSION as u64) => Ok(()),
-        Some(other) => Err(Error::Unsupported {
-            path: path.into(),
-            what: "format version",
-            found: other.to_string(),
-            supported: FORMAT_VERSION.to_string(),
-        }),
-        None => Err(Error::format(path, what, "missing field 'version'")),
+json_object! {
+    struct TensorJson {
+        name: String,
+        dtype: DtypeName,
+        shape: List<u64, MAX_RANK>,
+        offsets: Pair,
+        encrypted: bool,
+        first_chunk: u64,
+        chunks: u64,
     }
 }
 
-/// JSON types a field may be required to have.
-#[derive(Clone, Copy)]
-pub(crate) enum J {
-    Str,
-    Uint,
-    Bool,
-    Arr,
-    Obj,
+json_object! {
+    // `format`, `version` (and `cipher`) are required here but checked by the probe that
+    // runs first (json::check_format_version), so they are read and not kept.
+    #[allow(dead_code)]
+    struct DescriptorJson {
+        format: AnyString,
+        version: u32,
+        cipher: AnyString,
+        dataset_id: Hex<16>,
+        shard_index: u32,
+        shard_count: u32,
+        row_start: u64,
+        rows: u64,
+        chunk_size: u64,
+        tensors: List<TensorJson, MAX_TENSORS>,
+        metadata: StrMap<MAX_METADATA_ENTRIES>,
+    }
 }
 
-/// Checks that `v` (an object) has each field with the right JSON type, so that a schema error
-/// names the field (serde's own type errors do not).
-pub(crate) fn check_fields(
-    path: &Path,
-    what: &'static str,
-    ctx: &str,
-    v: &serde_json::Value,
-    fields: &[(&str, J)],
-) -> Result<()> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| Error::format(path, what, format!("{ctx}not a JSON object")))?;
-    for &(name, kind) in fields {
-        let f = obj
-            .get(name)
-            .ok_or_else(|| Error::format(path, what, format!("{ctx}missing field `{name}`")))?;
-        let (ok, want) = match kind {
-            J::Str => (f.is_string(), "a string"),
-            J::Uint => (f.is_u64(), "a non-negative integer"),
-            J::Bool => (f.is_boolean(), "true or false"),
-            J::Arr => (f.is_array(), "an array"),
-            J::Obj => (f.is_object(), "an object"),
-        };
-        if !ok {
-            return Err(Error::format(
-                path,
-                what,
-                format!("{ctx}field `{name}` must be {want}, found {f}"),
-            ));
+/// The canonical descriptor, serialized from borrowed fields (keys in spec order).
+struct DescriptorOut<'a>(&'a Descriptor);
+struct TensorsOut<'a>(&'a [TensorDesc]);
+struct TensorOut<'a>(&'a TensorDesc);
+
+impl Serialize for DescriptorOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let d = self.0;
+        let mut st = s.serialize_struct("Descriptor", 11)?;
+        st.serialize_field("format", "ciphershard")?;
+        st.serialize_field("version", &d.version)?;
+        st.serialize_field("cipher", CIPHER_NAME)?;
+        st.serialize_field("dataset_id", &hex::encode(d.dataset_id))?;
+        st.serialize_field("shard_index", &d.shard_index)?;
+        st.serialize_field("shard_count", &d.shard_count)?;
+        st.serialize_field("row_start", &d.row_start)?;
+        st.serialize_field("rows", &d.rows)?;
+        st.serialize_field("chunk_size", &d.chunk_size)?;
+        st.serialize_field("tensors", &TensorsOut(&d.tensors))?;
+        st.serialize_field("metadata", &d.metadata)?;
+        st.end()
+    }
+}
+
+impl Serialize for TensorsOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(TensorOut))
+    }
+}
+
+impl Serialize for TensorOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let t = self.0;
+        let mut st = s.serialize_struct("Tensor", 7)?;
+        st.serialize_field("name", &t.name)?;
+        st.serialize_field("dtype", t.dtype.as_str())?;
+        st.serialize_field("shape", &t.shape)?;
+        st.serialize_field("offsets", &[t.offsets.0, t.offsets.1])?;
+        st.serialize_field("encrypted", &t.encrypted)?;
+        st.serialize_field("first_chunk", &t.first_chunk)?;
+        st.serialize_field("chunks", &t.chunks)?;
+        st.end()
+    }
+}
+
+/// A writer that compares what is written with `expected` instead of storing it: canonical
+/// form is checked without building a second copy of a header (up to 100 MB).
+struct SameAs<'a> {
+    rest: &'a [u8],
+    same: bool,
+}
+
+impl<'a> SameAs<'a> {
+    fn new(expected: &'a [u8]) -> Self {
+        SameAs {
+            rest: expected,
+            same: true,
         }
     }
-    if let Some(k) = obj.keys().find(|k| !fields.iter().any(|(n, _)| n == k)) {
-        return Err(Error::format(
-            path,
-            what,
-            format!("{ctx}unknown field `{k}`"),
-        ));
+    fn push(&mut self, b: &[u8]) {
+        match self.rest.strip_prefix(b) {
+            Some(r) if self.same => self.rest = r,
+            _ => self.same = false,
+        }
     }
-    Ok(())
+    /// Whether exactly `expected` was written.
+    fn matched(&self) -> bool {
+        self.same && self.rest.is_empty()
+    }
+}
+
+impl std::io::Write for SameAs<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.push(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 pub(crate) fn parse_hex<const N: usize>(
@@ -226,90 +228,28 @@ impl Descriptor {
     /// The canonical JSON encoding (keys in spec order, compact): the exact bytes stored and
     /// digested.
     pub fn to_json(&self) -> String {
-        let j = DescriptorJson {
-            format: "ciphershard".into(),
-            version: self.version,
-            cipher: CIPHER_NAME.into(),
-            dataset_id: hex::encode(self.dataset_id),
-            shard_index: self.shard_index,
-            shard_count: self.shard_count,
-            row_start: self.row_start,
-            rows: self.rows,
-            chunk_size: self.chunk_size,
-            tensors: self
-                .tensors
-                .iter()
-                .map(|t| TensorJson {
-                    name: t.name.clone(),
-                    dtype: t.dtype.as_str().into(),
-                    shape: t.shape.clone(),
-                    offsets: [t.offsets.0, t.offsets.1],
-                    encrypted: t.encrypted,
-                    first_chunk: t.first_chunk,
-                    chunks: t.chunks,
-                })
-                .collect(),
-            metadata: self.metadata.clone(),
-        };
-        serde_json::to_string(&j).expect("descriptor serializes")
+        serde_json::to_string(&DescriptorOut(self)).expect("descriptor serializes")
     }
 
-    /// Parses and validates a descriptor string; it must be in canonical form.
+    /// Whether `s` is exactly this descriptor's canonical encoding (compared as it is
+    /// produced: no second copy).
+    fn is_canonical(&self, s: &str) -> bool {
+        let mut w = SameAs::new(s.as_bytes());
+        serde_json::to_writer(&mut w, &DescriptorOut(self)).is_ok() && w.matched()
+    }
+
+    /// Parses and validates a descriptor string (typed and bounded, docs/FORMAT.md section 9);
+    /// it must be in canonical form.
     pub fn parse(path: &Path, s: &str) -> Result<Self> {
-        let v: serde_json::Value = serde_json::from_str(s)
-            .map_err(|e| Error::format(path, WHAT_DESC, format!("invalid JSON: {e}")))?;
-        check_format_version(path, WHAT_DESC, &v, "ciphershard")?;
-        if let Some(c) = v.get("cipher").and_then(|c| c.as_str())
-            && c != CIPHER_NAME
-        {
-            return Err(Error::Unsupported {
-                path: path.into(),
-                what: "cipher",
-                found: c.into(),
-                supported: CIPHER_NAME.into(),
-            });
-        }
-        use J::*;
-        check_fields(
+        json::check_format_version(
             path,
             WHAT_DESC,
-            "",
-            &v,
-            &[
-                ("format", Str),
-                ("version", Uint),
-                ("cipher", Str),
-                ("dataset_id", Str),
-                ("shard_index", Uint),
-                ("shard_count", Uint),
-                ("row_start", Uint),
-                ("rows", Uint),
-                ("chunk_size", Uint),
-                ("tensors", Arr),
-                ("metadata", Obj),
-            ],
+            s.as_bytes(),
+            "ciphershard",
+            Some(CIPHER_NAME),
         )?;
-        for (i, t) in v["tensors"].as_array().into_iter().flatten().enumerate() {
-            check_fields(
-                path,
-                WHAT_DESC,
-                &format!("tensors[{i}]: "),
-                t,
-                &[
-                    ("name", Str),
-                    ("dtype", Str),
-                    ("shape", Arr),
-                    ("offsets", Arr),
-                    ("encrypted", Bool),
-                    ("first_chunk", Uint),
-                    ("chunks", Uint),
-                ],
-            )?;
-        }
-        let j: DescriptorJson =
-            serde_json::from_value(v).map_err(|e| Error::format(path, WHAT_DESC, e.to_string()))?;
+        let j: DescriptorJson = json::parse_object(path, WHAT_DESC, s.as_bytes())?;
         let bad = |reason: String| Error::format(path, WHAT_DESC, reason);
-        let dataset_id = parse_hex::<16>(path, WHAT_DESC, "dataset_id", &j.dataset_id)?;
         if j.shard_count == 0 || j.shard_index >= j.shard_count {
             return Err(bad(format!(
                 "shard_index {} is not below shard_count {}",
@@ -322,75 +262,81 @@ impl Descriptor {
                 j.chunk_size
             )));
         }
-        if j.tensors.is_empty() {
+        if j.tensors.0.is_empty() {
             return Err(bad("a shard must hold at least one tensor".into()));
         }
-        let mut tensors = Vec::with_capacity(j.tensors.len());
-        let mut names = std::collections::HashSet::new();
+        let mut tensors = Vec::with_capacity(j.tensors.0.len());
         let (mut end, mut next_chunk) = (0u64, 0u64);
-        for t in j.tensors {
-            if t.name.is_empty() || t.name == "__metadata__" || !names.insert(t.name.clone()) {
+        for t in j.tensors.0 {
+            if t.name.is_empty() || t.name == "__metadata__" {
                 return Err(bad(format!(
-                    "tensor name '{}' is empty, reserved or repeated",
-                    t.name
+                    "tensor name '{}' is empty or reserved",
+                    json::quote(&t.name)
                 )));
             }
-            let dtype: Dtype = t.dtype.parse().map_err(|_| Error::Unsupported {
-                path: path.into(),
-                what: "dtype",
-                found: t.dtype.clone(),
-                supported: "the safetensors dtypes".into(),
-            })?;
-            let [b, e] = t.offsets;
+            let dtype = t.dtype.get(path)?;
+            let [b, e] = t.offsets.0;
             if b != end || e < b {
                 return Err(bad(format!(
                     "tensor '{}': offsets [{b}, {e}] are not contiguous with the previous tensor (expected to start at {end})",
-                    t.name
+                    json::quote(&t.name)
                 )));
             }
             let len = e - b;
-            if tensor_bytes(dtype, &t.shape) != Some(len) {
+            if tensor_bytes(dtype, &t.shape.0) != Some(len) {
                 return Err(bad(format!(
                     "tensor '{}': {len} bytes do not match dtype {dtype} and shape {:?}",
-                    t.name, t.shape
+                    json::quote(&t.name),
+                    t.shape.0
                 )));
             }
             let chunks = len.div_ceil(j.chunk_size).max(1);
             if t.chunks != chunks || t.first_chunk != next_chunk {
                 return Err(bad(format!(
                     "tensor '{}': chunk layout (first_chunk {}, chunks {}) should be ({next_chunk}, {chunks})",
-                    t.name, t.first_chunk, t.chunks
+                    json::quote(&t.name),
+                    t.first_chunk,
+                    t.chunks
                 )));
             }
-            next_chunk += chunks;
-            if next_chunk > MAX_CHUNKS_PER_SHARD {
-                return Err(bad(format!(
-                    "more than {MAX_CHUNKS_PER_SHARD} chunks in one shard"
-                )));
-            }
+            next_chunk = next_chunk
+                .checked_add(chunks)
+                .filter(|&n| n <= MAX_CHUNKS_PER_SHARD)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "more than {MAX_CHUNKS_PER_SHARD} chunks in one shard"
+                    ))
+                })?;
             end = e;
             tensors.push(TensorDesc {
                 name: t.name,
                 dtype,
-                shape: t.shape,
+                shape: t.shape.0,
                 offsets: (b, e),
                 encrypted: t.encrypted,
                 first_chunk: t.first_chunk,
                 chunks,
             });
         }
+        // A hash set over borrowed names: linear, whatever the tensor count.
+        if let Some(name) = json::first_repeat(tensors.iter().map(|t| t.name.as_str())) {
+            return Err(bad(format!(
+                "tensor name '{}' is repeated",
+                json::quote(name)
+            )));
+        }
         let d = Descriptor {
             version: j.version,
-            dataset_id,
+            dataset_id: j.dataset_id.0,
             shard_index: j.shard_index,
             shard_count: j.shard_count,
             row_start: j.row_start,
             rows: j.rows,
             chunk_size: j.chunk_size,
             tensors,
-            metadata: j.metadata,
+            metadata: j.metadata.0,
         };
-        if d.to_json() != s {
+        if !d.is_canonical(s) {
             return Err(bad(
                 "not in canonical form (keys reordered, spaces or escapes changed)".into(),
             ));
@@ -403,34 +349,152 @@ impl Descriptor {
 /// (docs/FORMAT.md section 4), padded with spaces to a multiple of 8.
 pub fn canonical_header(descriptor_json: &str, tags_b64: &str, tensors: &[TensorDesc]) -> Vec<u8> {
     let mut h =
-        String::with_capacity(descriptor_json.len() + tags_b64.len() + 64 * tensors.len() + 64);
-    h.push_str("{\"__metadata__\":{\"ciphershard\":");
-    h.push_str(&serde_json::to_string(descriptor_json).expect("string serializes"));
-    h.push_str(",\"ciphershard.tags\":\"");
-    h.push_str(tags_b64);
-    h.push_str("\"}");
-    for t in tensors {
-        h.push(',');
-        h.push_str(&serde_json::to_string(&t.name).expect("string serializes"));
-        h.push_str(":{\"dtype\":\"");
-        h.push_str(t.dtype.as_str());
-        h.push_str("\",\"shape\":[");
-        for (i, d) in t.shape.iter().enumerate() {
-            if i > 0 {
-                h.push(',');
-            }
-            h.push_str(&d.to_string());
+        Vec::with_capacity(descriptor_json.len() + tags_b64.len() + 64 * tensors.len() + 64);
+    write_canonical_header(&mut h, descriptor_json, tags_b64, tensors)
+        .expect("writing to a Vec cannot fail");
+    h
+}
+
+/// Writes [`canonical_header`] to `w` (a file, a buffer, or a comparison with a header read).
+fn write_canonical_header(
+    w: &mut impl std::io::Write,
+    descriptor_json: &str,
+    tags_b64: &str,
+    tensors: &[TensorDesc],
+) -> std::io::Result<()> {
+    struct Counted<'a, W> {
+        w: &'a mut W,
+        n: usize,
+    }
+    impl<W: std::io::Write> std::io::Write for Counted<'_, W> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let n = self.w.write(b)?;
+            self.n += n;
+            Ok(n)
         }
-        h.push_str(&format!(
-            "],\"data_offsets\":[{},{}]}}",
-            t.offsets.0, t.offsets.1
-        ));
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.w.flush()
+        }
     }
-    h.push('}');
-    while !h.len().is_multiple_of(8) {
-        h.push(' ');
+    use std::io::Write as _;
+    let mut w = Counted { w, n: 0 };
+    w.write_all(b"{\"__metadata__\":{\"ciphershard\":")?;
+    serde_json::to_writer(&mut w, descriptor_json)?;
+    w.write_all(b",\"ciphershard.tags\":\"")?;
+    w.write_all(tags_b64.as_bytes())?;
+    w.write_all(b"\"}")?;
+    for t in tensors {
+        w.write_all(b",")?;
+        serde_json::to_writer(&mut w, &t.name)?;
+        write!(w, ":{{\"dtype\":\"{}\",\"shape\":[", t.dtype)?;
+        for (i, d) in t.shape.iter().enumerate() {
+            write!(w, "{}{d}", if i > 0 { "," } else { "" })?;
+        }
+        write!(w, "],\"data_offsets\":[{},{}]}}", t.offsets.0, t.offsets.1)?;
     }
-    h.into_bytes()
+    w.write_all(b"}")?;
+    let pad = (8 - w.n % 8) % 8;
+    w.write_all(&b"        "[..pad])
+}
+
+/// The two strings a reader keeps from a shard's outer safetensors header; the tensor entries
+/// are not kept (the canonical-form check compares them with the descriptor's), and nothing
+/// else may sit in `__metadata__` but strings.
+#[derive(Default)]
+struct OuterHeader<'de> {
+    metadata: bool,
+    descriptor: Option<String>,
+    tags: Option<json::Text<'de>>,
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut OuterHeader<'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a safetensors header (a JSON object)")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<(), A::Error> {
+        use serde::de::Error as _;
+        let mut entries = 0usize;
+        while let Some(k) = map.next_key_seed(json::Which(&["__metadata__"]))? {
+            entries += 1;
+            if entries > MAX_TENSORS + 1 {
+                return Err(A::Error::custom(format_args!(
+                    "more than {MAX_TENSORS} tensors (the limit)"
+                )));
+            }
+            if k.is_none() {
+                // A tensor entry: checked byte for byte against the canonical encoding of
+                // the descriptor's tensors, so it is skipped here rather than built.
+                map.next_value::<serde::de::IgnoredAny>()?;
+            } else if std::mem::replace(&mut self.metadata, true) {
+                return Err(A::Error::duplicate_field("__metadata__"));
+            } else {
+                map.next_value_seed(MetadataVisitor(&mut *self))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole header.
+impl<'de> serde::de::DeserializeSeed<'de> for &mut OuterHeader<'de> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+/// `__metadata__`'s value: strings only, at most [`MAX_METADATA_ENTRIES`].
+impl<'de> serde::de::DeserializeSeed<'de> for MetadataVisitor<'_, 'de> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+struct MetadataVisitor<'a, 'de>(&'a mut OuterHeader<'de>);
+
+impl<'de> serde::de::Visitor<'de> for MetadataVisitor<'_, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("`__metadata__` to be an object of strings")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<(), A::Error> {
+        use serde::de::Error as _;
+        let mut entries = 0usize;
+        while let Some(k) = map.next_key_seed(json::Which(&["ciphershard", "ciphershard.tags"]))? {
+            entries += 1;
+            if entries > MAX_METADATA_ENTRIES {
+                return Err(A::Error::custom(format_args!(
+                    "`__metadata__` holds more than {MAX_METADATA_ENTRIES} entries (the limit)"
+                )));
+            }
+            match k {
+                Some(0) if self.0.descriptor.is_some() => {
+                    return Err(A::Error::duplicate_field("ciphershard"));
+                }
+                Some(0) => {
+                    self.0.descriptor = Some(map.next_value_seed(json::Field::new("ciphershard"))?)
+                }
+                Some(_) if self.0.tags.is_some() => {
+                    return Err(A::Error::duplicate_field("ciphershard.tags"));
+                }
+                Some(_) => {
+                    self.0.tags = Some(map.next_value_seed(json::Field::new("ciphershard.tags"))?)
+                }
+                None => {
+                    map.next_value_seed(json::Field::<json::AnyString>::new("__metadata__"))?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Builds a chunk's associated data (docs/FORMAT.md section 4.2).
@@ -517,8 +581,8 @@ pub struct ShardHeader {
     /// Length of the shard file.
     pub file_len: u64,
     descriptor_json: String,
-    header_tag: [u8; TAG_LEN],
-    tags: Vec<[u8; TAG_LEN]>,
+    /// The header tag, then one tag per chunk in global chunk order, 16 bytes each.
+    tags: Vec<u8>,
 }
 
 impl ShardHeader {
@@ -559,51 +623,48 @@ impl ShardHeader {
                 "fewer header bytes given than the header length",
             )
         })?;
-        let text = std::str::from_utf8(raw)
-            .map_err(|_| Error::format(path, WHAT_HEADER, "header is not UTF-8"))?;
-        let v: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| Error::format(path, WHAT_HEADER, format!("invalid JSON: {e}")))?;
-        let meta = v
-            .get("__metadata__")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                Error::format(
-                    path,
-                    WHAT_HEADER,
-                    "no __metadata__ object: not a ciphershard shard",
-                )
-            })?;
-        let field = |k: &str| {
-            meta.get(k).and_then(|s| s.as_str()).ok_or_else(|| {
-                Error::format(
-                    path,
-                    WHAT_HEADER,
-                    format!("__metadata__ has no string '{k}'"),
-                )
-            })
+        let mut outer = OuterHeader::default();
+        json::parse(path, WHAT_HEADER, raw, &mut outer)?;
+        if !outer.metadata {
+            return Err(Error::format(
+                path,
+                WHAT_HEADER,
+                "no __metadata__ object: not a ciphershard shard",
+            ));
+        }
+        let missing = |k: &str| {
+            Error::format(
+                path,
+                WHAT_HEADER,
+                format!("__metadata__ has no string '{k}'"),
+            )
         };
-        let descriptor_json = field("ciphershard")?.to_owned();
-        let tags_b64 = field("ciphershard.tags")?.to_owned();
+        let descriptor_json = outer.descriptor.ok_or_else(|| missing("ciphershard"))?;
+        let tags_b64 = outer.tags.ok_or_else(|| missing("ciphershard.tags"))?;
         let descriptor = Descriptor::parse(path, &descriptor_json)?;
         let total = descriptor.total_chunks();
-        let tag_bytes = B64.decode(&tags_b64).map_err(|e| {
+        let tags = B64.decode(tags_b64.as_bytes()).map_err(|e| {
             Error::format(
                 path,
                 WHAT_HEADER,
                 format!("ciphershard.tags is not base64: {e}"),
             )
         })?;
-        if tag_bytes.len() as u64 != (total + 1) * TAG_LEN as u64 {
+        if tags.len() as u64 != (total + 1) * TAG_LEN as u64 {
             return Err(Error::format(
                 path,
                 WHAT_HEADER,
                 format!(
                     "ciphershard.tags holds {} bytes, expected 16 x (1 + {total} chunks)",
-                    tag_bytes.len()
+                    tags.len()
                 ),
             ));
         }
-        if canonical_header(&descriptor_json, &tags_b64, &descriptor.tensors) != raw {
+        let mut same = SameAs::new(raw);
+        if write_canonical_header(&mut same, &descriptor_json, &tags_b64, &descriptor.tensors)
+            .is_err()
+            || !same.matched()
+        {
             return Err(Error::format(
                 path,
                 WHAT_HEADER,
@@ -611,7 +672,10 @@ impl ShardHeader {
             ));
         }
         let data_start = 8 + n;
-        let expect = data_start + descriptor.data_len();
+        // data_len <= MAX_CHUNKS_PER_SHARD * MAX_CHUNK_SIZE < 2^61, but checked all the same.
+        let expect = data_start
+            .checked_add(descriptor.data_len())
+            .ok_or_else(|| Error::format(path, WHAT_HEADER, "data section length overflows"))?;
         if file_len != expect {
             return Err(Error::format(
                 path,
@@ -626,11 +690,6 @@ impl ShardHeader {
                 ),
             ));
         }
-        let mut tags: Vec<[u8; TAG_LEN]> = tag_bytes
-            .chunks_exact(TAG_LEN)
-            .map(|c| c.try_into().expect("16-byte chunk"))
-            .collect();
-        let header_tag = tags.remove(0);
         let digest: [u8; 32] = Sha256::digest(descriptor_json.as_bytes()).into();
         Ok(ShardHeader {
             path: path.into(),
@@ -639,9 +698,15 @@ impl ShardHeader {
             data_start,
             file_len,
             descriptor_json,
-            header_tag,
             tags,
         })
+    }
+
+    /// Tag `i` of the table (0: the header tag; `g + 1`: chunk `g`'s).
+    fn tag(&self, i: usize) -> [u8; TAG_LEN] {
+        self.tags[TAG_LEN * i..TAG_LEN * (i + 1)]
+            .try_into()
+            .expect("16-byte slice")
     }
 
     /// The descriptor string exactly as stored (the header digest's input).
@@ -654,7 +719,7 @@ impl ShardHeader {
         let params = ChunkParams {
             nonce: HEADER_TAG_NONCE,
             aad: self.descriptor_json.as_bytes(),
-            tag: self.header_tag,
+            tag: self.tag(0),
             encrypted: false,
         };
         opener.verify(&params, &[]).map_err(|e| match e {
@@ -708,7 +773,7 @@ impl ShardHeader {
                 g,
                 t.encrypted,
             ),
-            tag: self.tags[g as usize],
+            tag: self.tag(g as usize + 1),
             encrypted: t.encrypted,
         }
     }
