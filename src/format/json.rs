@@ -177,6 +177,13 @@ impl<'de> FromJson<'de> for String {
     }
 }
 
+impl<'de> FromJson<'de> for Box<str> {
+    fn read<D: Deserializer<'de>>(d: D, field: &'static str) -> Result<Self, D::Error> {
+        // A boxed string: 16 bytes in a list entry rather than a String's 24.
+        String::read(d, field).map(String::into_boxed_str)
+    }
+}
+
 /// A string borrowed from the input where it has no escapes (a shard's tags, up to 100 MB).
 pub(crate) type Text<'de> = std::borrow::Cow<'de, str>;
 
@@ -223,7 +230,7 @@ impl<'de> FromJson<'de> for AnyString {
 
 /// A dtype name: known (`F32`, ...) or not (kept to report it as unsupported).
 #[derive(Debug)]
-pub(crate) struct DtypeName(pub(crate) std::result::Result<Dtype, String>);
+pub(crate) struct DtypeName(pub(crate) std::result::Result<Dtype, Box<str>>);
 
 impl<'de> Visitor<'de> for Expect<DtypeName> {
     type Value = DtypeName;
@@ -231,7 +238,7 @@ impl<'de> Visitor<'de> for Expect<DtypeName> {
         self.describe(f)
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<DtypeName, E> {
-        Ok(DtypeName(v.parse().map_err(|_| quote(v).into_owned())))
+        Ok(DtypeName(v.parse().map_err(|_| quote(v).into())))
     }
 }
 
@@ -247,7 +254,7 @@ impl DtypeName {
         self.0.map_err(|found| Error::Unsupported {
             path: path.into(),
             what: "dtype",
-            found,
+            found: found.into(),
             supported: "the safetensors dtypes".into(),
         })
     }
@@ -280,10 +287,10 @@ impl<'de, const N: usize> FromJson<'de> for Hex<N> {
 }
 
 /// A JSON array of at most `CAP` entries, refused as soon as entry `CAP + 1` starts. No
-/// capacity is reserved from the input (serde_json gives no length hint anyway); the vector
-/// grows with what was actually read.
+/// capacity is reserved from the input (serde_json gives no length hint anyway); the list
+/// grows with what was actually read, and is boxed to its length when done.
 #[derive(Debug)]
-pub(crate) struct List<T, const CAP: usize>(pub(crate) Vec<T>);
+pub(crate) struct List<T, const CAP: usize>(pub(crate) Box<[T]>);
 
 struct ListVisitor<T, const CAP: usize>(&'static str, PhantomData<T>);
 
@@ -298,7 +305,7 @@ impl<'de, T: FromJson<'de>, const CAP: usize> Visitor<'de> for ListVisitor<T, CA
             if v.len() == CAP {
                 // One more entry is one too many; the end of the array is fine.
                 return match seq.next_element::<IgnoredAny>()? {
-                    None => Ok(List(v)),
+                    None => Ok(List(v.into_boxed_slice())),
                     Some(_) => Err(A::Error::custom(format_args!(
                         "`{}` holds more than {CAP} entries (the limit)",
                         self.0
@@ -310,8 +317,7 @@ impl<'de, T: FromJson<'de>, const CAP: usize> Visitor<'de> for ListVisitor<T, CA
                 None => break,
             }
         }
-        v.shrink_to_fit();
-        Ok(List(v))
+        Ok(List(v.into_boxed_slice()))
     }
 }
 

@@ -9,7 +9,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::Serialize;
 
 use super::json::{self, AnyString, FromJson, Hex, List, json_object};
-use super::shard::parse_hex;
 use super::{MAX_KEY_WRAPS, MAX_SHARDS};
 use crate::error::{Error, Result};
 use crate::keys::{DataKey, MasterKey, WRAPPED_LEN};
@@ -65,10 +64,40 @@ impl<'de> FromJson<'de> for Wrapped {
     }
 }
 
+/// The key wrap algorithm, which must be `A256KW` (checked where it is read: nothing kept).
+struct A256Kw;
+
+impl<'de> serde::de::Visitor<'de> for A256Kw {
+    type Value = A256Kw;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("`alg` to be a string")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<A256Kw, E> {
+        match v {
+            "A256KW" => Ok(A256Kw),
+            _ => Err(E::custom(format_args!(
+                "unsupported key wrap algorithm '{}' (this build supports A256KW)",
+                json::quote(v)
+            ))),
+        }
+    }
+}
+
+impl<'de> FromJson<'de> for A256Kw {
+    fn read<D: serde::Deserializer<'de>>(
+        d: D,
+        _: &'static str,
+    ) -> std::result::Result<Self, D::Error> {
+        d.deserialize_str(A256Kw)
+    }
+}
+
 json_object! {
+    // `alg` is checked as it is read (A256Kw), so not kept.
+    #[allow(dead_code)]
     struct WrapJson {
-        key_id: String,
-        alg: String,
+        key_id: Hex<8>,
+        alg: A256Kw,
         data_keys: List<Wrapped, MAX_SHARDS>,
     }
 }
@@ -120,22 +149,16 @@ impl Keyring {
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
         json::check_format_version(path, WHAT, bytes, "ciphershard-keyring", None)?;
         let j: KeyringJson = json::parse_object(path, WHAT, bytes)?;
-        let mut wraps: Vec<KeyWrap> = Vec::with_capacity(j.wraps.0.len());
-        for w in j.wraps.0 {
-            if w.alg != "A256KW" {
-                return Err(Error::Unsupported {
-                    path: path.into(),
-                    what: "key wrap algorithm",
-                    found: json::quote(&w.alg).into_owned(),
-                    supported: "A256KW".into(),
-                });
-            }
-            parse_hex::<8>(path, WHAT, "key_id", &w.key_id)?;
-            wraps.push(KeyWrap {
-                key_id: w.key_id,
-                data_keys: w.data_keys.0.into_iter().map(|k| k.0).collect(),
-            });
-        }
+        let wraps: Vec<KeyWrap> = j
+            .wraps
+            .0
+            .into_vec()
+            .into_iter()
+            .map(|w| KeyWrap {
+                key_id: hex::encode(w.key_id.0),
+                data_keys: w.data_keys.0.into_vec().into_iter().map(|k| k.0).collect(),
+            })
+            .collect();
         // A hash set, not a comparison with every earlier entry: a keyring is read before any
         // key is needed, and may hold a million entries.
         if let Some(id) = json::first_repeat(wraps.iter().map(|w| w.key_id.as_str())) {

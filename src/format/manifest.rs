@@ -78,7 +78,7 @@ pub struct Manifest {
 
 json_object! {
     struct ColumnJson {
-        name: String,
+        name: Box<str>,
         dtype: DtypeName,
         shape: List<u64, MAX_RANK>,
         encrypted: bool,
@@ -87,7 +87,7 @@ json_object! {
 
 json_object! {
     struct ShardJson {
-        file: String,
+        file: Box<str>,
         row_start: u64,
         rows: u64,
         bytes: u64,
@@ -164,12 +164,13 @@ impl Manifest {
         let columns = j
             .columns
             .0
+            .into_vec()
             .into_iter()
             .map(|c| {
                 Ok(Column {
-                    name: c.name,
+                    name: c.name.into(),
                     dtype: c.dtype.get(path)?,
-                    shape: c.shape.0,
+                    shape: c.shape.0.into(),
                     encrypted: c.encrypted,
                 })
             })
@@ -191,13 +192,14 @@ impl Manifest {
         let shards = j
             .shards
             .0
+            .into_vec()
             .into_iter()
             .enumerate()
             .map(|(i, s)| {
                 // Shard files are named by index, never by an arbitrary path from the file.
                 // (`i` < MAX_SHARDS < 2^32: the list's cap.)
                 let want = shard_file_name(i as u32);
-                if s.file != want {
+                if *s.file != want {
                     return Err(Error::format(
                         path,
                         WHAT,
@@ -209,7 +211,7 @@ impl Manifest {
                 }
                 Ok(ShardEntry {
                     header_digest: s.header_digest.0,
-                    file: s.file,
+                    file: s.file.into(),
                     row_start: s.row_start,
                     rows: s.rows,
                     bytes: s.bytes,

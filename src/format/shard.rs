@@ -82,7 +82,7 @@ pub struct Descriptor {
 
 json_object! {
     struct TensorJson {
-        name: String,
+        name: Box<str>,
         dtype: DtypeName,
         shape: List<u64, MAX_RANK>,
         offsets: Pair,
@@ -194,26 +194,6 @@ impl std::io::Write for SameAs<'_> {
     }
 }
 
-pub(crate) fn parse_hex<const N: usize>(
-    path: &Path,
-    what: &'static str,
-    field: &str,
-    s: &str,
-) -> Result<[u8; N]> {
-    let mut out = [0u8; N];
-    if s.len() != 2 * N
-        || s.bytes().any(|b| b.is_ascii_uppercase())
-        || hex::decode_to_slice(s, &mut out).is_err()
-    {
-        return Err(Error::format(
-            path,
-            what,
-            format!("'{field}' must be {} lower-case hex digits", 2 * N),
-        ));
-    }
-    Ok(out)
-}
-
 impl Descriptor {
     /// Total number of chunks in the shard.
     pub fn total_chunks(&self) -> u64 {
@@ -265,59 +245,66 @@ impl Descriptor {
         if j.tensors.0.is_empty() {
             return Err(bad("a shard must hold at least one tensor".into()));
         }
-        let mut tensors = Vec::with_capacity(j.tensors.0.len());
         let (mut end, mut next_chunk) = (0u64, 0u64);
-        for t in j.tensors.0 {
-            if t.name.is_empty() || t.name == "__metadata__" {
-                return Err(bad(format!(
-                    "tensor name '{}' is empty or reserved",
-                    json::quote(&t.name)
-                )));
-            }
-            let dtype = t.dtype.get(path)?;
-            let [b, e] = t.offsets.0;
-            if b != end || e < b {
-                return Err(bad(format!(
-                    "tensor '{}': offsets [{b}, {e}] are not contiguous with the previous tensor (expected to start at {end})",
-                    json::quote(&t.name)
-                )));
-            }
-            let len = e - b;
-            if tensor_bytes(dtype, &t.shape.0) != Some(len) {
-                return Err(bad(format!(
-                    "tensor '{}': {len} bytes do not match dtype {dtype} and shape {:?}",
-                    json::quote(&t.name),
-                    t.shape.0
-                )));
-            }
-            let chunks = len.div_ceil(j.chunk_size).max(1);
-            if t.chunks != chunks || t.first_chunk != next_chunk {
-                return Err(bad(format!(
-                    "tensor '{}': chunk layout (first_chunk {}, chunks {}) should be ({next_chunk}, {chunks})",
-                    json::quote(&t.name),
-                    t.first_chunk,
-                    t.chunks
-                )));
-            }
-            next_chunk = next_chunk
-                .checked_add(chunks)
-                .filter(|&n| n <= MAX_CHUNKS_PER_SHARD)
-                .ok_or_else(|| {
-                    bad(format!(
-                        "more than {MAX_CHUNKS_PER_SHARD} chunks in one shard"
-                    ))
-                })?;
-            end = e;
-            tensors.push(TensorDesc {
-                name: t.name,
-                dtype,
-                shape: t.shape.0,
-                offsets: (b, e),
-                encrypted: t.encrypted,
-                first_chunk: t.first_chunk,
-                chunks,
-            });
-        }
+        // Collected in place (the same allocation): a header of a million tensors holds one
+        // list at a time.
+        let tensors = j
+            .tensors
+            .0
+            .into_vec()
+            .into_iter()
+            .map(|t| {
+                if t.name.is_empty() || &*t.name == "__metadata__" {
+                    return Err(bad(format!(
+                        "tensor name '{}' is empty or reserved",
+                        json::quote(&t.name)
+                    )));
+                }
+                let dtype = t.dtype.get(path)?;
+                let [b, e] = t.offsets.0;
+                if b != end || e < b {
+                    return Err(bad(format!(
+                        "tensor '{}': offsets [{b}, {e}] are not contiguous with the previous tensor (expected to start at {end})",
+                        json::quote(&t.name)
+                    )));
+                }
+                let len = e - b;
+                if tensor_bytes(dtype, &t.shape.0) != Some(len) {
+                    return Err(bad(format!(
+                        "tensor '{}': {len} bytes do not match dtype {dtype} and shape {:?}",
+                        json::quote(&t.name),
+                        t.shape.0
+                    )));
+                }
+                let chunks = len.div_ceil(j.chunk_size).max(1);
+                if t.chunks != chunks || t.first_chunk != next_chunk {
+                    return Err(bad(format!(
+                        "tensor '{}': chunk layout (first_chunk {}, chunks {}) should be ({next_chunk}, {chunks})",
+                        json::quote(&t.name),
+                        t.first_chunk,
+                        t.chunks
+                    )));
+                }
+                next_chunk = next_chunk
+                    .checked_add(chunks)
+                    .filter(|&n| n <= MAX_CHUNKS_PER_SHARD)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "more than {MAX_CHUNKS_PER_SHARD} chunks in one shard"
+                        ))
+                    })?;
+                end = e;
+                Ok(TensorDesc {
+                    name: t.name.into(),
+                    dtype,
+                    shape: t.shape.0.into(),
+                    offsets: (b, e),
+                    encrypted: t.encrypted,
+                    first_chunk: t.first_chunk,
+                    chunks,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         // A hash set over borrowed names: linear, whatever the tensor count.
         if let Some(name) = json::first_repeat(tensors.iter().map(|t| t.name.as_str())) {
             return Err(bad(format!(
