@@ -79,3 +79,79 @@ fn repeated_names_are_refused() {
         "column 'x' is listed twice",
     );
 }
+
+/// Runs `f` on a thread and fails the test if it has not returned within 20 s (a hang would
+/// otherwise stall the whole suite).
+fn promptly<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what} hung"))
+}
+
+/// Replaces `path` with a FIFO (nobody ever writes to it).
+fn make_fifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let ok = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs")
+        .success();
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// Issue 13 item 6: a FIFO named manifest.json, keyring.json or a shard hung `inspect` and
+/// `verify` forever (opening a FIFO for reading waits for a writer). Every dataset file is
+/// opened non-blocking and refused unless it is a regular file.
+#[test]
+fn fifos_in_a_dataset_are_refused_promptly() {
+    for name in ["manifest.json", "keyring.json", "shard-00001.safetensors"] {
+        let dir = tempfile::tempdir().unwrap();
+        small_dataset(dir.path());
+        make_fifo(&dir.path().join(name));
+        let d = dir.path().to_path_buf();
+        let r = promptly(name, move || Dataset::open(&d).map(drop));
+        assert_err_names(r, name, "not a regular file (a FIFO)");
+    }
+    // A directory or a device in the manifest's place: refused the same way.
+    let dir = tempfile::tempdir().unwrap();
+    small_dataset(dir.path());
+    let m = dir.path().join("manifest.json");
+    std::fs::remove_file(&m).unwrap();
+    std::fs::create_dir(&m).unwrap();
+    assert_err_names(
+        Dataset::open(dir.path()),
+        "manifest.json",
+        "not a regular file (a directory)",
+    );
+    std::fs::remove_dir(&m).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &m).unwrap();
+    assert_err_names(
+        Dataset::open(dir.path()),
+        "manifest.json",
+        "not a regular file (a device)",
+    );
+}
+
+/// A shard swapped for a FIFO after the dataset was opened (its identity pinned, its file not
+/// yet opened): the lazy open does not block either.
+#[test]
+fn shard_swapped_for_a_fifo_after_open_is_refused_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    small_dataset(dir.path());
+    let p = dir.path().join(format::shard_file_name(0));
+    let store = ciphershard::store::LocalStore::open([p.clone()]).unwrap();
+    make_fifo(&p);
+    let r = promptly("read of a swapped shard", move || {
+        use ciphershard::store::ShardStore;
+        store.read_at(0, 0, &mut [0u8; 8])
+    });
+    assert_err_names(r, "shard-00000", "not a regular file (a FIFO)");
+    // And ShardHeader::read on a FIFO path (the store's own stat refuses it).
+    let r = promptly("header read of a FIFO", move || {
+        ShardHeader::read(&p).map(drop)
+    });
+    assert_err_names(r, "shard-00000", "not a regular file (a FIFO)");
+}

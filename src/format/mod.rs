@@ -192,10 +192,61 @@ pub(crate) fn read_at(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> 
     }
 }
 
-/// Reads a whole small file (manifest, keyring), refusing files larger than `cap`.
+/// Opens a file of a dataset for reading without ever waiting: non-blocking on unix (opening a
+/// FIFO for reading otherwise waits for a writer, forever), then anything but a regular file
+/// (FIFO, socket, device, directory) is refused, judged on the opened descriptor itself, so a
+/// path swapped for something else after an earlier check is caught too. Regular files ignore
+/// the non-blocking flag: reads from them behave as usual.
+pub(crate) fn open_regular(path: &Path, what: &'static str) -> Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(
+            path,
+            what,
+            format!("not a regular file ({})", file_kind(&meta)),
+        ));
+    }
+    Ok(file)
+}
+
+/// What kind of file `meta` describes, for "not a regular file" errors.
+pub(crate) fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device";
+        }
+    }
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
+    }
+}
+
+/// Reads a whole small file (manifest, keyring), refusing files larger than `cap` and anything
+/// but a regular file ([`open_regular`]).
 pub(crate) fn read_bounded(path: &Path, what: &'static str, cap: u64) -> Result<Vec<u8>> {
     use std::io::Read;
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = open_regular(path, what)?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len > cap {
         return Err(Error::format(

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 
 use super::{ShardIdentity, ShardStore};
 use crate::error::{Error, Result};
+use crate::format::{file_kind, open_regular};
 
 /// Local shard files, opened once.
 #[derive(Debug)]
@@ -36,7 +37,11 @@ impl LocalStore {
             .map(|path| {
                 let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
                 if !meta.is_file() {
-                    return Err(Error::format(&path, "shard", "not a regular file"));
+                    return Err(Error::format(
+                        &path,
+                        "shard",
+                        format!("not a regular file ({})", file_kind(&meta)),
+                    ));
                 }
                 let identity = ShardIdentity {
                     len: meta.len(),
@@ -58,7 +63,9 @@ impl LocalShard {
         if let Some(f) = self.file.get() {
             return Ok(f);
         }
-        let f = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        // Non-blocking, and checked on the descriptor: the path may have been swapped for a
+        // FIFO since `LocalStore::open` looked at it.
+        let f = open_regular(&self.path, "shard")?;
         // Two threads may race to open it: one descriptor wins, the other is closed.
         Ok(self.file.get_or_init(|| f))
     }
