@@ -7,7 +7,7 @@ mod format_common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ciphershard::format::{self, Dataset, Keyring, Manifest, ShardHeader};
+use ciphershard::format::{self, Dataset, Dtype, Keyring, Manifest, ShardHeader};
 use ciphershard::{Error, Result};
 use format_common::*;
 
@@ -154,4 +154,172 @@ fn shard_swapped_for_a_fifo_after_open_is_refused_promptly() {
         ShardHeader::read(&p).map(drop)
     });
     assert_err_names(r, "shard-00000", "not a regular file (a FIFO)");
+}
+
+/// One shard of a hand-made dataset: its rows and its tensors (name, dtype, full shape).
+struct Craft {
+    row_start: u64,
+    rows: u64,
+    tensors: Vec<(&'static str, Dtype, Vec<u64>)>,
+}
+
+/// Writes a dataset that `convert` would not (or no longer) write, but whose every file is
+/// well-formed: canonical headers, real header tags and wrapped data keys under `key` (chunk
+/// tags are zero: only opening and unlocking are exercised).
+fn craft(dir: &Path, rows: u64, columns: &[(&'static str, Dtype, Vec<u64>)], shards: &[Craft]) {
+    use base64::Engine;
+    use ciphershard::cipher::Cipher;
+    use ciphershard::cipher::cpu::CpuCipher;
+    use ciphershard::format::{Column, DatasetKind, Descriptor, ShardEntry, TensorDesc};
+    use sha2::Digest;
+    let dataset_id = [5u8; 16];
+    let mut entries = Vec::new();
+    let mut data_keys = Vec::new();
+    for (i, s) in shards.iter().enumerate() {
+        let (mut off, mut g) = (0u64, 0u64);
+        let tensors: Vec<TensorDesc> = s
+            .tensors
+            .iter()
+            .map(|(name, dtype, shape)| {
+                let len = shape
+                    .iter()
+                    .try_fold(dtype.size_bytes() as u64, |a, &d| a.checked_mul(d))
+                    .unwrap();
+                let chunks = len.div_ceil(64).max(1);
+                let t = TensorDesc {
+                    name: name.to_string(),
+                    dtype: *dtype,
+                    shape: shape.clone(),
+                    offsets: (off, off + len),
+                    encrypted: true,
+                    first_chunk: g,
+                    chunks,
+                };
+                (off, g) = (off + len, g + chunks);
+                t
+            })
+            .collect();
+        let d = Descriptor {
+            version: 1,
+            dataset_id,
+            shard_index: i as u32,
+            shard_count: shards.len() as u32,
+            row_start: s.row_start,
+            rows: s.rows,
+            chunk_size: 64,
+            tensors,
+            metadata: Default::default(),
+        };
+        let desc = d.to_json();
+        let dk = ciphershard::DataKey::generate().unwrap();
+        let opener = CpuCipher::new().prepare(&dk).unwrap();
+        let mut tags = opener
+            .seal_in_place(&format::HEADER_TAG_NONCE, desc.as_bytes(), false, &mut [])
+            .unwrap()
+            .to_vec();
+        tags.resize(16 * (1 + g as usize), 0);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&tags);
+        let header = format::canonical_header(&desc, &b64, &d.tensors);
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&header);
+        file.resize(file.len() + off as usize, 0);
+        std::fs::write(dir.join(format::shard_file_name(i as u32)), &file).unwrap();
+        entries.push(ShardEntry {
+            file: format::shard_file_name(i as u32),
+            row_start: s.row_start,
+            rows: s.rows,
+            bytes: file.len() as u64,
+            header_digest: sha2::Sha256::digest(desc.as_bytes()).into(),
+        });
+        data_keys.push(dk);
+    }
+    let kpath = dir.join("keyring.json");
+    let mut ring = Keyring::new(&kpath, dataset_id);
+    ring.set_wraps(&key(1), &data_keys).unwrap();
+    std::fs::write(&kpath, ring.to_json()).unwrap();
+    let m = Manifest {
+        dataset_id,
+        kind: DatasetKind::Dataset,
+        rows,
+        chunk_size: 64,
+        columns: columns
+            .iter()
+            .map(|(name, dtype, shape)| Column {
+                name: name.to_string(),
+                dtype: *dtype,
+                shape: shape.clone(),
+                encrypted: true,
+            })
+            .collect(),
+        shards: entries,
+    };
+    std::fs::write(dir.join("manifest.json"), m.to_json()).unwrap();
+}
+
+/// Issue 13 item 12: shard row counts summed across shards wrapped silently in release builds
+/// (and panicked in debug builds): two shards of 2^63 zero-width rows passed as a dataset of 0
+/// rows. The sum is checked.
+#[test]
+fn row_counts_that_overflow_u64_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let half = 1u64 << 63;
+    craft(
+        dir.path(),
+        0,
+        &[("x", Dtype::U8, vec![0])],
+        &[
+            Craft {
+                row_start: 0,
+                rows: half,
+                tensors: vec![("x", Dtype::U8, vec![half, 0])],
+            },
+            Craft {
+                row_start: half,
+                rows: half,
+                tensors: vec![("x", Dtype::U8, vec![half, 0])],
+            },
+        ],
+    );
+    assert_err_names(Dataset::open(dir.path()), "shard-00001", "rows overflow");
+    // The same files with a sum that fits open fine (the crafting is sound).
+    let dir = tempfile::tempdir().unwrap();
+    craft(
+        dir.path(),
+        half + 1,
+        &[("x", Dtype::U8, vec![0])],
+        &[
+            Craft {
+                row_start: 0,
+                rows: half,
+                tensors: vec![("x", Dtype::U8, vec![half, 0])],
+            },
+            Craft {
+                row_start: half,
+                rows: 1,
+                tensors: vec![("x", Dtype::U8, vec![1, 0])],
+            },
+        ],
+    );
+    unlock(dir.path(), &key(1)).unwrap();
+}
+
+/// Item 12 in the loader: a row's byte size was `shape.product() * size`, which overflows for
+/// a well-formed zero-row dataset of [0, 2^62, 2^62] tensors (the whole tensor is 0 bytes).
+#[test]
+fn row_sizes_that_overflow_u64_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = 1u64 << 62;
+    craft(
+        dir.path(),
+        0,
+        &[("x", Dtype::U8, vec![big, big])],
+        &[Craft {
+            row_start: 0,
+            rows: 0,
+            tensors: vec![("x", Dtype::U8, vec![0, big, big])],
+        }],
+    );
+    let ud = unlock(dir.path(), &key(1)).unwrap();
+    let r = ciphershard::pipeline::format_source::FormatSource::new(ud);
+    assert_err_names(r, "manifest.json", "more than 2^64-1 bytes");
 }

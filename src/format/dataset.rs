@@ -160,7 +160,13 @@ impl Dataset {
                     "a 'tensors' dataset is one shard without rows",
                 )?,
             }
-            next_row += d.rows;
+            // Row counts come from the files: their sum is checked, never wrapped.
+            next_row = next_row.checked_add(d.rows).ok_or_else(|| {
+                mismatch(
+                    &spath,
+                    "rows overflow: the shards hold more than 2^64-1 rows in all".into(),
+                )
+            })?;
             shards.push(h);
         }
         if next_row != manifest.rows {
@@ -274,12 +280,12 @@ pub struct VerifySummary {
 /// shard, tensor and chunk.
 pub fn verify(ds: &UnlockedDataset, progress: &mut dyn FnMut(u64, u64)) -> Result<VerifySummary> {
     let start = Instant::now();
+    // Only a progress total: saturating rather than checked (each term is a file's length).
     let total: u64 = ds
         .dataset
         .shards
         .iter()
-        .map(|h| h.descriptor.data_len())
-        .sum();
+        .fold(0u64, |a, h| a.saturating_add(h.descriptor.data_len()));
     let (mut done, mut chunks) = (0u64, 0u64);
     let mut scratch = zeroize::Zeroizing::new(Vec::new());
     for (i, h) in ds.dataset.shards.iter().enumerate() {

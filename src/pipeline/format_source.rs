@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use crate::cipher::{Backend, ChunkOpener};
 use crate::error::{ChunkLocation, Error, Result};
-use crate::format::{Dataset, DatasetKind, UnlockedDataset};
+use crate::format::{Dataset, DatasetKind, MANIFEST_FILE, UnlockedDataset, tensor_bytes};
 use crate::keys::{DataKey, MasterKey};
 use crate::store::ShardStore;
 
@@ -53,28 +53,45 @@ impl FormatSource {
         let columns: Vec<ColumnInfo> = m
             .columns
             .iter()
-            .map(|c| ColumnInfo {
-                name: c.name.clone(),
-                dtype: c.dtype.as_str().to_string(),
-                elem_size: c.dtype.size_bytes(),
-                row_shape: c.shape.clone(),
-                row_bytes: c.shape.iter().product::<u64>() * c.dtype.size_bytes() as u64,
+            .map(|c| {
+                // The row shape comes from the manifest: its byte size may overflow u64 (a
+                // zero-row dataset of [0, 2^62, 2^62] tensors is well-formed).
+                let row_bytes = tensor_bytes(c.dtype, &c.shape).ok_or_else(|| {
+                    Error::format(
+                        d.dir().join(MANIFEST_FILE),
+                        "manifest",
+                        format!(
+                            "column '{}': a row of shape {:?} is more than 2^64-1 bytes",
+                            c.name, c.shape
+                        ),
+                    )
+                })?;
+                Ok(ColumnInfo {
+                    name: c.name.clone(),
+                    dtype: c.dtype.as_str().to_string(),
+                    elem_size: c.dtype.size_bytes(),
+                    row_shape: c.shape.clone(),
+                    row_bytes,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let mut tensor_index = Vec::new();
         for h in d.shards() {
             let rows = h.descriptor.rows;
             let mut idx = Vec::new();
-            for col in &columns {
-                let Some((ti, t)) = h.tensor(&col.name) else {
+            // `Dataset::open` checked that tensor `i` of every shard is column `i`: no lookup
+            // by name (a linear search per column is quadratic in the column count).
+            for (ti, col) in columns.iter().enumerate() {
+                let Some(t) = h.descriptor.tensors.get(ti).filter(|t| t.name == col.name) else {
                     return Err(Error::format(
                         &h.path,
                         "shard",
                         format!("column '{}' is missing", col.name),
                     ));
                 };
+                let ti = ti as u32;
                 if t.shape.first() != Some(&rows)
-                    || t.offsets.1 - t.offsets.0 != rows * col.row_bytes
+                    || rows.checked_mul(col.row_bytes) != Some(t.offsets.1 - t.offsets.0)
                 {
                     return Err(Error::format(
                         &h.path,
