@@ -323,3 +323,126 @@ fn row_sizes_that_overflow_u64_are_an_error() {
     let r = ciphershard::pipeline::format_source::FormatSource::new(ud);
     assert_err_names(r, "manifest.json", "more than 2^64-1 bytes");
 }
+
+/// Item 3: every value has a fixed JSON type, so nothing nests deeper than the format does:
+/// `__metadata__` (and the descriptor's `metadata`) hold strings only, unknown fields are
+/// refused before their value is read, and a 200,000-deep nesting is refused without recursion.
+#[test]
+fn nested_structures_are_refused_where_the_format_has_none() {
+    let dir = tempfile::tempdir().unwrap();
+    small_dataset(dir.path());
+    let p = dir.path().join(format::shard_file_name(0));
+    let file = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&file[8..8 + n]).unwrap().trim_end();
+    let reparse = |h: &str| {
+        let mut h = h.to_string();
+        while !h.len().is_multiple_of(8) {
+            h.push(' ');
+        }
+        let mut f = (h.len() as u64).to_le_bytes().to_vec();
+        f.extend_from_slice(h.as_bytes());
+        f.extend_from_slice(&file[8 + n..]);
+        ShardHeader::parse(&p, &f).map(drop)
+    };
+    reparse(header).unwrap();
+    let nested = header.replacen(
+        r#"{"__metadata__":{"#,
+        r#"{"__metadata__":{"extra":{"a":[1,{"b":2}]},"#,
+        1,
+    );
+    assert_err_names(
+        reparse(&nested),
+        "shard-00000",
+        "expected `__metadata__` to be a string",
+    );
+    let nested = header.replacen(r#"\"source\":\"test\""#, r#"\"source\":{}"#, 1);
+    assert_ne!(nested, header);
+    assert_err_names(
+        reparse(&nested),
+        "shard-00000",
+        "expected `metadata` to be a string",
+    );
+    let deep = 200_000;
+    let nested = header.replacen(
+        r#"{"__metadata__":{"#,
+        &format!(
+            r#"{{"__metadata__":{{"extra":{}{}"#,
+            "[".repeat(deep),
+            "]".repeat(deep) + ","
+        ),
+        1,
+    );
+    assert_err_names(reparse(&nested), "shard-00000", "__metadata__");
+    // Manifest and keyring: deep nesting under an unknown field or in place of a list.
+    let m = dir.path().join("manifest.json");
+    let text = std::fs::read_to_string(&m).unwrap();
+    for (edit, cause) in [
+        (
+            text.replacen(
+                '{',
+                &format!(r#"{{"x":{}{},"#, "[".repeat(deep), "]".repeat(deep)),
+                1,
+            ),
+            "unknown field `x`",
+        ),
+        (
+            text.replacen(
+                r#""columns":["#,
+                &format!(r#""columns":[{}{},"#, "[".repeat(deep), "]".repeat(deep)),
+                1,
+            ),
+            "expected `columns` to be an object",
+        ),
+    ] {
+        assert_err_names(Manifest::parse(&m, edit.as_bytes()), "manifest.json", cause);
+    }
+    let k = dir.path().join("keyring.json");
+    let text = std::fs::read_to_string(&k).unwrap();
+    let edit = text.replacen(
+        r#""wraps":["#,
+        &format!(
+            r#""wraps":[{}{},"#,
+            "{\"a\":".repeat(deep),
+            "0".to_string() + &"}".repeat(deep)
+        ),
+        1,
+    );
+    assert_err_names(
+        Keyring::parse(&k, edit.as_bytes()),
+        "keyring.json",
+        "unknown field `a`",
+    );
+}
+
+/// Item 3: the caps on counts are checked while reading (the metadata map, a shape's rank).
+#[test]
+fn counts_over_the_caps_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    small_dataset(dir.path());
+    let m = dir.path().join("manifest.json");
+    let text = std::fs::read_to_string(&m).unwrap();
+    let rank = |r: usize| {
+        let shape = vec!["1"; r].join(",");
+        text.replacen(r#""shape":[3]"#, &format!(r#""shape":[{shape}]"#), 1)
+    };
+    assert_ne!(rank(64), text);
+    Manifest::parse(&m, rank(64).as_bytes()).unwrap();
+    assert_err_names(
+        Manifest::parse(&m, rank(65).as_bytes()),
+        "manifest.json",
+        "`shape` holds more than 64 entries",
+    );
+    let p = dir.path().join(format::shard_file_name(0));
+    let mut h = ShardHeader::read(&p).unwrap().descriptor;
+    h.metadata = (0..=format::MAX_METADATA_ENTRIES)
+        .map(|i| (i.to_string(), String::new()))
+        .collect();
+    assert_err_names(
+        format::Descriptor::parse(&p, &h.to_json()),
+        "shard-00000",
+        "`metadata` holds more than 65536 entries",
+    );
+    h.metadata.pop_first();
+    format::Descriptor::parse(&p, &h.to_json()).unwrap();
+}

@@ -646,3 +646,68 @@ pub(crate) fn first_repeat<'a>(items: impl IntoIterator<Item = &'a str>) -> Opti
     let mut seen = std::collections::HashSet::new();
     items.into_iter().find(|s| !seen.insert(*s))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    json_object! {
+        #[derive(Debug)]
+        struct Point {
+            x: u64,
+            tags: List<Box<str>, 3>,
+        }
+    }
+
+    #[test]
+    fn caps_types_and_field_names() {
+        let p = Path::new("f.json");
+        let get =
+            |s: &str| parse_object::<Point>(p, "point", s.as_bytes()).map_err(|e| e.to_string());
+        let ok = get(r#"{"tags":["a","b","c"],"x":7}"#).unwrap();
+        assert_eq!((ok.x, ok.tags.0.len()), (7, 3));
+        for (text, cause) in [
+            (
+                r#"{"x":1,"tags":["a","b","c","d"]}"#,
+                "`tags` holds more than 3 entries",
+            ),
+            (
+                r#"{"x":"1","tags":[]}"#,
+                "expected `x` to be a non-negative integer",
+            ),
+            (
+                r#"{"x":-1,"tags":[]}"#,
+                "expected `x` to be a non-negative integer",
+            ),
+            (
+                r#"{"x":1.5,"tags":[]}"#,
+                "expected `x` to be a non-negative integer",
+            ),
+            (
+                r#"{"x":1,"tags":[["a"]]}"#,
+                "expected `tags` to be a string",
+            ),
+            (r#"{"x":1}"#, "missing field `tags`"),
+            (r#"{"x":1,"x":2,"tags":[]}"#, "duplicate field `x`"),
+            (r#"{"x":1,"tags":[],"y":[[[[]]]]}"#, "unknown field `y`"),
+            (r#"[1]"#, "expected `point` to be an object"),
+            (
+                r#"{"x":1,"tags":[]} x"#,
+                "invalid JSON: trailing characters",
+            ),
+            (r#"{"x":1,"tags":[1,"#, "invalid JSON"),
+        ] {
+            let e = get(text).unwrap_err();
+            assert!(e.contains(cause) && e.contains("f.json"), "{text}: {e}");
+        }
+        // An unknown name is quoted, but not at any length.
+        let e = get(&format!(r#"{{"{}":1}}"#, "n".repeat(10_000))).unwrap_err();
+        assert!(e.len() < 500, "{e}");
+    }
+
+    #[test]
+    fn first_repeat_finds_the_first_duplicate() {
+        assert_eq!(first_repeat(["a", "b", "c"]), None);
+        assert_eq!(first_repeat(["a", "b", "a", "b"]), Some("a"));
+    }
+}
