@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Bounded coverage-guided fuzzing of the header / manifest / keyring / NPY parsers
-# (fuzz/fuzz_targets/parse.rs) with libFuzzer on the stable toolchain: SanitizerCoverage is
-# switched on through -C passes / -C llvm-args (what cargo-fuzz does, minus nightly-only ASan,
-# which safe Rust does not need). Seeds: the golden shards. Any crash fails the run.
-#   FUZZ_SECONDS (default 30)
+# Bounded coverage-guided fuzzing of every fuzz target (fuzz/fuzz_targets/*.rs: the header /
+# descriptor / manifest / keyring / NPY parsers, and the whole open path of a dataset
+# directory) with libFuzzer on the stable toolchain; scripts/fuzz-common.sh says how. The time
+# budget is shared by the targets; seeds are the golden dataset. Any finding fails the run.
+# Works from any directory; honours CARGO_TARGET_DIR.
+#   FUZZ_SECONDS (default 30): total fuzzing time, split evenly (at least 1 s each).
 set -euo pipefail
-cd "$(dirname "$0")/../fuzz"
-target=x86_64-unknown-linux-gnu
-# --target keeps these flags off build scripts and proc macros.
-export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
--Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
--Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
-cargo build -q --release --target "$target"
-corpus=target/corpus-parse
-mkdir -p "$corpus"
-cp -n ../tests/golden/dataset/*.safetensors ../tests/golden/dataset/*.json "$corpus"/ 2>/dev/null || true
-"./target/$target/release/parse" -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=2048 \
-    -artifact_prefix=target/ "$corpus" 2>&1 | tail -3
+source "$(dirname "$0")/fuzz-common.sh"
+fuzz_build
+lay_seeds
+n=$(echo "$targets" | wc -w)
+each=$(( ${FUZZ_SECONDS:-30} / n ))
+[ "$each" -ge 1 ] || each=1
+status=0
+for t in $targets; do
+    run_target "$t" -max_total_time="$each" || status=1
+done
+exit $status
