@@ -22,15 +22,6 @@ fn full_check(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-#[track_caller]
-fn assert_err_names(r: Result<impl std::fmt::Debug>, file: &str, cause: &str) -> Error {
-    let e = r.expect_err("expected an error");
-    let msg = e.to_string();
-    assert!(msg.contains(file), "error does not name {file}: {msg}");
-    assert!(msg.contains(cause), "error does not say '{cause}': {msg}");
-    e
-}
-
 /// Rewrites a shard's header text with `f`, re-padding and fixing the length prefix.
 fn rewrite_header(path: &Path, f: impl FnOnce(String) -> String) {
     let file = std::fs::read(path).unwrap();

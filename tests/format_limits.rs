@@ -8,17 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ciphershard::format::{self, Dataset, Dtype, Keyring, Manifest, ShardHeader};
-use ciphershard::{Error, Result};
 use format_common::*;
-
-#[track_caller]
-fn assert_err_names(r: Result<impl std::fmt::Debug>, file: &str, cause: &str) -> Error {
-    let e = r.expect_err("expected an error");
-    let msg = e.to_string();
-    assert!(msg.contains(file), "error does not name {file}: {msg}");
-    assert!(msg.contains(cause), "error does not say '{cause}': {msg}");
-    e
-}
 
 /// A keyring of `n` distinct key ids (one wrapped key each), the last one repeating the first
 /// if `repeat`.

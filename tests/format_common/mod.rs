@@ -94,3 +94,13 @@ pub fn read_column(ud: &UnlockedDataset, tensor: u32) -> Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+/// Asserts `r` is an error whose message names `file` and says `cause`.
+#[track_caller]
+pub fn assert_err_names(r: Result<impl std::fmt::Debug>, file: &str, cause: &str) -> Error {
+    let e = r.expect_err("expected an error");
+    let msg = e.to_string();
+    assert!(msg.contains(file), "error does not name {file}: {msg}");
+    assert!(msg.contains(cause), "error does not say '{cause}': {msg}");
+    e
+}
