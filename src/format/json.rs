@@ -40,11 +40,24 @@ pub(crate) fn parse<'de, S: DeserializeSeed<'de>>(
                 // builds nothing and nests without recursion.
                 match serde_json::from_slice::<IgnoredAny>(bytes) {
                     Err(syntax) => Error::format(path, what, format!("invalid JSON: {syntax}")),
-                    Ok(_) => Error::format(path, what, e.to_string()),
+                    Ok(_) => Error::format(path, what, shorten(e.to_string())),
                 }
             }
             _ => Error::format(path, what, format!("invalid JSON: {e}")),
         })
+}
+
+/// serde's type errors quote the offending string whole ("invalid type: string \"...\""),
+/// and a file may put 60 MB there: keep the start and the position at the end.
+fn shorten(msg: String) -> String {
+    const HEAD: usize = 160;
+    const TAIL: usize = 200;
+    if msg.len() <= HEAD + TAIL + 16 {
+        return msg;
+    }
+    let head = msg.floor_char_boundary(HEAD);
+    let tail = msg.ceil_char_boundary(msg.len() - TAIL);
+    format!("{} ... {}", &msg[..head], &msg[tail..])
 }
 
 /// Parses `bytes` as an object of type `T` (the whole file).
@@ -700,9 +713,14 @@ mod tests {
             let e = get(text).unwrap_err();
             assert!(e.contains(cause) && e.contains("f.json"), "{text}: {e}");
         }
-        // An unknown name is quoted, but not at any length.
+        // An unknown name or a wrong-typed string is quoted, but not at any length.
         let e = get(&format!(r#"{{"{}":1}}"#, "n".repeat(10_000))).unwrap_err();
         assert!(e.len() < 500, "{e}");
+        let e = get(&format!(r#"{{"x":"{}","tags":[]}}"#, "é".repeat(10_000))).unwrap_err();
+        assert!(
+            e.len() < 600 && e.contains("expected `x`") && e.contains("column"),
+            "{e}"
+        );
     }
 
     #[test]
