@@ -82,6 +82,7 @@ fn promptly<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'stati
 }
 
 /// Replaces `path` with a FIFO (nobody ever writes to it).
+#[cfg(unix)]
 fn make_fifo(path: &Path) {
     let _ = std::fs::remove_file(path);
     let ok = std::process::Command::new("mkfifo")
@@ -95,6 +96,7 @@ fn make_fifo(path: &Path) {
 /// Issue 13 item 6: a FIFO named manifest.json, keyring.json or a shard hung `inspect` and
 /// `verify` forever (opening a FIFO for reading waits for a writer). Every dataset file is
 /// opened non-blocking and refused unless it is a regular file.
+#[cfg(unix)]
 #[test]
 fn fifos_in_a_dataset_are_refused_promptly() {
     for name in ["manifest.json", "keyring.json", "shard-00001.safetensors"] {
@@ -127,6 +129,7 @@ fn fifos_in_a_dataset_are_refused_promptly() {
 
 /// A shard swapped for a FIFO after the dataset was opened (its identity pinned, its file not
 /// yet opened): the lazy open does not block either.
+#[cfg(unix)]
 #[test]
 fn shard_swapped_for_a_fifo_after_open_is_refused_promptly() {
     let dir = tempfile::tempdir().unwrap();
