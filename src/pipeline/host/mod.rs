@@ -92,7 +92,7 @@ impl Loader {
             let mut free = set_pool.free.lock().unwrap_or_else(|e| e.into_inner());
             // In flight, plus the one the consumer holds.
             for _ in 0..in_flight + 1 {
-                free.push(set_pool.alloc());
+                free.push(set_pool.alloc()?);
             }
         }
         // Chunks held at once: the pinned window plus the windows the in-flight batches still
@@ -135,7 +135,7 @@ impl Loader {
             bound.saturating_add(opts.threads * columns.len()),
             opts.pin_hook.clone(),
             counters.pool_bytes.clone(),
-        ));
+        )?);
         let shared = Arc::new(Shared {
             source,
             columns: columns.clone(),
