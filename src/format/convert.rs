@@ -194,7 +194,12 @@ pub fn convert(
     } else {
         0
     };
-    let row_bytes: u64 = cols.iter().map(|c| c.row_bytes).sum();
+    // Sums and products of the columns' sizes below fit in u64: `plan` checked one row of all
+    // columns, each column's rows x row bytes and their total (saturating only to show it).
+    let row_bytes: u64 = cols
+        .iter()
+        .map(|c| c.row_bytes)
+        .fold(0, u64::saturating_add);
     let rows_per_shard = if kind == DatasetKind::Tensors || row_bytes == 0 {
         rows.max(1)
     } else {
@@ -208,8 +213,8 @@ pub fn convert(
     })?;
     let total: u64 = cols
         .iter()
-        .map(|c| c.pieces.iter().map(|p| p.len).sum::<u64>())
-        .sum();
+        .flat_map(|c| c.pieces.iter().map(|p| p.len))
+        .fold(0, u64::saturating_add);
 
     let mut dataset_id = [0u8; 16];
     getrandom::fill(&mut dataset_id)
@@ -227,7 +232,7 @@ pub fn convert(
         .min(8);
     for s in 0..shard_count {
         let r0 = s as u64 * rows_per_shard;
-        let r1 = (r0 + rows_per_shard).min(rows);
+        let r1 = r0.saturating_add(rows_per_shard).min(rows);
         let (srows, row_start) = if kind == DatasetKind::Dataset {
             (r1 - r0, r0)
         } else {

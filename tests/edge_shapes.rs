@@ -1,0 +1,199 @@
+//! Shapes at the edges, from `convert` to every loader: shape products that overflow (also
+//! hidden behind a zero row count), scalars and empty tensors, and zero-width columns. The rule
+//! for the last (docs/FORMAT.md, section 5): a dataset needs at least one column whose rows hold
+//! bytes, so its row count is bounded by its data; zero-width columns beside such a column load
+//! as `[B, 0]` tensors. And `convert`'s summary says which columns are readable.
+
+use std::path::{Path, PathBuf};
+
+use ciphershard::cipher::Backend;
+use ciphershard::format::{ConvertInput, DatasetKind, Dtype};
+use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions};
+
+#[path = "format_common/mod.rs"]
+mod format_common;
+use format_common::*;
+
+/// A plaintext safetensors file holding `tensors` (name, dtype, shape, data offsets) over
+/// `data` bytes.
+fn safetensors(
+    dir: &Path,
+    name: &str,
+    tensors: &[(&str, &str, &[u64], [u64; 2])],
+    data: usize,
+) -> PathBuf {
+    let entries: Vec<String> = tensors
+        .iter()
+        .map(|(n, d, s, o)| {
+            format!(
+                r#""{n}":{{"dtype":"{d}","shape":{s:?},"data_offsets":[{},{}]}}"#,
+                o[0], o[1]
+            )
+        })
+        .collect();
+    let header = format!("{{{}}}", entries.join(","));
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.resize(v.len() + data, 7);
+    let p = dir.join(name);
+    std::fs::write(&p, v).unwrap();
+    p
+}
+
+/// An NPY (version 1) file of `descr` and `shape` (a Python tuple) over `data` bytes.
+fn npy(dir: &Path, name: &str, descr: &str, shape: &str, data: usize) -> PathBuf {
+    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut v = b"\x93NUMPY\x01\x00".to_vec();
+    v.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    v.extend_from_slice(h.as_bytes());
+    v.resize(v.len() + data, 3);
+    let p = dir.join(name);
+    std::fs::write(&p, v).unwrap();
+    p
+}
+
+fn mem(name: &str, dtype: Dtype, shape: &[u64], data: Vec<u8>) -> ConvertInput {
+    ConvertInput::InMemory {
+        name: name.into(),
+        dtype,
+        shape: shape.to_vec(),
+        data,
+    }
+}
+
+/// `convert` refuses `inputs` with an error whose message holds every one of `needles`, and
+/// leaves nothing behind.
+fn refused(inputs: &[ConvertInput], needles: &[&str]) -> String {
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("ds");
+    let e = convert_quiet(inputs, &o, &opts(64, 1 << 20, &[]))
+        .map(|s| s.rows)
+        .expect_err("converted");
+    let msg = e.to_string();
+    for n in needles {
+        assert!(msg.contains(n), "'{n}' not in: {msg}");
+    }
+    assert!(!o.exists() || std::fs::read_dir(&o).unwrap().count() == 0);
+    msg
+}
+
+/// `[0, 2^62]`: the whole tensor has 0 bytes (valid), one row has 2^64 (it panicked at an
+/// `expect` before): an error naming the file and the tensor, for each input format.
+#[test]
+fn zero_rows_of_an_overflowing_row_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let big = 1u64 << 62;
+    let st = safetensors(
+        d,
+        "rows0.safetensors",
+        &[("a", "F32", &[0, big], [0, 0])],
+        0,
+    );
+    refused(
+        &[ConvertInput::Safetensors(st)],
+        &["rows0.safetensors", "'a'", "2^64"],
+    );
+    let st = safetensors(
+        d,
+        "u8.safetensors",
+        &[("b", "U8", &[0, big, big], [0, 0])],
+        0,
+    );
+    refused(
+        &[ConvertInput::Safetensors(st)],
+        &["u8.safetensors", "'b'", "2^64"],
+    );
+    let n = npy(d, "rows0.npy", "<f4", &format!("(0, {big})"), 0);
+    refused(
+        &[ConvertInput::Npy {
+            column: "c".into(),
+            path: n,
+        }],
+        &["rows0.npy", "'c'", "2^64"],
+    );
+    refused(&[mem("m", Dtype::F32, &[0, big], vec![])], &["'m'", "2^64"]);
+}
+
+/// Shapes whose whole size overflows are refused by every reader; an NPY data length of
+/// 2^64 - 1 no longer overflows the "header + data = file" check (a panic in debug builds).
+#[test]
+fn overflowing_shapes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let st = safetensors(
+        d,
+        "wide.safetensors",
+        &[("a", "U8", &[1 << 63, 2], [0, 0])],
+        0,
+    );
+    refused(
+        &[ConvertInput::Safetensors(st)],
+        &["wide.safetensors", "'a'"],
+    );
+    for (file, shape) in [
+        ("wide.npy", format!("({}, 2)", 1u64 << 63)),
+        ("max.npy", format!("({},)", u64::MAX)),
+        ("max2.npy", format!("({}, 1)", u64::MAX - 127)),
+    ] {
+        let n = npy(d, file, "|u1", &shape, 16);
+        refused(
+            &[ConvertInput::Npy {
+                column: "c".into(),
+                path: n,
+            }],
+            &[file],
+        );
+    }
+    refused(&[mem("m", Dtype::U8, &[1 << 63, 2], vec![])], &["'m'"]);
+    // Row counts summed over inputs: each fits, the sum does not.
+    let z = || mem("z", Dtype::U8, &[1 << 63, 0], vec![]);
+    refused(&[z(), z()], &["'z'", "2^64 rows"]);
+}
+
+/// A scalar cannot be a dataset's column (its first dimension is the row count), but a lone
+/// safetensors file of tensors may hold one; `[0]` is a dataset of no rows, which loads as no
+/// batch.
+#[test]
+fn scalars_and_empty_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let n = npy(d, "scalar.npy", "<i8", "()", 8);
+    refused(
+        &[ConvertInput::Npy {
+            column: "s".into(),
+            path: n,
+        }],
+        &["scalar.npy", "scalar"],
+    );
+    refused(&[mem("s", Dtype::I64, &[], vec![0; 8])], &["'s'", "scalar"]);
+    let st = safetensors(
+        d,
+        "weights.safetensors",
+        &[("w", "F32", &[2, 2], [0, 16]), ("t", "I64", &[], [16, 24])],
+        24,
+    );
+    let s = convert_quiet(
+        &[ConvertInput::Safetensors(st)],
+        &d.join("weights"),
+        &opts(64, 1 << 20, &[]),
+    )
+    .unwrap();
+    assert_eq!((s.kind, s.rows, s.columns), (DatasetKind::Tensors, 0, 2));
+
+    let out = d.join("empty");
+    let s = convert_quiet(
+        &[mem("e", Dtype::U8, &[0], vec![])],
+        &out,
+        &opts(64, 1 << 20, &[]),
+    )
+    .unwrap();
+    assert_eq!((s.kind, s.rows, s.shards), (DatasetKind::Dataset, 0, 1));
+    let src = FormatSource::open(&out, &key(1), Backend::Cpu).unwrap();
+    let mut l = Loader::new(src, &LoaderOptions::default()).unwrap();
+    assert!(l.next().is_none());
+}
