@@ -7,12 +7,15 @@
 use std::path::{Path, PathBuf};
 
 use ciphershard::cipher::Backend;
-use ciphershard::format::{ConvertInput, DatasetKind, Dtype};
+use ciphershard::format::{self, ConvertInput, Dataset, DatasetKind, Dtype};
 use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions};
 
 #[path = "format_common/mod.rs"]
 mod format_common;
 use format_common::*;
+
+#[path = "device_common/mod.rs"]
+mod device_common;
 
 /// A plaintext safetensors file holding `tensors` (name, dtype, shape, data offsets) over
 /// `data` bytes.
@@ -196,4 +199,56 @@ fn scalars_and_empty_shapes() {
     let src = FormatSource::open(&out, &key(1), Backend::Cpu).unwrap();
     let mut l = Loader::new(src, &LoaderOptions::default()).unwrap();
     assert!(l.next().is_none());
+}
+
+/// Zero-width columns beside a normal one: converted, verified, and delivered by the host
+/// loader as `[B, 0]` (and `[B, 2, 0]`) tensors with every other column's values intact.
+#[test]
+fn zero_width_columns_beside_a_normal_one_load_as_empty_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = device_common::make_zero_width(dir.path(), 300);
+    let ud = Dataset::open(dir.path())
+        .unwrap()
+        .unlock(&key, &ciphershard::cipher::cpu::CpuCipher::new())
+        .unwrap();
+    format::verify(&ud, &mut |_, _| {}).unwrap();
+    let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+    let o = LoaderOptions {
+        batch_size: 64,
+        seed: 3,
+        epochs: 2,
+        ..Default::default()
+    };
+    let mut rows = 0;
+    for b in Loader::new(src, &o).unwrap() {
+        let b = b.unwrap();
+        let n = b.len() as u64;
+        let shapes: Vec<_> = b
+            .tensors()
+            .map(|t| (t.name, t.shape(), t.bytes.len()))
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                ("e", vec![n, 0], 0),
+                ("x", vec![n, 3], n as usize * 12),
+                ("p", vec![n, 2, 0], 0)
+            ]
+        );
+        assert!(b.tensor("e").unwrap().as_slice::<u8>().unwrap().is_empty());
+        let x: &[f32] = b.tensor("x").unwrap().as_slice().unwrap();
+        for (i, &r) in b.row_ids().iter().enumerate() {
+            assert_eq!(x[i * 3], (r * 3) as f32 * 0.5);
+        }
+        rows += n;
+    }
+    assert_eq!(rows, 600);
+    // The bench touched the first byte of the first column, here zero-width: it panicked.
+    let bench = ciphershard::bench::loader::BenchOptions {
+        epochs: 1,
+        batch_size: 50,
+        ..Default::default()
+    };
+    let r = ciphershard::bench::loader::run(Some(dir.path()), Some(&key), &bench).unwrap();
+    assert_eq!((r.rows, r.epoch_bytes), (300, 300 * 12));
 }
