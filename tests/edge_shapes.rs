@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ciphershard::MasterKey;
 use ciphershard::cipher::Backend;
 use ciphershard::format::{self, ConvertInput, Dataset, DatasetKind, Dtype};
 use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions};
@@ -201,6 +202,45 @@ fn scalars_and_empty_shapes() {
     assert!(l.next().is_none());
 }
 
+/// A dataset of only zero-width columns is refused at conversion, whatever the row count
+/// (2^52 rows of `[2^52, 0]` converted and verified, then `bench` aborted on a 6 GB plan).
+#[test]
+fn only_zero_width_columns_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for rows in [4, 1 << 40, 1 << 52] {
+        refused(
+            &[mem("z", Dtype::U8, &[rows, 0], vec![])],
+            &["zero-byte rows", "\"z\""],
+        );
+    }
+    refused(
+        &[
+            mem("a", Dtype::F32, &[9, 0], vec![]),
+            mem("b", Dtype::I16, &[9, 3, 0], vec![]),
+        ],
+        &["zero-byte rows", "\"a\", \"b\""],
+    );
+    let n = npy(d, "z.npy", "|u1", &format!("({}, 0)", 1u64 << 52), 0);
+    refused(
+        &[ConvertInput::Npy {
+            column: "z".into(),
+            path: n,
+        }],
+        &["zero-byte rows"],
+    );
+    let st = safetensors(
+        d,
+        "z.safetensors",
+        &[
+            ("a", "U8", &[1 << 40, 0], [0, 0]),
+            ("b", "F64", &[1 << 40, 2, 0], [0, 0]),
+        ],
+        0,
+    );
+    refused(&[ConvertInput::Safetensors(st)], &["zero-byte rows"]);
+}
+
 /// Zero-width columns beside a normal one: converted, verified, and delivered by the host
 /// loader as `[B, 0]` (and `[B, 2, 0]`) tensors with every other column's values intact.
 #[test]
@@ -251,4 +291,156 @@ fn zero_width_columns_beside_a_normal_one_load_as_empty_tensors() {
     };
     let r = ciphershard::bench::loader::run(Some(dir.path()), Some(&key), &bench).unwrap();
     assert_eq!((r.rows, r.epoch_bytes), (300, 300 * 12));
+}
+
+/// Writes, as a tool holding `key` could, a one-shard dataset whose only column is zero-width,
+/// with `rows` rows: authentic (every tag verifies) though no byte of data backs the rows.
+/// `convert` refuses to write this; readers must refuse (or bound) it too.
+fn forge_zero_width(dir: &Path, key: &MasterKey, rows: u64) {
+    use base64::Engine;
+    use ciphershard::DataKey;
+    use ciphershard::cipher::{Cipher, cpu::CpuCipher};
+    use ciphershard::format::{
+        AAD_LEN, Column, Descriptor, HEADER_TAG_NONCE, KEYRING_FILE, Keyring, MANIFEST_FILE,
+        Manifest, ShardEntry, TensorDesc, canonical_header, shard_file_name,
+    };
+    use sha2::Digest;
+    std::fs::create_dir_all(dir).unwrap();
+    let dataset_id = [0x5a; 16];
+    let chunk_size = 2 << 20;
+    let tensors = vec![TensorDesc {
+        name: "z".into(),
+        dtype: Dtype::U8,
+        shape: vec![rows, 0],
+        offsets: (0, 0),
+        encrypted: true,
+        first_chunk: 0,
+        chunks: 1,
+    }];
+    let desc = Descriptor {
+        version: 1,
+        dataset_id,
+        shard_index: 0,
+        shard_count: 1,
+        row_start: 0,
+        rows,
+        chunk_size,
+        tensors: tensors.clone(),
+        metadata: Default::default(),
+    };
+    let json = desc.to_json();
+    let digest: [u8; 32] = sha2::Sha256::digest(json.as_bytes()).into();
+    let dk = DataKey::generate().unwrap();
+    let opener = CpuCipher::new().prepare(&dk).unwrap();
+    let mut tags = opener
+        .seal_in_place(&HEADER_TAG_NONCE, json.as_bytes(), false, &mut [])
+        .unwrap()
+        .to_vec();
+    // The one (empty) chunk of tensor 0: docs/FORMAT.md section 4.2.
+    let mut aad = Vec::with_capacity(AAD_LEN);
+    aad.extend_from_slice(b"CSHARD01");
+    aad.extend_from_slice(&dataset_id);
+    aad.extend_from_slice(&digest);
+    aad.extend_from_slice(&0u32.to_be_bytes()); // shard
+    aad.extend_from_slice(&0u32.to_be_bytes()); // tensor
+    aad.extend_from_slice(&0u64.to_be_bytes()); // j
+    aad.extend_from_slice(&1u64.to_be_bytes()); // chunks
+    aad.extend_from_slice(&0u64.to_be_bytes()); // g
+    aad.push(1); // encrypted
+    let nonce = [0u8; 12];
+    tags.extend_from_slice(&opener.seal_in_place(&nonce, &aad, true, &mut []).unwrap());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&tags);
+    let header = canonical_header(&json, &b64, &tensors);
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&header);
+    let name = shard_file_name(0);
+    std::fs::write(dir.join(&name), &file).unwrap();
+    let mut keyring = Keyring::new(&dir.join(KEYRING_FILE), dataset_id);
+    keyring.set_wraps(key, &[dk]).unwrap();
+    std::fs::write(dir.join(KEYRING_FILE), keyring.to_json()).unwrap();
+    let manifest = Manifest {
+        dataset_id,
+        kind: DatasetKind::Dataset,
+        rows,
+        chunk_size,
+        columns: vec![Column {
+            name: "z".into(),
+            dtype: Dtype::U8,
+            shape: vec![0],
+            encrypted: true,
+        }],
+        shards: vec![ShardEntry {
+            file: name,
+            row_start: 0,
+            rows,
+            bytes: file.len() as u64,
+            header_digest: digest,
+        }],
+    };
+    std::fs::write(dir.join(MANIFEST_FILE), manifest.to_json()).unwrap();
+}
+
+/// An authentic dataset of 2^52 zero-width rows (what `convert` wrote before it refused them):
+/// opening, inspecting and verifying it stay bounded (one empty chunk); every loader and the
+/// bench refuse it with an error naming the manifest, instead of planning 2^52 rows (a 6 GB
+/// allocation, then an abort). The command line exits with an error, never a panic or abort.
+#[test]
+fn crafted_zero_width_dataset_is_refused_by_every_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let k = key(9);
+    forge_zero_width(&ds, &k, 1 << 52);
+    let ud = Dataset::open(&ds)
+        .unwrap()
+        .unlock(&k, &ciphershard::cipher::cpu::CpuCipher::new())
+        .unwrap();
+    let v = format::verify(&ud, &mut |_, _| {}).unwrap();
+    assert_eq!((v.chunks, v.bytes), (1, 0));
+    let names_manifest = |e: ciphershard::Error| {
+        let msg = e.to_string();
+        assert!(
+            msg.contains("manifest.json") && msg.contains("zero-byte rows"),
+            "{msg}"
+        );
+    };
+    names_manifest(FormatSource::open(&ds, &k, Backend::Cpu).unwrap_err());
+    let bench = ciphershard::bench::loader::BenchOptions::default();
+    names_manifest(ciphershard::bench::loader::run(Some(&ds), Some(&k), &bench).unwrap_err());
+
+    // The command line: inspect and verify succeed, bench fails with a message (exit 1, not
+    // 101 for a panic nor a signal for an abort).
+    let key_file = dir.path().join("k.hex");
+    std::fs::write(&key_file, format!("{}\n", "09".repeat(32))).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ciphershard"))
+            .args(args)
+            .env("NODEVICE_SELECT", "1")
+            .output()
+            .unwrap()
+    };
+    let (ds_s, key_s) = (ds.to_str().unwrap(), key_file.to_str().unwrap());
+    let out = run(&["inspect", ds_s]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&["verify", "--key", key_s, ds_s]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&[
+        "bench",
+        ds_s,
+        "--key",
+        key_s,
+        "--backend",
+        "cpu",
+        "--epochs",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0 && c != 101) && stderr.contains("zero-byte rows"),
+        "{out:?}"
+    );
 }

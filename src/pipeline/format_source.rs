@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::source::{ChunkSpec, ColumnInfo, RowSource};
 use crate::cipher::{Backend, ChunkOpener};
 use crate::error::{ChunkLocation, Error, Result};
-use crate::format::{Dataset, DatasetKind, UnlockedDataset};
+use crate::format::{Dataset, DatasetKind, MANIFEST_FILE, UnlockedDataset, tensor_bytes};
 use crate::keys::{DataKey, MasterKey};
 use crate::store::ShardStore;
 
@@ -50,17 +50,45 @@ impl FormatSource {
                 d.dir().display()
             )));
         }
+        let mpath = d.dir().join(MANIFEST_FILE);
         let columns: Vec<ColumnInfo> = m
             .columns
             .iter()
-            .map(|c| ColumnInfo {
-                name: c.name.clone(),
-                dtype: c.dtype.as_str().to_string(),
-                elem_size: c.dtype.size_bytes(),
-                row_shape: c.shape.clone(),
-                row_bytes: c.shape.iter().product::<u64>() * c.dtype.size_bytes() as u64,
+            .map(|c| {
+                // A shard of 0 rows authenticates any row shape (its size is 0): one row's
+                // size is checked on its own.
+                let row_bytes = tensor_bytes(c.dtype, &c.shape).ok_or_else(|| {
+                    Error::format(
+                        &mpath,
+                        "manifest",
+                        format!(
+                            "column '{}': one row of {:?} {} is more than 2^64 bytes",
+                            c.name, c.shape, c.dtype
+                        ),
+                    )
+                })?;
+                Ok(ColumnInfo {
+                    name: c.name.clone(),
+                    dtype: c.dtype.as_str().to_string(),
+                    elem_size: c.dtype.size_bytes(),
+                    row_shape: c.shape.clone(),
+                    row_bytes,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
+        // Rows are bounded by the data only if some column's rows hold bytes; a dataset of
+        // zero-width columns (which `convert` never writes) could claim 2^64 rows, and the
+        // loader's plan is sized by rows.
+        if columns.iter().all(|c| c.row_bytes == 0) {
+            return Err(Error::format(
+                &mpath,
+                "dataset",
+                format!(
+                    "every column has zero-byte rows ({} rows): a dataset needs at least one                      column whose rows hold data",
+                    m.rows
+                ),
+            ));
+        }
         let mut tensor_index = Vec::new();
         for h in d.shards() {
             let rows = h.descriptor.rows;
@@ -73,9 +101,10 @@ impl FormatSource {
                         format!("column '{}' is missing", col.name),
                     ));
                 };
-                if t.shape.first() != Some(&rows)
-                    || t.offsets.1 - t.offsets.0 != rows * col.row_bytes
-                {
+                let holds = rows
+                    .checked_mul(col.row_bytes)
+                    .is_some_and(|n| t.offsets.1.checked_sub(t.offsets.0) == Some(n));
+                if t.shape.first() != Some(&rows) || !holds {
                     return Err(Error::format(
                         &h.path,
                         "shard",

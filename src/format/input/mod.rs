@@ -311,6 +311,16 @@ pub(super) fn plan<'a>(
             cols[0].name, c.name, c.rows
         )));
     }
+    // Rows are only bounded by the data if some column's rows hold bytes: a dataset of
+    // zero-width columns could claim 2^64 rows in a few bytes of header, and everything sized
+    // by rows (the loader's plan) would follow. A zero-width column beside a normal one is
+    // fine (delivered as a [B, 0] tensor).
+    if cols.iter().all(|c| c.row_bytes == 0) {
+        let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
+        return Err(Error::InvalidArgument(format!(
+            "every column has zero-byte rows ({names:?}, {rows} rows): a dataset needs at least one column whose rows hold data"
+        )));
+    }
     // One row of all columns, and all the data, within u64 (each column's rows x row bytes
     // fits: checked above), so the converter's per-shard sums cannot wrap.
     let fits = cols.iter().try_fold((0u64, 0u64), |(row, total), c| {

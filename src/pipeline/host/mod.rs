@@ -104,14 +104,14 @@ impl Loader {
         let window_chunks: u64 = columns
             .iter()
             .map(|c| {
-                let block_bytes = block_rows * c.row_bytes;
+                let block_bytes = block_rows.saturating_mul(c.row_bytes);
                 // Blocks start on chunk boundaries, or nest inside chunks.
                 let aligned = block_bytes.is_multiple_of(chunk_size)
                     || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
                 let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
                 let total: u64 = shard_rows
                     .iter()
-                    .map(|&r| (r * c.row_bytes).div_ceil(chunk_size).max(1))
+                    .map(|&r| r.saturating_mul(c.row_bytes).div_ceil(chunk_size).max(1))
                     .sum();
                 opts.window_blocks.saturating_mul(per_block).min(total)
             })
@@ -130,9 +130,9 @@ impl Loader {
             .max()
             .unwrap_or(1);
         let chunk_pool = Arc::new(BufPool::new(
-            longest_chunk as usize,
+            usize::try_from(longest_chunk).unwrap_or(usize::MAX),
             bound.min(4096),
-            bound.saturating_add(opts.threads * columns.len()),
+            bound.saturating_add(opts.threads.saturating_mul(columns.len())),
             opts.pin_hook.clone(),
             counters.pool_bytes.clone(),
         )?);
