@@ -444,3 +444,82 @@ fn crafted_zero_width_dataset_is_refused_by_every_reader() {
         "{out:?}"
     );
 }
+
+/// The summary names the readable (plain) and the encrypted columns; with `--plain '*'` the
+/// command line warns that nothing is encrypted.
+#[test]
+fn summary_lists_readable_and_encrypted_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = || {
+        [
+            column("x", Dtype::F32, &[10, 3], 1),
+            column("label", Dtype::U8, &[10], 2),
+            column("mask", Dtype::U8, &[10, 2], 3),
+        ]
+    };
+    for (i, (plain, readable, encrypted)) in [
+        (&[][..], &[][..], &["x", "label", "mask"][..]),
+        (&["label"][..], &["label"][..], &["x", "mask"][..]),
+        (&["*"][..], &["x", "label", "mask"][..], &[][..]),
+        (&["?", "x", "*a*"][..], &["x", "label", "mask"][..], &[][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s = convert_quiet(
+            &inputs(),
+            &dir.path().join(format!("ds{i}")),
+            &opts(64, 1 << 20, plain),
+        )
+        .unwrap();
+        assert_eq!(s.plain_columns, readable, "{plain:?}");
+        assert_eq!(s.encrypted_columns, encrypted, "{plain:?}");
+    }
+
+    let st = safetensors(
+        dir.path(),
+        "in.safetensors",
+        &[("x", "U8", &[4, 2], [0, 8]), ("y", "U8", &[4], [8, 12])],
+        12,
+    );
+    let key_file = dir.path().join("k.hex");
+    std::fs::write(&key_file, format!("{}\n", "01".repeat(32))).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let convert = |out: &str, plain: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ciphershard"))
+            .args(["convert", "--key"])
+            .arg(&key_file)
+            .arg(&st)
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .args(["--plain", plain])
+            .output()
+            .unwrap()
+    };
+    let out = convert("all", "*");
+    assert!(out.status.success(), "{out:?}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.contains("encrypted columns: none"), "{stdout}");
+    assert!(
+        stdout.contains(r#"readable columns (--plain: authenticated, not encrypted): "x", "y""#),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("warning: every column is readable"),
+        "{stderr}"
+    );
+    let out = convert("some", "y");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.contains(r#"encrypted columns: "x""#), "{stdout}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}

@@ -77,6 +77,11 @@ pub struct ConvertSummary {
     pub seconds: f64,
     /// Ids of the master keys that open it.
     pub key_ids: Vec<String>,
+    /// Columns (tensors) stored encrypted, in dataset order.
+    pub encrypted_columns: Vec<String>,
+    /// Columns (tensors) left readable by `plain` patterns, in dataset order: anyone who can
+    /// read the files can read these (they are authenticated, not encrypted).
+    pub plain_columns: Vec<String>,
 }
 
 impl ConvertSummary {
@@ -481,6 +486,12 @@ pub fn convert(
     write_atomic(&out_dir.join(MANIFEST_FILE), mjson.as_bytes())?;
     cleanup.committed = true;
     sync_dir(out_dir);
+    let names = |encrypted: bool| -> Vec<String> {
+        cols.iter()
+            .filter(|c| c.encrypted == encrypted)
+            .map(|c| c.name.clone())
+            .collect()
+    };
     Ok(ConvertSummary {
         dataset_id,
         kind,
@@ -491,6 +502,8 @@ pub fn convert(
         bytes_written: bytes_written + (kjson.len() + mjson.len()) as u64,
         seconds: start.elapsed().as_secs_f64(),
         key_ids: keyring.key_ids(),
+        encrypted_columns: names(true),
+        plain_columns: names(false),
     })
 }
 
