@@ -293,10 +293,11 @@ fn zero_width_columns_beside_a_normal_one_load_as_empty_tensors() {
     assert_eq!((r.rows, r.epoch_bytes), (300, 300 * 12));
 }
 
-/// Writes, as a tool holding `key` could, a one-shard dataset whose only column is zero-width,
-/// with `rows` rows: authentic (every tag verifies) though no byte of data backs the rows.
-/// `convert` refuses to write this; readers must refuse (or bound) it too.
-fn forge_zero_width(dir: &Path, key: &MasterKey, rows: u64) {
+/// Writes, as a tool holding `key` could, a one-shard dataset of `rows` rows whose every
+/// tensor holds no bytes (`rows` is 0 or every column is zero-width): authentic (every tag
+/// verifies) however absurd its shapes. `convert` refuses to write these; readers must refuse
+/// (or bound) them too.
+fn forge(dir: &Path, key: &MasterKey, rows: u64, cols: &[(&str, Dtype, &[u64])]) {
     use base64::Engine;
     use ciphershard::DataKey;
     use ciphershard::cipher::{Cipher, cpu::CpuCipher};
@@ -308,15 +309,19 @@ fn forge_zero_width(dir: &Path, key: &MasterKey, rows: u64) {
     std::fs::create_dir_all(dir).unwrap();
     let dataset_id = [0x5a; 16];
     let chunk_size = 2 << 20;
-    let tensors = vec![TensorDesc {
-        name: "z".into(),
-        dtype: Dtype::U8,
-        shape: vec![rows, 0],
-        offsets: (0, 0),
-        encrypted: true,
-        first_chunk: 0,
-        chunks: 1,
-    }];
+    let tensors: Vec<TensorDesc> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (name, dtype, row))| TensorDesc {
+            name: name.to_string(),
+            dtype: *dtype,
+            shape: [&[rows][..], row].concat(),
+            offsets: (0, 0),
+            encrypted: true,
+            first_chunk: i as u64,
+            chunks: 1,
+        })
+        .collect();
     let desc = Descriptor {
         version: 1,
         dataset_id,
@@ -336,19 +341,22 @@ fn forge_zero_width(dir: &Path, key: &MasterKey, rows: u64) {
         .seal_in_place(&HEADER_TAG_NONCE, json.as_bytes(), false, &mut [])
         .unwrap()
         .to_vec();
-    // The one (empty) chunk of tensor 0: docs/FORMAT.md section 4.2.
-    let mut aad = Vec::with_capacity(AAD_LEN);
-    aad.extend_from_slice(b"CSHARD01");
-    aad.extend_from_slice(&dataset_id);
-    aad.extend_from_slice(&digest);
-    aad.extend_from_slice(&0u32.to_be_bytes()); // shard
-    aad.extend_from_slice(&0u32.to_be_bytes()); // tensor
-    aad.extend_from_slice(&0u64.to_be_bytes()); // j
-    aad.extend_from_slice(&1u64.to_be_bytes()); // chunks
-    aad.extend_from_slice(&0u64.to_be_bytes()); // g
-    aad.push(1); // encrypted
-    let nonce = [0u8; 12];
-    tags.extend_from_slice(&opener.seal_in_place(&nonce, &aad, true, &mut []).unwrap());
+    // The one (empty) chunk of each tensor t: j = 0, chunks = 1, g = t (FORMAT.md 4.2).
+    for t in 0..cols.len() as u64 {
+        let mut aad = Vec::with_capacity(AAD_LEN);
+        aad.extend_from_slice(b"CSHARD01");
+        aad.extend_from_slice(&dataset_id);
+        aad.extend_from_slice(&digest);
+        aad.extend_from_slice(&0u32.to_be_bytes()); // shard
+        aad.extend_from_slice(&(t as u32).to_be_bytes()); // tensor
+        aad.extend_from_slice(&0u64.to_be_bytes()); // j
+        aad.extend_from_slice(&1u64.to_be_bytes()); // chunks
+        aad.extend_from_slice(&t.to_be_bytes()); // g
+        aad.push(1); // encrypted
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&t.to_be_bytes());
+        tags.extend_from_slice(&opener.seal_in_place(&nonce, &aad, true, &mut []).unwrap());
+    }
     let b64 = base64::engine::general_purpose::STANDARD.encode(&tags);
     let header = canonical_header(&json, &b64, &tensors);
     let mut file = (header.len() as u64).to_le_bytes().to_vec();
@@ -363,12 +371,15 @@ fn forge_zero_width(dir: &Path, key: &MasterKey, rows: u64) {
         kind: DatasetKind::Dataset,
         rows,
         chunk_size,
-        columns: vec![Column {
-            name: "z".into(),
-            dtype: Dtype::U8,
-            shape: vec![0],
-            encrypted: true,
-        }],
+        columns: cols
+            .iter()
+            .map(|(name, dtype, row)| Column {
+                name: name.to_string(),
+                dtype: *dtype,
+                shape: row.to_vec(),
+                encrypted: true,
+            })
+            .collect(),
         shards: vec![ShardEntry {
             file: name,
             row_start: 0,
@@ -389,7 +400,7 @@ fn crafted_zero_width_dataset_is_refused_by_every_reader() {
     let dir = tempfile::tempdir().unwrap();
     let ds = dir.path().join("ds");
     let k = key(9);
-    forge_zero_width(&ds, &k, 1 << 52);
+    forge(&ds, &k, 1 << 52, &[("z", Dtype::U8, &[0])]);
     let ud = Dataset::open(&ds)
         .unwrap()
         .unlock(&k, &ciphershard::cipher::cpu::CpuCipher::new())
@@ -443,6 +454,47 @@ fn crafted_zero_width_dataset_is_refused_by_every_reader() {
         out.status.code().is_some_and(|c| c != 0 && c != 101) && stderr.contains("zero-byte rows"),
         "{out:?}"
     );
+}
+
+/// Authentic datasets of no rows whose row shapes overflow: one row of 2^64 bytes (the
+/// loader's row-size product overflowed: a panic in debug builds, a wrapped size in release),
+/// or two columns whose rows add up to 2^64 bytes. Open and verify stay bounded; the loaders
+/// refuse them with an error, whatever the backend.
+#[test]
+fn crafted_rows_beyond_64_bits_are_refused_by_the_loaders() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key(9);
+    let unlock_and_verify = |ds: &Path| {
+        let ud = Dataset::open(ds)
+            .unwrap()
+            .unlock(&k, &ciphershard::cipher::cpu::CpuCipher::new())
+            .unwrap();
+        format::verify(&ud, &mut |_, _| {}).unwrap();
+    };
+    let one = dir.path().join("one");
+    forge(&one, &k, 0, &[("a", Dtype::F32, &[1 << 62])]);
+    unlock_and_verify(&one);
+    let msg = FormatSource::open(&one, &k, Backend::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("manifest.json") && msg.contains("'a'") && msg.contains("2^64"),
+        "{msg}"
+    );
+    let two = dir.path().join("two");
+    forge(
+        &two,
+        &k,
+        0,
+        &[("a", Dtype::U8, &[1 << 63]), ("b", Dtype::U16, &[1 << 62])],
+    );
+    unlock_and_verify(&two);
+    let src = FormatSource::open(&two, &k, Backend::Cpu).unwrap();
+    let msg = Loader::new(src, &LoaderOptions::default())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("2^64 bytes"), "{msg}");
 }
 
 /// The summary names the readable (plain) and the encrypted columns; with `--plain '*'` the

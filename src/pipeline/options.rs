@@ -307,6 +307,21 @@ impl PlanSetup {
         for s in 0..source.shard_count() {
             store.check_unchanged(s)?;
         }
+        let batch_rows = opts
+            .batch_size
+            .min(usize::try_from(total_rows.max(1)).unwrap_or(usize::MAX));
+        // A batch's bytes (every column's buffer, as the loaders size and count them) within
+        // u64; whether they fit in memory is each loader's own check.
+        let batch_bytes = columns
+            .iter()
+            .try_fold(0u64, |sum, c| sum.checked_add(c.row_bytes))
+            .and_then(|row| row.checked_mul(batch_rows as u64));
+        if batch_bytes.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {batch_rows} rows of all {} columns holds more than 2^64 bytes:                  lower batch_size",
+                columns.len()
+            )));
+        }
         Ok(PlanSetup {
             columns,
             chunk_size,
@@ -316,9 +331,7 @@ impl PlanSetup {
             cfg,
             batches_per_epoch,
             total,
-            batch_rows: opts
-                .batch_size
-                .min(usize::try_from(total_rows.max(1)).unwrap_or(usize::MAX)),
+            batch_rows,
         })
     }
 }

@@ -112,7 +112,7 @@ impl Loader {
                 let total: u64 = shard_rows
                     .iter()
                     .map(|&r| r.saturating_mul(c.row_bytes).div_ceil(chunk_size).max(1))
-                    .sum();
+                    .fold(0, u64::saturating_add);
                 opts.window_blocks.saturating_mul(per_block).min(total)
             })
             .fold(0, u64::saturating_add);
