@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use ciphershard::MasterKey;
 use ciphershard::cipher::Backend;
-use ciphershard::format::{self, ConvertInput, Dataset, DatasetKind, Dtype};
+use ciphershard::format::{self, ConvertInput, DatasetKind, Dtype};
 use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions};
 
 #[path = "format_common/mod.rs"]
@@ -44,20 +44,32 @@ fn safetensors(
     p
 }
 
-/// An NPY (version 1) file of `descr` and `shape` (a Python tuple) over `data` bytes.
+/// An NPY file of `descr` and `shape` (a Python tuple) over `data` bytes.
 fn npy(dir: &Path, name: &str, descr: &str, shape: &str, data: usize) -> PathBuf {
-    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    while !(10 + h.len() + 1).is_multiple_of(64) {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut v = b"\x93NUMPY\x01\x00".to_vec();
-    v.extend_from_slice(&(h.len() as u16).to_le_bytes());
-    v.extend_from_slice(h.as_bytes());
-    v.resize(v.len() + data, 3);
     let p = dir.join(name);
-    std::fs::write(&p, v).unwrap();
+    std::fs::write(&p, npy_bytes(descr, shape, &vec![3; data])).unwrap();
     p
+}
+
+/// A key file holding `[b; 32]` in hex (mode 0600), as the command line reads keys.
+fn key_file(dir: &Path, b: u8) -> PathBuf {
+    let p = dir.join(format!("k{b}.hex"));
+    std::fs::write(&p, format!("{}\n", format!("{b:02x}").repeat(32))).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    p
+}
+
+/// Runs the `ciphershard` binary.
+fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ciphershard"))
+        .args(args)
+        .env("NODEVICE_SELECT", "1")
+        .output()
+        .unwrap()
 }
 
 fn mem(name: &str, dtype: Dtype, shape: &[u64], data: Vec<u8>) -> ConvertInput {
@@ -247,11 +259,7 @@ fn only_zero_width_columns_are_refused() {
 fn zero_width_columns_beside_a_normal_one_load_as_empty_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let key = device_common::make_zero_width(dir.path(), 300);
-    let ud = Dataset::open(dir.path())
-        .unwrap()
-        .unlock(&key, &ciphershard::cipher::cpu::CpuCipher::new())
-        .unwrap();
-    format::verify(&ud, &mut |_, _| {}).unwrap();
+    format::verify(&unlock(dir.path(), &key).unwrap(), &mut |_, _| {}).unwrap();
     let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
     let o = LoaderOptions {
         batch_size: 64,
@@ -401,11 +409,7 @@ fn crafted_zero_width_dataset_is_refused_by_every_reader() {
     let ds = dir.path().join("ds");
     let k = key(9);
     forge(&ds, &k, 1 << 52, &[("z", Dtype::U8, &[0])]);
-    let ud = Dataset::open(&ds)
-        .unwrap()
-        .unlock(&k, &ciphershard::cipher::cpu::CpuCipher::new())
-        .unwrap();
-    let v = format::verify(&ud, &mut |_, _| {}).unwrap();
+    let v = format::verify(&unlock(&ds, &k).unwrap(), &mut |_, _| {}).unwrap();
     assert_eq!((v.chunks, v.bytes), (1, 0));
     let names_manifest = |e: ciphershard::Error| {
         let msg = e.to_string();
@@ -420,26 +424,13 @@ fn crafted_zero_width_dataset_is_refused_by_every_reader() {
 
     // The command line: inspect and verify succeed, bench fails with a message (exit 1, not
     // 101 for a panic nor a signal for an abort).
-    let key_file = dir.path().join("k.hex");
-    std::fs::write(&key_file, format!("{}\n", "09".repeat(32))).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ciphershard"))
-            .args(args)
-            .env("NODEVICE_SELECT", "1")
-            .output()
-            .unwrap()
-    };
+    let key_file = key_file(dir.path(), 9);
     let (ds_s, key_s) = (ds.to_str().unwrap(), key_file.to_str().unwrap());
-    let out = run(&["inspect", ds_s]);
+    let out = cli(&["inspect", ds_s]);
     assert!(out.status.success(), "{out:?}");
-    let out = run(&["verify", "--key", key_s, ds_s]);
+    let out = cli(&["verify", "--key", key_s, ds_s]);
     assert!(out.status.success(), "{out:?}");
-    let out = run(&[
+    let out = cli(&[
         "bench",
         ds_s,
         "--key",
@@ -465,11 +456,7 @@ fn crafted_rows_beyond_64_bits_are_refused_by_the_loaders() {
     let dir = tempfile::tempdir().unwrap();
     let k = key(9);
     let unlock_and_verify = |ds: &Path| {
-        let ud = Dataset::open(ds)
-            .unwrap()
-            .unlock(&k, &ciphershard::cipher::cpu::CpuCipher::new())
-            .unwrap();
-        format::verify(&ud, &mut |_, _| {}).unwrap();
+        format::verify(&unlock(ds, &k).unwrap(), &mut |_, _| {}).unwrap();
     };
     let one = dir.path().join("one");
     forge(&one, &k, 0, &[("a", Dtype::F32, &[1 << 62])]);
@@ -534,23 +521,20 @@ fn summary_lists_readable_and_encrypted_columns() {
         &[("x", "U8", &[4, 2], [0, 8]), ("y", "U8", &[4], [8, 12])],
         12,
     );
-    let key_file = dir.path().join("k.hex");
-    std::fs::write(&key_file, format!("{}\n", "01".repeat(32))).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    let key_file = key_file(dir.path(), 1);
     let convert = |out: &str, plain: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ciphershard"))
-            .args(["convert", "--key"])
-            .arg(&key_file)
-            .arg(&st)
-            .arg("--out")
-            .arg(dir.path().join(out))
-            .args(["--plain", plain])
-            .output()
-            .unwrap()
+        let out = dir.path().join(out);
+        let (k, st, out) = (key_file.as_os_str(), st.as_os_str(), out.as_os_str());
+        cli(&[
+            "convert".as_ref(),
+            "--key".as_ref(),
+            k,
+            st,
+            "--out".as_ref(),
+            out,
+            "--plain".as_ref(),
+            plain.as_ref(),
+        ])
     };
     let out = convert("all", "*");
     assert!(out.status.success(), "{out:?}");

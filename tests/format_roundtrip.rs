@@ -198,16 +198,7 @@ fn model_weights_convert_as_one_tensors_shard() {
 }
 
 fn write_npy(path: &std::path::Path, descr: &str, shape: &str, data: &[u8]) {
-    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    while !(10 + h.len() + 1).is_multiple_of(64) {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut v = b"\x93NUMPY\x01\x00".to_vec();
-    v.extend_from_slice(&(h.len() as u16).to_le_bytes());
-    v.extend_from_slice(h.as_bytes());
-    v.extend_from_slice(data);
-    std::fs::write(path, v).unwrap();
+    std::fs::write(path, npy_bytes(descr, shape, data)).unwrap();
 }
 
 #[test]

@@ -94,3 +94,17 @@ pub fn read_column(ud: &UnlockedDataset, tensor: u32) -> Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+/// The bytes of an NPY (version 1) file: `descr` and `shape` (a Python tuple) over `data`.
+pub fn npy_bytes(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut v = b"\x93NUMPY\x01\x00".to_vec();
+    v.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    v.extend_from_slice(h.as_bytes());
+    v.extend_from_slice(data);
+    v
+}
