@@ -119,6 +119,13 @@ fn tampered_chunk_is_an_integrity_error_and_nothing_after() {
 }
 
 #[test]
+fn zero_width_columns_are_b_by_0_tensors() {
+    if gpu("zero_width_columns_are_b_by_0_tensors") {
+        device_common::zero_width_columns::<DeviceLoader>();
+    }
+}
+
+#[test]
 fn resume_and_drop_mid_epoch() {
     if gpu("resume_and_drop_mid_epoch") {
         device_common::resume_and_drop_mid_epoch::<DeviceLoader>();

@@ -206,6 +206,13 @@ fn wrong_key_is_refused_before_any_device_work() {
 }
 
 #[test]
+fn zero_width_columns_are_b_by_0_tensors() {
+    if adapter("zero_width_columns_are_b_by_0_tensors") {
+        device_common::zero_width_columns::<WgpuDeviceLoader>();
+    }
+}
+
+#[test]
 fn resume_and_drop_mid_epoch() {
     if adapter("resume_and_drop_mid_epoch") {
         device_common::resume_and_drop_mid_epoch::<WgpuDeviceLoader>();

@@ -196,7 +196,8 @@ fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> 
     for b in l.by_ref() {
         let b = b?;
         clock.batch(b.tensors().map(|t| t.bytes.len() as u64).sum());
-        std::hint::black_box(b.tensors().next().map(|t| t.bytes[0]));
+        // The first byte of the first column (which may be zero-width: `[B, 0]`).
+        std::hint::black_box(b.tensors().next().and_then(|t| t.bytes.first().copied()));
         batches += 1;
     }
     Ok(clock.report(batches, l.stats(), None))
@@ -290,18 +291,23 @@ fn run_device(
         warm
     };
     let ds = crate::format::Dataset::open(path)?;
-    let rows: u64 = ds.shards().iter().map(|h| h.descriptor.rows).sum();
+    // Sizes from the (already loaded) dataset's headers, saturating: a report, not a bound.
+    let rows: u64 = ds
+        .shards()
+        .iter()
+        .map(|h| h.descriptor.rows)
+        .fold(0, u64::saturating_add);
     let row_bytes: u64 = ds
         .manifest()
         .columns
         .iter()
-        .map(|c| c.shape.iter().product::<u64>() * c.dtype.size_bytes() as u64)
-        .sum();
+        .map(|c| crate::format::tensor_bytes(c.dtype, &c.shape).unwrap_or(u64::MAX))
+        .fold(0, u64::saturating_add);
     Ok(BenchReport {
         dataset: name.to_string(),
         backend: backend.name().into(),
         rows,
-        epoch_bytes: rows * row_bytes,
+        epoch_bytes: rows.saturating_mul(row_bytes),
         threads: opts.threads,
         batch_size: opts.batch_size,
         mode: DecryptMode::ChunkOpen,
@@ -324,7 +330,12 @@ pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> R
     } else {
         warm
     };
-    let epoch_bytes = src.total_rows() * src.columns().iter().map(|c| c.row_bytes).sum::<u64>();
+    let epoch_bytes = src.total_rows().saturating_mul(
+        src.columns()
+            .iter()
+            .map(|c| c.row_bytes)
+            .fold(0, u64::saturating_add),
+    );
     Ok(BenchReport {
         dataset: name.to_string(),
         backend: opts.backend.name().to_string(),

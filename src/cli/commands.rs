@@ -89,6 +89,26 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
         hex::encode(summary.dataset_id),
         summary.key_ids.join(", ")
     );
+    // What anyone who can read the files sees; a warning when nothing is encrypted (`--plain
+    // '*'`). Names quoted with `{:?}`: control characters come out escaped.
+    let list = |names: &[String]| match names {
+        [] => "none".to_string(),
+        _ => names
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    println!("encrypted columns: {}", list(&summary.encrypted_columns));
+    println!(
+        "readable columns (--plain: authenticated, not encrypted): {}",
+        list(&summary.plain_columns)
+    );
+    if summary.encrypted_columns.is_empty() {
+        eprintln!(
+            "warning: every column is readable by anyone with the files: --plain matched all of them and nothing is encrypted"
+        );
+    }
     Ok(())
 }
 

@@ -77,6 +77,11 @@ pub struct ConvertSummary {
     pub seconds: f64,
     /// Ids of the master keys that open it.
     pub key_ids: Vec<String>,
+    /// Columns (tensors) stored encrypted, in dataset order.
+    pub encrypted_columns: Vec<String>,
+    /// Columns (tensors) left readable by `plain` patterns, in dataset order: anyone who can
+    /// read the files can read these (they are authenticated, not encrypted).
+    pub plain_columns: Vec<String>,
 }
 
 impl ConvertSummary {
@@ -194,7 +199,12 @@ pub fn convert(
     } else {
         0
     };
-    let row_bytes: u64 = cols.iter().map(|c| c.row_bytes).sum();
+    // Sums and products of the columns' sizes below fit in u64: `plan` checked one row of all
+    // columns, each column's rows x row bytes and their total (saturating only to show it).
+    let row_bytes: u64 = cols
+        .iter()
+        .map(|c| c.row_bytes)
+        .fold(0, u64::saturating_add);
     let rows_per_shard = if kind == DatasetKind::Tensors || row_bytes == 0 {
         rows.max(1)
     } else {
@@ -208,8 +218,8 @@ pub fn convert(
     })?;
     let total: u64 = cols
         .iter()
-        .map(|c| c.pieces.iter().map(|p| p.len).sum::<u64>())
-        .sum();
+        .flat_map(|c| c.pieces.iter().map(|p| p.len))
+        .fold(0, u64::saturating_add);
 
     let mut dataset_id = [0u8; 16];
     getrandom::fill(&mut dataset_id)
@@ -227,7 +237,7 @@ pub fn convert(
         .min(8);
     for s in 0..shard_count {
         let r0 = s as u64 * rows_per_shard;
-        let r1 = (r0 + rows_per_shard).min(rows);
+        let r1 = r0.saturating_add(rows_per_shard).min(rows);
         let (srows, row_start) = if kind == DatasetKind::Dataset {
             (r1 - r0, r0)
         } else {
@@ -476,6 +486,12 @@ pub fn convert(
     write_atomic(&out_dir.join(MANIFEST_FILE), mjson.as_bytes())?;
     cleanup.committed = true;
     sync_dir(out_dir);
+    let names = |encrypted: bool| -> Vec<String> {
+        cols.iter()
+            .filter(|c| c.encrypted == encrypted)
+            .map(|c| c.name.clone())
+            .collect()
+    };
     Ok(ConvertSummary {
         dataset_id,
         kind,
@@ -486,6 +502,8 @@ pub fn convert(
         bytes_written: bytes_written + (kjson.len() + mjson.len()) as u64,
         seconds: start.elapsed().as_secs_f64(),
         key_ids: keyring.key_ids(),
+        encrypted_columns: names(true),
+        plain_columns: names(false),
     })
 }
 

@@ -50,6 +50,7 @@ impl FormatSource {
                 d.dir().display()
             )));
         }
+        let mpath = d.dir().join(MANIFEST_FILE);
         let columns: Vec<ColumnInfo> = m
             .columns
             .iter()
@@ -75,6 +76,19 @@ impl FormatSource {
                 })
             })
             .collect::<Result<_>>()?;
+        // Rows are bounded by the data only if some column's rows hold bytes; a dataset of
+        // zero-width columns (which `convert` never writes) could claim 2^64 rows, and the
+        // loader's plan is sized by rows.
+        if columns.iter().all(|c| c.row_bytes == 0) {
+            return Err(Error::format(
+                &mpath,
+                "dataset",
+                format!(
+                    "every column has zero-byte rows ({} rows): a dataset needs at least one column whose rows hold data",
+                    m.rows
+                ),
+            ));
+        }
         let mut tensor_index = Vec::new();
         for h in d.shards() {
             let rows = h.descriptor.rows;
@@ -90,9 +104,10 @@ impl FormatSource {
                     ));
                 };
                 let ti = ti as u32;
-                if t.shape.first() != Some(&rows)
-                    || rows.checked_mul(col.row_bytes) != Some(t.offsets.1 - t.offsets.0)
-                {
+                let holds = rows
+                    .checked_mul(col.row_bytes)
+                    .is_some_and(|n| t.offsets.1.checked_sub(t.offsets.0) == Some(n));
+                if t.shape.first() != Some(&rows) || !holds {
                     return Err(Error::format(
                         &h.path,
                         "shard",

@@ -240,20 +240,38 @@ impl PlanSetup {
         if chunk_size == 0 {
             return Err(Error::InvalidArgument("chunk_size is 0".into()));
         }
-        let widest = columns
+        let shard_rows: Vec<u64> = (0..source.shard_count())
+            .map(|s| source.shard_rows(s))
+            .collect();
+        // The plan holds an entry per block (and the default block is one chunk of the widest
+        // column): rows must be bounded by bytes, which they are only if some column's rows
+        // hold bytes. Zero-width columns beside it are delivered as [B, 0] tensors.
+        let widest = columns.iter().map(|c| c.row_bytes).max().unwrap_or(0);
+        if widest == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "every column of the source has zero-byte rows ({} columns, {} shards): a                  dataset needs at least one column whose rows hold data",
+                columns.len(),
+                shard_rows.len()
+            )));
+        }
+        // Row offsets (row index x row bytes) are computed per row without checks (planner,
+        // workers, gathers): they fit if every shard's rows x the widest row fit, checked once
+        // here; so does the sum of the rows.
+        let total_rows = shard_rows
             .iter()
-            .map(|c| c.row_bytes)
-            .max()
-            .unwrap_or(1)
-            .max(1);
+            .try_fold(0u64, |sum, &r| {
+                r.checked_mul(widest)?;
+                sum.checked_add(r)
+            })
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "the source's shards hold more rows than 64-bit offsets can address                      ({widest}-byte rows)"
+                ))
+            })?;
         let block_rows = opts
             .block_rows
             .unwrap_or((chunk_size / widest).max(1))
             .max(1);
-        let shard_rows: Vec<u64> = (0..source.shard_count())
-            .map(|s| source.shard_rows(s))
-            .collect();
-        let total_rows: u64 = shard_rows.iter().sum();
         let cfg = SamplerConfig {
             seed: opts.seed,
             shuffle: opts.shuffle,
@@ -271,10 +289,11 @@ impl PlanSetup {
                 opts.start_batch
             )));
         }
+        // Saturating: `epochs` may be "forever" (u64::MAX); start_batch <= batches_per_epoch.
         let total = if opts.start_epoch >= opts.epochs {
             0
         } else {
-            (opts.epochs - opts.start_epoch) * batches_per_epoch - opts.start_batch
+            (opts.epochs - opts.start_epoch).saturating_mul(batches_per_epoch) - opts.start_batch
         };
         // Every shard still as it was when its store pinned it (length from its header).
         let store = source.store();
@@ -288,6 +307,21 @@ impl PlanSetup {
         for s in 0..source.shard_count() {
             store.check_unchanged(s)?;
         }
+        let batch_rows = opts
+            .batch_size
+            .min(usize::try_from(total_rows.max(1)).unwrap_or(usize::MAX));
+        // A batch's bytes (every column's buffer, as the loaders size and count them) within
+        // u64; whether they fit in memory is each loader's own check.
+        let batch_bytes = columns
+            .iter()
+            .try_fold(0u64, |sum, c| sum.checked_add(c.row_bytes))
+            .and_then(|row| row.checked_mul(batch_rows as u64));
+        if batch_bytes.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {batch_rows} rows of all {} columns holds more than 2^64 bytes:                  lower batch_size",
+                columns.len()
+            )));
+        }
         Ok(PlanSetup {
             columns,
             chunk_size,
@@ -297,9 +331,7 @@ impl PlanSetup {
             cfg,
             batches_per_epoch,
             total,
-            batch_rows: opts
-                .batch_size
-                .min(usize::try_from(total_rows.max(1)).unwrap_or(usize::MAX)),
+            batch_rows,
         })
     }
 }

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::error::{Error, Result};
+
 /// Alignment of every host buffer: a page, so a GPU backend can page-lock (register) it.
 pub const HOST_ALIGN: usize = 4096;
 
@@ -37,17 +39,48 @@ unsafe impl Send for AlignedBuf {}
 // SAFETY: shared access only hands out `&[u8]`.
 unsafe impl Sync for AlignedBuf {}
 
+/// The layout of a buffer of `len` bytes: rounded up to whole pages (at least one). `None` when
+/// the rounded size overflows or exceeds `isize::MAX` (what `Layout` accepts).
+fn page_layout(len: usize) -> Option<Layout> {
+    let size = len.max(1).checked_next_multiple_of(HOST_ALIGN)?;
+    Layout::from_size_align(size, HOST_ALIGN).ok()
+}
+
+/// The error for a buffer that cannot be had.
+fn too_large(len: usize, why: &str) -> Error {
+    Error::InvalidArgument(format!("a host buffer of {len} bytes {why}"))
+}
+
 impl AlignedBuf {
     /// Allocates `len` bytes (rounded up to whole pages), touching every page now so that the
-    /// first use in the pipeline does not pay the page-fault cost.
-    pub fn new(len: usize, pin: Option<Arc<dyn PinHook>>, counter: Option<Arc<AtomicU64>>) -> Self {
-        let size = len.max(1).next_multiple_of(HOST_ALIGN);
-        let layout = Layout::from_size_align(size, HOST_ALIGN).expect("buffer layout");
-        // SAFETY: layout has non-zero size and a power-of-two alignment.
+    /// first use in the pipeline does not pay the page-fault cost. A length whose rounded size
+    /// does not fit a `Layout`, or an allocation the system refuses, is an error (nothing is
+    /// allocated), never a panic or an abort.
+    pub fn new(
+        len: usize,
+        pin: Option<Arc<dyn PinHook>>,
+        counter: Option<Arc<AtomicU64>>,
+    ) -> Result<Self> {
+        let layout = page_layout(len).ok_or_else(|| too_large(len, "is too large to allocate"))?;
+        Self::with_layout(len, layout, pin, counter)
+    }
+
+    /// Allocates a buffer of `len` bytes with `layout`, which comes from [`page_layout`]`(len)`
+    /// (checked again here, once per allocation: `Deref`'s soundness rests on it).
+    fn with_layout(
+        len: usize,
+        layout: Layout,
+        pin: Option<Arc<dyn PinHook>>,
+        counter: Option<Arc<AtomicU64>>,
+    ) -> Result<Self> {
+        let size = layout.size();
+        if size == 0 || size < len {
+            return Err(too_large(len, "does not fit its layout (internal)"));
+        }
+        // SAFETY: non-zero size (checked above), a power-of-two alignment and a size of at most
+        // isize::MAX (both guaranteed by `Layout`).
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout)
-        };
+        let ptr = NonNull::new(raw).ok_or_else(|| too_large(len, "could not be allocated"))?;
         // Touch each page (alloc_zeroed may hand back lazily-mapped zero pages).
         for off in (0..size).step_by(HOST_ALIGN) {
             // SAFETY: off < size, inside the allocation.
@@ -59,13 +92,13 @@ impl AlignedBuf {
         if let Some(c) = &counter {
             c.fetch_add(size as u64, Ordering::Relaxed);
         }
-        AlignedBuf {
+        Ok(AlignedBuf {
             ptr,
             len,
             layout,
             pin,
             counter,
-        }
+        })
     }
 
     /// Length in bytes.
@@ -87,7 +120,8 @@ impl AlignedBuf {
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for `layout.size() >= len` initialized (zeroed) bytes, owned.
+        // SAFETY: ptr is valid for `layout.size() >= len` initialized (zeroed) bytes, owned
+        // (`with_layout`, the only constructor, checks that the layout covers `len`).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -107,7 +141,7 @@ impl Drop for AlignedBuf {
         if let Some(c) = &self.counter {
             c.fetch_sub(self.layout.size() as u64, Ordering::Relaxed);
         }
-        // SAFETY: allocated in `new` with exactly this layout, freed once.
+        // SAFETY: allocated in `with_layout` with exactly this layout, freed once.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
 }
@@ -115,6 +149,8 @@ impl Drop for AlignedBuf {
 /// A free list of equal-sized buffers: `get` reuses one or allocates, `put` keeps up to `cap`.
 pub struct BufPool {
     len: usize,
+    /// Checked once at construction: every buffer of the pool has this layout.
+    layout: Layout,
     cap: usize,
     free: Mutex<Vec<AlignedBuf>>,
     pin: Option<Arc<dyn PinHook>>,
@@ -125,33 +161,42 @@ pub struct BufPool {
 
 impl BufPool {
     /// A pool of buffers of `len` bytes with `prealloc` allocated now, keeping at most `cap`.
+    /// A `len` no buffer can have, or an allocation that fails, is an error.
     pub fn new(
         len: usize,
         prealloc: usize,
         cap: usize,
         pin: Option<Arc<dyn PinHook>>,
         counter: Arc<AtomicU64>,
-    ) -> Self {
+    ) -> Result<Self> {
+        let layout = page_layout(len).ok_or_else(|| too_large(len, "is too large to allocate"))?;
         let free = (0..prealloc)
-            .map(|_| AlignedBuf::new(len, pin.clone(), Some(counter.clone())))
-            .collect();
-        BufPool {
+            .map(|_| AlignedBuf::with_layout(len, layout, pin.clone(), Some(counter.clone())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BufPool {
             len,
+            layout,
             cap: cap.max(prealloc),
             free: Mutex::new(free),
             pin,
             counter,
             allocations: AtomicU64::new(0),
-        }
+        })
     }
 
-    /// A free buffer (contents are whatever the last user left: callers overwrite it).
-    pub fn get(&self) -> AlignedBuf {
+    /// A free buffer (contents are whatever the last user left: callers overwrite it); an
+    /// error only if a new one must be allocated and the system refuses.
+    pub fn get(&self) -> Result<AlignedBuf> {
         if let Some(b) = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            return b;
+            return Ok(b);
         }
         self.allocations.fetch_add(1, Ordering::Relaxed);
-        AlignedBuf::new(self.len, self.pin.clone(), Some(self.counter.clone()))
+        AlignedBuf::with_layout(
+            self.len,
+            self.layout,
+            self.pin.clone(),
+            Some(self.counter.clone()),
+        )
     }
 
     /// Returns a buffer to the pool (freed if the pool already holds `cap`).
@@ -215,13 +260,13 @@ mod tests {
     #[test]
     fn aligned_and_recycled() {
         let counter = Arc::new(AtomicU64::new(0));
-        let pool = BufPool::new(10_000, 2, 2, None, counter.clone());
-        let a = pool.get();
+        let pool = BufPool::new(10_000, 2, 2, None, counter.clone()).unwrap();
+        let a = pool.get().unwrap();
         assert_eq!(a.as_ptr() as usize % HOST_ALIGN, 0);
         assert_eq!(a.len(), 10_000);
         let p = a.as_ptr();
         pool.put(a);
-        let b = pool.get();
+        let b = pool.get().unwrap();
         assert_eq!(b.as_ptr(), p);
         assert_eq!(pool.allocations.load(Ordering::Relaxed), 0);
         assert_eq!(counter.load(Ordering::Relaxed), 2 * 12_288);
@@ -229,10 +274,44 @@ mod tests {
 
     #[test]
     fn cast_checks_dtype_and_alignment() {
-        let b = AlignedBuf::new(16, None, None);
+        let b = AlignedBuf::new(16, None, None).unwrap();
         assert_eq!(cast_slice::<f32>(&b, "F32").map(|s| s.len()), Some(4));
         assert!(cast_slice::<f32>(&b, "I32").is_none());
         assert!(cast_slice::<f32>(&b[1..9], "F32").is_none());
         assert!(cast_slice::<u64>(&b[..12], "U64").is_none());
+    }
+
+    /// Lengths whose page-rounded size overflows `usize` or exceeds what a `Layout` accepts are
+    /// refused before anything is allocated (before the fix, `usize::MAX` wrapped to a
+    /// zero-size layout and `Deref` built a slice of `usize::MAX` bytes); so is a valid layout
+    /// the allocator refuses (2^60 bytes: beyond any address space here), instead of aborting.
+    #[test]
+    fn huge_lengths_are_refused_without_allocating() {
+        let counter = Arc::new(AtomicU64::new(0));
+        for len in [
+            usize::MAX,
+            usize::MAX - HOST_ALIGN + 1,
+            isize::MAX as usize,
+            isize::MAX as usize + 1,
+            1 << 60,
+        ] {
+            let e = AlignedBuf::new(len, None, Some(counter.clone()))
+                .err()
+                .unwrap_or_else(|| panic!("{len} bytes were allocated"));
+            assert!(e.to_string().contains(&len.to_string()), "{e}");
+            assert!(BufPool::new(len, 1, 1, None, counter.clone()).is_err());
+        }
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            0,
+            "nothing counted as allocated"
+        );
+        // The edges that still fit: 0 bytes (one page) and a length one page short of rounding.
+        assert_eq!(AlignedBuf::new(0, None, None).unwrap().len(), 0);
+        assert_eq!(page_layout(HOST_ALIGN).map(|l| l.size()), Some(HOST_ALIGN));
+        assert_eq!(
+            page_layout(HOST_ALIGN + 1).map(|l| l.size()),
+            Some(2 * HOST_ALIGN)
+        );
     }
 }

@@ -70,6 +70,8 @@ pub trait RowSource: Send + Sync {
     fn location(&self, s: usize, c: usize, j: u64) -> ChunkLocation;
     /// Total rows.
     fn total_rows(&self) -> u64 {
-        (0..self.shard_count()).map(|s| self.shard_rows(s)).sum()
+        (0..self.shard_count())
+            .map(|s| self.shard_rows(s))
+            .fold(0, u64::saturating_add)
     }
 }

@@ -194,3 +194,69 @@ pub fn resume_and_drop_mid_epoch<L: DeviceUnderTest>() {
         .collect();
     assert_eq!([head, tail].concat(), all);
 }
+
+/// A dataset with zero-width columns beside a normal one: `x` f32 × 3 (encrypted), `e` u8 ×
+/// 0 (encrypted) and `p` i16 × 2 × 0 (plain), `rows` rows over 128-byte chunks and 1 KiB shards.
+pub fn make_zero_width(dir: &Path, rows: u64) -> MasterKey {
+    let key = MasterKey::generate().unwrap();
+    let x: Vec<u8> = (0..rows * 3)
+        .flat_map(|i| (i as f32 * 0.5).to_le_bytes())
+        .collect();
+    let empty = |name: &str, dtype, shape: &[u64]| ConvertInput::InMemory {
+        name: name.into(),
+        dtype,
+        shape: shape.to_vec(),
+        data: Vec::new(),
+    };
+    let inputs = [
+        empty("e", Dtype::U8, &[rows, 0]),
+        ConvertInput::InMemory {
+            name: "x".into(),
+            dtype: Dtype::F32,
+            shape: vec![rows, 3],
+            data: x,
+        },
+        empty("p", Dtype::I16, &[rows, 2, 0]),
+    ];
+    let opts = ConvertOptions {
+        keys: vec![key.clone()],
+        chunk_size: 128,
+        shard_size: 1024,
+        plain: vec!["p".into()],
+        ..Default::default()
+    };
+    convert(&inputs, dir, &opts, &mut |_, _| {}).unwrap();
+    key
+}
+
+/// Zero-width columns load on the device as `[B, 0]` (and `[B, 2, 0]`) tensors, every batch
+/// equal to the host loader's: nothing is gathered or bound for them.
+pub fn zero_width_columns<L: DeviceUnderTest>() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = make_zero_width(dir.path(), 300);
+    for (batch, shuffle) in [(32, true), (7, false)] {
+        let o = LoaderOptions {
+            batch_size: batch,
+            shuffle,
+            seed: 5,
+            epochs: 2,
+            ..Default::default()
+        };
+        assert!(compare::<L>(dir.path(), &key, &o) > 0);
+        let mut dev = L::open_at(dir.path(), &key, &o);
+        let b = dev.next().unwrap().unwrap();
+        let rows = L::rows(&b).len() as u64;
+        let shapes: Vec<(String, Vec<u64>, usize)> = L::read_back(&b)
+            .into_iter()
+            .map(|(name, _, shape, bytes)| (name, shape, bytes.len()))
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                ("e".into(), vec![rows, 0], 0),
+                ("x".into(), vec![rows, 3], rows as usize * 12),
+                ("p".into(), vec![rows, 2, 0], 0),
+            ]
+        );
+    }
+}

@@ -104,3 +104,17 @@ pub fn assert_err_names(r: Result<impl std::fmt::Debug>, file: &str, cause: &str
     assert!(msg.contains(cause), "error does not say '{cause}': {msg}");
     e
 }
+
+/// The bytes of an NPY (version 1) file: `descr` and `shape` (a Python tuple) over `data`.
+pub fn npy_bytes(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut v = b"\x93NUMPY\x01\x00".to_vec();
+    v.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    v.extend_from_slice(h.as_bytes());
+    v.extend_from_slice(data);
+    v
+}

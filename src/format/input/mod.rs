@@ -260,7 +260,14 @@ pub(super) fn plan<'a>(
                 path.display()
             )));
         };
-        let row_bytes = tensor_bytes(dtype, row_shape).expect("sub-shape of a valid shape");
+        // The whole shape's size fits (the readers checked it), but a tensor with no rows has
+        // size 0 whatever its row shape: one row's size is checked on its own.
+        let Some(row_bytes) = tensor_bytes(dtype, row_shape) else {
+            return Err(Error::InvalidArgument(format!(
+                "{}: tensor '{name}' of shape {shape:?}: one row of {row_shape:?} {dtype} is more than 2^64 bytes",
+                path.display()
+            )));
+        };
         match cols.iter_mut().find(|c| c.name == name) {
             Some(c) => {
                 if c.dtype != dtype || c.shape != row_shape {
@@ -271,7 +278,19 @@ pub(super) fn plan<'a>(
                         c.shape
                     )));
                 }
-                c.rows += rows;
+                // Rows of one row size summed over inputs: each input's bytes fit, their sum
+                // need not (zero-width rows, or inputs claiming 2^63 bytes each).
+                let total = c
+                    .rows
+                    .checked_add(rows)
+                    .filter(|r| r.checked_mul(row_bytes).is_some());
+                let Some(total) = total else {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: column '{name}' would hold more than 2^64 rows or bytes with this input's {rows} rows",
+                        path.display()
+                    )));
+                };
+                c.rows = total;
                 c.pieces.push(piece);
             }
             None => cols.push(Col {
@@ -291,6 +310,29 @@ pub(super) fn plan<'a>(
             "columns have different row counts: '{}' has {rows}, '{}' has {}",
             cols[0].name, c.name, c.rows
         )));
+    }
+    // Rows are only bounded by the data if some column's rows hold bytes: a dataset of
+    // zero-width columns could claim 2^64 rows in a few bytes of header, and everything sized
+    // by rows (the loader's plan) would follow. A zero-width column beside a normal one is
+    // fine (delivered as a [B, 0] tensor).
+    if cols.iter().all(|c| c.row_bytes == 0) {
+        let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
+        return Err(Error::InvalidArgument(format!(
+            "every column has zero-byte rows ({names:?}, {rows} rows): a dataset needs at least one column whose rows hold data"
+        )));
+    }
+    // One row of all columns, and all the data, within u64 (each column's rows x row bytes
+    // fits: checked above), so the converter's per-shard sums cannot wrap.
+    let fits = cols.iter().try_fold((0u64, 0u64), |(row, total), c| {
+        Some((
+            row.checked_add(c.row_bytes)?,
+            total.checked_add(c.rows.checked_mul(c.row_bytes)?)?,
+        ))
+    });
+    if fits.is_none() {
+        return Err(Error::InvalidArgument(
+            "the columns together hold more than 2^64 bytes (per row or in all)".into(),
+        ));
     }
     Ok(Plan {
         kind: DatasetKind::Dataset,

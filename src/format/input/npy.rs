@@ -74,13 +74,15 @@ fn open_header(path: &Path) -> Result<(File, NpyHeader)> {
         buf.truncate(start + hlen);
     }
     let h = parse_header(path, &buf)?;
-    if h.data_offset + h.data_len != file_len {
+    // The data length comes from the shape: up to 2^64 - 1, so the sum is checked.
+    let described = h.data_offset.checked_add(h.data_len);
+    if described != Some(file_len) {
         return Err(Error::format(
             path,
             WHAT,
             format!(
                 "file is {file_len} bytes, header describes {} (truncated or extra bytes)",
-                h.data_offset + h.data_len
+                described.map_or("more than 2^64".into(), |n| n.to_string())
             ),
         ));
     }

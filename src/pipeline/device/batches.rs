@@ -154,6 +154,11 @@ pub(crate) fn plan_batch(
     let mut pairs = Vec::with_capacity(rows.len() * source.columns().len());
     let mut jobs = Vec::with_capacity(source.columns().len() * needed.len());
     for (c, col) in source.columns().iter().enumerate() {
+        // A zero-width column has no chunks in any window and nothing to gather: its tensor
+        // is `[B, 0]` (the engines' column buffers are never zero-sized, and no job is sent).
+        if col.row_bytes == 0 {
+            continue;
+        }
         for (w, offsets) in layouts.iter() {
             let start = pairs.len();
             gather_pairs(

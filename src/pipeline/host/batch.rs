@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
+use crate::error::Result;
 use crate::pipeline::pool::{AlignedBuf, Element, PinHook, cast_slice};
 use crate::pipeline::source::ColumnInfo;
 
@@ -112,15 +113,15 @@ pub(super) struct SetPool {
 }
 
 impl SetPool {
-    pub(super) fn alloc(&self) -> Vec<AlignedBuf> {
+    pub(super) fn alloc(&self) -> Result<Vec<AlignedBuf>> {
         self.sizes
             .iter()
             .map(|&n| AlignedBuf::new(n, self.pin.clone(), Some(self.counter.clone())))
             .collect()
     }
-    pub(super) fn get(&self) -> Vec<AlignedBuf> {
+    pub(super) fn get(&self) -> Result<Vec<AlignedBuf>> {
         if let Some(s) = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            return s;
+            return Ok(s);
         }
         // Only when the consumer keeps batches alive beyond the prefetch depth.
         self.allocations.fetch_add(1, Relaxed);

@@ -115,7 +115,7 @@ impl Shared {
     fn load(&self, k: ChunkKey) -> Result<Loaded> {
         let (s, c, j) = (k.0 as usize, k.1 as usize, k.2);
         let spec = self.source.chunk(s, c, j);
-        let mut buf = self.chunk_pool.get();
+        let mut buf = self.chunk_pool.get()?;
         let t0 = Instant::now();
         let store = self.source.store();
         if spec.len > buf.len() {
@@ -186,7 +186,7 @@ impl Shared {
             }
         }
         // Stage 2: rows into the batch buffers, coalescing runs of consecutive source rows.
-        let mut bufs = self.set_pool.get();
+        let mut bufs = self.set_pool.get()?;
         let mut runs: Vec<(RowRef, usize, u64)> = Vec::new(); // (first row, batch pos, count)
         for (i, r) in job.rows.iter().enumerate() {
             match runs.last_mut() {

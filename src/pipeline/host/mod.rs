@@ -92,7 +92,7 @@ impl Loader {
             let mut free = set_pool.free.lock().unwrap_or_else(|e| e.into_inner());
             // In flight, plus the one the consumer holds.
             for _ in 0..in_flight + 1 {
-                free.push(set_pool.alloc());
+                free.push(set_pool.alloc()?);
             }
         }
         // Chunks held at once: the pinned window plus the windows the in-flight batches still
@@ -104,15 +104,15 @@ impl Loader {
         let window_chunks: u64 = columns
             .iter()
             .map(|c| {
-                let block_bytes = block_rows * c.row_bytes;
+                let block_bytes = block_rows.saturating_mul(c.row_bytes);
                 // Blocks start on chunk boundaries, or nest inside chunks.
                 let aligned = block_bytes.is_multiple_of(chunk_size)
                     || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
                 let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
                 let total: u64 = shard_rows
                     .iter()
-                    .map(|&r| (r * c.row_bytes).div_ceil(chunk_size).max(1))
-                    .sum();
+                    .map(|&r| r.saturating_mul(c.row_bytes).div_ceil(chunk_size).max(1))
+                    .fold(0, u64::saturating_add);
                 opts.window_blocks.saturating_mul(per_block).min(total)
             })
             .fold(0, u64::saturating_add);
@@ -130,12 +130,12 @@ impl Loader {
             .max()
             .unwrap_or(1);
         let chunk_pool = Arc::new(BufPool::new(
-            longest_chunk as usize,
+            usize::try_from(longest_chunk).unwrap_or(usize::MAX),
             bound.min(4096),
-            bound.saturating_add(opts.threads * columns.len()),
+            bound.saturating_add(opts.threads.saturating_mul(columns.len())),
             opts.pin_hook.clone(),
             counters.pool_bytes.clone(),
-        ));
+        )?);
         let shared = Arc::new(Shared {
             source,
             columns: columns.clone(),
