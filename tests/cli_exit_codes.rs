@@ -231,6 +231,16 @@ fn other_errors_are_1() {
     std::fs::create_dir(&empty).unwrap();
     expect(verify(&f.key, &empty), 1, "manifest.json");
     expect(verify(&f.key, &f.tmp.path().join("absent")), 1, "absent");
+    // A shard that does not exist, named on the command line: a typo, not a deleted shard.
+    let out = run(cs()
+        .arg("decrypt")
+        .arg("--key")
+        .arg(&f.key)
+        .args(["--backend", "cpu"])
+        .arg(f.ds.join("shard-00007.safetensors"))
+        .arg("--out")
+        .arg(f.tmp.path().join("p.safetensors")));
+    expect(out, 1, "shard-00007");
     // A missing key file.
     expect(verify(&f.tmp.path().join("no.key"), &f.ds), 1, "no.key");
     // decrypt refuses to overwrite.

@@ -91,15 +91,17 @@ fn is_shard(path: &Path) -> bool {
 }
 
 /// The dataset directory of a path naming a dataset or one of its shard files (as
-/// `Dataset::open` resolves it).
-pub fn dataset_dir(path: &Path) -> &Path {
-    if path.is_dir() {
+/// `Dataset::open` resolves it); `None` when nothing has that name: a mistyped argument is not
+/// a deleted shard.
+pub fn dataset_dir(path: &Path) -> Option<&Path> {
+    let meta = path.metadata().ok()?;
+    Some(if meta.is_dir() {
         path
     } else {
         path.parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
-    }
+    })
 }
 
 #[cfg(test)]

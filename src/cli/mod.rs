@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -136,13 +136,16 @@ impl Command {
     /// tampering (see [`exit::code`]).
     fn dataset_dir(&self) -> Option<PathBuf> {
         match self {
-            Command::Inspect { path, .. } | Command::Decrypt { shard: path, .. } => {
-                Some(exit::dataset_dir(path).to_path_buf())
+            Command::Inspect { path, .. }
+            | Command::Decrypt { shard: path, .. }
+            | Command::Verify { dataset: path, .. }
+            | Command::Rekey { dataset: path, .. } => {
+                exit::dataset_dir(path).map(Path::to_path_buf)
             }
-            Command::Verify { dataset, .. } | Command::Rekey { dataset, .. } => {
-                Some(dataset.clone())
-            }
-            Command::Bench(args) => args.dataset().map(|d| exit::dataset_dir(d).to_path_buf()),
+            Command::Bench(args) => args
+                .dataset()
+                .and_then(exit::dataset_dir)
+                .map(Path::to_path_buf),
             Command::Keygen { .. } | Command::Convert(_) | Command::Demo { .. } => None,
             Command::Backends => None,
         }
