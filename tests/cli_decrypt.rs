@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ciphershard::Error;
 use ciphershard::cipher::cpu::CpuCipher;
-use ciphershard::format::{self, Dataset};
+use ciphershard::format::{self, Dataset, UnlockedDataset};
 use cli_common::*;
 
 fn decrypt(f: &Fixture, shard: &Path, out: &Path) -> Command {
@@ -35,6 +35,32 @@ fn names(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// The fixture's dataset, unlocked for the library's decrypt.
+fn unlocked(f: &Fixture) -> UnlockedDataset {
+    Dataset::open(&f.ds)
+        .unwrap()
+        .unlock(
+            &ciphershard::MasterKey::from_file(&f.key).unwrap(),
+            &CpuCipher::new(),
+        )
+        .unwrap()
+}
+
+/// The library's decrypt of shard 0 into `out`, running `act` at its `at`-th checkpoint (the
+/// checkpoints come before each chunk and before publishing).
+fn decrypt_acting_at(
+    ud: &UnlockedDataset,
+    out: &Path,
+    at: usize,
+    mut act: impl FnMut() -> ciphershard::Result<()>,
+) -> ciphershard::Result<()> {
+    let mut calls = 0;
+    format::decrypt_shard_with(ud, 0, out, &mut || {
+        calls += 1;
+        if calls == at { act() } else { Ok(()) }
+    })
 }
 
 fn out_dir(f: &Fixture) -> PathBuf {
@@ -79,19 +105,9 @@ fn a_file_appearing_at_the_target_meanwhile_is_not_replaced() {
     let f = small();
     let dir = out_dir(&f);
     let out = dir.join("plain.safetensors");
-    let ud = Dataset::open(&f.ds)
-        .unwrap()
-        .unlock(
-            &ciphershard::MasterKey::from_file(&f.key).unwrap(),
-            &CpuCipher::new(),
-        )
-        .unwrap();
-    let mut calls = 0;
-    let r = format::decrypt_shard_with(&ud, 0, &out, &mut || {
-        calls += 1;
-        if calls == 2 {
-            std::fs::write(&out, b"someone else's file").unwrap();
-        }
+    let ud = unlocked(&f);
+    let r = decrypt_acting_at(&ud, &out, 2, || {
+        std::fs::write(&out, b"someone else's file").unwrap();
         Ok(())
     });
     let Err(Error::Io { path, source }) = r else {
@@ -103,12 +119,8 @@ fn a_file_appearing_at_the_target_meanwhile_is_not_replaced() {
     assert_eq!(names(&dir), ["plain.safetensors"]);
     // A dangling symbolic link planted there is refused the same way (not followed).
     std::fs::remove_file(&out).unwrap();
-    let mut calls = 0;
-    let r = format::decrypt_shard_with(&ud, 0, &out, &mut || {
-        calls += 1;
-        if calls == 2 {
-            std::os::unix::fs::symlink(dir.join("elsewhere"), &out).unwrap();
-        }
+    let r = decrypt_acting_at(&ud, &out, 2, || {
+        std::os::unix::fs::symlink(dir.join("elsewhere"), &out).unwrap();
         Ok(())
     });
     assert!(
@@ -124,21 +136,10 @@ fn a_stop_requested_by_the_checkpoint_removes_the_temporary_file() {
     let f = small();
     let dir = out_dir(&f);
     let out = dir.join("plain.safetensors");
-    let ud = Dataset::open(&f.ds)
-        .unwrap()
-        .unlock(
-            &ciphershard::MasterKey::from_file(&f.key).unwrap(),
-            &CpuCipher::new(),
-        )
-        .unwrap();
-    let mut calls = 0;
-    let r = format::decrypt_shard_with(&ud, 0, &out, &mut || {
-        calls += 1;
-        if calls == 3 {
-            assert_eq!(names(&dir).len(), 1, "the temporary file exists by now");
-            return Err(Error::Stopped("test".into()));
-        }
-        Ok(())
+    let ud = unlocked(&f);
+    let r = decrypt_acting_at(&ud, &out, 3, || {
+        assert_eq!(names(&dir).len(), 1, "the temporary file exists by now");
+        Err(Error::Stopped("test".into()))
     });
     assert!(matches!(r, Err(Error::Stopped(_))), "{r:?}");
     assert!(names(&dir).is_empty(), "left behind: {:?}", names(&dir));

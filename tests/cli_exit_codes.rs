@@ -8,15 +8,6 @@ use std::path::Path;
 
 use cli_common::*;
 
-fn verify(key: &Path, ds: &Path) -> std::process::Output {
-    run(cs()
-        .arg("verify")
-        .arg("--key")
-        .arg(key)
-        .args(["--backend", "cpu"])
-        .arg(ds))
-}
-
 #[track_caller]
 fn expect(out: std::process::Output, want: i32, says: &str) {
     let err = stderr(&out);
@@ -255,10 +246,7 @@ fn other_errors_are_1() {
     expect(out, 1, "refusing to overwrite");
     // An explicit backend that is not available here (no CUDA on a CI machine).
     if ciphershard::cipher::select(ciphershard::Backend::Cuda).is_err() {
-        let out = run(cs()
-            .arg("verify")
-            .arg("--key")
-            .arg(&f.key)
+        let out = run(keyed("verify", &f.key)
             .args(["--backend", "cuda"])
             .arg(&f.ds));
         expect(out, 1, "not available");

@@ -68,12 +68,7 @@ fn errors_escape_names_from_the_files() {
     let f = evil();
     // A modified chunk of the evil tensor (the first): the error names it.
     flip(&f.shard(0), data_start(&f.shard(0)) + 5);
-    let out = run(cs()
-        .arg("verify")
-        .arg("--key")
-        .arg(&f.key)
-        .args(["--backend", "cpu"])
-        .arg(&f.ds));
+    let out = verify(&f.key, &f.ds);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     let err = stderr(&out);
     assert!(!has_raw_controls(&err), "{err:?}");

@@ -8,6 +8,10 @@ use std::process::{Command, Output, Stdio};
 use ciphershard::MasterKey;
 use ciphershard::format::{self, ConvertInput, ConvertOptions, Dtype};
 
+#[path = "../format_common/mod.rs"]
+mod format_common;
+pub use format_common::bytes;
+
 /// A key of 64 hex digits that tests paste where a key *file* is expected.
 pub const HEX_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
@@ -17,6 +21,18 @@ pub fn cs() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ciphershard"));
     c.env_remove("CIPHERSHARD_KEY_FILE").stdin(Stdio::null());
     c
+}
+
+/// `ciphershard COMMAND --key KEY`.
+pub fn keyed(command: &str, key: &Path) -> Command {
+    let mut c = cs();
+    c.arg(command).arg("--key").arg(key);
+    c
+}
+
+/// `ciphershard verify --key KEY --backend cpu DATASET`, run.
+pub fn verify(key: &Path, ds: &Path) -> Output {
+    run(keyed("verify", key).args(["--backend", "cpu"]).arg(ds))
 }
 
 /// Runs `cmd` to completion.
@@ -61,19 +77,6 @@ impl Fixture {
         }
         to
     }
-}
-
-/// Deterministic bytes.
-pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A dataset of `rows` rows: `x` F32 [rows, 4] (encrypted) and `y` U8 [rows] (plain), with the
