@@ -11,11 +11,13 @@
 set -u
 if [ "${1:-}" = "--prepare" ]; then
     set -e
-    dir=${2:-.gpu}
+    . "$(dirname "$0")/target-dir.sh"
     root=$(cd "$(dirname "$0")/.." && pwd)
+    dir=$(realpath -m -- "${2:-$root/.gpu}")   # a relative DIR: relative to where we started
     cd "$root"
-    nvrtc_lib=$(ls -d .venv/lib/python3*/site-packages/nvidia/cu13/lib target/ci-venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1 || true)
-    if [ -n "$nvrtc_lib" ]; then export LD_LIBRARY_PATH="$root/$nvrtc_lib:${LD_LIBRARY_PATH:-}"; fi
+    tdir=$(cargo_target_dir)   # $CARGO_TARGET_DIR when set, else target/
+    nvrtc_lib=$(ls -d "$root"/.venv/lib/python3*/site-packages/nvidia/cu13/lib "$tdir"/ci-venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1 || true)
+    if [ -n "$nvrtc_lib" ]; then export LD_LIBRARY_PATH="$nvrtc_lib:${LD_LIBRARY_PATH:-}"; fi
     # One feature set for everything, so nothing is built twice.
     feats=(--release --all-features)
     cargo build "${feats[@]}" --example cuda_bench --bin ciphershard
@@ -24,8 +26,8 @@ if [ "${1:-}" = "--prepare" ]; then
             | sed -n 's/.*"executable":"\([^"]*\/'"$1"'-[^"]*\)".*/\1/p' | tail -1
     }
     mkdir -p "$dir"
-    cp target/release/examples/cuda_bench "$dir/cuda_bench"
-    cp target/release/ciphershard "$dir/ciphershard"
+    cp "$tdir/release/examples/cuda_bench" "$dir/cuda_bench"
+    cp "$tdir/release/ciphershard" "$dir/ciphershard"
     for t in cuda_conformance wgpu_backend loader_cuda loader_wgpu; do
         if [ -f "tests/$t.rs" ]; then cp "$(test_exe "$t")" "$dir/$t"; fi
     done

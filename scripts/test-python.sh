@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Python binding (python/, PyO3 + maturin) into a virtual environment and runs its
-# pytest suite. Idempotent: the venv (target/py-venv) and what is installed in it are reused.
+# pytest suite. Idempotent: the venv (py-venv in cargo's target directory, $CARGO_TARGET_DIR when
+# set) and what is installed in it are reused.
 #
 # Installs from PyPI: maturin, pytest, mypy (stubtest), numpy (required: NumPy's DLPack import
 # is the zero-copy path every run checks), torch + torchdata (the PyTorch tests: from_dlpack,
@@ -9,9 +10,9 @@
 # machines without a GPU. CIPHERSHARD_PY_TORCH=0 / CIPHERSHARD_PY_JAX=0 skip them: those tests
 # are then skipped and everything else still runs. Extra arguments go to pytest.
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"
 cd "$(dirname "$0")/.."
-root=$(pwd)
-venv="$root/target/py-venv"
+venv="$(cargo_target_dir)/py-venv"
 py="$venv/bin/python"
 
 step() { printf '\n==> %s\n' "$*"; }

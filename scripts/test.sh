@@ -7,8 +7,9 @@
 #     (scripts/test-python.sh; CIPHERSHARD_PY_TORCH=0 / CIPHERSHARD_PY_JAX=0 skip those two).
 # Idempotent: what is already there is not installed again.
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"
 cd "$(dirname "$0")/.."
-root=$(pwd)
+tdir=$(cargo_target_dir)   # $CARGO_TARGET_DIR when set, else target/
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -16,7 +17,7 @@ step "system packages (lavapipe)"
 bash scripts/install-lavapipe.sh
 
 step "NVRTC for the CUDA kernel compile test"
-venv="$root/target/ci-venv"
+venv="$tdir/ci-venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
@@ -30,7 +31,7 @@ export CIPHERSHARD_REQUIRE_NVRTC=1
 export CIPHERSHARD_REQUIRE_WGPU=1
 # lavapipe complains on every test without a runtime dir; give it a private one.
 if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "${XDG_RUNTIME_DIR}" ]; then
-  export XDG_RUNTIME_DIR="$root/target/xdg-runtime"
+  export XDG_RUNTIME_DIR="$tdir/xdg-runtime"
   mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 fi
 

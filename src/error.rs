@@ -2,10 +2,76 @@
 //!
 //! Every variant that concerns a file carries its path, so the message a user sees names the
 //! file and the cause. Key material never appears in an error.
+//!
+//! Messages carry text read from files ciphershard did not write or has not yet authenticated
+//! (tensor names, metadata, dtype strings, file names): every string field is displayed through
+//! [`Untrusted`], so a crafted name cannot move the cursor, recolour the terminal or reorder
+//! the line with bidi controls in a terminal or a log viewer.
 
 #![forbid(unsafe_code)]
 
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
 use std::path::PathBuf;
+
+/// `true` for characters that must not reach a terminal raw: C0 and C1 controls and DEL
+/// (escape sequences, carriage returns, backspaces), Unicode bidi controls (which reorder what
+/// a reader sees) and the Unicode line and paragraph separators.
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}'
+                | '\u{200E}'
+                | '\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{2028}'
+                | '\u{2029}'
+        )
+}
+
+/// Displays untrusted text with every [`is_unsafe_char`] written as `\u{..}`; other text,
+/// backslashes included, is unchanged (so escaping twice changes nothing). Honours width and
+/// alignment (`{:<24}`), measured on the escaped text.
+#[derive(Debug, Clone, Copy)]
+pub struct Untrusted<T>(pub T);
+
+/// Writes into `W` with every [`is_unsafe_char`] escaped.
+struct Escaping<'a, W: fmt::Write + ?Sized>(&'a mut W);
+
+impl<W: fmt::Write + ?Sized> fmt::Write for Escaping<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(at) = rest.find(is_unsafe_char) {
+            let c = rest[at..].chars().next().expect("found a char there");
+            self.0.write_str(&rest[..at])?;
+            write!(self.0, "\\u{{{:x}}}", c as u32)?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+impl<T: fmt::Display> fmt::Display for Untrusted<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.width().is_none() && f.precision().is_none() {
+            write!(Escaping(f), "{}", self.0)
+        } else {
+            let mut escaped = String::new();
+            write!(Escaping(&mut escaped), "{}", self.0)?;
+            f.pad(&escaped)
+        }
+    }
+}
+
+/// `s` with every [`is_unsafe_char`] escaped (borrowed when there is none).
+pub fn escape_untrusted(s: &str) -> Cow<'_, str> {
+    if !s.contains(is_unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(Untrusted(s).to_string())
+}
 
 /// Where in a shard an integrity failure was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,8 +89,8 @@ impl std::fmt::Display for ChunkLocation {
         write!(
             f,
             "{}: tensor '{}', chunk {}",
-            self.path.display(),
-            self.tensor,
+            Untrusted(self.path.display()),
+            Untrusted(&self.tensor),
             self.chunk
         )
     }
@@ -34,7 +100,7 @@ impl std::fmt::Display for ChunkLocation {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system I/O error on a named file.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", Untrusted(.path.display()))]
     Io {
         /// The file.
         path: PathBuf,
@@ -43,7 +109,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The file is not a well-formed ciphershard shard, manifest or keyring.
-    #[error("{path}: malformed {what}: {reason}")]
+    #[error("{}: malformed {what}: {}", Untrusted(.path.display()), Untrusted(.reason))]
     Format {
         /// The file.
         path: PathBuf,
@@ -53,7 +119,11 @@ pub enum Error {
         reason: String,
     },
     /// The file uses a format version or cipher this build does not understand.
-    #[error("{path}: unsupported {what} '{found}' (this build supports {supported})")]
+    #[error(
+        "{}: unsupported {what} '{}' (this build supports {supported})",
+        Untrusted(.path.display()),
+        Untrusted(.found)
+    )]
     Unsupported {
         /// The file.
         path: PathBuf,
@@ -66,7 +136,9 @@ pub enum Error {
     },
     /// No key in the keyring matches the master key given.
     #[error(
-        "{path}: wrong key: master key {key_id} cannot open this dataset (it is wrapped for: {available})"
+        "{}: wrong key: master key {key_id} cannot open this dataset (it is wrapped for: {})",
+        Untrusted(.path.display()),
+        Untrusted(.available)
     )]
     WrongKey {
         /// The keyring or shard.
@@ -82,7 +154,7 @@ pub enum Error {
     )]
     Integrity(ChunkLocation),
     /// The shard header or dataset metadata failed authentication.
-    #[error("{path}: integrity check failed: {what} was modified")]
+    #[error("{}: integrity check failed: {} was modified", Untrusted(.path.display()), Untrusted(.what))]
     HeaderIntegrity {
         /// The file.
         path: PathBuf,
@@ -90,13 +162,13 @@ pub enum Error {
         what: String,
     },
     /// A key file or key source is unusable.
-    #[error("key: {0}")]
+    #[error("key: {}", Untrusted(.0))]
     Key(String),
     /// Invalid argument or configuration from the caller.
-    #[error("invalid argument: {0}")]
+    #[error("invalid argument: {}", Untrusted(.0))]
     InvalidArgument(String),
     /// The requested backend is not available here.
-    #[error("backend '{backend}' is not available: {reason}")]
+    #[error("backend '{backend}' is not available: {}", Untrusted(.reason))]
     BackendUnavailable {
         /// Backend name.
         backend: &'static str,
@@ -104,7 +176,7 @@ pub enum Error {
         reason: String,
     },
     /// A GPU backend failed at run time.
-    #[error("{backend} backend error: {reason}")]
+    #[error("{backend} backend error: {}", Untrusted(.reason))]
     Backend {
         /// Backend name.
         backend: &'static str,
@@ -112,7 +184,7 @@ pub enum Error {
         reason: String,
     },
     /// The loader was stopped or its pipeline shut down.
-    #[error("loader stopped: {0}")]
+    #[error("loader stopped: {}", Untrusted(.0))]
     Stopped(String),
 }
 
@@ -137,3 +209,48 @@ impl Error {
 
 /// Crate result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untrusted_text_is_escaped() {
+        let evil = "a\u{1b}[31mb\u{9b}c\u{7f}\u{202e}d\u{2066}\r\n\\u{1b}é";
+        let shown = Untrusted(evil).to_string();
+        assert_eq!(
+            shown,
+            "a\\u{1b}[31mb\\u{9b}c\\u{7f}\\u{202e}d\\u{2066}\\u{d}\\u{a}\\u{1b}é"
+        );
+        assert!(!shown.contains(is_unsafe_char));
+        assert_eq!(
+            escape_untrusted(&shown),
+            shown,
+            "escaping twice changes nothing"
+        );
+        assert!(matches!(escape_untrusted("plain é"), Cow::Borrowed(_)));
+        assert_eq!(format!("[{:<6}]", Untrusted("\u{1b}")), "[\\u{1b}]");
+        assert_eq!(format!("[{:<8}]", Untrusted("a\u{1b}")), "[a\\u{1b} ]");
+    }
+
+    #[test]
+    fn messages_escape_file_derived_text() {
+        let e = Error::Integrity(ChunkLocation {
+            path: "ds/shard-\u{1b}[2J.safetensors".into(),
+            tensor: "x\u{202e}gnp".into(),
+            chunk: 3,
+        });
+        let m = e.to_string();
+        assert!(!m.contains(is_unsafe_char), "{m}");
+        assert!(m.contains("x\\u{202e}gnp"), "{m}");
+        let e = Error::format("f", "manifest", "column 'a\u{1b}]0;t\u{7}'");
+        assert!(!e.to_string().contains(is_unsafe_char), "{e}");
+        let e = Error::Unsupported {
+            path: "f".into(),
+            what: "dtype",
+            found: "F\u{85}32".into(),
+            supported: "F32".into(),
+        };
+        assert!(!e.to_string().contains(is_unsafe_char), "{e}");
+    }
+}

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::Path;
 
@@ -19,6 +20,153 @@ use crate::error::{Error, Result};
 pub const KEY_LEN: usize = 32;
 /// Length of a data key wrapped with AES-KW.
 pub const WRAPPED_LEN: usize = KEY_LEN + 8;
+/// Most bytes read from a key source (file or standard input): a key is 64 hex digits or 32
+/// raw bytes; the rest is room for whitespace. A larger source is refused, unread.
+pub const MAX_KEY_SOURCE_LEN: usize = 4096;
+
+/// `true` when `s`, given where a key *source* is expected (a key file path, an environment
+/// variable naming one), looks like key material itself: 64 hex digits (optionally `0x`), the
+/// base64 of 32 bytes (standard or URL-safe, padded or not), or bytes that are not text (a
+/// control character, or invalid UTF-8 in a string short enough to be a raw key). Surrounding
+/// whitespace is ignored. A real file with such a name can still be named as `./NAME`.
+pub fn looks_like_key(s: &OsStr) -> bool {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let bytes = s.as_encoded_bytes();
+    if bytes
+        .iter()
+        .any(|&b| b < 0x20 && !b.is_ascii_whitespace() || b == 0x7f)
+    {
+        return true;
+    }
+    let Some(text) = s.to_str() else {
+        return bytes.len() <= 2 * KEY_LEN;
+    };
+    let t = text.trim();
+    let hex = t.strip_prefix("0x").unwrap_or(t);
+    if hex.len() == 2 * KEY_LEN && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return true;
+    }
+    matches!(t.len(), 43 | 44)
+        && [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+            .iter()
+            .any(|engine| {
+                engine
+                    .decode(t)
+                    .map(Zeroizing::new)
+                    .is_ok_and(|k| k.len() == KEY_LEN)
+            })
+}
+
+/// `text` with every word that [`looks_like_key`] replaced by `<redacted: looks like a key>`
+/// (a word: a run of hex and base64 characters; its `/`-separated parts are checked too). For
+/// messages that repeat what a user typed, such as a command-line parser's.
+pub fn redact_keys(text: &str) -> std::borrow::Cow<'_, str> {
+    const REDACTED: &str = "<redacted: looks like a key>";
+    let is_word = |c: char| c.is_ascii_alphanumeric() || "+/=_-".contains(c);
+    let key_like = |w: &str| looks_like_key(OsStr::new(w));
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut rest = text;
+    while let Some(start) = rest.find(is_word) {
+        let len = rest[start..]
+            .find(|c| !is_word(c))
+            .unwrap_or(rest.len() - start);
+        let word = &rest[start..start + len];
+        let base = text.len() - rest.len() + start;
+        if key_like(word) {
+            out.push_str(&text[copied..base]);
+            out.push_str(REDACTED);
+            copied = base + len;
+        } else if word.contains('/') {
+            let mut at = base;
+            for part in word.split('/') {
+                if key_like(part) {
+                    out.push_str(&text[copied..at]);
+                    out.push_str(REDACTED);
+                    copied = at + part.len();
+                }
+                at += part.len() + 1;
+            }
+        }
+        rest = &rest[start + len..];
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
+/// Refuses `value`, given as `what`, when it [`looks_like_key`]: the error says so without
+/// repeating it (it would otherwise be echoed into terminals and logs by a "No such file"
+/// error). The one check every key source goes through.
+pub fn refuse_key_like(what: &str, value: &OsStr) -> Result<()> {
+    if looks_like_key(value) {
+        return Err(Error::Key(format!(
+            "{what} looks like a key, not the name of a key file (not shown, not used): put the \
+             key in a file (`ciphershard keygen --out FILE` makes one, mode 0600) and name that \
+             file; a key typed on a command line stays in shell history, so treat it as exposed \
+             and rotate it (`ciphershard rekey`); a file that really has such a name can be \
+             given as ./NAME"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads at most [`MAX_KEY_SOURCE_LEN`] bytes from `r` into zeroized memory allocated once
+/// (growing a vector would leave copies of the key behind); `None` when there is more.
+fn read_capped(mut r: impl Read) -> std::io::Result<Option<Zeroizing<Vec<u8>>>> {
+    let mut buf = Zeroizing::new(vec![0u8; MAX_KEY_SOURCE_LEN + 1]);
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if n > MAX_KEY_SOURCE_LEN {
+        return Ok(None);
+    }
+    buf.truncate(n);
+    Ok(Some(buf))
+}
+
+/// A key file's bytes. Opened non-blocking so a FIFO with no writer cannot hang the open, then
+/// refused unless it is a regular file of at most [`MAX_KEY_SOURCE_LEN`] bytes.
+fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = opts.open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::Key(format!(
+            "{}: not a regular file (a pipe, a device or a directory): a key file holds 64 hex \
+             digits or 32 raw bytes; to pass a key through a pipe use --key - (standard input)",
+            path.display()
+        )));
+    }
+    let too_big = || {
+        Error::Key(format!(
+            "{}: more than {MAX_KEY_SOURCE_LEN} bytes: not a key file (a key file holds 64 hex \
+             digits or 32 raw bytes)",
+            path.display()
+        ))
+    };
+    if meta.len() > MAX_KEY_SOURCE_LEN as u64 {
+        return Err(too_big());
+    }
+    read_capped(file)
+        .map_err(|e| Error::io(path, e))?
+        .ok_or_else(too_big)
+}
 
 /// A 256-bit master key: wraps the per-shard data keys.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -93,29 +241,40 @@ impl MasterKey {
         )))
     }
 
-    /// Reads a key from a file.
+    /// Reads a key from a file: a regular file of at most [`MAX_KEY_SOURCE_LEN`] bytes. Anything
+    /// else (a pipe, a device such as `/dev/zero`, a directory) is refused without blocking or
+    /// reading it, and a path that looks like a key itself is refused without repeating it
+    /// ([`looks_like_key`]).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let contents = Zeroizing::new(std::fs::read(path).map_err(|e| Error::io(path, e))?);
+        refuse_key_like("the key file path", path.as_os_str())?;
+        let contents = read_key_file(path)?;
         Self::parse(&contents).map_err(|e| match e {
             Error::Key(m) => Error::Key(format!("{}: {m}", path.display())),
             other => other,
         })
     }
 
-    /// Reads a key from standard input (64 hex digits or 32 raw bytes).
+    /// Reads a key from standard input (64 hex digits or 32 raw bytes, at most
+    /// [`MAX_KEY_SOURCE_LEN`] bytes in all).
     pub fn from_stdin() -> Result<Self> {
-        let mut buf = Zeroizing::new(Vec::new());
-        std::io::stdin()
-            .take(4096)
-            .read_to_end(&mut buf)
-            .map_err(|e| Error::Key(format!("reading key from stdin: {e}")))?;
+        let buf = read_capped(std::io::stdin().lock())
+            .map_err(|e| Error::Key(format!("reading key from standard input: {e}")))?
+            .ok_or_else(|| {
+                Error::Key(format!(
+                    "standard input holds more than {MAX_KEY_SOURCE_LEN} bytes: not a key \
+                     (64 hex digits or 32 raw bytes)"
+                ))
+            })?;
         Self::parse(&buf)
     }
 
-    /// Reads a key from the file named by the environment variable `var`.
+    /// Reads a key from the file named by the environment variable `var`. A variable that
+    /// holds what looks like a key itself is refused without repeating it.
     pub fn from_env_file(var: &str) -> Result<Self> {
+        refuse_key_like("the environment variable name", OsStr::new(var))?;
         let path = std::env::var_os(var)
             .ok_or_else(|| Error::Key(format!("environment variable {var} is not set")))?;
+        refuse_key_like(&format!("${var}"), &path)?;
         Self::from_file(Path::new(&path))
     }
 
@@ -224,6 +383,50 @@ mod tests {
         assert_eq!(hex::encode_upper(w), expect);
         assert_eq!(mk.unwrap(&w).unwrap().as_bytes(), &data);
         assert!(MasterKey::from_bytes([7; 32]).unwrap(&w).is_none());
+    }
+
+    #[test]
+    fn key_like_strings() {
+        let hex = "ab".repeat(32);
+        let like = |s: &str| looks_like_key(OsStr::new(s));
+        assert!(like(&hex));
+        assert!(like(&format!(" 0x{}\n", hex.to_uppercase())));
+        assert!(like("ABEiM0RVZneImaq7zN3u/wARIjNEVWZ3iJmqu8zd7v8="));
+        assert!(like("ABEiM0RVZneImaq7zN3u_wARIjNEVWZ3iJmqu8zd7v8"));
+        assert!(like("raw\u{1}bytes"));
+        assert!(!like("master.key"));
+        assert!(!like("/home/me/keys/master.key"));
+        assert!(!like(&format!("./{hex}")));
+        assert!(!like(&"ab".repeat(31)));
+        assert!(!like("production-training-master-key-v2.key"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStrExt;
+            assert!(looks_like_key(OsStr::from_bytes(&[0xff; 32])));
+        }
+    }
+
+    #[test]
+    fn redaction() {
+        let hex = "cd".repeat(32);
+        let text = format!("error: unexpected argument '{hex}' found; ds/{hex} and ok.key");
+        let r = redact_keys(&text);
+        assert!(!r.contains(&hex), "{r}");
+        assert_eq!(r.matches("<redacted: looks like a key>").count(), 2, "{r}");
+        assert!(r.ends_with("and ok.key"), "{r}");
+        assert!(matches!(
+            redact_keys("nothing here"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn capped_reads() {
+        let read = |n: usize| read_capped(&vec![b' '; n][..]).unwrap().map(|b| b.len());
+        assert_eq!(read(0), Some(0));
+        assert_eq!(read(MAX_KEY_SOURCE_LEN), Some(MAX_KEY_SOURCE_LEN));
+        assert_eq!(read(MAX_KEY_SOURCE_LEN + 1), None);
+        assert_eq!(read(10 * MAX_KEY_SOURCE_LEN), None);
     }
 
     #[test]

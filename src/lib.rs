@@ -9,6 +9,8 @@
 //   src/cipher/cuda/ffi.rs      driver/NVRTC probes and pinned allocation
 //   src/cipher/wgpu/pipelines.rs  the AES-CTR shader built without wgpu's runtime checks
 //   src/bench/reader_pool.rs    a benchmark's reader threads writing into pinned staging
+// (The `ciphershard` binary keeps its own policy in src/main.rs: one `set_var` before any thread
+// starts, to quiet Mesa's device-select layer.)
 // Lints allowed where they occur, each with its reason beside it: `clippy::too_many_arguments`
 // where the arguments are one per field of a wire format (a chunk descriptor, a chunk's AAD);
 // `dead_code` under `cfg(not(feature = ...))` for items that serve one GPU backend only;

@@ -90,6 +90,46 @@ def test_key_sources(fresh_data, tmp_path, monkeypatch):
     assert isinstance(e.value, OSError) and "missing.key" in str(e.value)
 
 
+HEX_KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+B64_KEY = "ABEiM0RVZneImaq7zN3u/wARIjNEVWZ3iJmqu8zd7v8="
+
+
+@pytest.mark.parametrize("secret", [HEX_KEY, HEX_KEY.upper() + "\n", B64_KEY])
+def test_a_key_given_as_a_key_source_is_refused_unrepeated(fresh_data, monkeypatch, secret):
+    """A key pasted where a key file (or a variable naming one) is expected: refused, and the
+    message (which ends up in tracebacks and logs) does not repeat it."""
+    monkeypatch.setenv("CS_TEST_KEY", secret)
+    attempts = [
+        lambda: ciphershard.Dataset(fresh_data.path, key_file=secret, backend="cpu"),
+        lambda: ciphershard.Dataset(fresh_data.path, key_env="CS_TEST_KEY", backend="cpu"),
+        lambda: ciphershard.Dataset(fresh_data.path, key_env=secret, backend="cpu"),
+        lambda: ciphershard.convert({"x": np.zeros((4, 2), np.float32)},
+                                    out=fresh_data.path.parent / "new", key_file=secret),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ciphershard.KeySourceError) as e:
+            attempt()
+        text = str(e.value) + repr(e.value) + repr(e.value.args)
+        assert "looks like a key" in str(e.value)
+        assert secret.strip() not in text and secret.strip()[:16] not in text, text
+
+
+def test_key_files_that_are_not_regular_files_are_refused_unread(fresh_data, tmp_path):
+    for path in ("/dev/zero", tmp_path):
+        with pytest.raises(ciphershard.KeySourceError) as e:
+            ciphershard.Dataset(fresh_data.path, key_file=path, backend="cpu")
+        assert "not a regular file" in str(e.value)
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)  # nobody writes to it: a blocking open would hang
+    with pytest.raises(ciphershard.KeySourceError):
+        ciphershard.Dataset(fresh_data.path, key_file=fifo, backend="cpu")
+    big = tmp_path / "big.key"
+    big.write_bytes(b" " * 5000)
+    with pytest.raises(ciphershard.KeySourceError) as e:
+        ciphershard.Dataset(fresh_data.path, key_file=big, backend="cpu")
+    assert "more than 4096 bytes" in str(e.value)
+
+
 def test_not_a_dataset(tmp_path, fresh_data):
     with pytest.raises(ciphershard.CiphershardError) as e:
         ciphershard.inspect(tmp_path / "nothing-here")

@@ -7,6 +7,7 @@ checks do not depend on how fast the pipeline is; the last test checks a real lo
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 
@@ -49,7 +50,17 @@ def test_the_wait_releases_the_gil():
     assert during > 20, during
 
 
-def test_ctrl_c_interrupts_the_wait():
+@pytest.fixture()
+def sigint_handler():
+    """Python's KeyboardInterrupt handler for SIGINT, restored afterwards. The Ctrl-C tests
+    simulate it with ``_thread.interrupt_main()``, which does nothing while SIGINT is ignored,
+    as it is for a command a shell starts in the background (Python then installs no handler)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_interrupts_the_wait(sigint_handler):
     timer = threading.Timer(0.1, _thread.interrupt_main)
     t0 = time.perf_counter()
     timer.start()
@@ -70,7 +81,7 @@ def wide(tmp_path_factory):
     return ciphershard.Dataset(root / "ds", key_file=key, backend="cpu")
 
 
-def test_loader_interrupted_then_usable(wide):
+def test_loader_interrupted_then_usable(wide, sigint_handler):
     loader = ciphershard.Loader(wide, 64, threads=1, prefetch=1, epochs=50, shuffle=False)
     it = iter(loader)
     next(it)

@@ -13,7 +13,9 @@ use ciphershard::error::{Error, Result};
 use ciphershard::format::{self, ConvertInput, ConvertOptions, Dataset, ShardHeader};
 use ciphershard::keys::MasterKey;
 
-use super::{KeyArgs, byte_progress, parse_size, rate};
+use ciphershard::error::Untrusted;
+
+use super::{KeyArgs, byte_progress, interrupt, output, parse_size, rate};
 
 /// `ciphershard convert`.
 #[derive(clap::Args, Debug)]
@@ -73,7 +75,7 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
     })?;
     pb.finish_and_clear();
     let elapsed = start.elapsed();
-    println!(
+    outln!(
         "converted {} rows x {} columns ({} tensor bytes) into {} shard(s) of kind '{}' in {}",
         summary.rows,
         summary.columns,
@@ -81,14 +83,14 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
         summary.shards,
         summary.kind.as_str(),
         args.out.display()
-    );
-    println!(
+    )?;
+    outln!(
         "{:.2} s, {}; dataset id {}; opens with key id(s) {}",
         elapsed.as_secs_f64(),
         rate(summary.bytes, elapsed),
         hex::encode(summary.dataset_id),
         summary.key_ids.join(", ")
-    );
+    )?;
     // What anyone who can read the files sees; a warning when nothing is encrypted (`--plain
     // '*'`). Names quoted with `{:?}`: control characters come out escaped.
     let list = |names: &[String]| match names {
@@ -99,11 +101,11 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", "),
     };
-    println!("encrypted columns: {}", list(&summary.encrypted_columns));
-    println!(
+    outln!("encrypted columns: {}", list(&summary.encrypted_columns))?;
+    outln!(
         "readable columns (--plain: authenticated, not encrypted): {}",
         list(&summary.plain_columns)
-    );
+    )?;
     if summary.encrypted_columns.is_empty() {
         eprintln!(
             "warning: every column is readable by anyone with the files: --plain matched all of them and nothing is encrypted"
@@ -142,14 +144,10 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
     };
     let report = inspect_report(dataset.as_ref(), &shards);
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("JSON value serializes")
-        );
+        outln!("{}", output::json(&report))
     } else {
-        print_inspect(&report);
+        print_inspect(&report)
     }
-    Ok(())
 }
 
 fn inspect_report(ds: Option<&Dataset>, shards: &[ShardHeader]) -> serde_json::Value {
@@ -211,64 +209,72 @@ fn inspect_report(ds: Option<&Dataset>, shards: &[ShardHeader]) -> serde_json::V
     }
 }
 
-fn print_inspect(r: &serde_json::Value) {
+/// A string of the report, escaped for the terminal: names, dtypes, file names and metadata
+/// come from files anyone may have written.
+fn text(v: &serde_json::Value) -> Untrusted<&str> {
+    Untrusted(v.as_str().unwrap_or(""))
+}
+
+fn print_inspect(r: &serde_json::Value) -> Result<()> {
     if !r["dataset"].is_null() {
-        println!("dataset   {}", r["dataset"].as_str().unwrap_or(""));
-        println!(
+        outln!("dataset   {}", text(&r["dataset"]))?;
+        outln!(
             "id        {}  kind {}  rows {}  chunk size {} B",
-            r["dataset_id"].as_str().unwrap_or(""),
-            r["kind"].as_str().unwrap_or(""),
+            text(&r["dataset_id"]),
+            text(&r["kind"]),
             r["rows"],
             r["chunk_size"]
-        );
+        )?;
         let ids: Vec<&str> = r["key_ids"]
             .as_array()
             .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
             .unwrap_or_default();
-        println!(
+        outln!(
             "keys      {} (AES-KW wrapped data keys, one per shard)",
-            ids.join(", ")
-        );
-        println!(
+            Untrusted(ids.join(", "))
+        )?;
+        outln!(
             "size      {} bytes in {} shard(s)",
-            r["bytes"], r["shard_count"]
-        );
-        println!("columns");
+            r["bytes"],
+            r["shard_count"]
+        )?;
+        outln!("columns")?;
         for c in r["columns"].as_array().into_iter().flatten() {
-            println!(
+            outln!(
                 "  {:<24} {:<6} {:<16} {}",
-                c["name"].as_str().unwrap_or(""),
-                c["dtype"].as_str().unwrap_or(""),
+                text(&c["name"]),
+                text(&c["dtype"]),
                 c["shape"].to_string(),
                 if c["encrypted"].as_bool() == Some(true) {
                     "encrypted"
                 } else {
                     "plain (authenticated)"
                 }
-            );
+            )?;
         }
     } else {
-        println!("{}", r["note"].as_str().unwrap_or(""));
+        outln!("{}", text(&r["note"]))?;
     }
+    let mut last_metadata = None;
     for s in r["shards"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "shard {}  {}  v{} {}  rows {}..+{}  {} bytes ({} header), {} chunks of {} B",
             s["shard_index"],
-            s["file"].as_str().unwrap_or(""),
+            text(&s["file"]),
             s["format_version"],
-            s["cipher"].as_str().unwrap_or(""),
+            text(&s["cipher"]),
             s["row_start"],
             s["rows"],
             s["bytes"],
             s["header_bytes"],
             s["chunks"],
             s["chunk_size"]
-        );
+        )?;
         for t in s["tensors"].as_array().into_iter().flatten() {
-            println!(
+            outln!(
                 "    {:<22} {:<6} {:<18} {:>12} B  chunks {}..+{}  {}",
-                t["name"].as_str().unwrap_or(""),
-                t["dtype"].as_str().unwrap_or(""),
+                text(&t["name"]),
+                text(&t["dtype"]),
                 t["shape"].to_string(),
                 t["bytes"],
                 t["first_chunk"],
@@ -278,9 +284,19 @@ fn print_inspect(r: &serde_json::Value) {
                 } else {
                     "plain"
                 }
-            );
+            )?;
         }
+        // User metadata (`convert`'s, or a safetensors input's `__metadata__`): shown once
+        // while it stays the same from shard to shard.
+        let metadata = s["metadata"].as_object().filter(|m| !m.is_empty());
+        if let Some(m) = metadata.filter(|_| last_metadata != Some(&s["metadata"])) {
+            for (k, v) in m {
+                outln!("    metadata {} = {}", Untrusted(k), text(v))?;
+            }
+        }
+        last_metadata = Some(&s["metadata"]);
     }
+    Ok(())
 }
 
 pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend) -> Result<()> {
@@ -297,7 +313,7 @@ pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend) -> Result<()> {
     pb.finish_and_clear();
     let summary = summary?;
     let elapsed = start.elapsed();
-    println!(
+    outln!(
         "ok: {} chunk tags in {} shard(s), {} bytes, verified with {} in {:.2} s ({})",
         summary.chunks,
         summary.shards,
@@ -305,7 +321,7 @@ pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend) -> Result<()> {
         cipher.backend(),
         elapsed.as_secs_f64(),
         rate(summary.bytes, elapsed)
-    );
+    )?;
     Ok(())
 }
 
@@ -313,12 +329,12 @@ pub fn rekey(key: &KeyArgs, new_key: &str, dataset: &Path) -> Result<()> {
     let old = key.load_one()?;
     let new = MasterKey::from_source(new_key)?;
     format::rekey(dataset, &old, &new)?;
-    println!(
+    outln!(
         "rekeyed {}: key {} replaced by key {} (no shard rewritten)",
         dataset.display(),
         old.id(),
         new.id()
-    );
+    )?;
     Ok(())
 }
 
@@ -338,14 +354,17 @@ pub fn decrypt(key: &KeyArgs, shard: &Path, out: &Path, backend: Backend) -> Res
         })?;
     let unlocked = ds.unlock(&key, cipher.as_ref())?;
     let start = Instant::now();
-    format::decrypt_shard(&unlocked, index, out)?;
+    // From here on a signal stops the export between chunks and removes the partial file
+    // (before, nothing is on disk and the default action is fine).
+    interrupt::catch()?;
+    format::decrypt_shard_with(&unlocked, index, out, &mut || interrupt::check(out))?;
     let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
-    println!(
-        "wrote plaintext {} ({} bytes) in {:.2} s — this file is NOT encrypted",
+    outln!(
+        "wrote plaintext {} ({} bytes, mode 0600) in {:.2} s — this file is NOT encrypted",
         out.display(),
         bytes,
         start.elapsed().as_secs_f64()
-    );
+    )?;
     Ok(())
 }
 
@@ -399,32 +418,48 @@ pub struct BenchArgs {
     json: bool,
 }
 
+impl BenchArgs {
+    /// The dataset to load, if one is given.
+    pub fn dataset(&self) -> Option<&Path> {
+        self.dataset.as_deref()
+    }
+}
+
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.cipher {
         let report =
             crate_bench::cipher::run_cpu(&crate_bench::cipher::CipherBenchOptions::default())?;
         if args.json {
-            println!(
+            outln!(
                 "{}",
-                serde_json::to_string_pretty(&report).expect("report serializes")
-            );
+                output::json(&serde_json::to_value(&report).expect("report serializes"))
+            )?;
         } else {
-            println!(
+            outln!(
                 "CPU: {}\nbackend: {}\nchunk: {} bytes",
-                report.cpu, report.backend, report.chunk_bytes
-            );
-            println!(
+                report.cpu,
+                report.backend,
+                report.chunk_bytes
+            )?;
+            outln!(
                 "{:<44} {:>7} {:>9} {:>17}",
-                "case", "threads", "GB/s", "min..max"
-            );
+                "case",
+                "threads",
+                "GB/s",
+                "min..max"
+            )?;
             for m in &report.results {
-                println!(
+                outln!(
                     "{:<44} {:>7} {:>9.2} {:>8.2}..{:<8.2}",
-                    m.name, m.threads, m.gb_per_s, m.min_gb_per_s, m.max_gb_per_s
-                );
+                    m.name,
+                    m.threads,
+                    m.gb_per_s,
+                    m.min_gb_per_s,
+                    m.max_gb_per_s
+                )?;
             }
             for r in &report.ratios {
-                println!("ratio {:<50} {:.2}x", r.name, r.ratio);
+                outln!("ratio {:<50} {:.2}x", r.name, r.ratio)?;
             }
         }
         return Ok(());
@@ -460,13 +495,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         if let Some(k) = &kernels {
             v["kernels"] = k.clone();
         }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("JSON value serializes")
-        );
+        outln!("{}", output::json(&v))?;
         return Ok(());
     }
-    println!(
+    outln!(
         "dataset {}  rows {}  epoch {:.1} MB  backend {}  threads {}  batch {}  mode {:?}",
         report.dataset,
         report.rows,
@@ -475,42 +507,45 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         report.threads,
         report.batch_size,
         report.mode
-    );
+    )?;
     for (name, r) in [
         ("encrypted", &report.encrypted),
         ("plaintext twin", &report.plaintext_twin),
     ] {
-        println!(
+        outln!(
             "{name:<15} {:>8.1} batches/s {:>7.2} GB/s  ({} batches in {:.2} s)",
-            r.batches_per_s, r.gb_per_s, r.batches, r.seconds
-        );
+            r.batches_per_s,
+            r.gb_per_s,
+            r.batches,
+            r.seconds
+        )?;
     }
-    println!("ratio encrypted / plaintext twin: {:.3}", report.ratio);
+    outln!("ratio encrypted / plaintext twin: {:.3}", report.ratio)?;
     for (name, r) in [
         ("encrypted", &report.encrypted),
         ("plaintext twin", &report.plaintext_twin),
     ] {
-        println!(
+        outln!(
             "{name:<15} steady state {:>7.2} GB/s  setup {:.1} ms  first batch {:.1} ms",
             r.steady_gb_per_s,
             r.setup_seconds * 1e3,
             r.first_batch_seconds * 1e3
-        );
+        )?;
     }
-    println!(
+    outln!(
         "steady-state ratio encrypted / plaintext twin: {:.3}",
         report.steady_ratio
-    );
-    println!("encrypted run, per stage:\n{}", report.encrypted.stats);
+    )?;
+    outln!("encrypted run, per stage:\n{}", report.encrypted.stats)?;
     if let Some(d) = &report.encrypted.device {
-        println!("{d}");
+        outln!("{d}")?;
     }
     if let Some(k) = kernels {
-        println!(
+        outln!(
             "{} kernels: {}",
             report.backend,
             serde_json::to_string(&k).expect("serializes")
-        );
+        )?;
     }
     Ok(())
 }
@@ -598,11 +633,11 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
         .flat_map(|r| ((r % 10) as i64).to_le_bytes())
         .collect();
     let bytes = features.len() as u64 + labels.len() as u64;
-    println!(
+    outln!(
         "1. generated {rows} rows: 'features' f32[{FEATURES}] (encrypted) and 'label' i64 (plain, authenticated), {:.1} MB, in memory ({:.0} ms)",
         bytes as f64 / 1e6,
         t.elapsed().as_secs_f64() * 1e3
-    );
+    )?;
 
     // 2. Convert: a fresh master key (kept in memory), 4 MiB shards of 256 KiB chunks.
     let key = MasterKey::generate()?;
@@ -630,13 +665,13 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
     let t = Instant::now();
     let summary = format::convert(&inputs, &out, &opts, &mut |_, _| {})?;
     drop(inputs);
-    println!(
+    outln!(
         "2. converted into {} encrypted shard(s) under {} with key {}: {}",
         summary.shards,
         out.display(),
         key.id(),
         rate(summary.bytes, t.elapsed())
-    );
+    )?;
 
     // 3. Verify every tag.
     let cipher = cipher::select(backend)?;
@@ -644,12 +679,12 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
     let unlocked = ds.unlock(&key, cipher.as_ref())?;
     let t = Instant::now();
     let v = format::verify(&unlocked, &mut |_, _| {})?;
-    println!(
+    outln!(
         "3. verified {} chunk tags with the {} backend: {}",
         v.chunks,
         cipher.backend(),
         rate(v.bytes, t.elapsed())
-    );
+    )?;
     drop(unlocked);
 
     // 4. Load it back through the loader: shuffled batches, every value checked.
@@ -702,12 +737,12 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
         )));
     }
     let stats = loader.stats();
-    println!(
+    outln!(
         "4. loaded all {rows} rows back in shuffled batches of 1024 with {threads} threads ({}), every value checked: {}",
         cipher.backend(),
         rate(stats.delivered_bytes, elapsed)
-    );
-    println!("{stats}");
+    )?;
+    outln!("{stats}")?;
 
     // 5. Tamper with one byte of ciphertext: verification names the chunk, nothing is released.
     let shard = ds.shards()[0].path.clone();
@@ -716,12 +751,12 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
     let unlocked = ds.unlock(&key, cipher.as_ref())?;
     match format::verify(&unlocked, &mut |_, _| {}) {
         Err(e @ Error::Integrity(_)) => {
-            println!("5. flipped one ciphertext byte; verify refuses it: {e}")
+            outln!("5. flipped one ciphertext byte; verify refuses it: {e}")?
         }
         Err(e) => return Err(e),
         Ok(_) => return Err(Error::Stopped("demo: a tampered shard verified".into())),
     }
-    println!("done; removed {}", dir.0.display());
+    outln!("done; removed {}", dir.0.display())?;
     Ok(())
 }
 

@@ -2,7 +2,8 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,11 +14,15 @@ use ciphershard::cipher::{self, Backend};
 use ciphershard::error::{Error, Result};
 use ciphershard::keys::MasterKey;
 
+#[macro_use]
+mod output;
 mod commands;
+mod exit;
+mod interrupt;
 
 /// Encrypted safetensors shards and a GPU-accelerated decrypting data loader.
 #[derive(Parser, Debug)]
-#[command(name = "ciphershard", version, about, long_about = None)]
+#[command(name = "ciphershard", version, about, long_about = None, after_help = exit::HELP)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -126,21 +131,58 @@ enum Command {
     Backends,
 }
 
-/// Entry point: runs the command, prints errors in one line, maps them to exit codes
-/// (1: error, 2: integrity failure, 3: wrong key).
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            match e {
-                Error::Integrity(_) | Error::HeaderIntegrity { .. } => ExitCode::from(2),
-                Error::WrongKey { .. } => ExitCode::from(3),
-                _ => ExitCode::FAILURE,
+impl Command {
+    /// The dataset directory the command reads, if any: errors about its own files are
+    /// tampering (see [`exit::code`]).
+    fn dataset_dir(&self) -> Option<PathBuf> {
+        match self {
+            Command::Inspect { path, .. }
+            | Command::Decrypt { shard: path, .. }
+            | Command::Verify { dataset: path, .. }
+            | Command::Rekey { dataset: path, .. } => {
+                exit::dataset_dir(path).map(Path::to_path_buf)
             }
+            Command::Bench(args) => args
+                .dataset()
+                .and_then(exit::dataset_dir)
+                .map(Path::to_path_buf),
+            Command::Keygen { .. } | Command::Convert(_) | Command::Demo { .. } => None,
+            Command::Backends => None,
         }
     }
+}
+
+/// Entry point: parses the command line, runs the command, prints an error in one line and
+/// maps it to an exit status (the table in [`exit`], shown by `--help`).
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version: to standard output; a closed pipe is no error.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap repeats what was typed: a key pasted in the wrong place must not be.
+            let text = e.render().to_string();
+            let _ = write!(
+                std::io::stderr(),
+                "{}",
+                ciphershard::keys::redact_keys(&text)
+            );
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let dataset = cli.command.dataset_dir();
+    let result = run(cli).and_then(|()| output::flush());
+    let Err(e) = result else {
+        return ExitCode::SUCCESS;
+    };
+    if output::is_closed_pipe(&e) {
+        return ExitCode::from(exit::OK);
+    }
+    let _ = writeln!(std::io::stderr(), "error: {e}");
+    ExitCode::from(exit::code(&e, dataset.as_deref()))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -148,12 +190,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Keygen { out } => {
             let key = MasterKey::generate()?;
             key.write_new_file(&out)?;
-            println!(
+            outln!(
                 "wrote a new 256-bit master key to {} (mode 0600), key id {}",
                 out.display(),
                 key.id()
-            );
-            Ok(())
+            )
         }
         Command::Convert(args) => commands::convert(args),
         Command::Inspect { path, json } => commands::inspect(&path, json),
@@ -178,21 +219,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Backends => {
             for a in cipher::availability() {
                 match a.status {
-                    Ok(desc) => println!("{:<5} available: {desc}", a.backend.name()),
-                    Err(why) => println!("{:<5} unavailable: {why}", a.backend.name()),
+                    Ok(desc) => outln!("{:<5} available: {desc}", a.backend.name())?,
+                    Err(why) => outln!("{:<5} unavailable: {why}", a.backend.name())?,
                 }
             }
             let (auto, passed) = cipher::select_auto();
-            println!("auto  -> {}", auto.backend().name());
+            outln!("auto  -> {}", auto.backend().name())?;
             for (b, why) in passed {
-                println!("        (not {}: {why})", b.name());
+                outln!("        (not {}: {why})", b.name())?;
             }
             match cipher::auto::wgpu_tag_check_choice() {
-                Some(Ok(choice)) => println!("wgpu  {choice}"),
-                Some(Err(why)) => println!("wgpu  tags checked on the CPU (timing failed: {why})"),
-                None => {}
+                Some(Ok(choice)) => outln!("wgpu  {choice}"),
+                Some(Err(why)) => outln!("wgpu  tags checked on the CPU (timing failed: {why})"),
+                None => Ok(()),
             }
-            Ok(())
         }
     }
 }

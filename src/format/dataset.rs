@@ -313,23 +313,33 @@ pub fn verify(ds: &UnlockedDataset, progress: &mut dyn FnMut(u64, u64)) -> Resul
 }
 
 /// Writes shard `shard` as a plain safetensors file at `out` (explicit export: the only place
-/// ciphershard writes plaintext). Every chunk is verified before its bytes are written; a
-/// failure removes the partial file. The user metadata is kept as `__metadata__`.
+/// ciphershard writes plaintext). Every chunk is verified before its bytes are written. The
+/// file is written under a temporary name created with mode 0600 and never replaced or
+/// reused, then published under `out` without replacing anything (a file that appears at
+/// `out` meanwhile is left alone and the export fails); on any failure the temporary file is
+/// removed. The user metadata is kept as `__metadata__`. See [`decrypt_shard_with`].
 pub fn decrypt_shard(ds: &UnlockedDataset, shard: usize, out: &Path) -> Result<()> {
+    decrypt_shard_with(ds, shard, out, &mut || Ok(()))
+}
+
+/// [`decrypt_shard`], calling `checkpoint` before each chunk and before publishing: an error
+/// it returns stops the export, removes the temporary file and is returned. The CLI stops on
+/// SIGINT, SIGTERM and SIGHUP this way.
+pub fn decrypt_shard_with(
+    ds: &UnlockedDataset,
+    shard: usize,
+    out: &Path,
+    checkpoint: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
     let h = ds.dataset.shards.get(shard).ok_or_else(|| {
         Error::InvalidArgument(format!(
             "shard {shard} does not exist (the dataset has {})",
             ds.dataset.shards.len()
         ))
     })?;
-    if out.exists() {
-        return Err(Error::io(
-            out,
-            std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "refusing to overwrite an existing file",
-            ),
-        ));
+    // An early, friendly refusal; the publish below refuses again, atomically.
+    if out.symlink_metadata().is_ok() {
+        return Err(refuse_overwrite(out));
     }
     let d = &h.descriptor;
     let mut header = String::from("{");
@@ -359,43 +369,121 @@ pub fn decrypt_shard(ds: &UnlockedDataset, shard: usize, out: &Path) -> Result<(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!("{name}.tmp-{}", random_suffix()?));
-    let result = (|| {
-        let store = ds.dataset.store();
-        store.check_unchanged(shard)?;
-        let mut w = std::io::BufWriter::with_capacity(
-            1 << 20,
-            File::create_new(&tmp).map_err(|e| Error::io(&tmp, e))?,
-        );
-        let io = |e| Error::io(&tmp, e);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        w.write_all(header.as_bytes()).map_err(io)?;
-        let mut buf = zeroize::Zeroizing::new(Vec::new());
-        for t in 0..d.tensors.len() as u32 {
-            for c in h.chunks(t) {
-                buf.resize(c.len, 0);
-                store.read_at(shard, c.file_offset, &mut buf)?;
-                ds.opener(shard)
-                    .open_in_place(&c.params(), &mut buf)
-                    .map_err(|e| e.at(|| h.chunk_location(&c)))?;
-                w.write_all(&buf).map_err(io)?;
+    let store = ds.dataset.store();
+    store.check_unchanged(shard)?;
+    let mut tmp = PrivateTemp::create(dir.join(format!("{name}.tmp-{}", random_suffix()?)))?;
+    let tmp_path = tmp.path.clone();
+    let io = |e| Error::io(&tmp_path, e);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &tmp.file);
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(header.as_bytes()).map_err(io)?;
+    let mut buf = zeroize::Zeroizing::new(Vec::new());
+    for t in 0..d.tensors.len() as u32 {
+        for c in h.chunks(t) {
+            checkpoint()?;
+            buf.resize(c.len, 0);
+            store.read_at(shard, c.file_offset, &mut buf)?;
+            ds.opener(shard)
+                .open_in_place(&c.params(), &mut buf)
+                .map_err(|e| e.at(|| h.chunk_location(&c)))?;
+            w.write_all(&buf).map_err(io)?;
+        }
+    }
+    w.flush().map_err(io)?;
+    drop(w);
+    tmp.file.sync_all().map_err(io)?;
+    checkpoint()?;
+    tmp.publish(out)?;
+    sync_dir(dir);
+    Ok(())
+}
+
+fn refuse_overwrite(out: &Path) -> Error {
+    Error::io(
+        out,
+        std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "refusing to overwrite an existing file",
+        ),
+    )
+}
+
+/// A new file only its owner can read (mode 0600, created exclusively: never an existing file
+/// or a link planted at its name), removed when dropped unless published: on an error, a
+/// panic, or a signal the CLI turns into an error.
+struct PrivateTemp {
+    path: PathBuf,
+    file: File,
+    published: bool,
+}
+
+impl PrivateTemp {
+    fn create(path: PathBuf) -> Result<Self> {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let file = opts.open(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Self {
+            path,
+            file,
+            published: false,
+        })
+    }
+
+    /// Gives the file the name `out` instead of its own, failing with `AlreadyExists` (and leaving `out` alone)
+    /// when something already has that name: `renameat2(RENAME_NOREPLACE)` on Linux; where the
+    /// file system does not support it (or elsewhere), a hard link, which fails the same way,
+    /// then the temporary name is removed.
+    fn publish(&mut self, out: &Path) -> Result<()> {
+        let already = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                refuse_overwrite(out)
+            } else {
+                Error::io(out, e)
+            }
+        };
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            use rustix::fs::{CWD, RenameFlags, renameat_with};
+            use rustix::io::Errno;
+            match renameat_with(CWD, &self.path, CWD, out, RenameFlags::NOREPLACE) {
+                Ok(()) => {
+                    self.published = true;
+                    return Ok(());
+                }
+                // The file system (or an old kernel) lacks RENAME_NOREPLACE: link instead.
+                Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {}
+                Err(e) => return Err(already(e.into())),
             }
         }
-        let f = w
-            .into_inner()
-            .map_err(|e| Error::io(&tmp, e.into_error()))?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
-    })();
-    match result {
-        Ok(()) => {
-            sync_dir(dir);
-            Ok(())
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
+        std::fs::hard_link(&self.path, out).map_err(already)?;
+        // On failure `drop` tries once more.
+        std::fs::remove_file(&self.path).map_err(|e| {
+            Error::io(
+                &self.path,
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "exported to {} but could not remove this second name of the plaintext: {e}",
+                        out.display()
+                    ),
+                ),
+            )
+        })?;
+        self.published = true;
+        Ok(())
+    }
+}
+
+impl Drop for PrivateTemp {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
