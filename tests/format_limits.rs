@@ -251,7 +251,9 @@ fn craft(dir: &Path, rows: u64, columns: &[(&'static str, Dtype, Vec<u64>)], sha
 
 /// Issue 13 item 12: shard row counts summed across shards wrapped silently in release builds
 /// (and panicked in debug builds): two shards of 2^63 zero-width rows passed as a dataset of 0
-/// rows. The sum is checked.
+/// rows. Only zero-width columns allow such row counts (rows are bounded by the file's bytes
+/// otherwise), and a dataset of only zero-width columns is refused before its shards are read;
+/// the sum is checked as well.
 #[test]
 fn row_counts_that_overflow_u64_are_an_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -273,8 +275,8 @@ fn row_counts_that_overflow_u64_are_an_error() {
             },
         ],
     );
-    assert_err_names(Dataset::open(dir.path()), "shard-00001", "rows overflow");
-    // The same files with a sum that fits open fine (the crafting is sound).
+    assert_err_names(Dataset::open(dir.path()), "manifest.json", "zero-byte rows");
+    // The same files with a sum that fits are refused for the same reason, not for the sum.
     let dir = tempfile::tempdir().unwrap();
     craft(
         dir.path(),
@@ -293,7 +295,7 @@ fn row_counts_that_overflow_u64_are_an_error() {
             },
         ],
     );
-    unlock(dir.path(), &key(1)).unwrap();
+    assert_err_names(Dataset::open(dir.path()), "manifest.json", "zero-byte rows");
 }
 
 /// Item 12 in the loader: a row's byte size was `shape.product() * size`, which overflows for
@@ -312,9 +314,11 @@ fn row_sizes_that_overflow_u64_are_an_error() {
             tensors: vec![("x", Dtype::U8, vec![0, big, big])],
         }],
     );
-    let ud = unlock(dir.path(), &key(1)).unwrap();
-    let r = ciphershard::pipeline::format_source::FormatSource::new(ud);
-    assert_err_names(r, "manifest.json", "more than 2^64-1 bytes");
+    assert_err_names(
+        Dataset::open(dir.path()),
+        "manifest.json",
+        "more than 2^64-1 bytes",
+    );
 }
 
 /// Item 3: every value has a fixed JSON type, so nothing nests deeper than the format does:

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::{
     DatasetKind, KEYRING_FILE, Keyring, MANIFEST_FILE, MAX_JSON_FILE_LEN, Manifest, ShardHeader,
-    random_suffix, read_bounded, sync_dir, write_atomic,
+    random_suffix, read_bounded, sync_dir, tensor_bytes, write_atomic,
 };
 use crate::cipher::cpu::CpuCipher;
 use crate::cipher::{ChunkOpener, Cipher};
@@ -37,6 +37,38 @@ fn mismatch(path: &Path, what: String) -> Error {
     }
 }
 
+/// A dataset's rows are bounded by its data only if some column's rows hold bytes (a dataset
+/// of zero-width columns, which `convert` never writes, could claim 2^64 rows, and every plan
+/// is sized by rows); and one row of each column must have a size that fits 64 bits.
+fn check_row_sizes(mpath: &Path, manifest: &Manifest) -> Result<()> {
+    let mut widest = 0u64;
+    for c in &manifest.columns {
+        let bytes = tensor_bytes(c.dtype, &c.shape).ok_or_else(|| {
+            Error::format(
+                mpath,
+                "manifest",
+                format!(
+                    "column '{}': one row of shape {:?} is more than 2^64-1 bytes",
+                    c.name, c.shape
+                ),
+            )
+        })?;
+        widest = widest.max(bytes);
+    }
+    if widest == 0 {
+        return Err(Error::format(
+            mpath,
+            "manifest",
+            format!(
+                "every column has zero-byte rows ({} rows): a dataset needs at least one column \
+                 whose rows hold data",
+                manifest.rows
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Dataset {
     /// Opens a dataset directory, or the directory of a shard file. Parses the manifest, the
     /// keyring and every shard header and cross-checks them.
@@ -55,6 +87,9 @@ impl Dataset {
             &mpath,
             &read_bounded(&mpath, "manifest", MAX_JSON_FILE_LEN)?,
         )?;
+        if manifest.kind == DatasetKind::Dataset {
+            check_row_sizes(&mpath, &manifest)?;
+        }
         let kpath = dir.join(KEYRING_FILE);
         let keyring = Keyring::parse(&kpath, &read_bounded(&kpath, "keyring", MAX_JSON_FILE_LEN)?)?;
         if keyring.dataset_id != manifest.dataset_id {
