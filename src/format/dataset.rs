@@ -24,8 +24,10 @@ use crate::store::{LocalStore, ShardStore};
 pub struct Dataset {
     dir: PathBuf,
     manifest: Manifest,
-    keyring: Keyring,
-    shards: Vec<ShardHeader>,
+    /// Shared, not copied, by the unlocked datasets made from this one (a keyring and the
+    /// headers' tag lists can be tens of MB).
+    keyring: Arc<Keyring>,
+    shards: Arc<[ShardHeader]>,
     /// Where the shards' bytes are read from (headers included).
     store: Arc<dyn ShardStore>,
 }
@@ -216,8 +218,8 @@ impl Dataset {
         Ok(Dataset {
             dir,
             manifest,
-            keyring,
-            shards,
+            keyring: Arc::new(keyring),
+            shards: shards.into(),
             store,
         })
     }
@@ -537,7 +539,7 @@ pub fn rekey(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<()> {
         return Err(Error::InvalidArgument("the new key is the old key".into()));
     }
     let keys = checked_data_keys(&ds, old)?;
-    let mut ring = ds.keyring.clone();
+    let mut ring = Keyring::clone(&ds.keyring);
     ring.wraps.retain(|w| w.key_id != old.id());
     ring.set_wraps(new, &keys)?;
     write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())
@@ -547,7 +549,7 @@ pub fn rekey(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<()> {
 pub fn add_key(dir: &Path, existing: &MasterKey, added: &MasterKey) -> Result<()> {
     let ds = Dataset::open(dir)?;
     let keys = checked_data_keys(&ds, existing)?;
-    let mut ring = ds.keyring.clone();
+    let mut ring = Keyring::clone(&ds.keyring);
     ring.set_wraps(added, &keys)?;
     write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())
 }
@@ -555,7 +557,7 @@ pub fn add_key(dir: &Path, existing: &MasterKey, added: &MasterKey) -> Result<()
 /// Removes the wraps of key `key_id`; refuses to remove the last key.
 pub fn remove_key(dir: &Path, key_id: &str) -> Result<()> {
     let ds = Dataset::open(dir)?;
-    let mut ring = ds.keyring.clone();
+    let mut ring = Keyring::clone(&ds.keyring);
     if !ring.wraps.iter().any(|w| w.key_id == key_id) {
         return Err(Error::InvalidArgument(format!(
             "key {key_id} is not in {}",

@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 use crate::keys::{DataKey, MasterKey, WRAPPED_LEN};
 
 const WHAT: &str = "keyring";
+/// Key ids a wrong-key error lists at most.
+const WRONG_KEY_IDS_SHOWN: usize = 16;
 
 /// The data keys wrapped under one master key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,11 +210,24 @@ impl Keyring {
         self.wraps.iter().map(|w| w.key_id.clone()).collect()
     }
 
+    /// The error for a key this keyring does not hold: it names the keys that can open the
+    /// dataset, the first [`WRONG_KEY_IDS_SHOWN`] of them (a crafted keyring may list a million:
+    /// the message stays a line).
     fn wrong_key(&self, key: &MasterKey) -> Error {
+        let shown: Vec<&str> = self
+            .wraps
+            .iter()
+            .take(WRONG_KEY_IDS_SHOWN)
+            .map(|w| w.key_id.as_str())
+            .collect();
+        let mut available = shown.join(", ");
+        if self.wraps.len() > shown.len() {
+            available.push_str(&format!(" and {} more", self.wraps.len() - shown.len()));
+        }
         Error::WrongKey {
             path: self.path.clone(),
             key_id: key.id(),
-            available: self.key_ids().join(", "),
+            available,
         }
     }
 

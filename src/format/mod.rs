@@ -50,8 +50,9 @@ pub const MAX_TENSORS: usize = 1 << 20;
 /// Most shards in a manifest (and wrapped data keys per master key in a keyring); a 64 MiB
 /// manifest holds fewer than half as many.
 pub const MAX_SHARDS: usize = 1 << 20;
-/// Most master keys in a keyring.
-pub const MAX_KEY_WRAPS: usize = 1 << 20;
+/// Most master keys in a keyring: ample for the teams and recipients one dataset is shared
+/// with, and it bounds the per-key structures a crafted keyring can make a reader build.
+pub const MAX_KEY_WRAPS: usize = 4096;
 /// Most entries in a shard's user metadata (and in its `__metadata__`): an entry costs about
 /// ten times its JSON size in memory, so this one is kept far below what the header could hold.
 pub const MAX_METADATA_ENTRIES: usize = 1 << 16;
