@@ -443,3 +443,47 @@ fn counts_over_the_caps_are_refused() {
     h.metadata.pop_first();
     format::Descriptor::parse(&p, &h.to_json()).unwrap();
 }
+
+/// Issue 13 items 6 and the input side: `convert fifo.npy` (or a FIFO named `.safetensors`)
+/// waited forever for a writer. Inputs are opened like dataset files: non-blocking, regular
+/// files only, so the error comes at once and names the file.
+#[cfg(unix)]
+#[test]
+fn fifos_as_convert_inputs_are_refused_promptly() {
+    use format::ConvertInput;
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["in.npy", "in.safetensors"] {
+        let p = dir.path().join(name);
+        make_fifo(&p);
+        let input = if name.ends_with(".npy") {
+            ConvertInput::Npy {
+                column: "x".into(),
+                path: p.clone(),
+            }
+        } else {
+            ConvertInput::Safetensors(p.clone())
+        };
+        let out = dir.path().join(format!("out-{name}"));
+        let r = promptly(name, move || {
+            convert_quiet(&[input], &out, &opts(64, 1 << 20, &[])).map(drop)
+        });
+        assert_err_names(r, name, "not a regular file (a FIFO)");
+    }
+    let p = dir.path().join("in.npy");
+    let r = promptly("npy::read_header", move || {
+        format::npy::read_header(&p).map(drop)
+    });
+    assert_err_names(r, "in.npy", "not a regular file (a FIFO)");
+    // A directory in an input's place is refused the same way (it used to fail on the read).
+    let d = dir.path().join("dir.safetensors");
+    std::fs::create_dir(&d).unwrap();
+    assert_err_names(
+        convert_quiet(
+            &[ConvertInput::Safetensors(d)],
+            &dir.path().join("out-dir"),
+            &opts(64, 1 << 20, &[]),
+        ),
+        "dir.safetensors",
+        "not a regular file (a directory)",
+    );
+}

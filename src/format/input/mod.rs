@@ -15,7 +15,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::format::{DatasetKind, Dtype, read_at, tensor_bytes};
+use crate::format::{DatasetKind, Dtype, open_regular, read_at, tensor_bytes};
 
 /// One input of [`convert`](crate::format::convert()).
 #[derive(Debug, Clone)]
@@ -59,9 +59,11 @@ struct FileInput {
     metadata: BTreeMap<String, String>,
 }
 
-/// Opens `path` for reading and returns it with its length.
-fn open_file(path: &Path) -> Result<(File, u64)> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+/// Opens input `path` for reading and returns it with its length. Like every file ciphershard
+/// reads ([`open_regular`]): non-blocking, and refused unless it is a regular file, so a FIFO
+/// (which would wait for a writer forever) or a directory is an error at once naming it.
+fn open_file(path: &Path, what: &'static str) -> Result<(File, u64)> {
+    let file = open_regular(path, what)?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     Ok((file, len))
 }

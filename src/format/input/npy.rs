@@ -52,7 +52,7 @@ pub(super) fn open_input(path: &Path, column: &str) -> Result<FileInput> {
 
 /// [`read_header`], keeping the file open for reading the data.
 fn open_header(path: &Path) -> Result<(File, NpyHeader)> {
-    let (mut f, file_len) = open_file(path)?;
+    let (mut f, file_len) = open_file(path, "NPY file")?;
     let mut pre = [0u8; 12];
     let n = (file_len.min(12)) as usize;
     f.read_exact(&mut pre[..n])

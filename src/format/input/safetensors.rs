@@ -16,7 +16,7 @@ const WHAT: &str = "safetensors header";
 /// [`MAX_HEADER_LEN`]); checks that the tensors lie inside the data section, match their dtype
 /// and shape, and do not overlap. Tensors come sorted by offset; there is at least one.
 pub(super) fn open_input(path: &Path) -> Result<FileInput> {
-    let (file, file_len) = open_file(path)?;
+    let (file, file_len) = open_file(path, "safetensors input")?;
     if file_len < 8 {
         return Err(Error::format(
             path,
