@@ -8,7 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod npy;
-mod safetensors;
+pub mod safetensors;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -43,18 +43,24 @@ pub enum ConvertInput {
 }
 
 /// A tensor held as a contiguous byte range of an input file.
-struct FileTensor {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<u64>,
-    offset: u64,
-    len: u64,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputTensor {
+    /// Its name (the column's, for a dataset).
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Full shape (C order).
+    pub shape: Vec<u64>,
+    /// Where its bytes start in the file.
+    pub offset: u64,
+    /// Its length in bytes (what `dtype` and `shape` give).
+    pub len: u64,
 }
 
 /// What a file reader returns: the file, open for reading its data, and what it holds.
 struct FileInput {
     file: File,
-    tensors: Vec<FileTensor>,
+    tensors: Vec<InputTensor>,
     /// The file's own metadata (safetensors `__metadata__`).
     metadata: BTreeMap<String, String>,
 }

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use super::{FileInput, FileTensor, open_file};
+use super::{FileInput, InputTensor, open_file};
 use crate::error::{Error, Result};
 use crate::format::{Dtype, tensor_bytes};
 
@@ -39,7 +39,7 @@ pub(super) fn open_input(path: &Path, column: &str) -> Result<FileInput> {
     let (file, h) = open_header(path)?;
     Ok(FileInput {
         file,
-        tensors: vec![FileTensor {
+        tensors: vec![InputTensor {
             name: column.to_string(),
             dtype: h.dtype,
             shape: h.shape,
