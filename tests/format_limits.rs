@@ -487,3 +487,194 @@ fn fifos_as_convert_inputs_are_refused_promptly() {
         "not a regular file (a directory)",
     );
 }
+
+/// What `convert` writes, readers must open: it refuses, before writing anything, what
+/// docs/FORMAT.md section 9 caps (the same constants): ranks over 64, more than 65,536 metadata
+/// entries (the inputs' and the options' together), more than 2^20 columns or shards, names a
+/// shard may not hold, and a manifest or keyring over 64 MiB.
+#[test]
+fn convert_refuses_what_readers_refuse() {
+    use format::{ConvertInput, MAX_METADATA_ENTRIES, MAX_RANK, MAX_SHARDS, MAX_TENSORS};
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    let mut out = || {
+        n += 1;
+        dir.path().join(format!("out{n}"))
+    };
+    let nothing_written = |o: &Path| !o.exists() || std::fs::read_dir(o).unwrap().count() == 0;
+
+    // Rank: 64 dimensions convert and open; 65 are refused (in memory and from an NPY file).
+    let o = out();
+    convert_quiet(
+        &[column("r", Dtype::U8, &[1; MAX_RANK], 1)],
+        &o,
+        &opts(64, 1 << 20, &[]),
+    )
+    .unwrap();
+    Dataset::open(&o).unwrap();
+    let o = out();
+    let e = convert_quiet(
+        &[column("r", Dtype::U8, &[1; MAX_RANK + 1], 1)],
+        &o,
+        &opts(64, 1 << 20, &[]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("'r'") && e.contains("65 dimensions, more than the 64"),
+        "{e}"
+    );
+    assert!(nothing_written(&o));
+    let npy = dir.path().join("r65.npy");
+    std::fs::write(
+        &npy,
+        npy_bytes("|u1", &format!("({},)", vec!["1"; 65].join(",")), &[0]),
+    )
+    .unwrap();
+    assert_err_names(
+        convert_quiet(
+            &[ConvertInput::Npy {
+                column: "r".into(),
+                path: npy,
+            }],
+            &out(),
+            &opts(64, 1 << 20, &[]),
+        ),
+        "r65.npy",
+        "more than 64 dimensions",
+    );
+
+    // Names a shard may not hold.
+    for bad in ["", "__metadata__"] {
+        let o = out();
+        let e = convert_quiet(
+            &[column(bad, Dtype::U8, &[4], 1)],
+            &o,
+            &opts(64, 1 << 20, &[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("empty or reserved"), "{e}");
+        assert!(nothing_written(&o));
+    }
+
+    // Metadata: the inputs' and the options' entries together.
+    let meta = |from: usize, n: usize| -> std::collections::BTreeMap<String, String> {
+        (from..from + n)
+            .map(|i| (i.to_string(), String::new()))
+            .collect()
+    };
+    let st = dir.path().join("meta.safetensors");
+    let header = serde_json::json!({
+        "__metadata__": meta(0, 40_000),
+        "x": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+    })
+    .to_string();
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend_from_slice(&[0; 4]);
+    std::fs::write(&st, v).unwrap();
+    let mut o2 = opts(64, 1 << 20, &[]);
+    o2.metadata = meta(40_000, MAX_METADATA_ENTRIES - 40_000);
+    let o = out();
+    convert_quiet(&[ConvertInput::Safetensors(st.clone())], &o, &o2).unwrap();
+    Dataset::open(&o).unwrap();
+    o2.metadata = meta(39_999, MAX_METADATA_ENTRIES - 40_000 + 2);
+    let o = out();
+    let e = convert_quiet(&[ConvertInput::Safetensors(st)], &o, &o2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("65537 metadata entries, more than the 65536"),
+        "{e}"
+    );
+    assert!(nothing_written(&o));
+
+    // Shards: one row per shard.
+    let rows = MAX_SHARDS as u64 + 1;
+    let o = out();
+    let e = convert_quiet(&[column("x", Dtype::U8, &[rows], 1)], &o, &opts(64, 1, &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1048577 shards, more than the 1048576"), "{e}");
+    assert!(nothing_written(&o));
+
+    // The manifest (about 150 bytes a shard) and the keyring (59 bytes a shard per key) must
+    // each stay within 64 MiB.
+    let o = out();
+    let e = convert_quiet(
+        &[column("x", Dtype::U8, &[500_000], 1)],
+        &o,
+        &opts(64, 1, &[]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("manifest.json would be over the 67108864-byte limit"),
+        "{e}"
+    );
+    assert!(nothing_written(&o));
+    let mut o3 = opts(64, 1, &[]);
+    o3.keys = vec![key(1), key(2), key(3)];
+    let o = out();
+    let e = convert_quiet(&[column("x", Dtype::U8, &[400_000], 1)], &o, &o3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("keyring.json would be over the 67108864-byte limit"),
+        "{e}"
+    );
+    assert!(nothing_written(&o));
+
+    // Columns: 2^20 + 1 in memory.
+    let many: Vec<ConvertInput> = (0..=MAX_TENSORS)
+        .map(|i| column(&format!("{i:x}"), Dtype::U8, &[1], 1))
+        .collect();
+    let o = out();
+    let e = convert_quiet(&many, &o, &opts(64, 1 << 20, &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than 1048576 columns"), "{e}");
+    assert!(nothing_written(&o));
+}
+
+/// Columns are matched by name across inputs with a hash map: `plan` compared each tensor
+/// with every earlier column, so an input of 200,000 tensors took minutes before anything was
+/// checked. (The output directory already holds a dataset, so convert stops right after the
+/// plan.)
+#[test]
+fn convert_plans_many_columns_in_linear_time() {
+    let dir = tempfile::tempdir().unwrap();
+    small_dataset(dir.path());
+    let n = 200_000;
+    let entries: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#""{i:x}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{}]}}"#,
+                i + 1
+            )
+        })
+        .collect();
+    let header = format!("{{{}}}", entries.join(","));
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.resize(v.len() + n, 0);
+    let st = dir.path().join("wide.safetensors");
+    std::fs::write(&st, v).unwrap();
+    let start = Instant::now();
+    let r = convert_quiet(
+        &[format::ConvertInput::Safetensors(st)],
+        dir.path(),
+        &opts(64, 1 << 20, &[]),
+    );
+    let took = start.elapsed();
+    assert!(
+        r.unwrap_err()
+            .to_string()
+            .contains("already holds a dataset")
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "planning 200,000 columns took {took:?}: quadratic?"
+    );
+}

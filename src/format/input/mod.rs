@@ -10,12 +10,14 @@
 pub mod npy;
 pub mod safetensors;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::format::{DatasetKind, Dtype, open_regular, read_at, tensor_bytes};
+use crate::format::{
+    DatasetKind, Dtype, MAX_RANK, MAX_TENSORS, open_regular, read_at, tensor_bytes,
+};
 
 /// One input of [`convert`](crate::format::convert()).
 #[derive(Debug, Clone)]
@@ -72,6 +74,27 @@ fn open_file(path: &Path, what: &'static str) -> Result<(File, u64)> {
     let file = open_regular(path, what)?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     Ok((file, len))
+}
+
+/// Refuses a column (or tensor) that no shard may hold (docs/FORMAT.md section 9, the
+/// constants readers use): an empty or reserved name, or more than [`MAX_RANK`] dimensions.
+fn check_column(path: &Path, name: &str, shape: &[u64]) -> Result<()> {
+    if name.is_empty() || name == "__metadata__" {
+        return Err(Error::InvalidArgument(format!(
+            "{}: column name '{}' is empty or reserved",
+            path.display(),
+            crate::format::json::quote(name)
+        )));
+    }
+    if shape.len() > MAX_RANK {
+        return Err(Error::InvalidArgument(format!(
+            "{}: '{}' has {} dimensions, more than the {MAX_RANK} a shard may hold",
+            path.display(),
+            crate::format::json::quote(name),
+            shape.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Where some bytes of a column come from.
@@ -240,6 +263,9 @@ pub(super) fn plan<'a>(
         }
     }
     let sources = Sources { files, inputs };
+    for (name, _, shape, _, path) in &items {
+        check_column(path, name, shape)?;
+    }
     if lone_tensors.is_some() {
         let cols = items
             .into_iter()
@@ -261,6 +287,8 @@ pub(super) fn plan<'a>(
         });
     }
     let mut cols: Vec<Col> = Vec::new();
+    // Column index by name: inputs may hold up to 2^20 tensors each, so no pairwise search.
+    let mut index: HashMap<String, usize> = HashMap::new();
     for (name, dtype, shape, piece, path) in items {
         let Some((&rows, row_shape)) = shape.split_first() else {
             return Err(Error::InvalidArgument(format!(
@@ -276,7 +304,7 @@ pub(super) fn plan<'a>(
                 path.display()
             )));
         };
-        match cols.iter_mut().find(|c| c.name == name) {
+        match index.get(&name).map(|&i| &mut cols[i]) {
             Some(c) => {
                 if c.dtype != dtype || c.shape != row_shape {
                     return Err(Error::InvalidArgument(format!(
@@ -301,15 +329,24 @@ pub(super) fn plan<'a>(
                 c.rows = total;
                 c.pieces.push(piece);
             }
-            None => cols.push(Col {
-                encrypted: encrypted(&name),
-                name,
-                dtype,
-                shape: row_shape.to_vec(),
-                rows,
-                row_bytes,
-                pieces: vec![piece],
-            }),
+            None => {
+                if cols.len() == MAX_TENSORS {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: more than {MAX_TENSORS} columns, the most a manifest may list",
+                        path.display()
+                    )));
+                }
+                index.insert(name.clone(), cols.len());
+                cols.push(Col {
+                    encrypted: encrypted(&name),
+                    name,
+                    dtype,
+                    shape: row_shape.to_vec(),
+                    rows,
+                    row_bytes,
+                    pieces: vec![piece],
+                });
+            }
         }
     }
     let rows = cols[0].rows;

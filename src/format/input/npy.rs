@@ -10,7 +10,7 @@ use std::path::Path;
 
 use super::{FileInput, InputTensor, open_file};
 use crate::error::{Error, Result};
-use crate::format::{Dtype, tensor_bytes};
+use crate::format::{Dtype, MAX_RANK, tensor_bytes};
 
 const WHAT: &str = "NPY header";
 /// Largest NPY header accepted.
@@ -176,6 +176,12 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<NpyHeader> {
         ));
     }
     let shape = shape.ok_or_else(|| bad("missing 'shape'"))?;
+    if shape.len() > MAX_RANK {
+        return Err(bad(&format!(
+            "'shape' has {} entries: more than {MAX_RANK} dimensions (NumPy's limit, and the format's)",
+            shape.len()
+        )));
+    }
     let dtype = match descr.as_str() {
         "<f8" => Dtype::F64,
         "<f4" => Dtype::F32,
@@ -268,7 +274,7 @@ impl Lit<'_> {
             while self.i < self.s.len() && self.s[self.i].is_ascii_digit() {
                 self.i += 1;
             }
-            if start == self.i || out.len() >= 64 {
+            if start == self.i {
                 return None;
             }
             out.push(
