@@ -65,13 +65,13 @@ fn open_header(path: &Path) -> Result<(File, NpyHeader)> {
             "header length runs past the end of the file",
         ));
     }
+    // The header may end before the 12 bytes already read (version 1, length 0 or 1).
     let mut buf = vec![0u8; start + hlen];
-    buf[..n].copy_from_slice(&pre[..n]);
-    if start + hlen > n {
+    let k = n.min(buf.len());
+    buf[..k].copy_from_slice(&pre[..k]);
+    if buf.len() > n {
         f.read_exact(&mut buf[n..])
             .map_err(|e| Error::io(path, e))?;
-    } else {
-        buf.truncate(start + hlen);
     }
     let h = parse_header(path, &buf)?;
     // The data length comes from the shape: up to 2^64 - 1, so the sum is checked.
