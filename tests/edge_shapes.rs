@@ -239,7 +239,7 @@ fn only_zero_width_columns_are_refused() {
             column: "z".into(),
             path: n,
         }],
-        &["zero-byte rows"],
+        &["z.npy: ", "zero-byte rows"],
     );
     let st = safetensors(
         d,
@@ -250,7 +250,10 @@ fn only_zero_width_columns_are_refused() {
         ],
         0,
     );
-    refused(&[ConvertInput::Safetensors(st)], &["zero-byte rows"]);
+    refused(
+        &[ConvertInput::Safetensors(st)],
+        &["z.safetensors: ", "zero-byte rows"],
+    );
 }
 
 /// Zero-width columns beside a normal one: converted, verified, and delivered by the host
@@ -559,4 +562,33 @@ fn summary_lists_readable_and_encrypted_columns() {
     );
     assert!(stdout.contains(r#"encrypted columns: "x""#), "{stdout}");
     assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+/// Errors about the columns together name the inputs they come from (found while fuzzing
+/// convert's inputs: they named only the columns).
+#[test]
+fn dataset_level_refusals_name_the_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = npy(d, "a.npy", "|u1", "(3,)", 3);
+    let b = npy(d, "b.npy", "<f4", "(4, 2)", 32);
+    refused(
+        &[
+            ConvertInput::Npy {
+                column: "a".into(),
+                path: a,
+            },
+            ConvertInput::Npy {
+                column: "b".into(),
+                path: b,
+            },
+        ],
+        &[
+            "different row counts",
+            "'a' (",
+            "a.npy) has 3",
+            "'b' (",
+            "b.npy) has 4",
+        ],
+    );
 }

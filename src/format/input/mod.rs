@@ -121,6 +121,8 @@ pub(super) struct Col {
     pub rows: u64,
     pub row_bytes: u64,
     pub encrypted: bool,
+    /// The input of its first piece (for errors).
+    pub input: PathBuf,
     /// Its bytes, concatenated in input order.
     pub pieces: Vec<Piece>,
 }
@@ -269,8 +271,9 @@ pub(super) fn plan<'a>(
     if lone_tensors.is_some() {
         let cols = items
             .into_iter()
-            .map(|(name, dtype, shape, piece, _)| Col {
+            .map(|(name, dtype, shape, piece, input)| Col {
                 encrypted: encrypted(&name),
+                input,
                 row_bytes: 0,
                 rows: 0,
                 name,
@@ -345,6 +348,7 @@ pub(super) fn plan<'a>(
                     rows,
                     row_bytes,
                     pieces: vec![piece],
+                    input: path,
                 });
             }
         }
@@ -352,10 +356,23 @@ pub(super) fn plan<'a>(
     let rows = cols[0].rows;
     if let Some(c) = cols.iter().find(|c| c.rows != rows) {
         return Err(Error::InvalidArgument(format!(
-            "columns have different row counts: '{}' has {rows}, '{}' has {}",
-            cols[0].name, c.name, c.rows
+            "columns have different row counts: '{}' ({}) has {rows}, '{}' ({}) has {}",
+            cols[0].name,
+            cols[0].input.display(),
+            c.name,
+            c.input.display(),
+            c.rows
         )));
     }
+    // The inputs, for errors about all the columns.
+    let inputs = || {
+        let mut seen = std::collections::HashSet::new();
+        cols.iter()
+            .filter(|c| seen.insert(&c.input))
+            .map(|c| c.input.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     // Rows are only bounded by the data if some column's rows hold bytes: a dataset of
     // zero-width columns could claim 2^64 rows in a few bytes of header, and everything sized
     // by rows (the loader's plan) would follow. A zero-width column beside a normal one is
@@ -363,7 +380,8 @@ pub(super) fn plan<'a>(
     if cols.iter().all(|c| c.row_bytes == 0) {
         let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
         return Err(Error::InvalidArgument(format!(
-            "every column has zero-byte rows ({names:?}, {rows} rows): a dataset needs at least one column whose rows hold data"
+            "{}: every column has zero-byte rows ({names:?}, {rows} rows): a dataset needs at least one column whose rows hold data",
+            inputs()
         )));
     }
     // One row of all columns, and all the data, within u64 (each column's rows x row bytes
@@ -375,9 +393,10 @@ pub(super) fn plan<'a>(
         ))
     });
     if fits.is_none() {
-        return Err(Error::InvalidArgument(
-            "the columns together hold more than 2^64 bytes (per row or in all)".into(),
-        ));
+        return Err(Error::InvalidArgument(format!(
+            "{}: the columns together hold more than 2^64 bytes (per row or in all)",
+            inputs()
+        )));
     }
     Ok(Plan {
         kind: DatasetKind::Dataset,
