@@ -173,6 +173,22 @@ fn repeat_to(max: usize, open: &str, item: impl Fn(usize) -> String, close: &str
     s
 }
 
+/// A header of `before`, brackets nested as deep as `max` allows, then `after`.
+fn deep(max: usize, before: &str, after: &str) -> Vec<u8> {
+    let k = max / 2 - 64;
+    raw_shard(format!("{before}{}{}{after}", "[".repeat(k), "]".repeat(k)))
+}
+
+/// A header whose `__metadata__` holds as many tiny entries as fit.
+fn tiny_metadata(max: usize) -> Vec<u8> {
+    raw_shard(repeat_to(
+        max,
+        r#"{"__metadata__":{"#,
+        |i| format!(r#""{i}":"""#),
+        "}}",
+    ))
+}
+
 fn header_cases() -> Vec<Case> {
     let max = budget(MAX_HEADER_LEN);
     let desc_prefix = r#"{"__metadata__":{"ciphershard.tags":"","ciphershard":"{\"format\":\"ciphershard\",\"version\":1,\"cipher\":\"AES-256-GCM\",\"dataset_id\":\"07070707070707070707070707070707\",\"shard_index\":0,\"shard_count\":1,\"row_start\":0,\"rows\":0,\"chunk_size\":64,"#;
@@ -196,20 +212,11 @@ fn header_cases() -> Vec<Case> {
         },
         Case {
             name: "header: deep nesting in an outer entry",
-            input: raw_shard(format!(
-                r#"{{"__metadata__":{{}},"t":{}{}}}"#,
-                "[".repeat(max / 2 - 64),
-                "]".repeat(max / 2 - 64)
-            )),
+            input: deep(max, r#"{"__metadata__":{},"t":"#, "}"),
         },
         Case {
             name: "header: tiny __metadata__ entries",
-            input: raw_shard(repeat_to(
-                max,
-                r#"{"__metadata__":{"#,
-                |i| format!(r#""{i}":"""#),
-                "}}",
-            )),
+            input: tiny_metadata(max),
         },
         Case {
             name: "header: tiny descriptor metadata entries",
@@ -364,12 +371,7 @@ fn input_cases() -> Vec<Case> {
         },
         Case {
             name: "input: tiny __metadata__ entries",
-            input: raw_shard(repeat_to(
-                max,
-                r#"{"__metadata__":{"#,
-                |i| format!(r#""{i}":"""#),
-                "}}",
-            )),
+            input: tiny_metadata(max),
         },
         Case {
             name: "input: tiny arrays in a shape",
@@ -382,11 +384,7 @@ fn input_cases() -> Vec<Case> {
         },
         Case {
             name: "input: deep nesting in an unknown entry field",
-            input: raw_shard(format!(
-                r#"{{"t":{{"x":{}{}}}}}"#,
-                "[".repeat(max / 2 - 64),
-                "]".repeat(max / 2 - 64)
-            )),
+            input: deep(max, r#"{"t":{"x":"#, "}}"),
         },
         Case {
             name: "input: many unknown entry fields",
