@@ -496,66 +496,50 @@ fn fifos_as_convert_inputs_are_refused_promptly() {
 fn convert_refuses_what_readers_refuse() {
     use format::{ConvertInput, MAX_METADATA_ENTRIES, MAX_RANK, MAX_SHARDS, MAX_TENSORS};
     let dir = tempfile::tempdir().unwrap();
-    let mut n = 0;
-    let mut out = || {
-        n += 1;
-        dir.path().join(format!("out{n}"))
+    let out = std::cell::Cell::new(0);
+    let out = || {
+        out.set(out.get() + 1);
+        dir.path().join(format!("out{}", out.get()))
     };
-    let nothing_written = |o: &Path| !o.exists() || std::fs::read_dir(o).unwrap().count() == 0;
+    // Converts and opens.
+    let accept = |inputs: &[ConvertInput], o: &format::ConvertOptions| {
+        let d = out();
+        convert_quiet(inputs, &d, o).unwrap();
+        Dataset::open(&d).unwrap();
+    };
+    // Refuses, saying `cause`, with nothing written.
+    let refuse = |inputs: &[ConvertInput], o: &format::ConvertOptions, cause: &str| {
+        let d = out();
+        let e = convert_quiet(inputs, &d, o).unwrap_err().to_string();
+        assert!(e.contains(cause), "'{cause}' not in: {e}");
+        assert!(!d.exists() || std::fs::read_dir(&d).unwrap().count() == 0);
+    };
+    let small = opts(64, 1 << 20, &[]);
 
     // Rank: 64 dimensions convert and open; 65 are refused (in memory and from an NPY file).
-    let o = out();
-    convert_quiet(
-        &[column("r", Dtype::U8, &[1; MAX_RANK], 1)],
-        &o,
-        &opts(64, 1 << 20, &[]),
-    )
-    .unwrap();
-    Dataset::open(&o).unwrap();
-    let o = out();
-    let e = convert_quiet(
-        &[column("r", Dtype::U8, &[1; MAX_RANK + 1], 1)],
-        &o,
-        &opts(64, 1 << 20, &[]),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("'r'") && e.contains("65 dimensions, more than the 64"),
-        "{e}"
-    );
-    assert!(nothing_written(&o));
+    accept(&[column("r", Dtype::U8, &[1; MAX_RANK], 1)], &small);
+    let r65 = [column("r", Dtype::U8, &[1; MAX_RANK + 1], 1)];
+    refuse(&r65, &small, "'r' has 65 dimensions, more than the 64");
     let npy = dir.path().join("r65.npy");
-    std::fs::write(
-        &npy,
-        npy_bytes("|u1", &format!("({},)", vec!["1"; 65].join(",")), &[0]),
-    )
-    .unwrap();
-    assert_err_names(
-        convert_quiet(
-            &[ConvertInput::Npy {
-                column: "r".into(),
-                path: npy,
-            }],
-            &out(),
-            &opts(64, 1 << 20, &[]),
-        ),
-        "r65.npy",
-        "more than 64 dimensions",
+    let shape = format!("({},)", vec!["1"; 65].join(","));
+    std::fs::write(&npy, npy_bytes("|u1", &shape, &[0])).unwrap();
+    let npy = ConvertInput::Npy {
+        column: "r".into(),
+        path: npy,
+    };
+    refuse(
+        &[npy],
+        &small,
+        "r65.npy: malformed NPY header: 'shape' has 65 entries: more than 64 dimensions",
     );
 
     // Names a shard may not hold.
     for bad in ["", "__metadata__"] {
-        let o = out();
-        let e = convert_quiet(
+        refuse(
             &[column(bad, Dtype::U8, &[4], 1)],
-            &o,
-            &opts(64, 1 << 20, &[]),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("empty or reserved"), "{e}");
-        assert!(nothing_written(&o));
+            &small,
+            "empty or reserved",
+        );
     }
 
     // Metadata: the inputs' and the options' entries together.
@@ -574,68 +558,43 @@ fn convert_refuses_what_readers_refuse() {
     v.extend_from_slice(header.as_bytes());
     v.extend_from_slice(&[0; 4]);
     std::fs::write(&st, v).unwrap();
-    let mut o2 = opts(64, 1 << 20, &[]);
-    o2.metadata = meta(40_000, MAX_METADATA_ENTRIES - 40_000);
-    let o = out();
-    convert_quiet(&[ConvertInput::Safetensors(st.clone())], &o, &o2).unwrap();
-    Dataset::open(&o).unwrap();
-    o2.metadata = meta(39_999, MAX_METADATA_ENTRIES - 40_000 + 2);
-    let o = out();
-    let e = convert_quiet(&[ConvertInput::Safetensors(st)], &o, &o2)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("65537 metadata entries, more than the 65536"),
-        "{e}"
-    );
-    assert!(nothing_written(&o));
+    let st = [ConvertInput::Safetensors(st)];
+    let mut o = opts(64, 1 << 20, &[]);
+    o.metadata = meta(40_000, MAX_METADATA_ENTRIES - 40_000);
+    accept(&st, &o);
+    o.metadata = meta(39_999, MAX_METADATA_ENTRIES - 40_000 + 2);
+    refuse(&st, &o, "65537 metadata entries, more than the 65536");
 
     // Shards: one row per shard.
+    let one_row_each = opts(64, 1, &[]);
     let rows = MAX_SHARDS as u64 + 1;
-    let o = out();
-    let e = convert_quiet(&[column("x", Dtype::U8, &[rows], 1)], &o, &opts(64, 1, &[]))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("1048577 shards, more than the 1048576"), "{e}");
-    assert!(nothing_written(&o));
+    let x = |rows: u64| [column("x", Dtype::U8, &[rows], 1)];
+    refuse(
+        &x(rows),
+        &one_row_each,
+        "1048577 shards, more than the 1048576",
+    );
 
     // The manifest (about 150 bytes a shard) and the keyring (59 bytes a shard per key) must
     // each stay within 64 MiB.
-    let o = out();
-    let e = convert_quiet(
-        &[column("x", Dtype::U8, &[500_000], 1)],
-        &o,
-        &opts(64, 1, &[]),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("manifest.json would be over the 67108864-byte limit"),
-        "{e}"
+    refuse(
+        &x(500_000),
+        &one_row_each,
+        "manifest.json would be over the 67108864-byte limit",
     );
-    assert!(nothing_written(&o));
-    let mut o3 = opts(64, 1, &[]);
-    o3.keys = vec![key(1), key(2), key(3)];
-    let o = out();
-    let e = convert_quiet(&[column("x", Dtype::U8, &[400_000], 1)], &o, &o3)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("keyring.json would be over the 67108864-byte limit"),
-        "{e}"
+    let mut three_keys = opts(64, 1, &[]);
+    three_keys.keys = vec![key(1), key(2), key(3)];
+    refuse(
+        &x(400_000),
+        &three_keys,
+        "keyring.json would be over the 67108864-byte limit",
     );
-    assert!(nothing_written(&o));
 
     // Columns: 2^20 + 1 in memory.
     let many: Vec<ConvertInput> = (0..=MAX_TENSORS)
         .map(|i| column(&format!("{i:x}"), Dtype::U8, &[1], 1))
         .collect();
-    let o = out();
-    let e = convert_quiet(&many, &o, &opts(64, 1 << 20, &[]))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("more than 1048576 columns"), "{e}");
-    assert!(nothing_written(&o));
+    refuse(&many, &small, "more than 1048576 columns");
 }
 
 /// Columns are matched by name across inputs with a hash map: `plan` compared each tensor

@@ -11,51 +11,27 @@
 //! under each selector (fuzz/seeds/inputs, laid out by scripts/fuzz-common.sh).
 #![no_main]
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+mod common;
+// The format tests' helpers (reading a whole tensor back).
+#[path = "../../tests/format_common/mod.rs"]
+mod format_common;
+
+use std::path::Path;
 
 use ciphershard::MasterKey;
 use ciphershard::cipher::cpu::CpuCipher;
 use ciphershard::format::{
-    self, ConvertInput, ConvertOptions, Dataset, DatasetKind, InputTensor, UnlockedDataset, npy,
-    safetensors_input,
+    self, ConvertInput, ConvertOptions, Dataset, DatasetKind, InputTensor, npy, safetensors_input,
 };
 use libfuzzer_sys::fuzz_target;
 
-/// The scratch directory: `$CIPHERSHARD_FUZZ_DIR` (the fuzz scripts make one in memory, under
-/// /dev/shm, and remove it afterwards), else a per-process one in the temporary directory.
-fn dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = match std::env::var_os("CIPHERSHARD_FUZZ_DIR") {
-            Some(d) => PathBuf::from(d).join(format!("inputs-{}", std::process::id())),
-            None => {
-                std::env::temp_dir().join(format!("ciphershard-fuzz-inputs-{}", std::process::id()))
-            }
-        };
-        std::fs::create_dir_all(&d).expect("scratch directory");
-        d
-    })
+fn dir() -> &'static Path {
+    common::scratch_dir("inputs")
 }
 
-fn key() -> &'static MasterKey {
-    static KEY: OnceLock<MasterKey> = OnceLock::new();
-    KEY.get_or_init(|| MasterKey::from_bytes([0x5a; 32]))
-}
-
-/// One whole tensor of one shard, decrypted and verified.
-fn read_tensor(ud: &UnlockedDataset, file: &[u8], shard: usize, tensor: u32) -> Vec<u8> {
-    let h = &ud.dataset().shards()[shard];
-    let mut out = Vec::new();
-    for c in h.chunks(tensor) {
-        let src = &file[c.file_offset as usize..c.file_offset as usize + c.len];
-        let mut buf = vec![0u8; c.len];
-        ud.opener(shard)
-            .open(&c.params(), src, &mut buf)
-            .expect("a chunk of a freshly converted dataset opens");
-        out.extend_from_slice(&buf);
-    }
-    out
+/// The fixed master key.
+fn key() -> MasterKey {
+    format_common::key(0x5a)
 }
 
 /// Converts `input` (at `path`) and checks the dataset against `tensors` (what the input's
@@ -71,7 +47,7 @@ fn convert_and_check(
     let opts = ConvertOptions {
         shard_size: 256,
         chunk_size: 64,
-        keys: vec![key().clone()],
+        keys: vec![key()],
         ..ConvertOptions::default()
     };
     let summary = match format::convert(&[input], &out, &opts, &mut |_, _| {}) {
@@ -85,14 +61,8 @@ fn convert_and_check(
     };
     let tensors = tensors.expect("what converted was parsed by the header parser");
     let ds = Dataset::open(&out).expect("a converted dataset opens");
-    let ud = ds.unlock(key(), &CpuCipher::new()).expect("and unlocks");
+    let ud = ds.unlock(&key(), &CpuCipher::new()).expect("and unlocks");
     format::verify(&ud, &mut |_, _| {}).expect("and verifies");
-    let files: Vec<Vec<u8>> = ud
-        .dataset()
-        .shards()
-        .iter()
-        .map(|h| std::fs::read(&h.path).unwrap())
-        .collect();
     assert_eq!(summary.columns, tensors.len());
     for t in tensors {
         let want = &file[t.offset as usize..(t.offset + t.len) as usize];
@@ -104,7 +74,7 @@ fn convert_and_check(
                 DatasetKind::Dataset => assert_eq!(desc.shape[1..], t.shape[1..]),
                 DatasetKind::Tensors => assert_eq!(desc.shape, t.shape),
             }
-            got.extend(read_tensor(&ud, &files[s], s, ti));
+            got.extend(format_common::read_tensor(&ud, s, ti).expect("a converted chunk opens"));
         }
         assert!(got == want, "column '{}' differs from the input", t.name);
     }

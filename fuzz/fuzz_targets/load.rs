@@ -14,8 +14,13 @@
 //! Seeds: a few descriptions under fuzz/seeds/load (laid out by scripts/fuzz-common.sh).
 #![no_main]
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
+mod common;
+// The format tests' helpers (pseudo-random bytes).
+#[path = "../../tests/format_common/mod.rs"]
+mod format_common;
+use format_common::bytes;
+
+use std::path::Path;
 
 use ciphershard::MasterKey;
 use ciphershard::cipher::Backend;
@@ -23,25 +28,13 @@ use ciphershard::format::{self, ConvertInput, ConvertOptions, Dtype};
 use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions};
 use libfuzzer_sys::fuzz_target;
 
-/// The scratch directory: `$CIPHERSHARD_FUZZ_DIR` (the fuzz scripts make one in memory, under
-/// /dev/shm, and remove it afterwards), else a per-process one in the temporary directory.
-fn dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = match std::env::var_os("CIPHERSHARD_FUZZ_DIR") {
-            Some(d) => PathBuf::from(d).join(format!("load-{}", std::process::id())),
-            None => {
-                std::env::temp_dir().join(format!("ciphershard-fuzz-load-{}", std::process::id()))
-            }
-        };
-        std::fs::create_dir_all(&d).expect("scratch directory");
-        d
-    })
+fn dir() -> &'static Path {
+    common::scratch_dir("load")
 }
 
-fn key() -> &'static MasterKey {
-    static KEY: OnceLock<MasterKey> = OnceLock::new();
-    KEY.get_or_init(|| MasterKey::from_bytes([0xa5; 32]))
+/// The fixed master key.
+fn key() -> MasterKey {
+    format_common::key(0xa5)
 }
 
 /// The description, read a byte at a time; zeros once it runs out.
@@ -65,19 +58,6 @@ impl Reader<'_> {
     }
 }
 
-/// Deterministic pseudo-random bytes.
-fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A column: name, its rows' bytes (row after row) and the bytes of one row.
 struct Col {
     name: String,
@@ -89,7 +69,7 @@ struct Col {
 /// handed out, or the first error.
 fn load(opts: &LoaderOptions, cols: &[Col]) -> (Vec<u64>, Option<ciphershard::Error>) {
     let mut seen = Vec::new();
-    let src = match FormatSource::open(&dir().join("ds"), key(), Backend::Cpu) {
+    let src = match FormatSource::open(&dir().join("ds"), &key(), Backend::Cpu) {
         Ok(s) => s,
         Err(e) => return (seen, Some(e)),
     };
@@ -189,7 +169,7 @@ fuzz_target!(|data: &[u8]| {
         shard_size,
         chunk_size,
         plain,
-        keys: vec![key().clone()],
+        keys: vec![key()],
         ..ConvertOptions::default()
     };
     let summary =
