@@ -29,12 +29,19 @@ fuzz_build() {
         cargo build -q --release --target "$triple")
 }
 
-# Seeds, rebuilt from tests/golden on every run (small: a few KiB per target).
+# Seeds, rebuilt on every run (small: a few KiB per target).
 #   parse:     one input per parser, prefixed by its selector byte (fuzz_targets/parse.rs);
-#   open_path: the golden dataset's files joined by the target's separator.
+#   open_path: the golden dataset's files joined by the target's separator;
+#   others:    the files in fuzz/seeds/TARGET/ (a few hundred bytes each; their targets say
+#              what they hold).
 lay_seeds() {
-    local g=$root/tests/golden/dataset s=$tdir/fuzz-seeds
+    local g=$root/tests/golden/dataset s=$tdir/fuzz-seeds t
     rm -rf "$s" && mkdir -p "$s/parse" "$s/open_path"
+    for t in $targets; do
+        if [ -d "$root/fuzz/seeds/$t" ]; then
+            mkdir -p "$s/$t" && cp "$root/fuzz/seeds/$t"/* "$s/$t/"
+        fi
+    done
     { printf '\000'; cat "$g/shard-00000.safetensors"; } >"$s/parse/header"
     { printf '\001'; cat "$g/manifest.json"; } >"$s/parse/manifest"
     { printf '\002'; cat "$g/keyring.json"; } >"$s/parse/keyring"

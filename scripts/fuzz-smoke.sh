@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Bounded coverage-guided fuzzing of every fuzz target (fuzz/fuzz_targets/*.rs: the header /
-# descriptor / manifest / keyring / NPY parsers, and the whole open path of a dataset
-# directory) with libFuzzer on the stable toolchain; scripts/fuzz-common.sh says how. The time
-# budget is shared by the targets; seeds are the golden dataset. Any finding fails the run.
+# descriptor / manifest / keyring / NPY parsers, the whole open path of a dataset directory,
+# convert's input readers, and convert-to-loader end to end) with libFuzzer on the stable
+# toolchain; scripts/fuzz-common.sh says how. The time budget is shared by the targets; seeds
+# are the golden dataset and fuzz/seeds. Any finding fails the run.
 # Works from any directory; honours CARGO_TARGET_DIR.
 #   FUZZ_SECONDS (default 30): total fuzzing time, split evenly (at least 1 s each).
 set -euo pipefail

@@ -239,7 +239,7 @@ fn only_zero_width_columns_are_refused() {
             column: "z".into(),
             path: n,
         }],
-        &["zero-byte rows"],
+        &["z.npy: ", "zero-byte rows"],
     );
     let st = safetensors(
         d,
@@ -250,7 +250,10 @@ fn only_zero_width_columns_are_refused() {
         ],
         0,
     );
-    refused(&[ConvertInput::Safetensors(st)], &["zero-byte rows"]);
+    refused(
+        &[ConvertInput::Safetensors(st)],
+        &["z.safetensors: ", "zero-byte rows"],
+    );
 }
 
 /// Zero-width columns beside a normal one: converted, verified, and delivered by the host
@@ -559,4 +562,73 @@ fn summary_lists_readable_and_encrypted_columns() {
     );
     assert!(stdout.contains(r#"encrypted columns: "x""#), "{stdout}");
     assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+/// Errors about the columns together name the inputs they come from (found while fuzzing
+/// convert's inputs: they named only the columns).
+#[test]
+fn dataset_level_refusals_name_the_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = npy(d, "a.npy", "|u1", "(3,)", 3);
+    let b = npy(d, "b.npy", "<f4", "(4, 2)", 32);
+    refused(
+        &[
+            ConvertInput::Npy {
+                column: "a".into(),
+                path: a,
+            },
+            ConvertInput::Npy {
+                column: "b".into(),
+                path: b,
+            },
+        ],
+        &[
+            "different row counts",
+            "'a' (",
+            "a.npy) has 3",
+            "'b' (",
+            "b.npy) has 4",
+        ],
+    );
+}
+
+/// Found by fuzz_targets/load.rs: the tag of a zero-width column's chunk (which holds no
+/// bytes, so no batch ever reads it) could be changed without the loader noticing, while
+/// `verify` refused the shard. The loader checks those tags when it opens the dataset.
+#[test]
+fn a_changed_tag_of_an_empty_chunk_fails_the_loader() {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
+    for column in ["e", "p"] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = device_common::make_zero_width(dir.path(), 300);
+        let p = dir.path().join(format::shard_file_name(1));
+        let h = format::ShardHeader::read(&p).unwrap();
+        let (_, t) = h.tensor(column).unwrap();
+        assert_eq!((t.len(), t.chunks), (0, 1));
+        let mut file = std::fs::read(&p).unwrap();
+        let text = String::from_utf8_lossy(&file).into_owned();
+        let key_at = text.find("\"ciphershard.tags\":\"").unwrap() + 20;
+        let end = key_at + text[key_at..].find('"').unwrap();
+        let mut tags = B64.decode(&text[key_at..end]).unwrap();
+        tags[16 * (1 + t.first_chunk as usize)] ^= 1;
+        let b64 = B64.encode(&tags);
+        assert_eq!(b64.len(), end - key_at);
+        file[key_at..end].copy_from_slice(b64.as_bytes());
+        std::fs::write(&p, &file).unwrap();
+        let ud = unlock(dir.path(), &key).unwrap();
+        assert!(format::verify(&ud, &mut |_, _| {}).is_err());
+        let o = LoaderOptions {
+            batch_size: 64,
+            ..Default::default()
+        };
+        let r = FormatSource::open(dir.path(), &key, Backend::Cpu)
+            .and_then(|src| Loader::new(src, &o)?.try_for_each(|b| b.map(drop)));
+        let e = r.expect_err("a changed tag went unnoticed").to_string();
+        assert!(
+            e.contains("shard-00001") && e.contains(&format!("tensor '{column}'")),
+            "{e}"
+        );
+    }
 }

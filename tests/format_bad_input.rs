@@ -626,3 +626,33 @@ fn bad_convert_inputs() {
         "",
     );
 }
+
+/// Found by fuzz_targets/inputs.rs: an NPY version 1 file of at least 12 bytes whose header
+/// length is 0 or 1 panicked `convert` (the 12 bytes read first were copied into a buffer of
+/// 10 + length bytes). Now an error naming the file.
+#[test]
+fn npy_header_shorter_than_the_first_read_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, hlen) in [0u16, 1].into_iter().enumerate() {
+        let p = dir.path().join(format!("short{i}.npy"));
+        let mut v = b"\x93NUMPY\x01\x00".to_vec();
+        v.extend_from_slice(&hlen.to_le_bytes());
+        v.extend_from_slice(b"{}  ");
+        std::fs::write(&p, &v).unwrap();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        assert_err_names(npy::read_header(&p), &name, "NPY header");
+        let input = [ciphershard::format::ConvertInput::Npy {
+            column: "x".into(),
+            path: p,
+        }];
+        assert_err_names(
+            convert_quiet(
+                &input,
+                &dir.path().join(format!("o{i}")),
+                &opts(64, 1 << 20, &[]),
+            ),
+            &name,
+            "NPY header",
+        );
+    }
+}

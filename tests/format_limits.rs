@@ -451,3 +451,197 @@ fn counts_over_the_caps_are_refused() {
     h.metadata.pop_first();
     format::Descriptor::parse(&p, &h.to_json()).unwrap();
 }
+
+/// Issue 13 items 6 and the input side: `convert fifo.npy` (or a FIFO named `.safetensors`)
+/// waited forever for a writer. Inputs are opened like dataset files: non-blocking, regular
+/// files only, so the error comes at once and names the file.
+#[cfg(unix)]
+#[test]
+fn fifos_as_convert_inputs_are_refused_promptly() {
+    use format::ConvertInput;
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["in.npy", "in.safetensors"] {
+        let p = dir.path().join(name);
+        make_fifo(&p);
+        let input = if name.ends_with(".npy") {
+            ConvertInput::Npy {
+                column: "x".into(),
+                path: p.clone(),
+            }
+        } else {
+            ConvertInput::Safetensors(p.clone())
+        };
+        let out = dir.path().join(format!("out-{name}"));
+        let r = promptly(name, move || {
+            convert_quiet(&[input], &out, &opts(64, 1 << 20, &[])).map(drop)
+        });
+        assert_err_names(r, name, "not a regular file (a FIFO)");
+    }
+    let p = dir.path().join("in.npy");
+    let r = promptly("npy::read_header", move || {
+        format::npy::read_header(&p).map(drop)
+    });
+    assert_err_names(r, "in.npy", "not a regular file (a FIFO)");
+    // A directory in an input's place is refused the same way (it used to fail on the read).
+    let d = dir.path().join("dir.safetensors");
+    std::fs::create_dir(&d).unwrap();
+    assert_err_names(
+        convert_quiet(
+            &[ConvertInput::Safetensors(d)],
+            &dir.path().join("out-dir"),
+            &opts(64, 1 << 20, &[]),
+        ),
+        "dir.safetensors",
+        "not a regular file (a directory)",
+    );
+}
+
+/// What `convert` writes, readers must open: it refuses, before writing anything, what
+/// docs/FORMAT.md section 9 caps (the same constants): ranks over 64, more than 65,536 metadata
+/// entries (the inputs' and the options' together), more than 2^20 columns or shards, names a
+/// shard may not hold, and a manifest or keyring over 64 MiB.
+#[test]
+fn convert_refuses_what_readers_refuse() {
+    use format::{ConvertInput, MAX_METADATA_ENTRIES, MAX_RANK, MAX_SHARDS, MAX_TENSORS};
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::cell::Cell::new(0);
+    let out = || {
+        out.set(out.get() + 1);
+        dir.path().join(format!("out{}", out.get()))
+    };
+    // Converts and opens.
+    let accept = |inputs: &[ConvertInput], o: &format::ConvertOptions| {
+        let d = out();
+        convert_quiet(inputs, &d, o).unwrap();
+        Dataset::open(&d).unwrap();
+    };
+    // Refuses, saying `cause`, with nothing written.
+    let refuse = |inputs: &[ConvertInput], o: &format::ConvertOptions, cause: &str| {
+        let d = out();
+        let e = convert_quiet(inputs, &d, o).unwrap_err().to_string();
+        assert!(e.contains(cause), "'{cause}' not in: {e}");
+        assert!(!d.exists() || std::fs::read_dir(&d).unwrap().count() == 0);
+    };
+    let small = opts(64, 1 << 20, &[]);
+
+    // Rank: 64 dimensions convert and open; 65 are refused (in memory and from an NPY file).
+    accept(&[column("r", Dtype::U8, &[1; MAX_RANK], 1)], &small);
+    let r65 = [column("r", Dtype::U8, &[1; MAX_RANK + 1], 1)];
+    refuse(&r65, &small, "'r' has 65 dimensions, more than the 64");
+    let npy = dir.path().join("r65.npy");
+    let shape = format!("({},)", vec!["1"; 65].join(","));
+    std::fs::write(&npy, npy_bytes("|u1", &shape, &[0])).unwrap();
+    let npy = ConvertInput::Npy {
+        column: "r".into(),
+        path: npy,
+    };
+    refuse(
+        &[npy],
+        &small,
+        "r65.npy: malformed NPY header: 'shape' has 65 entries: more than 64 dimensions",
+    );
+
+    // Names a shard may not hold.
+    for bad in ["", "__metadata__"] {
+        refuse(
+            &[column(bad, Dtype::U8, &[4], 1)],
+            &small,
+            "empty or reserved",
+        );
+    }
+
+    // Metadata: the inputs' and the options' entries together.
+    let meta = |from: usize, n: usize| -> std::collections::BTreeMap<String, String> {
+        (from..from + n)
+            .map(|i| (i.to_string(), String::new()))
+            .collect()
+    };
+    let st = dir.path().join("meta.safetensors");
+    let header = serde_json::json!({
+        "__metadata__": meta(0, 40_000),
+        "x": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+    })
+    .to_string();
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend_from_slice(&[0; 4]);
+    std::fs::write(&st, v).unwrap();
+    let st = [ConvertInput::Safetensors(st)];
+    let mut o = opts(64, 1 << 20, &[]);
+    o.metadata = meta(40_000, MAX_METADATA_ENTRIES - 40_000);
+    accept(&st, &o);
+    o.metadata = meta(39_999, MAX_METADATA_ENTRIES - 40_000 + 2);
+    refuse(&st, &o, "65537 metadata entries, more than the 65536");
+
+    // Shards: one row per shard.
+    let one_row_each = opts(64, 1, &[]);
+    let rows = MAX_SHARDS as u64 + 1;
+    let x = |rows: u64| [column("x", Dtype::U8, &[rows], 1)];
+    refuse(
+        &x(rows),
+        &one_row_each,
+        "1048577 shards, more than the 1048576",
+    );
+
+    // The manifest (about 150 bytes a shard) and the keyring (59 bytes a shard per key) must
+    // each stay within 64 MiB.
+    refuse(
+        &x(500_000),
+        &one_row_each,
+        "manifest.json would be over the 67108864-byte limit",
+    );
+    let mut three_keys = opts(64, 1, &[]);
+    three_keys.keys = vec![key(1), key(2), key(3)];
+    refuse(
+        &x(400_000),
+        &three_keys,
+        "keyring.json would be over the 67108864-byte limit",
+    );
+
+    // Columns: 2^20 + 1 in memory.
+    let many: Vec<ConvertInput> = (0..=MAX_TENSORS)
+        .map(|i| column(&format!("{i:x}"), Dtype::U8, &[1], 1))
+        .collect();
+    refuse(&many, &small, "more than 1048576 columns");
+}
+
+/// Columns are matched by name across inputs with a hash map: `plan` compared each tensor
+/// with every earlier column, so an input of 200,000 tensors took minutes before anything was
+/// checked. (The output directory already holds a dataset, so convert stops right after the
+/// plan.)
+#[test]
+fn convert_plans_many_columns_in_linear_time() {
+    let dir = tempfile::tempdir().unwrap();
+    small_dataset(dir.path());
+    let n = 200_000;
+    let entries: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#""{i:x}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{}]}}"#,
+                i + 1
+            )
+        })
+        .collect();
+    let header = format!("{{{}}}", entries.join(","));
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.resize(v.len() + n, 0);
+    let st = dir.path().join("wide.safetensors");
+    std::fs::write(&st, v).unwrap();
+    let start = Instant::now();
+    let r = convert_quiet(
+        &[format::ConvertInput::Safetensors(st)],
+        dir.path(),
+        &opts(64, 1 << 20, &[]),
+    );
+    let took = start.elapsed();
+    assert!(
+        r.unwrap_err()
+            .to_string()
+            .contains("already holds a dataset")
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "planning 200,000 columns took {took:?}: quadratic?"
+    );
+}

@@ -1,5 +1,5 @@
 //! Peak memory of parsing crafted worst-case shard headers, manifests and keyrings near their
-//! size caps (issue 13 item 3), measured by a counting global allocator (this test binary
+//! size caps (issue 13 item 3), and the headers of `convert`'s safetensors inputs, measured by a counting global allocator (this test binary
 //! only). Each input is either refused or parsed within the bound docs/FORMAT.md section 9
 //! states: extra heap at most `k` times the input's length (plus 1 MiB), `k` per kind below.
 //!
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ciphershard::format::{
     Descriptor, Dtype, Keyring, MAX_HEADER_LEN, MAX_JSON_FILE_LEN, MAX_RANK, Manifest, ShardHeader,
-    TensorDesc, canonical_header,
+    TensorDesc, canonical_header, safetensors_input,
 };
 
 /// Counts live heap bytes and their high-water mark.
@@ -173,6 +173,22 @@ fn repeat_to(max: usize, open: &str, item: impl Fn(usize) -> String, close: &str
     s
 }
 
+/// A header of `before`, brackets nested as deep as `max` allows, then `after`.
+fn deep(max: usize, before: &str, after: &str) -> Vec<u8> {
+    let k = max / 2 - 64;
+    raw_shard(format!("{before}{}{}{after}", "[".repeat(k), "]".repeat(k)))
+}
+
+/// A header whose `__metadata__` holds as many tiny entries as fit.
+fn tiny_metadata(max: usize) -> Vec<u8> {
+    raw_shard(repeat_to(
+        max,
+        r#"{"__metadata__":{"#,
+        |i| format!(r#""{i}":"""#),
+        "}}",
+    ))
+}
+
 fn header_cases() -> Vec<Case> {
     let max = budget(MAX_HEADER_LEN);
     let desc_prefix = r#"{"__metadata__":{"ciphershard.tags":"","ciphershard":"{\"format\":\"ciphershard\",\"version\":1,\"cipher\":\"AES-256-GCM\",\"dataset_id\":\"07070707070707070707070707070707\",\"shard_index\":0,\"shard_count\":1,\"row_start\":0,\"rows\":0,\"chunk_size\":64,"#;
@@ -196,20 +212,11 @@ fn header_cases() -> Vec<Case> {
         },
         Case {
             name: "header: deep nesting in an outer entry",
-            input: raw_shard(format!(
-                r#"{{"__metadata__":{{}},"t":{}{}}}"#,
-                "[".repeat(max / 2 - 64),
-                "]".repeat(max / 2 - 64)
-            )),
+            input: deep(max, r#"{"__metadata__":{},"t":"#, "}"),
         },
         Case {
             name: "header: tiny __metadata__ entries",
-            input: raw_shard(repeat_to(
-                max,
-                r#"{"__metadata__":{"#,
-                |i| format!(r#""{i}":"""#),
-                "}}",
-            )),
+            input: tiny_metadata(max),
         },
         Case {
             name: "header: tiny descriptor metadata entries",
@@ -335,6 +342,57 @@ fn keyring_cases() -> Vec<Case> {
     ]
 }
 
+/// Headers of plaintext safetensors inputs to `convert`: every tensor entry is kept (name,
+/// shape, offsets), so the cases that cost most are the most entries per byte and the longest
+/// shapes. The generic-tree parser this replaced took 16 x (rank 64) to 20 x (tiny arrays).
+fn input_cases() -> Vec<Case> {
+    let max = budget(MAX_HEADER_LEN);
+    let rank64 = vec!["0"; MAX_RANK].join(",");
+    let entry = |name: &str, shape: &str| {
+        format!(r#""{name}":{{"dtype":"U8","shape":[{shape}],"data_offsets":[0,0]}}"#)
+    };
+    vec![
+        Case {
+            name: "input: many tiny tensors (valid)",
+            input: raw_shard(repeat_to(max, "{", |i| entry(&format!("{i:x}"), "0"), "}")),
+        },
+        Case {
+            name: "input: tiny tensors of one name",
+            input: raw_shard(repeat_to(max, "{", |_| entry("", "0"), "}")),
+        },
+        Case {
+            name: "input: tensors of rank 64 (valid)",
+            input: raw_shard(repeat_to(
+                max,
+                "{",
+                |i| entry(&format!("{i:x}"), &rank64),
+                "}",
+            )),
+        },
+        Case {
+            name: "input: tiny __metadata__ entries",
+            input: tiny_metadata(max),
+        },
+        Case {
+            name: "input: tiny arrays in a shape",
+            input: raw_shard(repeat_to(
+                max,
+                r#"{"t":{"dtype":"U8","shape":["#,
+                |_| "[]".into(),
+                "]}}",
+            )),
+        },
+        Case {
+            name: "input: deep nesting in an unknown entry field",
+            input: deep(max, r#"{"t":{"x":"#, "}}"),
+        },
+        Case {
+            name: "input: many unknown entry fields",
+            input: raw_shard(repeat_to(max, r#"{"t":{"#, |_| r#""x":[]"#.into(), "}}")),
+        },
+    ]
+}
+
 /// Extra heap per input byte each kind may take (docs/FORMAT.md section 9).
 const HEADER_K: usize = 5;
 const MANIFEST_K: usize = 4;
@@ -372,6 +430,13 @@ fn crafted_inputs_parse_within_the_memory_bound() {
     for c in header_cases() {
         check(c, HEADER_K, &|b| {
             ShardHeader::parse(path, b)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        });
+    }
+    for c in input_cases() {
+        check(c, HEADER_K, &|b| {
+            safetensors_input::parse_header(path, b, b.len() as u64)
                 .map(drop)
                 .map_err(|e| e.to_string())
         });

@@ -8,7 +8,9 @@
 //! Seed: the golden dataset joined with the separator (scripts/fuzz-smoke.sh builds it).
 #![no_main]
 
-use std::path::PathBuf;
+mod common;
+
+use std::path::Path;
 use std::sync::OnceLock;
 
 use ciphershard::MasterKey;
@@ -25,21 +27,8 @@ const NAMES: [&str; 4] = [
     "shard-00001.safetensors",
 ];
 
-/// The scratch dataset directory: `$CIPHERSHARD_FUZZ_DIR` (the fuzz scripts make one in
-/// memory, under /dev/shm, and remove it afterwards), else a per-process one in the temporary
-/// directory.
-fn dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = match std::env::var_os("CIPHERSHARD_FUZZ_DIR") {
-            Some(d) => PathBuf::from(d).join(format!("open-{}", std::process::id())),
-            None => {
-                std::env::temp_dir().join(format!("ciphershard-fuzz-open-{}", std::process::id()))
-            }
-        };
-        std::fs::create_dir_all(&d).expect("scratch directory");
-        d
-    })
+fn dir() -> &'static Path {
+    common::scratch_dir("open")
 }
 
 fn golden_key() -> &'static MasterKey {

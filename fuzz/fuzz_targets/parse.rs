@@ -2,7 +2,8 @@
 //! tags), descriptor strings on their own (the header's canonical form makes them hard to reach
 //! through it), manifest.json, keyring.json and NPY headers. The first byte picks the parser.
 //! Any panic, hang or huge allocation is a bug; every input must give `Ok` or a clean `Err`.
-//! The whole dataset-directory path is fuzz_targets/open_path.rs.
+//! The whole dataset-directory path is fuzz_targets/open_path.rs; convert's input readers
+//! fuzz_targets/inputs.rs; convert to loader batches, end to end, fuzz_targets/load.rs.
 //!
 //!     cargo install cargo-fuzz && cd fuzz && cargo +nightly fuzz run parse -- -max_total_time=60
 //!

@@ -7,7 +7,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -20,14 +20,15 @@ use sha2::{Digest, Sha256};
 use super::input::{ConvertInput, Plan, plan};
 use super::shard::{chunk_aad, chunk_nonce};
 use super::{
-    Column, DatasetKind, Descriptor, FORMAT_VERSION, HEADER_TAG_NONCE, KEYRING_FILE, Keyring,
-    MANIFEST_FILE, MAX_CHUNK_SIZE, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN, Manifest, ShardEntry,
+    Column, DatasetKind, Descriptor, FORMAT_VERSION, HEADER_TAG_NONCE, KEYRING_FILE, KeyWrap,
+    Keyring, MANIFEST_FILE, MAX_CHUNK_SIZE, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN,
+    MAX_JSON_FILE_LEN, MAX_KEY_WRAPS, MAX_METADATA_ENTRIES, MAX_SHARDS, Manifest, ShardEntry,
     TensorDesc, canonical_header, random_suffix, shard_file_name, sync_dir, write_atomic,
 };
 use crate::cipher::cpu::CpuCipher;
 use crate::cipher::{Cipher, TAG_LEN};
 use crate::error::{Error, Result};
-use crate::keys::{DataKey, MasterKey};
+use crate::keys::{DataKey, MasterKey, WRAPPED_LEN};
 
 /// Options of [`convert`].
 #[derive(Debug, Clone)]
@@ -148,6 +149,62 @@ fn refuse_existing_dataset(out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Readers refuse a manifest or keyring over [`MAX_JSON_FILE_LEN`]: refuses, before anything
+/// is written, a dataset whose files would be. The keyring's length is exact (every wrapped
+/// key is 56 base64 digits); the manifest's is a lower bound (each shard's numbers taken as
+/// one digit; `manifest` has no shards yet), and the written text is checked again.
+fn json_files_fit(out_dir: &Path, manifest: &Manifest, shards: u32, keys: usize) -> Result<()> {
+    let (manifest_len, keyring_len) = json_lens(out_dir, manifest, shards, keys);
+    for (name, len) in [(MANIFEST_FILE, manifest_len), (KEYRING_FILE, keyring_len)] {
+        if len > MAX_JSON_FILE_LEN {
+            return Err(too_big(out_dir, name, len));
+        }
+    }
+    Ok(())
+}
+
+/// [`json_files_fit`]'s lengths: of the manifest (at least) and of the keyring (exactly).
+fn json_lens(out_dir: &Path, manifest: &Manifest, shards: u32, keys: usize) -> (u64, u64) {
+    let n = shards as u64;
+    let base = manifest.to_json().len() as u64;
+    let one = Manifest {
+        shards: vec![ShardEntry {
+            file: shard_file_name(0),
+            row_start: 0,
+            rows: 0,
+            bytes: 0,
+            header_digest: [0; 32],
+        }],
+        ..manifest.clone()
+    };
+    // Each shard's entry, and a comma between two.
+    let entry = one.to_json().len() as u64 - base;
+    let manifest_len = base + n * (entry + 1) - 1;
+    let mut ring = Keyring::new(&out_dir.join(KEYRING_FILE), manifest.dataset_id);
+    ring.wraps = (0..keys)
+        .map(|i| KeyWrap {
+            key_id: format!("{i:016x}"),
+            data_keys: Vec::new(),
+        })
+        .collect();
+    // Each wrapped key: 56 digits in quotes, and a comma between two.
+    let wrapped = B64.encode([0u8; WRAPPED_LEN]).len() as u64 + 2;
+    let keyring_len = ring.to_json().len() as u64 + keys as u64 * (n * (wrapped + 1) - 1);
+    (manifest_len, keyring_len)
+}
+
+fn too_big(out_dir: &Path, name: &str, len: u64) -> Error {
+    Error::InvalidArgument(format!(
+        "{}: {name} would be over the {MAX_JSON_FILE_LEN}-byte limit readers accept ({len} bytes): raise the shard size{}",
+        out_dir.display(),
+        if name == KEYRING_FILE {
+            " or give fewer keys"
+        } else {
+            ""
+        }
+    ))
+}
+
 /// A chunk buffer: zeroized on drop (it holds plaintext between read and seal).
 type Buf = zeroize::Zeroizing<Vec<u8>>;
 
@@ -192,7 +249,19 @@ pub fn convert(
         mut metadata,
     } = plan(inputs, &encrypted)?;
     metadata.extend(opts.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
-    refuse_existing_dataset(out_dir)?;
+    if metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(Error::InvalidArgument(format!(
+            "{} metadata entries, more than the {MAX_METADATA_ENTRIES} a shard may hold (the inputs' __metadata__ and the given metadata together)",
+            metadata.len()
+        )));
+    }
+    let key_ids: HashSet<String> = opts.keys.iter().map(MasterKey::id).collect();
+    if key_ids.len() > MAX_KEY_WRAPS {
+        return Err(Error::InvalidArgument(format!(
+            "{} master keys, more than the {MAX_KEY_WRAPS} a keyring may hold",
+            key_ids.len()
+        )));
+    }
 
     let rows = if kind == DatasetKind::Dataset {
         cols[0].rows
@@ -211,11 +280,13 @@ pub fn convert(
         (opts.shard_size / row_bytes).max(1)
     };
     let shard_count = rows.div_ceil(rows_per_shard).max(1);
-    let shard_count: u32 = shard_count.try_into().map_err(|_| {
-        Error::InvalidArgument(format!(
-            "{shard_count} shards is too many: raise the shard size"
-        ))
-    })?;
+    if shard_count > MAX_SHARDS as u64 {
+        return Err(Error::InvalidArgument(format!(
+            "{shard_count} shards, more than the {MAX_SHARDS} a manifest may list: raise the shard size"
+        )));
+    }
+    // MAX_SHARDS < 2^32.
+    let shard_count = shard_count as u32;
     let total: u64 = cols
         .iter()
         .flat_map(|c| c.pieces.iter().map(|p| p.len))
@@ -224,6 +295,24 @@ pub fn convert(
     let mut dataset_id = [0u8; 16];
     getrandom::fill(&mut dataset_id)
         .map_err(|e| Error::Key(format!("operating system RNG failed: {e}")))?;
+    let mut manifest = Manifest {
+        dataset_id,
+        kind,
+        rows,
+        chunk_size: cs,
+        columns: cols
+            .iter()
+            .map(|c| Column {
+                name: c.name.clone(),
+                dtype: c.dtype,
+                shape: c.shape.clone(),
+                encrypted: c.encrypted,
+            })
+            .collect(),
+        shards: Vec::new(),
+    };
+    json_files_fit(out_dir, &manifest, shard_count, key_ids.len())?;
+    refuse_existing_dataset(out_dir)?;
     let mut cleanup = Cleanup {
         paths: Vec::new(),
         committed: false,
@@ -463,23 +552,14 @@ pub fn convert(
     for k in &opts.keys {
         keyring.set_wraps(k, &data_keys)?;
     }
-    let manifest = Manifest {
-        dataset_id,
-        kind,
-        rows,
-        chunk_size: cs,
-        columns: cols
-            .iter()
-            .map(|c| Column {
-                name: c.name.clone(),
-                dtype: c.dtype,
-                shape: c.shape.clone(),
-                encrypted: c.encrypted,
-            })
-            .collect(),
-        shards: entries,
-    };
+    manifest.shards = entries;
     let (kjson, mjson) = (keyring.to_json(), manifest.to_json());
+    // Estimated before anything was written; now exact (the cleanup removes the shards).
+    for (name, json) in [(KEYRING_FILE, &kjson), (MANIFEST_FILE, &mjson)] {
+        if json.len() as u64 > MAX_JSON_FILE_LEN {
+            return Err(too_big(out_dir, name, json.len() as u64));
+        }
+    }
     let kpath = out_dir.join(KEYRING_FILE);
     write_atomic(&kpath, kjson.as_bytes())?;
     cleanup.paths.push(kpath);
@@ -509,7 +589,41 @@ pub fn convert(
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::*;
+
+    /// The keyring's length is predicted exactly, the manifest's from below (by the digits of
+    /// each shard's numbers).
+    #[test]
+    fn json_lengths_are_predicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ds");
+        let opts = ConvertOptions {
+            shard_size: 100,
+            chunk_size: 64,
+            keys: (1..=3).map(|b| MasterKey::from_bytes([b; 32])).collect(),
+            ..ConvertOptions::default()
+        };
+        let input = ConvertInput::InMemory {
+            name: "x".into(),
+            dtype: crate::format::Dtype::U16,
+            shape: vec![1000, 3],
+            data: vec![7; 6000],
+        };
+        let s = convert(&[input], &out, &opts, &mut |_, _| {}).unwrap();
+        // 16 rows of 6 bytes a shard.
+        assert_eq!(s.shards, 63);
+        let len = |name| std::fs::metadata(out.join(name)).unwrap().len();
+        let mpath = out.join(MANIFEST_FILE);
+        let mut m = Manifest::parse(&mpath, &std::fs::read(&mpath).unwrap()).unwrap();
+        m.shards.clear();
+        let (manifest, keyring) = json_lens(&out, &m, 63, 3);
+        assert_eq!(keyring, len(KEYRING_FILE));
+        let actual = len(MANIFEST_FILE);
+        assert!(
+            manifest <= actual && actual - manifest < 63 * 8,
+            "{manifest} vs {actual}"
+        );
+    }
 
     #[test]
     fn globs() {

@@ -30,21 +30,24 @@ pub(crate) fn parse<'de, S: DeserializeSeed<'de>>(
     bytes: &'de [u8],
     seed: S,
 ) -> Result<S::Value> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    seed.deserialize(&mut de)
-        .and_then(|v| de.end().map(|()| v))
-        .map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => {
-                // A shape error found before the end: if the text is not JSON at all, say
-                // that instead (as a parser that reads everything first would). Skipping
-                // builds nothing and nests without recursion.
-                match serde_json::from_slice::<IgnoredAny>(bytes) {
-                    Err(syntax) => Error::format(path, what, format!("invalid JSON: {syntax}")),
-                    Ok(_) => Error::format(path, what, shorten(e.to_string())),
-                }
+    // The deserializer (and its scratch space, one byte per nesting level) is dropped before
+    // an error's second pass below builds its own.
+    let parsed = {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        seed.deserialize(&mut de).and_then(|v| de.end().map(|()| v))
+    };
+    parsed.map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            // A shape error found before the end: if the text is not JSON at all, say
+            // that instead (as a parser that reads everything first would). Skipping
+            // builds nothing and nests without recursion.
+            match serde_json::from_slice::<IgnoredAny>(bytes) {
+                Err(syntax) => Error::format(path, what, format!("invalid JSON: {syntax}")),
+                Ok(_) => Error::format(path, what, shorten(e.to_string())),
             }
-            _ => Error::format(path, what, format!("invalid JSON: {e}")),
-        })
+        }
+        _ => Error::format(path, what, format!("invalid JSON: {e}")),
+    })
 }
 
 /// serde's type errors quote the offending string whole ("invalid type: string \"...\""),

@@ -25,7 +25,7 @@ pub use dataset::{
     Dataset, UnlockedDataset, VerifySummary, add_key, decrypt_shard, decrypt_shard_with, rekey,
     remove_key, verify,
 };
-pub use input::{ConvertInput, npy};
+pub use input::{ConvertInput, InputTensor, npy, safetensors as safetensors_input};
 pub use keyring::{KeyWrap, Keyring};
 pub use manifest::{Column, DatasetKind, Manifest, ShardEntry};
 pub use shard::{

@@ -8,14 +8,16 @@
 #![forbid(unsafe_code)]
 
 pub mod npy;
-mod safetensors;
+pub mod safetensors;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::format::{DatasetKind, Dtype, read_at, tensor_bytes};
+use crate::format::{
+    DatasetKind, Dtype, MAX_RANK, MAX_TENSORS, open_regular, read_at, tensor_bytes,
+};
 
 /// One input of [`convert`](crate::format::convert()).
 #[derive(Debug, Clone)]
@@ -43,27 +45,56 @@ pub enum ConvertInput {
 }
 
 /// A tensor held as a contiguous byte range of an input file.
-struct FileTensor {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<u64>,
-    offset: u64,
-    len: u64,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputTensor {
+    /// Its name (the column's, for a dataset).
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Full shape (C order).
+    pub shape: Vec<u64>,
+    /// Where its bytes start in the file.
+    pub offset: u64,
+    /// Its length in bytes (what `dtype` and `shape` give).
+    pub len: u64,
 }
 
 /// What a file reader returns: the file, open for reading its data, and what it holds.
 struct FileInput {
     file: File,
-    tensors: Vec<FileTensor>,
+    tensors: Vec<InputTensor>,
     /// The file's own metadata (safetensors `__metadata__`).
     metadata: BTreeMap<String, String>,
 }
 
-/// Opens `path` for reading and returns it with its length.
-fn open_file(path: &Path) -> Result<(File, u64)> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+/// Opens input `path` for reading and returns it with its length. Like every file ciphershard
+/// reads ([`open_regular`]): non-blocking, and refused unless it is a regular file, so a FIFO
+/// (which would wait for a writer forever) or a directory is an error at once naming it.
+fn open_file(path: &Path, what: &'static str) -> Result<(File, u64)> {
+    let file = open_regular(path, what)?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     Ok((file, len))
+}
+
+/// Refuses a column (or tensor) that no shard may hold (docs/FORMAT.md section 9, the
+/// constants readers use): an empty or reserved name, or more than [`MAX_RANK`] dimensions.
+fn check_column(path: &Path, name: &str, shape: &[u64]) -> Result<()> {
+    if name.is_empty() || name == "__metadata__" {
+        return Err(Error::InvalidArgument(format!(
+            "{}: column name '{}' is empty or reserved",
+            path.display(),
+            crate::format::json::quote(name)
+        )));
+    }
+    if shape.len() > MAX_RANK {
+        return Err(Error::InvalidArgument(format!(
+            "{}: '{}' has {} dimensions, more than the {MAX_RANK} a shard may hold",
+            path.display(),
+            crate::format::json::quote(name),
+            shape.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Where some bytes of a column come from.
@@ -90,6 +121,8 @@ pub(super) struct Col {
     pub rows: u64,
     pub row_bytes: u64,
     pub encrypted: bool,
+    /// The input of its first piece (for errors).
+    pub input: PathBuf,
     /// Its bytes, concatenated in input order.
     pub pieces: Vec<Piece>,
 }
@@ -232,11 +265,15 @@ pub(super) fn plan<'a>(
         }
     }
     let sources = Sources { files, inputs };
+    for (name, _, shape, _, path) in &items {
+        check_column(path, name, shape)?;
+    }
     if lone_tensors.is_some() {
         let cols = items
             .into_iter()
-            .map(|(name, dtype, shape, piece, _)| Col {
+            .map(|(name, dtype, shape, piece, input)| Col {
                 encrypted: encrypted(&name),
+                input,
                 row_bytes: 0,
                 rows: 0,
                 name,
@@ -253,6 +290,8 @@ pub(super) fn plan<'a>(
         });
     }
     let mut cols: Vec<Col> = Vec::new();
+    // Column index by name: inputs may hold up to 2^20 tensors each, so no pairwise search.
+    let mut index: HashMap<String, usize> = HashMap::new();
     for (name, dtype, shape, piece, path) in items {
         let Some((&rows, row_shape)) = shape.split_first() else {
             return Err(Error::InvalidArgument(format!(
@@ -268,7 +307,7 @@ pub(super) fn plan<'a>(
                 path.display()
             )));
         };
-        match cols.iter_mut().find(|c| c.name == name) {
+        match index.get(&name).map(|&i| &mut cols[i]) {
             Some(c) => {
                 if c.dtype != dtype || c.shape != row_shape {
                     return Err(Error::InvalidArgument(format!(
@@ -293,24 +332,47 @@ pub(super) fn plan<'a>(
                 c.rows = total;
                 c.pieces.push(piece);
             }
-            None => cols.push(Col {
-                encrypted: encrypted(&name),
-                name,
-                dtype,
-                shape: row_shape.to_vec(),
-                rows,
-                row_bytes,
-                pieces: vec![piece],
-            }),
+            None => {
+                if cols.len() == MAX_TENSORS {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: more than {MAX_TENSORS} columns, the most a manifest may list",
+                        path.display()
+                    )));
+                }
+                index.insert(name.clone(), cols.len());
+                cols.push(Col {
+                    encrypted: encrypted(&name),
+                    name,
+                    dtype,
+                    shape: row_shape.to_vec(),
+                    rows,
+                    row_bytes,
+                    pieces: vec![piece],
+                    input: path,
+                });
+            }
         }
     }
     let rows = cols[0].rows;
     if let Some(c) = cols.iter().find(|c| c.rows != rows) {
         return Err(Error::InvalidArgument(format!(
-            "columns have different row counts: '{}' has {rows}, '{}' has {}",
-            cols[0].name, c.name, c.rows
+            "columns have different row counts: '{}' ({}) has {rows}, '{}' ({}) has {}",
+            cols[0].name,
+            cols[0].input.display(),
+            c.name,
+            c.input.display(),
+            c.rows
         )));
     }
+    // The inputs, for errors about all the columns.
+    let inputs = || {
+        let mut seen = std::collections::HashSet::new();
+        cols.iter()
+            .filter(|c| seen.insert(&c.input))
+            .map(|c| c.input.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     // Rows are only bounded by the data if some column's rows hold bytes: a dataset of
     // zero-width columns could claim 2^64 rows in a few bytes of header, and everything sized
     // by rows (the loader's plan) would follow. A zero-width column beside a normal one is
@@ -318,7 +380,8 @@ pub(super) fn plan<'a>(
     if cols.iter().all(|c| c.row_bytes == 0) {
         let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
         return Err(Error::InvalidArgument(format!(
-            "every column has zero-byte rows ({names:?}, {rows} rows): a dataset needs at least one column whose rows hold data"
+            "{}: every column has zero-byte rows ({names:?}, {rows} rows): a dataset needs at least one column whose rows hold data",
+            inputs()
         )));
     }
     // One row of all columns, and all the data, within u64 (each column's rows x row bytes
@@ -330,9 +393,10 @@ pub(super) fn plan<'a>(
         ))
     });
     if fits.is_none() {
-        return Err(Error::InvalidArgument(
-            "the columns together hold more than 2^64 bytes (per row or in all)".into(),
-        ));
+        return Err(Error::InvalidArgument(format!(
+            "{}: the columns together hold more than 2^64 bytes (per row or in all)",
+            inputs()
+        )));
     }
     Ok(Plan {
         kind: DatasetKind::Dataset,

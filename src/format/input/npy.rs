@@ -8,9 +8,9 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use super::{FileInput, FileTensor, open_file};
+use super::{FileInput, InputTensor, open_file};
 use crate::error::{Error, Result};
-use crate::format::{Dtype, tensor_bytes};
+use crate::format::{Dtype, MAX_RANK, tensor_bytes};
 
 const WHAT: &str = "NPY header";
 /// Largest NPY header accepted.
@@ -39,7 +39,7 @@ pub(super) fn open_input(path: &Path, column: &str) -> Result<FileInput> {
     let (file, h) = open_header(path)?;
     Ok(FileInput {
         file,
-        tensors: vec![FileTensor {
+        tensors: vec![InputTensor {
             name: column.to_string(),
             dtype: h.dtype,
             shape: h.shape,
@@ -52,7 +52,7 @@ pub(super) fn open_input(path: &Path, column: &str) -> Result<FileInput> {
 
 /// [`read_header`], keeping the file open for reading the data.
 fn open_header(path: &Path) -> Result<(File, NpyHeader)> {
-    let (mut f, file_len) = open_file(path)?;
+    let (mut f, file_len) = open_file(path, "NPY file")?;
     let mut pre = [0u8; 12];
     let n = (file_len.min(12)) as usize;
     f.read_exact(&mut pre[..n])
@@ -65,13 +65,13 @@ fn open_header(path: &Path) -> Result<(File, NpyHeader)> {
             "header length runs past the end of the file",
         ));
     }
+    // The header may end before the 12 bytes already read (version 1, length 0 or 1).
     let mut buf = vec![0u8; start + hlen];
-    buf[..n].copy_from_slice(&pre[..n]);
-    if start + hlen > n {
+    let k = n.min(buf.len());
+    buf[..k].copy_from_slice(&pre[..k]);
+    if buf.len() > n {
         f.read_exact(&mut buf[n..])
             .map_err(|e| Error::io(path, e))?;
-    } else {
-        buf.truncate(start + hlen);
     }
     let h = parse_header(path, &buf)?;
     // The data length comes from the shape: up to 2^64 - 1, so the sum is checked.
@@ -176,6 +176,12 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<NpyHeader> {
         ));
     }
     let shape = shape.ok_or_else(|| bad("missing 'shape'"))?;
+    if shape.len() > MAX_RANK {
+        return Err(bad(&format!(
+            "'shape' has {} entries: more than {MAX_RANK} dimensions (NumPy's limit, and the format's)",
+            shape.len()
+        )));
+    }
     let dtype = match descr.as_str() {
         "<f8" => Dtype::F64,
         "<f4" => Dtype::F32,
@@ -268,7 +274,7 @@ impl Lit<'_> {
             while self.i < self.s.len() && self.s[self.i].is_ascii_digit() {
                 self.i += 1;
             }
-            if start == self.i || out.len() >= 64 {
+            if start == self.i {
                 return None;
             }
             out.push(
