@@ -377,6 +377,25 @@ pub fn convert(
             tensors,
             metadata: metadata.clone(),
         };
+        // A lower bound of the header's length, counted before anything is built: the descriptor
+        // (escaped inside the header, never shorter), the tags, and each tensor's outer entry
+        // (its quoted name and at least 50 bytes of fields). A header past the readers' limit
+        // is refused here, not after building it (1,000,000 tensors took 800 MB to refuse).
+        let lower = desc
+            .json_len()
+            .saturating_add((next_chunk + 1) * 64 / 3)
+            .saturating_add(
+                desc.tensors
+                    .iter()
+                    .map(|t| t.name.len() as u64 + 52)
+                    .fold(0, u64::saturating_add),
+            );
+        if lower > MAX_HEADER_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "shard {s} would have a header of more than {lower} bytes ({} tensors, {next_chunk} chunk tags), over the {MAX_HEADER_LEN}-byte limit readers accept: lower the shard size, raise the chunk size, or split the input",
+                desc.tensors.len()
+            )));
+        }
         let desc_json = desc.to_json();
         let digest: [u8; 32] = Sha256::digest(desc_json.as_bytes()).into();
         let dk = DataKey::generate()?;

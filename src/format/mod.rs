@@ -38,6 +38,10 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const CIPHER_NAME: &str = "AES-256-GCM";
 /// Largest header (safetensors JSON) accepted, as safetensors itself does.
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
+/// Fewest bytes a tensor takes in a shard header: its descriptor entry escaped inside the
+/// header's `__metadata__` (at least 113 bytes besides its name), its outer entry (at least 52),
+/// and its chunk tag (21). So a header holds fewer than `MAX_HEADER_LEN / 160` tensors.
+pub(crate) const MIN_HEADER_BYTES_PER_TENSOR: u64 = 160;
 /// Largest manifest.json / keyring.json accepted.
 pub const MAX_JSON_FILE_LEN: u64 = 64 << 20;
 /// Largest chunk: within GCM's per-invocation limit and its 32-bit block counter.

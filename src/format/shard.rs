@@ -211,6 +211,23 @@ impl Descriptor {
         serde_json::to_string(&DescriptorOut(self)).expect("descriptor serializes")
     }
 
+    /// The length of [`to_json`](Self::to_json), counted without building it.
+    pub(crate) fn json_len(&self) -> u64 {
+        struct Count(u64);
+        impl std::io::Write for Count {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0 += b.len() as u64;
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut c = Count(0);
+        serde_json::to_writer(&mut c, &DescriptorOut(self)).expect("descriptor serializes");
+        c.0
+    }
+
     /// Whether `s` is exactly this descriptor's canonical encoding (compared as it is
     /// produced: no second copy).
     fn is_canonical(&self, s: &str) -> bool {

@@ -253,6 +253,8 @@ pub(super) fn plan<'a>(
         };
         meta.extend(opened.metadata);
         files.push((path.clone(), opened.file));
+        // Room for exactly these (doubling could reserve twice what a large input needs).
+        items.reserve_exact(opened.tensors.len());
         for t in opened.tensors {
             let piece = Piece {
                 source: Source::File {

@@ -20,8 +20,13 @@ use super::{FileInput, InputTensor, open_file};
 use crate::error::{Error, Result};
 use crate::format::json::{self, DtypeName, Field, List, Pair, StrMap, Text};
 use crate::format::{
-    MAX_HEADER_LEN, MAX_METADATA_ENTRIES, MAX_RANK, MAX_TENSORS, read_at, tensor_bytes,
+    MAX_HEADER_LEN, MAX_METADATA_ENTRIES, MAX_RANK, MIN_HEADER_BYTES_PER_TENSOR, read_at,
+    tensor_bytes,
 };
+
+/// Most tensors an input may hold: more could not be listed in one shard header (each takes
+/// at least [`MIN_HEADER_BYTES_PER_TENSOR`] bytes of it), so they are refused while reading.
+const MAX_INPUT_TENSORS: usize = (MAX_HEADER_LEN / MIN_HEADER_BYTES_PER_TENSOR) as usize;
 
 const WHAT: &str = "safetensors header";
 
@@ -210,10 +215,18 @@ impl<'de> Visitor<'de> for &mut Reading<'_> {
                 self.metadata = Some(m.0);
                 continue;
             }
-            if self.tensors.len() == MAX_TENSORS {
+            if self.tensors.len() == MAX_INPUT_TENSORS {
                 return Err(A::Error::custom(format_args!(
-                    "more than {MAX_TENSORS} tensors (the limit)"
+                    "more than {MAX_INPUT_TENSORS} tensors, more than a shard header can list \
+                     under the {MAX_HEADER_LEN}-byte limit readers accept: split the input"
                 )));
+            }
+            // Grown by hand so the list never holds room past the cap (doubling 2^19 entries
+            // would reserve 2^20: a third of this input's memory, for nothing).
+            if self.tensors.len() == self.tensors.capacity() {
+                let more = self.tensors.len().max(64);
+                self.tensors
+                    .reserve_exact(more.min(MAX_INPUT_TENSORS - self.tensors.len()));
             }
             self.current = Some(key.into_owned());
             let entry = map.next_value_seed(EntrySeed)?;
