@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod format_common;
+use format_common::npy_bytes;
+
 /// Address space a reading command runs under, KiB (a normal `verify` needs well under 150 MiB;
 /// the worst manifest or keyring a reader accepts is 64 MiB, parsed within 4× its size).
 const READ_LIMIT_KIB: u64 = 384 << 10;
@@ -99,20 +102,6 @@ fn refused(case: &str, dir: &Path, args: &[&str], names: &str, cause: &str) {
     );
 }
 
-/// An NPY (version 1) file: `descr` and `shape` (a Python tuple) over `data`.
-fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    while !(10 + h.len() + 1).is_multiple_of(64) {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut v = b"\x93NUMPY\x01\x00".to_vec();
-    v.extend_from_slice(&(h.len() as u16).to_le_bytes());
-    v.extend_from_slice(h.as_bytes());
-    v.extend_from_slice(data);
-    v
-}
-
 /// A safetensors file whose header is `header` (padded) followed by `data`.
 fn safetensors(header: &str, data: &[u8]) -> Vec<u8> {
     let mut h = header.as_bytes().to_vec();
@@ -143,7 +132,7 @@ fn repeated(open: &str, unit: &str, n: usize, close: &str) -> String {
 fn dataset(dir: &Path) -> PathBuf {
     let rows = 500u64;
     let x: Vec<u8> = (0..rows * 16).map(|i| i as u8).collect();
-    std::fs::write(dir.join("x.npy"), npy("|u1", "(500, 16)", &x)).unwrap();
+    std::fs::write(dir.join("x.npy"), npy_bytes("|u1", "(500, 16)", &x)).unwrap();
     let o = run(dir, &["keygen", "--out", "k.key"]);
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     let o = run(dir, &["convert", "--key", "k.key", "x.npy", "--out", "ds"]);
@@ -329,7 +318,7 @@ fn crafted_convert_inputs_end_in_clear_errors_within_the_limits() {
     // [0, 2^62]: no bytes, a row size that overflows (it panicked).
     std::fs::write(
         dir.join("a.npy"),
-        npy("<f4", "(0, 4611686018427387904)", &[]),
+        npy_bytes("<f4", "(0, 4611686018427387904)", &[]),
     )
     .unwrap();
     refused("npy [0, 2^62]", dir, &convert("a.npy"), "a.npy", "2^64");
@@ -346,7 +335,11 @@ fn crafted_convert_inputs_end_in_clear_errors_within_the_limits() {
         "2^64",
     );
     // [2^52, 0]: 2^52 zero-width rows (the bench then allocated 6 GB and aborted).
-    std::fs::write(dir.join("z.npy"), npy("|u1", "(4503599627370496, 0)", &[])).unwrap();
+    std::fs::write(
+        dir.join("z.npy"),
+        npy_bytes("|u1", "(4503599627370496, 0)", &[]),
+    )
+    .unwrap();
     refused(
         "npy [2^52, 0]",
         dir,
