@@ -13,8 +13,17 @@
 //! go back to the pool; every later gather into them is queued on that same stream, after the
 //! wait. An export made with `stream=-1` ("consumer synchronises itself") or whose event
 //! cannot be recorded falls back to `cuCtxSynchronize` before reuse (blocks, always safe).
+//!
+//! Two things hold whichever thread drops the last reference:
+//! - The per-thread default stream (handle 2) names a different stream on every thread, so an
+//!   event is recorded on it only when the release happens on the thread that exported; a
+//!   release elsewhere synchronises the context instead (that covers the per-thread streams).
+//! - The driver calls here bind our context to the releasing thread; [`CurrentContext`] puts
+//!   back whatever context that thread had current (or none), so a deleter run by a thread that
+//!   works on another GPU leaves that thread as it found it.
 
 use std::sync::{Arc, Mutex};
+use std::thread::{self, ThreadId};
 
 use ciphershard::pipeline::CudaBatch;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result, sys};
@@ -33,6 +42,30 @@ enum Release {
 }
 
 type Releases = Arc<Mutex<Vec<Release>>>;
+
+/// The CUDA stream handle DLPack uses for the calling thread's per-thread default stream.
+const PER_THREAD_DEFAULT_STREAM: usize = 2;
+
+/// The context current on this thread when created, restored when dropped: a deleter runs on
+/// whatever thread releases the last view, and must not leave our context current there.
+struct CurrentContext(Option<sys::CUcontext>);
+
+impl CurrentContext {
+    /// `None` when the driver cannot say which context is current (a broken driver state, in
+    /// which every later call fails too).
+    fn save() -> Option<Self> {
+        result::ctx::get_current().ok().map(Self)
+    }
+}
+
+impl Drop for CurrentContext {
+    fn drop(&mut self) {
+        let previous = self.0.unwrap_or(std::ptr::null_mut());
+        // SAFETY: `previous` was current on this very thread when `save` ran (or is null, which
+        // unbinds); a context stays alive while any thread has it current.
+        let _ = unsafe { result::ctx::set_current(previous) };
+    }
+}
 
 /// A device batch's column buffers, kept out of the pool by every tensor and export viewing
 /// them. Dropping the last holder makes the gather stream wait for every consumer release, then
@@ -72,6 +105,7 @@ impl DeviceBatchStorage {
 
 impl Drop for DeviceBatchStorage {
     fn drop(&mut self) {
+        let _restore = CurrentContext::save();
         let releases =
             std::mem::take(&mut *self.releases.lock().unwrap_or_else(|e| e.into_inner()));
         let ctx = self.stream.context();
@@ -110,6 +144,7 @@ impl Storage for DeviceBatchStorage {
             keep: me,
             ctx: self.stream.context().clone(),
             consumer,
+            exported_on: thread::current().id(),
             releases: self.releases.clone(),
         }))
     }
@@ -151,14 +186,28 @@ struct ConsumerView {
     keep: Arc<dyn Storage>,
     ctx: Arc<CudaContext>,
     consumer: ConsumerStream,
+    /// The thread that called `__dlpack__`: the one whose per-thread default stream handle 2
+    /// meant.
+    exported_on: ThreadId,
     releases: Releases,
 }
 
 impl ConsumerView {
+    /// The stream to record the release on, if one can stand for the consumer's work here.
+    fn release_stream(&self) -> Option<usize> {
+        match self.consumer {
+            ConsumerStream::NoSync => None,
+            ConsumerStream::Handle(PER_THREAD_DEFAULT_STREAM)
+                if thread::current().id() != self.exported_on =>
+            {
+                None
+            }
+            ConsumerStream::Handle(h) => Some(h),
+        }
+    }
+
     fn record_release(&self) -> Option<CudaEvent> {
-        let ConsumerStream::Handle(h) = self.consumer else {
-            return None;
-        };
+        let h = self.release_stream()?;
         let event = self.ctx.new_event(None).ok()?; // binds the context to this thread
         // SAFETY: `event` is a live event of this context; `h` is the stream the consumer
         // passed to `__dlpack__` (or a special handle 1/2), which by the DLPack contract stays
@@ -171,6 +220,7 @@ impl ConsumerView {
 
 impl Drop for ConsumerView {
     fn drop(&mut self) {
+        let _restore = CurrentContext::save();
         let release = match self.record_release() {
             Some(e) => Release::Event(e),
             None => Release::Context,

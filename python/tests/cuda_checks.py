@@ -177,4 +177,91 @@ def check_tamper(path, key_file) -> None:
         raise AssertionError("tampered chunk: no IntegrityError from the device loader")
 
 
-CHECKS = [check_equal_to_host, check_zero_copy, check_kept_tensors_stay_valid]
+def _current_cuda_context() -> int:
+    """The calling thread's current CUDA context handle (0: none), from the driver itself."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    ctx = ctypes.c_void_p()
+    rc = cuda.cuCtxGetCurrent(ctypes.byref(ctx))
+    assert rc == 0, f"cuCtxGetCurrent failed with CUresult {rc}"
+    return ctx.value or 0
+
+
+def check_release_leaves_thread_context(path, key_file) -> None:
+    """A thread that drops the last view of a device batch keeps the CUDA context it had (here:
+    none), so a release on a thread that works on another GPU does not switch its device."""
+    import threading
+
+    import torch
+
+    ds = ciphershard.Dataset(path, key_file=key_file)
+    loader = ciphershard.Loader(ds, batch_size=100, device="cuda", shuffle=False)
+    it = iter(loader)
+    box = {"batch": next(it)}
+    box["view"] = torch.from_dlpack(box["batch"]["features"])
+    torch.cuda.synchronize()
+    seen = {}
+
+    def release() -> None:
+        try:
+            seen["before"] = _current_cuda_context()
+            box.clear()  # the last references: the deleters run on this thread
+            seen["after"] = _current_cuda_context()
+        except BaseException as e:  # reported below, in the checking thread
+            seen["error"] = e
+
+    t = threading.Thread(target=release)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "releasing a device batch hung"
+    if "error" in seen:
+        raise seen["error"]
+    assert seen["after"] == seen["before"], (
+        f"releasing a device batch changed the thread's current context: {seen['before']:#x} -> {seen['after']:#x}"
+    )
+    next(it)  # the loader goes on after the release
+    loader.close()
+
+
+def check_per_thread_stream_release_on_other_thread(path, key_file) -> None:
+    """An export for the per-thread default stream (stream=2) released by another thread: the
+    buffer is not reused before the exporting thread's queued kernels read it."""
+    import threading
+
+    import torch
+
+    kw = dict(batch_size=100, shuffle=True, seed=5, epochs=3)
+    host = _host_batches(path, key_file, **kw)
+    ds = ciphershard.Dataset(path, key_file=key_file)
+    loader = ciphershard.Loader(ds, device="cuda", **kw)
+    it = iter(loader)
+    b = next(it)
+    capsule = b["features"].__dlpack__(stream=2)
+    x = torch.utils.dlpack.from_dlpack(capsule)
+    # This thread's per-thread default stream (handle 2), the one the export named.
+    with torch.cuda.stream(torch.cuda.ExternalStream(2)):
+        torch.cuda._sleep(1_000_000_000)  # keep the stream busy before the read below
+        result = x.clone()
+        done = torch.cuda.Event()
+        done.record()
+    box = {"b": b, "x": x}
+    del b, x, capsule
+    t = threading.Thread(target=box.clear)  # the release happens on another thread
+    t.start()
+    t.join(60)
+    later = [next(it) for _ in range(25)]  # the pool recycles buffers meanwhile
+    done.synchronize()
+    expect = torch.from_numpy(host[0]["features"]).cuda()
+    assert torch.equal(result, expect), "a buffer released on another thread was reused before its reader ran"
+    del later
+    loader.close()
+
+
+CHECKS = [
+    check_equal_to_host,
+    check_zero_copy,
+    check_kept_tensors_stay_valid,
+    check_release_leaves_thread_context,
+    check_per_thread_stream_release_on_other_thread,
+]
