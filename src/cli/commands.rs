@@ -257,14 +257,21 @@ fn print_inspect(r: &serde_json::Value) -> Result<()> {
     }
     let mut last_metadata = None;
     for s in r["shards"].as_array().into_iter().flatten() {
+        // Ranges are half-open, `first..end` as in Rust: rows 0..10000 are rows 0 to 9999.
+        let end = |start: &serde_json::Value, n: &serde_json::Value| {
+            start
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_add(n.as_u64().unwrap_or(0))
+        };
         outln!(
-            "shard {}  {}  v{} {}  rows {}..+{}  {} bytes ({} header), {} chunks of {} B",
+            "shard {}  {}  v{} {}  rows {}..{}  {} bytes ({} header), {} chunks of {} B",
             s["shard_index"],
             text(&s["file"]),
             s["format_version"],
             text(&s["cipher"]),
             s["row_start"],
-            s["rows"],
+            end(&s["row_start"], &s["rows"]),
             s["bytes"],
             s["header_bytes"],
             s["chunks"],
@@ -272,13 +279,13 @@ fn print_inspect(r: &serde_json::Value) -> Result<()> {
         )?;
         for t in s["tensors"].as_array().into_iter().flatten() {
             outln!(
-                "    {:<22} {:<6} {:<18} {:>12} B  chunks {}..+{}  {}",
+                "    {:<22} {:<6} {:<18} {:>12} B  chunks {}..{}  {}",
                 text(&t["name"]),
                 text(&t["dtype"]),
                 t["shape"].to_string(),
                 t["bytes"],
                 t["first_chunk"],
-                t["chunks"],
+                end(&t["first_chunk"], &t["chunks"]),
                 if t["encrypted"].as_bool() == Some(true) {
                     "encrypted"
                 } else {
@@ -382,10 +389,9 @@ pub struct BenchArgs {
     dataset: Option<PathBuf>,
     #[command(flatten)]
     key: KeyArgs,
-    /// Cipher backend.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = super::backend_arg(), help = super::BACKEND_HELP)]
     backend: Backend,
-    /// Worker threads.
+    /// Worker threads [default: the number of CPUs].
     #[arg(long)]
     threads: Option<usize>,
     /// Rows per batch.
@@ -396,8 +402,8 @@ pub struct BenchArgs {
     epochs: u64,
     /// Blocks per shuffle window (bigger: better shuffling, more memory; on wgpu a window
     /// above the piece size is split).
-    #[arg(long)]
-    window_blocks: Option<u64>,
+    #[arg(long, default_value_t = crate_bench::loader::BenchOptions::default().window_blocks)]
+    window_blocks: u64,
     /// Benchmark the raw cipher instead of the loader.
     #[arg(long)]
     cipher: bool,
@@ -476,7 +482,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         epochs: args.epochs,
         mode: args.mode,
         host_batches: args.host_batches,
-        window_blocks: args.window_blocks.unwrap_or(defaults.window_blocks),
+        window_blocks: args.window_blocks,
         ..defaults
     };
     let key = match &args.dataset {
@@ -540,14 +546,26 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if let Some(d) = &report.encrypted.device {
         outln!("{d}")?;
     }
-    if let Some(k) = kernels {
-        outln!(
-            "{} kernels: {}",
-            report.backend,
-            serde_json::to_string(&k).expect("serializes")
-        )?;
+    if let Some(serde_json::Value::Object(figures)) = kernels {
+        outln!("{} kernels alone (no loader around them):", report.backend)?;
+        for (name, value) in figures {
+            outln!("  {name:<28} {}", kernel_figure(&value))?;
+        }
     }
     Ok(())
+}
+
+/// One kernel figure for the text report: numbers as they are, strings unquoted, anything
+/// nested as compact JSON.
+fn kernel_figure(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(x) if n.is_f64() => format!("{x:.2}"),
+            _ => n.to_string(),
+        },
+        serde_json::Value::String(s) => Untrusted(s.as_str()).to_string(),
+        other => other.to_string(),
+    }
 }
 
 fn parse_mode(s: &str) -> std::result::Result<pipeline::DecryptMode, String> {

@@ -18,6 +18,7 @@ use ciphershard::keys::MasterKey;
 mod output;
 mod commands;
 mod exit;
+mod generate;
 mod interrupt;
 
 /// Encrypted safetensors shards and a GPU-accelerated decrypting data loader.
@@ -76,6 +77,9 @@ enum Command {
     /// Convert safetensors / .npy files into an encrypted dataset.
     Convert(commands::ConvertArgs),
     /// Show a shard's or dataset's header, tensors, key ids and chunk layout (no key needed).
+    ///
+    /// Ranges are half-open, as in Rust: `rows 0..10000` are rows 0 to 9999, `chunks 3..5`
+    /// chunks 3 and 4.
     Inspect {
         /// A dataset directory or a shard file.
         path: PathBuf,
@@ -89,8 +93,7 @@ enum Command {
         key: KeyArgs,
         /// Dataset directory.
         dataset: PathBuf,
-        /// Cipher backend.
-        #[arg(long, default_value = "auto")]
+        #[arg(long, default_value = "auto", value_parser = backend_arg(), help = BACKEND_HELP)]
         backend: Backend,
     },
     /// Rotate a master key: re-wrap the data keys; no tensor byte is rewritten.
@@ -112,8 +115,7 @@ enum Command {
         /// The plaintext safetensors file to write.
         #[arg(long)]
         out: PathBuf,
-        /// Cipher backend.
-        #[arg(long, default_value = "auto")]
+        #[arg(long, default_value = "auto", value_parser = backend_arg(), help = BACKEND_HELP)]
         backend: Backend,
     },
     /// Generate a small synthetic dataset, convert, verify and load it back; print timings.
@@ -121,14 +123,42 @@ enum Command {
         /// Rows in the synthetic dataset.
         #[arg(long, default_value_t = 65_536)]
         rows: u64,
-        /// Cipher backend for loading.
-        #[arg(long, default_value = "auto")]
+        #[arg(long, default_value = "auto", value_parser = backend_arg(), help = BACKEND_HELP)]
         backend: Backend,
     },
     /// Benchmark the loader (encrypted vs a plaintext twin) or, with --cipher, the raw cipher.
+    ///
+    /// The plaintext twin is the same run with verification and decryption left out: the same
+    /// shard files, sampler, reads, pools and row copies, so the ratio encrypted / twin is what
+    /// authenticated decryption costs. Without a dataset, a synthetic one is generated (and
+    /// removed) in the temporary directory. Rates are decimal: 1 GB/s = 10^9 bytes per second.
     Bench(commands::BenchArgs),
     /// List the cipher backends available here and, for the others, why not.
     Backends,
+    /// Print a shell completion script (e.g. `ciphershard completions bash >
+    /// /etc/bash_completion.d/ciphershard`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), of the tool or of one subcommand (`ciphershard man convert >
+    /// ciphershard-convert.1`).
+    Man {
+        /// A subcommand whose page to print instead.
+        subcommand: Option<String>,
+    },
+}
+
+/// `--backend`'s help (the choices and the default are listed by clap).
+pub const BACKEND_HELP: &str = "Cipher backend: auto picks CUDA, then a real wgpu adapter, then \
+the CPU (`ciphershard backends` says why); an explicit backend that is unavailable is an error";
+
+/// `--backend`: the choices, listed by `--help` and completed by the shell, parsed into a
+/// [`Backend`].
+pub fn backend_arg() -> impl clap::builder::TypedValueParser<Value = Backend> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["auto", "cpu", "cuda", "wgpu"])
+        .try_map(|s| s.parse::<Backend>())
 }
 
 impl Command {
@@ -147,7 +177,7 @@ impl Command {
                 .and_then(exit::dataset_dir)
                 .map(Path::to_path_buf),
             Command::Keygen { .. } | Command::Convert(_) | Command::Demo { .. } => None,
-            Command::Backends => None,
+            Command::Backends | Command::Completions { .. } | Command::Man { .. } => None,
         }
     }
 }
@@ -216,6 +246,8 @@ fn run(cli: Cli) -> Result<()> {
         } => commands::decrypt(&key, &shard, &out, backend),
         Command::Demo { rows, backend } => commands::demo(rows, backend),
         Command::Bench(args) => commands::bench(args),
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Man { subcommand } => generate::man(subcommand.as_deref()),
         Command::Backends => {
             for a in cipher::availability() {
                 match a.status {
@@ -238,11 +270,12 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// A progress bar on stderr showing bytes, rate and ETA (hidden when stderr is not a terminal).
+/// Decimal units (MB, MB/s), as the summaries print.
 pub fn byte_progress(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(8));
     pb.set_style(
         ProgressStyle::with_template(
-            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            "{msg:>10} [{bar:30}] {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} eta {eta}",
         )
         .expect("valid template")
         .progress_chars("=> "),

@@ -28,6 +28,14 @@ pub fn line(args: std::fmt::Arguments<'_>) -> Result<()> {
         .map_err(|e| Error::io(STDOUT, e))
 }
 
+/// Writes `data` as it is to standard output.
+pub fn bytes(data: &[u8]) -> Result<()> {
+    std::io::stdout()
+        .lock()
+        .write_all(data)
+        .map_err(|e| Error::io(STDOUT, e))
+}
+
 /// Flushes standard output (its last bytes may still be buffered when a command returns).
 pub fn flush() -> Result<()> {
     std::io::stdout().flush().map_err(|e| Error::io(STDOUT, e))
