@@ -13,6 +13,8 @@ import ciphershard
 from cuda_checks import (
     check_equal_to_host,
     check_kept_tensors_stay_valid,
+    check_per_thread_stream_release_on_other_thread,
+    check_release_leaves_thread_context,
     check_tamper,
     check_zero_copy,
     cuda_unavailable_reason,
@@ -41,6 +43,16 @@ def test_zero_copy_and_stream_protocol(cuda_data):
 @needs_cuda
 def test_kept_tensors_stay_valid(cuda_data):
     check_kept_tensors_stay_valid(*cuda_data)
+
+
+@needs_cuda
+def test_release_leaves_thread_context(cuda_data):
+    check_release_leaves_thread_context(*cuda_data)
+
+
+@needs_cuda
+def test_per_thread_stream_release_on_other_thread(cuda_data):
+    check_per_thread_stream_release_on_other_thread(*cuda_data)
 
 
 @needs_cuda
