@@ -168,7 +168,9 @@ def convert(
     """Encrypts ``{name: array or .npy path}`` (or safetensors files) into a new dataset."""
 
 def inspect(path: _Path) -> Dict[str, Any]:
-    """Describes a dataset (manifest, columns, shards, key ids) without a key."""
+    """Describes a dataset (manifest, columns, shards, key ids) without a key: the report
+    ``ciphershard inspect --json`` prints, schema ``ciphershard.inspect/1`` (dtypes by their
+    safetensors names, ``"F32"``; ``"dataset"`` is the directory)."""
 
 def generate_key(path: _Path) -> str:
     """Writes a new random master key file (mode 0600, never overwrites); returns its id."""

@@ -416,48 +416,10 @@ fn hex_encode(b: &[u8]) -> String {
 /// Describes a dataset without a key: manifest, columns, shards and their tensors, key ids.
 /// Parses and cross-checks every header (no tag is verified without a key).
 #[pyfunction]
-pub fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
-    let ds = py.detach(|| format::Dataset::open(&path)).py()?;
-    let m = ds.manifest();
-    let d = PyDict::new(py);
-    d.set_item("path", ds.dir())?;
-    d.set_item("dataset_id", hex_encode(&m.dataset_id))?;
-    d.set_item("kind", m.kind.as_str())?;
-    d.set_item("rows", m.rows)?;
-    d.set_item("chunk_size", m.chunk_size)?;
-    let cols = PyList::empty(py);
-    for c in &m.columns {
-        let cd = PyDict::new(py);
-        cd.set_item("name", &c.name)?;
-        cd.set_item("dtype", dtype_of(c.dtype).name)?;
-        cd.set_item("shape", c.shape.clone())?;
-        cd.set_item("encrypted", c.encrypted)?;
-        cols.append(cd)?;
-    }
-    d.set_item("columns", cols)?;
-    let shards = PyList::empty(py);
-    for (entry, h) in m.shards.iter().zip(ds.shards()) {
-        let sd = PyDict::new(py);
-        sd.set_item("file", &entry.file)?;
-        sd.set_item("row_start", entry.row_start)?;
-        sd.set_item("rows", entry.rows)?;
-        sd.set_item("bytes", entry.bytes)?;
-        sd.set_item("header_digest", hex_encode(&h.digest))?;
-        let ts = PyList::empty(py);
-        for t in &h.descriptor.tensors {
-            let td = PyDict::new(py);
-            td.set_item("name", &t.name)?;
-            td.set_item("dtype", dtype_of(t.dtype).name)?;
-            td.set_item("shape", t.shape.clone())?;
-            td.set_item("encrypted", t.encrypted)?;
-            td.set_item("chunks", t.chunks)?;
-            ts.append(td)?;
-        }
-        sd.set_item("tensors", ts)?;
-        sd.set_item("metadata", h.descriptor.metadata.clone())?;
-        shards.append(sd)?;
-    }
-    d.set_item("shards", shards)?;
-    d.set_item("key_ids", ds.keyring().key_ids())?;
-    Ok(d)
+pub fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyAny>> {
+    // The CLI's `inspect --json` report, the same schema (ciphershard::format::report).
+    let report = py.detach(|| format::inspect(&path)).py()?;
+    let text = serde_json::to_string(&report)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    py.import("json")?.call_method1("loads", (text,))
 }

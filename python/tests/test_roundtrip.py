@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -93,6 +94,23 @@ def test_dataset_properties_and_inspect(data):
     assert info["key_ids"] == [data.key_id]
     assert sum(s["rows"] for s in info["shards"]) == 2000
     assert ds.verify()["chunks"] > 0
+
+
+def test_inspect_has_the_cli_schema(data):
+    """``ciphershard.inspect`` returns what ``ciphershard inspect --json`` prints: the same
+    field names and the file format's dtype names."""
+    info = ciphershard.inspect(data.path)
+    assert info["schema"] == "ciphershard.inspect/1"
+    assert pathlib.Path(info["dataset"]) == pathlib.Path(data.path)
+    features = next(c for c in info["columns"] if c["name"] == "features")
+    assert features == {"name": "features", "dtype": "F32", "shape": [16], "encrypted": True}
+    assert info["shard_count"] == len(info["shards"]) and info["key_wrap"] == "A256KW"
+    shard = info["shards"][0]
+    assert shard["cipher"] == "AES-256-GCM" and shard["format_version"] >= 1
+    assert {t["name"] for t in shard["tensors"]} == set(data.columns)
+    # One shard file alone: that shard's report.
+    one = ciphershard.inspect(pathlib.Path(shard["file"]))
+    assert [s["file"] for s in one["shards"]] == [shard["file"]]
 
 
 def test_state_dict_is_json(data):

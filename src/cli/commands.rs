@@ -10,11 +10,12 @@ use ciphershard::pipeline;
 
 use ciphershard::cipher::{self, Backend};
 use ciphershard::error::{Error, Result};
-use ciphershard::format::{self, ConvertInput, ConvertOptions, Dataset, ShardHeader};
+use ciphershard::format::{self, ConvertInput, ConvertOptions, Dataset};
 use ciphershard::keys::MasterKey;
 
 use ciphershard::error::Untrusted;
 
+use super::output::OutputArgs;
 use super::{KeyArgs, byte_progress, interrupt, output, parse_size, rate};
 
 /// `ciphershard convert`.
@@ -38,6 +39,8 @@ pub struct ConvertArgs {
     /// Tensors to leave readable (still authenticated): glob patterns on names (`*`, `?`).
     #[arg(long = "plain", value_name = "PATTERN")]
     plain: Vec<String>,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 pub fn convert(args: ConvertArgs) -> Result<()> {
@@ -75,37 +78,52 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
     })?;
     pb.finish_and_clear();
     let elapsed = start.elapsed();
-    outln!(
-        "converted {} rows x {} columns ({} tensor bytes) into {} shard(s) of kind '{}' in {}",
-        summary.rows,
-        summary.columns,
-        summary.bytes,
-        summary.shards,
-        summary.kind.as_str(),
-        args.out.display()
-    )?;
-    outln!(
-        "{:.2} s, {}; dataset id {}; opens with key id(s) {}",
-        elapsed.as_secs_f64(),
-        rate(summary.bytes, elapsed),
-        hex::encode(summary.dataset_id),
-        summary.key_ids.join(", ")
-    )?;
-    // What anyone who can read the files sees; a warning when nothing is encrypted (`--plain
-    // '*'`). Names quoted with `{:?}`: control characters come out escaped.
-    let list = |names: &[String]| match names {
-        [] => "none".to_string(),
-        _ => names
-            .iter()
-            .map(|n| format!("{n:?}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    };
-    outln!("encrypted columns: {}", list(&summary.encrypted_columns))?;
-    outln!(
-        "readable columns (--plain: authenticated, not encrypted): {}",
-        list(&summary.plain_columns)
-    )?;
+    let report = serde_json::json!({
+        "dataset": args.out.display().to_string(),
+        "dataset_id": hex::encode(summary.dataset_id),
+        "kind": summary.kind.as_str(),
+        "rows": summary.rows,
+        "columns": summary.columns,
+        "bytes": summary.bytes,
+        "shards": summary.shards,
+        "seconds": elapsed.as_secs_f64(),
+        "key_ids": summary.key_ids,
+        "encrypted_columns": summary.encrypted_columns,
+        "plain_columns": summary.plain_columns,
+    });
+    output::report(args.output, "convert", report, || {
+        outln!(
+            "converted {} rows x {} columns ({} tensor bytes) into {} shard(s) of kind '{}' in {}",
+            summary.rows,
+            summary.columns,
+            summary.bytes,
+            summary.shards,
+            summary.kind.as_str(),
+            args.out.display()
+        )?;
+        outln!(
+            "{:.2} s, {}; dataset id {}; opens with key id(s) {}",
+            elapsed.as_secs_f64(),
+            rate(summary.bytes, elapsed),
+            hex::encode(summary.dataset_id),
+            summary.key_ids.join(", ")
+        )?;
+        // What anyone who can read the files sees; a warning when nothing is encrypted
+        // (`--plain '*'`). Names quoted with `{:?}`: control characters come out escaped.
+        let list = |names: &[String]| match names {
+            [] => "none".to_string(),
+            _ => names
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        outln!("encrypted columns: {}", list(&summary.encrypted_columns))?;
+        outln!(
+            "readable columns (--plain: authenticated, not encrypted): {}",
+            list(&summary.plain_columns)
+        )
+    })?;
     if summary.encrypted_columns.is_empty() {
         eprintln!(
             "warning: every column is readable by anyone with the files: --plain matched all of them and nothing is encrypted"
@@ -120,93 +138,9 @@ fn open_dataset(path: &Path) -> Result<Dataset> {
 }
 
 /// `ciphershard inspect`: everything readable without a key.
-pub fn inspect(path: &Path, json: bool) -> Result<()> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    // A lone shard file (no manifest beside it) still shows its header.
-    let (dataset, shards) = match Dataset::open(path) {
-        Ok(ds) => {
-            let shards: Vec<ShardHeader> = if meta.is_dir() {
-                ds.shards().to_vec()
-            } else {
-                ds.shards()
-                    .iter()
-                    .filter(|s| same_file(&s.path, path))
-                    .cloned()
-                    .collect()
-            };
-            (Some(ds), shards)
-        }
-        Err(e) if meta.is_file() && !path.with_file_name(format::MANIFEST_FILE).exists() => {
-            let _ = e;
-            (None, vec![ShardHeader::read(path)?])
-        }
-        Err(e) => return Err(e),
-    };
-    let report = inspect_report(dataset.as_ref(), &shards);
-    if json {
-        outln!("{}", output::json(&report))
-    } else {
-        print_inspect(&report)
-    }
-}
-
-fn inspect_report(ds: Option<&Dataset>, shards: &[ShardHeader]) -> serde_json::Value {
-    use serde_json::json;
-    let shard_json: Vec<_> = shards
-        .iter()
-        .map(|h| {
-            let d = &h.descriptor;
-            json!({
-                "file": h.path.display().to_string(),
-                "bytes": h.file_len,
-                "header_bytes": h.data_start,
-                "format_version": d.version,
-                "cipher": format::CIPHER_NAME,
-                "dataset_id": hex::encode(d.dataset_id),
-                "shard_index": d.shard_index,
-                "shard_count": d.shard_count,
-                "row_start": d.row_start,
-                "rows": d.rows,
-                "chunk_size": d.chunk_size,
-                "chunks": d.total_chunks(),
-                "header_digest": hex::encode(h.digest),
-                "metadata": d.metadata,
-                "tensors": d.tensors.iter().map(|t| json!({
-                    "name": t.name,
-                    "dtype": t.dtype.as_str(),
-                    "shape": t.shape,
-                    "bytes": t.len(),
-                    "offsets": [t.offsets.0, t.offsets.1],
-                    "encrypted": t.encrypted,
-                    "first_chunk": t.first_chunk,
-                    "chunks": t.chunks,
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    match ds {
-        Some(ds) => {
-            let m = ds.manifest();
-            json!({
-                "dataset": ds.dir().display().to_string(),
-                "dataset_id": hex::encode(m.dataset_id),
-                "kind": m.kind.as_str(),
-                "rows": m.rows,
-                "chunk_size": m.chunk_size,
-                "columns": m.columns.iter().map(|c| json!({
-                    "name": c.name, "dtype": c.dtype.as_str(), "shape": c.shape, "encrypted": c.encrypted,
-                })).collect::<Vec<_>>(),
-                "key_ids": ds.keyring().key_ids(),
-                "key_wrap": "A256KW",
-                "shard_count": m.shards.len(),
-                "bytes": m.shards.iter().map(|s| s.bytes).sum::<u64>(),
-                "shards": shard_json,
-            })
-        }
-        None => {
-            json!({ "dataset": null, "note": "no manifest.json beside this shard: keys unknown", "shards": shard_json })
-        }
-    }
+pub fn inspect(path: &Path, how: OutputArgs) -> Result<()> {
+    let report = format::inspect(path)?;
+    output::report(how, "inspect", report.clone(), || print_inspect(&report))
 }
 
 /// A string of the report, escaped for the terminal: names, dtypes, file names and metadata
@@ -306,7 +240,7 @@ fn print_inspect(r: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend) -> Result<()> {
+pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend, how: OutputArgs) -> Result<()> {
     let key = key.load_one()?;
     let cipher = cipher::select(backend)?;
     let ds = open_dataset(dataset)?;
@@ -320,39 +254,63 @@ pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend) -> Result<()> {
     pb.finish_and_clear();
     let summary = summary?;
     let elapsed = start.elapsed();
-    outln!(
-        "ok: {} chunk tags in {} shard(s), {} bytes, verified with {} in {:.2} s ({})",
-        summary.chunks,
-        summary.shards,
-        summary.bytes,
-        cipher.backend(),
-        elapsed.as_secs_f64(),
-        rate(summary.bytes, elapsed)
-    )?;
-    Ok(())
+    let report = serde_json::json!({
+        "dataset": dataset.display().to_string(),
+        "ok": true,
+        "chunks": summary.chunks,
+        "shards": summary.shards,
+        "bytes": summary.bytes,
+        "key_id": key.id(),
+        "backend": cipher.backend().name(),
+        "seconds": elapsed.as_secs_f64(),
+    });
+    output::report(how, "verify", report, || {
+        outln!(
+            "ok: {} chunk tags in {} shard(s), {} bytes, verified with {} in {:.2} s ({})",
+            summary.chunks,
+            summary.shards,
+            summary.bytes,
+            cipher.backend(),
+            elapsed.as_secs_f64(),
+            rate(summary.bytes, elapsed)
+        )
+    })
 }
 
-pub fn rekey(key: &KeyArgs, new_key: &str, dataset: &Path) -> Result<()> {
+pub fn rekey(key: &KeyArgs, new_key: &str, dataset: &Path, how: OutputArgs) -> Result<()> {
     let old = key.load_one()?;
     let new = MasterKey::from_source(new_key)?;
     format::rekey(dataset, &old, &new)?;
-    outln!(
-        "rekeyed {}: key {} replaced by key {} (no shard rewritten)",
-        dataset.display(),
-        old.id(),
-        new.id()
-    )?;
-    Ok(())
+    let report = serde_json::json!({
+        "dataset": dataset.display().to_string(),
+        "old_key_id": old.id(),
+        "new_key_id": new.id(),
+        "shards_rewritten": 0,
+    });
+    output::report(how, "rekey", report, || {
+        outln!(
+            "rekeyed {}: key {} replaced by key {} (no shard rewritten)",
+            dataset.display(),
+            old.id(),
+            new.id()
+        )
+    })
 }
 
-pub fn decrypt(key: &KeyArgs, shard: &Path, out: &Path, backend: Backend) -> Result<()> {
+pub fn decrypt(
+    key: &KeyArgs,
+    shard: &Path,
+    out: &Path,
+    backend: Backend,
+    how: OutputArgs,
+) -> Result<()> {
     let key = key.load_one()?;
     let cipher = cipher::select(backend)?;
     let ds = open_dataset(shard)?;
     let index = ds
         .shards()
         .iter()
-        .position(|s| same_file(&s.path, shard))
+        .position(|s| format::same_file(&s.path, shard))
         .ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "{} is a dataset, not a shard: name one shard file",
@@ -366,20 +324,63 @@ pub fn decrypt(key: &KeyArgs, shard: &Path, out: &Path, backend: Backend) -> Res
     interrupt::catch()?;
     format::decrypt_shard_with(&unlocked, index, out, &mut || interrupt::check(out))?;
     let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
-    outln!(
-        "wrote plaintext {} ({} bytes, mode 0600) in {:.2} s — this file is NOT encrypted",
-        out.display(),
-        bytes,
-        start.elapsed().as_secs_f64()
-    )?;
-    Ok(())
+    let seconds = start.elapsed().as_secs_f64();
+    let report = serde_json::json!({
+        "shard": shard.display().to_string(),
+        "file": out.display().to_string(),
+        "bytes": bytes,
+        "mode": "0600",
+        "encrypted": false,
+        "seconds": seconds,
+    });
+    output::report(how, "decrypt", report, || {
+        outln!(
+            "wrote plaintext {} ({} bytes, mode 0600) in {:.2} s — this file is NOT encrypted",
+            out.display(),
+            bytes,
+            seconds
+        )
+    })
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
+/// `ciphershard backends`: what is available here, what `auto` picks, and why.
+pub fn backends(how: OutputArgs) -> Result<()> {
+    let available = cipher::availability();
+    let (auto, passed) = cipher::select_auto();
+    let tag_check = cipher::auto::wgpu_tag_check_choice();
+    let report = serde_json::json!({
+        "backends": available.iter().map(|a| serde_json::json!({
+            "name": a.backend.name(),
+            "available": a.status.is_ok(),
+            "detail": match &a.status { Ok(d) => d.to_string(), Err(why) => why.to_string() },
+        })).collect::<Vec<_>>(),
+        "auto": auto.backend().name(),
+        "passed_over": passed.iter().map(|(b, why)| serde_json::json!({
+            "backend": b.name(), "why": why.to_string(),
+        })).collect::<Vec<_>>(),
+        "wgpu_tag_check": match &tag_check {
+            Some(Ok(choice)) => choice.to_string(),
+            Some(Err(why)) => format!("on the CPU (timing failed: {why})"),
+            None => String::new(),
+        },
+    });
+    output::report(how, "backends", report, || {
+        for a in &available {
+            match &a.status {
+                Ok(desc) => outln!("{:<5} available: {desc}", a.backend.name())?,
+                Err(why) => outln!("{:<5} unavailable: {why}", a.backend.name())?,
+            }
+        }
+        outln!("auto  -> {}", auto.backend().name())?;
+        for (b, why) in &passed {
+            outln!("        (not {}: {why})", b.name())?;
+        }
+        match &tag_check {
+            Some(Ok(choice)) => outln!("wgpu  {choice}"),
+            Some(Err(why)) => outln!("wgpu  tags checked on the CPU (timing failed: {why})"),
+            None => Ok(()),
+        }
+    })
 }
 
 /// `ciphershard bench`.
@@ -419,9 +420,8 @@ pub struct BenchArgs {
     /// checks, round trips) measured after the loader.
     #[arg(long)]
     no_kernel_figures: bool,
-    /// Print one JSON object.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 impl BenchArgs {
@@ -435,11 +435,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if args.cipher {
         let report =
             crate_bench::cipher::run_cpu(&crate_bench::cipher::CipherBenchOptions::default())?;
-        if args.json {
-            outln!(
-                "{}",
-                output::json(&serde_json::to_value(&report).expect("report serializes"))
-            )?;
+        if args.output.json || args.output.quiet {
+            let v = serde_json::to_value(&report).expect("report serializes");
+            output::report(args.output, "bench-cipher", v, || Ok(()))?;
         } else {
             outln!(
                 "CPU: {}\nbackend: {}\nchunk: {} bytes",
@@ -496,13 +494,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "wgpu" => Some(wgpu_kernel_figures()?),
         _ => None,
     };
-    if args.json {
+    if args.output.json || args.output.quiet {
         let mut v = serde_json::to_value(&report).expect("report serializes");
         if let Some(k) = &kernels {
             v["kernels"] = k.clone();
         }
-        outln!("{}", output::json(&v))?;
-        return Ok(());
+        return output::report(args.output, "bench", v, || Ok(()));
     }
     outln!(
         "dataset {}  rows {}  epoch {:.1} MB  backend {}  threads {}  batch {}  mode {:?}",

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use ciphershard::cipher::{self, Backend};
+use ciphershard::cipher::Backend;
 use ciphershard::error::{Error, Result};
 use ciphershard::keys::MasterKey;
 
@@ -73,6 +73,8 @@ enum Command {
         /// The key file to create (must not exist).
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
     /// Convert safetensors / .npy files into an encrypted dataset.
     Convert(commands::ConvertArgs),
@@ -83,9 +85,8 @@ enum Command {
     Inspect {
         /// A dataset directory or a shard file.
         path: PathBuf,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
     /// Check every authentication tag of a dataset.
     Verify {
@@ -95,6 +96,8 @@ enum Command {
         dataset: PathBuf,
         #[arg(long, default_value = "auto", value_parser = backend_arg(), help = BACKEND_HELP)]
         backend: Backend,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
     /// Rotate a master key: re-wrap the data keys; no tensor byte is rewritten.
     Rekey {
@@ -105,6 +108,8 @@ enum Command {
         new_key: String,
         /// Dataset directory.
         dataset: PathBuf,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
     /// Export one shard as a plaintext safetensors file (explicit: writes plaintext to disk).
     Decrypt {
@@ -117,6 +122,8 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "auto", value_parser = backend_arg(), help = BACKEND_HELP)]
         backend: Backend,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
     /// Generate a small synthetic dataset, convert, verify and load it back; print timings.
     Demo {
@@ -134,7 +141,10 @@ enum Command {
     /// removed) in the temporary directory. Rates are decimal: 1 GB/s = 10^9 bytes per second.
     Bench(commands::BenchArgs),
     /// List the cipher backends available here and, for the others, why not.
-    Backends,
+    Backends {
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
     /// Print a shell completion script (e.g. `ciphershard completions bash >
     /// /etc/bash_completion.d/ciphershard`).
     Completions {
@@ -162,6 +172,21 @@ pub fn backend_arg() -> impl clap::builder::TypedValueParser<Value = Backend> {
 }
 
 impl Command {
+    /// How the command reports, for those that report something.
+    fn output(&self) -> Option<output::OutputArgs> {
+        match self {
+            Command::Keygen { output, .. }
+            | Command::Inspect { output, .. }
+            | Command::Verify { output, .. }
+            | Command::Rekey { output, .. }
+            | Command::Decrypt { output, .. }
+            | Command::Backends { output } => Some(*output),
+            Command::Convert(args) => Some(args.output),
+            Command::Bench(args) => Some(args.output),
+            Command::Demo { .. } | Command::Completions { .. } | Command::Man { .. } => None,
+        }
+    }
+
     /// The dataset directory the command reads, if any: errors about its own files are
     /// tampering (see [`exit::code`]).
     fn dataset_dir(&self) -> Option<PathBuf> {
@@ -177,7 +202,7 @@ impl Command {
                 .and_then(exit::dataset_dir)
                 .map(Path::to_path_buf),
             Command::Keygen { .. } | Command::Convert(_) | Command::Demo { .. } => None,
-            Command::Backends | Command::Completions { .. } | Command::Man { .. } => None,
+            Command::Backends { .. } | Command::Completions { .. } | Command::Man { .. } => None,
         }
     }
 }
@@ -204,6 +229,7 @@ pub fn main() -> ExitCode {
         }
     };
     let dataset = cli.command.dataset_dir();
+    output::set_quiet(cli.command.output().is_some_and(|o| o.quiet));
     let result = run(cli).and_then(|()| output::flush());
     let Err(e) = result else {
         return ExitCode::SUCCESS;
@@ -217,62 +243,58 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Keygen { out } => {
+        Command::Keygen { out, output } => {
             let key = MasterKey::generate()?;
             key.write_new_file(&out)?;
-            outln!(
-                "wrote a new 256-bit master key to {} (mode 0600), key id {}",
-                out.display(),
-                key.id()
-            )
+            let report = serde_json::json!({
+                "file": out.display().to_string(), "key_id": key.id(), "mode": "0600",
+            });
+            output::report(output, "keygen", report, || {
+                outln!(
+                    "wrote a new 256-bit master key to {} (mode 0600), key id {}",
+                    out.display(),
+                    key.id()
+                )
+            })
         }
         Command::Convert(args) => commands::convert(args),
-        Command::Inspect { path, json } => commands::inspect(&path, json),
+        Command::Inspect { path, output } => commands::inspect(&path, output),
         Command::Verify {
             key,
             dataset,
             backend,
-        } => commands::verify(&key, &dataset, backend),
+            output,
+        } => commands::verify(&key, &dataset, backend, output),
         Command::Rekey {
             key,
             new_key,
             dataset,
-        } => commands::rekey(&key, &new_key, &dataset),
+            output,
+        } => commands::rekey(&key, &new_key, &dataset, output),
         Command::Decrypt {
             key,
             shard,
             out,
             backend,
-        } => commands::decrypt(&key, &shard, &out, backend),
+            output,
+        } => commands::decrypt(&key, &shard, &out, backend, output),
         Command::Demo { rows, backend } => commands::demo(rows, backend),
         Command::Bench(args) => commands::bench(args),
         Command::Completions { shell } => generate::completions(shell),
         Command::Man { subcommand } => generate::man(subcommand.as_deref()),
-        Command::Backends => {
-            for a in cipher::availability() {
-                match a.status {
-                    Ok(desc) => outln!("{:<5} available: {desc}", a.backend.name())?,
-                    Err(why) => outln!("{:<5} unavailable: {why}", a.backend.name())?,
-                }
-            }
-            let (auto, passed) = cipher::select_auto();
-            outln!("auto  -> {}", auto.backend().name())?;
-            for (b, why) in passed {
-                outln!("        (not {}: {why})", b.name())?;
-            }
-            match cipher::auto::wgpu_tag_check_choice() {
-                Some(Ok(choice)) => outln!("wgpu  {choice}"),
-                Some(Err(why)) => outln!("wgpu  tags checked on the CPU (timing failed: {why})"),
-                None => Ok(()),
-            }
-        }
+        Command::Backends { output } => commands::backends(output),
     }
 }
 
 /// A progress bar on stderr showing bytes, rate and ETA (hidden when stderr is not a terminal).
 /// Decimal units (MB, MB/s), as the summaries print.
 pub fn byte_progress(total: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(8));
+    let target = if output::quiet() {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr_with_hz(8)
+    };
+    let pb = ProgressBar::with_draw_target(Some(total), target);
     pb.set_style(
         ProgressStyle::with_template(
             "{msg:>10} [{bar:30}] {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} eta {eta}",

@@ -7,11 +7,64 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ciphershard::error::{Error, Result, is_unsafe_char};
 
 /// The name standard output goes by in errors.
 pub const STDOUT: &str = "<standard output>";
+
+/// How a command reports: text for people (the default), one JSON object for scripts, or
+/// nothing at all. Errors and warnings go to standard error whichever is chosen.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct OutputArgs {
+    /// Print one JSON object on standard output instead of text; its `schema` field names the
+    /// report and its version (README, "Output for scripts").
+    #[arg(long, conflicts_with = "quiet")]
+    pub json: bool,
+    /// Print nothing on success and draw no progress bar: the exit status tells.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// Set once by `main` from the command's [`OutputArgs`]: progress bars stay hidden.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Hides progress bars for the rest of the process (`--quiet`).
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Whether `--quiet` was given.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// The report schema's name for `command`: `ciphershard.verify/1`. Bumped when a field changes
+/// meaning or goes away (fields may be added within a version).
+pub fn schema(command: &str) -> String {
+    format!("ciphershard.{command}/1")
+}
+
+/// Prints a command's report as chosen: `value` (with its `schema` field set) as JSON, `text`
+/// for people, or nothing.
+pub fn report(
+    how: OutputArgs,
+    command: &str,
+    mut value: serde_json::Value,
+    text: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    if how.quiet {
+        return Ok(());
+    }
+    if !how.json {
+        return text();
+    }
+    if let serde_json::Value::Object(fields) = &mut value {
+        fields.insert("schema".into(), schema(command).into());
+    }
+    line(format_args!("{}", json(&value)))
+}
 
 /// Writes one line to standard output: `outln!("{x} ...")?`.
 macro_rules! outln {

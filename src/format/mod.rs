@@ -18,6 +18,7 @@ mod input;
 mod json;
 mod keyring;
 mod manifest;
+mod report;
 mod shard;
 
 pub use convert::{ConvertOptions, ConvertSummary, convert};
@@ -28,6 +29,7 @@ pub use dataset::{
 pub use input::{ConvertInput, InputTensor, npy, safetensors as safetensors_input};
 pub use keyring::{KeyWrap, Keyring};
 pub use manifest::{Column, DatasetKind, Manifest, ShardEntry};
+pub use report::{INSPECT_SCHEMA, inspect, inspect_report, same_file};
 pub use shard::{
     AAD_LEN, ChunkRef, Descriptor, HEADER_TAG_NONCE, ShardHeader, TensorDesc, canonical_header,
 };

@@ -10,7 +10,8 @@ use ciphershard::format::{self, ConvertInput, ConvertOptions, Dtype};
 
 #[path = "../format_common/mod.rs"]
 mod format_common;
-pub use format_common::bytes;
+#[allow(unused_imports)] // each test binary uses its own share of the helpers
+pub use format_common::{bytes, npy_bytes};
 
 /// A key of 64 hex digits that tests paste where a key *file* is expected.
 pub const HEX_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
