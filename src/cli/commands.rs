@@ -378,38 +378,42 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// `ciphershard bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Dataset to load (generated when absent).
+    /// Dataset to load (generated when absent; not with --cipher).
     dataset: Option<PathBuf>,
+    /// The dataset's key (only with a dataset).
     #[command(flatten)]
     key: KeyArgs,
-    /// Cipher backend.
+    /// Cipher backend (an explicit one that is not available here is an error).
     #[arg(long, default_value = "auto")]
     backend: Backend,
-    /// Worker threads.
+    /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
-    /// Rows per batch.
-    #[arg(long, default_value_t = 256)]
-    batch_size: usize,
-    /// Epochs.
-    #[arg(long, default_value_t = 2)]
-    epochs: u64,
+    /// Rows per batch [default: 256].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Epochs [default: 2].
+    #[arg(long)]
+    epochs: Option<u64>,
     /// Blocks per shuffle window (bigger: better shuffling, more memory; on wgpu a window
     /// above the piece size is split).
     #[arg(long)]
     window_blocks: Option<u64>,
-    /// Benchmark the raw cipher instead of the loader.
+    /// Benchmark the raw cipher instead of the loader: the CPU backend against aws-lc-rs
+    /// (`--backend auto|cpu`), or the kernel-only figures of `--backend cuda|wgpu`. Takes no
+    /// dataset and none of the loader's options.
     #[arg(long)]
     cipher: bool,
     /// Loader decryption strategy: `chunk-open` (fused GCM on the private chunk copy, then copy
-    /// rows) or `row-ctr` (verify the tag, then decrypt rows straight into the batch).
-    #[arg(long, default_value = "chunk-open", value_parser = parse_mode)]
-    mode: pipeline::DecryptMode,
-    /// With `--backend cuda|wgpu`: bench the host loader (batches in host memory, one GPU round
-    /// trip per chunk) instead of the device loader.
+    /// rows) or `row-ctr` (verify the tag, then decrypt rows straight into the batch)
+    /// [default: chunk-open].
+    #[arg(long, value_parser = parse_mode)]
+    mode: Option<pipeline::DecryptMode>,
+    /// With `--backend auto|cuda|wgpu`: bench the host loader (batches in host memory, one GPU
+    /// round trip per chunk) instead of the device loader.
     #[arg(long)]
     host_batches: bool,
-    /// With `--backend cuda|wgpu`: skip the kernel-only figures (every kernel variant, tag
+    /// With `--backend auto|cuda|wgpu`: skip the kernel-only figures (every kernel variant, tag
     /// checks, round trips) measured after the loader.
     #[arg(long)]
     no_kernel_figures: bool,
@@ -423,46 +427,110 @@ impl BenchArgs {
     pub fn dataset(&self) -> Option<&Path> {
         self.dataset.as_deref()
     }
+
+    /// Why these options do not go together: an option that would be ignored is refused.
+    pub fn refusal(&self) -> Option<String> {
+        let given = |name: &'static str, yes: bool| yes.then_some(name);
+        if self.cipher {
+            let loader_only = [
+                given("DATASET", self.dataset.is_some()),
+                given("--key", !self.key.key.is_empty()),
+                given("--threads", self.threads.is_some()),
+                given("--batch-size", self.batch_size.is_some()),
+                given("--epochs", self.epochs.is_some()),
+                given("--window-blocks", self.window_blocks.is_some()),
+                given("--mode", self.mode.is_some()),
+                given("--host-batches", self.host_batches),
+                given("--no-kernel-figures", self.no_kernel_figures),
+            ];
+            if let Some(name) = loader_only.into_iter().flatten().next() {
+                return Some(format!(
+                    "{name} does not apply with --cipher: --cipher measures the cipher alone, on buffers in memory, with no dataset and no loader"
+                ));
+            }
+            return None;
+        }
+        if self.dataset.is_none() && !self.key.key.is_empty() {
+            return Some(
+                "--key applies only with a DATASET: without one, bench generates a dataset and its key"
+                    .into(),
+            );
+        }
+        if self.backend == Backend::Cpu {
+            let gpu_only = [
+                given("--host-batches", self.host_batches),
+                given("--no-kernel-figures", self.no_kernel_figures),
+            ];
+            if let Some(name) = gpu_only.into_iter().flatten().next() {
+                return Some(format!(
+                    "{name} does not apply with --backend cpu: it concerns the GPU backends (cuda, wgpu) only"
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// `bench --cipher`: the CPU cipher against aws-lc-rs, or a GPU backend's kernel-only figures
+/// (never the CPU's when a GPU backend is named).
+fn bench_cipher(args: &BenchArgs) -> Result<()> {
+    type Figures = fn() -> Result<serde_json::Value>;
+    let gpu: Option<(&'static str, _, Figures)> = match args.backend {
+        Backend::Cuda => Some(("cuda", cipher::cuda::probe(), cuda_kernel_figures)),
+        Backend::Wgpu => Some(("wgpu", cipher::wgpu::probe(), wgpu_kernel_figures)),
+        Backend::Auto | Backend::Cpu => None,
+    };
+    if let Some((backend, probe, figures)) = gpu {
+        probe.map_err(|reason| Error::BackendUnavailable { backend, reason })?;
+        let k = figures()?;
+        if args.json {
+            let v = serde_json::json!({ "backend": backend, "kernels": k });
+            return outln!("{}", output::json(&v));
+        }
+        return outln!(
+            "{backend} kernels: {}",
+            serde_json::to_string(&k).expect("serializes")
+        );
+    }
+    let report = crate_bench::cipher::run_cpu(&crate_bench::cipher::CipherBenchOptions::default())?;
+    if args.json {
+        return outln!(
+            "{}",
+            output::json(&serde_json::to_value(&report).expect("report serializes"))
+        );
+    }
+    outln!(
+        "CPU: {}\nbackend: {}\nchunk: {} bytes",
+        report.cpu,
+        report.backend,
+        report.chunk_bytes
+    )?;
+    outln!(
+        "{:<44} {:>7} {:>9} {:>17}",
+        "case",
+        "threads",
+        "GB/s",
+        "min..max"
+    )?;
+    for m in &report.results {
+        outln!(
+            "{:<44} {:>7} {:>9.2} {:>8.2}..{:<8.2}",
+            m.name,
+            m.threads,
+            m.gb_per_s,
+            m.min_gb_per_s,
+            m.max_gb_per_s
+        )?;
+    }
+    for r in &report.ratios {
+        outln!("ratio {:<50} {:.2}x", r.name, r.ratio)?;
+    }
+    Ok(())
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.cipher {
-        let report =
-            crate_bench::cipher::run_cpu(&crate_bench::cipher::CipherBenchOptions::default())?;
-        if args.json {
-            outln!(
-                "{}",
-                output::json(&serde_json::to_value(&report).expect("report serializes"))
-            )?;
-        } else {
-            outln!(
-                "CPU: {}\nbackend: {}\nchunk: {} bytes",
-                report.cpu,
-                report.backend,
-                report.chunk_bytes
-            )?;
-            outln!(
-                "{:<44} {:>7} {:>9} {:>17}",
-                "case",
-                "threads",
-                "GB/s",
-                "min..max"
-            )?;
-            for m in &report.results {
-                outln!(
-                    "{:<44} {:>7} {:>9.2} {:>8.2}..{:<8.2}",
-                    m.name,
-                    m.threads,
-                    m.gb_per_s,
-                    m.min_gb_per_s,
-                    m.max_gb_per_s
-                )?;
-            }
-            for r in &report.ratios {
-                outln!("ratio {:<50} {:.2}x", r.name, r.ratio)?;
-            }
-        }
-        return Ok(());
+        return bench_cipher(&args);
     }
     let defaults = crate_bench::loader::BenchOptions::default();
     let opts = crate_bench::loader::BenchOptions {
@@ -472,9 +540,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 .map(|n| n.get())
                 .unwrap_or(2)
         }),
-        batch_size: args.batch_size,
-        epochs: args.epochs,
-        mode: args.mode,
+        batch_size: args.batch_size.unwrap_or(256),
+        epochs: args.epochs.unwrap_or(2),
+        mode: args.mode.unwrap_or(pipeline::DecryptMode::ChunkOpen),
         host_batches: args.host_batches,
         window_blocks: args.window_blocks.unwrap_or(defaults.window_blocks),
         ..defaults

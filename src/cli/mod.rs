@@ -132,6 +132,15 @@ enum Command {
 }
 
 impl Command {
+    /// Why the command line, parsed, is still refused (an option that does not apply with the
+    /// others given), and by which subcommand: a usage error, as clap's own.
+    fn refusal(&self) -> Option<(&'static str, String)> {
+        match self {
+            Command::Bench(args) => args.refusal().map(|why| ("bench", why)),
+            _ => None,
+        }
+    }
+
     /// The dataset directory the command reads, if any: errors about its own files are
     /// tampering (see [`exit::code`]).
     fn dataset_dir(&self) -> Option<PathBuf> {
@@ -155,7 +164,17 @@ impl Command {
 /// Entry point: parses the command line, runs the command, prints an error in one line and
 /// maps it to an exit status (the table in [`exit`], shown by `--help`).
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::try_parse().and_then(|cli| match cli.command.refusal() {
+        None => Ok(cli),
+        Some((sub, why)) => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            cmd.build();
+            let sub = cmd.find_subcommand_mut(sub).expect("a subcommand");
+            Err(sub.error(clap::error::ErrorKind::ArgumentConflict, why))
+        }
+    });
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help, --version: to standard output; a closed pipe is no error.
