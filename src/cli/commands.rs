@@ -17,6 +17,50 @@ use ciphershard::error::Untrusted;
 
 use super::{KeyArgs, byte_progress, interrupt, output, parse_size, rate};
 
+/// `true` for `-`, standard output as an output path (`./-` is a file named `-`).
+fn is_stdout(out: &Path) -> bool {
+    out.as_os_str() == "-"
+}
+
+/// Refuses standard output as the output `what` when it is a terminal.
+fn refuse_terminal_stdout(what: &str) -> Result<()> {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        return Err(Error::InvalidArgument(format!(
+            "standard output is a terminal: --out - writes {what} there only for a pipe or a file (`| command`, `> file`); name a file to write it to instead"
+        )));
+    }
+    Ok(())
+}
+
+/// `ciphershard keygen`.
+pub fn keygen(out: &Path) -> Result<()> {
+    use std::io::Write;
+    if !is_stdout(out) {
+        let key = MasterKey::generate()?;
+        key.write_new_file(out)?;
+        return outln!(
+            "wrote a new 256-bit master key to {} (mode 0600), key id {}",
+            out.display(),
+            key.id()
+        );
+    }
+    refuse_terminal_stdout("the key")?;
+    let key = MasterKey::generate()?;
+    let mut text = zeroize::Zeroizing::new(hex::encode(key.as_bytes()));
+    text.push('\n');
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|e| Error::io(output::STDOUT, e))?;
+    eprintln!(
+        "wrote a new 256-bit master key to standard output, key id {}",
+        key.id()
+    );
+    Ok(())
+}
+
 /// `ciphershard convert`.
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
@@ -339,6 +383,9 @@ pub fn rekey(key: &KeyArgs, new_key: &str, dataset: &Path) -> Result<()> {
 }
 
 pub fn decrypt(key: &KeyArgs, shard: &Path, out: &Path, backend: Backend) -> Result<()> {
+    if is_stdout(out) {
+        refuse_terminal_stdout("the plaintext")?;
+    }
     let key = key.load_one()?;
     let cipher = cipher::select(backend)?;
     let ds = open_dataset(shard)?;
@@ -354,6 +401,9 @@ pub fn decrypt(key: &KeyArgs, shard: &Path, out: &Path, backend: Backend) -> Res
         })?;
     let unlocked = ds.unlock(&key, cipher.as_ref())?;
     let start = Instant::now();
+    if is_stdout(out) {
+        return decrypt_to_stdout(&unlocked, index, start);
+    }
     // From here on a signal stops the export between chunks and removes the partial file
     // (before, nothing is on disk and the default action is fine).
     interrupt::catch()?;
@@ -365,6 +415,23 @@ pub fn decrypt(key: &KeyArgs, shard: &Path, out: &Path, backend: Backend) -> Res
         bytes,
         start.elapsed().as_secs_f64()
     )?;
+    Ok(())
+}
+
+/// `decrypt --out -`: the plaintext to standard output (a pipe or a file, never a terminal),
+/// the message to standard error.
+fn decrypt_to_stdout(ud: &format::UnlockedDataset, index: usize, start: Instant) -> Result<()> {
+    let name = Path::new(output::STDOUT);
+    interrupt::catch()?;
+    let stdout = std::io::stdout();
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    format::decrypt_shard_to(ud, index, &mut w, name, &mut || {
+        interrupt::check_stream(name)
+    })?;
+    eprintln!(
+        "wrote plaintext to standard output in {:.2} s — it is NOT encrypted",
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -35,16 +35,27 @@ pub fn received() -> Option<i32> {
 /// An error once a signal has been received, naming `output`, the file the command was
 /// writing (which it removes before returning the error).
 pub fn check(output: &Path) -> Result<()> {
+    stopped(output, "the partial output was removed")
+}
+
+/// [`check`] for an output that cannot be removed (standard output): it says that what was
+/// written is incomplete.
+pub fn check_stream(output: &Path) -> Result<()> {
+    stopped(output, "the output is incomplete")
+}
+
+fn name(sig: i32) -> &'static str {
+    signal_hook::low_level::signal_name(sig).unwrap_or("a signal")
+}
+
+fn stopped(output: &Path, outcome: &str) -> Result<()> {
     match received() {
         None => Ok(()),
         Some(sig) => Err(Error::io(
             output,
             std::io::Error::new(
                 std::io::ErrorKind::Interrupted,
-                format!(
-                    "stopped by {}; the partial output was removed",
-                    signal_hook::low_level::signal_name(sig).unwrap_or("a signal")
-                ),
+                format!("stopped by {}; {outcome}", name(sig)),
             ),
         )),
     }

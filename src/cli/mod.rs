@@ -69,7 +69,8 @@ impl KeyArgs {
 enum Command {
     /// Generate a fresh 256-bit master key into a new file (mode 0600).
     Keygen {
-        /// The key file to create (must not exist).
+        /// The key file to create (must not exist), or `-` for standard output (to pipe into a
+        /// secret store; never a terminal); a file named `-` is `./-`.
         #[arg(long)]
         out: PathBuf,
     },
@@ -109,7 +110,8 @@ enum Command {
         key: KeyArgs,
         /// The shard file (its directory holds manifest.json and keyring.json).
         shard: PathBuf,
-        /// The plaintext safetensors file to write.
+        /// The plaintext safetensors file to write, or `-` for standard output (never a
+        /// terminal; messages then go to standard error); a file named `-` is `./-`.
         #[arg(long)]
         out: PathBuf,
         /// Cipher backend.
@@ -206,15 +208,7 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Keygen { out } => {
-            let key = MasterKey::generate()?;
-            key.write_new_file(&out)?;
-            outln!(
-                "wrote a new 256-bit master key to {} (mode 0600), key id {}",
-                out.display(),
-                key.id()
-            )
-        }
+        Command::Keygen { out } => commands::keygen(&out),
         Command::Convert(args) => commands::convert(args),
         Command::Inspect { path, json } => commands::inspect(&path, json),
         Command::Verify {

@@ -368,16 +368,68 @@ pub fn decrypt_shard_with(
     out: &Path,
     checkpoint: &mut dyn FnMut() -> Result<()>,
 ) -> Result<()> {
-    let h = ds.dataset.shards.get(shard).ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "shard {shard} does not exist (the dataset has {})",
-            ds.dataset.shards.len()
-        ))
-    })?;
+    let h = shard_of(ds, shard)?;
     // An early, friendly refusal; the publish below refuses again, atomically.
     if out.symlink_metadata().is_ok() {
         return Err(refuse_overwrite(out));
     }
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    ds.dataset.store().check_unchanged(shard)?;
+    let mut tmp = PrivateTemp::create(dir.join(format!("{name}.tmp-{}", random_suffix()?)))?;
+    let tmp_path = tmp.path.clone();
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &tmp.file);
+    write_plaintext(ds, shard, h, &mut w, &tmp_path, checkpoint)?;
+    drop(w);
+    tmp.file.sync_all().map_err(|e| Error::io(&tmp_path, e))?;
+    checkpoint()?;
+    tmp.publish(out)?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// [`decrypt_shard_with`] into a stream (`ciphershard decrypt --out -`: standard output), not
+/// a file; `name` names it in errors. Each chunk is authenticated before its plaintext is
+/// written, so only authenticated bytes are ever written; but what was written before an
+/// error (a later chunk that fails, a checkpoint's stop) stays written: the output is then
+/// incomplete, and the error says so.
+pub fn decrypt_shard_to(
+    ds: &UnlockedDataset,
+    shard: usize,
+    w: &mut dyn Write,
+    name: &Path,
+    checkpoint: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    let h = shard_of(ds, shard)?;
+    ds.dataset.store().check_unchanged(shard)?;
+    write_plaintext(ds, shard, h, w, name, checkpoint)
+}
+
+fn shard_of(ds: &UnlockedDataset, shard: usize) -> Result<&ShardHeader> {
+    ds.dataset.shards.get(shard).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "shard {shard} does not exist (the dataset has {})",
+            ds.dataset.shards.len()
+        ))
+    })
+}
+
+/// Writes shard `shard` (header `h`) as a plaintext safetensors file into `w` (named `name`
+/// in errors), calling `checkpoint` before each chunk, and flushes it.
+fn write_plaintext(
+    ds: &UnlockedDataset,
+    shard: usize,
+    h: &ShardHeader,
+    w: &mut dyn Write,
+    name: &Path,
+    checkpoint: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
     let d = &h.descriptor;
     let mut header = String::from("{");
     if !d.metadata.is_empty() {
@@ -398,20 +450,8 @@ pub fn decrypt_shard_with(
     while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let store = ds.dataset.store();
-    store.check_unchanged(shard)?;
-    let mut tmp = PrivateTemp::create(dir.join(format!("{name}.tmp-{}", random_suffix()?)))?;
-    let tmp_path = tmp.path.clone();
-    let io = |e| Error::io(&tmp_path, e);
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, &tmp.file);
+    let io = |e| Error::io(name, e);
     w.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(header.as_bytes()).map_err(io)?;
@@ -427,13 +467,7 @@ pub fn decrypt_shard_with(
             w.write_all(&buf).map_err(io)?;
         }
     }
-    w.flush().map_err(io)?;
-    drop(w);
-    tmp.file.sync_all().map_err(io)?;
-    checkpoint()?;
-    tmp.publish(out)?;
-    sync_dir(dir);
-    Ok(())
+    w.flush().map_err(io)
 }
 
 fn refuse_overwrite(out: &Path) -> Error {
