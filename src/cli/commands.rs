@@ -73,6 +73,12 @@ pub struct ConvertArgs {
     /// Output dataset directory (created; must not already hold a dataset).
     #[arg(long)]
     out: PathBuf,
+    /// Remove the leftovers of an interrupted conversion in --out first (its shards, temporary
+    /// files and keyring, from a run that never wrote its manifest), once the inputs are
+    /// checked. Nothing else is removed: a complete dataset is still refused, and so is a file
+    /// at one of a dataset's names that is not a conversion's.
+    #[arg(long)]
+    force: bool,
     /// Target shard size (rows are split so each shard stays under it).
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     shard_size: u64,
@@ -113,10 +119,21 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
     };
     let start = Instant::now();
     let pb = byte_progress(0, "convert");
-    let summary = format::convert(&inputs, &args.out, &opts, &mut |done, total| {
-        pb.set_length(total);
-        pb.set_position(done);
-    })?;
+    // A signal stops the conversion between batches and removes what it wrote.
+    interrupt::catch()?;
+    let summary = format::convert_with(
+        &inputs,
+        &args.out,
+        &opts,
+        args.force,
+        &mut |done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+        },
+        &mut || interrupt::check(&args.out),
+    );
+    pb.finish_and_clear();
+    let summary = summary?;
     pb.finish_and_clear();
     let elapsed = start.elapsed();
     outln!(
@@ -618,7 +635,18 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         Some(_) => Some(args.key.load_one()?),
         None => None,
     };
-    let report = crate_bench::loader::run(args.dataset.as_deref(), key.as_ref(), &opts)?;
+    // A generated dataset (hundreds of MB of ciphertext) is removed on a signal too.
+    let scratch = crate_bench::loader::scratch_dir()?;
+    if args.dataset.is_none() {
+        interrupt::catch()?;
+        interrupt::remove_on_signal(scratch.clone());
+    }
+    let report = crate_bench::loader::run_with_scratch(
+        args.dataset.as_deref(),
+        key.as_ref(),
+        &opts,
+        &scratch,
+    )?;
     let kernels = match report.backend.as_str() {
         _ if args.no_kernel_figures => None,
         "cuda" => Some(cuda_kernel_figures()?),
@@ -754,6 +782,8 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
     let mut id = [0u8; 8];
     getrandom::fill(&mut id).map_err(|e| Error::Key(format!("OS RNG: {e}")))?;
     let dir = TempDir(std::env::temp_dir().join(format!("ciphershard-demo-{}", hex::encode(id))));
+    interrupt::catch()?;
+    interrupt::remove_on_signal(dir.0.clone());
     let out = dir.0.join("dataset");
 
     // 1. Synthetic data, in memory only (no plaintext file is ever written).

@@ -71,6 +71,32 @@ fn check_row_sizes(mpath: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
+/// `e`, the error reading `dir`'s manifest, saying that `dir` is an interrupted conversion
+/// when that is what it is: no manifest, but a conversion's leftovers (still "not found").
+fn interrupted_conversion(dir: &Path, e: Error) -> Error {
+    let Error::Io { path, source } = &e else {
+        return e;
+    };
+    if source.kind() != std::io::ErrorKind::NotFound {
+        return e;
+    }
+    match super::convert::scan_out_dir(dir) {
+        Ok(found) if !found.leftovers.is_empty() => Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "no such file: {} is an interrupted conversion (left: {}), not a dataset: run the conversion again with `ciphershard convert --force --out {}`",
+                    crate::error::Untrusted(dir.display()),
+                    found.leftover_names(),
+                    crate::error::Untrusted(dir.display())
+                ),
+            ),
+        ),
+        _ => e,
+    }
+}
+
 impl Dataset {
     /// Opens a dataset directory, or the directory of a shard file. Parses the manifest, the
     /// keyring and every shard header and cross-checks them.
@@ -87,7 +113,8 @@ impl Dataset {
         let mpath = dir.join(MANIFEST_FILE);
         let manifest = Manifest::parse(
             &mpath,
-            &read_bounded(&mpath, "manifest", MAX_JSON_FILE_LEN)?,
+            &read_bounded(&mpath, "manifest", MAX_JSON_FILE_LEN)
+                .map_err(|e| interrupted_conversion(&dir, e))?,
         )?;
         if manifest.kind == DatasetKind::Dataset {
             check_row_sizes(&mpath, &manifest)?;

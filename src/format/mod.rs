@@ -20,7 +20,9 @@ mod keyring;
 mod manifest;
 mod shard;
 
-pub use convert::{ConvertOptions, ConvertSummary, convert};
+pub use convert::{
+    ConvertOptions, ConvertSummary, convert, convert_with, remove_interrupted_conversion,
+};
 pub use dataset::{
     Dataset, UnlockedDataset, VerifySummary, add_key, decrypt_shard, decrypt_shard_to,
     decrypt_shard_with, rekey, remove_key, verify,
