@@ -255,8 +255,15 @@ impl MasterKey {
     }
 
     /// Reads a key from standard input (64 hex digits or 32 raw bytes, at most
-    /// [`MAX_KEY_SOURCE_LEN`] bytes in all).
+    /// [`MAX_KEY_SOURCE_LEN`] bytes in all). Refused at once when standard input is a
+    /// terminal: a read would wait without a prompt, and typing 64 hex digits is no way in.
     pub fn from_stdin() -> Result<Self> {
+        use std::io::IsTerminal;
+        if std::io::stdin().is_terminal() {
+            return Err(Error::Key(
+                "standard input is a terminal; pipe the key in or name a key file".into(),
+            ));
+        }
         let buf = read_capped(std::io::stdin().lock())
             .map_err(|e| Error::Key(format!("reading key from standard input: {e}")))?
             .ok_or_else(|| {

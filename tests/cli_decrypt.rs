@@ -7,8 +7,7 @@ mod cli_common;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use ciphershard::Error;
 use ciphershard::cipher::cpu::CpuCipher;
@@ -25,16 +24,6 @@ fn decrypt(f: &Fixture, shard: &Path, out: &Path) -> Command {
         .arg("--out")
         .arg(out);
     c
-}
-
-/// The names in `dir`.
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// The fixture's dataset, unlocked for the library's decrypt.
@@ -150,34 +139,21 @@ fn a_stop_requested_by_the_checkpoint_removes_the_temporary_file() {
 /// file appears, signalled, then continued, so the signal lands mid-export every time.
 #[test]
 fn a_signal_removes_the_partial_export() {
-    use rustix::process::{Pid, Signal, kill_process};
+    use rustix::process::Signal;
     // 32 MiB in 64 KiB chunks: hundreds of chunks still to go when the signal lands.
     let f = dataset_with(2 << 20, 64 << 10, 1 << 30, "x", BTreeMap::new());
     for (sig, status, name) in [(Signal::INT, 130, "SIGINT"), (Signal::TERM, 143, "SIGTERM")] {
         let dir = f.tmp.path().join(format!("out-{status}"));
         std::fs::create_dir(&dir).unwrap();
-        let mut child = decrypt(&f, &f.shard(0), &dir.join("plain.safetensors"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let pid = Pid::from_child(&child);
-        let start = Instant::now();
-        while names(&dir).is_empty() {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "decrypt finished before its temporary file was seen"
-            );
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "no temporary file"
-            );
-        }
-        kill_process(pid, Signal::STOP).unwrap();
-        let partial = names(&dir);
-        assert!(partial[0].contains(".tmp-"), "{partial:?}");
-        kill_process(pid, sig).unwrap();
-        kill_process(pid, Signal::CONT).unwrap();
+        let child = signal_when(
+            decrypt(&f, &f.shard(0), &dir.join("plain.safetensors")),
+            sig,
+            || {
+                let partial = names(&dir);
+                assert!(partial.iter().all(|n| n.contains(".tmp-")), "{partial:?}");
+                !partial.is_empty()
+            },
+        );
         let res = child.wait_with_output().unwrap();
         assert_eq!(code(&res), status, "{name}: {}", stderr(&res));
         assert!(stderr(&res).contains(name), "{}", stderr(&res));

@@ -143,3 +143,24 @@ fn quiet_prints_nothing_and_keeps_the_exit_status() {
     let out = run(cs().args(["backends", "--json", "--quiet"]));
     assert_eq!(code(&out), 64, "{}", stderr(&out));
 }
+
+#[test]
+fn json_never_shares_standard_output_with_a_key_or_plaintext() {
+    let f = small();
+    let keygen = run(cs()
+        .args(["keygen", "--out", "-", "--json"])
+        .stdout(std::process::Stdio::piped()));
+    let decrypt = run(keyed("decrypt", &f.key)
+        .arg(f.shard(0))
+        .args(["--out", "-", "--json", "--backend", "cpu"])
+        .stdout(std::process::Stdio::piped()));
+    for (name, out) in [("keygen", keygen), ("decrypt", decrypt)] {
+        assert_eq!(code(&out), 1, "{name}: {}", stderr(&out));
+        assert!(stdout(&out).is_empty(), "{name} wrote to standard output");
+        assert!(
+            stderr(&out).contains("cannot share standard output"),
+            "{name}: {}",
+            stderr(&out)
+        );
+    }
+}

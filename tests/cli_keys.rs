@@ -6,27 +6,8 @@ mod cli_common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use cli_common::*;
-
-/// Runs `cmd`, killing it (and failing) after 20 s: a read that blocks must not hang the suite.
-fn run_bounded(cmd: &mut Command) -> std::process::Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(20) {
-            child.kill().unwrap();
-            panic!("{cmd:?} did not finish in 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
-}
 
 fn verify_with(f: &Fixture, key_arg: &str) -> Command {
     let mut c = cs();

@@ -656,3 +656,82 @@ fn npy_header_shorter_than_the_first_read_is_an_error() {
         );
     }
 }
+
+/// Issue 20 item 8: `convert x.npy x.npy` merged the file into one column of twice the rows,
+/// and a `.npy` column named like a safetensors tensor was appended to that tensor. A column
+/// named twice and a file given twice (by any path: compared by device and inode) are refused,
+/// naming both, before anything is written.
+#[test]
+fn duplicate_columns_and_inputs_are_refused_before_writing() {
+    use ciphershard::format::ConvertInput;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let npy_file = |name: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, npy_bytes("<f4", "(4,)", &bytes(16, 1))).unwrap();
+        p
+    };
+    let (a, b) = (npy_file("a.npy"), npy_file("b.npy"));
+    let linked = d.join("linked.npy");
+    std::fs::hard_link(&a, &linked).unwrap();
+    let st = d.join("t.safetensors");
+    let header = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#;
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend_from_slice(&[1, 2, 3, 4]);
+    std::fs::write(&st, v).unwrap();
+    let st2 = d.join("t2.safetensors");
+    std::fs::copy(&st, &st2).unwrap();
+    let npy = |column: &str, path: &Path| ConvertInput::Npy {
+        column: column.into(),
+        path: path.to_path_buf(),
+    };
+    let dotted = d.join(".").join("a.npy");
+    let cases: Vec<(Vec<ConvertInput>, &[&str])> = vec![
+        (vec![npy("a", &a), npy("a", &a)], &["a.npy", "given twice"]),
+        (
+            vec![npy("a", &a), npy("b", &dotted)],
+            &["a.npy", "given twice"],
+        ),
+        (
+            vec![npy("a", &a), npy("l", &linked)],
+            &["a.npy", "linked.npy", "given twice"],
+        ),
+        (vec![npy("x", &a), npy("x", &b)], &["'x'", "a.npy", "b.npy"]),
+        (
+            vec![ConvertInput::Safetensors(st.clone()), npy("a", &b)],
+            &["'a'", "t.safetensors", "b.npy"],
+        ),
+        (
+            vec![npy("a", &b), ConvertInput::Safetensors(st.clone())],
+            &["'a'", "t.safetensors", "b.npy"],
+        ),
+        (
+            vec![
+                ConvertInput::Safetensors(st.clone()),
+                ConvertInput::Safetensors(st.clone()),
+            ],
+            &["t.safetensors", "given twice"],
+        ),
+    ];
+    for (i, (inputs, says)) in cases.into_iter().enumerate() {
+        let out = d.join(format!("out{i}"));
+        let e = convert_quiet(&inputs, &out, &opts(64, 1 << 20, &[])).expect_err("refused");
+        let msg = e.to_string();
+        for s in says {
+            assert!(msg.contains(s), "case {i}: '{s}' not in: {msg}");
+        }
+        assert!(!out.exists(), "case {i}: {} was created", out.display());
+    }
+    // Safetensors files holding the same tensors are still concatenated by rows.
+    let s = convert_quiet(
+        &[
+            ConvertInput::Safetensors(st),
+            ConvertInput::Safetensors(st2),
+        ],
+        &d.join("rows"),
+        &opts(64, 1 << 20, &[]),
+    )
+    .unwrap();
+    assert_eq!((s.rows, s.columns), (8, 1));
+}

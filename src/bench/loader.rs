@@ -401,6 +401,24 @@ pub fn run(
     key: Option<&MasterKey>,
     opts: &BenchOptions,
 ) -> Result<BenchReport> {
+    run_with_scratch(dataset, key, opts, &scratch_dir()?)
+}
+
+/// A new name in the temporary directory for [`run_with_scratch`]'s generated dataset.
+pub fn scratch_dir() -> Result<PathBuf> {
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| Error::Stopped(format!("OS RNG: {e}")))?;
+    Ok(std::env::temp_dir().join(format!("ciphershard-bench-{}", hex::encode(id))))
+}
+
+/// [`run`], generating the dataset (when `dataset` is `None`) in the new directory `scratch`,
+/// removed after: a caller that must remove it on a signal knows its name.
+pub fn run_with_scratch(
+    dataset: Option<&Path>,
+    key: Option<&MasterKey>,
+    opts: &BenchOptions,
+    scratch: &Path,
+) -> Result<BenchReport> {
     // Name the backend actually used (`auto` resolves here); GPU backends bench their device
     // loader, so `auto` prefers a GPU as the device loaders do, unless host batches are asked
     // for (then it is the host loader's `auto`, with its host-path check).
@@ -438,11 +456,7 @@ pub fn run(
             run_source(src, &p.display().to_string(), opts)
         }
         None => {
-            let mut id = [0u8; 8];
-            getrandom::fill(&mut id).map_err(|e| Error::Stopped(format!("OS RNG: {e}")))?;
-            let dir = TempDir(
-                std::env::temp_dir().join(format!("ciphershard-bench-{}", hex::encode(id))),
-            );
+            let dir = TempDir(scratch.to_path_buf());
             let key = generate(
                 &dir.0,
                 opts.generated_rows,

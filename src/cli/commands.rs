@@ -18,6 +18,62 @@ use ciphershard::error::Untrusted;
 use super::output::OutputArgs;
 use super::{KeyArgs, byte_progress, interrupt, output, parse_size, rate};
 
+/// `true` for `-`, standard output as an output path (`./-` is a file named `-`).
+fn is_stdout(out: &Path) -> bool {
+    out.as_os_str() == "-"
+}
+
+/// Refuses standard output as the output `what` when it is a terminal.
+fn refuse_terminal_stdout(what: &str) -> Result<()> {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        return Err(Error::InvalidArgument(format!(
+            "standard output is a terminal: --out - writes {what} there only for a pipe or a file (`| command`, `> file`); name a file to write it to instead"
+        )));
+    }
+    Ok(())
+}
+
+/// `ciphershard keygen`.
+pub fn keygen(out: &Path, how: OutputArgs) -> Result<()> {
+    use std::io::Write;
+    if !is_stdout(out) {
+        let key = MasterKey::generate()?;
+        key.write_new_file(out)?;
+        let report = serde_json::json!({
+            "file": out.display().to_string(), "key_id": key.id(), "mode": "0600",
+        });
+        return output::report(how, "keygen", report, || {
+            outln!(
+                "wrote a new 256-bit master key to {} (mode 0600), key id {}",
+                out.display(),
+                key.id()
+            )
+        });
+    }
+    if how.json {
+        return Err(Error::InvalidArgument(
+            "--json with --out -: the report and the key cannot share standard output".into(),
+        ));
+    }
+    refuse_terminal_stdout("the key")?;
+    let key = MasterKey::generate()?;
+    let mut text = zeroize::Zeroizing::new(hex::encode(key.as_bytes()));
+    text.push('\n');
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|e| Error::io(output::STDOUT, e))?;
+    if !how.quiet {
+        eprintln!(
+            "wrote a new 256-bit master key to standard output, key id {}",
+            key.id()
+        );
+    }
+    Ok(())
+}
+
 /// `ciphershard convert`.
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
@@ -30,6 +86,12 @@ pub struct ConvertArgs {
     /// Output dataset directory (created; must not already hold a dataset).
     #[arg(long)]
     out: PathBuf,
+    /// Remove the leftovers of an interrupted conversion in --out first (its shards, temporary
+    /// files and keyring, from a run that never wrote its manifest), once the inputs are
+    /// checked. Nothing else is removed: a complete dataset is still refused, and so is a file
+    /// at one of a dataset's names that is not a conversion's.
+    #[arg(long)]
+    force: bool,
     /// Target shard size (rows are split so each shard stays under it).
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     shard_size: u64,
@@ -72,10 +134,21 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
     };
     let start = Instant::now();
     let pb = byte_progress(0, "convert");
-    let summary = format::convert(&inputs, &args.out, &opts, &mut |done, total| {
-        pb.set_length(total);
-        pb.set_position(done);
-    })?;
+    // A signal stops the conversion between batches and removes what it wrote.
+    interrupt::catch()?;
+    let summary = format::convert_with(
+        &inputs,
+        &args.out,
+        &opts,
+        args.force,
+        &mut |done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+        },
+        &mut || interrupt::check(&args.out),
+    );
+    pb.finish_and_clear();
+    let summary = summary?;
     pb.finish_and_clear();
     let elapsed = start.elapsed();
     let report = serde_json::json!({
@@ -304,6 +377,15 @@ pub fn decrypt(
     backend: Backend,
     how: OutputArgs,
 ) -> Result<()> {
+    if is_stdout(out) {
+        if how.json {
+            return Err(Error::InvalidArgument(
+                "--json with --out -: the report and the plaintext cannot share standard output"
+                    .into(),
+            ));
+        }
+        refuse_terminal_stdout("the plaintext")?;
+    }
     let key = key.load_one()?;
     let cipher = cipher::select(backend)?;
     let ds = open_dataset(shard)?;
@@ -319,6 +401,9 @@ pub fn decrypt(
         })?;
     let unlocked = ds.unlock(&key, cipher.as_ref())?;
     let start = Instant::now();
+    if is_stdout(out) {
+        return decrypt_to_stdout(&unlocked, index, start);
+    }
     // From here on a signal stops the export between chunks and removes the partial file
     // (before, nothing is on disk and the default action is fine).
     interrupt::catch()?;
@@ -383,11 +468,31 @@ pub fn backends(how: OutputArgs) -> Result<()> {
     })
 }
 
+/// `decrypt --out -`: the plaintext to standard output (a pipe or a file, never a terminal),
+/// the message to standard error.
+fn decrypt_to_stdout(ud: &format::UnlockedDataset, index: usize, start: Instant) -> Result<()> {
+    let name = Path::new(output::STDOUT);
+    interrupt::catch()?;
+    let stdout = std::io::stdout();
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    format::decrypt_shard_to(ud, index, &mut w, name, &mut || {
+        interrupt::check_stream(name)
+    })?;
+    if !output::quiet() {
+        eprintln!(
+            "wrote plaintext to standard output in {:.2} s — it is NOT encrypted",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 /// `ciphershard bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Dataset to load (generated when absent).
+    /// Dataset to load (generated when absent; not with --cipher).
     dataset: Option<PathBuf>,
+    /// The dataset's key (only with a dataset).
     #[command(flatten)]
     key: KeyArgs,
     #[arg(long, default_value = "auto", value_parser = super::backend_arg(), help = super::BACKEND_HELP)]
@@ -395,28 +500,31 @@ pub struct BenchArgs {
     /// Worker threads [default: the number of CPUs].
     #[arg(long)]
     threads: Option<usize>,
-    /// Rows per batch.
-    #[arg(long, default_value_t = 256)]
-    batch_size: usize,
-    /// Epochs.
-    #[arg(long, default_value_t = 2)]
-    epochs: u64,
+    /// Rows per batch [default: 256].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Epochs [default: 2].
+    #[arg(long)]
+    epochs: Option<u64>,
     /// Blocks per shuffle window (bigger: better shuffling, more memory; on wgpu a window
-    /// above the piece size is split).
-    #[arg(long, default_value_t = crate_bench::loader::BenchOptions::default().window_blocks)]
-    window_blocks: u64,
-    /// Benchmark the raw cipher instead of the loader.
+    /// above the piece size is split) [default: 8].
+    #[arg(long)]
+    window_blocks: Option<u64>,
+    /// Benchmark the raw cipher instead of the loader: the CPU backend against aws-lc-rs
+    /// (`--backend auto|cpu`), or the kernel-only figures of `--backend cuda|wgpu`. Takes no
+    /// dataset and none of the loader's options.
     #[arg(long)]
     cipher: bool,
     /// Loader decryption strategy: `chunk-open` (fused GCM on the private chunk copy, then copy
-    /// rows) or `row-ctr` (verify the tag, then decrypt rows straight into the batch).
-    #[arg(long, default_value = "chunk-open", value_parser = parse_mode)]
-    mode: pipeline::DecryptMode,
-    /// With `--backend cuda|wgpu`: bench the host loader (batches in host memory, one GPU round
-    /// trip per chunk) instead of the device loader.
+    /// rows) or `row-ctr` (verify the tag, then decrypt rows straight into the batch)
+    /// [default: chunk-open].
+    #[arg(long, value_parser = parse_mode)]
+    mode: Option<pipeline::DecryptMode>,
+    /// With `--backend auto|cuda|wgpu`: bench the host loader (batches in host memory, one GPU
+    /// round trip per chunk) instead of the device loader.
     #[arg(long)]
     host_batches: bool,
-    /// With `--backend cuda|wgpu`: skip the kernel-only figures (every kernel variant, tag
+    /// With `--backend auto|cuda|wgpu`: skip the kernel-only figures (every kernel variant, tag
     /// checks, round trips) measured after the loader.
     #[arg(long)]
     no_kernel_figures: bool,
@@ -429,44 +537,107 @@ impl BenchArgs {
     pub fn dataset(&self) -> Option<&Path> {
         self.dataset.as_deref()
     }
+
+    /// Why these options do not go together: an option that would be ignored is refused.
+    pub fn refusal(&self) -> Option<String> {
+        let given = |name: &'static str, yes: bool| yes.then_some(name);
+        if self.cipher {
+            let loader_only = [
+                given("DATASET", self.dataset.is_some()),
+                given("--key", !self.key.key.is_empty()),
+                given("--threads", self.threads.is_some()),
+                given("--batch-size", self.batch_size.is_some()),
+                given("--epochs", self.epochs.is_some()),
+                given("--window-blocks", self.window_blocks.is_some()),
+                given("--mode", self.mode.is_some()),
+                given("--host-batches", self.host_batches),
+                given("--no-kernel-figures", self.no_kernel_figures),
+            ];
+            if let Some(name) = loader_only.into_iter().flatten().next() {
+                return Some(format!(
+                    "{name} does not apply with --cipher: --cipher measures the cipher alone, on buffers in memory, with no dataset and no loader"
+                ));
+            }
+            return None;
+        }
+        if self.dataset.is_none() && !self.key.key.is_empty() {
+            return Some(
+                "--key applies only with a DATASET: without one, bench generates a dataset and its key"
+                    .into(),
+            );
+        }
+        if self.backend == Backend::Cpu {
+            let gpu_only = [
+                given("--host-batches", self.host_batches),
+                given("--no-kernel-figures", self.no_kernel_figures),
+            ];
+            if let Some(name) = gpu_only.into_iter().flatten().next() {
+                return Some(format!(
+                    "{name} does not apply with --backend cpu: it concerns the GPU backends (cuda, wgpu) only"
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// `bench --cipher`: the CPU cipher against aws-lc-rs, or a GPU backend's kernel-only figures
+/// (never the CPU's when a GPU backend is named).
+fn bench_cipher(args: &BenchArgs) -> Result<()> {
+    type Figures = fn() -> Result<serde_json::Value>;
+    let gpu: Option<(&'static str, _, Figures)> = match args.backend {
+        Backend::Cuda => Some(("cuda", cipher::cuda::probe(), cuda_kernel_figures)),
+        Backend::Wgpu => Some(("wgpu", cipher::wgpu::probe(), wgpu_kernel_figures)),
+        Backend::Auto | Backend::Cpu => None,
+    };
+    if let Some((backend, probe, figures)) = gpu {
+        probe.map_err(|reason| Error::BackendUnavailable { backend, reason })?;
+        let k = figures()?;
+        let v = serde_json::json!({ "backend": backend, "kernels": k });
+        return output::report(args.output, "bench-cipher", v, || {
+            print_kernel_figures(backend, &k)
+        });
+    }
+    let report = crate_bench::cipher::run_cpu(&crate_bench::cipher::CipherBenchOptions::default())?;
+    let v = serde_json::to_value(&report).expect("report serializes");
+    output::report(args.output, "bench-cipher", v, || {
+        print_cipher_report(&report)
+    })
+}
+
+fn print_cipher_report(report: &crate_bench::cipher::CipherBenchReport) -> Result<()> {
+    outln!(
+        "CPU: {}\nbackend: {}\nchunk: {} bytes",
+        report.cpu,
+        report.backend,
+        report.chunk_bytes
+    )?;
+    outln!(
+        "{:<44} {:>7} {:>9} {:>17}",
+        "case",
+        "threads",
+        "GB/s",
+        "min..max"
+    )?;
+    for m in &report.results {
+        outln!(
+            "{:<44} {:>7} {:>9.2} {:>8.2}..{:<8.2}",
+            m.name,
+            m.threads,
+            m.gb_per_s,
+            m.min_gb_per_s,
+            m.max_gb_per_s
+        )?;
+    }
+    for r in &report.ratios {
+        outln!("ratio {:<50} {:.2}x", r.name, r.ratio)?;
+    }
+    Ok(())
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.cipher {
-        let report =
-            crate_bench::cipher::run_cpu(&crate_bench::cipher::CipherBenchOptions::default())?;
-        if args.output.json || args.output.quiet {
-            let v = serde_json::to_value(&report).expect("report serializes");
-            output::report(args.output, "bench-cipher", v, || Ok(()))?;
-        } else {
-            outln!(
-                "CPU: {}\nbackend: {}\nchunk: {} bytes",
-                report.cpu,
-                report.backend,
-                report.chunk_bytes
-            )?;
-            outln!(
-                "{:<44} {:>7} {:>9} {:>17}",
-                "case",
-                "threads",
-                "GB/s",
-                "min..max"
-            )?;
-            for m in &report.results {
-                outln!(
-                    "{:<44} {:>7} {:>9.2} {:>8.2}..{:<8.2}",
-                    m.name,
-                    m.threads,
-                    m.gb_per_s,
-                    m.min_gb_per_s,
-                    m.max_gb_per_s
-                )?;
-            }
-            for r in &report.ratios {
-                outln!("ratio {:<50} {:.2}x", r.name, r.ratio)?;
-            }
-        }
-        return Ok(());
+        return bench_cipher(&args);
     }
     let defaults = crate_bench::loader::BenchOptions::default();
     let opts = crate_bench::loader::BenchOptions {
@@ -476,18 +647,29 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 .map(|n| n.get())
                 .unwrap_or(2)
         }),
-        batch_size: args.batch_size,
-        epochs: args.epochs,
-        mode: args.mode,
+        batch_size: args.batch_size.unwrap_or(256),
+        epochs: args.epochs.unwrap_or(2),
+        mode: args.mode.unwrap_or(pipeline::DecryptMode::ChunkOpen),
         host_batches: args.host_batches,
-        window_blocks: args.window_blocks,
+        window_blocks: args.window_blocks.unwrap_or(defaults.window_blocks),
         ..defaults
     };
     let key = match &args.dataset {
         Some(_) => Some(args.key.load_one()?),
         None => None,
     };
-    let report = crate_bench::loader::run(args.dataset.as_deref(), key.as_ref(), &opts)?;
+    // A generated dataset (hundreds of MB of ciphertext) is removed on a signal too.
+    let scratch = crate_bench::loader::scratch_dir()?;
+    if args.dataset.is_none() {
+        interrupt::catch()?;
+        interrupt::remove_on_signal(scratch.clone());
+    }
+    let report = crate_bench::loader::run_with_scratch(
+        args.dataset.as_deref(),
+        key.as_ref(),
+        &opts,
+        &scratch,
+    )?;
     let kernels = match report.backend.as_str() {
         _ if args.no_kernel_figures => None,
         "cuda" => Some(cuda_kernel_figures()?),
@@ -543,11 +725,17 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if let Some(d) = &report.encrypted.device {
         outln!("{d}")?;
     }
-    if let Some(serde_json::Value::Object(figures)) = kernels {
-        outln!("{} kernels alone (no loader around them):", report.backend)?;
-        for (name, value) in figures {
-            outln!("  {name:<28} {}", kernel_figure(&value))?;
-        }
+    if let Some(k) = kernels {
+        print_kernel_figures(&report.backend, &k)?;
+    }
+    Ok(())
+}
+
+/// A GPU backend's kernel-only figures, one per line.
+fn print_kernel_figures(backend: &str, kernels: &serde_json::Value) -> Result<()> {
+    outln!("{backend} kernels alone (no loader around them):")?;
+    for (name, value) in kernels.as_object().into_iter().flatten() {
+        outln!("  {name:<28} {}", kernel_figure(value))?;
     }
     Ok(())
 }
@@ -634,6 +822,8 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
     let mut id = [0u8; 8];
     getrandom::fill(&mut id).map_err(|e| Error::Key(format!("OS RNG: {e}")))?;
     let dir = TempDir(std::env::temp_dir().join(format!("ciphershard-demo-{}", hex::encode(id))));
+    interrupt::catch()?;
+    interrupt::remove_on_signal(dir.0.clone());
     let out = dir.0.join("dataset");
 
     // 1. Synthetic data, in memory only (no plaintext file is ever written).

@@ -35,7 +35,8 @@ Exit status:
          manifest
   3      wrong key: no key given can open the dataset
   64     usage: the command line is not understood (unknown option, bad value)
-  128+N  stopped by signal N (130: Ctrl-C, 143: SIGTERM); decrypt removes its partial output";
+  128+N  stopped by signal N (130: Ctrl-C, 143: SIGTERM, 129: SIGHUP); decrypt, convert,
+         bench and demo first remove what they wrote (partial export, shards, generated data)";
 
 /// The exit status for `e`. `dataset` is the dataset directory the command works on, if any:
 /// an error about one of its own files counts as tampering once its manifest exists (a missing

@@ -70,7 +70,8 @@ impl KeyArgs {
 enum Command {
     /// Generate a fresh 256-bit master key into a new file (mode 0600).
     Keygen {
-        /// The key file to create (must not exist).
+        /// The key file to create (must not exist), or `-` for standard output (to pipe into a
+        /// secret store; never a terminal); a file named `-` is `./-`.
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
@@ -117,7 +118,8 @@ enum Command {
         key: KeyArgs,
         /// The shard file (its directory holds manifest.json and keyring.json).
         shard: PathBuf,
-        /// The plaintext safetensors file to write.
+        /// The plaintext safetensors file to write, or `-` for standard output (never a
+        /// terminal; messages then go to standard error); a file named `-` is `./-`.
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value = "auto", value_parser = backend_arg(), help = BACKEND_HELP)]
@@ -187,6 +189,15 @@ impl Command {
         }
     }
 
+    /// Why the command line, parsed, is still refused (an option that does not apply with the
+    /// others given), and by which subcommand: a usage error, as clap's own.
+    fn refusal(&self) -> Option<(&'static str, String)> {
+        match self {
+            Command::Bench(args) => args.refusal().map(|why| ("bench", why)),
+            _ => None,
+        }
+    }
+
     /// The dataset directory the command reads, if any: errors about its own files are
     /// tampering (see [`exit::code`]).
     fn dataset_dir(&self) -> Option<PathBuf> {
@@ -210,7 +221,17 @@ impl Command {
 /// Entry point: parses the command line, runs the command, prints an error in one line and
 /// maps it to an exit status (the table in [`exit`], shown by `--help`).
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::try_parse().and_then(|cli| match cli.command.refusal() {
+        None => Ok(cli),
+        Some((sub, why)) => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            cmd.build();
+            let sub = cmd.find_subcommand_mut(sub).expect("a subcommand");
+            Err(sub.error(clap::error::ErrorKind::ArgumentConflict, why))
+        }
+    });
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help, --version: to standard output; a closed pipe is no error.
@@ -243,20 +264,7 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Keygen { out, output } => {
-            let key = MasterKey::generate()?;
-            key.write_new_file(&out)?;
-            let report = serde_json::json!({
-                "file": out.display().to_string(), "key_id": key.id(), "mode": "0600",
-            });
-            output::report(output, "keygen", report, || {
-                outln!(
-                    "wrote a new 256-bit master key to {} (mode 0600), key id {}",
-                    out.display(),
-                    key.id()
-                )
-            })
-        }
+        Command::Keygen { out, output } => commands::keygen(&out, output),
         Command::Convert(args) => commands::convert(args),
         Command::Inspect { path, output } => commands::inspect(&path, output),
         Command::Verify {

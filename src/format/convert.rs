@@ -131,22 +131,147 @@ impl Drop for Cleanup {
     }
 }
 
+/// What an output directory holds of the names a conversion writes.
+#[derive(Debug, Default)]
+pub(crate) struct OutDir {
+    /// It has a manifest: a complete dataset (a conversion writes its manifest last).
+    pub manifest: bool,
+    /// The files a conversion that never wrote its manifest left (it was killed, or the
+    /// machine stopped): shards under their temporary names, complete shards (their headers
+    /// parse), a keyring that parses, temporary keyring and manifest files. Sorted.
+    pub leftovers: Vec<PathBuf>,
+    /// Files at a conversion's names that are not such leftovers (a shard name whose file is
+    /// not a shard, ...): a conversion must not replace them. Sorted.
+    pub foreign: Vec<PathBuf>,
+}
+
+impl OutDir {
+    /// The leftovers' names, the first few, for a message.
+    pub fn leftover_names(&self) -> String {
+        const SHOWN: usize = 3;
+        let mut names: Vec<String> = self
+            .leftovers
+            .iter()
+            .take(SHOWN)
+            .map(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        if self.leftovers.len() > SHOWN {
+            names.push(format!("{} more", self.leftovers.len() - SHOWN));
+        }
+        names.join(", ")
+    }
+}
+
+/// `shard-NNNNN.safetensors` (any number of digits).
+fn is_shard_name(name: &str) -> bool {
+    name.strip_prefix("shard-")
+        .and_then(|n| n.strip_suffix(".safetensors"))
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A temporary name a conversion writes under: a shard's, the keyring's or the manifest's
+/// name, `.tmp-` and 16 hex digits ([`random_suffix`]).
+fn is_temp_name(name: &str) -> bool {
+    name.rsplit_once(".tmp-").is_some_and(|(base, suffix)| {
+        suffix.len() == 16
+            && suffix.bytes().all(|b| b.is_ascii_hexdigit())
+            && (base == MANIFEST_FILE || base == KEYRING_FILE || is_shard_name(base))
+    })
+}
+
+/// Sorts the files of `dir` named as a conversion names its files into [`OutDir`]; other
+/// files are not looked at. Symbolic links are never followed: one at such a name is foreign.
+pub(crate) fn scan_out_dir(dir: &Path) -> Result<OutDir> {
+    let mut found = OutDir::default();
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = || path.symlink_metadata().is_ok_and(|m| m.is_file());
+        let ours = if name == MANIFEST_FILE {
+            found.manifest = true;
+            continue;
+        } else if is_temp_name(&name) {
+            is_file()
+        } else if is_shard_name(&name) {
+            is_file() && super::ShardHeader::read(&path).is_ok()
+        } else if name == KEYRING_FILE {
+            is_file()
+                && super::read_bounded(&path, "keyring", MAX_JSON_FILE_LEN)
+                    .and_then(|b| Keyring::parse(&path, &b))
+                    .is_ok()
+        } else if name.starts_with("shard-") {
+            false
+        } else {
+            continue;
+        };
+        if ours {
+            found.leftovers.push(path);
+        } else {
+            found.foreign.push(path);
+        }
+    }
+    found.leftovers.sort();
+    found.foreign.sort();
+    Ok(found)
+}
+
+/// Creates `out_dir`, or checks that it holds nothing a conversion would write or replace.
 fn refuse_existing_dataset(out_dir: &Path) -> Result<()> {
     if !out_dir.exists() {
         return std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e));
     }
-    let rd = std::fs::read_dir(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    for entry in rd {
-        let entry = entry.map_err(|e| Error::io(out_dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name == MANIFEST_FILE || name == KEYRING_FILE || name.starts_with("shard-") {
-            return Err(Error::InvalidArgument(format!(
-                "{} already holds a dataset ({name}); choose an empty or new directory",
-                out_dir.display()
-            )));
-        }
+    let found = scan_out_dir(out_dir)?;
+    refuse_dataset_or_foreign(out_dir, &found)?;
+    if !found.leftovers.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{} holds an interrupted conversion (no {MANIFEST_FILE}; left: {}): convert again with --force to remove these leftovers first, or choose another directory",
+            out_dir.display(),
+            found.leftover_names()
+        )));
     }
     Ok(())
+}
+
+/// Refuses a complete dataset (never replaced) and files a conversion would replace that are
+/// not its own leftovers.
+fn refuse_dataset_or_foreign(out_dir: &Path, found: &OutDir) -> Result<()> {
+    if found.manifest {
+        return Err(Error::InvalidArgument(format!(
+            "{} already holds a dataset ({MANIFEST_FILE}); choose an empty or new directory (a complete dataset is never replaced, not even with --force)",
+            out_dir.display()
+        )));
+    }
+    if let Some(f) = found.foreign.first() {
+        return Err(Error::InvalidArgument(format!(
+            "{} already holds {}, which a conversion would replace and which is not a leftover of one; choose an empty or new directory, or move it away",
+            out_dir.display(),
+            f.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes the leftovers of an interrupted conversion from `dir` (see [`OutDir::leftovers`];
+/// nothing else: no other file, not the directory) and returns how many there were. Refuses,
+/// removing nothing, a directory holding a complete dataset (one with a manifest) or a file at
+/// one of a conversion's names that is not its leftover. A missing directory has none.
+pub fn remove_interrupted_conversion(dir: &Path) -> Result<usize> {
+    if dir.symlink_metadata().is_err() {
+        return Ok(0);
+    }
+    let found = scan_out_dir(dir)?;
+    refuse_dataset_or_foreign(dir, &found)?;
+    for p in &found.leftovers {
+        std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
+    }
+    sync_dir(dir);
+    Ok(found.leftovers.len())
 }
 
 /// Readers refuse a manifest or keyring over [`MAX_JSON_FILE_LEN`]: refuses, before anything
@@ -219,12 +344,30 @@ struct Job {
 }
 
 /// Converts `inputs` into a new dataset in `out_dir` (created if needed; refused if it already
-/// holds a dataset). `progress(done, total)` is called with tensor bytes.
+/// holds a dataset or a conversion's leftovers). `progress(done, total)` is called with tensor
+/// bytes. See [`convert_with`].
 pub fn convert(
     inputs: &[ConvertInput],
     out_dir: &Path,
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
+) -> Result<ConvertSummary> {
+    convert_with(inputs, out_dir, opts, false, progress, &mut || Ok(()))
+}
+
+/// [`convert`], and:
+/// - with `replace_interrupted`, the leftovers of an interrupted conversion in `out_dir` are
+///   removed first ([`remove_interrupted_conversion`]), once the inputs have been checked;
+/// - `checkpoint` is called before each batch of chunks and before the keyring and manifest
+///   are written: an error it returns stops the conversion, removes every file it wrote and is
+///   returned. The CLI stops on SIGINT, SIGTERM and SIGHUP this way.
+pub fn convert_with(
+    inputs: &[ConvertInput],
+    out_dir: &Path,
+    opts: &ConvertOptions,
+    replace_interrupted: bool,
+    progress: &mut dyn FnMut(u64, u64),
+    checkpoint: &mut dyn FnMut() -> Result<()>,
 ) -> Result<ConvertSummary> {
     let start = Instant::now();
     if opts.keys.is_empty() {
@@ -312,6 +455,9 @@ pub fn convert(
         shards: Vec::new(),
     };
     json_files_fit(out_dir, &manifest, shard_count, key_ids.len())?;
+    if replace_interrupted {
+        remove_interrupted_conversion(out_dir)?;
+    }
     refuse_existing_dataset(out_dir)?;
     let mut cleanup = Cleanup {
         paths: Vec::new(),
@@ -495,6 +641,7 @@ pub fn convert(
         let mut pending: Option<(Vec<Buf>, Vec<usize>)> = None;
         let mut g = 0usize;
         loop {
+            checkpoint()?;
             let batch_jobs: Vec<Job> = jobs.by_ref().take(batch_len).collect();
             let batch = (!batch_jobs.is_empty()).then_some(&batch_jobs[..]);
             if batch.is_none() && pending.is_none() {
@@ -567,6 +714,7 @@ pub fn convert(
         });
     }
 
+    checkpoint()?;
     let mut keyring = Keyring::new(&out_dir.join(KEYRING_FILE), dataset_id);
     for k in &opts.keys {
         keyring.set_wraps(k, &data_keys)?;

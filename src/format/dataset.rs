@@ -71,6 +71,32 @@ fn check_row_sizes(mpath: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
+/// `e`, the error reading `dir`'s manifest, saying that `dir` is an interrupted conversion
+/// when that is what it is: no manifest, but a conversion's leftovers (still "not found").
+fn interrupted_conversion(dir: &Path, e: Error) -> Error {
+    let Error::Io { path, source } = &e else {
+        return e;
+    };
+    if source.kind() != std::io::ErrorKind::NotFound {
+        return e;
+    }
+    match super::convert::scan_out_dir(dir) {
+        Ok(found) if !found.leftovers.is_empty() => Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "no such file: {} is an interrupted conversion (left: {}), not a dataset: run the conversion again with `ciphershard convert --force --out {}`",
+                    crate::error::Untrusted(dir.display()),
+                    found.leftover_names(),
+                    crate::error::Untrusted(dir.display())
+                ),
+            ),
+        ),
+        _ => e,
+    }
+}
+
 impl Dataset {
     /// Opens a dataset directory, or the directory of a shard file. Parses the manifest, the
     /// keyring and every shard header and cross-checks them.
@@ -87,7 +113,8 @@ impl Dataset {
         let mpath = dir.join(MANIFEST_FILE);
         let manifest = Manifest::parse(
             &mpath,
-            &read_bounded(&mpath, "manifest", MAX_JSON_FILE_LEN)?,
+            &read_bounded(&mpath, "manifest", MAX_JSON_FILE_LEN)
+                .map_err(|e| interrupted_conversion(&dir, e))?,
         )?;
         if manifest.kind == DatasetKind::Dataset {
             check_row_sizes(&mpath, &manifest)?;
@@ -368,16 +395,68 @@ pub fn decrypt_shard_with(
     out: &Path,
     checkpoint: &mut dyn FnMut() -> Result<()>,
 ) -> Result<()> {
-    let h = ds.dataset.shards.get(shard).ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "shard {shard} does not exist (the dataset has {})",
-            ds.dataset.shards.len()
-        ))
-    })?;
+    let h = shard_of(ds, shard)?;
     // An early, friendly refusal; the publish below refuses again, atomically.
     if out.symlink_metadata().is_ok() {
         return Err(refuse_overwrite(out));
     }
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    ds.dataset.store().check_unchanged(shard)?;
+    let mut tmp = PrivateTemp::create(dir.join(format!("{name}.tmp-{}", random_suffix()?)))?;
+    let tmp_path = tmp.path.clone();
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &tmp.file);
+    write_plaintext(ds, shard, h, &mut w, &tmp_path, checkpoint)?;
+    drop(w);
+    tmp.file.sync_all().map_err(|e| Error::io(&tmp_path, e))?;
+    checkpoint()?;
+    tmp.publish(out)?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// [`decrypt_shard_with`] into a stream (`ciphershard decrypt --out -`: standard output), not
+/// a file; `name` names it in errors. Each chunk is authenticated before its plaintext is
+/// written, so only authenticated bytes are ever written; but what was written before an
+/// error (a later chunk that fails, a checkpoint's stop) stays written: the output is then
+/// incomplete, and the error says so.
+pub fn decrypt_shard_to(
+    ds: &UnlockedDataset,
+    shard: usize,
+    w: &mut dyn Write,
+    name: &Path,
+    checkpoint: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    let h = shard_of(ds, shard)?;
+    ds.dataset.store().check_unchanged(shard)?;
+    write_plaintext(ds, shard, h, w, name, checkpoint)
+}
+
+fn shard_of(ds: &UnlockedDataset, shard: usize) -> Result<&ShardHeader> {
+    ds.dataset.shards.get(shard).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "shard {shard} does not exist (the dataset has {})",
+            ds.dataset.shards.len()
+        ))
+    })
+}
+
+/// Writes shard `shard` (header `h`) as a plaintext safetensors file into `w` (named `name`
+/// in errors), calling `checkpoint` before each chunk, and flushes it.
+fn write_plaintext(
+    ds: &UnlockedDataset,
+    shard: usize,
+    h: &ShardHeader,
+    w: &mut dyn Write,
+    name: &Path,
+    checkpoint: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
     let d = &h.descriptor;
     let mut header = String::from("{");
     if !d.metadata.is_empty() {
@@ -398,20 +477,8 @@ pub fn decrypt_shard_with(
     while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let store = ds.dataset.store();
-    store.check_unchanged(shard)?;
-    let mut tmp = PrivateTemp::create(dir.join(format!("{name}.tmp-{}", random_suffix()?)))?;
-    let tmp_path = tmp.path.clone();
-    let io = |e| Error::io(&tmp_path, e);
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, &tmp.file);
+    let io = |e| Error::io(name, e);
     w.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(header.as_bytes()).map_err(io)?;
@@ -427,13 +494,7 @@ pub fn decrypt_shard_with(
             w.write_all(&buf).map_err(io)?;
         }
     }
-    w.flush().map_err(io)?;
-    drop(w);
-    tmp.file.sync_all().map_err(io)?;
-    checkpoint()?;
-    tmp.publish(out)?;
-    sync_dir(dir);
-    Ok(())
+    w.flush().map_err(io)
 }
 
 fn refuse_overwrite(out: &Path) -> Error {

@@ -21,10 +21,12 @@ mod manifest;
 mod report;
 mod shard;
 
-pub use convert::{ConvertOptions, ConvertSummary, convert};
+pub use convert::{
+    ConvertOptions, ConvertSummary, convert, convert_with, remove_interrupted_conversion,
+};
 pub use dataset::{
-    Dataset, UnlockedDataset, VerifySummary, add_key, decrypt_shard, decrypt_shard_with, rekey,
-    remove_key, verify,
+    Dataset, UnlockedDataset, VerifySummary, add_key, decrypt_shard, decrypt_shard_to,
+    decrypt_shard_with, rekey, remove_key, verify,
 };
 pub use input::{ConvertInput, InputTensor, npy, safetensors as safetensors_input};
 pub use keyring::{KeyWrap, Keyring};

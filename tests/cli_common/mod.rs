@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use ciphershard::MasterKey;
 use ciphershard::format::{self, ConvertInput, ConvertOptions, Dtype};
@@ -39,6 +40,70 @@ pub fn verify(key: &Path, ds: &Path) -> Output {
 /// Runs `cmd` to completion.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("the ciphershard binary runs")
+}
+
+/// Runs `cmd` with its standard output and error piped, killing it (and failing) after 60 s:
+/// a command that waits on something (a FIFO, a terminal) or ignores an option and runs a
+/// benchmark must not hang the suite.
+pub fn run_bounded(cmd: &mut Command) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    finish_bounded(child, cmd)
+}
+
+/// Waits for `child` (spawned from `cmd`), killing it (and failing) after 60 s.
+pub fn finish_bounded(mut child: Child, cmd: &Command) -> Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("{cmd:?} did not finish in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Starts `cmd`, waits until `ready()` (failing after 60 s or if the child ends first), stops
+/// the child, signals it and continues it, so the signal lands mid-work every time.
+pub fn signal_when(
+    mut cmd: Command,
+    sig: rustix::process::Signal,
+    ready: impl Fn() -> bool,
+) -> Child {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use rustix::process::{Pid, Signal, kill_process};
+    let pid = Pid::from_child(&child);
+    let start = Instant::now();
+    while !ready() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the signal"
+        );
+        assert!(start.elapsed() < Duration::from_secs(60), "never ready");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    kill_process(pid, Signal::STOP).unwrap();
+    kill_process(pid, sig).unwrap();
+    kill_process(pid, Signal::CONT).unwrap();
+    child
+}
+
+/// The names in `dir`, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 /// The exit status (panics when the process was killed by a signal).

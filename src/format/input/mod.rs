@@ -97,6 +97,30 @@ fn check_column(path: &Path, name: &str, shape: &[u64]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses `file`, opened as input `path`, when an earlier input is the same file (same
+/// device and inode: another path to it, a hard link or a symbolic link included).
+fn refuse_same_file(
+    seen: &mut HashMap<(u64, u64), PathBuf>,
+    path: &Path,
+    file: &File,
+) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata().map_err(|e| Error::io(path, e))?;
+        if let Some(first) = seen.insert((m.dev(), m.ino()), path.to_path_buf()) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: given twice (also as {}): the same file cannot be two inputs",
+                path.display(),
+                first.display()
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (seen, path, file);
+    Ok(())
+}
+
 /// Where some bytes of a column come from.
 #[derive(Debug)]
 enum Source {
@@ -123,6 +147,9 @@ pub(super) struct Col {
     pub encrypted: bool,
     /// The input of its first piece (for errors).
     pub input: PathBuf,
+    /// From a `.npy` input, which holds one column named after its file: its name may not
+    /// repeat (safetensors and in-memory inputs of the same name are concatenated by rows).
+    pub single: bool,
     /// Its bytes, concatenated in input order.
     pub pieces: Vec<Piece>,
 }
@@ -187,9 +214,11 @@ pub(super) fn plan<'a>(
         return Err(Error::InvalidArgument("no input to convert".into()));
     }
     let mut files = Vec::new();
+    // Each input file by device and inode: the same file given twice, by any path, is refused.
+    let mut file_ids: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let mut meta = BTreeMap::new();
-    // (name, dtype, full shape, source) in input order.
-    let mut items: Vec<(String, Dtype, Vec<u64>, Piece, PathBuf)> = Vec::new();
+    // (name, dtype, full shape, source, input, from a .npy input) in input order.
+    let mut items: Vec<(String, Dtype, Vec<u64>, Piece, PathBuf, bool)> = Vec::new();
     let mut first_names: Option<(PathBuf, Vec<String>)> = None;
     let mut lone_tensors = None;
     for (i, input) in inputs.iter().enumerate() {
@@ -247,10 +276,13 @@ pub(super) fn plan<'a>(
                     shape.clone(),
                     piece,
                     PathBuf::from("<memory>"),
+                    false,
                 ));
                 continue;
             }
         };
+        refuse_same_file(&mut file_ids, path, &opened.file)?;
+        let single = matches!(input, ConvertInput::Npy { .. });
         meta.extend(opened.metadata);
         files.push((path.clone(), opened.file));
         // Room for exactly these (doubling could reserve twice what a large input needs).
@@ -263,19 +295,20 @@ pub(super) fn plan<'a>(
                 },
                 len: t.len,
             };
-            items.push((t.name, t.dtype, t.shape, piece, path.clone()));
+            items.push((t.name, t.dtype, t.shape, piece, path.clone(), single));
         }
     }
     let sources = Sources { files, inputs };
-    for (name, _, shape, _, path) in &items {
+    for (name, _, shape, _, path, _) in &items {
         check_column(path, name, shape)?;
     }
     if lone_tensors.is_some() {
         let cols = items
             .into_iter()
-            .map(|(name, dtype, shape, piece, input)| Col {
+            .map(|(name, dtype, shape, piece, input, single)| Col {
                 encrypted: encrypted(&name),
                 input,
+                single,
                 row_bytes: 0,
                 rows: 0,
                 name,
@@ -294,7 +327,7 @@ pub(super) fn plan<'a>(
     let mut cols: Vec<Col> = Vec::new();
     // Column index by name: inputs may hold up to 2^20 tensors each, so no pairwise search.
     let mut index: HashMap<String, usize> = HashMap::new();
-    for (name, dtype, shape, piece, path) in items {
+    for (name, dtype, shape, piece, path, single) in items {
         let Some((&rows, row_shape)) = shape.split_first() else {
             return Err(Error::InvalidArgument(format!(
                 "{}: '{name}' is a scalar; a dataset's columns share a first dimension (the row count)",
@@ -311,6 +344,16 @@ pub(super) fn plan<'a>(
         };
         match index.get(&name).map(|&i| &mut cols[i]) {
             Some(c) => {
+                // Safetensors (and in-memory) inputs share columns, their rows concatenated;
+                // a .npy column's name repeating another column's is a mistake.
+                if single || c.single {
+                    return Err(Error::InvalidArgument(format!(
+                        "column '{}' is given twice, by {} and by {}: a .npy input is one column named after its file; rename one",
+                        crate::format::json::quote(&name),
+                        c.input.display(),
+                        path.display()
+                    )));
+                }
                 if c.dtype != dtype || c.shape != row_shape {
                     return Err(Error::InvalidArgument(format!(
                         "{}: column '{name}' is {dtype} {row_shape:?} per row here but {} {:?} in an earlier input",
@@ -351,6 +394,7 @@ pub(super) fn plan<'a>(
                     row_bytes,
                     pieces: vec![piece],
                     input: path,
+                    single,
                 });
             }
         }
