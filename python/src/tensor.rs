@@ -338,22 +338,22 @@ impl Tensor {
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
         let device = self.storage.device();
-        if device.device_type == DEVICE_CPU {
-            if let Some(s) = &stream {
-                if !s.is_none() && s.extract::<i64>().ok() != Some(-1) {
-                    return Err(PyBufferError::new_err(
-                        "stream must be None for a host (CPU) tensor",
-                    ));
-                }
-            }
+        if device.device_type == DEVICE_CPU
+            && let Some(s) = &stream
+            && !s.is_none()
+            && s.extract::<i64>().ok() != Some(-1)
+        {
+            return Err(PyBufferError::new_err(
+                "stream must be None for a host (CPU) tensor",
+            ));
         }
-        if let Some((t, id)) = dl_device {
-            if (t, id) != (device.device_type, device.device_id) {
-                return Err(PyBufferError::new_err(format!(
-                    "cannot export a {} tensor to DLPack device ({t}, {id}) (no cross-device copy)",
-                    device_name(device)
-                )));
-            }
+        if let Some((t, id)) = dl_device
+            && (t, id) != (device.device_type, device.device_id)
+        {
+            return Err(PyBufferError::new_err(format!(
+                "cannot export a {} tensor to DLPack device ({t}, {id}) (no cross-device copy)",
+                device_name(device)
+            )));
         }
         let versioned = matches!(max_version, Some((major, _)) if major >= 1);
         let (storage, region, flags): (Arc<dyn Storage>, usize, u64) = if copy == Some(true) {
