@@ -68,3 +68,29 @@ fn state_for_another_dataset_is_refused() {
     state.total_rows += 1;
     assert!(Loader::resume(src, &LoaderOptions::default(), &state).is_err());
 }
+
+/// `LoaderState::planned` gives the start position and batches per epoch a loader reports,
+/// fresh and resumed, without starting one.
+#[test]
+fn planned_matches_the_loader() {
+    let dir = tempfile::tempdir().unwrap();
+    let src: Arc<dyn RowSource> = common::small(dir.path());
+    let o = LoaderOptions {
+        batch_size: 8,
+        seed: 3,
+        epochs: 2,
+        ..Default::default()
+    };
+    let mut l = Loader::new(src.clone(), &o).unwrap();
+    let (state, per_epoch) = LoaderState::planned(src.as_ref(), &o).unwrap();
+    assert_eq!((state, per_epoch), (l.state(), l.batches_per_epoch()));
+    for _ in 0..per_epoch + 2 {
+        l.next().unwrap().unwrap();
+    }
+    let saved = l.state();
+    let resumed = o.clone().resume(&saved);
+    let (state, per_epoch) = LoaderState::planned(src.as_ref(), &resumed).unwrap();
+    let r = Loader::resume(src.clone(), &o, &saved).unwrap();
+    assert_eq!((&state, per_epoch), (&r.state(), r.batches_per_epoch()));
+    assert_eq!(state, saved);
+}

@@ -56,3 +56,51 @@ fn many_epochs_memory_flat() {
         "RSS grew from {rss_at_10} to {rss_end}"
     );
 }
+
+/// Counts the bytes of the host buffers alive (the pool's pin hook sees every allocation and
+/// every free).
+#[derive(Default)]
+struct LiveBytes(std::sync::atomic::AtomicI64);
+
+impl ciphershard::pipeline::PinHook for LiveBytes {
+    fn register(&self, _: *mut u8, len: usize) {
+        self.0
+            .fetch_add(len as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn unregister(&self, _: *mut u8, len: usize) {
+        self.0
+            .fetch_sub(len as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A batch kept after its loader is dropped holds its own buffers only: the pool's idle sets
+/// are freed with the loader, and so is a set returned later (before the fix the pool, alive
+/// through the batch, kept every preallocated set).
+#[test]
+fn kept_batch_outliving_its_loader_holds_only_its_buffers() {
+    let dir = tempfile::tempdir().unwrap();
+    let src: Arc<dyn RowSource> = common::small(dir.path());
+    let live = Arc::new(LiveBytes::default());
+    let o = LoaderOptions {
+        batch_size: 16,
+        threads: 2,
+        prefetch: 8,
+        pin_hook: Some(live.clone()),
+        ..Default::default()
+    };
+    let mut l = Loader::new(src, &o).unwrap();
+    let kept = l.next().unwrap().unwrap();
+    let other = l.next().unwrap().unwrap();
+    let set_bytes: i64 = kept.tensors().count() as i64 * 4096; // one page per small column
+    drop(l);
+    let load = || live.0.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(), 2 * set_bytes, "only the two batches still held");
+    drop(other);
+    assert_eq!(
+        load(),
+        set_bytes,
+        "a set returned after the loader is freed"
+    );
+    drop(kept);
+    assert_eq!(load(), 0);
+}

@@ -9,7 +9,7 @@ buffer without copying it; the buffer returns to the loader's pool when the last
     loader = ciphershard.Loader(ds, batch_size=256, shuffle=True, seed=0, as_torch=True)
     for batch in loader:                 # dict[str, torch.Tensor], no copy
         ...
-    state = loader.state_dict()          # ciphershard.Loader(ds, 256, state=state) resumes
+    state = loader.state_dict()          # Loader(ds, 256, shuffle=True, seed=0, as_torch=True, state=state) resumes
 
 Keys are given as files (``key_file=``) or as an environment variable naming a file
 (``key_env=``), never as bytes, so they cannot leak into a ``repr`` or a traceback.

@@ -113,9 +113,13 @@ class Loader:
 
     ``epochs=None``: each ``iter()`` runs the next epoch. ``epochs=N``: one iteration streams
     the remaining batches of epochs ``0..N``. ``rank``/``world_size`` default to the ``RANK`` /
-    ``WORLD_SIZE`` environment variables. ``state=`` resumes from :meth:`state_dict`.
+    ``WORLD_SIZE`` environment variables. ``state=`` resumes from :meth:`state_dict` (the
+    options must be those it was saved with; a differing one is refused, by name).
     ``device="cuda"`` (or ``"cuda:N"``) decrypts on the GPU into device memory and yields
     ``kDLCUDA`` tensors (DLPack stream protocol; ``backend`` must be None, "auto" or "cuda").
+
+    Batches are writable: each owns its buffers, so a write changes that batch only. A loader
+    inherited through ``fork()`` raises :class:`LoaderStoppedError` in the child.
     """
 
     def __new__(

@@ -50,10 +50,22 @@ const STATE_FORMAT: &str = "ciphershard.loader_state/1";
 /// Dropping the last holder drops the `Batch`, which returns the buffers to the loader's pool.
 struct BatchStorage {
     regions: Vec<(*mut u8, usize)>,
-    _batch: Batch,
+    batch: Option<Batch>,
+    /// The process whose loader made the batch (see [`Drop`]).
+    owner_pid: u32,
 }
 
-// SAFETY: the pointers address buffers owned by `_batch`, which is `Send + Sync` and keeps them
+impl Drop for BatchStorage {
+    fn drop(&mut self) {
+        // In a forked child the batch's pool belongs to threads that do not exist there (its
+        // lock may even be held forever): the child's copy of the buffers is leaked instead.
+        if std::process::id() != self.owner_pid {
+            std::mem::forget(self.batch.take());
+        }
+    }
+}
+
+// SAFETY: the pointers address buffers owned by `batch`, which is `Send + Sync` and keeps them
 // allocated and in place until it is dropped together with this struct. `BatchStorage` never
 // reads or writes the bytes itself; consumers synchronise their own accesses.
 unsafe impl Send for BatchStorage {}
@@ -87,7 +99,12 @@ impl Storage for BatchStorage {
 /// (set by ``torchrun``), else 0/1.
 ///
 /// Errors: an integrity or I/O failure raises (``IntegrityError``...) and ends the iteration;
-/// ``state_dict()`` then still points at the failed batch.
+/// ``state_dict()`` then still points at the failed batch. A batch whose conversion raised
+/// (Ctrl-C inside ``torch.from_dlpack``) is not lost: the next ``next()`` hands it out.
+///
+/// Batches are writable: each owns its buffers until its last view is freed, so a write
+/// changes that batch only. ``len()`` and ``state_dict()`` start nothing. A loader inherited
+/// through ``fork()`` raises ``LoaderStoppedError`` in the child (``close()`` does nothing there).
 ///
 /// Thread-safe: calls from several Python threads are serialised (``stats()`` from a monitoring
 /// thread waits, with the GIL released, until a concurrent ``next()`` has its batch).
@@ -98,7 +115,18 @@ pub struct PyLoader {
     as_torch: Option<Py<PyAny>>,
     /// `Some(ordinal)`: batches decrypted into CUDA device `ordinal`'s memory.
     device: Option<usize>,
+    /// The process that built the loader: its pipeline's threads exist only there.
+    owner_pid: u32,
     inner: Mutex<Inner>,
+}
+
+/// A batch taken from the pipeline but not yet handed to the caller: its conversion raised
+/// (typically a Ctrl-C inside ``torch.from_dlpack``), so the next ``next()`` hands it out.
+struct Undelivered {
+    rows: i64,
+    storage: Arc<dyn Storage>,
+    /// The position before this batch: what ``state_dict()`` reports while it is held.
+    state_before: LoaderState,
 }
 
 /// The running pipeline: host batches, or CUDA device batches.
@@ -167,6 +195,9 @@ struct Inner {
     /// Telemetry of the pipelines that already ended.
     finished: Option<LoaderStats>,
     closed: bool,
+    /// Batches per epoch once known (`len()` plans it without starting a pipeline).
+    batches_per_epoch: Option<u64>,
+    undelivered: Option<Undelivered>,
 }
 
 fn env_u64(name: &str) -> PyResult<Option<u64>> {
@@ -224,12 +255,46 @@ fn py_to_json(obj: &Bound<'_, PyAny>) -> PyResult<String> {
 }
 
 impl Inner {
-    /// The state the next pipeline starts from.
+    /// The position after the last batch handed to the caller.
     fn current_state(&self) -> Option<LoaderState> {
+        if let Some(u) = &self.undelivered {
+            return Some(u.state_before.clone());
+        }
         self.active
             .as_ref()
             .map(Active::state)
             .or_else(|| self.state.clone())
+    }
+
+    /// The position and the batches per epoch, without starting a pipeline: from the running
+    /// one, else planned from the options (opening the shards, no threads and no buffers).
+    fn position(
+        &mut self,
+        py: Python<'_>,
+        dataset: &PyDataset,
+        device: Option<usize>,
+    ) -> PyResult<(LoaderState, u64)> {
+        if let Some(active) = &self.active {
+            self.batches_per_epoch = Some(active.batches_per_epoch());
+        }
+        if let (Some(state), Some(per_epoch)) = (self.current_state(), self.batches_per_epoch) {
+            return Ok((state, per_epoch));
+        }
+        let opts = match &self.state {
+            Some(s) => self.opts.clone().resume(s),
+            None => self.opts.clone(),
+        };
+        // The plan depends on the shards only; a device loader plans with the host cipher.
+        let backend = match device {
+            Some(_) => Some(ciphershard::Backend::Cpu),
+            None => self.backend,
+        };
+        let (source, _) = dataset.source(py, backend)?;
+        let (planned, per_epoch) = py
+            .detach(|| LoaderState::planned(source.as_ref(), &opts))
+            .py()?;
+        self.batches_per_epoch = Some(per_epoch);
+        Ok((self.current_state().unwrap_or(planned), per_epoch))
     }
 
     /// Ends the running pipeline (joining its threads), keeping its position and telemetry.
@@ -321,14 +386,69 @@ impl PyLoader {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn batch_to_dict<'py>(&self, py: Python<'py>, batch: AnyBatch) -> PyResult<Bound<'py, PyDict>> {
-        let (rows, storage): (i64, Arc<dyn Storage>) = match batch {
+    /// Refuses every use in a process forked from the one that built the loader: the
+    /// pipeline's threads were not copied into it.
+    fn refuse_if_forked(&self, py: Python<'_>) -> PyResult<()> {
+        let pid = std::process::id();
+        if pid == self.owner_pid {
+            return Ok(());
+        }
+        Err(new_err(
+            py,
+            "LoaderStoppedError",
+            format!(
+                "loader: inherited through fork() (built in process {}, this is {pid}); its \
+                 threads run only in the parent: build a new Loader in this process",
+                self.owner_pid
+            ),
+        ))
+    }
+
+    /// Takes the next batch from the pipeline (or the one a failed conversion left).
+    fn take_next(&self, py: Python<'_>) -> PyResult<Undelivered> {
+        self.refuse_if_forked(py)?;
+        let mut inner = self.lock(py);
+        if inner.closed {
+            return Err(new_err(py, "LoaderStoppedError", "loader: closed".into()));
+        }
+        if let Some(kept) = inner.undelivered.take() {
+            return Ok(kept);
+        }
+        if inner.active.is_none() {
+            inner.start(py, self.dataset.get(), self.device)?;
+        }
+        let loader = inner.active.as_mut().expect("started above");
+        let state_before = loader.state();
+        match loader.next(py)? {
+            Some(Ok(batch)) => {
+                let (rows, storage) = self.storage(batch);
+                Ok(Undelivered {
+                    rows,
+                    storage,
+                    state_before,
+                })
+            }
+            Some(Err(e)) => {
+                inner.stop_active(py);
+                Err(crate::errors::to_py_err(e))
+            }
+            None => {
+                inner.stop_active(py);
+                Err(PyStopIteration::new_err(()))
+            }
+        }
+    }
+
+    /// Rows and the shared column buffers of a batch.
+    fn storage(&self, batch: AnyBatch) -> (i64, Arc<dyn Storage>) {
+        match batch {
             AnyBatch::Host(mut batch) => {
                 let rows = batch.len() as i64;
                 let regions = batch.column_ptrs_mut();
                 let storage = Arc::new(BatchStorage {
                     regions,
-                    _batch: batch,
+                    batch: Some(batch),
+                    owner_pid: self.owner_pid,
                 });
                 (rows, storage)
             }
@@ -339,7 +459,16 @@ impl PyLoader {
                 let storage = Arc::new(crate::cuda::DeviceBatchStorage::new(batch, ordinal));
                 (rows, storage)
             }
-        };
+        }
+    }
+
+    /// The batch as a dict of tensors (``torch.Tensor`` with ``as_torch``).
+    fn batch_dict<'py>(
+        &self,
+        py: Python<'py>,
+        batch: &Undelivered,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (rows, storage) = (batch.rows, &batch.storage);
         let out = PyDict::new(py);
         for (i, (name, dtype, row_shape)) in self.columns.iter().enumerate() {
             let shape: Vec<i64> = std::iter::once(rows)
@@ -455,6 +584,7 @@ impl PyLoader {
             columns,
             as_torch,
             device,
+            owner_pid: std::process::id(),
             inner: Mutex::new(Inner {
                 opts,
                 backend,
@@ -463,6 +593,8 @@ impl PyLoader {
                 active: None,
                 finished: None,
                 closed: false,
+                batches_per_epoch: None,
+                undelivered: None,
             }),
         };
         if let Some(s) = state {
@@ -473,6 +605,7 @@ impl PyLoader {
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyResult<PyRef<'_, Self>> {
         let py = slf.py();
+        slf.refuse_if_forked(py)?;
         {
             let mut inner = slf.lock(py);
             if inner.closed {
@@ -486,58 +619,40 @@ impl PyLoader {
     }
 
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let mut inner = self.lock(py);
-        if inner.closed {
-            return Err(new_err(py, "LoaderStoppedError", "loader: closed".into()));
-        }
-        if inner.active.is_none() {
-            inner.start(py, self.dataset.get(), self.device)?;
-        }
-        let loader = inner.active.as_mut().expect("started above");
-        match loader.next(py)? {
-            Some(Ok(batch)) => {
-                drop(inner);
-                self.batch_to_dict(py, batch)
+        let batch = self.take_next(py)?;
+        // Converted without the lock: the conversion runs Python code (signal handlers too).
+        self.batch_dict(py, &batch).inspect_err(|_| {
+            // The batch left the pipeline and counts as done there: keep it for the next call.
+            let mut inner = self.lock(py);
+            if !inner.closed {
+                inner.undelivered = Some(batch);
             }
-            Some(Err(e)) => {
-                inner.stop_active(py);
-                Err(crate::errors::to_py_err(e))
-            }
-            None => {
-                inner.stop_active(py);
-                Err(PyStopIteration::new_err(()))
-            }
-        }
+        })
     }
 
-    /// Batches per epoch for this rank.
+    /// Batches per epoch for this rank (starts nothing).
     fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        self.refuse_if_forked(py)?;
         let mut inner = self.lock(py);
-        if inner.active.is_none() {
-            inner.start(py, self.dataset.get(), self.device)?;
-        }
-        Ok(inner
-            .active
-            .as_ref()
-            .map_or(0, |l| l.batches_per_epoch() as usize))
+        let (_, per_epoch) = inner.position(py, self.dataset.get(), self.device)?;
+        Ok(per_epoch as usize)
     }
 
     /// Epoch of the next batch.
     #[getter]
-    fn epoch(&self, py: Python<'_>) -> u64 {
-        self.lock(py).current_state().map_or(0, |s| s.epoch)
+    fn epoch(&self, py: Python<'_>) -> PyResult<u64> {
+        self.refuse_if_forked(py)?;
+        Ok(self.lock(py).current_state().map_or(0, |s| s.epoch))
     }
 
     /// A small JSON-compatible dict: everything the order depends on plus the position after
     /// the last batch handed out. ``Loader(ds, ..., state=d)`` or ``load_state_dict(d)``
     /// continues exactly there.
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.refuse_if_forked(py)?;
         let mut inner = self.lock(py);
-        if inner.current_state().is_none() {
-            // Not started yet: start the pipeline, which settles the automatic block size.
-            inner.start(py, self.dataset.get(), self.device)?;
-        }
-        let state = inner.current_state().expect("a started loader has a state");
+        // Not started yet: the plan settles the automatic block size; nothing is started.
+        let (state, _) = inner.position(py, self.dataset.get(), self.device)?;
         drop(inner);
         let json = serde_json::json!({ "format": STATE_FORMAT, "loader": state }).to_string();
         json_to_py(py, &json)
@@ -559,16 +674,19 @@ impl PyLoader {
         if s.block_rows == 0 {
             return Err(bad("block_rows is 0".into()));
         }
+        self.refuse_if_forked(py)?;
         let mut inner = self.lock(py);
+        // Resuming applies the state's order: options that say otherwise would be ignored.
+        let mismatches = s.mismatches(&inner.opts);
+        if !mismatches.is_empty() {
+            return Err(bad(format!(
+                "saved with other options: {}; pass the options it was saved with",
+                mismatches.join(", ")
+            )));
+        }
         inner.stop_active(py);
-        inner.opts.seed = s.seed;
-        inner.opts.shuffle = s.shuffle;
-        inner.opts.batch_size = s.batch_size as usize;
-        inner.opts.drop_last = s.drop_last;
-        inner.opts.rank = s.rank;
-        inner.opts.world_size = s.world_size;
-        inner.opts.window_blocks = s.window_blocks;
-        inner.opts.block_rows = Some(s.block_rows);
+        inner.undelivered = None;
+        inner.batches_per_epoch = None;
         inner.state = Some(s);
         Ok(())
     }
@@ -578,6 +696,7 @@ impl PyLoader {
     /// ``chunks_loaded``, ``read_amplification``, ``decrypt_amplification``, ``pool_bytes``,
     /// ``first_batch_ns``. Summed over every epoch this object ran.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.refuse_if_forked(py)?;
         let inner = self.lock(py);
         let mut total = inner.finished.clone().unwrap_or_default();
         if let Some(l) = &inner.active {
@@ -590,9 +709,14 @@ impl PyLoader {
     }
 
     /// Stops the pipeline and joins its threads. Tensors already handed out stay valid.
+    /// In a process forked from the loader's, it does nothing (the threads are the parent's).
     fn close(&self, py: Python<'_>) {
+        if std::process::id() != self.owner_pid {
+            return;
+        }
         let mut inner = self.lock(py);
         inner.stop_active(py);
+        inner.undelivered = None;
         inner.closed = true;
     }
 
@@ -606,6 +730,10 @@ impl PyLoader {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
+        let forked = std::process::id() != self.owner_pid;
+        if forked {
+            return "ciphershard.Loader(<inherited through fork(), unusable>)".into();
+        }
         let inner = self.lock(py);
         let s = inner.current_state();
         format!(
@@ -618,6 +746,19 @@ impl PyLoader {
             s.as_ref().map_or(0, |s| s.epoch),
             s.as_ref().map_or(0, |s| s.batches_done_in_epoch)
         )
+    }
+}
+
+impl Drop for PyLoader {
+    fn drop(&mut self) {
+        // In a forked child the pipeline's threads do not exist: joining them is undefined
+        // (it panicked), and its locks may be held forever. Leak the child's copy instead;
+        // `get_mut` takes no lock.
+        if std::process::id() != self.owner_pid {
+            let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+            std::mem::forget(inner.active.take());
+            std::mem::forget(inner.undelivered.take());
+        }
     }
 }
 

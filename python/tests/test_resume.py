@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import ciphershard
 
@@ -85,3 +86,23 @@ def test_ranks_cover_the_epoch(data, monkeypatch):
         loader = ciphershard.Loader(ds, 50, seed=9, rank=rank, world_size=3)
         everyone |= {i for b in loader for i in np.from_dlpack(b["row_id"]).tolist()}
     assert everyone == set(range(2000))
+
+
+def test_state_saved_with_other_options_is_refused(data):
+    ds = data.open()
+    saved = ciphershard.Loader(ds, 256, seed=3)
+    next(iter(saved))
+    state = saved.state_dict()
+    saved.close()
+    with pytest.raises(ciphershard.InvalidArgumentError, match=r"batch_size \(state 256, options 128\)"):
+        ciphershard.Loader(ds, batch_size=128, seed=3, state=state)
+    with pytest.raises(ciphershard.InvalidArgumentError) as e:
+        ciphershard.Loader(ds, 128, seed=4, shuffle=False, state=state)
+    assert all(f in str(e.value) for f in ("batch_size", "seed", "shuffle")), e.value
+    other = ciphershard.Loader(ds, 256, seed=4)
+    with pytest.raises(ciphershard.InvalidArgumentError, match="seed"):
+        other.load_state_dict(state)
+    # Refused without harm: `other` still runs its own order from the start.
+    assert len(list(other)) == 8
+    resumed = ciphershard.Loader(ds, 256, seed=3, state=state)
+    assert len(list(resumed)) == 7

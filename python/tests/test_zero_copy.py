@@ -128,3 +128,25 @@ def test_numpy_dtypes_through_dlpack():
         out = np.from_dlpack(t)
         assert out.dtype == src.dtype
         np.testing.assert_array_equal(out, src)
+
+
+def test_batches_are_writable_and_private(data):
+    """Batches are writable (documented): each owns its buffer, so a write to one batch never
+    shows in another, neither in batches alive beside it nor in later ones reusing its buffer."""
+    if not NEW_NUMPY:
+        pytest.skip("this NumPy imports DLPack read-only")
+    ds = data.open()
+    names = list(data.columns)
+    ref = [{n: np.from_dlpack(b[n]).copy() for n in names} for b in ciphershard.Loader(ds, 64, seed=8)]
+    kept = []
+    for i, b in enumerate(ciphershard.Loader(ds, 64, seed=8, prefetch=2, threads=2)):
+        for n in names:
+            arr = np.from_dlpack(b[n])
+            np.testing.assert_array_equal(arr, ref[i][n], err_msg=f"batch {i} {n}")
+            arr[...] = ~ref[i][n] if arr.dtype == np.bool_ else ref[i][n] + 1
+        if i % 3 == 0:
+            kept.append((i, b))  # alive beside the next ones; the others are recycled
+    assert len(ref) == 32
+    for i, b in kept:
+        f = np.from_dlpack(b["features"])
+        np.testing.assert_array_equal(f, ref[i]["features"] + 1)

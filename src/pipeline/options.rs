@@ -148,6 +148,59 @@ impl LoaderState {
         }
     }
 
+    /// Where a loader built with `opts` over `source` starts (resumed options included) and its
+    /// batches per epoch, found without allocating buffers or starting threads: what a caller
+    /// that only asks for a length or a position needs.
+    pub fn planned(source: &dyn RowSource, opts: &LoaderOptions) -> Result<(Self, u64)> {
+        let plan = PlanSetup::new(source, opts)?;
+        let mut state = LoaderState::start(opts, plan.block_rows, plan.total_rows);
+        state.normalize(plan.batches_per_epoch);
+        Ok((state, plan.batches_per_epoch))
+    }
+
+    /// The order-defining fields on which this state and `opts` disagree, as
+    /// `"name (state X, options Y)"`; `block_rows` only when `opts` sets it. Resuming applies the
+    /// state's values, so a caller that wants its own options honoured refuses a non-empty list.
+    pub fn mismatches(&self, opts: &LoaderOptions) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |name: &str, state: String, given: String| {
+            if state != given {
+                out.push(format!("{name} (state {state}, options {given})"));
+            }
+        };
+        check(
+            "batch_size",
+            self.batch_size.to_string(),
+            opts.batch_size.to_string(),
+        );
+        check("seed", self.seed.to_string(), opts.seed.to_string());
+        check(
+            "shuffle",
+            self.shuffle.to_string(),
+            opts.shuffle.to_string(),
+        );
+        check(
+            "drop_last",
+            self.drop_last.to_string(),
+            opts.drop_last.to_string(),
+        );
+        check("rank", self.rank.to_string(), opts.rank.to_string());
+        check(
+            "world_size",
+            self.world_size.to_string(),
+            opts.world_size.to_string(),
+        );
+        check(
+            "window_blocks",
+            self.window_blocks.to_string(),
+            opts.window_blocks.to_string(),
+        );
+        if let Some(rows) = opts.block_rows {
+            check("block_rows", self.block_rows.to_string(), rows.to_string());
+        }
+        out
+    }
+
     /// A position at the end of an epoch is the start of the next one.
     pub(crate) fn normalize(&mut self, batches_per_epoch: u64) {
         if batches_per_epoch > 0 && self.batches_done_in_epoch >= batches_per_epoch {
@@ -365,4 +418,70 @@ pub(crate) fn stopped(stop: &Receiver<()>) -> bool {
         stop.try_recv(),
         Err(crossbeam_channel::TryRecvError::Disconnected)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved() -> LoaderState {
+        let opts = LoaderOptions {
+            batch_size: 256,
+            seed: 7,
+            ..LoaderOptions::default()
+        };
+        LoaderState::start(&opts, 64, 1000)
+    }
+
+    #[test]
+    fn mismatches_name_each_differing_field() {
+        let state = saved();
+        let same = LoaderOptions {
+            batch_size: 256,
+            seed: 7,
+            ..LoaderOptions::default()
+        };
+        assert!(state.mismatches(&same).is_empty());
+        // block_rows left automatic matches any saved value; threads/prefetch do not count.
+        let other = LoaderOptions {
+            batch_size: 128,
+            seed: 8,
+            threads: 9,
+            prefetch: 1,
+            block_rows: Some(32),
+            ..LoaderOptions::default()
+        };
+        assert_eq!(
+            state.mismatches(&other),
+            [
+                "batch_size (state 256, options 128)",
+                "seed (state 7, options 8)",
+                "block_rows (state 64, options 32)",
+            ]
+        );
+        // Every other order-defining field is compared too.
+        let flipped = LoaderOptions {
+            shuffle: false,
+            drop_last: true,
+            rank: 1,
+            world_size: 2,
+            window_blocks: 3,
+            ..same
+        };
+        let names: Vec<String> = state
+            .mismatches(&flipped)
+            .iter()
+            .map(|m| m.split(' ').next().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "shuffle",
+                "drop_last",
+                "rank",
+                "world_size",
+                "window_blocks"
+            ]
+        );
+    }
 }

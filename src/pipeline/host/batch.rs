@@ -110,6 +110,9 @@ pub(super) struct SetPool {
     pub(super) pin: Option<Arc<dyn PinHook>>,
     pub(super) counter: Arc<std::sync::atomic::AtomicU64>,
     pub(super) allocations: std::sync::atomic::AtomicU64,
+    /// Set when the loader is gone: sets returned afterwards (batches the consumer still held)
+    /// are freed instead of kept for a pipeline that will never ask for them.
+    pub(super) closed: std::sync::atomic::AtomicBool,
 }
 
 impl SetPool {
@@ -128,10 +131,20 @@ impl SetPool {
         self.alloc()
     }
     pub(super) fn put(&self, s: Vec<AlignedBuf>) {
+        if self.closed.load(Relaxed) {
+            return;
+        }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if free.len() < self.cap && s.len() == self.sizes.len() {
             free.push(s);
         }
+    }
+    /// Frees the idle sets and every set returned from now on: a batch the consumer keeps past
+    /// its loader then holds only its own buffers, not the whole preallocated pool.
+    pub(super) fn close(&self) {
+        self.closed.store(true, Relaxed);
+        let idle = std::mem::take(&mut *self.free.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(idle);
     }
 }
 

@@ -87,6 +87,7 @@ impl Loader {
             pin: opts.pin_hook.clone(),
             counter: counters.pool_bytes.clone(),
             allocations: Default::default(),
+            closed: Default::default(),
         });
         {
             let mut free = set_pool.free.lock().unwrap_or_else(|e| e.into_inner());
@@ -346,6 +347,7 @@ impl std::fmt::Debug for Loader {
 impl Drop for Loader {
     fn drop(&mut self) {
         self.shutdown();
+        self.set_pool.close();
     }
 }
 
