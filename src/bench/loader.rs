@@ -354,6 +354,17 @@ pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> R
 /// Generates a synthetic encrypted dataset in `dir` (f32 features + i64 label, both encrypted;
 /// plaintext exists only in memory) and returns its key.
 pub fn generate(dir: &Path, rows: u64, features: u64, chunk_size: u64) -> Result<MasterKey> {
+    generate_with(dir, rows, features, chunk_size, &mut |_, _| {})
+}
+
+/// [`generate`], reporting convert's progress (bytes done, bytes in all).
+pub fn generate_with(
+    dir: &Path,
+    rows: u64,
+    features: u64,
+    chunk_size: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MasterKey> {
     let key = MasterKey::generate()?;
     let mut rng = crate::cipher::conformance::SplitMix(0xBE7C_4000);
     let mut x = vec![0u8; (rows * features * 4) as usize];
@@ -383,7 +394,7 @@ pub fn generate(dir: &Path, rows: u64, features: u64, chunk_size: u64) -> Result
         shard_size: 64 << 20,
         ..Default::default()
     };
-    convert(&inputs, dir, &opts, &mut |_, _| {})?;
+    convert(&inputs, dir, &opts, progress)?;
     Ok(key)
 }
 
@@ -401,7 +412,7 @@ pub fn run(
     key: Option<&MasterKey>,
     opts: &BenchOptions,
 ) -> Result<BenchReport> {
-    run_with_scratch(dataset, key, opts, &scratch_dir()?)
+    run_with_scratch(dataset, key, opts, &scratch_dir()?, &mut |_, _| {})
 }
 
 /// A new name in the temporary directory for [`run_with_scratch`]'s generated dataset.
@@ -412,12 +423,14 @@ pub fn scratch_dir() -> Result<PathBuf> {
 }
 
 /// [`run`], generating the dataset (when `dataset` is `None`) in the new directory `scratch`,
-/// removed after: a caller that must remove it on a signal knows its name.
+/// removed after: a caller that must remove it on a signal knows its name. `generating`
+/// reports the generation's progress (bytes done, bytes in all).
 pub fn run_with_scratch(
     dataset: Option<&Path>,
     key: Option<&MasterKey>,
     opts: &BenchOptions,
     scratch: &Path,
+    generating: &mut dyn FnMut(u64, u64),
 ) -> Result<BenchReport> {
     // Name the backend actually used (`auto` resolves here); GPU backends bench their device
     // loader, so `auto` prefers a GPU as the device loaders do, unless host batches are asked
@@ -457,11 +470,12 @@ pub fn run_with_scratch(
         }
         None => {
             let dir = TempDir(scratch.to_path_buf());
-            let key = generate(
+            let key = generate_with(
                 &dir.0,
                 opts.generated_rows,
                 opts.generated_features,
                 2 << 20,
+                generating,
             )?;
             if device_loader {
                 return run_device(backend, &dir.0, &key, "generated", opts);

@@ -664,12 +664,22 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         interrupt::catch()?;
         interrupt::remove_on_signal(scratch.clone());
     }
+    let pb = byte_progress(0, "generate");
     let report = crate_bench::loader::run_with_scratch(
         args.dataset.as_deref(),
         key.as_ref(),
         &opts,
         &scratch,
-    )?;
+        &mut |done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+            if done == total {
+                pb.finish_and_clear();
+            }
+        },
+    );
+    pb.finish_and_clear();
+    let report = report?;
     let kernels = match report.backend.as_str() {
         _ if args.no_kernel_figures => None,
         "cuda" => Some(cuda_kernel_figures()?),
