@@ -154,11 +154,12 @@ pub enum Error {
     )]
     Integrity(ChunkLocation),
     /// The shard header or dataset metadata failed authentication.
-    #[error("{}: integrity check failed: {} was modified", Untrusted(.path.display()), Untrusted(.what))]
+    #[error("{}: integrity check failed: {}", Untrusted(.path.display()), Untrusted(.what))]
     HeaderIntegrity {
         /// The file.
         path: PathBuf,
-        /// What failed (shard header, manifest/shard mismatch...).
+        /// What failed and how, as a clause ("the shard header was modified: ...",
+        /// "manifest/shard mismatch: ...").
         what: String,
     },
     /// A key file or key source is unusable.

@@ -226,7 +226,8 @@ fn run(cli: Cli) -> Result<()> {
             let (auto, passed) = cipher::select_auto();
             outln!("auto  -> {}", auto.backend().name())?;
             for (b, why) in passed {
-                outln!("        (not {}: {why})", b.name())?;
+                // Available or not (listed above), auto did not pick it: say why.
+                outln!("        passed over {}: {why}", b.name())?;
             }
             match cipher::auto::wgpu_tag_check_choice() {
                 Some(Ok(choice)) => outln!("wgpu  {choice}"),

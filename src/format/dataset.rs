@@ -35,8 +35,35 @@ pub struct Dataset {
 fn mismatch(path: &Path, what: String) -> Error {
     Error::HeaderIntegrity {
         path: path.into(),
-        what: format!("manifest/shard mismatch: {what}"),
+        what: format!(
+            "manifest/shard mismatch: {what} (a dataset file was modified, replaced or taken \
+             from another dataset)"
+        ),
     }
+}
+
+/// The error for a path that is no dataset (no manifest where one would be): it names the
+/// path and says what a dataset is, rather than "manifest.json: No such file".
+fn not_a_dataset(path: &Path, is_dir: bool, dir: &Path) -> Error {
+    let where_ = if is_dir {
+        "it holds no manifest.json".to_string()
+    } else {
+        format!(
+            "no manifest.json beside it in {}/",
+            crate::error::Untrusted(dir.display())
+        )
+    };
+    Error::io(
+        path,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "not a ciphershard dataset: {where_} (a dataset is a directory written by \
+                 `ciphershard convert`: manifest.json, keyring.json and shard-NNNNN.safetensors \
+                 files; name that directory or one of its shards)"
+            ),
+        ),
+    )
 }
 
 /// A dataset's rows are bounded by its data only if some column's rows hold bytes (a dataset
@@ -85,10 +112,15 @@ impl Dataset {
                 .to_path_buf()
         };
         let mpath = dir.join(MANIFEST_FILE);
-        let manifest = Manifest::parse(
-            &mpath,
-            &read_bounded(&mpath, "manifest", MAX_JSON_FILE_LEN)?,
-        )?;
+        let bytes = read_bounded(&mpath, "manifest", MAX_JSON_FILE_LEN).map_err(|e| match e {
+            Error::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound && !mpath.exists() =>
+            {
+                not_a_dataset(path, meta.is_dir(), &dir)
+            }
+            e => e,
+        })?;
+        let manifest = Manifest::parse(&mpath, &bytes)?;
         if manifest.kind == DatasetKind::Dataset {
             check_row_sizes(&mpath, &manifest)?;
         }
@@ -97,7 +129,7 @@ impl Dataset {
         if keyring.dataset_id != manifest.dataset_id {
             return Err(mismatch(
                 &kpath,
-                "keyring belongs to another dataset".into(),
+                "the keyring belongs to another dataset".into(),
             ));
         }
         for w in &keyring.wraps {
@@ -121,7 +153,7 @@ impl Dataset {
         let mut next_row = 0u64;
         for (i, entry) in manifest.shards.iter().enumerate() {
             let spath = store.name(i).to_path_buf();
-            let h = ShardHeader::read_from(store.as_ref(), i)?;
+            let h = ShardHeader::read_from_vouched(store.as_ref(), i, &entry.header_digest)?;
             let d = &h.descriptor;
             let check = |ok: bool, what: &str| {
                 if ok {
@@ -132,7 +164,7 @@ impl Dataset {
             };
             check(
                 d.dataset_id == manifest.dataset_id,
-                "shard belongs to another dataset",
+                "the shard belongs to another dataset",
             )?;
             check(
                 d.shard_index as usize == i,
