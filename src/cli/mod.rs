@@ -73,6 +73,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the key id of each master key given (never the key): the id `inspect` lists as
+    /// opening a dataset and wrong-key errors name.
+    KeyId {
+        /// Key sources: a key file path, `-` for standard input, or `env:VAR` for the file named
+        /// by $VAR.
+        #[arg(required = true, value_name = "KEY_SOURCE")]
+        keys: Vec<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Convert safetensors / .npy files into an encrypted dataset.
     Convert(commands::ConvertArgs),
     /// Show a shard's or dataset's header, tensors, key ids and chunk layout (no key needed).
@@ -83,7 +94,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check every authentication tag of a dataset.
+    /// Check every authentication tag of a dataset (several --key: opens with whichever the
+    /// keyring lists).
     Verify {
         #[command(flatten)]
         key: KeyArgs,
@@ -93,7 +105,9 @@ enum Command {
         #[arg(long, default_value = "auto")]
         backend: Backend,
     },
-    /// Rotate a master key: re-wrap the data keys; no tensor byte is rewritten.
+    /// Rotate a master key: re-wrap the data keys under --new-key and drop --key's; every
+    /// other key keeps opening the dataset, a new key already there is not listed twice; no
+    /// tensor byte is rewritten.
     Rekey {
         #[command(flatten)]
         key: KeyArgs,
@@ -146,7 +160,10 @@ impl Command {
                 .dataset()
                 .and_then(exit::dataset_dir)
                 .map(Path::to_path_buf),
-            Command::Keygen { .. } | Command::Convert(_) | Command::Demo { .. } => None,
+            Command::Keygen { .. }
+            | Command::KeyId { .. }
+            | Command::Convert(_)
+            | Command::Demo { .. } => None,
             Command::Backends => None,
         }
     }
@@ -196,6 +213,7 @@ fn run(cli: Cli) -> Result<()> {
                 key.id()
             )
         }
+        Command::KeyId { keys, json } => commands::key_id(&keys, json),
         Command::Convert(args) => commands::convert(args),
         Command::Inspect { path, json } => commands::inspect(&path, json),
         Command::Verify {

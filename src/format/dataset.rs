@@ -563,18 +563,35 @@ fn checked_data_keys(ds: &Dataset, key: &MasterKey) -> Result<Vec<DataKey>> {
     Ok(ds.unlock(key, &CpuCipher::new())?.data_keys)
 }
 
+/// What [`rekey`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RekeySummary {
+    /// The new key was already in the keyring: its wraps were rewritten where they were (never
+    /// listed twice), so the dataset now opens with one key fewer.
+    pub new_key_was_present: bool,
+    /// Ids of the master keys that open the dataset now, in keyring order.
+    pub key_ids: Vec<String>,
+}
+
 /// Rotates a master key: rewraps every data key from `old` to `new` and replaces
 /// keyring.json atomically. No shard byte changes; until the rename, `old` still opens it.
-pub fn rekey(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<()> {
+/// Every other key keeps opening the dataset; a `new` key that is already in the keyring is
+/// not listed twice (the result: `old` removed, see [`RekeySummary::new_key_was_present`]).
+pub fn rekey(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<RekeySummary> {
     let ds = Dataset::open(dir)?;
     if old.id() == new.id() {
         return Err(Error::InvalidArgument("the new key is the old key".into()));
     }
     let keys = checked_data_keys(&ds, old)?;
     let mut ring = Keyring::clone(&ds.keyring);
+    let new_key_was_present = ring.wraps.iter().any(|w| w.key_id == new.id());
     ring.wraps.retain(|w| w.key_id != old.id());
     ring.set_wraps(new, &keys)?;
-    write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())
+    write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())?;
+    Ok(RekeySummary {
+        new_key_was_present,
+        key_ids: ring.key_ids(),
+    })
 }
 
 /// Lets `added` open the dataset too (`existing` must already open it).
