@@ -134,16 +134,17 @@ pub enum Error {
         /// What this build supports.
         supported: String,
     },
-    /// No key in the keyring matches the master key given.
+    /// No key in the keyring matches the master key(s) given.
     #[error(
-        "{}: wrong key: master key {key_id} cannot open this dataset (it is wrapped for: {})",
+        "{}: wrong key: {} (it is wrapped for: {})",
         Untrusted(.path.display()),
+        tried_keys(.key_id),
         Untrusted(.available)
     )]
     WrongKey {
         /// The keyring or shard.
         path: PathBuf,
-        /// Id of the key that was tried.
+        /// Id of the key that was tried (several, joined by ", ", when several were).
         key_id: String,
         /// Ids of the keys that can open it.
         available: String,
@@ -154,11 +155,12 @@ pub enum Error {
     )]
     Integrity(ChunkLocation),
     /// The shard header or dataset metadata failed authentication.
-    #[error("{}: integrity check failed: {} was modified", Untrusted(.path.display()), Untrusted(.what))]
+    #[error("{}: integrity check failed: {}", Untrusted(.path.display()), Untrusted(.what))]
     HeaderIntegrity {
         /// The file.
         path: PathBuf,
-        /// What failed (shard header, manifest/shard mismatch...).
+        /// What failed and how, as a clause ("the shard header was modified: ...",
+        /// "manifest/shard mismatch: ...").
         what: String,
     },
     /// A key file or key source is unusable.
@@ -186,6 +188,16 @@ pub enum Error {
     /// The loader was stopped or its pipeline shut down.
     #[error("loader stopped: {}", Untrusted(.0))]
     Stopped(String),
+}
+
+/// "master key ID cannot open this dataset", or for several ids "none of master keys A, B can
+/// open this dataset".
+fn tried_keys(ids: &str) -> String {
+    if ids.contains(", ") {
+        format!("none of master keys {ids} can open this dataset")
+    } else {
+        format!("master key {ids} cannot open this dataset")
+    }
 }
 
 impl Error {

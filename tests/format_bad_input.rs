@@ -154,6 +154,8 @@ fn offsets_out_of_range_overlapping_or_not_contiguous() {
 
 #[test]
 fn unknown_version_or_cipher() {
+    // In a dataset the manifest vouches for each header (its digest): an edited version or
+    // cipher is a modified header. Read alone, the shard says what it names.
     with_dataset(|d| {
         rewrite_header(&shard(d, 0), |h| {
             h.replace(r#"\"version\":1"#, r#"\"version\":2"#)
@@ -161,14 +163,27 @@ fn unknown_version_or_cipher() {
         let e = assert_err_names(
             Dataset::open(d),
             "shard-00000",
+            "the shard header was modified",
+        );
+        assert!(matches!(e, Error::HeaderIntegrity { .. }), "{e}");
+        assert!(e.to_string().contains("version '2'"), "{e}");
+        let e = assert_err_names(
+            ShardHeader::read(&shard(d, 0)),
+            "shard-00000",
             "unsupported format version '2'",
         );
         assert!(matches!(e, Error::Unsupported { .. }));
     });
     with_dataset(|d| {
         rewrite_header(&shard(d, 0), |h| h.replace("AES-256-GCM", "AES-128-GCM"));
-        assert_err_names(
+        let e = assert_err_names(
             Dataset::open(d),
+            "shard-00000",
+            "the shard header was modified",
+        );
+        assert!(e.to_string().contains("cipher 'AES-128-GCM'"), "{e}");
+        assert_err_names(
+            ShardHeader::read(&shard(d, 0)),
             "shard-00000",
             "unsupported cipher 'AES-128-GCM'",
         );

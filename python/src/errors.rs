@@ -77,10 +77,36 @@ fn build(py: Python<'_>, err: &Error) -> PyResult<PyErr> {
         }
         Error::Stopped(_) => "LoaderStoppedError",
     };
+    let mut message = err.to_string();
+    if class == "BackendError" {
+        message = python_backend_advice(&message);
+    }
     let class_obj = py.import("ciphershard._errors")?.getattr(class)?;
-    let exc = class_obj.call1((err.to_string(),))?;
+    let exc = class_obj.call1((message,))?;
     for (k, v) in attrs.iter() {
         exc.setattr(k.extract::<String>()?, v)?;
     }
     Ok(PyErr::from_value(exc))
+}
+
+/// The backends' advice is written for the command line ("use --backend cpu"); from Python the
+/// same choice is the `backend="cpu"` argument.
+fn python_backend_advice(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("--backend ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + "--backend ".len()..];
+        let name_len = after
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .unwrap_or(after.len());
+        if name_len == 0 {
+            out.push_str("--backend ");
+        } else {
+            out.push_str(&format!("backend=\"{}\"", &after[..name_len]));
+        }
+        rest = &after[name_len..];
+    }
+    out.push_str(rest);
+    out
 }

@@ -171,3 +171,16 @@ def test_hierarchy():
     assert issubclass(ciphershard.FormatError, ValueError)
     assert issubclass(ciphershard.DatasetIOError, OSError)
     assert issubclass(ciphershard.BackendError, RuntimeError)
+
+
+def test_backend_advice_is_for_python(fresh_data):
+    # Where CUDA is missing, the advice names the Python argument, not the CLI option.
+    try:
+        ciphershard.Dataset(fresh_data.path, key_file=fresh_data.key_file, backend="cuda")
+    except ciphershard.BackendError as e:
+        msg = str(e)
+        assert "--backend" not in msg, msg
+        if "cpu" in msg:
+            assert 'backend="cpu"' in msg, msg
+    else:
+        pytest.skip("CUDA is available here: no advice to check")

@@ -205,6 +205,30 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+/// `ciphershard key-id`: the id of each key source, never the key (as `age-keygen -y` prints
+/// a public key). Every source is read before anything is printed: one bad source fails the
+/// command without a partial list.
+pub fn key_id(sources: &[String], how: OutputArgs) -> Result<()> {
+    if sources.iter().filter(|s| s.as_str() == "-").count() > 1 {
+        return Err(Error::Key("standard input can supply only one key".into()));
+    }
+    let ids = sources
+        .iter()
+        .map(|s| MasterKey::from_source(s).map(|k| k.id()))
+        .collect::<Result<Vec<String>>>()?;
+    let keys: Vec<_> = sources
+        .iter()
+        .zip(&ids)
+        .map(|(s, id)| serde_json::json!({ "source": s, "key_id": id }))
+        .collect();
+    output::report(how, "key-id", serde_json::json!({ "keys": keys }), || {
+        for (s, id) in sources.iter().zip(&ids) {
+            outln!("{id}  {}", Untrusted(s))?;
+        }
+        Ok(())
+    })
+}
+
 /// Opens a dataset from a directory or from a shard file inside one.
 fn open_dataset(path: &Path) -> Result<Dataset> {
     Dataset::open(path)
@@ -237,7 +261,8 @@ fn print_inspect(r: &serde_json::Value) -> Result<()> {
             .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
             .unwrap_or_default();
         outln!(
-            "keys      {} (AES-KW wrapped data keys, one per shard)",
+            "keys      opens with key ids {} (any one of these master keys; `ciphershard key-id \
+             FILE` prints a key file's id)",
             Untrusted(ids.join(", "))
         )?;
         outln!(
@@ -314,10 +339,11 @@ fn print_inspect(r: &serde_json::Value) -> Result<()> {
 }
 
 pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend, how: OutputArgs) -> Result<()> {
-    let key = key.load_one()?;
+    let keys = key.load_all()?;
     let cipher = cipher::select(backend)?;
     let ds = open_dataset(dataset)?;
-    let unlocked = ds.unlock(&key, cipher.as_ref())?;
+    let key = ds.keyring().find_key(&keys)?;
+    let unlocked = ds.unlock(key, cipher.as_ref())?;
     let start = Instant::now();
     let pb = byte_progress(0, "verify");
     let summary = format::verify(&unlocked, &mut |done, total| {
@@ -346,27 +372,44 @@ pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend, how: OutputArgs) 
             cipher.backend(),
             elapsed.as_secs_f64(),
             rate(summary.bytes, elapsed)
-        )
+        )?;
+        if keys.len() > 1 {
+            outln!("opened with key id {}", key.id())?;
+        }
+        Ok(())
     })
 }
 
 pub fn rekey(key: &KeyArgs, new_key: &str, dataset: &Path, how: OutputArgs) -> Result<()> {
     let old = key.load_one()?;
     let new = MasterKey::from_source(new_key)?;
-    format::rekey(dataset, &old, &new)?;
+    let summary = format::rekey(dataset, &old, &new)?;
     let report = serde_json::json!({
         "dataset": dataset.display().to_string(),
         "old_key_id": old.id(),
         "new_key_id": new.id(),
+        "new_key_was_present": summary.new_key_was_present,
+        "key_ids": summary.key_ids,
         "shards_rewritten": 0,
     });
     output::report(how, "rekey", report, || {
-        outln!(
-            "rekeyed {}: key {} replaced by key {} (no shard rewritten)",
-            dataset.display(),
-            old.id(),
-            new.id()
-        )
+        if summary.new_key_was_present {
+            outln!(
+                "rekeyed {}: key {} removed; key {} already opened it and is listed once (no \
+                 shard rewritten)",
+                dataset.display(),
+                old.id(),
+                new.id()
+            )?;
+        } else {
+            outln!(
+                "rekeyed {}: key {} replaced by key {} (no shard rewritten)",
+                dataset.display(),
+                old.id(),
+                new.id()
+            )?;
+        }
+        outln!("opens with key ids {}", summary.key_ids.join(", "))
     })
 }
 
@@ -458,7 +501,8 @@ pub fn backends(how: OutputArgs) -> Result<()> {
         }
         outln!("auto  -> {}", auto.backend().name())?;
         for (b, why) in &passed {
-            outln!("        (not {}: {why})", b.name())?;
+            // Available or not (listed above), auto did not pick it: say why.
+            outln!("        passed over {}: {why}", b.name())?;
         }
         match &tag_check {
             Some(Ok(choice)) => outln!("wgpu  {choice}"),

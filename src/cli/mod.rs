@@ -77,6 +77,16 @@ enum Command {
         #[command(flatten)]
         output: output::OutputArgs,
     },
+    /// Print the key id of each master key given (never the key): the id `inspect` lists as
+    /// opening a dataset and wrong-key errors name.
+    KeyId {
+        /// Key sources: a key file path, `-` for standard input, or `env:VAR` for the file named
+        /// by $VAR.
+        #[arg(required = true, value_name = "KEY_SOURCE")]
+        keys: Vec<String>,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
     /// Convert safetensors / .npy files into an encrypted dataset.
     Convert(commands::ConvertArgs),
     /// Show a shard's or dataset's header, tensors, key ids and chunk layout (no key needed).
@@ -89,7 +99,8 @@ enum Command {
         #[command(flatten)]
         output: output::OutputArgs,
     },
-    /// Check every authentication tag of a dataset.
+    /// Check every authentication tag of a dataset (several --key: opens with whichever the
+    /// keyring lists).
     Verify {
         #[command(flatten)]
         key: KeyArgs,
@@ -100,7 +111,9 @@ enum Command {
         #[command(flatten)]
         output: output::OutputArgs,
     },
-    /// Rotate a master key: re-wrap the data keys; no tensor byte is rewritten.
+    /// Rotate a master key: re-wrap the data keys under --new-key and drop --key's; every
+    /// other key keeps opening the dataset, a new key already there is not listed twice; no
+    /// tensor byte is rewritten.
     Rekey {
         #[command(flatten)]
         key: KeyArgs,
@@ -178,6 +191,7 @@ impl Command {
     fn output(&self) -> Option<output::OutputArgs> {
         match self {
             Command::Keygen { output, .. }
+            | Command::KeyId { output, .. }
             | Command::Inspect { output, .. }
             | Command::Verify { output, .. }
             | Command::Rekey { output, .. }
@@ -212,7 +226,10 @@ impl Command {
                 .dataset()
                 .and_then(exit::dataset_dir)
                 .map(Path::to_path_buf),
-            Command::Keygen { .. } | Command::Convert(_) | Command::Demo { .. } => None,
+            Command::Keygen { .. }
+            | Command::KeyId { .. }
+            | Command::Convert(_)
+            | Command::Demo { .. } => None,
             Command::Backends { .. } | Command::Completions { .. } | Command::Man { .. } => None,
         }
     }
@@ -265,6 +282,7 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { out, output } => commands::keygen(&out, output),
+        Command::KeyId { keys, output } => commands::key_id(&keys, output),
         Command::Convert(args) => commands::convert(args),
         Command::Inspect { path, output } => commands::inspect(&path, output),
         Command::Verify {

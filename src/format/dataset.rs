@@ -35,8 +35,35 @@ pub struct Dataset {
 fn mismatch(path: &Path, what: String) -> Error {
     Error::HeaderIntegrity {
         path: path.into(),
-        what: format!("manifest/shard mismatch: {what}"),
+        what: format!(
+            "manifest/shard mismatch: {what} (a dataset file was modified, replaced or taken \
+             from another dataset)"
+        ),
     }
+}
+
+/// The error for a path that is no dataset (no manifest where one would be): it names the
+/// path and says what a dataset is, rather than "manifest.json: No such file".
+fn not_a_dataset(path: &Path, is_dir: bool, dir: &Path) -> Error {
+    let where_ = if is_dir {
+        "it holds no manifest.json".to_string()
+    } else {
+        format!(
+            "no manifest.json beside it in {}/",
+            crate::error::Untrusted(dir.display())
+        )
+    };
+    Error::io(
+        path,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "not a ciphershard dataset: {where_} (a dataset is a directory written by \
+                 `ciphershard convert`: manifest.json, keyring.json and shard-NNNNN.safetensors \
+                 files; name that directory or one of its shards)"
+            ),
+        ),
+    )
 }
 
 /// A dataset's rows are bounded by its data only if some column's rows hold bytes (a dataset
@@ -73,28 +100,24 @@ fn check_row_sizes(mpath: &Path, manifest: &Manifest) -> Result<()> {
 
 /// `e`, the error reading `dir`'s manifest, saying that `dir` is an interrupted conversion
 /// when that is what it is: no manifest, but a conversion's leftovers (still "not found").
-fn interrupted_conversion(dir: &Path, e: Error) -> Error {
-    let Error::Io { path, source } = &e else {
-        return e;
-    };
-    if source.kind() != std::io::ErrorKind::NotFound {
-        return e;
+/// The error for a directory holding a conversion's leftovers but no manifest, if `dir` is one.
+fn interrupted_conversion(dir: &Path, mpath: &Path) -> Option<Error> {
+    let found = super::convert::scan_out_dir(dir).ok()?;
+    if found.leftovers.is_empty() {
+        return None;
     }
-    match super::convert::scan_out_dir(dir) {
-        Ok(found) if !found.leftovers.is_empty() => Error::io(
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!(
-                    "no such file: {} is an interrupted conversion (left: {}), not a dataset: run the conversion again with `ciphershard convert --force --out {}`",
-                    crate::error::Untrusted(dir.display()),
-                    found.leftover_names(),
-                    crate::error::Untrusted(dir.display())
-                ),
+    Some(Error::io(
+        mpath,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "no such file: {} is an interrupted conversion (left: {}), not a dataset: run the conversion again with `ciphershard convert --force --out {}`",
+                crate::error::Untrusted(dir.display()),
+                found.leftover_names(),
+                crate::error::Untrusted(dir.display())
             ),
         ),
-        _ => e,
-    }
+    ))
 }
 
 impl Dataset {
@@ -111,11 +134,16 @@ impl Dataset {
                 .to_path_buf()
         };
         let mpath = dir.join(MANIFEST_FILE);
-        let manifest = Manifest::parse(
-            &mpath,
-            &read_bounded(&mpath, "manifest", MAX_JSON_FILE_LEN)
-                .map_err(|e| interrupted_conversion(&dir, e))?,
-        )?;
+        let bytes = read_bounded(&mpath, "manifest", MAX_JSON_FILE_LEN).map_err(|e| match e {
+            Error::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound && !mpath.exists() =>
+            {
+                interrupted_conversion(&dir, &mpath)
+                    .unwrap_or_else(|| not_a_dataset(path, meta.is_dir(), &dir))
+            }
+            e => e,
+        })?;
+        let manifest = Manifest::parse(&mpath, &bytes)?;
         if manifest.kind == DatasetKind::Dataset {
             check_row_sizes(&mpath, &manifest)?;
         }
@@ -124,7 +152,7 @@ impl Dataset {
         if keyring.dataset_id != manifest.dataset_id {
             return Err(mismatch(
                 &kpath,
-                "keyring belongs to another dataset".into(),
+                "the keyring belongs to another dataset".into(),
             ));
         }
         for w in &keyring.wraps {
@@ -148,7 +176,7 @@ impl Dataset {
         let mut next_row = 0u64;
         for (i, entry) in manifest.shards.iter().enumerate() {
             let spath = store.name(i).to_path_buf();
-            let h = ShardHeader::read_from(store.as_ref(), i)?;
+            let h = ShardHeader::read_from_vouched(store.as_ref(), i, &entry.header_digest)?;
             let d = &h.descriptor;
             let check = |ok: bool, what: &str| {
                 if ok {
@@ -159,7 +187,7 @@ impl Dataset {
             };
             check(
                 d.dataset_id == manifest.dataset_id,
-                "shard belongs to another dataset",
+                "the shard belongs to another dataset",
             )?;
             check(
                 d.shard_index as usize == i,
@@ -592,18 +620,35 @@ fn checked_data_keys(ds: &Dataset, key: &MasterKey) -> Result<Vec<DataKey>> {
     Ok(ds.unlock(key, &CpuCipher::new())?.data_keys)
 }
 
+/// What [`rekey`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RekeySummary {
+    /// The new key was already in the keyring: its wraps were rewritten where they were (never
+    /// listed twice), so the dataset now opens with one key fewer.
+    pub new_key_was_present: bool,
+    /// Ids of the master keys that open the dataset now, in keyring order.
+    pub key_ids: Vec<String>,
+}
+
 /// Rotates a master key: rewraps every data key from `old` to `new` and replaces
 /// keyring.json atomically. No shard byte changes; until the rename, `old` still opens it.
-pub fn rekey(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<()> {
+/// Every other key keeps opening the dataset; a `new` key that is already in the keyring is
+/// not listed twice (the result: `old` removed, see [`RekeySummary::new_key_was_present`]).
+pub fn rekey(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<RekeySummary> {
     let ds = Dataset::open(dir)?;
     if old.id() == new.id() {
         return Err(Error::InvalidArgument("the new key is the old key".into()));
     }
     let keys = checked_data_keys(&ds, old)?;
     let mut ring = Keyring::clone(&ds.keyring);
+    let new_key_was_present = ring.wraps.iter().any(|w| w.key_id == new.id());
     ring.wraps.retain(|w| w.key_id != old.id());
     ring.set_wraps(new, &keys)?;
-    write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())
+    write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())?;
+    Ok(RekeySummary {
+        new_key_was_present,
+        key_ids: ring.key_ids(),
+    })
 }
 
 /// Lets `added` open the dataset too (`existing` must already open it).

@@ -210,10 +210,29 @@ impl Keyring {
         self.wraps.iter().map(|w| w.key_id.clone()).collect()
     }
 
+    /// The first of `keys` this keyring holds wraps for (a caller with several keys, such as
+    /// `verify --key A --key B`, opens with whichever matches); none is [`Error::WrongKey`]
+    /// naming every id tried and the ids that can open the dataset.
+    pub fn find_key<'k>(&self, keys: &'k [MasterKey]) -> Result<&'k MasterKey> {
+        let ids: Vec<String> = keys.iter().map(MasterKey::id).collect();
+        if let Some(i) = ids
+            .iter()
+            .position(|id| self.wraps.iter().any(|w| &w.key_id == id))
+        {
+            return Ok(&keys[i]);
+        }
+        Err(self.wrong_key_ids(ids.join(", ")))
+    }
+
     /// The error for a key this keyring does not hold: it names the keys that can open the
     /// dataset, the first [`WRONG_KEY_IDS_SHOWN`] of them (a crafted keyring may list a million:
     /// the message stays a line).
     fn wrong_key(&self, key: &MasterKey) -> Error {
+        self.wrong_key_ids(key.id())
+    }
+
+    /// [`Keyring::wrong_key`] for the key id(s) `tried` (several joined by ", ").
+    fn wrong_key_ids(&self, tried: String) -> Error {
         let shown: Vec<&str> = self
             .wraps
             .iter()
@@ -226,7 +245,7 @@ impl Keyring {
         }
         Error::WrongKey {
             path: self.path.clone(),
-            key_id: key.id(),
+            key_id: tried,
             available,
         }
     }

@@ -25,8 +25,8 @@ pub use convert::{
     ConvertOptions, ConvertSummary, convert, convert_with, remove_interrupted_conversion,
 };
 pub use dataset::{
-    Dataset, UnlockedDataset, VerifySummary, add_key, decrypt_shard, decrypt_shard_to,
-    decrypt_shard_with, rekey, remove_key, verify,
+    Dataset, RekeySummary, UnlockedDataset, VerifySummary, add_key, decrypt_shard,
+    decrypt_shard_to, decrypt_shard_with, rekey, remove_key, verify,
 };
 pub use input::{ConvertInput, InputTensor, npy, safetensors as safetensors_input};
 pub use keyring::{KeyWrap, Keyring};

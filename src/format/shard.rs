@@ -599,13 +599,25 @@ impl ShardHeader {
     /// Reads and parses the header of shard `s` of `store` (the shard's pinned length is the
     /// file length the header must describe).
     pub fn read_from(store: &dyn ShardStore, s: usize) -> Result<Self> {
+        Self::read_vouched(store, s, None)
+    }
+
+    /// [`ShardHeader::read_from`] for a shard whose manifest records `digest` as its header
+    /// digest: a descriptor that differs from it was modified, and is reported as such
+    /// ([`Error::HeaderIntegrity`]) before anything in it is read, so an edited version or
+    /// cipher name never reads as a format this build does not support.
+    pub fn read_from_vouched(store: &dyn ShardStore, s: usize, digest: &[u8; 32]) -> Result<Self> {
+        Self::read_vouched(store, s, Some(digest))
+    }
+
+    fn read_vouched(store: &dyn ShardStore, s: usize, digest: Option<&[u8; 32]>) -> Result<Self> {
         let path = store.name(s);
         let file_len = store.identity(s).len;
         let n = header_len(path, file_len, |buf| store.read_at(s, 0, buf))?;
         let mut prefix = vec![0u8; 8 + n as usize];
         prefix[..8].copy_from_slice(&n.to_le_bytes());
         store.read_at(s, 8, &mut prefix[8..])?;
-        Self::parse_prefix(path, &prefix, file_len)
+        Self::parse_vouched(path, &prefix, file_len, digest)
     }
 
     /// Parses a shard held whole in memory (`file` is the entire file; its length is the file
@@ -616,6 +628,17 @@ impl ShardHeader {
 
     /// Parses the first bytes of a shard (at least `8 + N`) given the file's full length.
     pub fn parse_prefix(path: &Path, prefix: &[u8], file_len: u64) -> Result<Self> {
+        Self::parse_vouched(path, prefix, file_len, None)
+    }
+
+    /// [`ShardHeader::parse_prefix`], checking the descriptor against the header digest
+    /// `vouched` (the manifest's) first when one is given.
+    fn parse_vouched(
+        path: &Path,
+        prefix: &[u8],
+        file_len: u64,
+        vouched: Option<&[u8; 32]>,
+    ) -> Result<Self> {
         let n = header_len(path, file_len, |buf| {
             buf.copy_from_slice(prefix.get(..8).ok_or_else(|| truncated(path, file_len))?);
             Ok(())
@@ -645,7 +668,28 @@ impl ShardHeader {
         };
         let descriptor_json = outer.descriptor.ok_or_else(|| missing("ciphershard"))?;
         let tags_b64 = outer.tags.ok_or_else(|| missing("ciphershard.tags"))?;
-        let descriptor = Descriptor::parse(path, &descriptor_json)?;
+        let digest: [u8; 32] = Sha256::digest(descriptor_json.as_bytes()).into();
+        // A descriptor the manifest does not vouch for that does not even parse (an edited
+        // version or cipher name, a flipped byte) was modified: say so rather than report a
+        // format this build does not read. One that parses goes on to the manifest's
+        // cross-checks, which say how it differs.
+        let descriptor = Descriptor::parse(path, &descriptor_json).map_err(|e| {
+            let found = match &e {
+                Error::Unsupported { what, found, .. } => format!("it reads {what} '{found}'"),
+                Error::Format { reason, .. } => reason.clone(),
+                other => other.to_string(),
+            };
+            match vouched {
+                Some(v) if *v != digest => Error::HeaderIntegrity {
+                    path: path.into(),
+                    what: format!(
+                        "the shard header was modified: its descriptor does not match the \
+                         header digest the manifest records for this shard ({found})"
+                    ),
+                },
+                _ => e,
+            }
+        })?;
         let total = descriptor.total_chunks();
         let tags = B64.decode(tags_b64.as_bytes()).map_err(|e| {
             Error::format(
@@ -694,7 +738,6 @@ impl ShardHeader {
                 ),
             ));
         }
-        let digest: [u8; 32] = Sha256::digest(descriptor_json.as_bytes()).into();
         Ok(ShardHeader {
             path: path.into(),
             descriptor,
@@ -729,7 +772,9 @@ impl ShardHeader {
         opener.verify(&params, &[]).map_err(|e| match e {
             OpenError::TagMismatch => Error::HeaderIntegrity {
                 path: self.path.clone(),
-                what: "shard header (header tag does not verify with this shard's data key)".into(),
+                what: "the shard header was modified: its header tag does not verify with this \
+                       shard's data key"
+                    .into(),
             },
             OpenError::Backend(e) => e,
         })

@@ -112,7 +112,8 @@ pub(super) fn open_device(allow_cpu_adapter: bool) -> Result<OpenDevice> {
     let summary = summarize(&adapter);
     if summary.is_cpu() && !allow_cpu_adapter {
         return Err(unavailable(format!(
-            "the only adapter, {summary}, is a CPU (software) driver: slower than the CPU backend"
+            "the only adapter, {summary}, is a CPU (software) driver: slower than the CPU \
+             backend (`--backend wgpu` uses it all the same)"
         )));
     }
     let limits = adapter.limits();
