@@ -8,7 +8,7 @@
 
 use std::ffi::OsStr;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aes_kw::KeyInit;
 use sha2::{Digest, Sha256};
@@ -98,6 +98,53 @@ pub fn redact_keys(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// `path` as errors about a key source show it: every run that could be (most of) a key
+/// replaced by `<redacted>`, so that a key pasted with quotes, a prefix or a digit too many
+/// (which [`looks_like_key`] does not refuse) is still never repeated. A run: 16 or more hex
+/// digits, or 40 or more base64 characters mixing digits, upper and lower case.
+pub fn shown_key_source(path: &Path) -> PathBuf {
+    let text = path.to_string_lossy();
+    let is_b64 = |c: char| c.is_ascii_alphanumeric() || "+/=_-".contains(c);
+    let secret_like = |run: &str| {
+        (run.len() >= 16 && run.bytes().all(|b| b.is_ascii_hexdigit()))
+            || (run.len() >= 40
+                && run.bytes().any(|b| b.is_ascii_digit())
+                && run.bytes().any(|b| b.is_ascii_uppercase())
+                && run.bytes().any(|b| b.is_ascii_lowercase()))
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_ref();
+    while !rest.is_empty() {
+        // Hex runs are checked inside each base64-alphabet run too: `KEY=<hex>` is one run.
+        let start = rest.find(is_b64).unwrap_or(rest.len());
+        out.push_str(&rest[..start]);
+        rest = &rest[start..];
+        let len = rest.find(|c| !is_b64(c)).unwrap_or(rest.len());
+        let run = &rest[..len];
+        if secret_like(run) {
+            out.push_str("<redacted>");
+        } else {
+            let mut part_start = 0;
+            for (i, c) in run.char_indices().chain([(run.len(), ' ')]) {
+                if i == run.len() || !c.is_ascii_hexdigit() {
+                    let part = &run[part_start..i];
+                    if secret_like(part) {
+                        out.push_str("<redacted>");
+                    } else {
+                        out.push_str(part);
+                    }
+                    if i < run.len() {
+                        out.push(c);
+                    }
+                    part_start = i + c.len_utf8();
+                }
+            }
+        }
+        rest = &rest[len..];
+    }
+    PathBuf::from(out)
+}
+
 /// Refuses `value`, given as `what`, when it [`looks_like_key`]: the error says so without
 /// repeating it (it would otherwise be echoed into terminals and logs by a "No such file"
 /// error). The one check every key source goes through.
@@ -106,9 +153,9 @@ pub fn refuse_key_like(what: &str, value: &OsStr) -> Result<()> {
         return Err(Error::Key(format!(
             "{what} looks like a key, not the name of a key file (not shown, not used): put the \
              key in a file (`ciphershard keygen --out FILE` makes one, mode 0600) and name that \
-             file; a key typed on a command line stays in shell history, so treat it as exposed \
-             and rotate it (`ciphershard rekey`); a file that really has such a name can be \
-             given as ./NAME"
+             file; a key typed on a command line or kept in the environment may be logged, so \
+             treat it as exposed and rotate it (`ciphershard rekey`); a file that really has such \
+             a name can be given as ./NAME"
         )));
     }
     Ok(())
@@ -137,6 +184,7 @@ fn read_capped(mut r: impl Read) -> std::io::Result<Option<Zeroizing<Vec<u8>>>> 
 /// A key file's bytes. Opened non-blocking so a FIFO with no writer cannot hang the open, then
 /// refused unless it is a regular file of at most [`MAX_KEY_SOURCE_LEN`] bytes.
 fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    let shown = shown_key_source(path);
     let mut opts = std::fs::OpenOptions::new();
     opts.read(true);
     #[cfg(unix)]
@@ -144,27 +192,27 @@ fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.custom_flags(libc::O_NONBLOCK);
     }
-    let file = opts.open(path).map_err(|e| Error::io(path, e))?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    let file = opts.open(path).map_err(|e| Error::io(&shown, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(&shown, e))?;
     if !meta.is_file() {
         return Err(Error::Key(format!(
             "{}: not a regular file (a pipe, a device or a directory): a key file holds 64 hex \
              digits or 32 raw bytes; to pass a key through a pipe use --key - (standard input)",
-            path.display()
+            shown.display()
         )));
     }
     let too_big = || {
         Error::Key(format!(
             "{}: more than {MAX_KEY_SOURCE_LEN} bytes: not a key file (a key file holds 64 hex \
              digits or 32 raw bytes)",
-            path.display()
+            shown.display()
         ))
     };
     if meta.len() > MAX_KEY_SOURCE_LEN as u64 {
         return Err(too_big());
     }
     read_capped(file)
-        .map_err(|e| Error::io(path, e))?
+        .map_err(|e| Error::io(&shown, e))?
         .ok_or_else(too_big)
 }
 
@@ -249,7 +297,7 @@ impl MasterKey {
         refuse_key_like("the key file path", path.as_os_str())?;
         let contents = read_key_file(path)?;
         Self::parse(&contents).map_err(|e| match e {
-            Error::Key(m) => Error::Key(format!("{}: {m}", path.display())),
+            Error::Key(m) => Error::Key(format!("{}: {m}", shown_key_source(path).display())),
             other => other,
         })
     }
@@ -390,6 +438,44 @@ mod tests {
         assert_eq!(hex::encode_upper(w), expect);
         assert_eq!(mk.unwrap(&w).unwrap().as_bytes(), &data);
         assert!(MasterKey::from_bytes([7; 32]).unwrap(&w).is_none());
+    }
+
+    #[test]
+    fn key_sources_in_errors_never_show_key_material() {
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+        let b64 = "ABEiM0RVZneImaq7zN3u/wARIjNEVWZ3iJmqu8zd7v8=";
+        let cases = [
+            format!("\"{hex}\""),
+            format!("'{hex}'"),
+            format!("KEY={hex}"),
+            format!("{hex};"),
+            format!("hex:{hex}"),
+            hex[..63].to_string(),
+            format!("{hex}0"),
+            format!("{} {}", &hex[..20], &hex[20..]),
+            format!("\"{b64}\""),
+            b64.replace('A', "B"),
+            format!("/keys/{hex}.key"),
+        ];
+        for case in cases {
+            let shown = shown_key_source(Path::new(&case)).display().to_string();
+            assert!(shown.contains("<redacted>"), "{case} -> {shown}");
+            for window in hex.as_bytes().windows(16).chain(b64.as_bytes().windows(16)) {
+                let w = std::str::from_utf8(window).unwrap();
+                assert!(!shown.contains(w), "{case} -> {shown} shows {w}");
+            }
+            let Err(e) = MasterKey::from_file(Path::new(&case)) else {
+                panic!("{case}: no such file, yet a key");
+            };
+            assert!(!e.to_string().contains(&hex[..16]), "{e}");
+        }
+        for ordinary in [
+            "master.key",
+            "/etc/ciphershard/prod-2026.key",
+            "./keys/a_b-c.key",
+        ] {
+            assert_eq!(shown_key_source(Path::new(ordinary)), Path::new(ordinary));
+        }
     }
 
     #[test]

@@ -90,8 +90,51 @@ fn man_pages_for_the_tool_and_each_subcommand() {
     assert!(convert.contains(".TH ciphershard-convert 1"), "{convert}");
     assert!(convert.contains("\\-\\-shard\\-size"), "{convert}");
     let out = run(cs().args(["man", "nope"]));
-    assert_eq!(code(&out), 1, "{}", stderr(&out));
-    assert!(stderr(&out).contains("keygen, convert"), "{}", stderr(&out));
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("keygen, key-id, convert"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Values and combinations the command line cannot mean are usage errors (64), refused before
+/// anything runs, as clap's own are.
+#[test]
+fn values_and_combinations_that_cannot_apply_are_usage_errors() {
+    let f = small();
+    let key = f.key.to_str().unwrap();
+    let ds = f.ds.to_str().unwrap();
+    let shard = f.shard(0);
+    let shard = shard.to_str().unwrap();
+    let convert = |option: &'static str, value: &'static str| {
+        vec![
+            "convert", "--key", key, "x.npy", "--out", "o", option, value,
+        ]
+    };
+    let bench = |option: &'static str| vec!["bench", ds, "--key", key, option, "0"];
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["keygen", "--out", "-", "--json"],
+        vec!["decrypt", "--key", key, shard, "--out", "-", "--json"],
+        vec!["rekey", "--key", key, "--key", key, "--new-key", key, ds],
+        vec!["key-id", "-", "-"],
+        vec!["verify", "--key", "-", "--key", "-", ds],
+        convert("--chunk-size", "100"),
+        convert("--chunk-size", "0"),
+        convert("--shard-size", "0"),
+        bench("--threads"),
+        bench("--batch-size"),
+        bench("--epochs"),
+        bench("--window-blocks"),
+        vec!["demo", "--rows", "0"],
+        vec!["man", "help"],
+    ];
+    for args in &cases {
+        let out = run(cs().args(args).stdout(std::process::Stdio::piped()));
+        assert_eq!(code(&out), 64, "{args:?}: {}", stderr(&out));
+        assert!(stdout(&out).is_empty(), "{args:?}");
+    }
+    assert!(!std::path::Path::new("o").exists());
 }
 
 #[test]

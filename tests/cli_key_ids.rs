@@ -89,7 +89,7 @@ fn key_id_prints_ids_and_never_keys() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(
         v,
-        serde_json::json!({ "keys": [
+        serde_json::json!({ "schema": "ciphershard.key-id/1", "keys": [
             { "source": "-", "key_id": id },
             { "source": "env:THE_KEY", "key_id": raw_id },
         ]})

@@ -98,8 +98,13 @@ fn a_file_that_is_no_dataset_is_named_and_a_dataset_explained() {
     std::fs::create_dir(&dir).unwrap();
     let npy = dir.join("data.npy");
     std::fs::write(&npy, b"\x93NUMPY\x01\x00 not a dataset").unwrap();
-    for target in [&npy, &dir] {
-        let out = verify(&f.key, target);
+    let inspect = |target: &std::path::Path| run(cs().arg("inspect").arg(target));
+    for (target, out) in [
+        (&npy, verify(&f.key, &npy)),
+        (&dir, verify(&f.key, &dir)),
+        (&npy, inspect(&npy)),
+        (&dir, inspect(&dir)),
+    ] {
         let err = stderr(&out);
         assert_eq!(code(&out), 1, "{err}");
         assert!(
@@ -134,4 +139,21 @@ fn backends_says_why_auto_passed_a_backend_over() {
         assert!(l.trim_start().starts_with("passed over "), "{text}");
         assert!(!l.contains("is not available"), "{text}");
     }
+}
+
+/// A wrapped data key edited in keyring.json: the key's own id is listed, so the key is right
+/// and the wrap was modified: tampering (2), not "wrong key" (3) naming the key it lists.
+#[test]
+fn an_edited_key_wrap_is_tampering_not_a_wrong_key() {
+    let f = small();
+    let keyring = f.ds.join("keyring.json");
+    let text = std::fs::read_to_string(&keyring).unwrap();
+    let at = text.find("\"data_keys\":[\"").expect("a wrapped key") + 14;
+    let mut bytes = text.into_bytes();
+    bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+    std::fs::write(&keyring, bytes).unwrap();
+    let err = tampered(verify(&f.key, &f.ds));
+    assert!(err.contains("keyring.json"), "{err}");
+    assert!(err.contains("fails its AES-KW integrity check"), "{err}");
+    assert!(!err.contains("wrong key"), "{err}");
 }

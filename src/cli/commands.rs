@@ -16,7 +16,7 @@ use ciphershard::keys::MasterKey;
 use ciphershard::error::Untrusted;
 
 use super::output::OutputArgs;
-use super::{KeyArgs, byte_progress, interrupt, output, parse_size, rate};
+use super::{KeyArgs, byte_progress, interrupt, output, rate};
 
 /// `true` for `-`, standard output as an output path (`./-` is a file named `-`).
 fn is_stdout(out: &Path) -> bool {
@@ -92,11 +92,12 @@ pub struct ConvertArgs {
     /// at one of a dataset's names that is not a conversion's.
     #[arg(long)]
     force: bool,
-    /// Target shard size (rows are split so each shard stays under it).
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    /// Target shard size of the tensor bytes (rows are split so each shard's data stays under
+    /// it; the header comes on top).
+    #[arg(long, default_value = "1GiB", value_parser = super::parse_positive_size)]
     shard_size: u64,
     /// Chunk size: the unit of authentication (a multiple of 64 bytes, at most 256 MiB).
-    #[arg(long, default_value = "2MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "2MiB", value_parser = super::parse_chunk_size)]
     chunk_size: u64,
     /// Tensors to leave readable (still authenticated): glob patterns on names (`*`, `?`).
     #[arg(long = "plain", value_name = "PATTERN")]
@@ -542,17 +543,17 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto", value_parser = super::backend_arg(), help = super::BACKEND_HELP)]
     backend: Backend,
     /// Worker threads [default: the number of CPUs].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     threads: Option<usize>,
     /// Rows per batch [default: 256].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     batch_size: Option<usize>,
     /// Epochs [default: 2].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     epochs: Option<u64>,
     /// Blocks per shuffle window (bigger: better shuffling, more memory; on wgpu a window
     /// above the piece size is split) [default: 8].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     window_blocks: Option<u64>,
     /// Benchmark the raw cipher instead of the loader: the CPU backend against aws-lc-rs
     /// (`--backend auto|cpu`), or the kernel-only figures of `--backend cuda|wgpu`. Takes no
@@ -562,7 +563,7 @@ pub struct BenchArgs {
     /// Loader decryption strategy: `chunk-open` (fused GCM on the private chunk copy, then copy
     /// rows) or `row-ctr` (verify the tag, then decrypt rows straight into the batch)
     /// [default: chunk-open].
-    #[arg(long, value_parser = parse_mode)]
+    #[arg(long, value_parser = mode_arg())]
     mode: Option<pipeline::DecryptMode>,
     /// With `--backend auto|cuda|wgpu`: bench the host loader (batches in host memory, one GPU
     /// round trip per chunk) instead of the device loader.
@@ -698,6 +699,21 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         window_blocks: args.window_blocks.unwrap_or(defaults.window_blocks),
         ..defaults
     };
+    if args.backend == Backend::Auto
+        && (args.host_batches || args.no_kernel_figures)
+        && cipher::auto_for_device_batches() == Backend::Cpu
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{} does not apply here: --backend auto picks the CPU on this machine (no GPU backend \
+             is available; `ciphershard backends` says why), and the option concerns the GPU \
+             backends only",
+            if args.host_batches {
+                "--host-batches"
+            } else {
+                "--no-kernel-figures"
+            }
+        )));
+    }
     let key = match &args.dataset {
         Some(_) => Some(args.key.load_one()?),
         None => None,
@@ -708,7 +724,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         interrupt::catch()?;
         interrupt::remove_on_signal(scratch.clone());
     }
-    let pb = byte_progress(0, "generate");
+    // Drawn only while a dataset is generated.
+    let pb = match args.dataset {
+        None => byte_progress(0, "generate"),
+        Some(_) => indicatif::ProgressBar::hidden(),
+    };
     let report = crate_bench::loader::run_with_scratch(
         args.dataset.as_deref(),
         key.as_ref(),
@@ -738,14 +758,17 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         return output::report(args.output, "bench", v, || Ok(()));
     }
     outln!(
-        "dataset {}  rows {}  epoch {:.1} MB  backend {}  threads {}  batch {}  mode {:?}",
+        "dataset {}  rows {}  epoch {:.1} MB  backend {}  threads {}  batch {}  mode {}",
         report.dataset,
         report.rows,
         report.epoch_bytes as f64 / 1e6,
         report.backend,
         report.threads,
         report.batch_size,
-        report.mode
+        match report.mode {
+            pipeline::DecryptMode::ChunkOpen => "chunk-open",
+            pipeline::DecryptMode::RowCtr => "row-ctr",
+        }
     )?;
     for (name, r) in [
         ("encrypted", &report.encrypted),
@@ -805,6 +828,12 @@ fn kernel_figure(v: &serde_json::Value) -> String {
         serde_json::Value::String(s) => Untrusted(s.as_str()).to_string(),
         other => other.to_string(),
     }
+}
+
+/// `--mode`: its choices, listed by `--help` and completed by the shell.
+fn mode_arg() -> impl clap::builder::TypedValueParser<Value = pipeline::DecryptMode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["chunk-open", "row-ctr"]).try_map(|s| parse_mode(&s))
 }
 
 fn parse_mode(s: &str) -> std::result::Result<pipeline::DecryptMode, String> {

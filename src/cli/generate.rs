@@ -20,6 +20,22 @@ pub fn completions(shell: clap_complete::Shell) -> Result<()> {
     output::bytes(&script)
 }
 
+/// Why `name` has no man page: it is not a subcommand (clap's own `help` has none either).
+pub fn unknown_subcommand(name: &str) -> Option<String> {
+    let cmd = Cli::command();
+    let names: Vec<&str> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name())
+        .filter(|n| *n != "help")
+        .collect();
+    (!names.contains(&name)).then(|| {
+        format!(
+            "no subcommand '{name}' (choose one of: {})",
+            names.join(", ")
+        )
+    })
+}
+
 /// The man page (roff) of the whole tool, or of one subcommand, on standard output.
 pub fn man(subcommand: Option<&str>) -> Result<()> {
     let mut cmd = Cli::command();
@@ -27,17 +43,10 @@ pub fn man(subcommand: Option<&str>) -> Result<()> {
     let page = match subcommand {
         None => cmd,
         Some(name) => {
-            let sub = cmd.find_subcommand(name).cloned().ok_or_else(|| {
-                let names: Vec<&str> = cmd
-                    .get_subcommands()
-                    .map(|s| s.get_name())
-                    .filter(|n| *n != "help")
-                    .collect();
-                Error::InvalidArgument(format!(
-                    "no subcommand '{name}' (choose one of: {})",
-                    names.join(", ")
-                ))
-            })?;
+            if let Some(why) = unknown_subcommand(name) {
+                return Err(Error::InvalidArgument(why));
+            }
+            let sub = cmd.find_subcommand(name).cloned().expect("checked above");
             // The page's title and synopsis read `ciphershard-convert` / `ciphershard convert`.
             sub.name(format!("ciphershard-{name}"))
                 .bin_name(format!("ciphershard {name}"))

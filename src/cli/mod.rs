@@ -143,7 +143,7 @@ enum Command {
     /// Generate a small synthetic dataset, convert, verify and load it back; print timings.
     Demo {
         /// Rows in the synthetic dataset.
-        #[arg(long, default_value_t = 65_536)]
+        #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
         rows: u64,
         #[arg(long, default_value = "auto", value_parser = backend_arg(), help = BACKEND_HELP)]
         backend: Backend,
@@ -206,8 +206,33 @@ impl Command {
     /// Why the command line, parsed, is still refused (an option that does not apply with the
     /// others given), and by which subcommand: a usage error, as clap's own.
     fn refusal(&self) -> Option<(&'static str, String)> {
+        let stdin_twice = |sources: &[String]| {
+            (sources.iter().filter(|k| k.as_str() == "-").count() > 1)
+                .then(|| "standard input (-) can supply only one key".to_string())
+        };
+        let json_to_stdout = |out: &Path, output: &output::OutputArgs, what: &str| {
+            (out.as_os_str() == "-" && output.json).then(|| {
+                format!("--json does not apply with --out -: standard output carries the {what}")
+            })
+        };
         match self {
             Command::Bench(args) => args.refusal().map(|why| ("bench", why)),
+            Command::Keygen { out, output } => {
+                json_to_stdout(out, output, "key").map(|why| ("keygen", why))
+            }
+            Command::Decrypt {
+                out, output, key, ..
+            } => json_to_stdout(out, output, "plaintext")
+                .or_else(|| stdin_twice(&key.key))
+                .map(|why| ("decrypt", why)),
+            Command::Verify { key, .. } => stdin_twice(&key.key).map(|why| ("verify", why)),
+            Command::KeyId { keys, .. } => stdin_twice(keys).map(|why| ("key-id", why)),
+            Command::Rekey { key, .. } => (key.key.len() > 1)
+                .then(|| "rekey takes one --key: the key whose wraps it replaces".to_string())
+                .map(|why| ("rekey", why)),
+            Command::Man {
+                subcommand: Some(name),
+            } => generate::unknown_subcommand(name).map(|why| ("man", why)),
             _ => None,
         }
     }
@@ -354,6 +379,27 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+/// `--shard-size`: a size of at least one byte.
+pub fn parse_positive_size(s: &str) -> std::result::Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("must be at least 1 byte".into()),
+        n => Ok(n),
+    }
+}
+
+/// `--chunk-size`: a multiple of 64 bytes, at most [`format::MAX_CHUNK_SIZE`].
+pub fn parse_chunk_size(s: &str) -> std::result::Result<u64, String> {
+    let n = parse_size(s)?;
+    let max = ciphershard::format::MAX_CHUNK_SIZE;
+    if n == 0 || !n.is_multiple_of(64) || n > max {
+        return Err(format!(
+            "the chunk size must be a multiple of 64 bytes between 64 and {} MiB, not {n}",
+            max >> 20
+        ));
+    }
+    Ok(n)
 }
 
 /// Formats a throughput in decimal units (as throughput is usually quoted): GB/s or MB/s.

@@ -106,15 +106,24 @@ fn interrupted_conversion(dir: &Path, mpath: &Path) -> Option<Error> {
     if found.leftovers.is_empty() {
         return None;
     }
+    // A conversion writes its keyring just before its manifest: with the keyring there, the
+    // manifest may as well have been deleted from a complete dataset.
+    let keyring_left = found.leftovers.iter().any(|p| p.ends_with(KEYRING_FILE));
+    let what = if keyring_left {
+        "a dataset whose manifest was deleted, or an interrupted conversion that stopped just before writing it"
+    } else {
+        "an interrupted conversion"
+    };
     Some(Error::io(
         mpath,
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!(
-                "no such file: {} is an interrupted conversion (left: {}), not a dataset: run the conversion again with `ciphershard convert --force --out {}`",
+                "no such file: {} is {what} (left: {}); to convert again into \
+                 it, run the same `ciphershard convert` with --force, which removes these files \
+                 (the data encrypted in them is then gone)",
                 crate::error::Untrusted(dir.display()),
                 found.leftover_names(),
-                crate::error::Untrusted(dir.display())
             ),
         ),
     ))

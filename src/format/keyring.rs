@@ -250,8 +250,9 @@ impl Keyring {
         }
     }
 
-    /// Unwraps shard `shard`'s data key with `key`; a key not in the keyring, or a wrap that
-    /// does not authenticate, is [`Error::WrongKey`].
+    /// Unwraps shard `shard`'s data key with `key`; a key not in the keyring is
+    /// [`Error::WrongKey`]. A wrap listed under `key`'s own id that does not authenticate was
+    /// modified (the id is a hash of the key): a format error naming the keyring, tampering.
     pub fn unwrap(&self, key: &MasterKey, shard: usize) -> Result<DataKey> {
         let id = key.id();
         let w = self
@@ -266,7 +267,16 @@ impl Keyring {
                 format!("key {id} has no wrapped data key for shard {shard}"),
             )
         })?;
-        key.unwrap(wrapped).ok_or_else(|| self.wrong_key(key))
+        key.unwrap(wrapped).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                WHAT,
+                format!(
+                    "the wrap of shard {shard}'s data key under key {id} fails its AES-KW \
+                     integrity check: the keyring was edited or corrupted"
+                ),
+            )
+        })
     }
 
     /// Adds (or replaces) the wraps of `data_keys` under `key`.

@@ -33,8 +33,15 @@ pub fn inspect(path: &Path) -> Result<Value> {
             };
             Ok(inspect_report(Some(&ds), &shards))
         }
-        Err(_) if !is_dir && !path.with_file_name(MANIFEST_FILE).exists() => {
-            Ok(inspect_report(None, &[ShardHeader::read(path)?]))
+        // A lone shard (no manifest beside it) still shows its header, or says what is wrong
+        // with it; any other file (`data.npy`) gets the dataset's explanation, not a header
+        // parser's complaint about bytes that were never meant as one.
+        Err(not_a_dataset) if !is_dir && !path.with_file_name(MANIFEST_FILE).exists() => {
+            match ShardHeader::read(path) {
+                Ok(header) => Ok(inspect_report(None, &[header])),
+                Err(e) if path.extension().is_some_and(|x| x == "safetensors") => Err(e),
+                Err(_) => Err(not_a_dataset),
+            }
         }
         Err(e) => Err(e),
     }
