@@ -135,7 +135,9 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
     };
     let start = Instant::now();
     let pb = byte_progress(0, "convert");
-    // A signal stops the conversion between batches and removes what it wrote.
+    // A signal stops the conversion between batches and removes what it wrote; a directory it
+    // created is removed too once empty (`remove_dir` never removes anything else).
+    let created_out = args.out.symlink_metadata().is_err();
     interrupt::catch()?;
     let summary = format::convert_with(
         &inputs,
@@ -149,10 +151,32 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
         &mut || interrupt::check(&args.out),
     );
     pb.finish_and_clear();
+    if summary.is_err() && created_out {
+        let _ = std::fs::remove_dir(&args.out);
+    }
     let summary = summary?;
-    pb.finish_and_clear();
     let elapsed = start.elapsed();
+    // A --plain pattern that matches nothing is most likely a typo for a column meant to stay
+    // readable; everything it was meant for is encrypted, which is safe but worth a word.
+    let unmatched: Vec<&String> = args
+        .plain
+        .iter()
+        .filter(|p| {
+            !summary
+                .encrypted_columns
+                .iter()
+                .chain(&summary.plain_columns)
+                .any(|name| format::glob_match(p, name))
+        })
+        .collect();
+    for p in &unmatched {
+        eprintln!(
+            "warning: --plain {:?} matched no column: every column it was meant for is encrypted",
+            Untrusted(p.as_str()).to_string()
+        );
+    }
     let report = serde_json::json!({
+        "unmatched_plain_patterns": unmatched,
         "dataset": args.out.display().to_string(),
         "dataset_id": hex::encode(summary.dataset_id),
         "kind": summary.kind.as_str(),

@@ -22,7 +22,8 @@ mod report;
 mod shard;
 
 pub use convert::{
-    ConvertOptions, ConvertSummary, convert, convert_with, remove_interrupted_conversion,
+    ConvertOptions, ConvertSummary, convert, convert_with, glob_match,
+    remove_interrupted_conversion,
 };
 pub use dataset::{
     Dataset, RekeySummary, UnlockedDataset, VerifySummary, add_key, decrypt_shard,
