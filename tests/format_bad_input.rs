@@ -277,13 +277,15 @@ fn wrong_key() {
             panic!()
         };
         assert_eq!((key_id, available), (key(9).id(), key(1).id()));
-        // The right key id with a corrupted wrap is a wrong key too, never a bad data key.
+        // The right key id with a corrupted wrap: the keyring was modified (the id is a hash of
+        // the key, so the key is right), never a bad data key and never "wrong key".
         let k = d.join("keyring.json");
         let ring = Keyring::parse(&k, &std::fs::read(&k).unwrap()).unwrap();
         let mut bad = ring.clone();
         bad.wraps[0].data_keys[1][5] ^= 1;
         std::fs::write(&k, bad.to_json()).unwrap();
-        assert_err_names(unlock(d, &key(1)), "keyring.json", "wrong key");
+        let e = assert_err_names(unlock(d, &key(1)), "keyring.json", "AES-KW integrity check");
+        assert!(matches!(e, Error::Format { .. }), "{e}");
     });
 }
 
