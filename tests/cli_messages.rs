@@ -157,3 +157,19 @@ fn an_edited_key_wrap_is_tampering_not_a_wrong_key() {
     assert!(err.contains("fails its AES-KW integrity check"), "{err}");
     assert!(!err.contains("wrong key"), "{err}");
 }
+
+/// A dataset id edited in manifest.json: the keyring and the manifest disagree, and the
+/// message names both ids instead of blaming the keyring.
+#[test]
+fn keyring_and_manifest_that_disagree_are_both_named() {
+    let f = small();
+    let manifest = f.ds.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let at = text.find("\"dataset_id\":\"").expect("a dataset id") + 14;
+    let mut bytes = text.into_bytes();
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+    std::fs::write(&manifest, bytes).unwrap();
+    let err = tampered(verify(&f.key, &f.ds));
+    assert!(err.contains("keyring.json/manifest.json mismatch"), "{err}");
+    assert!(!err.contains("keyring belongs to another dataset"), "{err}");
+}

@@ -159,10 +159,17 @@ impl Dataset {
         let kpath = dir.join(KEYRING_FILE);
         let keyring = Keyring::parse(&kpath, &read_bounded(&kpath, "keyring", MAX_JSON_FILE_LEN)?)?;
         if keyring.dataset_id != manifest.dataset_id {
-            return Err(mismatch(
-                &kpath,
-                "the keyring belongs to another dataset".into(),
-            ));
+            // Either file may be the edited one: name both ids, blame neither.
+            return Err(Error::HeaderIntegrity {
+                path: kpath,
+                what: format!(
+                    "{KEYRING_FILE}/{MANIFEST_FILE} mismatch: the keyring is for dataset {}, the \
+                     manifest says {} (one of them was modified, replaced or taken from another \
+                     dataset)",
+                    hex::encode(keyring.dataset_id),
+                    hex::encode(manifest.dataset_id)
+                ),
+            });
         }
         for w in &keyring.wraps {
             if w.data_keys.len() != manifest.shards.len() {
