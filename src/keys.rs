@@ -103,46 +103,41 @@ pub fn redact_keys(text: &str) -> std::borrow::Cow<'_, str> {
 /// (which [`looks_like_key`] does not refuse) is still never repeated. A run: 16 or more hex
 /// digits, or 40 or more base64 characters mixing digits, upper and lower case.
 pub fn shown_key_source(path: &Path) -> PathBuf {
-    let text = path.to_string_lossy();
     let is_b64 = |c: char| c.is_ascii_alphanumeric() || "+/=_-".contains(c);
-    let secret_like = |run: &str| {
-        (run.len() >= 16 && run.bytes().all(|b| b.is_ascii_hexdigit()))
-            || (run.len() >= 40
-                && run.bytes().any(|b| b.is_ascii_digit())
-                && run.bytes().any(|b| b.is_ascii_uppercase())
-                && run.bytes().any(|b| b.is_ascii_lowercase()))
+    let mixed_b64 = |run: &str| {
+        run.len() >= 40
+            && run.bytes().any(|b| b.is_ascii_digit())
+            && run.bytes().any(|b| b.is_ascii_uppercase())
+            && run.bytes().any(|b| b.is_ascii_lowercase())
     };
+    // Base64-alphabet runs first (`KEY=<hex>` is one), then hex runs inside what is left.
+    let text = replace_runs(&path.to_string_lossy(), is_b64, mixed_b64);
+    PathBuf::from(replace_runs(
+        &text,
+        |c| c.is_ascii_hexdigit(),
+        |run| run.len() >= 16,
+    ))
+}
+
+/// `text` with every maximal run of characters that satisfy `in_run` and that `secret` picks
+/// replaced by `<redacted>`.
+fn replace_runs(
+    text: &str,
+    in_run: impl Fn(char) -> bool,
+    secret: impl Fn(&str) -> bool,
+) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text.as_ref();
-    while !rest.is_empty() {
-        // Hex runs are checked inside each base64-alphabet run too: `KEY=<hex>` is one run.
-        let start = rest.find(is_b64).unwrap_or(rest.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(&in_run) {
         out.push_str(&rest[..start]);
         rest = &rest[start..];
-        let len = rest.find(|c| !is_b64(c)).unwrap_or(rest.len());
+        let len = rest.find(|c| !in_run(c)).unwrap_or(rest.len());
         let run = &rest[..len];
-        if secret_like(run) {
-            out.push_str("<redacted>");
-        } else {
-            let mut part_start = 0;
-            for (i, c) in run.char_indices().chain([(run.len(), ' ')]) {
-                if i == run.len() || !c.is_ascii_hexdigit() {
-                    let part = &run[part_start..i];
-                    if secret_like(part) {
-                        out.push_str("<redacted>");
-                    } else {
-                        out.push_str(part);
-                    }
-                    if i < run.len() {
-                        out.push(c);
-                    }
-                    part_start = i + c.len_utf8();
-                }
-            }
-        }
+        out.push_str(if secret(run) { "<redacted>" } else { run });
         rest = &rest[len..];
     }
-    PathBuf::from(out)
+    out.push_str(rest);
+    out
 }
 
 /// Refuses `value`, given as `what`, when it [`looks_like_key`]: the error says so without

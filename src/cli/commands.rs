@@ -51,11 +51,7 @@ pub fn keygen(out: &Path, how: OutputArgs) -> Result<()> {
             )
         });
     }
-    if how.json {
-        return Err(Error::InvalidArgument(
-            "--json with --out -: the report and the key cannot share standard output".into(),
-        ));
-    }
+    // `--json` with `--out -` never gets here: `Command::refusal` turns it away.
     refuse_terminal_stdout("the key")?;
     let key = MasterKey::generate()?;
     let mut text = zeroize::Zeroizing::new(hex::encode(key.as_bytes()));
@@ -234,6 +230,12 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
 /// a public key). Every source is read before anything is printed: one bad source fails the
 /// command without a partial list.
 pub fn key_id(sources: &[String], how: OutputArgs) -> Result<()> {
+    // As errors show key sources: a file whose name holds key-like runs is not echoed whole.
+    let shown = |s: &String| {
+        ciphershard::keys::shown_key_source(Path::new(s))
+            .display()
+            .to_string()
+    };
     if sources.iter().filter(|s| s.as_str() == "-").count() > 1 {
         return Err(Error::Key("standard input can supply only one key".into()));
     }
@@ -244,11 +246,11 @@ pub fn key_id(sources: &[String], how: OutputArgs) -> Result<()> {
     let keys: Vec<_> = sources
         .iter()
         .zip(&ids)
-        .map(|(s, id)| serde_json::json!({ "source": s, "key_id": id }))
+        .map(|(s, id)| serde_json::json!({ "source": shown(s), "key_id": id }))
         .collect();
     output::report(how, "key-id", serde_json::json!({ "keys": keys }), || {
         for (s, id) in sources.iter().zip(&ids) {
-            outln!("{id}  {}", Untrusted(s))?;
+            outln!("{id}  {}", Untrusted(shown(s)))?;
         }
         Ok(())
     })
@@ -446,12 +448,6 @@ pub fn decrypt(
     how: OutputArgs,
 ) -> Result<()> {
     if is_stdout(out) {
-        if how.json {
-            return Err(Error::InvalidArgument(
-                "--json with --out -: the report and the plaintext cannot share standard output"
-                    .into(),
-            ));
-        }
         refuse_terminal_stdout("the plaintext")?;
     }
     let key = key.load_one()?;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::{
     DatasetKind, KEYRING_FILE, Keyring, MANIFEST_FILE, MAX_JSON_FILE_LEN, Manifest, ShardHeader,
-    random_suffix, read_bounded, sync_dir, tensor_bytes, write_atomic,
+    read_bounded, sync_dir, tensor_bytes, write_atomic,
 };
 use crate::cipher::cpu::CpuCipher;
 use crate::cipher::{ChunkOpener, Cipher};
@@ -98,8 +98,6 @@ fn check_row_sizes(mpath: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// `e`, the error reading `dir`'s manifest, saying that `dir` is an interrupted conversion
-/// when that is what it is: no manifest, but a conversion's leftovers (still "not found").
 /// The error for a directory holding a conversion's leftovers but no manifest, if `dir` is one.
 fn interrupted_conversion(dir: &Path, mpath: &Path) -> Option<Error> {
     let found = super::convert::scan_out_dir(dir).ok()?;
@@ -444,16 +442,9 @@ pub fn decrypt_shard_with(
     if out.symlink_metadata().is_ok() {
         return Err(refuse_overwrite(out));
     }
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let (dir, tmp_name) = super::temp_beside(out)?;
     ds.dataset.store().check_unchanged(shard)?;
-    let mut tmp = PrivateTemp::create(dir.join(format!("{name}.tmp-{}", random_suffix()?)))?;
+    let mut tmp = PrivateTemp::create(tmp_name)?;
     let tmp_path = tmp.path.clone();
     let mut w = std::io::BufWriter::with_capacity(1 << 20, &tmp.file);
     write_plaintext(ds, shard, h, &mut w, &tmp_path, checkpoint)?;

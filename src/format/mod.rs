@@ -297,8 +297,9 @@ pub(crate) fn sync_dir(dir: &Path) {
     let _ = dir;
 }
 
-/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// `path`'s directory (`.` for a bare name) and a new temporary name in it, `NAME.tmp-` and 16
+/// random hex digits: where a file is written before it is published under `path`.
+pub(crate) fn temp_beside(path: &Path) -> Result<(&Path, PathBuf)> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -307,7 +308,12 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!("{name}.tmp-{}", random_suffix()?));
+    Ok((dir, dir.join(format!("{name}.tmp-{}", random_suffix()?))))
+}
+
+/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let (dir, tmp) = temp_beside(path)?;
     let result = (|| {
         let mut f = File::create_new(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.write_all(bytes)

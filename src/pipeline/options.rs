@@ -163,40 +163,22 @@ impl LoaderState {
     /// state's values, so a caller that wants its own options honoured refuses a non-empty list.
     pub fn mismatches(&self, opts: &LoaderOptions) -> Vec<String> {
         let mut out = Vec::new();
-        let mut check = |name: &str, state: String, given: String| {
-            if state != given {
-                out.push(format!("{name} (state {state}, options {given})"));
-            }
-        };
-        check(
-            "batch_size",
-            self.batch_size.to_string(),
-            opts.batch_size.to_string(),
-        );
-        check("seed", self.seed.to_string(), opts.seed.to_string());
-        check(
-            "shuffle",
-            self.shuffle.to_string(),
-            opts.shuffle.to_string(),
-        );
-        check(
-            "drop_last",
-            self.drop_last.to_string(),
-            opts.drop_last.to_string(),
-        );
-        check("rank", self.rank.to_string(), opts.rank.to_string());
-        check(
-            "world_size",
-            self.world_size.to_string(),
-            opts.world_size.to_string(),
-        );
-        check(
-            "window_blocks",
-            self.window_blocks.to_string(),
-            opts.window_blocks.to_string(),
-        );
+        let mut check =
+            |name: &str, state: &dyn std::fmt::Display, given: &dyn std::fmt::Display| {
+                let (state, given) = (state.to_string(), given.to_string());
+                if state != given {
+                    out.push(format!("{name} (state {state}, options {given})"));
+                }
+            };
+        check("batch_size", &self.batch_size, &opts.batch_size);
+        check("seed", &self.seed, &opts.seed);
+        check("shuffle", &self.shuffle, &opts.shuffle);
+        check("drop_last", &self.drop_last, &opts.drop_last);
+        check("rank", &self.rank, &opts.rank);
+        check("world_size", &self.world_size, &opts.world_size);
+        check("window_blocks", &self.window_blocks, &opts.window_blocks);
         if let Some(rows) = opts.block_rows {
-            check("block_rows", self.block_rows.to_string(), rows.to_string());
+            check("block_rows", &self.block_rows, &rows);
         }
         out
     }
