@@ -91,7 +91,7 @@ fn build(py: Python<'_>, err: &Error) -> PyResult<PyErr> {
 
 /// The backends' advice is written for the command line ("use --backend cpu"); from Python the
 /// same choice is the `backend="cpu"` argument.
-fn python_backend_advice(message: &str) -> String {
+pub(crate) fn python_backend_advice(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(at) = rest.find("--backend ") {

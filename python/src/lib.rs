@@ -29,7 +29,11 @@ fn backends() -> Vec<(String, bool, String)> {
         .into_iter()
         .map(|a| match a.status {
             Ok(d) => (a.backend.name().to_string(), true, d),
-            Err(why) => (a.backend.name().to_string(), false, why),
+            Err(why) => (
+                a.backend.name().to_string(),
+                false,
+                errors::python_backend_advice(&why),
+            ),
         })
         .collect()
 }

@@ -184,3 +184,8 @@ def test_backend_advice_is_for_python(fresh_data):
             assert 'backend="cpu"' in msg, msg
     else:
         pytest.skip("CUDA is available here: no advice to check")
+
+
+def test_backends_listing_advises_the_python_argument():
+    for name, ok, why in ciphershard.backends():
+        assert "--backend" not in why, (name, why)
