@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod npy;
+pub mod records;
 pub mod safetensors;
 
 use std::collections::{BTreeMap, HashMap};
