@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use ciphershard::MasterKey;
 use ciphershard::cipher::Backend;
-use ciphershard::format::{self, ConvertInput, DatasetKind, Dtype};
+use ciphershard::format::{self, ConvertInput, DatasetKind, Dtype, Layout};
 use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions};
 
 #[path = "format_common/mod.rs"]
@@ -331,6 +331,7 @@ fn forge(dir: &Path, key: &MasterKey, rows: u64, cols: &[(&str, Dtype, &[u64])])
             encrypted: true,
             first_chunk: i as u64,
             chunks: 1,
+            layout: Layout::Fixed,
         })
         .collect();
     let desc = Descriptor {
@@ -378,6 +379,7 @@ fn forge(dir: &Path, key: &MasterKey, rows: u64, cols: &[(&str, Dtype, &[u64])])
     keyring.set_wraps(key, &[dk]).unwrap();
     std::fs::write(dir.join(KEYRING_FILE), keyring.to_json()).unwrap();
     let manifest = Manifest {
+        version: 1,
         dataset_id,
         kind: DatasetKind::Dataset,
         rows,
@@ -389,6 +391,7 @@ fn forge(dir: &Path, key: &MasterKey, rows: u64, cols: &[(&str, Dtype, &[u64])])
                 dtype: *dtype,
                 shape: row.to_vec(),
                 encrypted: true,
+                ragged: false,
             })
             .collect(),
         shards: vec![ShardEntry {

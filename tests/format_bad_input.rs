@@ -158,7 +158,7 @@ fn unknown_version_or_cipher() {
     // cipher is a modified header. Read alone, the shard says what it names.
     with_dataset(|d| {
         rewrite_header(&shard(d, 0), |h| {
-            h.replace(r#"\"version\":1"#, r#"\"version\":2"#)
+            h.replace(r#"\"version\":2"#, r#"\"version\":3"#)
         });
         let e = assert_err_names(
             Dataset::open(d),
@@ -166,11 +166,11 @@ fn unknown_version_or_cipher() {
             "the shard header was modified",
         );
         assert!(matches!(e, Error::HeaderIntegrity { .. }), "{e}");
-        assert!(e.to_string().contains("version '2'"), "{e}");
+        assert!(e.to_string().contains("version '3'"), "{e}");
         let e = assert_err_names(
             ShardHeader::read(&shard(d, 0)),
             "shard-00000",
-            "unsupported format version '2'",
+            "unsupported format version '3'",
         );
         assert!(matches!(e, Error::Unsupported { .. }));
     });
@@ -192,7 +192,7 @@ fn unknown_version_or_cipher() {
         let m = d.join("manifest.json");
         let t = std::fs::read_to_string(&m)
             .unwrap()
-            .replace("\"version\":1", "\"version\":99");
+            .replace("\"version\":2", "\"version\":99");
         std::fs::write(&m, t).unwrap();
         assert_err_names(
             Dataset::open(d),

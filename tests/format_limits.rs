@@ -7,7 +7,7 @@ mod format_common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ciphershard::format::{self, Dataset, Dtype, Keyring, Manifest, ShardHeader};
+use ciphershard::format::{self, Dataset, Dtype, Keyring, Layout, Manifest, ShardHeader};
 use format_common::*;
 
 /// A keyring of `n` distinct key ids (one wrapped key each), the last one repeating the first
@@ -195,6 +195,7 @@ fn craft(dir: &Path, rows: u64, columns: &[(&'static str, Dtype, Vec<u64>)], sha
                     encrypted: true,
                     first_chunk: g,
                     chunks,
+                    layout: Layout::Fixed,
                 };
                 (off, g) = (off + len, g + chunks);
                 t
@@ -239,6 +240,7 @@ fn craft(dir: &Path, rows: u64, columns: &[(&'static str, Dtype, Vec<u64>)], sha
     ring.set_wraps(&key(1), &data_keys).unwrap();
     std::fs::write(&kpath, ring.to_json()).unwrap();
     let m = Manifest {
+        version: 1,
         dataset_id,
         kind: DatasetKind::Dataset,
         rows,
@@ -250,6 +252,7 @@ fn craft(dir: &Path, rows: u64, columns: &[(&'static str, Dtype, Vec<u64>)], sha
                 dtype: *dtype,
                 shape: shape.clone(),
                 encrypted: true,
+                ragged: false,
             })
             .collect(),
         shards: entries,

@@ -103,6 +103,7 @@ fn shard_file(n: usize, shape: &[u64], metadata_entries: usize) -> Vec<u8> {
             encrypted: true,
             first_chunk: i as u64,
             chunks: 1,
+            layout: ciphershard::format::Layout::Fixed,
         })
         .collect();
     let d = Descriptor {

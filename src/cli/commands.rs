@@ -303,7 +303,16 @@ fn print_inspect(r: &serde_json::Value) -> Result<()> {
                 "  {:<24} {:<6} {:<16} {}",
                 text(&c["name"]),
                 text(&c["dtype"]),
-                c["shape"].to_string(),
+                // `[*]` for a list of scalars, `[*, 3]` for a list of 3-vectors.
+                if c["ragged"].as_bool() == Some(true) {
+                    let dims = c["shape"].as_array().into_iter().flatten();
+                    std::iter::once("[*".to_string())
+                        .chain(dims.map(|d| format!(", {d}")))
+                        .chain(std::iter::once("]".to_string()))
+                        .collect::<String>()
+                } else {
+                    c["shape"].to_string()
+                },
                 if c["encrypted"].as_bool() == Some(true) {
                     "encrypted"
                 } else {

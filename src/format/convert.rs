@@ -8,27 +8,21 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use sha2::{Digest, Sha256};
 
 use super::input::{ConvertInput, Plan, plan};
-use super::shard::{chunk_aad, chunk_nonce};
+use super::seal::{Sealer, TensorPlan, lay_out, write_shard};
 use super::{
-    Column, DatasetKind, Descriptor, FORMAT_VERSION, HEADER_TAG_NONCE, KEYRING_FILE, KeyWrap,
-    Keyring, MANIFEST_FILE, MAX_CHUNK_SIZE, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN,
-    MAX_JSON_FILE_LEN, MAX_KEY_WRAPS, MAX_METADATA_ENTRIES, MAX_SHARDS, Manifest, ShardEntry,
-    TensorDesc, canonical_header, random_suffix, shard_file_name, sync_dir, write_atomic,
+    Column, DatasetKind, Descriptor, FORMAT_VERSION, KEYRING_FILE, KeyWrap, Keyring, Layout,
+    MANIFEST_FILE, MAX_CHUNK_SIZE, MAX_JSON_FILE_LEN, MAX_KEY_WRAPS, MAX_METADATA_ENTRIES,
+    MAX_SHARDS, Manifest, ShardEntry, shard_file_name, sync_dir, write_atomic,
 };
-use crate::cipher::cpu::CpuCipher;
-use crate::cipher::{Cipher, TAG_LEN};
 use crate::error::{Error, Result};
-use crate::keys::{DataKey, MasterKey, WRAPPED_LEN};
+use crate::keys::{MasterKey, WRAPPED_LEN};
 
 /// Options of [`convert`].
 #[derive(Debug, Clone)]
@@ -330,17 +324,49 @@ fn too_big(out_dir: &Path, name: &str, len: u64) -> Error {
     ))
 }
 
-/// A chunk buffer: zeroized on drop (it holds plaintext between read and seal).
-type Buf = zeroize::Zeroizing<Vec<u8>>;
+/// What a conversion reads its shards from.
+enum Job<'a> {
+    /// Byte ranges of inputs (safetensors, `.npy`, fixed columns in memory).
+    Ranges(Plan<'a>),
+    /// Row batches (ragged columns, columnar files).
+    Rows(super::convert_rows::RowsPlan<'a>),
+}
 
-/// One chunk to seal.
-struct Job {
-    col: usize,
-    src_offset: u64,
-    len: usize,
-    nonce: [u8; 12],
-    aad: [u8; super::AAD_LEN],
-    encrypted: bool,
+/// Writes the shard `desc` describes (rows from `r0`, or the whole `tensors` file) from the
+/// inputs' byte ranges.
+fn write_range_shard(
+    p: &Plan<'_>,
+    r0: u64,
+    mut desc: Descriptor,
+    sealer: &mut Sealer<'_>,
+) -> Result<(ShardEntry, crate::keys::DataKey)> {
+    let srows = desc.rows;
+    let mut plans = Vec::with_capacity(p.cols.len());
+    let mut src_starts = Vec::with_capacity(p.cols.len());
+    for c in &p.cols {
+        let (shape, len, src) = match p.kind {
+            DatasetKind::Dataset => {
+                let mut shape = vec![srows];
+                shape.extend_from_slice(&c.shape);
+                (shape, srows * c.row_bytes, r0 * c.row_bytes)
+            }
+            DatasetKind::Tensors => (c.shape.clone(), c.pieces[0].len, 0),
+        };
+        plans.push(TensorPlan {
+            name: c.name.clone(),
+            dtype: c.dtype,
+            shape,
+            encrypted: c.encrypted,
+            layout: Layout::Fixed,
+            len,
+        });
+        src_starts.push(src);
+    }
+    desc.tensors = lay_out(plans, desc.chunk_size);
+    let read = |t: usize, offset: u64, buf: &mut [u8]| {
+        p.sources.read(&p.cols[t], src_starts[t] + offset, buf)
+    };
+    write_shard(&desc, &read, sealer)
 }
 
 /// Converts `inputs` into a new dataset in `out_dir` (created if needed; refused if it already
@@ -385,12 +411,33 @@ pub fn convert_with(
         return Err(Error::InvalidArgument("shard size must be positive".into()));
     }
     let encrypted = |name: &str| !opts.plain.iter().any(|p| glob_match(p, name));
-    let Plan {
-        kind,
-        cols,
-        sources,
-        mut metadata,
-    } = plan(inputs, &encrypted)?;
+    // Inputs read at byte ranges (safetensors, .npy, fixed columns in memory), or decoded
+    // batch by batch (ragged columns, columnar files).
+    let mut job = match super::convert_rows::open(inputs, &encrypted)? {
+        Some(rows_plan) => Job::Rows(rows_plan),
+        None => Job::Ranges(plan(inputs, &encrypted)?),
+    };
+    let (kind, mut metadata, columns) = match &mut job {
+        Job::Ranges(p) => (
+            p.kind,
+            std::mem::take(&mut p.metadata),
+            p.cols
+                .iter()
+                .map(|c| Column {
+                    name: c.name.clone(),
+                    dtype: c.dtype,
+                    shape: c.shape.clone(),
+                    encrypted: c.encrypted,
+                    ragged: false,
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Job::Rows(p) => (
+            DatasetKind::Dataset,
+            std::mem::take(&mut p.metadata),
+            p.columns(),
+        ),
+    };
     metadata.extend(opts.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
     if metadata.len() > MAX_METADATA_ENTRIES {
         return Err(Error::InvalidArgument(format!(
@@ -406,21 +453,32 @@ pub fn convert_with(
         )));
     }
 
-    let rows = if kind == DatasetKind::Dataset {
-        cols[0].rows
-    } else {
-        0
-    };
-    // Sums and products of the columns' sizes below fit in u64: `plan` checked one row of all
-    // columns, each column's rows x row bytes and their total (saturating only to show it).
-    let row_bytes: u64 = cols
-        .iter()
-        .map(|c| c.row_bytes)
-        .fold(0, u64::saturating_add);
-    let rows_per_shard = if kind == DatasetKind::Tensors || row_bytes == 0 {
-        rows.max(1)
-    } else {
-        (opts.shard_size / row_bytes).max(1)
+    let (rows, rows_per_shard, total) = match &job {
+        Job::Ranges(Plan { kind, cols, .. }) => {
+            let rows = if *kind == DatasetKind::Dataset {
+                cols[0].rows
+            } else {
+                0
+            };
+            // Sums and products of the columns' sizes below fit in u64: `plan` checked one row
+            // of all columns, each column's rows x row bytes and their total (saturating only
+            // to show it).
+            let row_bytes: u64 = cols
+                .iter()
+                .map(|c| c.row_bytes)
+                .fold(0, u64::saturating_add);
+            let rows_per_shard = if *kind == DatasetKind::Tensors || row_bytes == 0 {
+                rows.max(1)
+            } else {
+                (opts.shard_size / row_bytes).max(1)
+            };
+            let total: u64 = cols
+                .iter()
+                .flat_map(|c| c.pieces.iter().map(|p| p.len))
+                .fold(0, u64::saturating_add);
+            (rows, rows_per_shard, total)
+        }
+        Job::Rows(p) => (p.rows, p.rows_per_shard(opts.shard_size), p.estimated_bytes),
     };
     let shard_count = rows.div_ceil(rows_per_shard).max(1);
     if shard_count > MAX_SHARDS as u64 {
@@ -430,28 +488,17 @@ pub fn convert_with(
     }
     // MAX_SHARDS < 2^32.
     let shard_count = shard_count as u32;
-    let total: u64 = cols
-        .iter()
-        .flat_map(|c| c.pieces.iter().map(|p| p.len))
-        .fold(0, u64::saturating_add);
 
     let mut dataset_id = [0u8; 16];
     getrandom::fill(&mut dataset_id)
         .map_err(|e| Error::Key(format!("operating system RNG failed: {e}")))?;
     let mut manifest = Manifest {
+        version: FORMAT_VERSION,
         dataset_id,
         kind,
         rows,
         chunk_size: cs,
-        columns: cols
-            .iter()
-            .map(|c| Column {
-                name: c.name.clone(),
-                dtype: c.dtype,
-                shape: c.shape.clone(),
-                encrypted: c.encrypted,
-            })
-            .collect(),
+        columns,
         shards: Vec::new(),
     };
     json_files_fit(out_dir, &manifest, shard_count, key_ids.len())?;
@@ -467,6 +514,7 @@ pub fn convert_with(
     let mut entries = Vec::with_capacity(shard_count as usize);
     let mut done = 0u64;
     let mut bytes_written = 0u64;
+    let mut tensor_bytes = 0u64;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
@@ -478,40 +526,6 @@ pub fn convert_with(
         } else {
             (0, 0)
         };
-        // The tensors of this shard and where their bytes come from.
-        let mut tensors = Vec::with_capacity(cols.len());
-        let mut src_starts = Vec::with_capacity(cols.len());
-        let (mut off, mut next_chunk) = (0u64, 0u64);
-        for c in &cols {
-            let (shape, len, src) = match kind {
-                DatasetKind::Dataset => {
-                    let mut shape = vec![srows];
-                    shape.extend_from_slice(&c.shape);
-                    (shape, srows * c.row_bytes, r0 * c.row_bytes)
-                }
-                DatasetKind::Tensors => (c.shape.clone(), c.pieces[0].len, 0),
-            };
-            let chunks = len.div_ceil(cs).max(1);
-            tensors.push(TensorDesc {
-                name: c.name.clone(),
-                dtype: c.dtype,
-                shape,
-                offsets: (off, off + len),
-                encrypted: c.encrypted,
-                first_chunk: next_chunk,
-                chunks,
-            });
-            src_starts.push(src);
-            off += len;
-            next_chunk += chunks;
-        }
-        // Each tag takes ~21.3 base64 bytes of header, and readers cap the header: check before
-        // allocating the tag table.
-        if next_chunk > MAX_CHUNKS_PER_SHARD || (next_chunk + 1) * 64 / 3 > MAX_HEADER_LEN {
-            return Err(Error::InvalidArgument(format!(
-                "shard {s} would have {next_chunk} chunks (limit {MAX_CHUNKS_PER_SHARD}, and their tags must fit the {MAX_HEADER_LEN}-byte header): raise the chunk size or lower the shard size"
-            )));
-        }
         let desc = Descriptor {
             version: FORMAT_VERSION,
             dataset_id,
@@ -520,198 +534,30 @@ pub fn convert_with(
             row_start,
             rows: srows,
             chunk_size: cs,
-            tensors,
+            tensors: Vec::new(),
             metadata: metadata.clone(),
         };
-        // A lower bound of the header's length, counted before anything is built: the descriptor
-        // (escaped inside the header, never shorter), the tags, and each tensor's outer entry
-        // (its quoted name and at least 50 bytes of fields). A header past the readers' limit
-        // is refused here, not after building it (1,000,000 tensors took 800 MB to refuse).
-        let lower = desc
-            .json_len()
-            .saturating_add((next_chunk + 1) * 64 / 3)
-            .saturating_add(
-                desc.tensors
-                    .iter()
-                    .map(|t| t.name.len() as u64 + 52)
-                    .fold(0, u64::saturating_add),
-            );
-        if lower > MAX_HEADER_LEN {
-            return Err(Error::InvalidArgument(format!(
-                "shard {s} would have a header of more than {lower} bytes ({} tensors, {next_chunk} chunk tags), over the {MAX_HEADER_LEN}-byte limit readers accept: lower the shard size, raise the chunk size, or split the input",
-                desc.tensors.len()
-            )));
-        }
-        let desc_json = desc.to_json();
-        let digest: [u8; 32] = Sha256::digest(desc_json.as_bytes()).into();
-        let dk = DataKey::generate()?;
-        let opener = CpuCipher::new().prepare(&dk)?;
-        data_keys.push(dk);
-        let mut tags = vec![0u8; TAG_LEN * (1 + next_chunk as usize)];
-        tags[..TAG_LEN].copy_from_slice(&opener.seal_in_place(
-            &HEADER_TAG_NONCE,
-            desc_json.as_bytes(),
-            false,
-            &mut [],
-        )?);
-        let placeholder = canonical_header(
-            &desc_json,
-            &B64.encode(vec![0u8; tags.len()]),
-            &desc.tensors,
-        );
-        // Readers refuse headers over MAX_HEADER_LEN (the tags live there): never write one.
-        if placeholder.len() as u64 > MAX_HEADER_LEN {
-            return Err(Error::InvalidArgument(format!(
-                "shard {s} would have a {} byte header ({next_chunk} chunk tags), over the {MAX_HEADER_LEN}-byte limit: raise the chunk size or lower the shard size",
-                placeholder.len()
-            )));
-        }
-
-        let file_name = shard_file_name(s);
-        let final_path = out_dir.join(&file_name);
-        let tmp_path = out_dir.join(format!("{file_name}.tmp-{}", random_suffix()?));
-        let file = File::create_new(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
-        cleanup.paths.push(tmp_path.clone());
-        let io = |e| Error::io(&tmp_path, e);
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        w.write_all(&(placeholder.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        w.write_all(&placeholder).map_err(io)?;
-
-        // Jobs are generated lazily: a shard of tiny chunks must not hold a job per chunk.
-        let mut jobs = desc.tensors.iter().enumerate().flat_map(|(ti, t)| {
-            let (desc, digest, src) = (&desc, &digest, src_starts[ti]);
-            (0..t.chunks).map(move |j| {
-                let g = t.first_chunk + j;
-                Job {
-                    col: ti,
-                    src_offset: src + j * cs,
-                    len: (t.len() - j * cs).min(cs) as usize,
-                    nonce: chunk_nonce(g),
-                    aad: chunk_aad(
-                        &desc.dataset_id,
-                        digest,
-                        s,
-                        ti as u32,
-                        j,
-                        t.chunks,
-                        g,
-                        t.encrypted,
-                    ),
-                    encrypted: t.encrypted,
-                }
-            })
-        });
-        // Pipeline: while batch k is read and sealed (in parallel), batch k-1 is written.
-        // Two buffer sets at most; buffers zeroize on drop, error paths included.
-        // About 16 MiB a batch (one chunk per thread at least, unless chunks are huge), so
-        // memory stays at two batches whatever the input size.
-        let min_batch = if cs <= 8 << 20 { threads } else { 1 };
-        let batch_len = ((16 << 20) / cs as usize).clamp(min_batch, 4096);
-        let seal_batch = |batch: &[Job],
-                          bufs: &mut [Buf],
-                          tags: &mut [[u8; TAG_LEN]]|
-         -> Result<()> {
-            let work = |jobs: &[Job], bufs: &mut [Buf], tags: &mut [[u8; TAG_LEN]]| -> Result<()> {
-                for ((job, buf), tag) in jobs.iter().zip(bufs.iter_mut()).zip(tags.iter_mut()) {
-                    buf.resize(job.len, 0);
-                    sources.read(&cols[job.col], job.src_offset, buf)?;
-                    *tag = opener.seal_in_place(&job.nonce, &job.aad, job.encrypted, buf)?;
-                }
-                Ok(())
-            };
-            let batch_bytes: usize = batch.iter().map(|j| j.len).sum();
-            if threads == 1 || batch_bytes < (256 << 10) {
-                return work(batch, bufs, tags);
-            }
-            let per = batch.len().div_ceil(threads);
-            std::thread::scope(|sc| {
-                let handles: Vec<_> = batch
-                    .chunks(per)
-                    .zip(bufs.chunks_mut(per))
-                    .zip(tags.chunks_mut(per))
-                    .map(|((j, b), t)| sc.spawn(move || work(j, b, t)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .try_for_each(|h| h.join().expect("sealing thread panicked"))
-            })
-        };
-        let mut pool: Vec<Vec<Buf>> = Vec::new();
-        let mut pending: Option<(Vec<Buf>, Vec<usize>)> = None;
-        let mut g = 0usize;
-        loop {
-            checkpoint()?;
-            let batch_jobs: Vec<Job> = jobs.by_ref().take(batch_len).collect();
-            let batch = (!batch_jobs.is_empty()).then_some(&batch_jobs[..]);
-            if batch.is_none() && pending.is_none() {
-                break;
-            }
-            let mut cur = if batch.is_some() {
-                pool.pop().unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            let mut batch_tags = vec![[0u8; TAG_LEN]; batch.map_or(0, <[Job]>::len)];
-            if let Some(b) = batch {
-                cur.resize_with(b.len(), Buf::default);
-            }
-            let to_write = pending.take();
-            let (sealed, written) = std::thread::scope(|sc| {
-                let writer = to_write.map(|(bufs, lens)| {
-                    let (w, tmp_path) = (&mut w, &tmp_path);
-                    sc.spawn(move || {
-                        let mut n = 0u64;
-                        for (buf, &len) in bufs.iter().zip(&lens) {
-                            if let Err(e) = w.write_all(&buf[..len]) {
-                                return (Err(Error::io(tmp_path, e)), bufs, n);
-                            }
-                            n += len as u64;
-                        }
-                        (Ok(()), bufs, n)
-                    })
-                });
-                let sealed = batch.map_or(Ok(()), |b| seal_batch(b, &mut cur, &mut batch_tags));
-                (
-                    sealed,
-                    writer.map(|h| h.join().expect("writer thread panicked")),
-                )
-            });
-            if let Some((r, bufs, n)) = written {
-                pool.push(bufs);
-                r?;
+        let mut sealer = Sealer {
+            out_dir,
+            threads,
+            cleanup: &mut cleanup.paths,
+            written: &mut |n| {
                 done += n;
-                progress(done, total);
+                progress(done, total.max(done));
+            },
+            checkpoint: &mut *checkpoint,
+        };
+        let (entry, dk) = match &mut job {
+            Job::Ranges(p) => write_range_shard(p, r0, desc, &mut sealer)?,
+            Job::Rows(p) => {
+                let (entry, dk, bytes) = p.write_next_shard(srows, desc, &mut sealer)?;
+                tensor_bytes += bytes;
+                (entry, dk)
             }
-            sealed?;
-            if let Some(b) = batch {
-                for t in &batch_tags {
-                    tags[TAG_LEN * (1 + g)..TAG_LEN * (2 + g)].copy_from_slice(t);
-                    g += 1;
-                }
-                pending = Some((cur, b.iter().map(|j| j.len).collect()));
-            }
-        }
-        drop(pool);
-        let header = canonical_header(&desc_json, &B64.encode(&tags), &desc.tensors);
-        debug_assert_eq!(header.len(), placeholder.len());
-        let mut file = w
-            .into_inner()
-            .map_err(|e| Error::io(&tmp_path, e.into_error()))?;
-        file.seek(SeekFrom::Start(8)).map_err(io)?;
-        file.write_all(&header).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        let bytes = 8 + header.len() as u64 + desc.data_len();
-        std::fs::rename(&tmp_path, &final_path).map_err(|e| Error::io(&final_path, e))?;
-        cleanup.paths.push(final_path);
-        bytes_written += bytes;
-        entries.push(ShardEntry {
-            file: file_name,
-            row_start,
-            rows: srows,
-            bytes,
-            header_digest: digest,
-        });
+        };
+        bytes_written += entry.bytes;
+        data_keys.push(dk);
+        entries.push(entry);
     }
 
     checkpoint()?;
@@ -734,18 +580,26 @@ pub fn convert_with(
     cleanup.committed = true;
     sync_dir(out_dir);
     let names = |encrypted: bool| -> Vec<String> {
-        cols.iter()
-            .filter(|c| c.encrypted == encrypted)
-            .map(|c| c.name.clone())
-            .collect()
+        match &job {
+            Job::Ranges(p) => p
+                .cols
+                .iter()
+                .filter(|c| c.encrypted == encrypted)
+                .map(|c| c.name.clone())
+                .collect(),
+            Job::Rows(p) => p.names(encrypted),
+        }
     };
     Ok(ConvertSummary {
         dataset_id,
         kind,
         shards: shard_count as usize,
         rows,
-        columns: cols.len(),
-        bytes: total,
+        columns: manifest.columns.len(),
+        bytes: match job {
+            Job::Ranges(_) => total,
+            Job::Rows(_) => tensor_bytes,
+        },
         bytes_written: bytes_written + (kjson.len() + mjson.len()) as u64,
         seconds: start.elapsed().as_secs_f64(),
         key_ids: keyring.key_ids(),

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    DatasetKind, KEYRING_FILE, Keyring, MANIFEST_FILE, MAX_JSON_FILE_LEN, Manifest, ShardHeader,
-    read_bounded, sync_dir, tensor_bytes, write_atomic,
+    Column, DatasetKind, KEYRING_FILE, Keyring, Layout, MANIFEST_FILE, MAX_JSON_FILE_LEN, Manifest,
+    ShardHeader, read_bounded, sync_dir, tensor_bytes, write_atomic,
 };
 use crate::cipher::cpu::CpuCipher;
 use crate::cipher::{ChunkOpener, Cipher};
@@ -84,7 +84,8 @@ fn check_row_sizes(mpath: &Path, manifest: &Manifest) -> Result<()> {
         })?;
         widest = widest.max(bytes);
     }
-    if widest == 0 {
+    // A ragged column's rows hold at least their 8-byte row offset.
+    if widest == 0 && !manifest.columns.iter().any(|c| c.ragged) {
         return Err(Error::format(
             mpath,
             "manifest",
@@ -188,6 +189,7 @@ impl Dataset {
         )?);
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut next_row = 0u64;
+        let tensor_count: usize = manifest.columns.iter().map(Column::tensor_count).sum();
         for (i, entry) in manifest.shards.iter().enumerate() {
             let spath = store.name(i).to_path_buf();
             let h = ShardHeader::read_from_vouched(store.as_ref(), i, &entry.header_digest)?;
@@ -238,11 +240,31 @@ impl Dataset {
                 "chunk size differs from the manifest's",
             )?;
             check(
-                d.tensors.len() == manifest.columns.len(),
+                d.version == manifest.version,
+                &format!(
+                    "shard is format version {}, manifest version {}",
+                    d.version, manifest.version
+                ),
+            )?;
+            check(
+                d.tensors.len() == tensor_count,
                 "tensor count differs from the manifest's columns",
             )?;
-            for (t, c) in d.tensors.iter().zip(&manifest.columns) {
+            // Each column is one tensor, or a ragged one two (values, then row offsets,
+            // whose form the descriptor's parser checked): the column's tensor is the first.
+            let mut tensors = d.tensors.iter();
+            for c in &manifest.columns {
+                let t = tensors.next().expect("tensor count checked");
+                if c.ragged {
+                    tensors.next();
+                }
+                let want_layout = if c.ragged {
+                    Layout::Ragged
+                } else {
+                    Layout::Fixed
+                };
                 let shape_ok = match manifest.kind {
+                    DatasetKind::Dataset if c.ragged => t.shape[1..] == c.shape[..],
                     DatasetKind::Dataset => {
                         t.shape.first() == Some(&d.rows) && t.shape[1..] == c.shape[..]
                     }
@@ -252,6 +274,7 @@ impl Dataset {
                     t.name == c.name
                         && t.dtype == c.dtype
                         && t.encrypted == c.encrypted
+                        && t.layout == want_layout
                         && shape_ok,
                     &format!("tensor '{}' differs from column '{}'", t.name, c.name),
                 )?;
@@ -408,6 +431,11 @@ pub fn verify(ds: &UnlockedDataset, progress: &mut dyn FnMut(u64, u64)) -> Resul
                 chunks += 1;
                 progress(done, total);
             }
+            // A ragged column's offsets must also describe its values: checked once its tags
+            // (values and offsets) are.
+            if h.descriptor.tensors[t as usize].layout == Layout::RowOffsets {
+                super::read_row_offsets(ds, i, t - 1)?;
+            }
         }
     }
     Ok(VerifySummary {
@@ -511,6 +539,13 @@ fn write_plaintext(
     header.push('}');
     while !header.len().is_multiple_of(8) {
         header.push(' ');
+    }
+    // Ragged columns' offsets are checked before a byte is written: an export whose offsets
+    // do not describe its values would mislead whoever reads it.
+    for (t, tensor) in d.tensors.iter().enumerate() {
+        if tensor.layout == Layout::Ragged {
+            super::read_row_offsets(ds, shard, t as u32)?;
+        }
     }
     let store = ds.dataset.store();
     let io = |e| Error::io(name, e);

@@ -19,7 +19,7 @@ use std::path::Path;
 use serde::Deserializer;
 use serde::de::{self, DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::{Dtype, FORMAT_VERSION};
+use super::Dtype;
 use crate::error::{Error, Result};
 
 /// Parses all of `bytes` (UTF-8 JSON, nothing after the value but whitespace) with `seed`.
@@ -616,8 +616,9 @@ pub(crate) fn check_format_version(
     what: &'static str,
     bytes: &[u8],
     format: &str,
+    versions: std::ops::RangeInclusive<u32>,
     cipher: Option<&str>,
-) -> Result<()> {
+) -> Result<u32> {
     let mut p = Probe::default();
     parse(path, what, bytes, &mut p)?;
     match &p.format {
@@ -631,18 +632,25 @@ pub(crate) fn check_format_version(
         }
         _ => return Err(Error::format(path, what, "missing string field 'format'")),
     }
-    match &p.version {
-        Some(Scalar::Uint(v)) if *v == FORMAT_VERSION as u64 => {}
+    let version = match &p.version {
+        Some(Scalar::Uint(v)) if u32::try_from(*v).is_ok_and(|v| versions.contains(&v)) => {
+            *v as u32
+        }
         Some(other) => {
+            let supported = versions
+                .clone()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
             return Err(Error::Unsupported {
                 path: path.into(),
                 what: "format version",
                 found: other.to_string(),
-                supported: FORMAT_VERSION.to_string(),
+                supported,
             });
         }
         None => return Err(Error::format(path, what, "missing field 'version'")),
-    }
+    };
     if let (Some(want), Some(Scalar::Str(c))) = (cipher, &p.cipher)
         && c != want
     {
@@ -653,7 +661,7 @@ pub(crate) fn check_format_version(
             supported: want.into(),
         });
     }
-    Ok(())
+    Ok(version)
 }
 
 /// Index of the first item equal to an earlier one: O(n) with a hash set, for uniqueness

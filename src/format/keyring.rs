@@ -149,7 +149,14 @@ impl Keyring {
 
     /// Parses a keyring: typed and bounded (docs/FORMAT.md section 9), key ids unique.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
-        json::check_format_version(path, WHAT, bytes, "ciphershard-keyring", None)?;
+        json::check_format_version(
+            path,
+            WHAT,
+            bytes,
+            "ciphershard-keyring",
+            super::KEYRING_VERSION..=super::KEYRING_VERSION,
+            None,
+        )?;
         let j: KeyringJson = json::parse_object(path, WHAT, bytes)?;
         let wraps: Vec<KeyWrap> = j
             .wraps
@@ -188,7 +195,7 @@ impl Keyring {
     pub fn to_json(&self) -> String {
         let j = KeyringOut {
             format: "ciphershard-keyring",
-            version: super::FORMAT_VERSION,
+            version: super::KEYRING_VERSION,
             dataset_id: hex::encode(self.dataset_id),
             wraps: self
                 .wraps

@@ -7,7 +7,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::json::{self, AnyString, DtypeName, Hex, List, json_object};
-use super::{Dtype, MAX_RANK, MAX_SHARDS, MAX_TENSORS, shard_file_name};
+use super::{
+    Dtype, FORMAT_VERSION, MAX_RANK, MAX_SHARDS, MAX_TENSORS, OFFSETS_SUFFIX,
+    OLDEST_FORMAT_VERSION, shard_file_name,
+};
 use crate::error::{Error, Result};
 
 const WHAT: &str = "manifest";
@@ -38,10 +41,22 @@ pub struct Column {
     pub name: String,
     /// Element type.
     pub dtype: Dtype,
-    /// Shape of one row (`dataset`) or the full shape (`tensors`).
+    /// Shape of one row (`dataset`), of one element of a row (a ragged column), or the full
+    /// shape (`tensors`).
     pub shape: Vec<u64>,
     /// Whether the column is encrypted.
     pub encrypted: bool,
+    /// Whether rows hold a variable number of elements (format version 2): stored per shard
+    /// as a values tensor and a row-offsets tensor.
+    pub ragged: bool,
+}
+
+impl Column {
+    /// How many tensors the column takes in each shard: 2 for a ragged one (values, row
+    /// offsets), 1 otherwise.
+    pub fn tensor_count(&self) -> usize {
+        if self.ragged { 2 } else { 1 }
+    }
 }
 
 /// One shard as the manifest lists it.
@@ -62,6 +77,8 @@ pub struct ShardEntry {
 /// The parsed `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
+    /// Format version (1 or 2; [`FORMAT_VERSION`] for a new dataset).
+    pub version: u32,
     /// Dataset id shared by every shard.
     pub dataset_id: [u8; 16],
     /// Dataset or tensors.
@@ -77,11 +94,33 @@ pub struct Manifest {
 }
 
 json_object! {
+    struct ColumnJsonV1 {
+        name: Box<str>,
+        dtype: DtypeName,
+        shape: List<u64, MAX_RANK>,
+        encrypted: bool,
+    }
+}
+
+json_object! {
     struct ColumnJson {
         name: Box<str>,
         dtype: DtypeName,
         shape: List<u64, MAX_RANK>,
         encrypted: bool,
+        ragged: bool,
+    }
+}
+
+impl From<ColumnJsonV1> for ColumnJson {
+    fn from(c: ColumnJsonV1) -> Self {
+        ColumnJson {
+            name: c.name,
+            dtype: c.dtype,
+            shape: c.shape,
+            encrypted: c.encrypted,
+            ragged: false,
+        }
     }
 }
 
@@ -95,19 +134,43 @@ json_object! {
     }
 }
 
-json_object! {
-    // `format`, `version` (and `cipher`) are required here but checked by the probe that
-    // runs first (json::check_format_version), so they are read and not kept.
-    #[allow(dead_code)]
-    struct ManifestJson {
-        format: AnyString,
-        version: u64,
-        dataset_id: Hex<16>,
-        kind: String,
-        rows: u64,
-        chunk_size: u64,
-        columns: List<ColumnJson, MAX_TENSORS>,
-        shards: List<ShardJson, MAX_SHARDS>,
+/// Declares a manifest's typed structure for one version's column entries: the versions
+/// differ only there (version 2 added `ragged`).
+macro_rules! manifest_json {
+    ($name:ident, $column:ty) => {
+        json_object! {
+            // `format` and `version` are required here but checked by the probe that runs
+            // first (json::check_format_version), so they are read and not kept.
+            #[allow(dead_code)]
+            struct $name {
+                format: AnyString,
+                version: u64,
+                dataset_id: Hex<16>,
+                kind: String,
+                rows: u64,
+                chunk_size: u64,
+                columns: List<$column, MAX_TENSORS>,
+                shards: List<ShardJson, MAX_SHARDS>,
+            }
+        }
+    };
+}
+manifest_json!(ManifestJsonV1, ColumnJsonV1);
+manifest_json!(ManifestJson, ColumnJson);
+
+impl From<ManifestJsonV1> for ManifestJson {
+    fn from(m: ManifestJsonV1) -> Self {
+        let columns: Vec<ColumnJson> = m.columns.0.into_vec().into_iter().map(Into::into).collect();
+        ManifestJson {
+            format: m.format,
+            version: m.version,
+            dataset_id: m.dataset_id,
+            kind: m.kind,
+            rows: m.rows,
+            chunk_size: m.chunk_size,
+            columns: List(columns.into_boxed_slice()),
+            shards: m.shards,
+        }
     }
 }
 
@@ -118,6 +181,8 @@ struct ColumnOut<'a> {
     dtype: &'a str,
     shape: &'a [u64],
     encrypted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ragged: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -145,8 +210,19 @@ impl Manifest {
     /// Parses and checks a manifest's syntax, typed and bounded (docs/FORMAT.md section 9);
     /// the dataset cross-check is [`super::Dataset::open`]'s.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
-        json::check_format_version(path, WHAT, bytes, "ciphershard-dataset", None)?;
-        let j: ManifestJson = json::parse_object(path, WHAT, bytes)?;
+        let version = json::check_format_version(
+            path,
+            WHAT,
+            bytes,
+            "ciphershard-dataset",
+            OLDEST_FORMAT_VERSION..=FORMAT_VERSION,
+            None,
+        )?;
+        let j: ManifestJson = if version == 1 {
+            json::parse_object::<ManifestJsonV1>(path, WHAT, bytes)?.into()
+        } else {
+            json::parse_object(path, WHAT, bytes)?
+        };
         let kind = match j.kind.as_str() {
             "dataset" => DatasetKind::Dataset,
             "tensors" => DatasetKind::Tensors,
@@ -172,14 +248,36 @@ impl Manifest {
                     dtype: c.dtype.get(path)?,
                     shape: c.shape.0.into(),
                     encrypted: c.encrypted,
+                    ragged: c.ragged,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        if let Some(name) = json::first_repeat(columns.iter().map(|c| c.name.as_str())) {
+        // The tensor names the columns take in each shard (a ragged column's row offsets too)
+        // are unique: checked on the columns and their offsets' names together.
+        let offsets_names: Vec<String> = columns
+            .iter()
+            .filter(|c| c.ragged)
+            .map(|c| format!("{}{OFFSETS_SUFFIX}", c.name))
+            .collect();
+        let names = columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain(offsets_names.iter().map(String::as_str));
+        if let Some(name) = json::first_repeat(names) {
             return Err(Error::format(
                 path,
                 WHAT,
-                format!("column '{}' is listed twice", json::quote(name)),
+                format!(
+                    "column '{}' is listed twice (a ragged column 'c' also takes the name 'c{OFFSETS_SUFFIX}')",
+                    json::quote(name)
+                ),
+            ));
+        }
+        if kind == DatasetKind::Tensors && columns.iter().any(|c| c.ragged) {
+            return Err(Error::format(
+                path,
+                WHAT,
+                "a 'tensors' dataset has no rows, so no ragged column",
             ));
         }
         if j.shards.0.is_empty() {
@@ -219,6 +317,7 @@ impl Manifest {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Manifest {
+            version,
             dataset_id: j.dataset_id.0,
             kind,
             rows: j.rows,
@@ -232,7 +331,7 @@ impl Manifest {
     pub fn to_json(&self) -> String {
         let j = ManifestOut {
             format: "ciphershard-dataset",
-            version: super::FORMAT_VERSION,
+            version: self.version,
             dataset_id: hex::encode(self.dataset_id),
             kind: self.kind.as_str(),
             rows: self.rows,
@@ -245,6 +344,7 @@ impl Manifest {
                     dtype: c.dtype.as_str(),
                     shape: &c.shape,
                     encrypted: c.encrypted,
+                    ragged: (self.version >= 2).then_some(c.ragged),
                 })
                 .collect(),
             shards: self

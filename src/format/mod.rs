@@ -1,4 +1,4 @@
-//! The ciphershard on-disk format, version 1 (docs/FORMAT.md): shard headers, the manifest, the
+//! The ciphershard on-disk format, version 2, reading version 1 too (docs/FORMAT.md): shard headers, the manifest, the
 //! keyring, and the operations built on them (convert, verify, rekey, decrypt).
 //!
 //! Every parser here takes untrusted bytes: lengths are checked against the file size and a cap
@@ -13,12 +13,15 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 mod convert;
+mod convert_rows;
 mod dataset;
 mod input;
 mod json;
 mod keyring;
 mod manifest;
+mod ragged;
 mod report;
+mod seal;
 mod shard;
 
 pub use convert::{
@@ -32,13 +35,20 @@ pub use dataset::{
 pub use input::{ConvertInput, InputTensor, npy, safetensors as safetensors_input};
 pub use keyring::{KeyWrap, Keyring};
 pub use manifest::{Column, DatasetKind, Manifest, ShardEntry};
+pub use ragged::{check_row_offsets, read_row_offsets};
 pub use report::{INSPECT_SCHEMA, inspect, inspect_report, same_file};
 pub use shard::{
-    AAD_LEN, ChunkRef, Descriptor, HEADER_TAG_NONCE, ShardHeader, TensorDesc, canonical_header,
+    AAD_LEN, ChunkRef, Descriptor, HEADER_TAG_NONCE, Layout, OFFSETS_SUFFIX, ShardHeader,
+    TensorDesc, canonical_header,
 };
 
-/// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes (shard descriptors and manifests); it reads every
+/// version from [`OLDEST_FORMAT_VERSION`] on. Version 2 added ragged columns.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
+/// The keyring's version: unchanged since the first format (its layout did not change).
+pub const KEYRING_VERSION: u32 = 1;
 /// The only cipher this build reads and writes.
 pub const CIPHER_NAME: &str = "AES-256-GCM";
 /// Largest header (safetensors JSON) accepted, as safetensors itself does.

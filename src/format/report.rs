@@ -70,12 +70,14 @@ pub fn inspect_report(ds: Option<&Dataset>, shards: &[ShardHeader]) -> Value {
     json!({
         "schema": INSPECT_SCHEMA,
         "dataset": ds.dir().display().to_string(),
+        "format_version": m.version,
         "dataset_id": hex::encode(m.dataset_id),
         "kind": m.kind.as_str(),
         "rows": m.rows,
         "chunk_size": m.chunk_size,
         "columns": m.columns.iter().map(|c| json!({
             "name": c.name, "dtype": c.dtype.as_str(), "shape": c.shape, "encrypted": c.encrypted,
+            "ragged": c.ragged,
         })).collect::<Vec<_>>(),
         "key_ids": ds.keyring().key_ids(),
         "key_wrap": "A256KW",
@@ -111,6 +113,7 @@ fn shard_report(h: &ShardHeader) -> Value {
             "encrypted": t.encrypted,
             "first_chunk": t.first_chunk,
             "chunks": t.chunks,
+            "layout": t.layout.as_str(),
         })).collect::<Vec<_>>(),
     })
 }

@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 
 use super::json::{self, AnyString, DtypeName, Hex, List, Pair, StrMap, json_object};
 use super::{
-    CIPHER_NAME, Dtype, MAX_CHUNK_SIZE, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN, MAX_METADATA_ENTRIES,
-    MAX_RANK, MAX_TENSORS, tensor_bytes,
+    CIPHER_NAME, Dtype, FORMAT_VERSION, MAX_CHUNK_SIZE, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN,
+    MAX_METADATA_ENTRIES, MAX_RANK, MAX_TENSORS, OLDEST_FORMAT_VERSION, tensor_bytes,
 };
 use crate::cipher::{ChunkOpener, ChunkParams, NONCE_LEN, OpenError, TAG_LEN};
 use crate::error::{ChunkLocation, Error, Result};
@@ -26,6 +26,35 @@ pub const HEADER_TAG_NONCE: [u8; NONCE_LEN] = [0xFF; NONCE_LEN];
 const AAD_MAGIC: &[u8; 8] = b"CSHARD01";
 const WHAT_HEADER: &str = "shard header";
 const WHAT_DESC: &str = "descriptor (__metadata__.ciphershard)";
+
+/// What a tensor of a shard holds (the descriptor's `layout`, format version 2; every tensor
+/// of a version-1 shard is [`Layout::Fixed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// A fixed-shape column (first dimension = the shard's rows) or, in a `tensors` shard, any
+    /// tensor.
+    Fixed,
+    /// A ragged column's values: every row's elements concatenated, first dimension = the
+    /// element count.
+    Ragged,
+    /// The row offsets of the ragged tensor just before it: `I64`, shape `[rows + 1]`.
+    RowOffsets,
+}
+
+impl Layout {
+    /// The descriptor's name for the layout.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::Fixed => "fixed",
+            Layout::Ragged => "ragged",
+            Layout::RowOffsets => "row_offsets",
+        }
+    }
+}
+
+/// Suffix of a ragged column's offsets tensor name: column `c` is stored as tensors `c` (its
+/// values) and `c.offsets`.
+pub const OFFSETS_SUFFIX: &str = ".offsets";
 
 /// One tensor of a shard, as its descriptor lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +73,8 @@ pub struct TensorDesc {
     pub first_chunk: u64,
     /// Number of chunks (`max(1, ceil(len / chunk_size))`).
     pub chunks: u64,
+    /// What it holds.
+    pub layout: Layout,
 }
 
 impl TensorDesc {
@@ -60,7 +91,7 @@ impl TensorDesc {
 /// The authenticated description of a shard (`__metadata__["ciphershard"]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Descriptor {
-    /// Format version (1).
+    /// Format version (1 or 2).
     pub version: u32,
     /// Random id shared by every shard of a dataset.
     pub dataset_id: [u8; 16],
@@ -81,7 +112,7 @@ pub struct Descriptor {
 }
 
 json_object! {
-    struct TensorJson {
+    struct TensorJsonV1 {
         name: Box<str>,
         dtype: DtypeName,
         shape: List<u64, MAX_RANK>,
@@ -93,28 +124,85 @@ json_object! {
 }
 
 json_object! {
-    // `format`, `version` (and `cipher`) are required here but checked by the probe that
-    // runs first (json::check_format_version), so they are read and not kept.
-    #[allow(dead_code)]
-    struct DescriptorJson {
-        format: AnyString,
-        version: u32,
-        cipher: AnyString,
-        dataset_id: Hex<16>,
-        shard_index: u32,
-        shard_count: u32,
-        row_start: u64,
-        rows: u64,
-        chunk_size: u64,
-        tensors: List<TensorJson, MAX_TENSORS>,
-        metadata: StrMap<MAX_METADATA_ENTRIES>,
+    struct TensorJson {
+        name: Box<str>,
+        dtype: DtypeName,
+        shape: List<u64, MAX_RANK>,
+        offsets: Pair,
+        encrypted: bool,
+        first_chunk: u64,
+        chunks: u64,
+        layout: Box<str>,
+    }
+}
+
+impl From<TensorJsonV1> for TensorJson {
+    fn from(t: TensorJsonV1) -> Self {
+        TensorJson {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            offsets: t.offsets,
+            encrypted: t.encrypted,
+            first_chunk: t.first_chunk,
+            chunks: t.chunks,
+            layout: Layout::Fixed.as_str().into(),
+        }
+    }
+}
+
+/// Declares a descriptor's typed structure for one version's tensor entries: the versions
+/// differ only there (version 2 added `layout`).
+macro_rules! descriptor_json {
+    ($name:ident, $tensor:ty) => {
+        json_object! {
+            // `format`, `version` (and `cipher`) are required here but checked by the probe
+            // that runs first (json::check_format_version), so they are read and not kept.
+            #[allow(dead_code)]
+            struct $name {
+                format: AnyString,
+                version: u32,
+                cipher: AnyString,
+                dataset_id: Hex<16>,
+                shard_index: u32,
+                shard_count: u32,
+                row_start: u64,
+                rows: u64,
+                chunk_size: u64,
+                tensors: List<$tensor, MAX_TENSORS>,
+                metadata: StrMap<MAX_METADATA_ENTRIES>,
+            }
+        }
+    };
+}
+descriptor_json!(DescriptorJsonV1, TensorJsonV1);
+descriptor_json!(DescriptorJson, TensorJson);
+
+impl From<DescriptorJsonV1> for DescriptorJson {
+    fn from(d: DescriptorJsonV1) -> Self {
+        // Converted in place, one entry at a time: a header of a million tensors holds one
+        // list at a time.
+        let tensors: Vec<TensorJson> = d.tensors.0.into_vec().into_iter().map(Into::into).collect();
+        DescriptorJson {
+            format: d.format,
+            version: d.version,
+            cipher: d.cipher,
+            dataset_id: d.dataset_id,
+            shard_index: d.shard_index,
+            shard_count: d.shard_count,
+            row_start: d.row_start,
+            rows: d.rows,
+            chunk_size: d.chunk_size,
+            tensors: List(tensors.into_boxed_slice()),
+            metadata: d.metadata,
+        }
     }
 }
 
 /// The canonical descriptor, serialized from borrowed fields (keys in spec order).
 struct DescriptorOut<'a>(&'a Descriptor);
-struct TensorsOut<'a>(&'a [TensorDesc]);
-struct TensorOut<'a>(&'a TensorDesc);
+struct TensorsOut<'a>(&'a [TensorDesc], u32);
+struct TensorOut<'a>(&'a TensorDesc, u32);
 
 impl Serialize for DescriptorOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -130,7 +218,7 @@ impl Serialize for DescriptorOut<'_> {
         st.serialize_field("row_start", &d.row_start)?;
         st.serialize_field("rows", &d.rows)?;
         st.serialize_field("chunk_size", &d.chunk_size)?;
-        st.serialize_field("tensors", &TensorsOut(&d.tensors))?;
+        st.serialize_field("tensors", &TensorsOut(&d.tensors, d.version))?;
         st.serialize_field("metadata", &d.metadata)?;
         st.end()
     }
@@ -138,7 +226,7 @@ impl Serialize for DescriptorOut<'_> {
 
 impl Serialize for TensorsOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(TensorOut))
+        s.collect_seq(self.0.iter().map(|t| TensorOut(t, self.1)))
     }
 }
 
@@ -146,7 +234,7 @@ impl Serialize for TensorOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let t = self.0;
-        let mut st = s.serialize_struct("Tensor", 7)?;
+        let mut st = s.serialize_struct("Tensor", 8)?;
         st.serialize_field("name", &t.name)?;
         st.serialize_field("dtype", t.dtype.as_str())?;
         st.serialize_field("shape", &t.shape)?;
@@ -154,6 +242,9 @@ impl Serialize for TensorOut<'_> {
         st.serialize_field("encrypted", &t.encrypted)?;
         st.serialize_field("first_chunk", &t.first_chunk)?;
         st.serialize_field("chunks", &t.chunks)?;
+        if self.1 >= 2 {
+            st.serialize_field("layout", t.layout.as_str())?;
+        }
         st.end()
     }
 }
@@ -238,14 +329,19 @@ impl Descriptor {
     /// Parses and validates a descriptor string (typed and bounded, docs/FORMAT.md section 9);
     /// it must be in canonical form.
     pub fn parse(path: &Path, s: &str) -> Result<Self> {
-        json::check_format_version(
+        let version = json::check_format_version(
             path,
             WHAT_DESC,
             s.as_bytes(),
             "ciphershard",
+            OLDEST_FORMAT_VERSION..=FORMAT_VERSION,
             Some(CIPHER_NAME),
         )?;
-        let j: DescriptorJson = json::parse_object(path, WHAT_DESC, s.as_bytes())?;
+        let j: DescriptorJson = if version == 1 {
+            json::parse_object::<DescriptorJsonV1>(path, WHAT_DESC, s.as_bytes())?.into()
+        } else {
+            json::parse_object(path, WHAT_DESC, s.as_bytes())?
+        };
         let bad = |reason: String| Error::format(path, WHAT_DESC, reason);
         if j.shard_count == 0 || j.shard_index >= j.shard_count {
             return Err(bad(format!(
@@ -278,6 +374,18 @@ impl Descriptor {
                     )));
                 }
                 let dtype = t.dtype.get(path)?;
+                let layout = match &*t.layout {
+                    "fixed" => Layout::Fixed,
+                    "ragged" => Layout::Ragged,
+                    "row_offsets" => Layout::RowOffsets,
+                    other => {
+                        return Err(bad(format!(
+                            "tensor '{}': layout '{}' is none of fixed, ragged, row_offsets",
+                            json::quote(&t.name),
+                            json::quote(other)
+                        )));
+                    }
+                };
                 let [b, e] = t.offsets.0;
                 if b != end || e < b {
                     return Err(bad(format!(
@@ -319,9 +427,11 @@ impl Descriptor {
                     encrypted: t.encrypted,
                     first_chunk: t.first_chunk,
                     chunks,
+                    layout,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        check_ragged_pairs(&tensors, j.rows).map_err(bad)?;
         // A hash set over borrowed names: linear, whatever the tensor count.
         if let Some(name) = json::first_repeat(tensors.iter().map(|t| t.name.as_str())) {
             return Err(bad(format!(
@@ -346,6 +456,61 @@ impl Descriptor {
             ));
         }
         Ok(d)
+    }
+}
+
+/// Checks the layouts of a shard's tensors (docs/FORMAT.md section 4.1): each ragged tensor
+/// (rank 1 or more) is followed by its row offsets, named after it with [`OFFSETS_SUFFIX`],
+/// `I64` of shape `[rows + 1]`, encrypted as it is; row offsets follow nothing else. What the
+/// offsets hold is checked when they are read (after their tag).
+fn check_ragged_pairs(tensors: &[TensorDesc], rows: u64) -> std::result::Result<(), String> {
+    let mut prev: Option<&TensorDesc> = None;
+    for t in tensors {
+        let name = json::quote(&t.name);
+        match t.layout {
+            Layout::Ragged if t.shape.is_empty() => {
+                return Err(format!(
+                    "ragged tensor '{name}' is a scalar: its first dimension counts elements"
+                ));
+            }
+            Layout::RowOffsets => {
+                let Some(values) = prev.filter(|p| p.layout == Layout::Ragged) else {
+                    return Err(format!(
+                        "row offsets '{name}' do not follow a ragged tensor"
+                    ));
+                };
+                let want_name = format!("{}{OFFSETS_SUFFIX}", values.name);
+                let want_shape = rows.checked_add(1).map(|n| vec![n]);
+                if t.name != want_name
+                    || t.dtype != Dtype::I64
+                    || Some(&t.shape) != want_shape.as_ref()
+                    || t.encrypted != values.encrypted
+                {
+                    return Err(format!(
+                        "row offsets '{name}' of ragged tensor '{}' must be named '{}', I64 of shape [{rows} + 1] and encrypted as the values are",
+                        json::quote(&values.name),
+                        json::quote(&want_name)
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if let Some(p) = prev.filter(|p| p.layout == Layout::Ragged)
+            && t.layout != Layout::RowOffsets
+        {
+            return Err(format!(
+                "ragged tensor '{}' is not followed by its row offsets",
+                json::quote(&p.name)
+            ));
+        }
+        prev = Some(t);
+    }
+    match prev {
+        Some(p) if p.layout == Layout::Ragged => Err(format!(
+            "ragged tensor '{}' is not followed by its row offsets",
+            json::quote(&p.name)
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -882,4 +1047,129 @@ fn header_len(
         ));
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(name: &str, dtype: Dtype, shape: &[u64], layout: Layout) -> TensorDesc {
+        TensorDesc {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            offsets: (0, 0),
+            encrypted: true,
+            first_chunk: 0,
+            chunks: 1,
+            layout,
+        }
+    }
+
+    /// Every ragged tensor is followed by its row offsets, named, typed and shaped as the
+    /// format says; offsets follow nothing else.
+    #[test]
+    fn ragged_pairs() {
+        use Layout::*;
+        let ok = [
+            tensor("x", Dtype::F32, &[3, 2], Fixed),
+            tensor("ids", Dtype::I32, &[7], Ragged),
+            tensor("ids.offsets", Dtype::I64, &[4], RowOffsets),
+        ];
+        check_ragged_pairs(&ok, 3).unwrap();
+        let cases: Vec<(Vec<TensorDesc>, &str)> = vec![
+            (vec![ok[1].clone()], "not followed by its row offsets"),
+            (
+                vec![ok[1].clone(), ok[0].clone()],
+                "not followed by its row offsets",
+            ),
+            (
+                vec![ok[0].clone(), ok[2].clone()],
+                "do not follow a ragged tensor",
+            ),
+            (vec![ok[2].clone()], "do not follow a ragged tensor"),
+            (
+                vec![tensor("ids", Dtype::I32, &[], Ragged), ok[2].clone()],
+                "is a scalar",
+            ),
+            (
+                vec![
+                    ok[1].clone(),
+                    tensor("other.offsets", Dtype::I64, &[4], RowOffsets),
+                ],
+                "must be named 'ids.offsets'",
+            ),
+            (
+                vec![
+                    ok[1].clone(),
+                    tensor("ids.offsets", Dtype::I32, &[4], RowOffsets),
+                ],
+                "I64 of shape [3 + 1]",
+            ),
+            (
+                vec![
+                    ok[1].clone(),
+                    tensor("ids.offsets", Dtype::I64, &[3], RowOffsets),
+                ],
+                "I64 of shape [3 + 1]",
+            ),
+            (
+                vec![
+                    ok[1].clone(),
+                    TensorDesc {
+                        encrypted: false,
+                        ..ok[2].clone()
+                    },
+                ],
+                "encrypted as the values are",
+            ),
+        ];
+        for (tensors, want) in cases {
+            let e = check_ragged_pairs(&tensors, 3).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    /// A version-1 descriptor is written back without `layout` (its canonical form), a
+    /// version-2 one with it; each parses only under its own version's rules.
+    #[test]
+    fn layout_is_in_version_2_only() {
+        let mut d = Descriptor {
+            version: 1,
+            dataset_id: [1; 16],
+            shard_index: 0,
+            shard_count: 1,
+            row_start: 0,
+            rows: 2,
+            chunk_size: 64,
+            tensors: vec![TensorDesc {
+                offsets: (0, 8),
+                ..tensor("x", Dtype::F32, &[2], Layout::Fixed)
+            }],
+            metadata: BTreeMap::new(),
+        };
+        let v1 = d.to_json();
+        assert!(!v1.contains("layout"), "{v1}");
+        assert_eq!(Descriptor::parse(Path::new("s"), &v1).unwrap(), d);
+        d.version = 2;
+        let v2 = d.to_json();
+        assert!(v2.contains(r#""layout":"fixed""#), "{v2}");
+        assert_eq!(Descriptor::parse(Path::new("s"), &v2).unwrap(), d);
+        // Version 1 with a layout, version 2 without: unknown and missing fields.
+        let e = Descriptor::parse(
+            Path::new("s"),
+            &v2.replace(r#""version":2"#, r#""version":1"#),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("layout"), "{e}");
+        let e = Descriptor::parse(
+            Path::new("s"),
+            &v1.replace(r#""version":1"#, r#""version":2"#),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("layout"), "{e}");
+        let e = Descriptor::parse(Path::new("s"), &v2.replace(r#""fixed""#, r#""jagged""#))
+            .unwrap_err();
+        assert!(e.to_string().contains("layout 'jagged'"), "{e}");
+    }
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Independent reader for ciphershard format v1 (docs/FORMAT.md), using only `cryptography`,
-`json`, `hashlib`, `base64` and `struct`. Reads tests/golden/dataset with tests/golden/key.hex,
-checks every structure and tag the spec defines, and compares the plaintext with expected.json.
+"""Independent reader for ciphershard formats 1 and 2 (docs/FORMAT.md), using only
+`cryptography`, `json`, `hashlib`, `base64` and `struct`. Reads the golden datasets
+(tests/golden/dataset, version 1; tests/golden/v2/dataset, version 2 with ragged columns) with
+their keys, checks every structure and tag the spec defines, and compares the plaintext with
+their expected.json.
 
     pip install cryptography && python3 tests/golden/read_golden.py
     python3 tests/golden/read_golden.py DATASET_DIR KEY_FILE   # any dataset: prints SHA-256 per column
@@ -17,8 +19,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATASET = sys.argv[1] if len(sys.argv) > 2 else os.path.join(HERE, "dataset")
-KEY_FILE = sys.argv[2] if len(sys.argv) > 2 else os.path.join(HERE, "key.hex")
 DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
               "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -42,12 +42,23 @@ def canonical_header(desc_str, tags_b64, tensors):
     return h.encode()
 
 
-def main():
-    master = bytes.fromhex(open(KEY_FILE).read().strip())
+def check_offsets(name, raw, rows, elements):
+    """A ragged column's row offsets: rows + 1 little-endian int64, 0 first, non-decreasing,
+    the values' element count last."""
+    offs = list(struct.unpack("<%dq" % (rows + 1), raw))
+    if offs[0] != 0 or offs[-1] != elements or any(b < a for a, b in zip(offs, offs[1:])):
+        fail("ragged column %s: row offsets do not describe its values" % name)
+    return offs
+
+
+def read_dataset(dataset, key_file):
+    """Returns {column: bytes} for fixed columns and {column: [row bytes, ...]} for ragged ones."""
+    master = bytes.fromhex(open(key_file).read().strip())
     key_id = hashlib.sha256(b"ciphershard key id v1" + master).digest()[:8].hex()
-    manifest = json.load(open(os.path.join(DATASET, "manifest.json")))
-    keyring = json.load(open(os.path.join(DATASET, "keyring.json")))
-    if manifest["version"] != 1 or keyring["version"] != 1:
+    manifest = json.load(open(os.path.join(dataset, "manifest.json")))
+    keyring = json.load(open(os.path.join(dataset, "keyring.json")))
+    version = manifest["version"]
+    if version not in (1, 2) or keyring["version"] != 1:
         fail("unsupported version")
     if keyring["dataset_id"] != manifest["dataset_id"]:
         fail("keyring belongs to another dataset")
@@ -55,18 +66,19 @@ def main():
     if wrap is None or wrap["alg"] != "A256KW":
         fail("wrong key: %s not in keyring" % key_id)
 
-    columns = {c["name"]: b"" for c in manifest["columns"]}
+    ragged = {c["name"] for c in manifest["columns"] if version >= 2 and c["ragged"]}
+    columns = {c["name"]: ([] if c["name"] in ragged else b"") for c in manifest["columns"]}
     next_row = 0
     for i, entry in enumerate(manifest["shards"]):
         data_key = aes_key_unwrap(master, base64.b64decode(wrap["data_keys"][i]))
         gcm = AESGCM(data_key)
-        raw = open(os.path.join(DATASET, entry["file"]), "rb").read()
+        raw = open(os.path.join(dataset, entry["file"]), "rb").read()
         (n,) = struct.unpack("<Q", raw[:8])
         header = raw[8:8 + n]
         meta = json.loads(header)["__metadata__"]
         desc_str = meta["ciphershard"]
         desc = json.loads(desc_str)
-        if desc["version"] != 1 or desc["cipher"] != "AES-256-GCM":
+        if desc["version"] != version or desc["cipher"] != "AES-256-GCM":
             fail("unsupported version or cipher")
         if canonical_header(desc_str, meta["ciphershard.tags"], desc["tensors"]) != header:
             fail("header not canonical")
@@ -94,6 +106,7 @@ def main():
             fail("%s: header tag" % entry["file"])
         cs = desc["chunk_size"]
         data = raw[8 + n:]
+        plain = []
         for ti, t in enumerate(tensors):
             b, e = t["offsets"]
             size = DTYPE_SIZE[t["dtype"]]
@@ -115,19 +128,58 @@ def main():
                     fail("plain chunk tag")
                 else:
                     out += chunk
-            columns[t["name"]] += out
+            plain.append(out)
+        # Version 2: a ragged tensor is followed by its row offsets, `NAME.offsets`, I64 of
+        # shape [rows + 1]; a fixed tensor is a column as in version 1.
+        ti = 0
+        while ti < len(tensors):
+            t = tensors[ti]
+            layout = t.get("layout", "fixed") if version >= 2 else "fixed"
+            if layout == "fixed":
+                columns[t["name"]] += plain[ti]
+                ti += 1
+                continue
+            o = tensors[ti + 1]
+            if (layout != "ragged" or o["layout"] != "row_offsets" or o["name"] != t["name"] + ".offsets"
+                    or o["dtype"] != "I64" or o["shape"] != [desc["rows"] + 1]
+                    or o["encrypted"] != t["encrypted"]):
+                fail("ragged tensor %s without its row offsets" % t["name"])
+            elem = DTYPE_SIZE[t["dtype"]]
+            for d in t["shape"][1:]:
+                elem *= d
+            offs = check_offsets(t["name"], plain[ti + 1], desc["rows"], t["shape"][0])
+            columns[t["name"]] += [plain[ti][a * elem:b * elem] for a, b in zip(offs, offs[1:])]
+            ti += 2
     if next_row != manifest["rows"]:
         fail("row count")
+    return manifest, columns
+
+
+def main():
     if len(sys.argv) > 2:
+        _, columns = read_dataset(sys.argv[1], sys.argv[2])
         for name in sorted(columns):
-            print("%s %s" % (hashlib.sha256(columns[name]).hexdigest(), name))
+            col = columns[name]
+            # A ragged column: the SHA-256 of its rows concatenated, and of their lengths.
+            if isinstance(col, list):
+                lens = struct.pack("<%dq" % len(col), *map(len, col))
+                print("%s %s (rows)" % (hashlib.sha256(b"".join(col)).hexdigest(), name))
+                print("%s %s (row lengths, int64)" % (hashlib.sha256(lens).hexdigest(), name))
+            else:
+                print("%s %s" % (hashlib.sha256(col).hexdigest(), name))
         return
-    expected = json.load(open(os.path.join(HERE, "expected.json")))
-    for name, col in expected["columns"].items():
-        if columns[name].hex() != col["hex"]:
-            fail("column %s differs from expected.json" % name)
-    print("OK: %d shards, %d rows, columns %s match expected.json" % (
-        len(manifest["shards"]), manifest["rows"], ", ".join(sorted(columns))))
+    for sub in ("", "v2"):
+        base = os.path.join(HERE, sub)
+        manifest, columns = read_dataset(os.path.join(base, "dataset"), os.path.join(base, "key.hex"))
+        expected = json.load(open(os.path.join(base, "expected.json")))
+        for name, col in expected["columns"].items():
+            got = columns[name]
+            want = col["rows_hex"] if col.get("ragged") else col["hex"]
+            got = [r.hex() for r in got] if isinstance(got, list) else got.hex()
+            if got != want:
+                fail("column %s differs from expected.json" % name)
+        print("OK: version %d: %d shards, %d rows, columns %s match expected.json" % (
+            manifest["version"], len(manifest["shards"]), manifest["rows"], ", ".join(sorted(columns))))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,20 @@ pub enum ConvertInput {
         /// The file.
         path: PathBuf,
     },
+    /// A ragged column held in memory: row `i` is elements `offsets[i]..offsets[i + 1]` of
+    /// `values` (tests, the demo, Python).
+    Ragged {
+        /// Column name.
+        name: String,
+        /// Element type.
+        dtype: Dtype,
+        /// Shape of one element (`[]` for a list of scalars).
+        shape: Vec<u64>,
+        /// Little-endian bytes of every row's elements, concatenated.
+        values: Vec<u8>,
+        /// `rows + 1` element offsets: 0 first, non-decreasing, the element count last.
+        offsets: Vec<u64>,
+    },
     /// A column held in memory (tests, the demo).
     InMemory {
         /// Column name.
@@ -79,7 +93,7 @@ fn open_file(path: &Path, what: &'static str) -> Result<(File, u64)> {
 
 /// Refuses a column (or tensor) that no shard may hold (docs/FORMAT.md section 9, the
 /// constants readers use): an empty or reserved name, or more than [`MAX_RANK`] dimensions.
-fn check_column(path: &Path, name: &str, shape: &[u64]) -> Result<()> {
+pub(super) fn check_column(path: &Path, name: &str, shape: &[u64]) -> Result<()> {
     if name.is_empty() || name == "__metadata__" {
         return Err(Error::InvalidArgument(format!(
             "{}: column name '{}' is empty or reserved",
@@ -255,6 +269,12 @@ pub(super) fn plan<'a>(
                 (path, opened)
             }
             ConvertInput::Npy { column, path } => (path, npy::open_input(path, column)?),
+            ConvertInput::Ragged { name, .. } => {
+                return Err(Error::InvalidArgument(format!(
+                    "ragged column '{}' cannot be read as byte ranges",
+                    crate::format::json::quote(name)
+                )));
+            }
             ConvertInput::InMemory {
                 name,
                 dtype,
