@@ -326,6 +326,16 @@ fn bad_ragged_inputs_are_refused() {
             "in-memory column 'r'",
         ),
         (
+            vec![ConvertInput::Ragged {
+                name: "z".into(),
+                dtype: Dtype::U16,
+                shape: vec![2, 0],
+                values: vec![],
+                offsets: vec![0, 4],
+            }],
+            "ragged column 'z' has elements of shape [2, 0] U16, which hold no bytes",
+        ),
+        (
             vec![ids.clone(), format_common::column("w", Dtype::U8, &[3], 1)],
             "",
         ),

@@ -159,7 +159,9 @@ class Loader:
     def __exit__(self, *args: Any) -> None: ...
 
 def convert(
-    columns: Union[Mapping[str, Union[np.ndarray, _Path, Any]], Sequence[_Path], _Path],
+    columns: Union[
+        Mapping[str, Union[np.ndarray, _Path, Tuple[Any, Any], Any]], Sequence[_Path], _Path
+    ],
     *,
     out: _Path,
     key_file: Optional[_Path] = None,
@@ -169,7 +171,8 @@ def convert(
     plain: Sequence[str] = ...,  # no plain columns
     metadata: Mapping[str, str] = ...,  # none
 ) -> Dict[str, Any]:
-    """Encrypts ``{name: array or .npy path}`` (or safetensors files) into a new dataset."""
+    """Encrypts ``{name: array, .npy path or (values, offsets) of a ragged column}`` (or
+    safetensors files) into a new dataset."""
 
 def inspect(path: _Path) -> Dict[str, Any]:
     """Describes a dataset (manifest, columns, shards, key ids) without a key: the report

@@ -98,11 +98,11 @@ impl PyDataset {
     }
 
     /// The dataset's columns (name, dtype, per-row shape).
-    pub fn columns(&self) -> Vec<(String, DType, Vec<u64>)> {
+    pub fn columns(&self) -> Vec<(String, DType, Vec<u64>, bool)> {
         self.manifest
             .columns
             .iter()
-            .map(|c| (c.name.clone(), dtype_of(c.dtype), c.shape.clone()))
+            .map(|c| (c.name.clone(), dtype_of(c.dtype), c.shape.clone(), c.ragged))
             .collect()
     }
 }
@@ -178,7 +178,8 @@ impl PyDataset {
         self.manifest.shards.len()
     }
 
-    /// Column descriptions: ``{name: {"dtype": "float32", "shape": [per-row dims], "encrypted": bool}}``.
+    /// Column descriptions: ``{name: {"dtype": "float32", "shape": [per-row dims], "encrypted":
+    /// bool, "ragged": bool}}`` (a ragged column's ``shape`` is that of one element of a row).
     #[getter]
     fn columns_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
@@ -187,6 +188,7 @@ impl PyDataset {
             d.set_item("dtype", dtype_of(c.dtype).name)?;
             d.set_item("shape", c.shape.clone())?;
             d.set_item("encrypted", c.encrypted)?;
+            d.set_item("ragged", c.ragged)?;
             out.set_item(&c.name, d)?;
         }
         Ok(out)
@@ -275,8 +277,8 @@ pub fn generate_key(py: Python<'_>, path: PathBuf) -> PyResult<String> {
     .py()
 }
 
-/// One `convert` input taken from Python: a NumPy-style array (via the buffer protocol) or a
-/// path to a `.npy` file.
+/// One `convert` input taken from Python: a NumPy-style array (via the buffer protocol), a
+/// path to a `.npy` file, or a ragged column as a `(values, offsets)` pair of arrays.
 fn convert_input(name: &str, value: &Bound<'_, PyAny>) -> PyResult<ConvertInput> {
     if let Ok(path) = value.extract::<PathBuf>() {
         return Ok(ConvertInput::Npy {
@@ -284,6 +286,54 @@ fn convert_input(name: &str, value: &Bound<'_, PyAny>) -> PyResult<ConvertInput>
             path,
         });
     }
+    if let Ok(pair) = value.cast::<pyo3::types::PyTuple>() {
+        let py = value.py();
+        let [values, offsets] = pair.iter().collect::<Vec<_>>().try_into().map_err(|_| {
+            new_err(
+                py,
+                "InvalidArgumentError",
+                format!("column '{name}': a ragged column is a (values, offsets) pair"),
+            )
+        })?;
+        let (dtype, shape, values) = array_bytes(name, &values)?;
+        let Some(elem) = shape.get(1..) else {
+            return Err(new_err(
+                py,
+                "InvalidArgumentError",
+                format!("column '{name}': ragged values need a first dimension (the elements)"),
+            ));
+        };
+        let np = py.import("numpy")?;
+        let offsets: Vec<u64> = np
+            .call_method1("asarray", (offsets, "uint64"))?
+            .call_method0("tolist")?
+            .extract()
+            .map_err(|_| {
+                new_err(
+                    py,
+                    "InvalidArgumentError",
+                    format!("column '{name}': offsets must be non-negative integers"),
+                )
+            })?;
+        return Ok(ConvertInput::Ragged {
+            name: name.to_string(),
+            dtype,
+            shape: elem.to_vec(),
+            values,
+            offsets,
+        });
+    }
+    let (dtype, shape, data) = array_bytes(name, value)?;
+    Ok(ConvertInput::InMemory {
+        name: name.to_string(),
+        dtype,
+        shape,
+        data,
+    })
+}
+
+/// An array's dtype, shape and little-endian bytes (C order).
+fn array_bytes(name: &str, value: &Bound<'_, PyAny>) -> PyResult<(Dtype, Vec<u64>, Vec<u8>)> {
     let py = value.py();
     let np = py.import("numpy").map_err(|_| {
         new_err(
@@ -335,19 +385,15 @@ fn convert_input(name: &str, value: &Bound<'_, PyAny>) -> PyResult<ConvertInput>
         // copy instead of two (`tobytes()` then `to_vec()`).
         unsafe { std::slice::from_raw_parts(addr as *const u8, nbytes) }.to_vec()
     };
-    Ok(ConvertInput::InMemory {
-        name: name.to_string(),
-        dtype,
-        shape,
-        data,
-    })
+    Ok((dtype, shape, data))
 }
 
 /// Encrypts columns into a new dataset directory.
 ///
 /// ``columns`` maps column names to arrays (anything ``numpy.ascontiguousarray`` accepts;
-/// the first dimension is the row) or to ``.npy`` paths; it may also be a list of safetensors
-/// file paths. Returns a summary dict. Plaintext never reaches disk; a failed convert leaves no
+/// the first dimension is the row), to ``.npy`` paths, or, for a ragged column (rows of varying
+/// length), to a ``(values, offsets)`` pair: row ``i`` is ``values[offsets[i]:offsets[i+1]]``;
+/// it may also be a list of safetensors file paths. Returns a summary dict. Plaintext never reaches disk; a failed convert leaves no
 /// shard under its final name.
 #[pyfunction]
 #[pyo3(signature = (columns, *, out, key_file=None, key_env=None, chunk_size=2 << 20, shard_size=1 << 30, plain=Vec::new(), metadata=BTreeMap::new()))]

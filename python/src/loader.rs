@@ -111,7 +111,10 @@ impl Storage for BatchStorage {
 #[pyclass(frozen, module = "ciphershard", name = "Loader")]
 pub struct PyLoader {
     dataset: Py<PyDataset>,
-    columns: Vec<(String, DType, Vec<i64>)>,
+    /// Name, dtype, row shape (element shape for a ragged column), ragged.
+    columns: Vec<(String, DType, Vec<i64>, bool)>,
+    /// `torch.nested.nested_tensor_from_jagged`, with ``as_torch`` and a ragged column.
+    nested: Option<Py<PyAny>>,
     as_torch: Option<Py<PyAny>>,
     /// `Some(ordinal)`: batches decrypted into CUDA device `ordinal`'s memory.
     device: Option<usize>,
@@ -444,7 +447,9 @@ impl PyLoader {
         match batch {
             AnyBatch::Host(mut batch) => {
                 let rows = batch.len() as i64;
-                let regions = batch.column_ptrs_mut();
+                // One region per column, then each ragged column's row offsets.
+                let mut regions = batch.column_ptrs_mut();
+                regions.extend(batch.offsets_ptrs_mut().into_iter().flatten());
                 let storage = Arc::new(BatchStorage {
                     regions,
                     batch: Some(batch),
@@ -470,15 +475,56 @@ impl PyLoader {
     ) -> PyResult<Bound<'py, PyDict>> {
         let (rows, storage) = (batch.rows, &batch.storage);
         let out = PyDict::new(py);
-        for (i, (name, dtype, row_shape)) in self.columns.iter().enumerate() {
-            let shape: Vec<i64> = std::iter::once(rows)
+        let export = |t: Tensor| -> PyResult<Bound<'py, PyAny>> {
+            let t = Bound::new(py, t)?.into_any();
+            match &self.as_torch {
+                Some(from_dlpack) => from_dlpack.bind(py).call1((t,)),
+                None => Ok(t),
+            }
+        };
+        let mut ragged = self.columns.len();
+        for (i, (name, dtype, row_shape, is_ragged)) in self.columns.iter().enumerate() {
+            if !is_ragged {
+                let shape: Vec<i64> = std::iter::once(rows)
+                    .chain(row_shape.iter().copied())
+                    .collect();
+                out.set_item(
+                    name,
+                    export(Tensor::new(storage.clone(), i, *dtype, shape)?)?,
+                )?;
+                continue;
+            }
+            // A ragged column: its values [E, ...element shape] under its name, its B + 1
+            // int64 row offsets under `NAME.offsets`, and with as_torch a jagged nested
+            // tensor over both (no copy) under `NAME.nested`.
+            let elem_bytes = row_shape.iter().product::<i64>() * dtype.size() as i64;
+            let (_, len) = storage.region(i);
+            let elements = if elem_bytes == 0 {
+                0
+            } else {
+                len as i64 / elem_bytes
+            };
+            let shape: Vec<i64> = std::iter::once(elements)
                 .chain(row_shape.iter().copied())
                 .collect();
-            let t = Bound::new(py, Tensor::new(storage.clone(), i, *dtype, shape)?)?;
-            match &self.as_torch {
-                Some(from_dlpack) => out.set_item(name, from_dlpack.bind(py).call1((t,))?)?,
-                None => out.set_item(name, t)?,
+            let values = export(Tensor::new(storage.clone(), i, *dtype, shape)?)?;
+            let offsets = export(Tensor::new(
+                storage.clone(),
+                ragged,
+                DType::from_name("I64").expect("I64 maps"),
+                vec![rows + 1],
+            )?)?;
+            ragged += 1;
+            if let Some(nested) = &self.nested {
+                let kw = pyo3::types::PyDict::new(py);
+                kw.set_item("offsets", &offsets)?;
+                out.set_item(
+                    format!("{name}.nested"),
+                    nested.bind(py).call((&values,), Some(&kw))?,
+                )?;
             }
+            out.set_item(name, values)?;
+            out.set_item(format!("{name}.offsets"), offsets)?;
         }
         Ok(out)
     }
@@ -544,8 +590,17 @@ impl PyLoader {
             .get()
             .columns()
             .into_iter()
-            .map(|(n, d, s)| (n, d, s.into_iter().map(|x| x as i64).collect()))
-            .collect();
+            .map(|(n, d, s, r)| (n, d, s.into_iter().map(|x| x as i64).collect(), r))
+            .collect::<Vec<_>>();
+        let nested = if as_torch && columns.iter().any(|c| c.3) {
+            Some(
+                py.import("torch.nested")?
+                    .getattr("nested_tensor_from_jagged")?
+                    .unbind(),
+            )
+        } else {
+            None
+        };
         let as_torch = if as_torch {
             Some(py.import("torch")?.getattr("from_dlpack")?.unbind())
         } else {
@@ -583,6 +638,7 @@ impl PyLoader {
             dataset,
             columns,
             as_torch,
+            nested,
             device,
             owner_pid: std::process::id(),
             inner: Mutex::new(Inner {

@@ -84,7 +84,12 @@ def test_dataset_properties_and_inspect(data):
     ds = data.open()
     assert len(ds) == ds.rows == 2000
     assert ds.column_names == list(data.columns)
-    assert ds.columns_info["features"] == {"dtype": "float32", "shape": [16], "encrypted": True}
+    assert ds.columns_info["features"] == {
+        "dtype": "float32",
+        "shape": [16],
+        "encrypted": True,
+        "ragged": False,
+    }
     assert ds.columns_info["row_id"]["encrypted"] is False  # plain=["row_id"]
     assert ds.key_id == data.key_id and ds.backend == "cpu"
     assert ds.num_shards == data.summary["shards"] > 1
@@ -103,7 +108,13 @@ def test_inspect_has_the_cli_schema(data):
     assert info["schema"] == "ciphershard.inspect/1"
     assert pathlib.Path(info["dataset"]) == pathlib.Path(data.path)
     features = next(c for c in info["columns"] if c["name"] == "features")
-    assert features == {"name": "features", "dtype": "F32", "shape": [16], "encrypted": True}
+    assert features == {
+        "name": "features",
+        "dtype": "F32",
+        "shape": [16],
+        "encrypted": True,
+        "ragged": False,
+    }
     assert info["shard_count"] == len(info["shards"]) and info["key_wrap"] == "A256KW"
     shard = info["shards"][0]
     assert shard["cipher"] == "AES-256-GCM" and shard["format_version"] >= 1

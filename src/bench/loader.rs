@@ -330,12 +330,26 @@ pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> R
     } else {
         warm
     };
-    let epoch_bytes = src.total_rows().saturating_mul(
-        src.columns()
-            .iter()
-            .map(|c| c.row_bytes)
-            .fold(0, u64::saturating_add),
-    );
+    // Fixed columns: rows x row bytes; a ragged column: its values (and its offsets, as
+    // delivered: 8 bytes per row), summed over the shards.
+    let epoch_bytes = src
+        .columns()
+        .iter()
+        .enumerate()
+        .map(|(c, col)| {
+            if col.ragged {
+                (0..src.shard_count())
+                    .map(|s| {
+                        let last = src.row_offsets(s, c).last().copied().unwrap_or(0);
+                        last.saturating_mul(col.row_bytes)
+                            .saturating_add(src.shard_rows(s).saturating_mul(8))
+                    })
+                    .fold(0, u64::saturating_add)
+            } else {
+                src.total_rows().saturating_mul(col.row_bytes)
+            }
+        })
+        .fold(0, u64::saturating_add);
     Ok(BenchReport {
         dataset: name.to_string(),
         backend: opts.backend.name().to_string(),

@@ -103,6 +103,11 @@ impl RowSource for TwinSource {
     fn location(&self, s: usize, c: usize, j: u64) -> ChunkLocation {
         self.inner.location(s, c, j)
     }
+    // A ragged column's rows are addressed by its offsets (authenticated when the inner
+    // source opened); its values stay as stored.
+    fn row_offsets(&self, s: usize, c: usize) -> &[u64] {
+        self.inner.row_offsets(s, c)
+    }
 }
 
 #[cfg(test)]

@@ -127,6 +127,16 @@ pub(super) fn open<'a>(
                 spec.shape
             ))
         })?;
+        // An element of no bytes would make the element count unbounded by the data.
+        if spec.ragged && unit_bytes == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: ragged column '{}' has elements of shape {:?} {}, which hold no bytes",
+                path.display(),
+                crate::format::json::quote(&spec.name),
+                spec.shape,
+                spec.dtype
+            )));
+        }
         fields.push(Field {
             encrypted: encrypted(&spec.name),
             spec,

@@ -35,6 +35,9 @@ struct Job {
     encrypted: bool,
 }
 
+/// Fills `buf` with bytes of tensor `t` from byte `offset` on.
+pub(super) type ReadTensor<'a> = dyn Fn(usize, u64, &mut [u8]) -> Result<()> + Sync + 'a;
+
 /// A tensor of a shard before its place in the data section is known.
 pub(super) struct TensorPlan {
     pub name: String,
@@ -90,7 +93,7 @@ pub(super) struct Sealer<'a> {
 /// whose chunk count or header would exceed what readers accept.
 pub(super) fn write_shard(
     desc: &Descriptor,
-    read: &(dyn Fn(usize, u64, &mut [u8]) -> Result<()> + Sync),
+    read: &ReadTensor<'_>,
     sealer: &mut Sealer<'_>,
 ) -> Result<(ShardEntry, DataKey)> {
     let Sealer {

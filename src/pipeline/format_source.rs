@@ -16,8 +16,12 @@ use crate::store::ShardStore;
 pub struct FormatSource {
     ds: UnlockedDataset,
     columns: Vec<ColumnInfo>,
-    /// `tensor_index[s][c]`: index of column `c` in shard `s`'s descriptor.
+    /// `tensor_index[s][c]`: index of column `c` in shard `s`'s descriptor (its values
+    /// tensor, for a ragged column).
     tensor_index: Vec<Vec<u32>>,
+    /// `row_offsets[s][c]`: ragged column `c`'s checked row offsets in shard `s` (empty for a
+    /// fixed column). Held for as long as the source: 8 bytes per row and ragged column.
+    row_offsets: Vec<Vec<Vec<u64>>>,
 }
 
 impl std::fmt::Debug for FormatSource {
@@ -73,13 +77,14 @@ impl FormatSource {
                     elem_size: c.dtype.size_bytes(),
                     row_shape: c.shape.clone(),
                     row_bytes,
+                    ragged: c.ragged,
                 })
             })
             .collect::<Result<_>>()?;
         // Rows are bounded by the data only if some column's rows hold bytes; a dataset of
         // zero-width columns (which `convert` never writes) could claim 2^64 rows, and the
         // loader's plan is sized by rows.
-        if columns.iter().all(|c| c.row_bytes == 0) {
+        if columns.iter().all(|c| !c.ragged && c.row_bytes == 0) {
             return Err(Error::format(
                 &mpath,
                 "dataset",
@@ -109,12 +114,16 @@ impl FormatSource {
                     .map_err(|_| Error::Integrity(h.chunk_location(&c)))?;
             }
         }
-        for h in d.shards() {
+        let mut row_offsets = Vec::new();
+        for (s, h) in d.shards().iter().enumerate() {
             let rows = h.descriptor.rows;
             let mut idx = Vec::new();
-            // `Dataset::open` checked that tensor `i` of every shard is column `i`: no lookup
-            // by name (a linear search per column is quadratic in the column count).
-            for (ti, col) in columns.iter().enumerate() {
+            let mut offsets = Vec::new();
+            // `Dataset::open` checked that the columns take the shard's tensors in order (a
+            // ragged one two: values, row offsets): no lookup by name (a linear search per
+            // column is quadratic in the column count).
+            let mut ti = 0usize;
+            for col in columns.iter() {
                 let Some(t) = h.descriptor.tensors.get(ti).filter(|t| t.name == col.name) else {
                     return Err(Error::format(
                         &h.path,
@@ -122,7 +131,15 @@ impl FormatSource {
                         format!("column '{}' is missing", col.name),
                     ));
                 };
-                let ti = ti as u32;
+                let this = ti as u32;
+                ti += if col.ragged { 2 } else { 1 };
+                if col.ragged {
+                    // Authenticated and checked against the values before any row is read.
+                    offsets.push(crate::format::read_row_offsets(&ds, s, this)?);
+                    idx.push(this);
+                    continue;
+                }
+                offsets.push(Vec::new());
                 let holds = rows
                     .checked_mul(col.row_bytes)
                     .is_some_and(|n| t.offsets.1.checked_sub(t.offsets.0) == Some(n));
@@ -136,14 +153,16 @@ impl FormatSource {
                         ),
                     ));
                 }
-                idx.push(ti);
+                idx.push(this);
             }
             tensor_index.push(idx);
+            row_offsets.push(offsets);
         }
         Ok(FormatSource {
             ds,
             columns,
             tensor_index,
+            row_offsets,
         })
     }
 
@@ -195,5 +214,8 @@ impl RowSource for FormatSource {
     fn location(&self, s: usize, c: usize, j: u64) -> ChunkLocation {
         let h = &self.ds.dataset().shards()[s];
         h.chunk_location(&h.chunk(self.tensor_index[s][c], j))
+    }
+    fn row_offsets(&self, s: usize, c: usize) -> &[u64] {
+        &self.row_offsets[s][c]
     }
 }

@@ -210,17 +210,6 @@ impl LoaderOptions {
     }
 }
 
-/// Bytes of the longest chunk of a column of `row_bytes`-byte rows: `chunk_size`, or its
-/// longest tensor when that is shorter (at least 1).
-pub(crate) fn longest_chunk(row_bytes: u64, shard_rows: &[u64], chunk_size: u64) -> u64 {
-    shard_rows
-        .iter()
-        .map(|&r| r.saturating_mul(row_bytes))
-        .max()
-        .unwrap_or(0)
-        .clamp(1, chunk_size.max(1))
-}
-
 /// Most batches a loader may hold in flight (`prefetch`).
 pub const MAX_PREFETCH: usize = 4096;
 /// Most worker threads a loader may start.
@@ -242,6 +231,69 @@ pub(crate) struct PlanSetup {
     /// Most rows one batch can hold: `batch_size`, but never more than the dataset has (so an
     /// absurd batch size sizes no buffer beyond the data).
     pub(crate) batch_rows: usize,
+    /// Per column: its rows' bytes, or for a ragged column their mean (at least 1): what
+    /// blocks, windows and chunk buffers are sized by.
+    pub(crate) mean_row_bytes: Vec<u64>,
+    /// Per ragged column: the most elements any `batch_rows` rows of the dataset hold (its
+    /// batch buffer's size); 0 for a fixed column.
+    pub(crate) batch_elements: Vec<u64>,
+}
+
+/// [`PlanSetup::mean_row_bytes`], checking that each ragged column's offsets cover every
+/// shard's rows and address bytes within 64 bits.
+fn mean_row_bytes(
+    source: &dyn RowSource,
+    columns: &[ColumnInfo],
+    shard_rows: &[u64],
+) -> Result<Vec<u64>> {
+    columns
+        .iter()
+        .enumerate()
+        .map(|(c, col)| {
+            if !col.ragged {
+                return Ok(col.row_bytes);
+            }
+            let (mut rows, mut bytes) = (0u64, 0u64);
+            for (s, &r) in shard_rows.iter().enumerate() {
+                let o = source.row_offsets(s, c);
+                let last = o.last().copied().unwrap_or(0);
+                let ok = o.len() as u64 == r.saturating_add(1)
+                    && o[0] == 0
+                    && last.checked_mul(col.row_bytes).is_some();
+                if !ok {
+                    return Err(Error::InvalidArgument(format!(
+                        "ragged column {}: shard {s}'s row offsets do not cover its {r} rows",
+                        col.name
+                    )));
+                }
+                rows = rows.saturating_add(r);
+                bytes = bytes.saturating_add(last * col.row_bytes);
+            }
+            Ok(bytes.div_ceil(rows.max(1)).max(1))
+        })
+        .collect()
+}
+
+/// The most elements any `k` rows of ragged column `c` hold: the sum of its `k` longest rows
+/// (a min-heap of `k` lengths over every row, once per loader).
+fn most_elements(source: &dyn RowSource, c: usize, k: usize) -> u64 {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut heap: BinaryHeap<Reverse<u64>> = BinaryHeap::with_capacity(k + 1);
+    for s in 0..source.shard_count() {
+        for w in source.row_offsets(s, c).windows(2) {
+            let len = w[1] - w[0];
+            if heap.len() < k {
+                heap.push(Reverse(len));
+            } else if heap.peek().is_some_and(|Reverse(min)| *min < len) {
+                heap.pop();
+                heap.push(Reverse(len));
+            }
+        }
+    }
+    heap.into_iter()
+        .map(|Reverse(l)| l)
+        .fold(0, u64::saturating_add)
 }
 
 impl PlanSetup {
@@ -278,10 +330,14 @@ impl PlanSetup {
         let shard_rows: Vec<u64> = (0..source.shard_count())
             .map(|s| source.shard_rows(s))
             .collect();
+        // A ragged column's rows take their mean bytes (for block sizing); its offsets must
+        // cover every shard's rows.
+        let mean_row_bytes = mean_row_bytes(source, &columns, &shard_rows)?;
         // The plan holds an entry per block (and the default block is one chunk of the widest
         // column): rows must be bounded by bytes, which they are only if some column's rows
-        // hold bytes. Zero-width columns beside it are delivered as [B, 0] tensors.
-        let widest = columns.iter().map(|c| c.row_bytes).max().unwrap_or(0);
+        // hold bytes (a ragged column's rows take at least their offset). Zero-width columns
+        // beside it are delivered as [B, 0] tensors.
+        let widest = mean_row_bytes.iter().copied().max().unwrap_or(0);
         if widest == 0 {
             return Err(Error::InvalidArgument(format!(
                 "every column of the source has zero-byte rows ({} columns, {} shards): a                  dataset needs at least one column whose rows hold data",
@@ -345,10 +401,22 @@ impl PlanSetup {
         let batch_rows = opts
             .batch_size
             .min(usize::try_from(total_rows.max(1)).unwrap_or(usize::MAX));
+        let batch_elements = columns
+            .iter()
+            .enumerate()
+            .map(|(c, col)| {
+                if col.ragged {
+                    most_elements(source, c, batch_rows)
+                } else {
+                    0
+                }
+            })
+            .collect();
         // A batch's bytes (every column's buffer, as the loaders size and count them) within
         // u64; whether they fit in memory is each loader's own check.
         let batch_bytes = columns
             .iter()
+            .filter(|c| !c.ragged)
             .try_fold(0u64, |sum, c| sum.checked_add(c.row_bytes))
             .and_then(|row| row.checked_mul(batch_rows as u64));
         if batch_bytes.is_none() {
@@ -358,6 +426,8 @@ impl PlanSetup {
             )));
         }
         Ok(PlanSetup {
+            mean_row_bytes,
+            batch_elements,
             columns,
             chunk_size,
             block_rows,
@@ -375,8 +445,9 @@ impl PlanSetup {
 pub(crate) type ChunkKey = (u32, u32, u64);
 
 /// Chunk keys covering rows `[r0, r0 + n)` of shard `s`, every column (`chunk` bytes per
-/// chunk).
+/// chunk; a ragged column's rows delimited by the source's row offsets).
 pub(crate) fn keys_for_rows(
+    source: &dyn RowSource,
     columns: &[ColumnInfo],
     chunk: u64,
     s: u32,
@@ -385,11 +456,23 @@ pub(crate) fn keys_for_rows(
     out: &mut Vec<ChunkKey>,
 ) {
     for (c, col) in columns.iter().enumerate() {
-        let (a, b) = (r0 * col.row_bytes, (r0 + n) * col.row_bytes);
-        if b > a {
-            for j in a / chunk..=(b - 1) / chunk {
-                out.push((s, c as u32, j));
-            }
+        let (a, b) = col.byte_range(source, s as usize, c, r0, n);
+        push_chunk_keys(s, c, a, b, chunk, out);
+    }
+}
+
+/// The keys of column `c`'s chunks holding bytes `[a, b)` of shard `s`'s tensor.
+pub(crate) fn push_chunk_keys(
+    s: u32,
+    c: usize,
+    a: u64,
+    b: u64,
+    chunk: u64,
+    out: &mut Vec<ChunkKey>,
+) {
+    if b > a {
+        for j in a / chunk..=(b - 1) / chunk {
+            out.push((s, c as u32, j));
         }
     }
 }

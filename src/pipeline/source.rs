@@ -13,7 +13,8 @@ use crate::store::ShardStore;
 /// Length of a chunk's associated data (docs/FORMAT.md, section 4.2).
 pub const AAD_LEN: usize = 89;
 
-/// One column of the dataset: every shard holds `rows × row_bytes` bytes of it.
+/// One column of the dataset: every shard holds `rows × row_bytes` bytes of it, or, for a
+/// ragged column, a variable number of elements per row ([`RowSource::row_offsets`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ColumnInfo {
     /// Tensor name.
@@ -24,8 +25,35 @@ pub struct ColumnInfo {
     pub elem_size: usize,
     /// Shape of one row (the tensor's shape without its first dimension).
     pub row_shape: Vec<u64>,
-    /// Bytes of one row.
+    /// Bytes of one row (of one element, for a ragged column).
     pub row_bytes: u64,
+    /// Rows hold a variable number of elements: `row_shape` and `row_bytes` are then an
+    /// element's, and a shard's rows are delimited by [`RowSource::row_offsets`].
+    #[serde(default)]
+    pub ragged: bool,
+}
+
+impl ColumnInfo {
+    /// Bytes `[a, b)` of shard `s`'s tensor of column `c` (this column) that rows
+    /// `[r0, r0 + n)` occupy.
+    pub fn byte_range(
+        &self,
+        source: &dyn RowSource,
+        s: usize,
+        c: usize,
+        r0: u64,
+        n: u64,
+    ) -> (u64, u64) {
+        if self.ragged {
+            let o = source.row_offsets(s, c);
+            (
+                o[r0 as usize] * self.row_bytes,
+                o[(r0 + n) as usize] * self.row_bytes,
+            )
+        } else {
+            (r0 * self.row_bytes, (r0 + n) * self.row_bytes)
+        }
+    }
 }
 
 /// Where one chunk lives and how to open it.
@@ -68,6 +96,11 @@ pub trait RowSource: Send + Sync {
     fn opener(&self, s: usize) -> &dyn ChunkOpener;
     /// Names chunk `j` of column `c` in shard `s` for an integrity error.
     fn location(&self, s: usize, c: usize, j: u64) -> ChunkLocation;
+    /// Ragged column `c`'s row offsets in shard `s`, authenticated and checked: `rows + 1`
+    /// element offsets, 0 first, non-decreasing. Empty for a fixed column.
+    fn row_offsets(&self, _s: usize, _c: usize) -> &[u64] {
+        &[]
+    }
     /// Total rows.
     fn total_rows(&self) -> u64 {
         (0..self.shard_count())

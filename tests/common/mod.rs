@@ -78,6 +78,7 @@ impl Fixture {
                 elem_size: c.2,
                 row_shape: vec![c.3],
                 row_bytes: c.2 as u64 * c.3,
+                ragged: false,
             })
             .collect();
         let (mut paths, mut tags, mut col_offset, mut openers, mut row_start) =

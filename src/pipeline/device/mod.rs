@@ -65,6 +65,18 @@ impl<E: DeviceEngine> std::fmt::Debug for GpuLoader<E> {
     }
 }
 
+/// The device loaders deliver fixed-shape columns only: a ragged column (rows of varying
+/// length) is refused when a loader is built, naming it.
+pub fn refuse_ragged(source: &dyn RowSource) -> Result<()> {
+    match source.columns().iter().find(|c| c.ragged) {
+        Some(c) => Err(Error::InvalidArgument(format!(
+            "column '{}' is ragged (rows of varying length): the device loaders deliver fixed-shape columns only; load it with the host loader (backend cpu) and copy its values and offsets to the device",
+            crate::error::escape_untrusted(&c.name)
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl<E: DeviceEngine> GpuLoader<E> {
     /// Starts a loader over `source` with `engine` holding every shard's key (in shard order);
     /// with `twin`, the benchmarks' plaintext twin (`crate::bench`): the same reads, staging,
@@ -76,6 +88,7 @@ impl<E: DeviceEngine> GpuLoader<E> {
         twin: bool,
     ) -> Result<Self> {
         let built = Instant::now();
+        refuse_ragged(source.as_ref())?;
         if engine.key_count() != source.shard_count() {
             return Err(Error::InvalidArgument(format!(
                 "{} keys on the device for {} shards",
@@ -93,6 +106,7 @@ impl<E: DeviceEngine> GpuLoader<E> {
             batches_per_epoch,
             total,
             batch_rows,
+            ..
         } = PlanSetup::new(source.as_ref(), opts)?;
         let window_bytes = window_byte_bound(
             &columns,

@@ -458,6 +458,7 @@ fn col(row_bytes: u64) -> ColumnInfo {
         elem_size: 1,
         row_shape: vec![row_bytes],
         row_bytes,
+        ragged: false,
     }
 }
 

@@ -5,7 +5,7 @@
 
 #![forbid(unsafe_code)]
 
-use crate::pipeline::options::{ChunkKey as Key, keys_for_rows, longest_chunk};
+use crate::pipeline::options::{ChunkKey as Key, push_chunk_keys};
 use crate::pipeline::sampler::EpochPlan;
 use crate::pipeline::source::{ChunkSpec, ColumnInfo};
 
@@ -22,6 +22,34 @@ pub enum Packing {
     /// most `piece_cap` bytes, one device buffer each (a storage binding has a size limit).
     #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
     Aligned { piece_cap: u64 },
+}
+
+/// Bytes of the longest chunk of a column of `row_bytes`-byte rows: `chunk_size`, or its
+/// longest tensor when that is shorter (at least 1).
+fn longest_chunk(row_bytes: u64, shard_rows: &[u64], chunk_size: u64) -> u64 {
+    shard_rows
+        .iter()
+        .map(|&r| r.saturating_mul(row_bytes))
+        .max()
+        .unwrap_or(0)
+        .clamp(1, chunk_size.max(1))
+}
+
+/// [`keys_for_rows`] for fixed-shape columns only (the device loaders, which refuse ragged
+/// ones).
+fn keys_for_fixed_rows(
+    columns: &[ColumnInfo],
+    chunk: u64,
+    s: u32,
+    r0: u64,
+    n: u64,
+    out: &mut Vec<Key>,
+) {
+    for (c, col) in columns.iter().enumerate() {
+        debug_assert!(!col.ragged, "device loaders refuse ragged columns");
+        let (a, b) = (r0 * col.row_bytes, (r0 + n) * col.row_bytes);
+        push_chunk_keys(s, c, a, b, chunk, out);
+    }
 }
 
 /// Most staging bytes one window can need (chunks padded to 16 bytes). Per column: W blocks of
@@ -73,7 +101,7 @@ pub(crate) fn window_keys(
 ) -> Vec<Key> {
     let mut keys = Vec::new();
     for &(s, r0, n) in plan.window_blocks(w) {
-        keys_for_rows(columns, chunk, s, r0, n, &mut keys);
+        keys_for_fixed_rows(columns, chunk, s, r0, n, &mut keys);
     }
     keys.sort_unstable();
     keys.dedup();

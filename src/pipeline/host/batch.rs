@@ -9,25 +9,45 @@ use crate::error::Result;
 use crate::pipeline::pool::{AlignedBuf, Element, PinHook, cast_slice};
 use crate::pipeline::source::ColumnInfo;
 
-/// One column of a batch: shape `[B, ...]`, the dataset's dtype, in a page-aligned buffer.
+/// One column of a batch: shape `[B, ...]`, the dataset's dtype, in a page-aligned buffer. A
+/// ragged column is its rows' elements concatenated, shape `[E, ...element shape]`, with
+/// [`Tensor::offsets`] delimiting the rows.
 #[derive(Debug, Clone, Copy)]
 pub struct Tensor<'a> {
     /// Column name.
     pub name: &'a str,
     /// safetensors dtype name.
     pub dtype: &'a str,
+    /// First dimension: `B` rows, or `E` elements of a ragged column.
     rows: usize,
     row_shape: &'a [u64],
-    /// The bytes, `B × row bytes`, little-endian.
+    /// The bytes, `B × row bytes` (ragged: `E ×` element bytes), little-endian.
     pub bytes: &'a [u8],
+    /// A ragged column's `B + 1` row offsets (little-endian `I64`, page-aligned).
+    offsets: Option<&'a [u8]>,
 }
 
 impl<'a> Tensor<'a> {
-    /// Shape `[B, ...row shape]`.
+    /// Shape `[B, ...row shape]`, or `[E, ...element shape]` for a ragged column.
     pub fn shape(&self) -> Vec<u64> {
         std::iter::once(self.rows as u64)
             .chain(self.row_shape.iter().copied())
             .collect()
+    }
+    /// Whether the column is ragged (rows of varying length).
+    pub fn is_ragged(&self) -> bool {
+        self.offsets.is_some()
+    }
+    /// A ragged column's row offsets: `B + 1` element offsets, 0 first, `E` last; row `i` of
+    /// the batch is elements `offsets[i]..offsets[i + 1]` (the `cu_seqlens` convention of
+    /// variable-length attention kernels, in `i64`). `None` for a fixed column.
+    pub fn offsets(&self) -> Option<&'a [i64]> {
+        self.offsets
+            .map(|b| cast_slice(b, "I64").expect("an aligned I64 buffer"))
+    }
+    /// The offsets' bytes (little-endian `I64`), for zero-copy export.
+    pub fn offsets_bytes(&self) -> Option<&'a [u8]> {
+        self.offsets
     }
     /// Typed view; `None` if `T` does not match the dtype.
     pub fn as_slice<T: Element>(&self) -> Option<&'a [T]> {
@@ -45,7 +65,11 @@ pub struct Batch {
     pub(super) index: u64,
     pub(super) row_ids: Vec<u64>,
     pub(super) columns: Arc<[ColumnInfo]>,
+    /// One buffer per column (a ragged column's values), then one per ragged column for its
+    /// row offsets, in column order.
     pub(super) bufs: Vec<AlignedBuf>,
+    /// Per column: the elements this batch holds of a ragged column (0 for a fixed one).
+    pub(super) elements: Vec<u64>,
     pub(super) pool: Arc<SetPool>,
 }
 
@@ -82,13 +106,35 @@ impl Batch {
     }
     /// The column tensors, in the dataset's column order.
     pub fn tensors(&self) -> impl Iterator<Item = Tensor<'_>> {
-        self.columns.iter().zip(&self.bufs).map(|(c, b)| Tensor {
-            name: &c.name,
-            dtype: &c.dtype,
-            rows: self.row_ids.len(),
-            row_shape: &c.row_shape,
-            bytes: &b[..self.row_ids.len() * c.row_bytes as usize],
-        })
+        let rows = self.row_ids.len();
+        let mut ragged = self.columns.len();
+        self.columns
+            .iter()
+            .zip(&self.bufs)
+            .zip(&self.elements)
+            .map(move |((c, b), &e)| {
+                if c.ragged {
+                    let offsets = &self.bufs[ragged][..8 * (rows + 1)];
+                    ragged += 1;
+                    Tensor {
+                        name: &c.name,
+                        dtype: &c.dtype,
+                        rows: e as usize,
+                        row_shape: &c.row_shape,
+                        bytes: &b[..e as usize * c.row_bytes as usize],
+                        offsets: Some(offsets),
+                    }
+                } else {
+                    Tensor {
+                        name: &c.name,
+                        dtype: &c.dtype,
+                        rows,
+                        row_shape: &c.row_shape,
+                        bytes: &b[..rows * c.row_bytes as usize],
+                        offsets: None,
+                    }
+                }
+            })
     }
     /// The column named `name`.
     pub fn tensor(&self, name: &str) -> Option<Tensor<'_>> {
@@ -161,9 +207,29 @@ impl Batch {
         self.columns
             .iter()
             .zip(self.bufs.iter_mut())
-            .map(|(c, b)| {
-                let n = rows * c.row_bytes as usize;
+            .zip(&self.elements)
+            .map(|((c, b), &e)| {
+                let n = if c.ragged { e as usize } else { rows } * c.row_bytes as usize;
                 (b[..n].as_mut_ptr(), n)
+            })
+            .collect()
+    }
+
+    /// Writable base pointer and byte length of each ragged column's row offsets (`B + 1`
+    /// little-endian `I64`), in column order, `None` for fixed columns; valid as
+    /// [`Batch::column_ptrs_mut`]'s.
+    pub fn offsets_ptrs_mut(&mut self) -> Vec<Option<(*mut u8, usize)>> {
+        let n = 8 * (self.row_ids.len() + 1);
+        let mut offsets = self.bufs[self.columns.len()..].iter_mut();
+        self.columns
+            .iter()
+            .map(|c| {
+                c.ragged.then(|| {
+                    let b = offsets
+                        .next()
+                        .expect("one offsets buffer per ragged column");
+                    (b[..n].as_mut_ptr(), n)
+                })
             })
             .collect()
     }

@@ -198,17 +198,49 @@ impl Shared {
                 _ => runs.push((*r, i, 1)),
             }
         }
+        let ncols = self.columns.len();
+        let mut elements = vec![0u64; ncols];
+        let mut ragged_seen = 0;
+        // A ragged column's element offsets within the batch, per batch row (and the total).
+        let mut starts: Vec<u64> = Vec::new();
         for (c, col) in self.columns.iter().enumerate() {
             let rb = col.row_bytes;
             // One clock read per column and batch: per-row timing costs more than a row copy.
             let (mut dec_b, mut asm_b) = (0u64, 0u64);
             let t = Instant::now();
+            if col.ragged {
+                // The batch's row offsets: each row's length from its shard's checked offsets.
+                starts.clear();
+                let mut cum = 0u64;
+                for r in &job.rows {
+                    let o = self.source.row_offsets(r.shard as usize, c);
+                    starts.push(cum);
+                    cum += o[r.row as usize + 1] - o[r.row as usize];
+                }
+                starts.push(cum);
+                if (cum * rb) as usize > bufs[c].len() {
+                    return Err(Error::Stopped(format!(
+                        "internal: a batch of column {} holds {cum} elements, more than its buffer",
+                        col.name
+                    )));
+                }
+                let out = &mut bufs[ncols + ragged_seen];
+                ragged_seen += 1;
+                for (dst, v) in out.chunks_exact_mut(8).zip(&starts) {
+                    dst.copy_from_slice(&(*v as i64).to_le_bytes());
+                }
+                elements[c] = cum;
+            }
             let dst_all = &mut bufs[c];
             for &(first, pos, n) in &runs {
                 let opener = self.source.opener(first.shard as usize);
-                let mut off = first.row * rb;
-                let end = off + n * rb;
-                let mut d = pos * rb as usize;
+                let (mut off, end) =
+                    col.byte_range(self.source.as_ref(), first.shard as usize, c, first.row, n);
+                let mut d = if col.ragged {
+                    (starts[pos] * rb) as usize
+                } else {
+                    pos * rb as usize
+                };
                 while off < end {
                     let j = off / self.chunk_size;
                     let in_chunk = off % self.chunk_size;
@@ -256,6 +288,7 @@ impl Shared {
             row_ids,
             columns: self.columns.clone(),
             bufs,
+            elements,
             pool: self.set_pool.clone(),
         })
     }
@@ -323,7 +356,15 @@ pub(super) fn planner(
                     // read and verified once per window however batches interleave.
                     let mut wk = Vec::new();
                     for &(s, r0, n) in plan.window_blocks(w) {
-                        keys_for_rows(&sh.columns, sh.chunk_size, s, r0, n, &mut wk);
+                        keys_for_rows(
+                            sh.source.as_ref(),
+                            &sh.columns,
+                            sh.chunk_size,
+                            s,
+                            r0,
+                            n,
+                            &mut wk,
+                        );
                     }
                     wk.sort_unstable();
                     wk.dedup();
@@ -332,7 +373,15 @@ pub(super) fn planner(
                         old_pin.get_or_insert_with(Vec::new).push(old.1);
                     }
                 }
-                keys_for_rows(&sh.columns, sh.chunk_size, row.shard, row.row, 1, &mut keys);
+                keys_for_rows(
+                    sh.source.as_ref(),
+                    &sh.columns,
+                    sh.chunk_size,
+                    row.shard,
+                    row.row,
+                    1,
+                    &mut keys,
+                );
                 rows.push(row);
             }
             keys.sort_unstable();

@@ -12,7 +12,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
 use crate::error::{Error, Result};
-use crate::pipeline::options::{LoaderOptions, LoaderState, PlanSetup, longest_chunk};
+use crate::pipeline::options::{LoaderOptions, LoaderState, PlanSetup};
 use crate::pipeline::pool::BufPool;
 use crate::pipeline::source::{ColumnInfo, RowSource};
 use crate::pipeline::telemetry::{Counters, LoaderStats, add};
@@ -48,6 +48,16 @@ pub struct Loader {
     chunk_pool: Arc<BufPool>,
 }
 
+/// Bytes of column `c`'s tensor in shard `s` (of `rows` rows).
+fn tensor_len(source: &dyn RowSource, col: &ColumnInfo, c: usize, s: usize, rows: u64) -> u64 {
+    if col.ragged {
+        let o = source.row_offsets(s, c);
+        o.last().copied().unwrap_or(0).saturating_mul(col.row_bytes)
+    } else {
+        rows.saturating_mul(col.row_bytes)
+    }
+}
+
 impl Loader {
     /// Builds a loader over `source` and starts its threads.
     pub fn new(source: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<Self> {
@@ -62,22 +72,37 @@ impl Loader {
             batches_per_epoch,
             total,
             batch_rows,
+            mean_row_bytes,
+            batch_elements,
         } = PlanSetup::new(source.as_ref(), opts)?;
         let counters = Arc::new(Counters::default());
         let in_flight = opts.prefetch + opts.threads;
+        // One buffer per column: a full batch of rows, or for a ragged column the most
+        // elements any batch can hold; then each ragged column's B + 1 row offsets.
+        let offsets_sizes = columns
+            .iter()
+            .filter(|c| c.ragged)
+            .map(|_| batch_rows.checked_add(1).and_then(|n| n.checked_mul(8)));
         let sizes = columns
             .iter()
-            .map(|c| {
-                usize::try_from(c.row_bytes)
-                    .ok()
-                    .and_then(|b| b.checked_mul(batch_rows))
-                    .filter(|&n| n < isize::MAX as usize)
-                    .ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "a batch of {batch_rows} rows of column {} does not fit in memory",
-                            c.name
-                        ))
-                    })
+            .zip(&batch_elements)
+            .map(|(c, &e)| {
+                let units = if c.ragged {
+                    usize::try_from(e).ok()
+                } else {
+                    Some(batch_rows)
+                };
+                units.and_then(|u| usize::try_from(c.row_bytes).ok()?.checked_mul(u))
+            })
+            .chain(offsets_sizes)
+            .zip(columns.iter().chain(columns.iter().filter(|c| c.ragged)))
+            .map(|(n, c)| {
+                n.filter(|&n| n < isize::MAX as usize).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "a batch of {batch_rows} rows of column {} does not fit in memory",
+                        c.name
+                    ))
+                })
             })
             .collect::<Result<Vec<usize>>>()?;
         let set_pool = Arc::new(SetPool {
@@ -104,15 +129,22 @@ impl Loader {
         // (tests/loader_soak.rs checks it); it only grows if the bound is ever exceeded.
         let window_chunks: u64 = columns
             .iter()
-            .map(|c| {
-                let block_bytes = block_rows.saturating_mul(c.row_bytes);
+            .zip(&mean_row_bytes)
+            .enumerate()
+            .map(|(ci, (c, &row_bytes))| {
+                // A ragged column's blocks hold about the mean row's bytes each (a skewed
+                // window may need more: the pool then grows, counted in extra_allocations).
+                let block_bytes = block_rows.saturating_mul(row_bytes);
                 // Blocks start on chunk boundaries, or nest inside chunks.
                 let aligned = block_bytes.is_multiple_of(chunk_size)
                     || (block_bytes > 0 && chunk_size.is_multiple_of(block_bytes));
                 let per_block = block_bytes.div_ceil(chunk_size) + u64::from(!aligned);
-                let total: u64 = shard_rows
-                    .iter()
-                    .map(|&r| r.saturating_mul(c.row_bytes).div_ceil(chunk_size).max(1))
+                let total: u64 = (0..shard_rows.len())
+                    .map(|s| {
+                        tensor_len(source.as_ref(), c, ci, s, shard_rows[s])
+                            .div_ceil(chunk_size)
+                            .max(1)
+                    })
                     .fold(0, u64::saturating_add);
                 opts.window_blocks.saturating_mul(per_block).min(total)
             })
@@ -127,9 +159,14 @@ impl Loader {
         // written with 256 MiB chunks must not allocate 256 MiB per buffer.
         let longest_chunk = columns
             .iter()
-            .map(|c| longest_chunk(c.row_bytes, &shard_rows, chunk_size))
+            .enumerate()
+            .flat_map(|(ci, c)| {
+                let (source, shard_rows) = (source.as_ref(), &shard_rows);
+                (0..shard_rows.len()).map(move |s| tensor_len(source, c, ci, s, shard_rows[s]))
+            })
             .max()
-            .unwrap_or(1);
+            .unwrap_or(0)
+            .clamp(1, chunk_size.max(1));
         let chunk_pool = Arc::new(BufPool::new(
             usize::try_from(longest_chunk).unwrap_or(usize::MAX),
             bound.min(4096),
@@ -315,7 +352,10 @@ impl Iterator for Loader {
             Ok(b) => {
                 self.next_seq += 1;
                 let _ = self.credits.try_send(());
-                let bytes: u64 = b.tensors().map(|t| t.bytes.len() as u64).sum();
+                let bytes: u64 = b
+                    .tensors()
+                    .map(|t| (t.bytes.len() + t.offsets_bytes().map_or(0, <[u8]>::len)) as u64)
+                    .sum();
                 add(&self.counters.delivered_bytes, bytes);
                 if self.counters.batches.fetch_add(1, Relaxed) == 0 {
                     self.counters

@@ -1,0 +1,86 @@
+"""Ragged columns (rows of varying length) from Python: converted from a (values, offsets)
+pair, loaded as values + int64 offsets tensors (zero-copy), and with as_torch also as a jagged
+torch.nested tensor over the same memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ciphershard
+
+ROWS = 500
+
+
+def rows_of(rows: int = ROWS) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    lens = rng.integers(0, 40, rows)
+    lens[::17] = 0
+    lens[5] = 700  # one long row spanning several chunks
+    return [np.arange(n, dtype=np.int32) + i * 1000 for i, n in enumerate(lens)]
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ragged")
+    key = root / "k.key"
+    ciphershard.generate_key(key)
+    rows = rows_of()
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    values = np.concatenate(rows)
+    summary = ciphershard.convert(
+        {"row_id": np.arange(ROWS, dtype=np.int64), "tokens": (values, offsets)},
+        out=root / "ds",
+        key_file=key,
+        chunk_size=1024,
+        shard_size=16 << 10,
+    )
+    assert summary["shards"] > 2
+    return ciphershard.Dataset(root / "ds", key_file=key, backend="cpu"), rows
+
+
+def test_columns_info_says_ragged(ragged):
+    ds, _ = ragged
+    info = ds.columns_info
+    assert info["tokens"]["ragged"] is True and info["tokens"]["shape"] == []
+    assert info["row_id"]["ragged"] is False
+
+
+def test_batches_hold_values_and_offsets(ragged):
+    ds, rows = ragged
+    seen = []
+    for b in ciphershard.Loader(ds, 32, seed=1):
+        ids = np.from_dlpack(b["row_id"])
+        values = np.from_dlpack(b["tokens"])
+        offsets = np.from_dlpack(b["tokens.offsets"])
+        assert offsets.dtype == np.int64 and offsets.shape == (len(ids) + 1,)
+        assert offsets[0] == 0 and offsets[-1] == len(values)
+        for i, g in enumerate(ids):
+            np.testing.assert_array_equal(values[offsets[i] : offsets[i + 1]], rows[g])
+        seen.extend(ids.tolist())
+    assert sorted(seen) == list(range(ROWS))
+
+
+def test_torch_nested_tensor_views_the_batch(ragged):
+    torch = pytest.importorskip("torch")
+    ds, rows = ragged
+    b = next(iter(ciphershard.Loader(ds, 16, seed=2, as_torch=True)))
+    nested = b["tokens.nested"]
+    assert nested.is_nested
+    # The nested tensor is built over the batch's own buffers: no copy.
+    assert nested.values().data_ptr() == b["tokens"].data_ptr()
+    assert nested.offsets().data_ptr() == b["tokens.offsets"].data_ptr()
+    for g, row in zip(b["row_id"].tolist(), nested.unbind()):
+        assert torch.equal(row, torch.from_numpy(rows[g]))
+
+
+def test_bad_ragged_input_is_refused(tmp_path):
+    key = tmp_path / "k.key"
+    ciphershard.generate_key(key)
+    with pytest.raises(ciphershard.CiphershardError, match="offsets do not"):
+        ciphershard.convert(
+            {"t": (np.arange(5, dtype=np.int32), np.array([0, 3, 2, 5]))},
+            out=tmp_path / "ds",
+            key_file=key,
+        )
+    assert not (tmp_path / "ds" / "manifest.json").exists()
