@@ -118,6 +118,13 @@ class Loader:
     ``device="cuda"`` (or ``"cuda:N"``) decrypts on the GPU into device memory and yields
     ``kDLCUDA`` tensors (DLPack stream protocol; ``backend`` must be None, "auto" or "cuda").
 
+    A ragged column ``NAME`` comes as ``NAME`` (its rows' values concatenated) and
+    ``NAME.offsets`` (``int64``, ``B + 1``), and with ``as_torch`` also as ``NAME.nested``, a
+    jagged ``torch.nested`` tensor over the same memory. ``pack="input_ids", seq_len=L``
+    packs that ragged column's rows into ``[batch_size, L]`` sequences: the batch holds
+    ``input_ids``, ``position_ids`` (``int64``, ``[batch_size, L]``) and ``cu_seqlens``
+    (``int32``, every sequence piece's boundaries in the flattened batch).
+
     Batches are writable: each owns its buffers, so a write changes that batch only. A loader
     inherited through ``fork()`` raises :class:`LoaderStoppedError` in the child.
     """
@@ -141,6 +148,8 @@ class Loader:
         state: Optional[Mapping[str, Any]] = None,
         as_torch: bool = False,
         device: Optional[str] = None,
+        pack: Optional[str] = None,
+        seq_len: Optional[int] = None,
     ) -> Loader: ...
     def __iter__(self) -> Loader: ...
     def __next__(self) -> Dict[str, Any]: ...

@@ -485,7 +485,14 @@ impl PyLoader {
         let mut ragged = self.columns.len();
         for (i, (name, dtype, row_shape, is_ragged)) in self.columns.iter().enumerate() {
             if !is_ragged {
-                let shape: Vec<i64> = std::iter::once(rows)
+                // The first dimension is the batch's rows, or what the buffer holds (a packed
+                // batch's cu_seqlens vary in length).
+                let row_bytes = row_shape.iter().product::<i64>() * dtype.size() as i64;
+                let first = match storage.region(i).1 as i64 {
+                    len if row_bytes > 0 && len % row_bytes == 0 => len / row_bytes,
+                    _ => rows,
+                };
+                let shape: Vec<i64> = std::iter::once(first)
                     .chain(row_shape.iter().copied())
                     .collect();
                 out.set_item(
@@ -536,7 +543,7 @@ impl PyLoader {
     #[pyo3(signature = (
         dataset, batch_size, *, shuffle=true, seed=0, epochs=None, prefetch=4, threads=None,
         backend=None, rank=None, world_size=None, drop_last=false, window_blocks=8,
-        block_rows=None, state=None, as_torch=false, device=None
+        block_rows=None, state=None, as_torch=false, device=None, pack=None, seq_len=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -557,8 +564,23 @@ impl PyLoader {
         state: Option<Bound<'_, PyAny>>,
         as_torch: bool,
         device: Option<&str>,
+        pack: Option<String>,
+        seq_len: Option<u64>,
     ) -> PyResult<Self> {
         let device = parse_device(py, device)?;
+        let pack = match (pack, seq_len) {
+            (Some(column), Some(seq_len)) => {
+                Some(ciphershard::pipeline::options::PackOptions { column, seq_len })
+            }
+            (None, None) => None,
+            _ => {
+                return Err(new_err(
+                    py,
+                    "InvalidArgumentError",
+                    "pack and seq_len go together: pack=\"input_ids\", seq_len=2048".into(),
+                ));
+            }
+        };
         let rank = match rank {
             Some(r) => r,
             None => env_u64("RANK")?.unwrap_or(0),
@@ -586,12 +608,25 @@ impl PyLoader {
                     .into(),
             ));
         }
-        let columns = dataset
+        let mut columns: Vec<(String, DType, Vec<i64>, bool)> = dataset
             .get()
             .columns()
             .into_iter()
             .map(|(n, d, s, r)| (n, d, s.into_iter().map(|x| x as i64).collect(), r))
-            .collect::<Vec<_>>();
+            .collect();
+        // A packed batch: the packed column [B, L, ...], position ids [B, L] and cu_seqlens.
+        if let Some(p) = &pack
+            && let Some((name, dtype, elem, _)) = columns.iter().find(|c| c.0 == p.column)
+        {
+            let l = p.seq_len as i64;
+            let tokens: Vec<i64> = std::iter::once(l).chain(elem.iter().copied()).collect();
+            let dt = |n: &str| DType::from_name(n).expect("maps");
+            columns = vec![
+                (name.clone(), *dtype, tokens, false),
+                ("position_ids".into(), dt("I64"), vec![l], false),
+                ("cu_seqlens".into(), dt("I32"), vec![], false),
+            ];
+        }
         let nested = if as_torch && columns.iter().any(|c| c.3) {
             Some(
                 py.import("torch.nested")?
@@ -618,6 +653,7 @@ impl PyLoader {
             threads,
             window_blocks,
             block_rows,
+            pack,
             ..LoaderOptions::default()
         };
         if batch_size == 0 || prefetch == 0 || threads == 0 || window_blocks == 0 {

@@ -45,6 +45,8 @@ pub struct BenchOptions {
     /// GPU backends: bench the host [`crate::pipeline::Loader`] (per-chunk openers) instead of the
     /// device loader.
     pub host_batches: bool,
+    /// Pack a ragged column into `[batch_size, seq_len]` sequences (host loader only).
+    pub pack: Option<crate::pipeline::options::PackOptions>,
 }
 
 impl Default for BenchOptions {
@@ -60,6 +62,7 @@ impl Default for BenchOptions {
             generated_rows: 262_144,
             generated_features: 256,
             host_batches: false,
+            pack: None,
         }
     }
 }
@@ -75,6 +78,7 @@ impl BenchOptions {
             window_blocks: self.window_blocks,
             mode: self.mode,
             seed: 1,
+            pack: self.pack.clone(),
             ..Default::default()
         }
     }
@@ -186,6 +190,13 @@ pub struct BenchReport {
     /// encrypted steady-state GB/s ÷ twin steady-state GB/s (start-up excluded).
     #[serde(default)]
     pub steady_ratio: f64,
+    /// Packing, if the bench packed a ragged column: its batches hold `tokens_per_batch` tokens
+    /// (GB/s count the tokens, position ids and cu_seqlens delivered).
+    #[serde(default)]
+    pub pack: Option<crate::pipeline::options::PackOptions>,
+    /// Tokens per packed batch (`batch_size × seq_len`; 0 without packing).
+    #[serde(default)]
+    pub tokens_per_batch: u64,
 }
 
 fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> {
@@ -315,6 +326,8 @@ fn run_device(
         steady_ratio: enc.steady_gb_per_s / twin.steady_gb_per_s.max(1e-12),
         encrypted: enc,
         plaintext_twin: twin,
+        pack: None,
+        tokens_per_batch: 0,
     })
 }
 
@@ -362,6 +375,11 @@ pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> R
         steady_ratio: enc.steady_gb_per_s / twin.steady_gb_per_s.max(1e-12),
         encrypted: enc,
         plaintext_twin: twin,
+        tokens_per_batch: opts
+            .pack
+            .as_ref()
+            .map_or(0, |p| p.seq_len.saturating_mul(opts.batch_size as u64)),
+        pack: opts.pack.clone(),
     })
 }
 

@@ -602,6 +602,13 @@ pub struct BenchArgs {
     /// checks, round trips) measured after the loader.
     #[arg(long)]
     no_kernel_figures: bool,
+    /// Pack this ragged column of the DATASET into sequences of --seq-len tokens, --batch-size
+    /// sequences a batch (the host loader; as language-model training reads token ids).
+    #[arg(long, value_name = "COLUMN", requires = "seq_len")]
+    pack: Option<String>,
+    /// Tokens per packed sequence (with --pack).
+    #[arg(long, value_name = "N", requires = "pack", value_parser = clap::value_parser!(u64).range(1..))]
+    seq_len: Option<u64>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -626,6 +633,7 @@ impl BenchArgs {
                 given("--mode", self.mode.is_some()),
                 given("--host-batches", self.host_batches),
                 given("--no-kernel-figures", self.no_kernel_figures),
+                given("--pack", self.pack.is_some()),
             ];
             if let Some(name) = loader_only.into_iter().flatten().next() {
                 return Some(format!(
@@ -633,6 +641,21 @@ impl BenchArgs {
                 ));
             }
             return None;
+        }
+        if self.dataset.is_none() && self.pack.is_some() {
+            return Some(
+                "--pack applies only with a DATASET holding a ragged column: the generated dataset has none"
+                    .into(),
+            );
+        }
+        if self.pack.is_some()
+            && matches!(self.backend, Backend::Cuda | Backend::Wgpu)
+            && !self.host_batches
+        {
+            return Some(
+                "--pack is done by the host loader: with --backend cuda|wgpu add --host-batches (the device loaders deliver rows)"
+                    .into(),
+            );
         }
         if self.dataset.is_none() && !self.key.key.is_empty() {
             return Some(
@@ -724,8 +747,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         batch_size: args.batch_size.unwrap_or(256),
         epochs: args.epochs.unwrap_or(2),
         mode: args.mode.unwrap_or(pipeline::DecryptMode::ChunkOpen),
-        host_batches: args.host_batches,
+        host_batches: args.host_batches || args.pack.is_some(),
         window_blocks: args.window_blocks.unwrap_or(defaults.window_blocks),
+        pack: args
+            .pack
+            .clone()
+            .zip(args.seq_len)
+            .map(|(column, seq_len)| pipeline::options::PackOptions { column, seq_len }),
         ..defaults
     };
     if args.backend == Backend::Auto
@@ -810,6 +838,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             r.batches,
             r.seconds
         )?;
+    }
+    if let Some(p) = &report.pack {
+        for (name, r) in [
+            ("encrypted", &report.encrypted),
+            ("plaintext twin", &report.plaintext_twin),
+        ] {
+            outln!(
+                "{name:<15} {:>8.2} M tokens/s  (packed '{}', {} x {} tokens a batch)",
+                r.batches_per_s * report.tokens_per_batch as f64 / 1e6,
+                Untrusted(&p.column),
+                report.batch_size,
+                p.seq_len
+            )?;
+        }
     }
     outln!("ratio encrypted / plaintext twin: {:.3}", report.ratio)?;
     for (name, r) in [

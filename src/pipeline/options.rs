@@ -57,6 +57,25 @@ pub struct LoaderOptions {
     pub start_batch: u64,
     /// Called for every host buffer allocated/freed (page-locking hook for GPU transfers).
     pub pin_hook: Option<Arc<dyn PinHook>>,
+    /// Sequence packing: batches of `batch_size` sequences of `seq_len` tokens cut from a
+    /// ragged column's rows laid end to end (see [`PackOptions`]); `None`: batches of rows.
+    pub pack: Option<PackOptions>,
+}
+
+/// Sequence packing, as language-model training uses it (docs/LOADER.md, "Packing"): the
+/// epoch's rows of a ragged column, in the shuffled order, are laid end to end as one stream of
+/// tokens, and each batch is the next `batch_size × seq_len` of them as `[batch_size, seq_len]`,
+/// with `cu_seqlens` (`I32`, the boundaries of every sequence piece in the flattened batch) and
+/// `position_ids` (`I64`, each piece counting from 0). A row longer than the room left in a
+/// sequence continues at the start of the next one as a new piece. Rank `r` of `W` takes tokens
+/// `[r·T/W, (r+1)·T/W)` of the epoch's `T` tokens, so every rank has the same number of
+/// batches; the tokens after a rank's last full batch are not delivered that epoch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PackOptions {
+    /// The ragged column whose rows are packed.
+    pub column: String,
+    /// Tokens per sequence.
+    pub seq_len: u64,
 }
 
 impl Default for LoaderOptions {
@@ -77,6 +96,7 @@ impl Default for LoaderOptions {
             start_epoch: 0,
             start_batch: 0,
             pin_hook: None,
+            pack: None,
         }
     }
 }
@@ -98,6 +118,7 @@ impl std::fmt::Debug for LoaderOptions {
             .field("mode", &self.mode)
             .field("start_epoch", &self.start_epoch)
             .field("start_batch", &self.start_batch)
+            .field("pack", &self.pack)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +149,9 @@ pub struct LoaderState {
     pub block_rows: u64,
     /// Rows in the dataset (checked on resume).
     pub total_rows: u64,
+    /// Sequence packing, if the loader packs.
+    #[serde(default)]
+    pub pack: Option<PackOptions>,
 }
 
 impl LoaderState {
@@ -145,6 +169,7 @@ impl LoaderState {
             window_blocks: opts.window_blocks,
             block_rows,
             total_rows,
+            pack: opts.pack.clone(),
         }
     }
 
@@ -180,6 +205,11 @@ impl LoaderState {
         if let Some(rows) = opts.block_rows {
             check("block_rows", &self.block_rows, &rows);
         }
+        let packing = |p: &Option<PackOptions>| match p {
+            Some(p) => format!("{}:{}", p.column, p.seq_len),
+            None => "off".into(),
+        };
+        check("pack", &packing(&self.pack), &packing(&opts.pack));
         out
     }
 
@@ -206,6 +236,7 @@ impl LoaderOptions {
         self.drop_last = state.drop_last;
         self.window_blocks = state.window_blocks;
         self.block_rows = Some(state.block_rows);
+        self.pack = state.pack.clone();
         self
     }
 }
@@ -237,6 +268,82 @@ pub(crate) struct PlanSetup {
     /// Per ragged column: the most elements any `batch_rows` rows of the dataset hold (its
     /// batch buffer's size); 0 for a fixed column.
     pub(crate) batch_elements: Vec<u64>,
+    /// Sequence packing, checked and sized.
+    pub(crate) pack: Option<PackPlan>,
+}
+
+/// [`PackOptions`] checked against a source: the column, and this rank's share of tokens.
+#[derive(Debug, Clone)]
+pub(crate) struct PackPlan {
+    /// Index of the packed (ragged) column.
+    pub(crate) column: usize,
+    /// Tokens per sequence.
+    pub(crate) seq_len: u64,
+    /// Sequences per batch.
+    pub(crate) sequences: u64,
+    /// Where this rank's tokens start in each epoch's stream (`rank × T / W`).
+    pub(crate) rank_start: u64,
+    /// Batches per epoch: `floor(floor(T / W) / (sequences × seq_len))`.
+    pub(crate) batches_per_epoch: u64,
+}
+
+impl PackPlan {
+    fn new(
+        source: &dyn RowSource,
+        columns: &[ColumnInfo],
+        p: &PackOptions,
+        opts: &LoaderOptions,
+    ) -> Result<Self> {
+        let Some(column) = columns.iter().position(|c| c.name == p.column) else {
+            return Err(Error::InvalidArgument(format!(
+                "pack: no column named {:?} (columns: {})",
+                p.column,
+                columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        if !columns[column].ragged {
+            return Err(Error::InvalidArgument(format!(
+                "pack: column {:?} has rows of a fixed shape; packing takes a ragged column (token ids)",
+                p.column
+            )));
+        }
+        let tokens: u64 = (0..source.shard_count())
+            .map(|s| source.row_offsets(s, column).last().copied().unwrap_or(0))
+            .fold(0, u64::saturating_add);
+        let sequences = opts.batch_size as u64;
+        // `cu_seqlens` are I32 offsets into the flattened batch.
+        let per_batch = sequences.checked_mul(p.seq_len).filter(|&n| {
+            n > 0
+                && n < i32::MAX as u64
+                && n.checked_mul(columns[column].row_bytes.max(8))
+                    .is_some_and(|b| b < isize::MAX as u64 / 4)
+        });
+        let Some(per_batch) = per_batch else {
+            return Err(Error::InvalidArgument(format!(
+                "pack: seq_len {} × batch_size {sequences} must be between 1 and 2^31 - 1 tokens and fit in memory",
+                p.seq_len
+            )));
+        };
+        let per_rank = tokens / opts.world_size;
+        let batches_per_epoch = per_rank / per_batch;
+        if batches_per_epoch == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "pack: column {:?} holds {tokens} tokens, {per_rank} per rank: fewer than one batch of {sequences} × {} tokens; lower batch_size or seq_len",
+                p.column, p.seq_len
+            )));
+        }
+        Ok(PackPlan {
+            column,
+            seq_len: p.seq_len,
+            sequences,
+            rank_start: opts.rank * per_rank,
+            batches_per_epoch,
+        })
+    }
 }
 
 /// [`PlanSetup::mean_row_bytes`], checking that each ragged column's offsets cover every
@@ -363,17 +470,29 @@ impl PlanSetup {
             .block_rows
             .unwrap_or((chunk_size / widest).max(1))
             .max(1);
+        let pack = match &opts.pack {
+            Some(p) => Some(PackPlan::new(source, &columns, p, opts)?),
+            None => None,
+        };
+        // Packing orders every row (all ranks' tokens are one stream, split by tokens).
+        let (rank, world_size, batch_size) = match pack {
+            Some(_) => (0, 1, 1),
+            None => (opts.rank, opts.world_size, opts.batch_size as u64),
+        };
         let cfg = SamplerConfig {
             seed: opts.seed,
             shuffle: opts.shuffle,
             block_rows,
             window_blocks: opts.window_blocks,
-            rank: opts.rank,
-            world_size: opts.world_size,
-            batch_size: opts.batch_size as u64,
-            drop_last: opts.drop_last,
+            rank,
+            world_size,
+            batch_size,
+            drop_last: opts.drop_last && pack.is_none(),
         };
-        let batches_per_epoch = EpochPlan::new(&cfg, 0, &shard_rows).batches();
+        let batches_per_epoch = match &pack {
+            Some(p) => p.batches_per_epoch,
+            None => EpochPlan::new(&cfg, 0, &shard_rows).batches(),
+        };
         if opts.start_batch > batches_per_epoch {
             return Err(Error::InvalidArgument(format!(
                 "resume position {} is past the epoch's {batches_per_epoch} batches (different dataset?)",
@@ -426,6 +545,7 @@ impl PlanSetup {
             )));
         }
         Ok(PlanSetup {
+            pack,
             mean_row_bytes,
             batch_elements,
             columns,
@@ -444,19 +564,21 @@ impl PlanSetup {
 /// A chunk: (shard, column, chunk index j).
 pub(crate) type ChunkKey = (u32, u32, u64);
 
-/// Chunk keys covering rows `[r0, r0 + n)` of shard `s`, every column (`chunk` bytes per
+/// Chunk keys covering rows `[r0, r0 + n)` of shard `s`, columns `wanted` (`chunk` bytes per
 /// chunk; a ragged column's rows delimited by the source's row offsets).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn keys_for_rows(
     source: &dyn RowSource,
     columns: &[ColumnInfo],
+    wanted: &[usize],
     chunk: u64,
     s: u32,
     r0: u64,
     n: u64,
     out: &mut Vec<ChunkKey>,
 ) {
-    for (c, col) in columns.iter().enumerate() {
-        let (a, b) = col.byte_range(source, s as usize, c, r0, n);
+    for &c in wanted {
+        let (a, b) = columns[c].byte_range(source, s as usize, c, r0, n);
         push_chunk_keys(s, c, a, b, chunk, out);
     }
 }

@@ -89,6 +89,11 @@ impl<E: DeviceEngine> GpuLoader<E> {
     ) -> Result<Self> {
         let built = Instant::now();
         refuse_ragged(source.as_ref())?;
+        if opts.pack.is_some() {
+            return Err(Error::InvalidArgument(
+                "pack: sequence packing is done by the host loader (backend cpu); the device loaders deliver rows".into(),
+            ));
+        }
         if engine.key_count() != source.shard_count() {
             return Err(Error::InvalidArgument(format!(
                 "{} keys on the device for {} shards",

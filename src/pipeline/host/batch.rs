@@ -70,6 +70,9 @@ pub struct Batch {
     pub(super) bufs: Vec<AlignedBuf>,
     /// Per column: the elements this batch holds of a ragged column (0 for a fixed one).
     pub(super) elements: Vec<u64>,
+    /// Per column, the first dimension when it is not the batch's row count (a packed batch:
+    /// sequences, sequences, cu_seqlens entries); empty otherwise.
+    pub(super) first_dims: Vec<usize>,
     pub(super) pool: Arc<SetPool>,
 }
 
@@ -112,7 +115,9 @@ impl Batch {
             .iter()
             .zip(&self.bufs)
             .zip(&self.elements)
-            .map(move |((c, b), &e)| {
+            .enumerate()
+            .map(move |(i, ((c, b), &e))| {
+                let rows = self.first_dims.get(i).copied().unwrap_or(rows);
                 if c.ragged {
                     let offsets = &self.bufs[ragged][..8 * (rows + 1)];
                     ragged += 1;
@@ -208,7 +213,9 @@ impl Batch {
             .iter()
             .zip(self.bufs.iter_mut())
             .zip(&self.elements)
-            .map(|((c, b), &e)| {
+            .enumerate()
+            .map(|(i, ((c, b), &e))| {
+                let rows = self.first_dims.get(i).copied().unwrap_or(rows);
                 let n = if c.ragged { e as usize } else { rows } * c.row_bytes as usize;
                 (b[..n].as_mut_ptr(), n)
             })

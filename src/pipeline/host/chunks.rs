@@ -15,7 +15,7 @@ use zeroize::Zeroize;
 use super::batch::{Batch, SetPool};
 use crate::cipher::{ChunkParams, NONCE_LEN};
 use crate::error::{Error, Result};
-use crate::pipeline::options::{ChunkKey, DecryptMode, keys_for_rows, stopped};
+use crate::pipeline::options::{ChunkKey, DecryptMode, PackPlan, keys_for_rows, stopped};
 use crate::pipeline::pool::{AlignedBuf, BufPool};
 use crate::pipeline::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
 use crate::pipeline::source::{ColumnInfo, RowSource};
@@ -96,13 +96,20 @@ pub(super) struct Job {
     pub(super) epoch: u64,
     pub(super) index: u64,
     pub(super) rows: Vec<RowRef>,
+    /// Packing: tokens of the first row that the previous batch took.
+    pub(super) skip: u64,
     pub(super) keys: Vec<ChunkKey>,
     pub(super) slots: Vec<Arc<Slot>>,
 }
 
 pub(super) struct Shared {
     pub(super) source: Arc<dyn RowSource>,
+    /// The source's columns.
     pub(super) columns: Arc<[ColumnInfo]>,
+    /// The columns whose chunks batches read: every one, or the packed one.
+    pub(super) read_columns: Vec<usize>,
+    /// Sequence packing, and the packed batch's tensors (tokens, position ids, cu_seqlens).
+    pub(super) pack: Option<(PackPlan, Arc<[ColumnInfo]>)>,
     pub(super) chunk_size: u64,
     pub(super) mode: DecryptMode,
     pub(super) cache: ChunkCache,
@@ -170,10 +177,10 @@ impl Shared {
         Ok(loaded)
     }
 
-    fn run(&self, job: &Job) -> Result<Batch> {
-        // Stage 1: every chunk the batch touches is read and verified (once, shared). Consecutive
-        // batches of a window need the same chunks; each job starts at a different one, so the
-        // workers load a new window's chunks in parallel instead of queueing behind one loader.
+    /// Stage 1: every chunk the batch touches is read and verified (once, shared). Consecutive
+    /// batches of a window need the same chunks; each job starts at a different one, so the
+    /// workers load a new window's chunks in parallel instead of queueing behind one loader.
+    fn load_chunks(&self, job: &Job) -> Result<()> {
         let n = job.keys.len();
         let first = if n == 0 {
             0
@@ -184,6 +191,70 @@ impl Shared {
             if let Err(e) = job.slots[i].cell.get_or_init(|| self.load(job.keys[i])) {
                 return Err(clone_error(e));
             }
+        }
+        Ok(())
+    }
+
+    /// Copies (or CTR-decrypts) bytes `[off, end)` of column `c`'s tensor in shard `s` into
+    /// `dst` from the job's loaded chunks. Returns the bytes decrypted and the bytes copied.
+    pub(super) fn copy_range(
+        &self,
+        job: &Job,
+        s: u32,
+        c: usize,
+        mut off: u64,
+        end: u64,
+        dst: &mut [u8],
+    ) -> Result<(u64, u64)> {
+        let opener = self.source.opener(s as usize);
+        let (mut dec_b, mut asm_b) = (0u64, 0u64);
+        let mut d = 0usize;
+        while off < end {
+            let j = off / self.chunk_size;
+            let in_chunk = off % self.chunk_size;
+            let len = (self.chunk_size - in_chunk).min(end - off) as usize;
+            let key = (s, c as u32, j);
+            let idx = job
+                .keys
+                .binary_search(&key)
+                .map_err(|_| Error::Stopped(format!("internal: chunk {key:?} not planned")))?;
+            let Some(Ok(l)) = job.slots[idx].cell.get() else {
+                return Err(Error::Stopped("internal: chunk not loaded".into()));
+            };
+            let src =
+                &l.buf.as_ref().expect("loaded buffer")[in_chunk as usize..in_chunk as usize + len];
+            let dst = &mut dst[d..d + len];
+            if l.ciphertext {
+                opener.ctr_apply(&l.nonce, in_chunk, src, dst)?;
+                dec_b += len as u64;
+            } else {
+                dst.copy_from_slice(src);
+                asm_b += len as u64;
+            }
+            off += len as u64;
+            d += len;
+        }
+        Ok((dec_b, asm_b))
+    }
+
+    /// Adds one column's copy time to the stage it belongs to (a column's chunks are all
+    /// encrypted or all plain).
+    pub(super) fn count_copy(&self, started: Instant, dec_b: u64, asm_b: u64) {
+        let ns = started.elapsed().as_nanos() as u64;
+        let stage = if dec_b > 0 {
+            &self.counters.decrypt_ns
+        } else {
+            &self.counters.assemble_ns
+        };
+        add(stage, ns);
+        add(&self.counters.decrypt_bytes, dec_b);
+        add(&self.counters.assemble_bytes, asm_b);
+    }
+
+    fn run(&self, job: &Job) -> Result<Batch> {
+        self.load_chunks(job)?;
+        if let Some(pack) = &self.pack {
+            return super::pack::assemble(self, pack, job);
         }
         // Stage 2: rows into the batch buffers, coalescing runs of consecutive source rows.
         let mut bufs = self.set_pool.get()?;
@@ -233,49 +304,19 @@ impl Shared {
             }
             let dst_all = &mut bufs[c];
             for &(first, pos, n) in &runs {
-                let opener = self.source.opener(first.shard as usize);
-                let (mut off, end) =
+                let (off, end) =
                     col.byte_range(self.source.as_ref(), first.shard as usize, c, first.row, n);
-                let mut d = if col.ragged {
+                let d = if col.ragged {
                     (starts[pos] * rb) as usize
                 } else {
                     pos * rb as usize
                 };
-                while off < end {
-                    let j = off / self.chunk_size;
-                    let in_chunk = off % self.chunk_size;
-                    let len = (self.chunk_size - in_chunk).min(end - off) as usize;
-                    let key = (first.shard, c as u32, j);
-                    let idx = job.keys.binary_search(&key).map_err(|_| {
-                        Error::Stopped(format!("internal: chunk {key:?} not planned"))
-                    })?;
-                    let Some(Ok(l)) = job.slots[idx].cell.get() else {
-                        return Err(Error::Stopped("internal: chunk not loaded".into()));
-                    };
-                    let src = &l.buf.as_ref().expect("loaded buffer")
-                        [in_chunk as usize..in_chunk as usize + len];
-                    let dst = &mut dst_all[d..d + len];
-                    if l.ciphertext {
-                        opener.ctr_apply(&l.nonce, in_chunk, src, dst)?;
-                        dec_b += len as u64;
-                    } else {
-                        dst.copy_from_slice(src);
-                        asm_b += len as u64;
-                    }
-                    off += len as u64;
-                    d += len;
-                }
+                let (dec, asm) =
+                    self.copy_range(job, first.shard, c, off, end, &mut dst_all[d..])?;
+                dec_b += dec;
+                asm_b += asm;
             }
-            // A column's chunks are all encrypted or all plain: the time is one stage's.
-            let ns = t.elapsed().as_nanos() as u64;
-            let stage = if dec_b > 0 {
-                &self.counters.decrypt_ns
-            } else {
-                &self.counters.assemble_ns
-            };
-            add(stage, ns);
-            add(&self.counters.decrypt_bytes, dec_b);
-            add(&self.counters.assemble_bytes, asm_b);
+            self.count_copy(t, dec_b, asm_b);
         }
         let row_ids = job
             .rows
@@ -289,6 +330,7 @@ impl Shared {
             columns: self.columns.clone(),
             bufs,
             elements,
+            first_dims: Vec::new(),
             pool: self.set_pool.clone(),
         })
     }
@@ -359,6 +401,7 @@ pub(super) fn planner(
                         keys_for_rows(
                             sh.source.as_ref(),
                             &sh.columns,
+                            &sh.read_columns,
                             sh.chunk_size,
                             s,
                             r0,
@@ -376,6 +419,7 @@ pub(super) fn planner(
                 keys_for_rows(
                     sh.source.as_ref(),
                     &sh.columns,
+                    &sh.read_columns,
                     sh.chunk_size,
                     row.shard,
                     row.row,
@@ -392,6 +436,7 @@ pub(super) fn planner(
                 epoch,
                 index: k,
                 rows,
+                skip: 0,
                 keys,
                 slots,
             };

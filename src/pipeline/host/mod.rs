@@ -19,6 +19,7 @@ use crate::pipeline::telemetry::{Counters, LoaderStats, add};
 
 mod batch;
 mod chunks;
+mod pack;
 
 use batch::SetPool;
 pub use batch::{Batch, Tensor};
@@ -74,28 +75,47 @@ impl Loader {
             batch_rows,
             mean_row_bytes,
             batch_elements,
+            pack,
         } = PlanSetup::new(source.as_ref(), opts)?;
+        // What batches hold: every column's rows, or packed sequences of one column.
+        let (out_columns, read_columns): (Arc<[ColumnInfo]>, Vec<usize>) = match &pack {
+            Some(p) => (
+                pack::packed_columns(&columns[p.column], p.seq_len),
+                vec![p.column],
+            ),
+            None => (columns.clone(), (0..columns.len()).collect()),
+        };
         let counters = Arc::new(Counters::default());
         let in_flight = opts.prefetch + opts.threads;
         // One buffer per column: a full batch of rows, or for a ragged column the most
         // elements any batch can hold; then each ragged column's B + 1 row offsets.
-        let offsets_sizes = columns
+        // A packed batch: its three tensors, sized by `packed_counts`.
+        let offsets_sizes = out_columns
             .iter()
             .filter(|c| c.ragged)
             .map(|_| batch_rows.checked_add(1).and_then(|n| n.checked_mul(8)));
-        let sizes = columns
+        let units: Vec<u64> = match &pack {
+            Some(p) => pack::packed_counts(p).to_vec(),
+            None => columns
+                .iter()
+                .zip(&batch_elements)
+                .map(|(c, &e)| if c.ragged { e } else { batch_rows as u64 })
+                .collect(),
+        };
+        let sizes = out_columns
             .iter()
-            .zip(&batch_elements)
-            .map(|(c, &e)| {
-                let units = if c.ragged {
-                    usize::try_from(e).ok()
-                } else {
-                    Some(batch_rows)
-                };
-                units.and_then(|u| usize::try_from(c.row_bytes).ok()?.checked_mul(u))
+            .zip(&units)
+            .map(|(c, &u)| {
+                usize::try_from(u)
+                    .ok()
+                    .and_then(|u| usize::try_from(c.row_bytes).ok()?.checked_mul(u))
             })
             .chain(offsets_sizes)
-            .zip(columns.iter().chain(columns.iter().filter(|c| c.ragged)))
+            .zip(
+                out_columns
+                    .iter()
+                    .chain(out_columns.iter().filter(|c| c.ragged)),
+            )
             .map(|(n, c)| {
                 n.filter(|&n| n < isize::MAX as usize).ok_or_else(|| {
                     Error::InvalidArgument(format!(
@@ -127,11 +147,10 @@ impl Loader {
         // never more than the column has in all shards (narrow columns share chunks). The pool
         // is allocated (and touched) once at that bound, so steady state allocates nothing
         // (tests/loader_soak.rs checks it); it only grows if the bound is ever exceeded.
-        let window_chunks: u64 = columns
+        let window_chunks: u64 = read_columns
             .iter()
-            .zip(&mean_row_bytes)
-            .enumerate()
-            .map(|(ci, (c, &row_bytes))| {
+            .map(|&ci| (ci, (&columns[ci], mean_row_bytes[ci])))
+            .map(|(ci, (c, row_bytes))| {
                 // A ragged column's blocks hold about the mean row's bytes each (a skewed
                 // window may need more: the pool then grows, counted in extra_allocations).
                 let block_bytes = block_rows.saturating_mul(row_bytes);
@@ -157,9 +176,9 @@ impl Loader {
             usize::try_from(window_chunks.saturating_mul(windows_in_flight)).unwrap_or(usize::MAX);
         // Buffers as long as the longest chunk there is, not `chunk_size`: a small dataset
         // written with 256 MiB chunks must not allocate 256 MiB per buffer.
-        let longest_chunk = columns
+        let longest_chunk = read_columns
             .iter()
-            .enumerate()
+            .map(|&ci| (ci, &columns[ci]))
             .flat_map(|(ci, c)| {
                 let (source, shard_rows) = (source.as_ref(), &shard_rows);
                 (0..shard_rows.len()).map(move |s| tensor_len(source, c, ci, s, shard_rows[s]))
@@ -170,13 +189,15 @@ impl Loader {
         let chunk_pool = Arc::new(BufPool::new(
             usize::try_from(longest_chunk).unwrap_or(usize::MAX),
             bound.min(4096),
-            bound.saturating_add(opts.threads.saturating_mul(columns.len())),
+            bound.saturating_add(opts.threads.saturating_mul(read_columns.len())),
             opts.pin_hook.clone(),
             counters.pool_bytes.clone(),
         )?);
         let shared = Arc::new(Shared {
             source,
             columns: columns.clone(),
+            read_columns,
+            pack: pack.clone().map(|p| (p, out_columns.clone())),
             chunk_size,
             mode: opts.mode,
             cache: ChunkCache::default(),
@@ -211,8 +232,20 @@ impl Loader {
             let (epochs, se, sb) = (opts.epochs, opts.start_epoch, opts.start_batch);
             let h = std::thread::Builder::new()
                 .name("cs-planner".into())
-                .spawn(move || {
-                    planner(
+                .spawn(move || match &pack {
+                    Some(p) => pack::planner(
+                        &sh,
+                        p,
+                        &cfg,
+                        &shard_rows,
+                        se,
+                        sb,
+                        epochs,
+                        &credit_rx,
+                        &job_tx,
+                        &stop_rx,
+                    ),
+                    None => planner(
                         &sh,
                         &cfg,
                         &shard_rows,
@@ -222,7 +255,7 @@ impl Loader {
                         &credit_rx,
                         &job_tx,
                         &stop_rx,
-                    )
+                    ),
                 })
                 .map_err(|e| Error::Stopped(format!("cannot spawn planner thread: {e}")))?;
             threads.push(h);
@@ -242,7 +275,7 @@ impl Loader {
             epochs: opts.epochs,
             counters,
             built,
-            columns,
+            columns: out_columns,
             set_pool,
             chunk_pool,
         };
