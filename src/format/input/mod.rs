@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod arrow_columns;
 pub mod npy;
 pub mod records;
 pub mod safetensors;
