@@ -839,3 +839,172 @@ mod tests {
         );
     }
 }
+
+/// Data for the Parquet and Arrow IPC readers' tests: record batches of every supported kind of
+/// column, what they become, and the columns an input yields.
+#[cfg(test)]
+pub(super) mod test_data {
+    use std::ops::Range;
+    use std::sync::Arc;
+
+    use arrow_array::builder::{FixedSizeListBuilder, Float32Builder, Int32Builder, ListBuilder};
+    use arrow_array::types::{Float16Type, Int32Type};
+    use arrow_array::{
+        ArrayRef, BooleanArray, DictionaryArray, Int64Array, LargeBinaryArray, PrimitiveArray,
+        RecordBatch, StringArray,
+    };
+    use arrow_buffer::{Buffer, ScalarBuffer};
+
+    use super::*;
+
+    /// The sample columns: name, dtype, shape, ragged.
+    pub const COLUMNS: [(&str, Dtype, &[u64], bool); 8] = [
+        ("id", Dtype::I64, &[], false),
+        ("tokens", Dtype::I32, &[], true),
+        ("text", Dtype::U8, &[], true),
+        ("flag", Dtype::BOOL, &[], false),
+        ("emb", Dtype::F32, &[2], false),
+        ("label", Dtype::U8, &[], true),
+        ("half", Dtype::F16, &[], false),
+        ("blob", Dtype::U8, &[], true),
+    ];
+
+    fn tokens(i: u64) -> Vec<i32> {
+        (0..i % 5).map(|j| (i * 10 + j) as i32).collect()
+    }
+
+    fn text(i: u64) -> String {
+        if i % 7 == 0 {
+            String::new()
+        } else {
+            format!("r{i}")
+        }
+    }
+
+    fn label(i: u64) -> &'static str {
+        ["a", "bb", "ccc"][i as usize % 3]
+    }
+
+    fn blob(i: u64) -> Vec<u8> {
+        vec![i as u8; i as usize % 3]
+    }
+
+    /// Rows `rows` of the sample columns.
+    pub fn batch(rows: Range<u64>) -> RecordBatch {
+        let mut tok = ListBuilder::new(Int32Builder::new());
+        let mut emb = FixedSizeListBuilder::new(Float32Builder::new(), 2);
+        for i in rows.clone() {
+            tok.values().append_slice(&tokens(i));
+            tok.append(true);
+            emb.values().append_slice(&[i as f32, -(i as f32)]);
+            emb.append(true);
+        }
+        let n = rows.end - rows.start;
+        let half = PrimitiveArray::<Float16Type>::new(
+            ScalarBuffer::new(
+                Buffer::from_vec(rows.clone().map(|i| i as u16).collect::<Vec<_>>()),
+                0,
+                n as usize,
+            ),
+            None,
+        );
+        let labels: DictionaryArray<Int32Type> = rows.clone().map(label).collect();
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from_iter_values(rows.clone().map(|i| i as i64))),
+            Arc::new(tok.finish()),
+            Arc::new(StringArray::from_iter_values(rows.clone().map(text))),
+            Arc::new(BooleanArray::from_iter(
+                rows.clone().map(|i| Some(i % 2 == 0)),
+            )),
+            Arc::new(emb.finish()),
+            Arc::new(labels),
+            Arc::new(half),
+            Arc::new(LargeBinaryArray::from_iter_values(rows.clone().map(blob))),
+        ];
+        RecordBatch::try_from_iter(COLUMNS.iter().map(|c| c.0).zip(columns)).unwrap()
+    }
+
+    /// One column's bytes and, ragged, its offsets.
+    pub type Col = (Vec<u8>, Option<Vec<u64>>);
+
+    /// What rows `rows` of the sample columns become.
+    pub fn expected(rows: Range<u64>) -> Vec<Col> {
+        let ragged = |rows: Range<u64>, f: &dyn Fn(u64) -> Vec<u8>, unit: u64| {
+            let (mut values, mut offsets) = (Vec::new(), vec![0]);
+            for i in rows {
+                values.extend(f(i));
+                offsets.push(values.len() as u64 / unit);
+            }
+            (values, Some(offsets))
+        };
+        let fixed = |f: &dyn Fn(u64) -> Vec<u8>| (rows.clone().flat_map(f).collect(), None);
+        vec![
+            fixed(&|i| (i as i64).to_le_bytes().to_vec()),
+            ragged(
+                rows.clone(),
+                &|i| tokens(i).iter().flat_map(|v| v.to_le_bytes()).collect(),
+                4,
+            ),
+            ragged(rows.clone(), &|i| text(i).into_bytes(), 1),
+            fixed(&|i| vec![u8::from(i % 2 == 0)]),
+            fixed(&|i| {
+                [i as f32, -(i as f32)]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect()
+            }),
+            ragged(rows.clone(), &|i| label(i).as_bytes().to_vec(), 1),
+            fixed(&|i| (i as u16).to_le_bytes().to_vec()),
+            ragged(rows.clone(), &blob, 1),
+        ]
+    }
+
+    /// Every batch of `input`, each checked against its fields, concatenated by column; and
+    /// the batches' row counts.
+    pub fn drain(input: &mut dyn RecordInput) -> Result<(Vec<Col>, Vec<usize>)> {
+        let fields = input.fields().to_vec();
+        let mut cols: Vec<Col> = fields
+            .iter()
+            .map(|f| (Vec::new(), f.ragged.then(|| vec![0])))
+            .collect();
+        let mut sizes = Vec::new();
+        while let Some(batch) = input.next_batch()? {
+            assert!(batch.rows > 0);
+            assert_eq!(batch.columns.len(), fields.len());
+            sizes.push(batch.rows);
+            for ((f, col), data) in fields.iter().zip(&mut cols).zip(batch.columns) {
+                let unit = tensor_bytes(f.dtype, &f.shape).unwrap() as usize;
+                match (data, &mut col.1) {
+                    (ColumnData::Fixed(v), None) => {
+                        assert_eq!(v.len(), batch.rows * unit, "{}", f.name);
+                        col.0.extend_from_slice(&v);
+                    }
+                    (ColumnData::Ragged { values, offsets }, Some(all)) => {
+                        assert_eq!(offsets.len(), batch.rows + 1, "{}", f.name);
+                        assert_eq!(offsets[0], 0, "{}", f.name);
+                        assert!(offsets.is_sorted(), "{}", f.name);
+                        assert_eq!(values.len() as u64, offsets[batch.rows] * unit as u64);
+                        let base = all[all.len() - 1];
+                        all.extend(offsets[1..].iter().map(|o| o + base));
+                        col.0.extend_from_slice(&values);
+                    }
+                    (data, _) => panic!("{}: {data:?} does not match {f:?}", f.name),
+                }
+            }
+        }
+        Ok((cols, sizes))
+    }
+
+    /// The sample columns' specs.
+    pub fn specs() -> Vec<FieldSpec> {
+        COLUMNS
+            .iter()
+            .map(|&(name, dtype, shape, ragged)| FieldSpec {
+                name: name.into(),
+                dtype,
+                shape: shape.to_vec(),
+                ragged,
+            })
+            .collect()
+    }
+}
