@@ -908,7 +908,11 @@ pub(super) mod test_data {
             ),
             None,
         );
-        let labels: DictionaryArray<Int32Type> = rows.clone().map(label).collect();
+        // One dictionary for every batch: the IPC file format allows no other.
+        let labels = DictionaryArray::<Int32Type>::new(
+            rows.clone().map(|i| (i % 3) as i32).collect(),
+            Arc::new(StringArray::from(vec![label(0), label(1), label(2)])),
+        );
         let columns: Vec<ArrayRef> = vec![
             Arc::new(Int64Array::from_iter_values(rows.clone().map(|i| i as i64))),
             Arc::new(tok.finish()),

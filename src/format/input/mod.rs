@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod arrow_columns;
+pub mod arrow_ipc;
 pub mod npy;
 pub mod parquet;
 pub mod records;
