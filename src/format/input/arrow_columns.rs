@@ -50,22 +50,41 @@ use crate::format::{Dtype, tensor_bytes};
 /// return. It checks every batch against the schema and the batches' total against the row
 /// count read when the input was opened, and skips empty batches.
 pub(super) struct ArrowRecords {
-    /// The file.
-    pub path: PathBuf,
-    /// Its format, for errors ("Parquet file").
-    pub what: &'static str,
-    /// Its columns ([`fields`] of its schema).
-    pub fields: Vec<FieldSpec>,
-    /// Its row count, from its footer or a first pass.
-    pub rows: u64,
-    /// See [`RecordInput::estimated_bytes`].
-    pub estimated_bytes: u64,
-    /// See [`RecordInput::metadata`].
-    pub metadata: BTreeMap<String, String>,
-    /// Its record batches, in order, each error naming the file.
-    pub batches: Box<dyn Iterator<Item = Result<RecordBatch>> + Send>,
+    path: PathBuf,
+    what: &'static str,
+    fields: Vec<FieldSpec>,
+    rows: u64,
+    estimated_bytes: u64,
+    metadata: BTreeMap<String, String>,
+    batches: Box<dyn Iterator<Item = Result<RecordBatch>> + Send>,
     /// Rows returned so far.
-    pub delivered: u64,
+    delivered: u64,
+}
+
+impl ArrowRecords {
+    /// Input `path`, a `what` ("Parquet file", for errors) of `rows` rows (from its footer or
+    /// a first pass) holding columns `fields` ([`fields`] of its schema); `batches` decodes its
+    /// record batches in order, each error naming the file.
+    pub(super) fn boxed(
+        path: &Path,
+        what: &'static str,
+        fields: Vec<FieldSpec>,
+        rows: u64,
+        estimated_bytes: u64,
+        metadata: BTreeMap<String, String>,
+        batches: impl Iterator<Item = Result<RecordBatch>> + Send + 'static,
+    ) -> Box<dyn RecordInput> {
+        Box::new(ArrowRecords {
+            path: path.to_path_buf(),
+            what,
+            fields,
+            rows,
+            estimated_bytes,
+            metadata,
+            batches: Box::new(batches),
+            delivered: 0,
+        })
+    }
 }
 
 impl RecordInput for ArrowRecords {
@@ -402,12 +421,12 @@ fn append_fixed(array: &dyn Array, out: &mut Vec<u8>) {
     }
 }
 
+/// A ragged column's values and offsets.
+type Ragged = (Zeroizing<Vec<u8>>, Zeroizing<Vec<u64>>);
+
 /// The elements and rebased offsets of list array `list` (of a fixed-size element type of
 /// `unit` bytes).
-fn list<O: OffsetSizeTrait>(
-    list: &arrow_array::GenericListArray<O>,
-    unit: u64,
-) -> Option<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u64>>)> {
+fn list<O: OffsetSizeTrait>(list: &arrow_array::GenericListArray<O>, unit: u64) -> Option<Ragged> {
     let offsets = rebase(list.value_offsets())?;
     let start = list.value_offsets()[0].as_usize();
     let count = offsets[offsets.len() - 1] as usize;
@@ -416,9 +435,7 @@ fn list<O: OffsetSizeTrait>(
 }
 
 /// The bytes and rebased offsets of string or binary array `array`.
-fn bytes<T: ByteArrayType>(
-    array: &GenericByteArray<T>,
-) -> Option<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u64>>)> {
+fn bytes<T: ByteArrayType>(array: &GenericByteArray<T>) -> Option<Ragged> {
     let offsets = rebase(array.value_offsets())?;
     let start = array.value_offsets()[0].as_usize();
     let data = &array.value_data()[start..start + offsets[offsets.len() - 1] as usize];
@@ -438,9 +455,7 @@ fn rebase<O: OffsetSizeTrait>(offsets: &[O]) -> Option<Zeroizing<Vec<u64>>> {
 }
 
 /// The bytes and offsets of string or binary view array `array`.
-fn views<T: ByteViewType + ?Sized>(
-    array: &GenericByteViewArray<T>,
-) -> Option<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u64>>)> {
+fn views<T: ByteViewType + ?Sized>(array: &GenericByteViewArray<T>) -> Option<Ragged> {
     let mut offsets = Zeroizing::new(Vec::new());
     offsets.try_reserve_exact(array.len() + 1).ok()?;
     offsets.push(0);
@@ -874,7 +889,7 @@ pub(super) mod test_data {
     }
 
     fn text(i: u64) -> String {
-        if i % 7 == 0 {
+        if i.is_multiple_of(7) {
             String::new()
         } else {
             format!("r{i}")

@@ -213,16 +213,9 @@ fn open_ipc_file(path: &Path, file: File, len: u64) -> Result<Box<dyn RecordInpu
                 )
             })
     });
-    Ok(Box::new(ArrowRecords {
-        path: path.to_path_buf(),
-        what: WHAT,
-        fields,
-        rows,
-        estimated_bytes: body_bytes,
-        metadata,
-        batches: Box::new(batches),
-        delivered: 0,
-    }))
+    Ok(ArrowRecords::boxed(
+        path, WHAT, fields, rows, body_bytes, metadata, batches,
+    ))
 }
 
 /// An encapsulated message's header: a continuation marker (absent in legacy files), the
@@ -252,16 +245,9 @@ fn open_stream(path: &Path, file: File, len: u64) -> Result<Box<dyn RecordInput>
     let owned = path.to_path_buf();
     let batches = stream
         .map(move |b: std::result::Result<RecordBatch, _>| b.map_err(|e| malformed(&owned, e)));
-    Ok(Box::new(ArrowRecords {
-        path: path.to_path_buf(),
-        what: WHAT,
-        fields,
-        rows,
-        estimated_bytes: body_bytes,
-        metadata,
-        batches: Box::new(batches),
-        delivered: 0,
-    }))
+    Ok(ArrowRecords::boxed(
+        path, WHAT, fields, rows, body_bytes, metadata, batches,
+    ))
 }
 
 /// One pass over a stream's message headers, seeking past their bodies: its schema, its row
@@ -284,7 +270,7 @@ fn count_stream(path: &Path, r: &mut BufReader<File>, len: u64) -> Result<(Schem
         Ok(())
     };
     loop {
-        if at == len {
+        if at >= len {
             break; // The end of the file ends a stream too.
         }
         let start = at;
@@ -299,7 +285,7 @@ fn count_stream(path: &Path, r: &mut BufReader<File>, len: u64) -> Result<(Schem
         }
         let meta_len = u64::try_from(meta_len)
             .ok()
-            .filter(|&m| m <= MAX_MESSAGE_HEADER && m <= len - at)
+            .filter(|&m| m <= MAX_MESSAGE_HEADER && m <= len.saturating_sub(at))
             .ok_or_else(|| {
                 malformed(
                     path,
@@ -312,7 +298,7 @@ fn count_stream(path: &Path, r: &mut BufReader<File>, len: u64) -> Result<(Schem
             .map_err(|e| malformed(path, format!("the message at byte {start}: {e}")))?;
         let body = u64::try_from(message.bodyLength())
             .ok()
-            .filter(|&b| b <= len - at)
+            .filter(|&b| b <= len.saturating_sub(at))
             .ok_or_else(|| truncated(start))?;
         match message.header_type() {
             MessageHeader::Schema if schema.is_none() => {
@@ -366,7 +352,7 @@ fn count_stream(path: &Path, r: &mut BufReader<File>, len: u64) -> Result<(Schem
 mod tests {
     use std::collections::HashMap;
 
-    use arrow_array::{ArrayRef, Int32Array, TimestampSecondArray};
+    use arrow_array::{ArrayRef, Int32Array, RecordBatchWriter, TimestampSecondArray};
     use arrow_ipc::writer::{FileWriter, StreamWriter};
 
     use super::*;
@@ -387,20 +373,25 @@ mod tests {
 
     fn write_file(path: &Path, batches: &[RecordBatch]) {
         let f = File::create(path).unwrap();
-        let mut w = FileWriter::try_new(f, &batches[0].schema()).unwrap();
-        for b in batches {
-            w.write(b).unwrap();
-        }
-        w.finish().unwrap();
+        write_all(
+            FileWriter::try_new(f, &batches[0].schema()).unwrap(),
+            batches,
+        );
     }
 
     fn write_stream(path: &Path, batches: &[RecordBatch]) {
         let f = File::create(path).unwrap();
-        let mut w = StreamWriter::try_new(f, &batches[0].schema()).unwrap();
+        write_all(
+            StreamWriter::try_new(f, &batches[0].schema()).unwrap(),
+            batches,
+        );
+    }
+
+    fn write_all(mut w: impl RecordBatchWriter, batches: &[RecordBatch]) {
         for b in batches {
             w.write(b).unwrap();
         }
-        w.finish().unwrap();
+        w.close().unwrap();
     }
 
     fn check_sample(path: &Path) {

@@ -83,16 +83,15 @@ pub fn open(path: &Path) -> Result<Box<dyn RecordInput>> {
         path: path.to_path_buf(),
         reader: Some(reader),
     };
-    Ok(Box::new(ArrowRecords {
-        path: path.to_path_buf(),
-        what: WHAT,
+    Ok(ArrowRecords::boxed(
+        path,
+        WHAT,
         fields,
         rows,
         estimated_bytes,
         metadata,
-        batches: Box::new(batches),
-        delivered: 0,
-    }))
+        batches,
+    ))
 }
 
 /// The decoded batches of a Parquet file, each decoded under [`guarded`]; none after a panic.
