@@ -9,6 +9,7 @@
 
 pub mod arrow_columns;
 pub mod arrow_ipc;
+pub mod jsonl;
 pub mod npy;
 pub mod parquet;
 pub mod records;
