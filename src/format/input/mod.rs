@@ -7,7 +7,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod arrow_columns;
+pub mod arrow_ipc;
+pub mod jsonl;
 pub mod npy;
+pub mod parquet;
 pub mod records;
 pub mod safetensors;
 
