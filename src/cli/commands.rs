@@ -75,10 +75,18 @@ pub fn keygen(out: &Path, how: OutputArgs) -> Result<()> {
 pub struct ConvertArgs {
     #[command(flatten)]
     key: KeyArgs,
-    /// Input files: safetensors (all tensors sharing a first dimension become columns) or
-    /// `.npy` (one column each, named after the file).
+    /// Input files, by extension: `.parquet`/`.pq` (Parquet), `.arrow`/`.feather`/`.ipc`
+    /// (Arrow IPC file or stream, as `datasets.save_to_disk` writes), `.jsonl`/`.ndjson` (JSON
+    /// Lines, with --column), `.npy` (one column named after the file), anything else
+    /// safetensors (all tensors sharing a first dimension become columns). Several Parquet,
+    /// Arrow or JSONL files are appended by rows, in order; list columns become ragged columns
+    /// (docs/INPUTS.md).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
+    /// JSONL inputs: a key whose value, a list of integers, becomes a ragged column (repeat for
+    /// several).
+    #[arg(long = "column", value_name = "KEY")]
+    columns: Vec<String>,
     /// Output dataset directory (created; must not already hold a dataset).
     #[arg(long)]
     out: PathBuf,
@@ -102,24 +110,71 @@ pub struct ConvertArgs {
     pub output: OutputArgs,
 }
 
+/// The kind of a `convert` input, by its extension (case-insensitive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputKind {
+    Parquet,
+    Arrow,
+    Jsonl,
+    Npy,
+    Safetensors,
+}
+
+fn input_kind(p: &Path) -> InputKind {
+    let ext = p
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "parquet" | "pq" => InputKind::Parquet,
+        "arrow" | "feather" | "ipc" | "arrows" => InputKind::Arrow,
+        "jsonl" | "ndjson" => InputKind::Jsonl,
+        "npy" => InputKind::Npy,
+        _ => InputKind::Safetensors,
+    }
+}
+
+impl ConvertArgs {
+    /// Why these options do not go together: `--column` belongs to JSONL inputs, which need it.
+    pub fn refusal(&self) -> Option<String> {
+        let jsonl = self
+            .inputs
+            .iter()
+            .any(|p| input_kind(p) == InputKind::Jsonl);
+        match (jsonl, self.columns.is_empty()) {
+            (true, true) => Some(
+                "a JSONL input needs --column KEY: the key whose list of integers becomes a column"
+                    .into(),
+            ),
+            (false, false) => Some(
+                "--column applies only to JSONL inputs (.jsonl, .ndjson): other formats name their own columns"
+                    .into(),
+            ),
+            _ => None,
+        }
+    }
+}
+
 pub fn convert(args: ConvertArgs) -> Result<()> {
     let keys = args.key.load_all()?;
     let inputs: Vec<ConvertInput> = args
         .inputs
         .iter()
-        .map(|p| {
-            if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) {
-                let column = p
+        .map(|p| match input_kind(p) {
+            InputKind::Parquet => ConvertInput::Parquet(p.clone()),
+            InputKind::Arrow => ConvertInput::ArrowIpc(p.clone()),
+            InputKind::Jsonl => ConvertInput::Jsonl {
+                path: p.clone(),
+                columns: args.columns.clone(),
+            },
+            InputKind::Npy => ConvertInput::Npy {
+                column: p
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                ConvertInput::Npy {
-                    column,
-                    path: p.clone(),
-                }
-            } else {
-                ConvertInput::Safetensors(p.clone())
-            }
+                    .unwrap_or_default(),
+                path: p.clone(),
+            },
+            InputKind::Safetensors => ConvertInput::Safetensors(p.clone()),
         })
         .collect();
     let opts = ConvertOptions {

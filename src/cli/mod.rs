@@ -217,6 +217,7 @@ impl Command {
         };
         match self {
             Command::Bench(args) => args.refusal().map(|why| ("bench", why)),
+            Command::Convert(args) => args.refusal().map(|why| ("convert", why)),
             Command::Keygen { out, output } => {
                 json_to_stdout(out, output, "key").map(|why| ("keygen", why))
             }

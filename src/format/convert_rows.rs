@@ -51,7 +51,23 @@ struct Field {
 
 /// Whether `input` is decoded batch by batch.
 fn is_rows_input(input: &ConvertInput) -> bool {
-    matches!(input, ConvertInput::Ragged { .. })
+    matches!(
+        input,
+        ConvertInput::Ragged { .. }
+            | ConvertInput::Parquet(_)
+            | ConvertInput::ArrowIpc(_)
+            | ConvertInput::Jsonl { .. }
+    )
+}
+
+/// Opens a file input decoded batch by batch (`None` for any other input).
+fn open_file(input: &ConvertInput) -> Option<Result<Box<dyn RecordInput>>> {
+    Some(match input {
+        ConvertInput::Parquet(p) => super::input::parquet::open(p),
+        ConvertInput::ArrowIpc(p) => super::input::arrow_ipc::open(p),
+        ConvertInput::Jsonl { path, columns } => super::input::jsonl::open(path, columns),
+        _ => return None,
+    })
 }
 
 /// Opens `inputs` as a row-batch conversion, or returns `None` when none of them is a
@@ -64,17 +80,28 @@ pub(super) fn open<'a>(
     if !inputs.iter().any(is_rows_input) {
         return Ok(None);
     }
-    let opened: Vec<Box<dyn RecordInput + 'a>> = if inputs.iter().all(|i| {
+    let in_memory = |i: &ConvertInput| {
         matches!(
             i,
             ConvertInput::InMemory { .. } | ConvertInput::Ragged { .. }
         )
-    }) {
+    };
+    let opened: Vec<Box<dyn RecordInput + 'a>> = if inputs.iter().all(in_memory) {
         vec![Box::new(MemTable::new(inputs)?)]
+    } else if inputs.iter().all(|i| open_file(i).is_some()) {
+        // Files are appended by rows, in order; the same file twice is refused.
+        let mut seen = std::collections::HashMap::new();
+        let mut opened = Vec::with_capacity(inputs.len());
+        for i in inputs {
+            let input = open_file(i).expect("a file input")?;
+            refuse_same_path(&mut seen, input.path())?;
+            opened.push(input);
+        }
+        opened
     } else {
         return Err(Error::InvalidArgument(
-                "row-batch inputs (Parquet, Arrow, JSONL, ragged columns) cannot be mixed with safetensors or .npy inputs: convert them separately".into(),
-            ));
+            "row-batch inputs (Parquet, Arrow, JSONL) cannot be mixed with safetensors, .npy or in-memory inputs: convert them separately".into(),
+        ));
     };
     let first = &opened[0];
     let specs = first.fields().to_vec();
@@ -176,6 +203,28 @@ pub(super) fn open<'a>(
         batch: None,
         batch_input: path,
     }))
+}
+
+/// Refuses an input file given twice (same device and inode, whatever the path).
+fn refuse_same_path(
+    seen: &mut std::collections::HashMap<(u64, u64), std::path::PathBuf>,
+    path: &Path,
+) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if let Some(first) = seen.insert((m.dev(), m.ino()), path.to_path_buf()) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: given twice (also as {}): the same file cannot be two inputs",
+                path.display(),
+                first.display()
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (seen, path);
+    Ok(())
 }
 
 fn describe(fields: &[FieldSpec]) -> String {

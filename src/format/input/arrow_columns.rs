@@ -24,10 +24,6 @@
 
 #![forbid(unsafe_code)]
 // Until the converter reads these inputs (issue 14, written beside them); remove with it.
-#![cfg_attr(
-    not(test),
-    allow(dead_code, reason = "the converter does not call these yet")
-)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -36,6 +36,18 @@ pub enum ConvertInput {
         /// The file.
         path: PathBuf,
     },
+    /// A Parquet file: its columns (docs/INPUTS.md has the type mapping), decoded row group
+    /// by row group.
+    Parquet(PathBuf),
+    /// An Arrow IPC file or stream (`datasets.save_to_disk` writes the stream format).
+    ArrowIpc(PathBuf),
+    /// A JSON Lines file: each named key's value, a list of integers, is a ragged column.
+    Jsonl {
+        /// The file.
+        path: PathBuf,
+        /// The keys to convert, each a column.
+        columns: Vec<String>,
+    },
     /// A ragged column held in memory: row `i` is elements `offsets[i]..offsets[i + 1]` of
     /// `values` (tests, the demo, Python).
     Ragged {
@@ -273,11 +285,14 @@ pub(super) fn plan<'a>(
                 (path, opened)
             }
             ConvertInput::Npy { column, path } => (path, npy::open_input(path, column)?),
-            ConvertInput::Ragged { name, .. } => {
-                return Err(Error::InvalidArgument(format!(
-                    "ragged column '{}' cannot be read as byte ranges",
-                    crate::format::json::quote(name)
-                )));
+            ConvertInput::Ragged { .. }
+            | ConvertInput::Parquet(_)
+            | ConvertInput::ArrowIpc(_)
+            | ConvertInput::Jsonl { .. } => {
+                return Err(Error::InvalidArgument(
+                    "row-batch inputs (ragged columns, Parquet, Arrow, JSONL) cannot be read as byte ranges"
+                        .into(),
+                ));
             }
             ConvertInput::InMemory {
                 name,
