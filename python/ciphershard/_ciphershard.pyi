@@ -123,7 +123,9 @@ class Loader:
     jagged ``torch.nested`` tensor over the same memory. ``pack="input_ids", seq_len=L``
     packs that ragged column's rows into ``[batch_size, L]`` sequences: the batch holds
     ``input_ids``, ``position_ids`` (``int64``, ``[batch_size, L]``) and ``cu_seqlens``
-    (``int32``, every sequence piece's boundaries in the flattened batch).
+    (``int32``, every sequence piece's boundaries in the flattened batch). ``pad="longest"``
+    (or a width) adds ``NAME.padded`` (a dense ``[B, W, ...]`` copy, zeros after each row, rows
+    longer than ``W`` cut) and ``NAME.mask`` (``bool``, ``[B, W]``) for each ragged column.
 
     Batches are writable: each owns its buffers, so a write changes that batch only. A loader
     inherited through ``fork()`` raises :class:`LoaderStoppedError` in the child.
@@ -150,6 +152,7 @@ class Loader:
         device: Optional[str] = None,
         pack: Optional[str] = None,
         seq_len: Optional[int] = None,
+        pad: Union[str, int, None] = None,
     ) -> Loader: ...
     def __iter__(self) -> Loader: ...
     def __next__(self) -> Dict[str, Any]: ...

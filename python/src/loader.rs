@@ -14,7 +14,7 @@ use crate::dataset::{PyDataset, parse_backend};
 use crate::dlpack::DEVICE_CPU;
 use crate::dlpack::DLDevice;
 use crate::errors::{IntoPyResult, new_err};
-use crate::tensor::{DType, Storage, Tensor};
+use crate::tensor::{DType, OwnedStorage, Storage, Tensor};
 
 /// How long one GIL-free wait lasts before signals (Ctrl-C) are checked.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -115,6 +115,9 @@ pub struct PyLoader {
     columns: Vec<(String, DType, Vec<i64>, bool)>,
     /// `torch.nested.nested_tensor_from_jagged`, with ``as_torch`` and a ragged column.
     nested: Option<Py<PyAny>>,
+    /// ``pad=``: ragged columns also as dense blocks, to the batch's longest row (`Some(None)`)
+    /// or a fixed width.
+    pad: Option<Option<usize>>,
     as_torch: Option<Py<PyAny>>,
     /// `Some(ordinal)`: batches decrypted into CUDA device `ordinal`'s memory.
     device: Option<usize>,
@@ -128,6 +131,8 @@ pub struct PyLoader {
 struct Undelivered {
     rows: i64,
     storage: Arc<dyn Storage>,
+    /// With ``pad=``: each ragged column's padded copy (name, width, values, mask).
+    padded: Vec<(String, ciphershard::pipeline::Padded)>,
     /// The position before this batch: what ``state_dict()`` reports while it is held.
     state_before: LoaderState,
 }
@@ -424,10 +429,18 @@ impl PyLoader {
         let state_before = loader.state();
         match loader.next(py)? {
             Some(Ok(batch)) => {
+                let padded = match (&batch, self.pad) {
+                    (AnyBatch::Host(b), Some(width)) => b
+                        .tensors()
+                        .filter_map(|t| Some((t.name.to_string(), t.padded(width)?)))
+                        .collect(),
+                    _ => Vec::new(),
+                };
                 let (rows, storage) = self.storage(batch);
                 Ok(Undelivered {
                     rows,
                     storage,
+                    padded,
                     state_before,
                 })
             }
@@ -533,6 +546,26 @@ impl PyLoader {
             out.set_item(name, values)?;
             out.set_item(format!("{name}.offsets"), offsets)?;
         }
+        // pad=: each ragged column as a dense [B, W, ...] copy and its [B, W] mask.
+        for (name, p) in &batch.padded {
+            let Some((_, dtype, elem, _)) = self.columns.iter().find(|c| &c.0 == name) else {
+                continue;
+            };
+            let b = rows;
+            let w = p.width as i64;
+            let shape: Vec<i64> = [b, w].into_iter().chain(elem.iter().copied()).collect();
+            let values: Arc<dyn Storage> = Arc::new(OwnedStorage::copy_of(&p.values));
+            let mask: Arc<dyn Storage> = Arc::new(OwnedStorage::copy_of(&p.mask));
+            let bool_dt = DType::from_name("BOOL").expect("BOOL maps");
+            out.set_item(
+                format!("{name}.padded"),
+                export(Tensor::new(values, 0, *dtype, shape)?)?,
+            )?;
+            out.set_item(
+                format!("{name}.mask"),
+                export(Tensor::new(mask, 0, bool_dt, vec![b, w])?)?,
+            )?;
+        }
         Ok(out)
     }
 }
@@ -543,7 +576,8 @@ impl PyLoader {
     #[pyo3(signature = (
         dataset, batch_size, *, shuffle=true, seed=0, epochs=None, prefetch=4, threads=None,
         backend=None, rank=None, world_size=None, drop_last=false, window_blocks=8,
-        block_rows=None, state=None, as_torch=false, device=None, pack=None, seq_len=None
+        block_rows=None, state=None, as_torch=false, device=None, pack=None, seq_len=None,
+        pad=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -566,7 +600,23 @@ impl PyLoader {
         device: Option<&str>,
         pack: Option<String>,
         seq_len: Option<u64>,
+        pad: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        // pad="longest" or a width.
+        let pad = match pad {
+            None => None,
+            Some(p) if p.extract::<String>().is_ok_and(|s| s == "longest") => Some(None),
+            Some(p) => match p.extract::<usize>() {
+                Ok(w) if w > 0 => Some(Some(w)),
+                _ => {
+                    return Err(new_err(
+                        py,
+                        "InvalidArgumentError",
+                        "pad is \"longest\" or a positive width".into(),
+                    ));
+                }
+            },
+        };
         let device = parse_device(py, device)?;
         let pack = match (pack, seq_len) {
             (Some(column), Some(seq_len)) => {
@@ -675,6 +725,7 @@ impl PyLoader {
             columns,
             as_torch,
             nested,
+            pad,
             device,
             owner_pid: std::process::id(),
             inner: Mutex::new(Inner {

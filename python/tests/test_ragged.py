@@ -123,3 +123,22 @@ def test_packing_state_resumes(ragged):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ciphershard.InvalidArgumentError, match="pack"):
         ciphershard.Loader(ds, 2, seed=8, state=state)
+
+
+@pytest.mark.parametrize("pad", ["longest", 16])
+def test_padded_copies_and_masks(ragged, pad):
+    ds, rows = ragged
+    for b in ciphershard.Loader(ds, 8, seed=4, pad=pad):
+        ids = np.from_dlpack(b["row_id"])
+        dense = np.from_dlpack(b["tokens.padded"])
+        mask = np.from_dlpack(b["tokens.mask"])
+        width = max(len(rows[g]) for g in ids) if pad == "longest" else pad
+        assert dense.shape == mask.shape == (len(ids), width)
+        assert mask.dtype == np.bool_
+        for i, g in enumerate(ids):
+            n = min(len(rows[g]), width)
+            np.testing.assert_array_equal(dense[i, :n], rows[g][:n])
+            assert mask[i, :n].all() and not mask[i, n:].any()
+            assert (dense[i, n:] == 0).all()
+    with pytest.raises(ciphershard.InvalidArgumentError, match="pad"):
+        ciphershard.Loader(ds, 8, pad="shortest")

@@ -26,7 +26,7 @@ pub use device::{GpuBatch, GpuLoader, GpuTensor};
 #[cfg(feature = "wgpu")]
 pub use device::{WgpuBatch, WgpuDeviceLoader, WgpuTensor};
 pub use format_source::FormatSource;
-pub use host::{Batch, Loader, Tensor};
+pub use host::{Batch, Loader, Padded, Tensor};
 pub use options::{DecryptMode, LoaderOptions, LoaderState};
 pub use pool::{Element, HOST_ALIGN, PinHook};
 pub use sampler::{RowRef, SamplerConfig, epoch_batches};

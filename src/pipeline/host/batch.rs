@@ -49,6 +49,35 @@ impl<'a> Tensor<'a> {
     pub fn offsets_bytes(&self) -> Option<&'a [u8]> {
         self.offsets
     }
+
+    /// A ragged column's rows as a dense `[B, W, ...element shape]` block (a copy), zeros after
+    /// each row's end, and a `[B, W]` mask (1 where a row has an element). `W` is `width`, or
+    /// the batch's longest row when `None`; a row longer than `width` is cut to it (the mask
+    /// shows where). `None` for a fixed column.
+    pub fn padded(&self, width: Option<usize>) -> Option<Padded> {
+        let offsets = self.offsets()?;
+        let elem = self.row_shape.iter().product::<u64>() as usize * dtype_size(self.dtype);
+        let rows = offsets.len() - 1;
+        let longest = offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        let width = width.unwrap_or(longest);
+        let mut values = vec![0u8; rows * width * elem];
+        let mut mask = vec![0u8; rows * width];
+        for (i, w) in offsets.windows(2).enumerate() {
+            let n = ((w[1] - w[0]) as usize).min(width);
+            let src = &self.bytes[w[0] as usize * elem..(w[0] as usize + n) * elem];
+            values[i * width * elem..(i * width + n) * elem].copy_from_slice(src);
+            mask[i * width..i * width + n].fill(1);
+        }
+        Some(Padded {
+            width,
+            values,
+            mask,
+        })
+    }
     /// Typed view; `None` if `T` does not match the dtype.
     pub fn as_slice<T: Element>(&self) -> Option<&'a [T]> {
         cast_slice(self.bytes, self.dtype)
@@ -57,6 +86,25 @@ impl<'a> Tensor<'a> {
     pub fn as_ptr(&self) -> *const u8 {
         self.bytes.as_ptr()
     }
+}
+
+/// A ragged column padded to a dense block ([`Tensor::padded`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Padded {
+    /// Elements per row (`W`).
+    pub width: usize,
+    /// `[B, W, ...element shape]`, little-endian, zeros after each row's end.
+    pub values: Vec<u8>,
+    /// `[B, W]`: 1 where the row has an element, 0 in the padding.
+    pub mask: Vec<u8>,
+}
+
+/// Bytes of one element of a safetensors dtype name (1 for names this build does not know,
+/// which never reach a batch).
+fn dtype_size(dtype: &str) -> usize {
+    dtype
+        .parse::<crate::format::Dtype>()
+        .map_or(1, crate::format::Dtype::size_bytes)
 }
 
 /// A batch of decrypted, verified rows. Dropping it returns its buffers to the loader's pool.
@@ -87,7 +135,8 @@ impl std::fmt::Debug for Batch {
 }
 
 impl Batch {
-    /// Rows in the batch (B).
+    /// Rows in the batch (B); for a packed batch, the rows whose tokens it holds, wholly or in
+    /// part (its sequences are the first dimension of its tensors).
     pub fn len(&self) -> usize {
         self.row_ids.len()
     }

@@ -22,7 +22,7 @@ mod chunks;
 mod pack;
 
 use batch::SetPool;
-pub use batch::{Batch, Tensor};
+pub use batch::{Batch, Padded, Tensor};
 use chunks::{ChunkCache, Job, Shared, planner, worker};
 
 /// The data loader: an iterator of `Result<Batch>`.
