@@ -297,24 +297,35 @@ impl RowsPlan<'_> {
         mut desc: Descriptor,
         sealer: &mut Sealer<'_>,
     ) -> Result<(ShardEntry, DataKey, u64)> {
-        let mut cols: Vec<Gathered> = self
-            .fields
-            .iter()
-            .map(|f| {
-                if f.spec.ragged {
-                    let mut offsets = Zeroizing::new(Vec::with_capacity(8 * (rows as usize + 1)));
-                    offsets.extend_from_slice(&0i64.to_le_bytes());
-                    Gathered::Ragged {
-                        values: Zeroizing::new(Vec::new()),
-                        offsets,
-                        elements: 0,
-                    }
-                } else {
-                    let cap = rows.saturating_mul(f.unit_bytes).min(1 << 30) as usize;
-                    Gathered::Fixed(Zeroizing::new(Vec::with_capacity(cap)))
+        // Buffers of the sizes the shard's rows need (known exactly for fixed columns and
+        // offsets); an allocation that fails is an error, not an abort.
+        let buffer = |bytes: u64| -> Result<Zeroizing<Vec<u8>>> {
+            let mut v = Vec::new();
+            usize::try_from(bytes)
+                .ok()
+                .and_then(|n| v.try_reserve_exact(n).ok())
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "shard {}: {bytes} bytes of one column do not fit in memory: lower --shard-size",
+                        desc.shard_index
+                    ))
+                })?;
+            Ok(Zeroizing::new(v))
+        };
+        let mut cols: Vec<Gathered> = Vec::with_capacity(self.fields.len());
+        for f in &self.fields {
+            cols.push(if f.spec.ragged {
+                let mut offsets = buffer(rows.saturating_add(1).saturating_mul(8))?;
+                offsets.extend_from_slice(&0i64.to_le_bytes());
+                Gathered::Ragged {
+                    values: Zeroizing::new(Vec::new()),
+                    offsets,
+                    elements: 0,
                 }
-            })
-            .collect();
+            } else {
+                Gathered::Fixed(buffer(rows.saturating_mul(f.unit_bytes))?)
+            });
+        }
         let mut left = rows;
         while left > 0 {
             self.load_batch()?;
@@ -414,12 +425,25 @@ impl RowsPlan<'_> {
     }
 }
 
+/// Appends `data` to `out` without leaving plaintext behind: a `Vec` that grows copies its
+/// bytes to a new allocation and frees the old one unzeroized, so growth is done here, into a
+/// new zeroizing buffer (the old one is zeroized when dropped).
+fn extend_zeroizing(out: &mut Zeroizing<Vec<u8>>, data: &[u8]) {
+    if out.capacity() - out.len() < data.len() {
+        let want = (out.len() + data.len()).max(2 * out.capacity());
+        let mut bigger = Zeroizing::new(Vec::with_capacity(want));
+        bigger.extend_from_slice(out);
+        *out = bigger;
+    }
+    out.extend_from_slice(data);
+}
+
 /// Appends rows `a..b` of batch column `c` to `g`. The batch was checked ([`check_batch`]).
 fn append_rows(g: &mut Gathered, c: &ColumnData, f: &Field, a: usize, b: usize) {
     match (g, c) {
         (Gathered::Fixed(out), ColumnData::Fixed(bytes)) => {
             let rb = f.unit_bytes as usize;
-            out.extend_from_slice(&bytes[a * rb..b * rb]);
+            extend_zeroizing(out, &bytes[a * rb..b * rb]);
         }
         (
             Gathered::Ragged {
@@ -431,10 +455,10 @@ fn append_rows(g: &mut Gathered, c: &ColumnData, f: &Field, a: usize, b: usize) 
         ) => {
             let eb = f.unit_bytes as usize;
             let (first, last) = (offsets[a], offsets[b]);
-            out.extend_from_slice(&values[first as usize * eb..last as usize * eb]);
+            extend_zeroizing(out, &values[first as usize * eb..last as usize * eb]);
             let base = *elements;
             for &o in &offsets[a + 1..=b] {
-                out_offsets.extend_from_slice(&((base + o - first) as i64).to_le_bytes());
+                extend_zeroizing(out_offsets, &((base + o - first) as i64).to_le_bytes());
             }
             *elements = base + (last - first);
         }
