@@ -5,8 +5,9 @@
 #
 # Installs from PyPI: maturin, pytest, mypy (stubtest), cryptography (the independent
 # golden-format reader), numpy (required: NumPy's DLPack import is the zero-copy path every run
-# checks), torch + torchdata (the PyTorch tests: from_dlpack, DataLoader, StatefulDataLoader) and
-# jax (CPU, about 80 MB). PyPI's Linux torch wheel pulls the
+# checks), pyarrow + datasets (convert from Arrow tables, Parquet and Hugging Face datasets;
+# about 15 s), torch + torchdata (the PyTorch tests: from_dlpack, DataLoader, StatefulDataLoader)
+# and jax (CPU, about 80 MB). PyPI's Linux torch wheel pulls the
 # CUDA libraries (about 2.8 GB download, 5.4 GB installed, about a minute here) and runs on
 # machines without a GPU. CIPHERSHARD_PY_TORCH=0 / CIPHERSHARD_PY_JAX=0 skip them: those tests
 # are then skipped and everything else still runs. Extra arguments go to pytest.
@@ -25,6 +26,9 @@ fi
 if ! "$py" -c 'import maturin, pytest, numpy, mypy, cryptography' 2>/dev/null; then
   "$py" -m pip install -q --upgrade pip
   "$py" -m pip install -q 'maturin>=1.9.4,<2' pytest 'numpy>=1.23' 'mypy==2.4.*' cryptography
+fi
+if ! "$py" -c 'import pyarrow, datasets' 2>/dev/null; then
+  "$py" -m pip install -q pyarrow datasets
 fi
 if [ "${CIPHERSHARD_PY_TORCH:-1}" != "0" ] && ! "$py" -c 'import torch' 2>/dev/null; then
   step "torch from PyPI (CIPHERSHARD_PY_TORCH=0 skips it)"

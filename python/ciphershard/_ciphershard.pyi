@@ -9,6 +9,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, f
 import numpy as np
 
 _Path = Union[str, os.PathLike[str]]
+# Arrow data: a pyarrow Table, RecordBatch or RecordBatchReader, a datasets.Dataset, or any
+# object with __arrow_c_stream__ (typed loosely: pyarrow and datasets are optional).
+_ArrowData = Any
 
 __version__: str
 __all__ = [
@@ -171,20 +174,28 @@ class Loader:
     def __exit__(self, *args: Any) -> None: ...
 
 def convert(
-    columns: Union[
-        Mapping[str, Union[np.ndarray, _Path, Tuple[Any, Any], Any]], Sequence[_Path], _Path
+    data: Union[
+        Mapping[str, Union[np.ndarray, _Path, Tuple[Any, Any], Any]],
+        _Path,
+        _ArrowData,
+        Sequence[Union[_Path, _ArrowData]],
     ],
+    /,
     *,
     out: _Path,
     key_file: Optional[_Path] = None,
     key_env: Optional[str] = None,
+    columns: Sequence[str] = ...,  # JSONL inputs only: the keys to convert
     chunk_size: int = ...,  # 2 MiB
     shard_size: int = ...,  # 1 GiB
     plain: Sequence[str] = ...,  # no plain columns
     metadata: Mapping[str, str] = ...,  # none
 ) -> Dict[str, Any]:
-    """Encrypts ``{name: array, .npy path or (values, offsets) of a ragged column}`` (or
-    safetensors files) into a new dataset."""
+    """Encrypts ``{name: array, .npy path or (values, offsets) of a ragged column}``, a file
+    (``.parquet``, ``.arrow``, ``.jsonl`` with ``columns=``, ``.npy``, safetensors), Arrow data
+    (a pyarrow ``Table``, ``RecordBatch`` or ``RecordBatchReader``, a ``datasets.Dataset``,
+    anything with ``__arrow_c_stream__``; read in Rust, a stream entirely before converting),
+    or a list of files and Arrow data, into a new dataset."""
 
 def inspect(path: _Path) -> Dict[str, Any]:
     """Describes a dataset (manifest, columns, shards, key ids) without a key: the report

@@ -388,22 +388,58 @@ fn array_bytes(name: &str, value: &Bound<'_, PyAny>) -> PyResult<(Dtype, Vec<u64
     Ok((dtype, shape, data))
 }
 
+/// One `convert` input that is not a dict of columns: a file path (its format by its
+/// extension) or Arrow data (a pyarrow `Table`, `RecordBatch` or `RecordBatchReader`, a
+/// `datasets.Dataset`, anything with `__arrow_c_stream__`).
+fn whole_input(value: &Bound<'_, PyAny>, jsonl_columns: &[String]) -> PyResult<ConvertInput> {
+    if let Ok(path) = value.extract::<PathBuf>() {
+        return Ok(ConvertInput::from_path(&path, jsonl_columns));
+    }
+    if let Some(input) = crate::arrow::arrow_input(value)? {
+        return Ok(input);
+    }
+    Err(new_err(
+        value.py(),
+        "InvalidArgumentError",
+        format!(
+            "convert takes a dict {{name: array, .npy path or (values, offsets)}}, a file path (.parquet, .arrow, .jsonl, .npy, safetensors), Arrow data (pyarrow Table, RecordBatch or RecordBatchReader, datasets.Dataset, any object with __arrow_c_stream__) or a list of paths and Arrow data; not a {}",
+            value.get_type().qualname()?
+        ),
+    ))
+}
+
 /// Encrypts columns into a new dataset directory.
 ///
-/// ``columns`` maps column names to arrays (anything ``numpy.ascontiguousarray`` accepts;
-/// the first dimension is the row), to ``.npy`` paths, or, for a ragged column (rows of varying
-/// length), to a ``(values, offsets)`` pair: row ``i`` is ``values[offsets[i]:offsets[i+1]]``;
-/// it may also be a list of safetensors file paths. Returns a summary dict. Plaintext never reaches disk; a failed convert leaves no
-/// shard under its final name.
+/// ``data`` is one of:
+///
+/// - a dict mapping column names to arrays (anything ``numpy.ascontiguousarray`` accepts; the
+///   first dimension is the row), to ``.npy`` paths, or, for a ragged column (rows of varying
+///   length), to a ``(values, offsets)`` pair: row ``i`` is ``values[offsets[i]:offsets[i+1]]``;
+/// - a file path, by its extension: ``.parquet``, ``.arrow`` (Arrow IPC file or stream, what
+///   ``datasets.save_to_disk`` writes), ``.jsonl`` (its keys ``columns``, each a list of
+///   integers per line, become ragged columns), ``.npy``, otherwise safetensors;
+/// - Arrow data, read in Rust through the Arrow C stream interface (no per-row Python): a
+///   ``pyarrow.Table``, ``RecordBatch`` or ``RecordBatchReader``, a Hugging Face
+///   ``datasets.Dataset``, or any object with ``__arrow_c_stream__``. Arrow types map as for
+///   Parquet (``list<int32>`` and strings become ragged columns, fixed-size lists fixed ones;
+///   nulls and structs are refused naming the column). The exact row count is needed before
+///   conversion starts, so a stream is read to its end first: free for a Table (its batches
+///   are views of its memory), but a ``RecordBatchReader`` has all its batches in memory at
+///   once;
+/// - a list of paths and Arrow data, appended by rows (they must hold the same columns).
+///
+/// Returns a summary dict. Plaintext never reaches disk; a failed convert leaves no shard
+/// under its final name.
 #[pyfunction]
-#[pyo3(signature = (columns, *, out, key_file=None, key_env=None, chunk_size=2 << 20, shard_size=1 << 30, plain=Vec::new(), metadata=BTreeMap::new()))]
+#[pyo3(signature = (data, /, *, out, key_file=None, key_env=None, columns=Vec::new(), chunk_size=2 << 20, shard_size=1 << 30, plain=Vec::new(), metadata=BTreeMap::new()))]
 #[allow(clippy::too_many_arguments)]
 pub fn convert<'py>(
     py: Python<'py>,
-    columns: &Bound<'py, PyAny>,
+    data: &Bound<'py, PyAny>,
     out: PathBuf,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
+    columns: Vec<String>,
     chunk_size: u64,
     shard_size: u64,
     plain: Vec<String>,
@@ -411,24 +447,37 @@ pub fn convert<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let key = load_master_key(py, key_file, key_env)?;
     let mut inputs = Vec::new();
-    if let Ok(dict) = columns.cast::<PyDict>() {
+    if let Ok(dict) = data.cast::<PyDict>() {
         for (k, v) in dict.iter() {
             let name: String = k.extract()?;
             inputs.push(convert_input(&name, &v)?);
         }
-    } else if let Ok(list) = columns.cast::<PyList>() {
+    } else if let Ok(list) = data.cast::<PyList>() {
         for item in list.iter() {
-            inputs.push(ConvertInput::Safetensors(item.extract::<PathBuf>()?));
+            inputs.push(whole_input(&item, &columns)?);
         }
-    } else if let Ok(path) = columns.extract::<PathBuf>() {
-        inputs.push(ConvertInput::Safetensors(path));
     } else {
-        return Err(new_err(
-            py,
-            "InvalidArgumentError",
-            "columns must be a dict {name: array or .npy path}, a safetensors path, or a list of them"
-                .into(),
-        ));
+        inputs.push(whole_input(data, &columns)?);
+    }
+    let jsonl = inputs
+        .iter()
+        .any(|i| matches!(i, ConvertInput::Jsonl { .. }));
+    match (jsonl, columns.is_empty()) {
+        (true, true) => {
+            return Err(new_err(
+                py,
+                "InvalidArgumentError",
+                "a JSONL input needs columns=[KEY, ...]: the keys whose lists of integers become columns".into(),
+            ));
+        }
+        (false, false) => {
+            return Err(new_err(
+                py,
+                "InvalidArgumentError",
+                "columns= applies only to JSONL inputs (.jsonl, .ndjson): other inputs name their own columns".into(),
+            ));
+        }
+        _ => {}
     }
     let opts = ConvertOptions {
         shard_size,

@@ -2,11 +2,13 @@
 //!
 //! The Python package (python/ciphershard/) re-exports these classes and adds the pure-Python
 //! pieces (exception classes, the PyTorch `IterableDataset` adapter). Unsafe code lives in
-//! `dlpack.rs`, the `Storage` impls of `tensor.rs`, `loader.rs` and `cuda.rs`, and the one-copy read of a
-//! NumPy array in `dataset.rs`; each block has a `SAFETY:` comment.
+//! `dlpack.rs`, the `Storage` impls of `tensor.rs`, `loader.rs` and `cuda.rs`, the one-copy
+//! read of a NumPy array in `dataset.rs` and the Arrow C stream import in `arrow.rs`; each
+//! block has a `SAFETY:` comment.
 
 use pyo3::prelude::*;
 
+mod arrow;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod dataset;

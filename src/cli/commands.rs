@@ -110,37 +110,13 @@ pub struct ConvertArgs {
     pub output: OutputArgs,
 }
 
-/// The kind of a `convert` input, by its extension (case-insensitive).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum InputKind {
-    Parquet,
-    Arrow,
-    Jsonl,
-    Npy,
-    Safetensors,
-}
-
-fn input_kind(p: &Path) -> InputKind {
-    let ext = p
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    match ext.as_str() {
-        "parquet" | "pq" => InputKind::Parquet,
-        "arrow" | "feather" | "ipc" | "arrows" => InputKind::Arrow,
-        "jsonl" | "ndjson" => InputKind::Jsonl,
-        "npy" => InputKind::Npy,
-        _ => InputKind::Safetensors,
-    }
-}
-
 impl ConvertArgs {
     /// Why these options do not go together: `--column` belongs to JSONL inputs, which need it.
     pub fn refusal(&self) -> Option<String> {
         let jsonl = self
             .inputs
             .iter()
-            .any(|p| input_kind(p) == InputKind::Jsonl);
+            .any(|p| matches!(ConvertInput::from_path(p, &[]), ConvertInput::Jsonl { .. }));
         match (jsonl, self.columns.is_empty()) {
             (true, true) => Some(
                 "a JSONL input needs --column KEY: the key whose list of integers becomes a column"
@@ -160,22 +136,7 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
     let inputs: Vec<ConvertInput> = args
         .inputs
         .iter()
-        .map(|p| match input_kind(p) {
-            InputKind::Parquet => ConvertInput::Parquet(p.clone()),
-            InputKind::Arrow => ConvertInput::ArrowIpc(p.clone()),
-            InputKind::Jsonl => ConvertInput::Jsonl {
-                path: p.clone(),
-                columns: args.columns.clone(),
-            },
-            InputKind::Npy => ConvertInput::Npy {
-                column: p
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                path: p.clone(),
-            },
-            InputKind::Safetensors => ConvertInput::Safetensors(p.clone()),
-        })
+        .map(|p| ConvertInput::from_path(p, &args.columns))
         .collect();
     let opts = ConvertOptions {
         shard_size: args.shard_size,

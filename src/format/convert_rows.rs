@@ -1,5 +1,5 @@
-//! `convert` for row-batch inputs ([`RecordInput`]: Parquet, Arrow IPC, JSONL, ragged columns
-//! in memory): rows are pulled batch by batch, gathered into one shard's columns in memory
+//! `convert` for row-batch inputs ([`RecordInput`]: Parquet, Arrow IPC, JSONL, Arrow batches
+//! and ragged columns in memory): rows are pulled batch by batch, gathered into one shard's columns in memory
 //! (zeroized buffers), and the shard is sealed from them.
 //!
 //! Every input knows its exact row count when opened, so the shard layout (rows per shard,
@@ -56,16 +56,20 @@ fn is_rows_input(input: &ConvertInput) -> bool {
         ConvertInput::Ragged { .. }
             | ConvertInput::Parquet(_)
             | ConvertInput::ArrowIpc(_)
+            | ConvertInput::Arrow(_)
             | ConvertInput::Jsonl { .. }
     )
 }
 
-/// Opens a file input decoded batch by batch (`None` for any other input).
-fn open_file(input: &ConvertInput) -> Option<Result<Box<dyn RecordInput>>> {
+/// Opens an input decoded batch by batch that stands alone (a file, or Arrow batches in
+/// memory), and says whether it is a file; `None` for any other input.
+fn open_records(input: &ConvertInput) -> Option<Result<(Box<dyn RecordInput>, bool)>> {
+    let file = |r: Result<Box<dyn RecordInput>>| r.map(|i| (i, true));
     Some(match input {
-        ConvertInput::Parquet(p) => super::input::parquet::open(p),
-        ConvertInput::ArrowIpc(p) => super::input::arrow_ipc::open(p),
-        ConvertInput::Jsonl { path, columns } => super::input::jsonl::open(path, columns),
+        ConvertInput::Parquet(p) => file(super::input::parquet::open(p)),
+        ConvertInput::ArrowIpc(p) => file(super::input::arrow_ipc::open(p)),
+        ConvertInput::Jsonl { path, columns } => file(super::input::jsonl::open(path, columns)),
+        ConvertInput::Arrow(batches) => batches.open().map(|i| (i, false)),
         _ => return None,
     })
 }
@@ -88,19 +92,22 @@ pub(super) fn open<'a>(
     };
     let opened: Vec<Box<dyn RecordInput + 'a>> = if inputs.iter().all(in_memory) {
         vec![Box::new(MemTable::new(inputs)?)]
-    } else if inputs.iter().all(|i| open_file(i).is_some()) {
-        // Files are appended by rows, in order; the same file twice is refused.
+    } else if inputs.iter().all(|i| open_records(i).is_some()) {
+        // Files and Arrow batches are appended by rows, in order; the same file twice is
+        // refused.
         let mut seen = std::collections::HashMap::new();
         let mut opened = Vec::with_capacity(inputs.len());
         for i in inputs {
-            let input = open_file(i).expect("a file input")?;
-            refuse_same_path(&mut seen, input.path())?;
+            let (input, is_file) = open_records(i).expect("a row-batch input")?;
+            if is_file {
+                refuse_same_path(&mut seen, input.path())?;
+            }
             opened.push(input);
         }
         opened
     } else {
         return Err(Error::InvalidArgument(
-            "row-batch inputs (Parquet, Arrow, JSONL) cannot be mixed with safetensors, .npy or in-memory inputs: convert them separately".into(),
+            "row-batch inputs (Parquet, Arrow, JSONL, Arrow tables) cannot be mixed with safetensors, .npy or in-memory NumPy inputs: convert them separately".into(),
         ));
     };
     let first = &opened[0];

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod arrow_batches;
 pub mod arrow_columns;
 pub mod arrow_ipc;
 pub mod jsonl;
@@ -48,6 +49,9 @@ pub enum ConvertInput {
         /// The keys to convert, each a column.
         columns: Vec<String>,
     },
+    /// Arrow record batches held in memory (a `pyarrow.Table` or stream, from Python): their
+    /// columns, mapped as a Parquet file's are.
+    Arrow(arrow_batches::ArrowBatches),
     /// A ragged column held in memory: row `i` is elements `offsets[i]..offsets[i + 1]` of
     /// `values` (tests, the demo, Python).
     Ragged {
@@ -73,6 +77,36 @@ pub enum ConvertInput {
         /// Little-endian bytes.
         data: Vec<u8>,
     },
+}
+
+impl ConvertInput {
+    /// The input that file `path` is, by its extension: `.parquet`/`.pq` Parquet,
+    /// `.arrow`/`.feather`/`.ipc`/`.arrows` Arrow IPC, `.jsonl`/`.ndjson` JSONL (its keys
+    /// `columns` become columns), `.npy` one column named after the file, anything else
+    /// safetensors.
+    pub fn from_path(path: &Path, columns: &[String]) -> ConvertInput {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        let path = path.to_path_buf();
+        match ext.as_str() {
+            "parquet" | "pq" => ConvertInput::Parquet(path),
+            "arrow" | "feather" | "ipc" | "arrows" => ConvertInput::ArrowIpc(path),
+            "jsonl" | "ndjson" => ConvertInput::Jsonl {
+                path,
+                columns: columns.to_vec(),
+            },
+            "npy" => ConvertInput::Npy {
+                column: path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                path,
+            },
+            _ => ConvertInput::Safetensors(path),
+        }
+    }
 }
 
 /// A tensor held as a contiguous byte range of an input file.
@@ -288,6 +322,7 @@ pub(super) fn plan<'a>(
             ConvertInput::Ragged { .. }
             | ConvertInput::Parquet(_)
             | ConvertInput::ArrowIpc(_)
+            | ConvertInput::Arrow(_)
             | ConvertInput::Jsonl { .. } => {
                 return Err(Error::InvalidArgument(
                     "row-batch inputs (ragged columns, Parquet, Arrow, JSONL) cannot be read as byte ranges"
