@@ -32,8 +32,8 @@ fuzz_build() {
 # Seeds, rebuilt on every run (small: a few KiB per target).
 #   parse:     one input per parser, prefixed by its selector byte (fuzz_targets/parse.rs);
 #   open_path: the golden dataset's files joined by the target's separator;
-#   others:    the files in fuzz/seeds/TARGET/ (a few hundred bytes each; their targets say
-#              what they hold).
+#   others:    the files in fuzz/seeds/TARGET/ (a few hundred bytes each, up to 1.5 KiB for
+#              records' Parquet and Arrow files; their targets say what they hold).
 lay_seeds() {
     local g=$root/tests/golden/dataset s=$tdir/fuzz-seeds t
     rm -rf "$s" && mkdir -p "$s/parse" "$s/open_path"

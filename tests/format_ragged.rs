@@ -351,6 +351,21 @@ fn bad_ragged_inputs_are_refused() {
         assert!(e.contains(want), "{e}");
         assert!(!out.join("manifest.json").exists());
     }
+    // More rows than 2^20 one-row shards (a 1-byte shard size): refused naming the input.
+    let many = ConvertInput::Ragged {
+        name: "many".into(),
+        dtype: Dtype::U8,
+        shape: vec![],
+        values: vec![],
+        offsets: vec![0; (1 << 20) + 2],
+    };
+    let e = convert_quiet(&[many], &out, &opts(64, 1, &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("<memory>: 1048577 rows make 1048577 shards, more than the 1048576"),
+        "{e}"
+    );
     // Mixed with a byte-range input.
     let st = dir.path().join("a.safetensors");
     std::fs::write(&st, safetensors_file()).unwrap();

@@ -482,8 +482,14 @@ pub fn convert_with(
     };
     let shard_count = rows.div_ceil(rows_per_shard).max(1);
     if shard_count > MAX_SHARDS as u64 {
+        // Named by the inputs: a file's header may claim more rows than it holds.
+        let source = match &job {
+            Job::Ranges(p) => p.cols.first().map(|c| c.input.display().to_string()),
+            Job::Rows(p) => Some(p.inputs_named()),
+        }
+        .unwrap_or_default();
         return Err(Error::InvalidArgument(format!(
-            "{shard_count} shards, more than the {MAX_SHARDS} a manifest may list: raise the shard size"
+            "{source}: {rows} rows make {shard_count} shards, more than the {MAX_SHARDS} a manifest may list: raise the shard size"
         )));
     }
     // MAX_SHARDS < 2^32.

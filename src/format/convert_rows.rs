@@ -1,5 +1,6 @@
 //! `convert` for row-batch inputs ([`RecordInput`]: Parquet, Arrow IPC, JSONL, Arrow batches
-//! and ragged columns in memory): rows are pulled batch by batch, gathered into one shard's columns in memory
+//! and ragged columns in memory): rows are pulled batch by batch, gathered into one shard's
+//! columns in memory
 //! (zeroized buffers), and the shard is sealed from them.
 //!
 //! Every input knows its exact row count when opened, so the shard layout (rows per shard,
@@ -92,7 +93,7 @@ pub(super) fn open<'a>(
     };
     let opened: Vec<Box<dyn RecordInput + 'a>> = if inputs.iter().all(in_memory) {
         vec![Box::new(MemTable::new(inputs)?)]
-    } else if inputs.iter().all(|i| open_records(i).is_some()) {
+    } else if inputs.iter().all(|i| is_rows_input(i) && !in_memory(i)) {
         // Files and Arrow batches are appended by rows, in order; the same file twice is
         // refused.
         let mut seen = std::collections::HashMap::new();
@@ -252,14 +253,74 @@ fn describe(fields: &[FieldSpec]) -> String {
 
 /// One column of the shard being gathered.
 enum Gathered {
-    Fixed(Zeroizing<Vec<u8>>),
+    Fixed(Segments),
     Ragged {
-        values: Zeroizing<Vec<u8>>,
+        values: Segments,
         /// Little-endian `I64` row offsets, `rows + 1` of them once the shard is complete.
-        offsets: Zeroizing<Vec<u8>>,
+        offsets: Segments,
         /// Elements so far (the last offset).
         elements: u64,
     },
+}
+
+/// Bytes of the first and of the largest segments of [`Segments`].
+const FIRST_SEGMENT: usize = 64 << 10;
+const MAX_SEGMENT: usize = 16 << 20;
+
+/// A growing byte buffer held as segments, each allocated once at its final size (64 KiB for
+/// the first, each next one twice the last, up to 16 MiB) and zeroed when dropped. A
+/// [`Zeroizing`] vector that grew would leave copies of the plaintext behind in the memory each
+/// reallocation frees.
+#[derive(Default)]
+struct Segments {
+    /// Each segment's first byte's offset, and the segment (full but the last).
+    segs: Vec<(usize, Zeroizing<Vec<u8>>)>,
+    /// The last segment's size, once allocated.
+    last_cap: usize,
+    len: usize,
+}
+
+impl Segments {
+    fn extend_from_slice(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self
+                .segs
+                .last()
+                .is_none_or(|(_, s)| s.len() == self.last_cap)
+            {
+                self.last_cap = (2 * self.last_cap).clamp(FIRST_SEGMENT, MAX_SEGMENT);
+                let seg = Zeroizing::new(Vec::with_capacity(self.last_cap));
+                self.segs.push((self.len, seg));
+            }
+            let (_, seg) = self.segs.last_mut().expect("pushed");
+            let n = (self.last_cap - seg.len()).min(data.len());
+            seg.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            self.len += n;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies bytes `at..at + buf.len()` into `buf` (they lie inside `0..len`).
+    fn read(&self, at: usize, buf: &mut [u8]) {
+        if buf.is_empty() {
+            // The one chunk of an empty tensor (no segment at all).
+            return;
+        }
+        let mut i = self.segs.partition_point(|(start, _)| *start <= at) - 1;
+        let (mut off, mut done) = (at - self.segs[i].0, 0);
+        while done < buf.len() {
+            let s = &self.segs[i].1;
+            let n = (s.len() - off).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&s[off..off + n]);
+            done += n;
+            i += 1;
+            off = 0;
+        }
+    }
 }
 
 impl RowsPlan<'_> {
@@ -286,6 +347,20 @@ impl RowsPlan<'_> {
             .collect()
     }
 
+    /// The inputs, for errors about all of them (the first few names).
+    pub fn inputs_named(&self) -> String {
+        let mut names: Vec<String> = self
+            .inputs
+            .iter()
+            .take(3)
+            .map(|i| i.path().display().to_string())
+            .collect();
+        if self.inputs.len() > 3 {
+            names.push(format!("{} more", self.inputs.len() - 3));
+        }
+        names.join(", ")
+    }
+
     /// Rows per shard for a target shard size: the estimated bytes per row into it.
     pub fn rows_per_shard(&self, shard_size: u64) -> u64 {
         if self.estimated_bytes == 0 {
@@ -304,35 +379,23 @@ impl RowsPlan<'_> {
         mut desc: Descriptor,
         sealer: &mut Sealer<'_>,
     ) -> Result<(ShardEntry, DataKey, u64)> {
-        // Buffers of the sizes the shard's rows need (known exactly for fixed columns and
-        // offsets); an allocation that fails is an error, not an abort.
-        let buffer = |bytes: u64| -> Result<Zeroizing<Vec<u8>>> {
-            let mut v = Vec::new();
-            usize::try_from(bytes)
-                .ok()
-                .and_then(|n| v.try_reserve_exact(n).ok())
-                .ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "shard {}: {bytes} bytes of one column do not fit in memory: lower --shard-size",
-                        desc.shard_index
-                    ))
-                })?;
-            Ok(Zeroizing::new(v))
-        };
-        let mut cols: Vec<Gathered> = Vec::with_capacity(self.fields.len());
-        for f in &self.fields {
-            cols.push(if f.spec.ragged {
-                let mut offsets = buffer(rows.saturating_add(1).saturating_mul(8))?;
-                offsets.extend_from_slice(&0i64.to_le_bytes());
-                Gathered::Ragged {
-                    values: Zeroizing::new(Vec::new()),
-                    offsets,
-                    elements: 0,
+        let mut cols: Vec<Gathered> = self
+            .fields
+            .iter()
+            .map(|f| {
+                if f.spec.ragged {
+                    let mut offsets = Segments::default();
+                    offsets.extend_from_slice(&0i64.to_le_bytes());
+                    Gathered::Ragged {
+                        values: Segments::default(),
+                        offsets,
+                        elements: 0,
+                    }
+                } else {
+                    Gathered::Fixed(Segments::default())
                 }
-            } else {
-                Gathered::Fixed(buffer(rows.saturating_mul(f.unit_bytes))?)
-            });
-        }
+            })
+            .collect();
         let mut left = rows;
         while left > 0 {
             self.load_batch()?;
@@ -351,7 +414,7 @@ impl RowsPlan<'_> {
             }
         }
         let mut plans = Vec::with_capacity(cols.len() * 2);
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(cols.len() * 2);
+        let mut bufs: Vec<&Segments> = Vec::with_capacity(cols.len() * 2);
         for (g, f) in cols.iter().zip(&self.fields) {
             let spec = &f.spec;
             match g {
@@ -399,8 +462,7 @@ impl RowsPlan<'_> {
         let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         desc.tensors = lay_out(plans, desc.chunk_size);
         let read = |t: usize, offset: u64, buf: &mut [u8]| {
-            let at = offset as usize;
-            buf.copy_from_slice(&bufs[t][at..at + buf.len()]);
+            bufs[t].read(offset as usize, buf);
             Ok(())
         };
         let (entry, dk) = write_shard(&desc, &read, sealer)?;
@@ -432,25 +494,12 @@ impl RowsPlan<'_> {
     }
 }
 
-/// Appends `data` to `out` without leaving plaintext behind: a `Vec` that grows copies its
-/// bytes to a new allocation and frees the old one unzeroized, so growth is done here, into a
-/// new zeroizing buffer (the old one is zeroized when dropped).
-fn extend_zeroizing(out: &mut Zeroizing<Vec<u8>>, data: &[u8]) {
-    if out.capacity() - out.len() < data.len() {
-        let want = (out.len() + data.len()).max(2 * out.capacity());
-        let mut bigger = Zeroizing::new(Vec::with_capacity(want));
-        bigger.extend_from_slice(out);
-        *out = bigger;
-    }
-    out.extend_from_slice(data);
-}
-
 /// Appends rows `a..b` of batch column `c` to `g`. The batch was checked ([`check_batch`]).
 fn append_rows(g: &mut Gathered, c: &ColumnData, f: &Field, a: usize, b: usize) {
     match (g, c) {
         (Gathered::Fixed(out), ColumnData::Fixed(bytes)) => {
             let rb = f.unit_bytes as usize;
-            extend_zeroizing(out, &bytes[a * rb..b * rb]);
+            out.extend_from_slice(&bytes[a * rb..b * rb]);
         }
         (
             Gathered::Ragged {
@@ -462,11 +511,13 @@ fn append_rows(g: &mut Gathered, c: &ColumnData, f: &Field, a: usize, b: usize) 
         ) => {
             let eb = f.unit_bytes as usize;
             let (first, last) = (offsets[a], offsets[b]);
-            extend_zeroizing(out, &values[first as usize * eb..last as usize * eb]);
+            out.extend_from_slice(&values[first as usize * eb..last as usize * eb]);
             let base = *elements;
+            let mut le = Zeroizing::new(Vec::with_capacity(8 * (b - a)));
             for &o in &offsets[a + 1..=b] {
-                extend_zeroizing(out_offsets, &((base + o - first) as i64).to_le_bytes());
+                le.extend_from_slice(&((base + o - first) as i64).to_le_bytes());
             }
+            out_offsets.extend_from_slice(&le);
             *elements = base + (last - first);
         }
         _ => unreachable!("check_batch matched the columns to the fields"),
@@ -704,5 +755,44 @@ impl RecordInput for MemTable<'_> {
             rows: b - a,
             columns,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_hold_bytes_across_segment_boundaries() {
+        let data: Vec<u8> = (0u32..40 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect();
+        let mut s = Segments::default();
+        // An empty tensor's one chunk, read before any segment exists (found by fuzzing).
+        s.read(0, &mut []);
+        let mut at = 0;
+        for (k, step) in [1, 65535, 3, 1 << 20, 7 << 20].iter().cycle().enumerate() {
+            let end = (at + step + k).min(data.len());
+            s.extend_from_slice(&data[at..end]);
+            at = end;
+            if at == data.len() {
+                break;
+            }
+        }
+        assert_eq!(s.len(), data.len());
+        assert!(s.segs.iter().all(|(_, seg)| seg.len() <= MAX_SEGMENT));
+        assert_eq!(s.segs[0].1.len(), FIRST_SEGMENT);
+        let reads = [
+            (0, 10),
+            (65530, 20),
+            (196600, 300000),
+            (data.len() - 5, 5),
+            (1000, 35 << 20),
+        ];
+        for (start, len) in reads {
+            let mut buf = vec![0u8; len];
+            s.read(start, &mut buf);
+            assert!(buf == data[start..start + len], "{start} + {len}");
+        }
     }
 }
