@@ -98,11 +98,6 @@ pub(super) struct Job {
     pub(super) rows: Vec<RowRef>,
     /// Packing: tokens of the first row that the previous batch took.
     pub(super) skip: u64,
-    /// Packing: a chunk of the current window for this worker to load after its batch, so
-    /// the window's chunks are verified on every worker ahead of the batches that need them
-    /// (a packed batch touches one or two chunks, which consecutive batches share: loading
-    /// them only on demand would leave one worker waiting on the other's load).
-    pub(super) warm: Option<(ChunkKey, Arc<Slot>)>,
     pub(super) keys: Vec<ChunkKey>,
     pub(super) slots: Vec<Arc<Slot>>,
 }
@@ -361,13 +356,6 @@ pub(super) fn worker(
         if res.send((job.seq, r)).is_err() {
             return;
         }
-        if let Some((key, slot)) = &job.warm {
-            // An error stays in the slot for the batch that needs the chunk to report.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                slot.cell.get_or_init(|| sh.load(*key))
-            }));
-            sh.cache.release(std::slice::from_ref(key));
-        }
     }
 }
 
@@ -449,7 +437,6 @@ pub(super) fn planner(
                 index: k,
                 rows,
                 skip: 0,
-                warm: None,
                 keys,
                 slots,
             };

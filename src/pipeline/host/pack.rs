@@ -159,19 +159,12 @@ pub(super) fn planner(
             keys.sort_unstable();
             keys.dedup();
             let slots = sh.cache.acquire(&keys);
-            // One of the window's chunks, in turn, for this job's worker to load ahead.
-            let warm = pinned.as_ref().and_then(|(_, wk)| {
-                let key = *wk.get((seq % wk.len().max(1) as u64) as usize)?;
-                let slot = sh.cache.acquire(std::slice::from_ref(&key)).pop()?;
-                Some((key, slot))
-            });
             let job = Job {
                 seq,
                 epoch,
                 index: k,
                 rows,
                 skip,
-                warm,
                 keys,
                 slots,
             };
