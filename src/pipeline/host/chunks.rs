@@ -251,6 +251,40 @@ impl Shared {
         add(&self.counters.assemble_bytes, asm_b);
     }
 
+    /// Holds window `w`'s chunks (every read column) in the cache while the planner is inside
+    /// it, so each is read and verified once per window however batches interleave. The
+    /// window it replaces goes to `old_pin`, released once the batch that left it is sent.
+    pub(super) fn pin_window(
+        &self,
+        plan: &EpochPlan,
+        w: usize,
+        pinned: &mut Option<(usize, Vec<ChunkKey>)>,
+        old_pin: &mut Option<Vec<Vec<ChunkKey>>>,
+    ) {
+        if pinned.as_ref().is_some_and(|(pw, _)| *pw == w) {
+            return;
+        }
+        let mut wk = Vec::new();
+        for &(s, r0, n) in plan.window_blocks(w) {
+            keys_for_rows(
+                self.source.as_ref(),
+                &self.columns,
+                &self.read_columns,
+                self.chunk_size,
+                s,
+                r0,
+                n,
+                &mut wk,
+            );
+        }
+        wk.sort_unstable();
+        wk.dedup();
+        let _ = self.cache.acquire(&wk);
+        if let Some(old) = pinned.replace((w, wk)) {
+            old_pin.get_or_insert_with(Vec::new).push(old.1);
+        }
+    }
+
     fn run(&self, job: &Job) -> Result<Batch> {
         self.load_chunks(job)?;
         if let Some(pack) = &self.pack {
@@ -393,29 +427,7 @@ pub(super) fn planner(
             let mut old_pin = None;
             for p in a..b {
                 let (row, w) = cur.row_at(p);
-                if pinned.as_ref().is_none_or(|(pw, _)| *pw != w) {
-                    // Hold the whole window's chunks while the planner is inside it, so each is
-                    // read and verified once per window however batches interleave.
-                    let mut wk = Vec::new();
-                    for &(s, r0, n) in plan.window_blocks(w) {
-                        keys_for_rows(
-                            sh.source.as_ref(),
-                            &sh.columns,
-                            &sh.read_columns,
-                            sh.chunk_size,
-                            s,
-                            r0,
-                            n,
-                            &mut wk,
-                        );
-                    }
-                    wk.sort_unstable();
-                    wk.dedup();
-                    let _ = sh.cache.acquire(&wk);
-                    if let Some(old) = pinned.replace((w, wk)) {
-                        old_pin.get_or_insert_with(Vec::new).push(old.1);
-                    }
-                }
+                sh.pin_window(&plan, w, &mut pinned, &mut old_pin);
                 keys_for_rows(
                     sh.source.as_ref(),
                     &sh.columns,

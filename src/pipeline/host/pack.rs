@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 use super::batch::Batch;
 use super::chunks::{Job, Shared};
 use crate::error::{Error, Result};
-use crate::pipeline::options::{ChunkKey, PackPlan, keys_for_rows, push_chunk_keys, stopped};
+use crate::pipeline::options::{ChunkKey, PackPlan, push_chunk_keys, stopped};
 use crate::pipeline::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
 use crate::pipeline::source::ColumnInfo;
 
@@ -114,28 +114,7 @@ pub(super) fn planner(
             let (mut q, mut at) = (p, before);
             while at < t1 {
                 let (row, w) = cur.row_at(q);
-                if pinned.as_ref().is_none_or(|(pw, _)| *pw != w) {
-                    // The window's chunks stay verified while the stream is inside it.
-                    let mut wk = Vec::new();
-                    for &(s, r0, n) in plan.window_blocks(w) {
-                        keys_for_rows(
-                            sh.source.as_ref(),
-                            &sh.columns,
-                            &sh.read_columns,
-                            sh.chunk_size,
-                            s,
-                            r0,
-                            n,
-                            &mut wk,
-                        );
-                    }
-                    wk.sort_unstable();
-                    wk.dedup();
-                    let _ = sh.cache.acquire(&wk);
-                    if let Some(old) = pinned.replace((w, wk)) {
-                        old_pin.get_or_insert_with(Vec::new).push(old.1);
-                    }
-                }
+                sh.pin_window(&plan, w, &mut pinned, &mut old_pin);
                 let len = row_len(sh, c, row);
                 if len > 0 {
                     // Only the tokens this batch takes: a long row split across batches is
