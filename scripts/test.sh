@@ -41,7 +41,7 @@ cargo test --all-features --release --no-fail-fast 2>&1
 step "cargo test (no default features: CPU only, stub GPU modules)"
 cargo test --no-default-features --release --lib 2>&1
 
-step "fuzz smoke: header/manifest/keyring/NPY parsers, 30 s of libFuzzer"
+step "fuzz smoke: header/manifest/keyring/NPY and Parquet/Arrow/JSONL parsers, 30 s of libFuzzer"
 FUZZ_SECONDS=${FUZZ_SECONDS:-30} bash scripts/fuzz-smoke.sh
 
 step "Python binding: build with maturin, pytest (numpy, torch, jax)"
