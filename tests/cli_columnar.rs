@@ -175,6 +175,31 @@ fn parquet_files_convert_to_ragged_columns_the_loader_delivers() {
     assert_eq!(r["pack"]["column"], "input_ids");
     assert_eq!(r["tokens_per_batch"], 64);
     assert!(r["encrypted"]["batches"].as_u64().unwrap() > 0);
+
+    // Batches cut by a token budget; the budget must hold the longest row.
+    let budget = |max: &str| {
+        run_bounded(
+            keyed("bench", &s.key)
+                .arg(&ds)
+                .args([
+                    "--backend",
+                    "cpu",
+                    "--budget",
+                    "input_ids",
+                    "--max-tokens",
+                    max,
+                ])
+                .args(["--batch-size", "64", "--epochs", "1", "--json"]),
+        )
+    };
+    let out = budget("200");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["budget"]["max_tokens"], 200);
+    assert!(r["encrypted"]["batches"].as_u64().unwrap() > 1);
+    let out = budget("3");
+    assert_ne!(code(&out), 0);
+    assert!(stderr(&out).contains("max_tokens = 3"), "{}", stderr(&out));
 }
 
 #[test]

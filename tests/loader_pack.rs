@@ -3,14 +3,16 @@
 //! for any thread count, split exactly across ranks, and resumed exactly mid-epoch (the
 //! carried-over piece of a row included).
 
+mod tokens_common;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use ciphershard::MasterKey;
 use ciphershard::cipher::Backend;
-use ciphershard::format::{ConvertInput, ConvertOptions, Dtype, convert};
 use ciphershard::pipeline::options::PackOptions;
 use ciphershard::pipeline::{Batch, FormatSource, Loader, LoaderOptions};
+use tokens_common::make_tokens;
 
 /// Row `r` holds `len(r)` tokens `r * 1000 + j`: empty rows, short ones, and rows far longer
 /// than a sequence.
@@ -23,38 +25,7 @@ fn len(r: u64) -> u64 {
 }
 
 fn make(dir: &std::path::Path, rows: u64) -> MasterKey {
-    let key = MasterKey::generate().unwrap();
-    let mut values = Vec::new();
-    let mut offsets = vec![0u64];
-    for r in 0..rows {
-        for j in 0..len(r) as i32 {
-            values.extend((r as i32 * 1000 + j).to_le_bytes());
-        }
-        offsets.push(offsets.last().unwrap() + len(r));
-    }
-    let inputs = [
-        ConvertInput::Ragged {
-            name: "input_ids".into(),
-            dtype: Dtype::I32,
-            shape: vec![],
-            values,
-            offsets,
-        },
-        ConvertInput::InMemory {
-            name: "label".into(),
-            dtype: Dtype::U8,
-            shape: vec![rows],
-            data: vec![1; rows as usize],
-        },
-    ];
-    let opts = ConvertOptions {
-        keys: vec![key.clone()],
-        chunk_size: 512,
-        shard_size: 3000,
-        ..Default::default()
-    };
-    convert(&inputs, dir, &opts, &mut |_, _| {}).unwrap();
-    key
+    make_tokens(dir, rows, len)
 }
 
 fn opts(b: usize, l: u64) -> LoaderOptions {

@@ -129,6 +129,10 @@ class Loader:
     (``int32``, every sequence piece's boundaries in the flattened batch). ``pad="longest"``
     (or a width) adds ``NAME.padded`` (a dense ``[B, W, ...]`` copy, zeros after each row, rows
     longer than ``W`` cut) and ``NAME.mask`` (``bool``, ``[B, W]``) for each ragged column.
+    ``budget="input_ids", max_tokens=N`` cuts batches by tokens instead: each takes the next
+    rows while they hold at most ``N`` tokens of that column (and at most ``batch_size`` rows);
+    ``len()`` is then the current epoch's count, which varies with each epoch's order, and is
+    the same on every rank.
 
     Batches are writable: each owns its buffers, so a write changes that batch only. A loader
     inherited through ``fork()`` raises :class:`LoaderStoppedError` in the child.
@@ -156,11 +160,13 @@ class Loader:
         pack: Optional[str] = None,
         seq_len: Optional[int] = None,
         pad: Union[str, int, None] = None,
+        budget: Optional[str] = None,
+        max_tokens: Optional[int] = None,
     ) -> Loader: ...
     def __iter__(self) -> Loader: ...
     def __next__(self) -> Dict[str, Any]: ...
     def __len__(self) -> int:
-        """Batches per epoch for this rank."""
+        """Batches per epoch for this rank (with a token budget: in the current epoch)."""
     @property
     def epoch(self) -> int:
         """Epoch of the next batch."""

@@ -285,7 +285,11 @@ impl Inner {
         if let Some(active) = &self.active {
             self.batches_per_epoch = Some(active.batches_per_epoch());
         }
-        if let (Some(state), Some(per_epoch)) = (self.current_state(), self.batches_per_epoch) {
+        // A token budget's count varies by epoch: planned anew for a stopped loader's epoch.
+        let cached = self
+            .batches_per_epoch
+            .filter(|_| self.active.is_some() || self.opts.budget.is_none());
+        if let (Some(state), Some(per_epoch)) = (self.current_state(), cached) {
             return Ok((state, per_epoch));
         }
         let opts = match &self.state {
@@ -577,7 +581,7 @@ impl PyLoader {
         dataset, batch_size, *, shuffle=true, seed=0, epochs=None, prefetch=4, threads=None,
         backend=None, rank=None, world_size=None, drop_last=false, window_blocks=8,
         block_rows=None, state=None, as_torch=false, device=None, pack=None, seq_len=None,
-        pad=None
+        pad=None, budget=None, max_tokens=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -601,6 +605,8 @@ impl PyLoader {
         pack: Option<String>,
         seq_len: Option<u64>,
         pad: Option<Bound<'_, PyAny>>,
+        budget: Option<String>,
+        max_tokens: Option<u64>,
     ) -> PyResult<Self> {
         // pad="longest" or a width.
         let pad = match pad {
@@ -628,6 +634,20 @@ impl PyLoader {
                     py,
                     "InvalidArgumentError",
                     "pack and seq_len go together: pack=\"input_ids\", seq_len=2048".into(),
+                ));
+            }
+        };
+        let budget = match (budget, max_tokens) {
+            (Some(column), Some(max_tokens)) => {
+                Some(ciphershard::pipeline::TokenBudget { column, max_tokens })
+            }
+            (None, None) => None,
+            _ => {
+                return Err(new_err(
+                    py,
+                    "InvalidArgumentError",
+                    "budget and max_tokens go together: budget=\"input_ids\", max_tokens=16384"
+                        .into(),
                 ));
             }
         };
@@ -704,6 +724,7 @@ impl PyLoader {
             window_blocks,
             block_rows,
             pack,
+            budget,
             ..LoaderOptions::default()
         };
         if batch_size == 0 || prefetch == 0 || threads == 0 || window_blocks == 0 {

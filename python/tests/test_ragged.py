@@ -125,6 +125,42 @@ def test_packing_state_resumes(ragged):
         ciphershard.Loader(ds, 2, seed=8, state=state)
 
 
+def test_token_budget_batches(ragged):
+    ds, rows = ragged
+    kw = dict(seed=5, budget="tokens", max_tokens=800)
+    loader = ciphershard.Loader(ds, 64, **kw)  # epochs=None: each iter() one epoch
+    per_epoch = []
+    for _ in range(2):
+        n = len(loader)  # the coming epoch's count (it varies with the order)
+        seen = []
+        batches = 0
+        for b in loader:
+            ids = np.from_dlpack(b["row_id"])
+            offsets = np.from_dlpack(b["tokens.offsets"])
+            assert 1 <= len(ids) <= 64 and offsets[-1] <= 800
+            seen.extend(ids.tolist())
+            batches += 1
+        assert batches == n
+        assert sorted(seen) == list(range(ROWS))
+        per_epoch.append(seen)
+    assert per_epoch[0] != per_epoch[1]
+    # Resume mid-epoch: the rest of the epoch, exactly.
+    full = [np.from_dlpack(b["row_id"]).copy() for b in ciphershard.Loader(ds, 64, epochs=1, **kw)]
+    first = ciphershard.Loader(ds, 64, epochs=1, **kw)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    first.close()
+    rest = [np.from_dlpack(b["row_id"]).copy() for b in ciphershard.Loader(ds, 64, epochs=1, state=state, **kw)]
+    assert [r.tolist() for r in rest] == [r.tolist() for r in full[3:]]
+    # Checked against the shards when the loader first plans (len, iter, state_dict).
+    with pytest.raises(ciphershard.InvalidArgumentError, match="longest 700"):
+        len(ciphershard.Loader(ds, 64, budget="tokens", max_tokens=100))
+    with pytest.raises(ciphershard.InvalidArgumentError, match="go together"):
+        ciphershard.Loader(ds, 64, budget="tokens")
+
+
 @pytest.mark.parametrize("pad", ["longest", 16])
 def test_padded_copies_and_masks(ragged, pad):
     ds, rows = ragged

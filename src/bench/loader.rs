@@ -47,6 +47,8 @@ pub struct BenchOptions {
     pub host_batches: bool,
     /// Pack a ragged column into `[batch_size, seq_len]` sequences (host loader only).
     pub pack: Option<crate::pipeline::options::PackOptions>,
+    /// Cut batches by a ragged column's tokens (host loader only).
+    pub budget: Option<crate::pipeline::TokenBudget>,
 }
 
 impl Default for BenchOptions {
@@ -63,6 +65,7 @@ impl Default for BenchOptions {
             generated_features: 256,
             host_batches: false,
             pack: None,
+            budget: None,
         }
     }
 }
@@ -79,6 +82,7 @@ impl BenchOptions {
             mode: self.mode,
             seed: 1,
             pack: self.pack.clone(),
+            budget: self.budget.clone(),
             ..Default::default()
         }
     }
@@ -197,6 +201,9 @@ pub struct BenchReport {
     /// Tokens per packed batch (`batch_size × seq_len`; 0 without packing).
     #[serde(default)]
     pub tokens_per_batch: u64,
+    /// Token-budget batching, if the bench cut batches by a ragged column's tokens.
+    #[serde(default)]
+    pub budget: Option<crate::pipeline::TokenBudget>,
 }
 
 fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> {
@@ -328,6 +335,7 @@ fn run_device(
         plaintext_twin: twin,
         pack: None,
         tokens_per_batch: 0,
+        budget: None,
     })
 }
 
@@ -380,6 +388,7 @@ pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> R
             .as_ref()
             .map_or(0, |p| p.seq_len.saturating_mul(opts.batch_size as u64)),
         pack: opts.pack.clone(),
+        budget: opts.budget.clone(),
     })
 }
 

@@ -625,6 +625,18 @@ pub struct BenchArgs {
     /// Tokens per packed sequence (with --pack).
     #[arg(long, value_name = "N", requires = "pack", value_parser = clap::value_parser!(u64).range(1..))]
     seq_len: Option<u64>,
+    /// Cut batches by the tokens of this ragged column of the DATASET: each batch holds at most
+    /// --max-tokens of them (and at most --batch-size rows).
+    #[arg(
+        long,
+        value_name = "COLUMN",
+        requires = "max_tokens",
+        conflicts_with = "pack"
+    )]
+    budget: Option<String>,
+    /// Most tokens per batch (with --budget).
+    #[arg(long, value_name = "N", requires = "budget", value_parser = clap::value_parser!(u64).range(1..))]
+    max_tokens: Option<u64>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -650,6 +662,7 @@ impl BenchArgs {
                 given("--host-batches", self.host_batches),
                 given("--no-kernel-figures", self.no_kernel_figures),
                 given("--pack", self.pack.is_some()),
+                given("--budget", self.budget.is_some()),
             ];
             if let Some(name) = loader_only.into_iter().flatten().next() {
                 return Some(format!(
@@ -658,20 +671,21 @@ impl BenchArgs {
             }
             return None;
         }
-        if self.dataset.is_none() && self.pack.is_some() {
-            return Some(
-                "--pack applies only with a DATASET holding a ragged column: the generated dataset has none"
-                    .into(),
-            );
-        }
-        if self.pack.is_some()
-            && matches!(self.backend, Backend::Cuda | Backend::Wgpu)
-            && !self.host_batches
-        {
-            return Some(
-                "--pack is done by the host loader: with --backend cuda|wgpu add --host-batches (the device loaders deliver rows)"
-                    .into(),
-            );
+        for (name, given) in [
+            ("--pack", self.pack.is_some()),
+            ("--budget", self.budget.is_some()),
+        ] {
+            if given && self.dataset.is_none() {
+                return Some(format!(
+                    "{name} applies only with a DATASET holding a ragged column: the generated dataset has none"
+                ));
+            }
+            if given && matches!(self.backend, Backend::Cuda | Backend::Wgpu) && !self.host_batches
+            {
+                return Some(format!(
+                    "{name} is done by the host loader: with --backend cuda|wgpu add --host-batches (the device loaders deliver rows)"
+                ));
+            }
         }
         if self.dataset.is_none() && !self.key.key.is_empty() {
             return Some(
@@ -763,13 +777,18 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         batch_size: args.batch_size.unwrap_or(256),
         epochs: args.epochs.unwrap_or(2),
         mode: args.mode.unwrap_or(pipeline::DecryptMode::ChunkOpen),
-        host_batches: args.host_batches || args.pack.is_some(),
+        host_batches: args.host_batches || args.pack.is_some() || args.budget.is_some(),
         window_blocks: args.window_blocks.unwrap_or(defaults.window_blocks),
         pack: args
             .pack
             .clone()
             .zip(args.seq_len)
             .map(|(column, seq_len)| pipeline::options::PackOptions { column, seq_len }),
+        budget: args
+            .budget
+            .clone()
+            .zip(args.max_tokens)
+            .map(|(column, max_tokens)| pipeline::TokenBudget { column, max_tokens }),
         ..defaults
     };
     if args.backend == Backend::Auto
@@ -868,6 +887,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 p.seq_len
             )?;
         }
+    }
+    if let Some(b) = &report.budget {
+        outln!(
+            "token budget    at most {} tokens of '{}' and {} rows a batch",
+            b.max_tokens,
+            Untrusted(&b.column),
+            report.batch_size
+        )?;
     }
     outln!("ratio encrypted / plaintext twin: {:.3}", report.ratio)?;
     for (name, r) in [

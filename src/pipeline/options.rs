@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 
+use super::budget::BudgetPlan;
 use super::pool::PinHook;
 use super::sampler::{EpochPlan, SamplerConfig};
 use super::source::{ColumnInfo, RowSource};
@@ -60,6 +61,25 @@ pub struct LoaderOptions {
     /// Sequence packing: batches of `batch_size` sequences of `seq_len` tokens cut from a
     /// ragged column's rows laid end to end (see [`PackOptions`]); `None`: batches of rows.
     pub pack: Option<PackOptions>,
+    /// Token-budget batching: batches of at most `batch_size` rows cut by the tokens of a
+    /// ragged column (see [`TokenBudget`]); `None`: batches of `batch_size` rows.
+    pub budget: Option<TokenBudget>,
+}
+
+/// Token-budget batching (docs/LOADER.md, "Token budgets"): each batch takes the epoch's next
+/// rows, in the shuffled order, while they hold at most `max_tokens` elements of `column` (and
+/// at most `batch_size` rows), so batches of short rows hold many and batches of long rows few.
+/// The epoch's cut is computed once from every row's length and split among ranks by batches:
+/// rank `r` of `W` takes batches `[r·q, (r+1)·q)` of the epoch's `n`, `q = floor(n / W)`, so
+/// every rank has the same number of batches (which varies from epoch to epoch with the order);
+/// the last `n mod W` batches (fewer than `W`) are not delivered that epoch. A row longer than
+/// `max_tokens` is refused when the loader is built.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenBudget {
+    /// The ragged column whose elements are counted.
+    pub column: String,
+    /// Most elements of `column` per batch.
+    pub max_tokens: u64,
 }
 
 /// Sequence packing, as language-model training uses it (docs/LOADER.md, "Packing"): the
@@ -97,6 +117,7 @@ impl Default for LoaderOptions {
             start_batch: 0,
             pin_hook: None,
             pack: None,
+            budget: None,
         }
     }
 }
@@ -119,6 +140,7 @@ impl std::fmt::Debug for LoaderOptions {
             .field("start_epoch", &self.start_epoch)
             .field("start_batch", &self.start_batch)
             .field("pack", &self.pack)
+            .field("budget", &self.budget)
             .finish_non_exhaustive()
     }
 }
@@ -152,6 +174,9 @@ pub struct LoaderState {
     /// Sequence packing, if the loader packs.
     #[serde(default)]
     pub pack: Option<PackOptions>,
+    /// Token-budget batching, if the loader cuts batches by tokens.
+    #[serde(default)]
+    pub budget: Option<TokenBudget>,
 }
 
 impl LoaderState {
@@ -170,6 +195,7 @@ impl LoaderState {
             block_rows,
             total_rows,
             pack: opts.pack.clone(),
+            budget: opts.budget.clone(),
         }
     }
 
@@ -180,7 +206,8 @@ impl LoaderState {
         let plan = PlanSetup::new(source, opts)?;
         let mut state = LoaderState::start(opts, plan.block_rows, plan.total_rows);
         state.normalize(plan.batches_per_epoch);
-        Ok((state, plan.batches_per_epoch))
+        let batches = plan.epoch_batches(source, state.epoch);
+        Ok((state, batches))
     }
 
     /// The order-defining fields on which this state and `opts` disagree, as
@@ -210,6 +237,11 @@ impl LoaderState {
             None => "off".into(),
         };
         check("pack", &packing(&self.pack), &packing(&opts.pack));
+        let budgeting = |b: &Option<TokenBudget>| match b {
+            Some(b) => format!("{}:{}", b.column, b.max_tokens),
+            None => "off".into(),
+        };
+        check("budget", &budgeting(&self.budget), &budgeting(&opts.budget));
         out
     }
 
@@ -237,6 +269,7 @@ impl LoaderOptions {
         self.window_blocks = state.window_blocks;
         self.block_rows = Some(state.block_rows);
         self.pack = state.pack.clone();
+        self.budget = state.budget.clone();
         self
     }
 }
@@ -265,11 +298,10 @@ pub(crate) struct PlanSetup {
     /// Per column: its rows' bytes, or for a ragged column their mean (at least 1): what
     /// blocks, windows and chunk buffers are sized by.
     pub(crate) mean_row_bytes: Vec<u64>,
-    /// Per ragged column: the most elements any `batch_rows` rows of the dataset hold (its
-    /// batch buffer's size); 0 for a fixed column.
-    pub(crate) batch_elements: Vec<u64>,
     /// Sequence packing, checked and sized.
     pub(crate) pack: Option<PackPlan>,
+    /// Token-budget batching, checked (`batches_per_epoch` is then the start epoch's count).
+    pub(crate) budget: Option<Arc<BudgetPlan>>,
 }
 
 /// [`PackOptions`] checked against a source: the column, and this rank's share of tokens.
@@ -287,6 +319,27 @@ pub(crate) struct PackPlan {
     pub(crate) batches_per_epoch: u64,
 }
 
+/// The index of ragged column `name`, for option `what` (`pack`, `budget`): an error naming the
+/// columns there are, or saying that the column's rows have a fixed shape.
+pub(crate) fn ragged_column(columns: &[ColumnInfo], name: &str, what: &str) -> Result<usize> {
+    let Some(column) = columns.iter().position(|c| c.name == name) else {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: no column named {name:?} (columns: {})",
+            columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    if !columns[column].ragged {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: column {name:?} has rows of a fixed shape; {what} takes a ragged column (token ids)"
+        )));
+    }
+    Ok(column)
+}
+
 impl PackPlan {
     fn new(
         source: &dyn RowSource,
@@ -294,23 +347,7 @@ impl PackPlan {
         p: &PackOptions,
         opts: &LoaderOptions,
     ) -> Result<Self> {
-        let Some(column) = columns.iter().position(|c| c.name == p.column) else {
-            return Err(Error::InvalidArgument(format!(
-                "pack: no column named {:?} (columns: {})",
-                p.column,
-                columns
-                    .iter()
-                    .map(|c| c.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        };
-        if !columns[column].ragged {
-            return Err(Error::InvalidArgument(format!(
-                "pack: column {:?} has rows of a fixed shape; packing takes a ragged column (token ids)",
-                p.column
-            )));
-        }
+        let column = ragged_column(columns, &p.column, "pack")?;
         let tokens: u64 = (0..source.shard_count())
             .map(|s| source.row_offsets(s, column).last().copied().unwrap_or(0))
             .fold(0, u64::saturating_add);
@@ -381,29 +418,16 @@ fn mean_row_bytes(
         .collect()
 }
 
-/// The most elements any `k` rows of ragged column `c` hold: the sum of its `k` longest rows
-/// (a min-heap of `k` lengths over every row, once per loader).
-fn most_elements(source: &dyn RowSource, c: usize, k: usize) -> u64 {
-    use std::cmp::Reverse;
-    use std::collections::BinaryHeap;
-    let mut heap: BinaryHeap<Reverse<u64>> = BinaryHeap::with_capacity(k + 1);
-    for s in 0..source.shard_count() {
-        for w in source.row_offsets(s, c).windows(2) {
-            let len = w[1] - w[0];
-            if heap.len() < k {
-                heap.push(Reverse(len));
-            } else if heap.peek().is_some_and(|Reverse(min)| *min < len) {
-                heap.pop();
-                heap.push(Reverse(len));
-            }
+impl PlanSetup {
+    /// This rank's batches in `epoch` (the same in every epoch unless batches are cut by a
+    /// token budget).
+    pub(crate) fn epoch_batches(&self, source: &dyn RowSource, epoch: u64) -> u64 {
+        match &self.budget {
+            Some(b) => b.batches(source, epoch),
+            None => self.batches_per_epoch,
         }
     }
-    heap.into_iter()
-        .map(|Reverse(l)| l)
-        .fold(0, u64::saturating_add)
-}
 
-impl PlanSetup {
     pub(crate) fn new(source: &dyn RowSource, opts: &LoaderOptions) -> Result<Self> {
         if opts.batch_size == 0
             || opts.threads == 0
@@ -474,10 +498,17 @@ impl PlanSetup {
             Some(p) => Some(PackPlan::new(source, &columns, p, opts)?),
             None => None,
         };
-        // Packing orders every row (all ranks' tokens are one stream, split by tokens).
-        let (rank, world_size, batch_size) = match pack {
-            Some(_) => (0, 1, 1),
-            None => (opts.rank, opts.world_size, opts.batch_size as u64),
+        if pack.is_some() && opts.budget.is_some() {
+            return Err(Error::InvalidArgument(
+                "pack and budget do not go together: a packed batch already holds a fixed number of tokens".into(),
+            ));
+        }
+        // Packing and token budgets order every row (all ranks' rows are one stream, split by
+        // tokens or by batches).
+        let whole = pack.is_some() || opts.budget.is_some();
+        let (rank, world_size, batch_size) = match whole {
+            true => (0, 1, 1),
+            false => (opts.rank, opts.world_size, opts.batch_size as u64),
         };
         let cfg = SamplerConfig {
             seed: opts.seed,
@@ -487,11 +518,24 @@ impl PlanSetup {
             rank,
             world_size,
             batch_size,
-            drop_last: opts.drop_last && pack.is_none(),
+            drop_last: opts.drop_last && !whole,
         };
-        let batches_per_epoch = match &pack {
-            Some(p) => p.batches_per_epoch,
-            None => EpochPlan::new(&cfg, 0, &shard_rows).batches(),
+        let budget = match &opts.budget {
+            Some(b) => Some(Arc::new(BudgetPlan::new(
+                source,
+                &columns,
+                b,
+                opts.batch_size as u64,
+                (opts.rank, opts.world_size),
+                cfg.clone(),
+                &shard_rows,
+            )?)),
+            None => None,
+        };
+        let batches_per_epoch = match (&pack, &budget) {
+            (Some(p), _) => p.batches_per_epoch,
+            (_, Some(b)) => b.batches(source, opts.start_epoch),
+            _ => EpochPlan::new(&cfg, 0, &shard_rows).batches(),
         };
         if opts.start_batch > batches_per_epoch {
             return Err(Error::InvalidArgument(format!(
@@ -500,8 +544,12 @@ impl PlanSetup {
             )));
         }
         // Saturating: `epochs` may be "forever" (u64::MAX); start_batch <= batches_per_epoch.
+        // A token budget's count varies by epoch: the start epoch's batches only, the loader
+        // counts each later epoch's when it reaches it.
         let total = if opts.start_epoch >= opts.epochs {
             0
+        } else if budget.is_some() {
+            batches_per_epoch - opts.start_batch
         } else {
             (opts.epochs - opts.start_epoch).saturating_mul(batches_per_epoch) - opts.start_batch
         };
@@ -520,17 +568,6 @@ impl PlanSetup {
         let batch_rows = opts
             .batch_size
             .min(usize::try_from(total_rows.max(1)).unwrap_or(usize::MAX));
-        let batch_elements = columns
-            .iter()
-            .enumerate()
-            .map(|(c, col)| {
-                if col.ragged {
-                    most_elements(source, c, batch_rows)
-                } else {
-                    0
-                }
-            })
-            .collect();
         // A batch's bytes (every column's buffer, as the loaders size and count them) within
         // u64; whether they fit in memory is each loader's own check.
         let batch_bytes = columns
@@ -546,8 +583,8 @@ impl PlanSetup {
         }
         Ok(PlanSetup {
             pack,
+            budget,
             mean_row_bytes,
-            batch_elements,
             columns,
             chunk_size,
             block_rows,

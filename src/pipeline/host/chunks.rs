@@ -15,6 +15,7 @@ use zeroize::Zeroize;
 use super::batch::{Batch, SetPool};
 use crate::cipher::{ChunkParams, NONCE_LEN};
 use crate::error::{Error, Result};
+use crate::pipeline::budget::BudgetPlan;
 use crate::pipeline::options::{ChunkKey, DecryptMode, PackPlan, keys_for_rows, stopped};
 use crate::pipeline::pool::{AlignedBuf, BufPool};
 use crate::pipeline::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
@@ -397,6 +398,7 @@ pub(super) fn worker(
 pub(super) fn planner(
     sh: &Shared,
     cfg: &SamplerConfig,
+    budget: Option<&BudgetPlan>,
     shard_rows: &[u64],
     start_epoch: u64,
     start_batch: u64,
@@ -411,7 +413,12 @@ pub(super) fn planner(
         let plan = EpochPlan::new(cfg, epoch, shard_rows);
         let mut cur = Cursor::new(&plan);
         let first = if epoch == start_epoch { start_batch } else { 0 };
-        for k in first..plan.batches() {
+        // A token budget cuts the epoch's order its own way; otherwise batches of rows.
+        let starts = budget.map(|b| b.starts(sh.source.as_ref(), epoch));
+        let batches = starts
+            .as_ref()
+            .map_or(plan.batches(), |s| s.len() as u64 - 1);
+        for k in first..batches {
             // `select!` picks at random among ready operations: check the stop signal first so
             // a dropped loader never dispatches more work.
             if stopped(stop) {
@@ -421,7 +428,10 @@ pub(super) fn planner(
                 recv(credits) -> c => if c.is_err() { return },
                 recv(stop) -> _ => return,
             }
-            let (a, b) = plan.batch_positions(k);
+            let (a, b) = match &starts {
+                Some(s) => (s[k as usize], s[k as usize + 1]),
+                None => plan.batch_positions(k),
+            };
             let mut rows = Vec::with_capacity((b - a) as usize);
             let mut keys = Vec::new();
             let mut old_pin = None;

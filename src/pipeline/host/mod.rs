@@ -12,6 +12,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
 use crate::error::{Error, Result};
+use crate::pipeline::budget::BudgetPlan;
 use crate::pipeline::options::{LoaderOptions, LoaderState, PlanSetup};
 use crate::pipeline::pool::BufPool;
 use crate::pipeline::source::{ColumnInfo, RowSource};
@@ -47,6 +48,10 @@ pub struct Loader {
     columns: Arc<[ColumnInfo]>,
     set_pool: Arc<SetPool>,
     chunk_pool: Arc<BufPool>,
+    /// Token-budget batching: each epoch's count is found when the loader reaches it.
+    budget: Option<(Arc<BudgetPlan>, Arc<dyn RowSource>)>,
+    /// Epochs whose batches `total` includes: `start_epoch..counted_through`.
+    counted_through: u64,
 }
 
 /// Bytes of column `c`'s tensor in shard `s` (of `rows` rows).
@@ -57,6 +62,28 @@ fn tensor_len(source: &dyn RowSource, col: &ColumnInfo, c: usize, s: usize, rows
     } else {
         rows.saturating_mul(col.row_bytes)
     }
+}
+
+/// The most elements any `k` rows of ragged column `c` hold: the sum of its `k` longest rows
+/// (a min-heap of `k` lengths over every row, once per loader).
+fn most_elements(source: &dyn RowSource, c: usize, k: usize) -> u64 {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut heap: BinaryHeap<Reverse<u64>> = BinaryHeap::with_capacity(k + 1);
+    for s in 0..source.shard_count() {
+        for w in source.row_offsets(s, c).windows(2) {
+            let len = w[1] - w[0];
+            if heap.len() < k {
+                heap.push(Reverse(len));
+            } else if heap.peek().is_some_and(|Reverse(min)| *min < len) {
+                heap.pop();
+                heap.push(Reverse(len));
+            }
+        }
+    }
+    heap.into_iter()
+        .map(|Reverse(l)| l)
+        .fold(0, u64::saturating_add)
 }
 
 impl Loader {
@@ -74,8 +101,8 @@ impl Loader {
             total,
             batch_rows,
             mean_row_bytes,
-            batch_elements,
             pack,
+            budget,
         } = PlanSetup::new(source.as_ref(), opts)?;
         // What batches hold: every column's rows, or packed sequences of one column.
         let (out_columns, read_columns): (Arc<[ColumnInfo]>, Vec<usize>) = match &pack {
@@ -94,12 +121,19 @@ impl Loader {
             .iter()
             .filter(|c| c.ragged)
             .map(|_| batch_rows.checked_add(1).and_then(|n| n.checked_mul(8)));
+        // A ragged column's buffer holds the most elements any batch can: those of its
+        // `batch_rows` longest rows, or a token budget (when smaller).
         let units: Vec<u64> = match &pack {
             Some(p) => pack::packed_counts(p).to_vec(),
-            None => columns
-                .iter()
-                .zip(&batch_elements)
-                .map(|(c, &e)| if c.ragged { e } else { batch_rows as u64 })
+            None => (0..columns.len())
+                .map(|c| match (columns[c].ragged, &budget) {
+                    (false, _) => batch_rows as u64,
+                    (true, Some(b)) if b.column == c => {
+                        b.max_tokens
+                            .min(most_elements(source.as_ref(), c, batch_rows))
+                    }
+                    (true, _) => most_elements(source.as_ref(), c, batch_rows),
+                })
                 .collect(),
         };
         let sizes = out_columns
@@ -228,7 +262,7 @@ impl Loader {
         }
         drop(res_tx);
         {
-            let (sh, cfg) = (shared.clone(), cfg.clone());
+            let (sh, cfg, budget) = (shared.clone(), cfg.clone(), budget.clone());
             let (epochs, se, sb) = (opts.epochs, opts.start_epoch, opts.start_batch);
             let h = std::thread::Builder::new()
                 .name("cs-planner".into())
@@ -248,6 +282,7 @@ impl Loader {
                     None => planner(
                         &sh,
                         &cfg,
+                        budget.as_deref(),
                         &shard_rows,
                         se,
                         sb,
@@ -278,8 +313,11 @@ impl Loader {
             columns: out_columns,
             set_pool,
             chunk_pool,
+            budget: budget.map(|b| (b, shared.source.clone())),
+            counted_through: opts.start_epoch.saturating_add(1),
         };
         l.state.normalize(l.batches_per_epoch);
+        l.count_epoch();
         Ok(l)
     }
 
@@ -322,12 +360,41 @@ impl Loader {
         &self.columns
     }
 
-    /// Batches per epoch for this rank.
+    /// Batches per epoch for this rank: with a token budget, those of the current epoch (the
+    /// count varies with each epoch's order).
     pub fn batches_per_epoch(&self) -> u64 {
         self.batches_per_epoch
     }
 
-    /// Batches left to yield.
+    /// With a token budget, sets `batches_per_epoch` to the current epoch's count.
+    fn count_epoch(&mut self) {
+        if let Some((b, source)) = &self.budget
+            && self.state.epoch < self.epochs
+        {
+            self.batches_per_epoch = b.batches(source.as_ref(), self.state.epoch);
+        }
+    }
+
+    /// Whether every batch has been handed out. With a token budget, `total` holds the epochs
+    /// counted so far; reaching it counts the next one.
+    fn at_end(&mut self) -> bool {
+        if self.done {
+            return true;
+        }
+        while self.next_seq >= self.total {
+            match &self.budget {
+                Some((b, source)) if self.counted_through < self.epochs => {
+                    self.total += b.batches(source.as_ref(), self.counted_through);
+                    self.counted_through += 1;
+                }
+                _ => return true,
+            }
+        }
+        false
+    }
+
+    /// Batches left to yield (with a token budget: of the epochs counted so far, the current
+    /// one included).
     pub fn remaining(&self) -> u64 {
         if self.done {
             0
@@ -357,7 +424,7 @@ impl Iterator for Loader {
         if self.done {
             return None;
         }
-        if self.next_seq >= self.total {
+        if self.at_end() {
             self.shutdown();
             return None;
         }
@@ -397,7 +464,11 @@ impl Iterator for Loader {
                 }
                 self.state.epoch = b.epoch;
                 self.state.batches_done_in_epoch = b.index + 1;
+                let epoch = self.state.epoch;
                 self.state.normalize(self.batches_per_epoch);
+                if self.state.epoch != epoch {
+                    self.count_epoch();
+                }
                 Some(Ok(b))
             }
             Err(e) => {
@@ -429,7 +500,7 @@ impl Loader {
     /// not block (a batch or an error is ready, or the iteration is over), `false` on timeout.
     /// The time waited counts as consumer wait in [`Loader::stats`].
     pub fn wait_next(&mut self, timeout: std::time::Duration) -> bool {
-        if self.done || self.next_seq >= self.total || self.reorder.contains_key(&self.next_seq) {
+        if self.at_end() || self.reorder.contains_key(&self.next_seq) {
             return true;
         }
         let t = Instant::now();
