@@ -471,7 +471,7 @@ impl PlanSetup {
         let widest = mean_row_bytes.iter().copied().max().unwrap_or(0);
         if widest == 0 {
             return Err(Error::InvalidArgument(format!(
-                "every column of the source has zero-byte rows ({} columns, {} shards): a                  dataset needs at least one column whose rows hold data",
+                "every column of the source has zero-byte rows ({} columns, {} shards): a dataset needs at least one column whose rows hold data",
                 columns.len(),
                 shard_rows.len()
             )));
@@ -487,12 +487,21 @@ impl PlanSetup {
             })
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "the source's shards hold more rows than 64-bit offsets can address                      ({widest}-byte rows)"
+                    "the source's shards hold more rows than 64-bit offsets can address ({widest}-byte rows)"
                 ))
             })?;
+        // The default block: one chunk of the widest column's bytes, or two when that column is
+        // ragged. A ragged column's blocks do not start on chunk boundaries, so a block touches
+        // one chunk more than its bytes fill, a chunk its neighbour (in another window) opens
+        // again: two chunks a block halve that (docs/LOADER.md, "Ragged columns").
+        let widest_ragged = columns
+            .iter()
+            .zip(&mean_row_bytes)
+            .any(|(c, &b)| c.ragged && b == widest);
+        let block_bytes = chunk_size.saturating_mul(if widest_ragged { 2 } else { 1 });
         let block_rows = opts
             .block_rows
-            .unwrap_or((chunk_size / widest).max(1))
+            .unwrap_or((block_bytes / widest).max(1))
             .max(1);
         let pack = match &opts.pack {
             Some(p) => Some(PackPlan::new(source, &columns, p, opts)?),
@@ -577,7 +586,7 @@ impl PlanSetup {
             .and_then(|row| row.checked_mul(batch_rows as u64));
         if batch_bytes.is_none() {
             return Err(Error::InvalidArgument(format!(
-                "a batch of {batch_rows} rows of all {} columns holds more than 2^64 bytes:                  lower batch_size",
+                "a batch of {batch_rows} rows of all {} columns holds more than 2^64 bytes: lower batch_size",
                 columns.len()
             )));
         }
