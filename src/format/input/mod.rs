@@ -13,6 +13,7 @@ pub mod arrow_ipc;
 pub mod jsonl;
 pub mod npy;
 pub mod parquet;
+mod parquet_pages;
 pub mod records;
 pub mod safetensors;
 

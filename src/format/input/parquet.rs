@@ -21,8 +21,8 @@ use arrow_array::RecordBatch;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
 use super::arrow_columns::{self, ArrowRecords};
-use super::open_file;
 use super::records::RecordInput;
+use super::{open_file, parquet_pages};
 use crate::error::{Error, Result};
 
 const WHAT: &str = "Parquet file";
@@ -32,13 +32,16 @@ pub const BATCH_ROWS: usize = 8192;
 /// Opens Parquet file `path`: reads its footer (schema, row groups, metadata) and prepares to
 /// decode its rows in order.
 pub fn open(path: &Path) -> Result<Box<dyn RecordInput>> {
-    let (file, _) = open_file(path, WHAT)?;
+    let (file, file_len) = open_file(path, WHAT)?;
+    let probe = file.try_clone().map_err(|e| Error::io(path, e))?;
     let malformed = |e: parquet::errors::ParquetError| Error::format(path, WHAT, e.to_string());
     let builder = guarded(path, || {
         ParquetRecordBatchReaderBuilder::try_new(file).map_err(malformed)
     })?;
     let fields = arrow_columns::fields(path, builder.schema())?;
     let meta = builder.metadata();
+    // Before the decoder sizes any buffer from a page header.
+    parquet_pages::check_pages(path, probe, file_len, meta)?;
     let groups = meta.row_groups();
     let rows = groups.iter().try_fold(0u64, |sum, g| {
         sum.checked_add(u64::try_from(g.num_rows()).ok()?)
@@ -294,6 +297,63 @@ mod tests {
     fn read_all(path: &Path) -> Result<()> {
         let mut input = open(path)?;
         drain(input.as_mut()).map(|_| ())
+    }
+
+    /// A page header claiming a 2 GiB page (which arrow-rs would allocate before decoding) is
+    /// refused when the file is opened, naming the row group and column, in bounded time.
+    #[test]
+    fn a_page_claiming_a_huge_size_is_refused_before_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pages.parquet");
+        write(&path, &[batch(0..50)], props(Compression::UNCOMPRESSED));
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The first column chunk's first page header, rewritten in place at the same length:
+        // type, uncompressed size i32::MAX, the same compressed size, then a skipped binary
+        // field padding it out.
+        let file = std::fs::File::open(&path).unwrap();
+        let meta = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .metadata()
+            .clone();
+        let chunk = meta.row_group(0).column(0);
+        let at = chunk
+            .dictionary_page_offset()
+            .unwrap_or(chunk.data_page_offset()) as usize;
+        let (len, compressed) = super::parquet_pages::header_at(&bytes[at..]).unwrap();
+        let zz = |v: i64| -> Vec<u8> {
+            let mut u = ((v << 1) ^ (v >> 63)) as u64;
+            let mut out = Vec::new();
+            while u >= 0x80 {
+                out.push((u as u8) | 0x80);
+                u >>= 7;
+            }
+            out.push(u as u8);
+            out
+        };
+        let mut h = vec![0x15];
+        h.extend(zz(0));
+        h.push(0x15);
+        h.extend(zz(i32::MAX.into()));
+        h.push(0x15);
+        h.extend(zz(compressed));
+        let pad = len - h.len() - 3;
+        assert!(pad < 0x80, "header of {len} bytes");
+        h.extend([0x68, pad as u8]); // field 9, binary
+        h.extend(std::iter::repeat_n(0u8, pad));
+        h.push(0);
+        assert_eq!(h.len(), len);
+        bytes[at..at + len].copy_from_slice(&h);
+        let bad = dir.path().join("huge-page.parquet");
+        std::fs::write(&bad, &bytes).unwrap();
+        let t = std::time::Instant::now();
+        let e = open(&bad).err().expect("refused").to_string();
+        assert!(
+            e.contains("huge-page.parquet")
+                && e.contains("row group 0")
+                && e.contains("claims 2147483647 bytes uncompressed"),
+            "{e}"
+        );
+        assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
     }
 
     #[test]
