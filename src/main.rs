@@ -12,6 +12,9 @@ mod cli;
 
 fn main() -> ExitCode {
     quiet_mesa_device_select();
+    // A corrupt Parquet input is reported as an error naming the file; the decoder's panic
+    // message (caught) is not printed beside it.
+    ciphershard::format::quiet_guarded_panics();
     cli::main()
 }
 

@@ -43,6 +43,7 @@ fn backends() -> Vec<(String, bool, String)> {
 #[pymodule]
 fn _ciphershard(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    ciphershard::format::quiet_guarded_panics();
     m.add_class::<tensor::Tensor>()?;
     m.add_class::<dataset::PyDataset>()?;
     m.add_class::<loader::PyLoader>()?;

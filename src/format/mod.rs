@@ -33,6 +33,7 @@ pub use dataset::{
     decrypt_shard_to, decrypt_shard_with, rekey, remove_key, verify,
 };
 pub use input::arrow_batches::ArrowBatches;
+pub use input::parquet::quiet_guarded_panics;
 pub use input::{ConvertInput, InputTensor, npy, safetensors as safetensors_input};
 pub use keyring::{KeyWrap, Keyring};
 pub use manifest::{Column, DatasetKind, Manifest, ShardEntry};

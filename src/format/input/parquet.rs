@@ -119,14 +119,47 @@ impl Iterator for Batches {
     }
 }
 
+thread_local! {
+    /// Whether this thread is inside [`guarded`] (the panic hook of
+    /// [`quiet_guarded_panics`] then stays silent).
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once per process) a panic hook that prints nothing for a panic of the Parquet
+/// decoder that [`guarded`] catches and turns into an error naming the file, and hands every
+/// other panic to the hook that was installed before. The CLI and the Python module call it;
+/// a library user who keeps their own hook need not.
+pub fn quiet_guarded_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Runs `f`, a call into arrow-rs's Parquet decoder, turning a panic into an error naming the
 /// file. A last resort: that decoder panics on some corrupt files instead of returning an
 /// error (a data page that claims dictionary encoding in a column chunk without a dictionary
-/// page, say), and a corrupt input must be an error, never a crash. The default panic hook
-/// still prints the panic's message; whatever `f` borrowed mutably is dropped by the caller
+/// page, say), and a corrupt input must be an error, never a crash. The panic hook prints the
+/// panic's message unless [`quiet_guarded_panics`] is installed; whatever `f` borrowed mutably is dropped by the caller
 /// after an error (see [`Batches`]), so no broken state is used again.
 fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+    /// Clears the flag however `f` ends.
+    struct Unset;
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            GUARDED.with(|g| g.set(false));
+        }
+    }
+    GUARDED.with(|g| g.set(true));
+    let unset = Unset;
+    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    drop(unset);
+    result.unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -297,6 +330,35 @@ mod tests {
     fn read_all(path: &Path) -> Result<()> {
         let mut input = open(path)?;
         drain(input.as_mut()).map(|_| ())
+    }
+
+    /// A decoder panic becomes an error naming the file; with the quiet hook installed it
+    /// prints nothing, and a panic elsewhere still reaches the hook installed before.
+    #[test]
+    fn guarded_panics_are_errors_and_quiet() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static SEEN: AtomicUsize = AtomicUsize::new(0);
+        std::panic::set_hook(Box::new(|_| {
+            SEEN.fetch_add(1, Ordering::SeqCst);
+        }));
+        quiet_guarded_panics();
+        let path = Path::new("x.parquet");
+        let e = guarded::<()>(path, || panic!("decoder bug")).unwrap_err();
+        assert!(
+            e.to_string().contains("x.parquet") && e.to_string().contains("decoder bug"),
+            "{e}"
+        );
+        assert_eq!(
+            SEEN.load(Ordering::SeqCst),
+            0,
+            "a caught decoder panic was printed"
+        );
+        assert!(!GUARDED.with(std::cell::Cell::get));
+        let outside = std::panic::catch_unwind(|| panic!("elsewhere"));
+        assert!(outside.is_err());
+        assert_eq!(SEEN.load(Ordering::SeqCst), 1, "another panic was silenced");
+        // The default hook again, for the other tests' failure messages.
+        drop(std::panic::take_hook());
     }
 
     /// A page header claiming a 2 GiB page (which arrow-rs would allocate before decoding) is
