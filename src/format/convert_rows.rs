@@ -18,6 +18,7 @@ use zeroize::Zeroizing;
 use super::input::records::{ColumnData, FieldSpec, RecordInput, RowBatch};
 use super::input::{ConvertInput, check_column};
 use super::seal::{Sealer, TensorPlan, lay_out, write_shard};
+use super::segments::Segments;
 use super::{Column, Descriptor, Dtype, Layout, MAX_TENSORS, OFFSETS_SUFFIX, ShardEntry};
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
@@ -261,66 +262,6 @@ enum Gathered {
         /// Elements so far (the last offset).
         elements: u64,
     },
-}
-
-/// Bytes of the first and of the largest segments of [`Segments`].
-const FIRST_SEGMENT: usize = 64 << 10;
-const MAX_SEGMENT: usize = 16 << 20;
-
-/// A growing byte buffer held as segments, each allocated once at its final size (64 KiB for
-/// the first, each next one twice the last, up to 16 MiB) and zeroed when dropped. A
-/// [`Zeroizing`] vector that grew would leave copies of the plaintext behind in the memory each
-/// reallocation frees.
-#[derive(Default)]
-struct Segments {
-    /// Each segment's first byte's offset, and the segment (full but the last).
-    segs: Vec<(usize, Zeroizing<Vec<u8>>)>,
-    /// The last segment's size, once allocated.
-    last_cap: usize,
-    len: usize,
-}
-
-impl Segments {
-    fn extend_from_slice(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            if self
-                .segs
-                .last()
-                .is_none_or(|(_, s)| s.len() == self.last_cap)
-            {
-                self.last_cap = (2 * self.last_cap).clamp(FIRST_SEGMENT, MAX_SEGMENT);
-                let seg = Zeroizing::new(Vec::with_capacity(self.last_cap));
-                self.segs.push((self.len, seg));
-            }
-            let (_, seg) = self.segs.last_mut().expect("pushed");
-            let n = (self.last_cap - seg.len()).min(data.len());
-            seg.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            self.len += n;
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Copies bytes `at..at + buf.len()` into `buf` (they lie inside `0..len`).
-    fn read(&self, at: usize, buf: &mut [u8]) {
-        if buf.is_empty() {
-            // The one chunk of an empty tensor (no segment at all).
-            return;
-        }
-        let mut i = self.segs.partition_point(|(start, _)| *start <= at) - 1;
-        let (mut off, mut done) = (at - self.segs[i].0, 0);
-        while done < buf.len() {
-            let s = &self.segs[i].1;
-            let n = (s.len() - off).min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&s[off..off + n]);
-            done += n;
-            i += 1;
-            off = 0;
-        }
-    }
 }
 
 impl RowsPlan<'_> {
@@ -755,44 +696,5 @@ impl RecordInput for MemTable<'_> {
             rows: b - a,
             columns,
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn segments_hold_bytes_across_segment_boundaries() {
-        let data: Vec<u8> = (0u32..40 << 20)
-            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
-            .collect();
-        let mut s = Segments::default();
-        // An empty tensor's one chunk, read before any segment exists (found by fuzzing).
-        s.read(0, &mut []);
-        let mut at = 0;
-        for (k, step) in [1, 65535, 3, 1 << 20, 7 << 20].iter().cycle().enumerate() {
-            let end = (at + step + k).min(data.len());
-            s.extend_from_slice(&data[at..end]);
-            at = end;
-            if at == data.len() {
-                break;
-            }
-        }
-        assert_eq!(s.len(), data.len());
-        assert!(s.segs.iter().all(|(_, seg)| seg.len() <= MAX_SEGMENT));
-        assert_eq!(s.segs[0].1.len(), FIRST_SEGMENT);
-        let reads = [
-            (0, 10),
-            (65530, 20),
-            (196600, 300000),
-            (data.len() - 5, 5),
-            (1000, 35 << 20),
-        ];
-        for (start, len) in reads {
-            let mut buf = vec![0u8; len];
-            s.read(start, &mut buf);
-            assert!(buf == data[start..start + len], "{start} + {len}");
-        }
     }
 }

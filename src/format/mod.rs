@@ -22,6 +22,7 @@ mod manifest;
 mod ragged;
 mod report;
 mod seal;
+mod segments;
 mod shard;
 
 pub use convert::{
