@@ -50,7 +50,7 @@ fn make(dir: &std::path::Path, rows: u64) -> MasterKey {
     let opts = ConvertOptions {
         keys: vec![key.clone()],
         chunk_size: 512,
-        shard_size: 3000,
+        shard_size: Some(3000),
         ..Default::default()
     };
     convert(&inputs, dir, &opts, &mut |_, _| {}).unwrap();

@@ -6,7 +6,8 @@
 //! Every input knows its exact row count when opened, so the shard layout (rows per shard,
 //! shard count) is fixed before anything is sealed, as each shard's descriptor needs it; rows
 //! per shard come from the inputs' estimated bytes per row, so a shard of long rows is larger
-//! than one of short rows. Memory: one shard's plaintext and one input batch.
+//! than one of short rows. Memory: one shard's plaintext and one input batch here; the shard
+//! loop (`convert_pipeline.rs`) seals one shard while the next is gathered, so two shards.
 
 #![forbid(unsafe_code)]
 
@@ -264,6 +265,28 @@ enum Gathered {
     },
 }
 
+/// A shard's rows, gathered and laid out: what [`GatheredShard::seal`] writes. Its plaintext
+/// is zeroized when it is dropped.
+pub(super) struct GatheredShard {
+    /// The shard's descriptor, tensors laid out.
+    pub desc: Descriptor,
+    /// Each tensor's bytes, in the descriptor's order.
+    bufs: Vec<Segments>,
+    /// Tensor bytes (all of `bufs`).
+    pub bytes: u64,
+}
+
+impl GatheredShard {
+    /// Seals and writes the shard. Returns the manifest entry and the data key.
+    pub fn seal(&self, sealer: &mut Sealer<'_>) -> Result<(ShardEntry, DataKey)> {
+        let read = |t: usize, offset: u64, buf: &mut [u8]| {
+            self.bufs[t].read(offset as usize, buf);
+            Ok(())
+        };
+        write_shard(&self.desc, &read, sealer)
+    }
+}
+
 impl RowsPlan<'_> {
     /// The manifest's columns.
     pub fn columns(&self) -> Vec<Column> {
@@ -311,15 +334,15 @@ impl RowsPlan<'_> {
         per.clamp(1, self.rows.max(1) as u128) as u64
     }
 
-    /// Gathers the next `rows` rows and writes them as the shard `desc` describes (its
-    /// tensors are filled in here). Returns the manifest entry, the data key and the tensor
-    /// bytes written.
-    pub fn write_next_shard(
+    /// Gathers the next `rows` rows into the shard `desc` describes (its tensors are filled in
+    /// here), ready to seal. `between` is called before each input batch: an error it returns
+    /// stops the gathering and is returned.
+    pub fn gather_next_shard(
         &mut self,
         rows: u64,
         mut desc: Descriptor,
-        sealer: &mut Sealer<'_>,
-    ) -> Result<(ShardEntry, DataKey, u64)> {
+        between: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<GatheredShard> {
         let mut cols: Vec<Gathered> = self
             .fields
             .iter()
@@ -339,6 +362,7 @@ impl RowsPlan<'_> {
             .collect();
         let mut left = rows;
         while left > 0 {
+            between()?;
             self.load_batch()?;
             let (batch, at) = self.batch.as_ref().expect("loaded");
             let (batch, at) = (batch, *at);
@@ -355,8 +379,8 @@ impl RowsPlan<'_> {
             }
         }
         let mut plans = Vec::with_capacity(cols.len() * 2);
-        let mut bufs: Vec<&Segments> = Vec::with_capacity(cols.len() * 2);
-        for (g, f) in cols.iter().zip(&self.fields) {
+        let mut bufs: Vec<Segments> = Vec::with_capacity(cols.len() * 2);
+        for (g, f) in cols.into_iter().zip(&self.fields) {
             let spec = &f.spec;
             match g {
                 Gathered::Fixed(bytes) => {
@@ -380,7 +404,7 @@ impl RowsPlan<'_> {
                     plans.push(TensorPlan {
                         name: spec.name.clone(),
                         dtype: spec.dtype,
-                        shape: std::iter::once(*elements)
+                        shape: std::iter::once(elements)
                             .chain(spec.shape.iter().copied())
                             .collect(),
                         encrypted: f.encrypted,
@@ -402,12 +426,7 @@ impl RowsPlan<'_> {
         }
         let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         desc.tensors = lay_out(plans, desc.chunk_size);
-        let read = |t: usize, offset: u64, buf: &mut [u8]| {
-            bufs[t].read(offset as usize, buf);
-            Ok(())
-        };
-        let (entry, dk) = write_shard(&desc, &read, sealer)?;
-        Ok((entry, dk, bytes))
+        Ok(GatheredShard { desc, bufs, bytes })
     }
 
     /// Pulls (and checks) the next batch when the current one is used up.
