@@ -1,25 +1,26 @@
 //! `convert` for row-batch inputs ([`RecordInput`]: Parquet, Arrow IPC, JSONL, Arrow batches
 //! and ragged columns in memory): rows are pulled batch by batch, gathered into one shard's
-//! columns in memory
-//! (zeroized buffers), and the shard is sealed from them.
+//! tensors (byte ranges of the decoded batches, held without a copy, and row offsets rebased
+//! into zeroized buffers), and the shard is sealed from them.
 //!
 //! Every input knows its exact row count when opened, so the shard layout (rows per shard,
 //! shard count) is fixed before anything is sealed, as each shard's descriptor needs it; rows
 //! per shard come from the inputs' estimated bytes per row, so a shard of long rows is larger
-//! than one of short rows. Memory: one shard's plaintext and one input batch here; the shard
-//! loop (`convert_pipeline.rs`) seals one shard while the next is gathered, so two shards.
+//! than one of short rows. Memory: one shard's plaintext (its batches) here; the shard loop
+//! (`convert_pipeline.rs`) seals one shard while the next is gathered, so about two shards.
 
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::Path;
+use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
 use super::input::records::{ColumnData, FieldSpec, RecordInput, RowBatch};
 use super::input::{ConvertInput, check_column};
 use super::seal::{Sealer, TensorPlan, lay_out, write_shard};
-use super::segments::Segments;
+use super::segments::{Pieces, Segments};
 use super::{Column, Descriptor, Dtype, Layout, MAX_TENSORS, OFFSETS_SUFFIX, ShardEntry};
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
@@ -40,7 +41,7 @@ pub(super) struct RowsPlan<'a> {
     /// The inputs' metadata, later inputs overriding earlier ones.
     pub metadata: BTreeMap<String, String>,
     /// The current batch and its next row.
-    batch: Option<(RowBatch, usize)>,
+    batch: Option<(Arc<RowBatch>, usize)>,
     /// The input the current batch came from (for errors).
     batch_input: std::path::PathBuf,
 }
@@ -255,9 +256,9 @@ fn describe(fields: &[FieldSpec]) -> String {
 
 /// One column of the shard being gathered.
 enum Gathered {
-    Fixed(Segments),
+    Fixed(Pieces),
     Ragged {
-        values: Segments,
+        values: Pieces,
         /// Little-endian `I64` row offsets, `rows + 1` of them once the shard is complete.
         offsets: Segments,
         /// Elements so far (the last offset).
@@ -271,9 +272,33 @@ pub(super) struct GatheredShard {
     /// The shard's descriptor, tensors laid out.
     pub desc: Descriptor,
     /// Each tensor's bytes, in the descriptor's order.
-    bufs: Vec<Segments>,
+    bufs: Vec<TensorBytes>,
     /// Tensor bytes (all of `bufs`).
     pub bytes: u64,
+}
+
+/// A gathered tensor's bytes.
+enum TensorBytes {
+    /// Ranges of the decoded batches (fixed columns, ragged values).
+    Pieces(Pieces),
+    /// Bytes made here (ragged row offsets, rebased to the shard).
+    Segments(Segments),
+}
+
+impl TensorBytes {
+    fn len(&self) -> usize {
+        match self {
+            TensorBytes::Pieces(p) => p.len(),
+            TensorBytes::Segments(s) => s.len(),
+        }
+    }
+
+    fn read(&self, at: usize, buf: &mut [u8]) {
+        match self {
+            TensorBytes::Pieces(p) => p.read(at, buf),
+            TensorBytes::Segments(s) => s.read(at, buf),
+        }
+    }
 }
 
 impl GatheredShard {
@@ -351,12 +376,12 @@ impl RowsPlan<'_> {
                     let mut offsets = Segments::default();
                     offsets.extend_from_slice(&0i64.to_le_bytes());
                     Gathered::Ragged {
-                        values: Segments::default(),
+                        values: Pieces::default(),
                         offsets,
                         elements: 0,
                     }
                 } else {
-                    Gathered::Fixed(Segments::default())
+                    Gathered::Fixed(Pieces::default())
                 }
             })
             .collect();
@@ -367,8 +392,8 @@ impl RowsPlan<'_> {
             let (batch, at) = self.batch.as_ref().expect("loaded");
             let (batch, at) = (batch, *at);
             let n = ((batch.rows - at) as u64).min(left) as usize;
-            for ((g, c), f) in cols.iter_mut().zip(&batch.columns).zip(&self.fields) {
-                append_rows(g, c, f, at, at + n);
+            for (column, (g, f)) in cols.iter_mut().zip(&self.fields).enumerate() {
+                append_rows(g, batch, column, f, at, at + n);
             }
             left -= n as u64;
             let next = at + n;
@@ -379,7 +404,7 @@ impl RowsPlan<'_> {
             }
         }
         let mut plans = Vec::with_capacity(cols.len() * 2);
-        let mut bufs: Vec<Segments> = Vec::with_capacity(cols.len() * 2);
+        let mut bufs: Vec<TensorBytes> = Vec::with_capacity(cols.len() * 2);
         for (g, f) in cols.into_iter().zip(&self.fields) {
             let spec = &f.spec;
             match g {
@@ -394,7 +419,7 @@ impl RowsPlan<'_> {
                         layout: Layout::Fixed,
                         len: bytes.len() as u64,
                     });
-                    bufs.push(bytes);
+                    bufs.push(TensorBytes::Pieces(bytes));
                 }
                 Gathered::Ragged {
                     values,
@@ -419,8 +444,8 @@ impl RowsPlan<'_> {
                         layout: Layout::RowOffsets,
                         len: offsets.len() as u64,
                     });
-                    bufs.push(values);
-                    bufs.push(offsets);
+                    bufs.push(TensorBytes::Pieces(values));
+                    bufs.push(TensorBytes::Segments(offsets));
                 }
             }
         }
@@ -442,7 +467,7 @@ impl RowsPlan<'_> {
             match input.next_batch()? {
                 Some(b) if b.rows > 0 => {
                     check_batch(&self.batch_input, &self.fields, &b)?;
-                    self.batch = Some((b, 0));
+                    self.batch = Some((Arc::new(b), 0));
                 }
                 Some(_) => {}
                 None => {
@@ -454,12 +479,20 @@ impl RowsPlan<'_> {
     }
 }
 
-/// Appends rows `a..b` of batch column `c` to `g`. The batch was checked ([`check_batch`]).
-fn append_rows(g: &mut Gathered, c: &ColumnData, f: &Field, a: usize, b: usize) {
-    match (g, c) {
-        (Gathered::Fixed(out), ColumnData::Fixed(bytes)) => {
+/// Appends rows `a..b` of column `column` of `batch` to `g`: its bytes by reference, ragged
+/// row offsets rebased to the shard. The batch was checked ([`check_batch`]).
+fn append_rows(
+    g: &mut Gathered,
+    batch: &Arc<RowBatch>,
+    column: usize,
+    f: &Field,
+    a: usize,
+    b: usize,
+) {
+    match (g, &batch.columns[column]) {
+        (Gathered::Fixed(out), ColumnData::Fixed(_)) => {
             let rb = f.unit_bytes as usize;
-            out.extend_from_slice(&bytes[a * rb..b * rb]);
+            out.push(batch, column, a * rb..b * rb);
         }
         (
             Gathered::Ragged {
@@ -467,11 +500,11 @@ fn append_rows(g: &mut Gathered, c: &ColumnData, f: &Field, a: usize, b: usize) 
                 offsets: out_offsets,
                 elements,
             },
-            ColumnData::Ragged { values, offsets },
+            ColumnData::Ragged { offsets, .. },
         ) => {
             let eb = f.unit_bytes as usize;
             let (first, last) = (offsets[a], offsets[b]);
-            out.extend_from_slice(&values[first as usize * eb..last as usize * eb]);
+            out.push(batch, column, first as usize * eb..last as usize * eb);
             let base = *elements;
             let mut le = Zeroizing::new(Vec::with_capacity(8 * (b - a)));
             for &o in &offsets[a + 1..=b] {
