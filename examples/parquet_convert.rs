@@ -7,7 +7,7 @@
 //! parquet_convert gen FILE [TOTAL_MB] [ROW_GROUP_MB]   # writes the file (once)
 //! parquet_convert decode FILE     # arrow-rs's Parquet reader alone, every batch touched
 //! parquet_convert convert FILE OUT_DIR [SHARD_MB]   # ciphershard's convert, default options
-//!                                                    # (128 MiB shards for Parquet) unless
+//!                                                    # (64 MiB shards for Parquet) unless
 //!                                                    # SHARD_MB is given
 //! ```
 //! `decode` and `convert` print one JSON object: seconds, the file's uncompressed Arrow bytes

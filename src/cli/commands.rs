@@ -98,7 +98,7 @@ pub struct ConvertArgs {
     force: bool,
     /// Target shard size of the tensor bytes (rows are split so each shard's data stays under
     /// it; the header comes on top). Parquet, Arrow IPC and JSONL inputs are converted with
-    /// about two shards in memory, hence their smaller default [default: 1GiB; 128MiB for
+    /// about two shards in memory, hence their smaller default [default: 1GiB; 64MiB for
     /// Parquet, Arrow IPC, JSONL].
     #[arg(long, value_parser = super::parse_positive_size)]
     shard_size: Option<u64>,

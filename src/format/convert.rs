@@ -31,9 +31,11 @@ pub const DEFAULT_SHARD_SIZE: u64 = 1 << 30;
 /// The target shard size of inputs decoded batch by batch (Parquet, Arrow, JSONL, ragged
 /// columns) unless one is given. Their conversion holds each shard's plaintext whole until it
 /// is sealed, and gathers the next shard while one is sealed: memory is about two shards plus
-/// the decoder's. This size keeps that to a few row groups of pyarrow's default size and lets
-/// sealing overlap decoding (docs/BENCHMARKS.md, issue 14).
-pub const DEFAULT_ROWS_SHARD_SIZE: u64 = 128 << 20;
+/// the decoder's. Shards are cut by the inputs' estimated bytes, which can be low (a Parquet
+/// file's uncompressed size counts dictionary-encoded values as indices: 64 MiB made shards of
+/// about 100 MB, a row group, of such a file); larger shards measured no faster, only larger
+/// in memory (docs/BENCHMARKS.md, issue 14; docs/INPUTS.md, "Shards and memory").
+pub const DEFAULT_ROWS_SHARD_SIZE: u64 = 64 << 20;
 
 /// Options of [`convert`].
 #[derive(Debug, Clone)]
