@@ -42,6 +42,19 @@ enum Event {
     Sealed(ShardEntry, DataKey),
 }
 
+/// Moves the sealing thread's list of files into the caller's cleanup list when dropped.
+struct Collect<'a> {
+    into: &'a mut Vec<PathBuf>,
+    from: Mutex<Vec<PathBuf>>,
+}
+
+impl Drop for Collect<'_> {
+    fn drop(&mut self) {
+        let from = self.from.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.into.append(from);
+    }
+}
+
 /// What [`write_row_shards`] wrote.
 pub(super) struct RowShards {
     /// Each shard's manifest entry, in order.
@@ -68,13 +81,19 @@ pub(super) fn write_row_shards(
 ) -> Result<RowShards> {
     let count = shards.len();
     let stop = AtomicBool::new(false);
-    let paths = Mutex::new(Vec::new());
+    // The sealing thread's files reach `cleanup` on every path, a panic of this thread's stage
+    // included (the scope joins the sealing thread before unwinding on).
+    let collect = Collect {
+        into: cleanup,
+        from: Mutex::new(Vec::new()),
+    };
+    let paths = &collect.from;
     let mut entries = Vec::with_capacity(count);
     let mut data_keys = Vec::with_capacity(count);
     let result = std::thread::scope(|sc| {
         let (work_tx, work_rx) = crossbeam_channel::bounded::<GatheredShard>(0);
         let (event_tx, event_rx) = crossbeam_channel::unbounded::<Event>();
-        let (stop, paths) = (&stop, &paths);
+        let stop = &stop;
         let sealer = sc.spawn(move || {
             // Held for the thread's life: files are listed even if it panics (poisoned).
             let mut paths = paths.lock().unwrap_or_else(|p| p.into_inner());
@@ -171,7 +190,6 @@ pub(super) fn write_row_shards(
             )),
         }
     });
-    cleanup.extend(paths.into_inner().unwrap_or_else(|p| p.into_inner()));
     let bytes = result?;
     if entries.len() != count {
         return Err(Error::io(
@@ -265,6 +283,35 @@ mod tests {
         .to_string();
         assert!(e.contains("<table>") && e.contains("null"), "{e}");
         assert_eq!(left(&out), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_io_error_in_the_sealing_thread_is_the_error_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ds");
+        let mut calls = 0;
+        // The output directory disappears under the sealing thread after a few shards.
+        let e = convert_with(
+            &[input(false)],
+            &out,
+            &opts(),
+            false,
+            &mut |_, _| {},
+            &mut || {
+                calls += 1;
+                if calls == 5 {
+                    std::fs::remove_dir_all(&out).unwrap();
+                }
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(e, crate::Error::Io { ref path, .. } if path.starts_with(&out)),
+            "{text}"
+        );
+        assert!(!out.exists(), "{text}");
     }
 
     #[test]
