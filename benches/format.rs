@@ -33,7 +33,7 @@ fn bench(c: &mut Criterion) {
     }];
     let opts = ConvertOptions {
         keys: vec![MasterKey::from_bytes([1; 32])],
-        shard_size: 64 * MIB as u64,
+        shard_size: Some(64 * MIB as u64),
         ..Default::default()
     };
     g.bench_function("convert_encrypted_2MiB_chunks", |b| {

@@ -7,7 +7,8 @@
 //! parquet_convert gen FILE [TOTAL_MB] [ROW_GROUP_MB]   # writes the file (once)
 //! parquet_convert decode FILE     # arrow-rs's Parquet reader alone, every batch touched
 //! parquet_convert convert FILE OUT_DIR [SHARD_MB]   # ciphershard's convert, default options
-//!                                                    # (1 GiB shards) unless SHARD_MB is given
+//!                                                    # (64 MiB shards for Parquet) unless
+//!                                                    # SHARD_MB is given
 //! ```
 //! `decode` and `convert` print one JSON object: seconds, the file's uncompressed Arrow bytes
 //! (values and offsets of every column, as decoded; the same count for both modes, so the
@@ -62,7 +63,7 @@ fn main() -> Result<(), Error> {
                 ..ConvertOptions::default()
             };
             if let Some(mb) = arg(3) {
-                opts.shard_size = mb.parse::<u64>()? << 20;
+                opts.shard_size = Some(mb.parse::<u64>()? << 20);
             }
             let input = [ConvertInput::Parquet(file.into())];
             // The peak memory of the decode above (one batch) stays below convert's own.

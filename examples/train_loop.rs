@@ -47,7 +47,7 @@ fn make_dataset(dir: &Path, rows: u64) -> Result<MasterKey> {
     let opts = ConvertOptions {
         keys: vec![key.clone()],
         chunk_size: 64 << 10,
-        shard_size: 2 << 20,
+        shard_size: Some(2 << 20),
         ..Default::default()
     };
     convert(&inputs, dir, &opts, &mut |_, _| {})?;

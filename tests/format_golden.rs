@@ -242,7 +242,7 @@ fn regenerate_golden_v2() {
     )
     .unwrap();
     let o = format::ConvertOptions {
-        shard_size: 400,
+        shard_size: Some(400),
         chunk_size: 64,
         plain: vec!["text".into()],
         keys: vec![k.clone()],

@@ -28,7 +28,7 @@ fn make(dir: &std::path::Path, rows: u64) -> (MasterKey, Vec<f32>, Vec<i32>) {
     let opts = ConvertOptions {
         keys: vec![key.clone()],
         chunk_size: 128,
-        shard_size: 1500,
+        shard_size: Some(1500),
         plain: vec!["y".into()],
         ..Default::default()
     };

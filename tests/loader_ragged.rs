@@ -51,7 +51,7 @@ fn make(dir: &std::path::Path, rows: u64, plain: &[&str]) -> MasterKey {
     let opts = ConvertOptions {
         keys: vec![key.clone()],
         chunk_size: 256,
-        shard_size: 4000,
+        shard_size: Some(4000),
         plain: plain.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     };

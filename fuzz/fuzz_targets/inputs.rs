@@ -45,7 +45,7 @@ fn convert_and_check(
     let out = dir().join("out");
     let _ = std::fs::remove_dir_all(&out);
     let opts = ConvertOptions {
-        shard_size: 256,
+        shard_size: Some(256),
         chunk_size: 64,
         keys: vec![key()],
         ..ConvertOptions::default()

@@ -166,7 +166,7 @@ fuzz_target!(|data: &[u8]| {
     let out = dir().join("ds");
     let _ = std::fs::remove_dir_all(&out);
     let convert = ConvertOptions {
-        shard_size,
+        shard_size: Some(shard_size),
         chunk_size,
         plain,
         keys: vec![key()],

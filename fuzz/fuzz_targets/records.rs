@@ -95,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
     let out = dir().join("out");
     let _ = std::fs::remove_dir_all(&out);
     let opts = ConvertOptions {
-        shard_size: 4096,
+        shard_size: Some(4096),
         chunk_size: 256,
         keys: vec![key()],
         ..ConvertOptions::default()

@@ -193,7 +193,7 @@ def convert(
     key_env: Optional[str] = None,
     columns: Sequence[str] = ...,  # JSONL inputs only: the keys to convert
     chunk_size: int = ...,  # 2 MiB
-    shard_size: int = ...,  # 1 GiB
+    shard_size: Optional[int] = None,  # 1 GiB; 64 MiB for Parquet, Arrow, JSONL, ragged columns
     plain: Sequence[str] = ...,  # no plain columns
     metadata: Mapping[str, str] = ...,  # none
 ) -> Dict[str, Any]:

@@ -431,7 +431,7 @@ fn whole_input(value: &Bound<'_, PyAny>, jsonl_columns: &[String]) -> PyResult<C
 /// Returns a summary dict. Plaintext never reaches disk; a failed convert leaves no shard
 /// under its final name.
 #[pyfunction]
-#[pyo3(signature = (data, /, *, out, key_file=None, key_env=None, columns=Vec::new(), chunk_size=2 << 20, shard_size=1 << 30, plain=Vec::new(), metadata=BTreeMap::new()))]
+#[pyo3(signature = (data, /, *, out, key_file=None, key_env=None, columns=Vec::new(), chunk_size=2 << 20, shard_size=None, plain=Vec::new(), metadata=BTreeMap::new()))]
 #[allow(clippy::too_many_arguments)]
 pub fn convert<'py>(
     py: Python<'py>,
@@ -441,7 +441,7 @@ pub fn convert<'py>(
     key_env: Option<String>,
     columns: Vec<String>,
     chunk_size: u64,
-    shard_size: u64,
+    shard_size: Option<u64>,
     plain: Vec<String>,
     metadata: BTreeMap<String, String>,
 ) -> PyResult<Bound<'py, PyDict>> {

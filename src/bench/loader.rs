@@ -432,7 +432,7 @@ pub fn generate_with(
     let opts = ConvertOptions {
         keys: vec![key.clone()],
         chunk_size,
-        shard_size: 64 << 20,
+        shard_size: Some(64 << 20),
         ..Default::default()
     };
     convert(&inputs, dir, &opts, progress)?;

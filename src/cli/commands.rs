@@ -97,9 +97,11 @@ pub struct ConvertArgs {
     #[arg(long)]
     force: bool,
     /// Target shard size of the tensor bytes (rows are split so each shard's data stays under
-    /// it; the header comes on top).
-    #[arg(long, default_value = "1GiB", value_parser = super::parse_positive_size)]
-    shard_size: u64,
+    /// it; the header comes on top). Parquet, Arrow IPC and JSONL inputs are converted with
+    /// about two shards in memory, hence their smaller default [default: 1GiB; 64MiB for
+    /// Parquet, Arrow IPC, JSONL].
+    #[arg(long, value_parser = super::parse_positive_size)]
+    shard_size: Option<u64>,
     /// Chunk size: the unit of authentication (a multiple of 64 bytes, at most 256 MiB).
     #[arg(long, default_value = "2MiB", value_parser = super::parse_chunk_size)]
     chunk_size: u64,
@@ -1044,7 +1046,7 @@ pub fn demo(rows: u64, backend: Backend) -> Result<()> {
     // 2. Convert: a fresh master key (kept in memory), 4 MiB shards of 256 KiB chunks.
     let key = MasterKey::generate()?;
     let opts = ConvertOptions {
-        shard_size: 4 << 20,
+        shard_size: Some(4 << 20),
         chunk_size: 256 << 10,
         plain: vec!["label".into()],
         keys: vec![key.clone()],

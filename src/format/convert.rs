@@ -24,11 +24,27 @@ use super::{
 use crate::error::{Error, Result};
 use crate::keys::{MasterKey, WRAPPED_LEN};
 
+/// The target shard size of inputs read at byte ranges (safetensors, `.npy`, fixed columns in
+/// memory) unless one is given: they stream, and memory does not depend on it.
+pub const DEFAULT_SHARD_SIZE: u64 = 1 << 30;
+
+/// The target shard size of inputs decoded batch by batch (Parquet, Arrow, JSONL, ragged
+/// columns) unless one is given. Their conversion holds each shard's plaintext whole until it
+/// is sealed, and gathers the next shard while one is sealed: memory is about two shards plus
+/// the decoder's. Shards are cut by the inputs' estimated bytes, which can be low (a Parquet
+/// file's uncompressed size counts dictionary-encoded values as indices: 64 MiB made shards of
+/// about 100 MB, a row group, of such a file); larger shards measured no faster, only larger
+/// in memory (docs/BENCHMARKS.md, issue 14; docs/INPUTS.md, "Shards and memory").
+pub const DEFAULT_ROWS_SHARD_SIZE: u64 = 64 << 20;
+
 /// Options of [`convert`].
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
-    /// Target shard size in bytes (rows are never split; default 1 GiB).
-    pub shard_size: u64,
+    /// Target shard size in bytes (rows are never split). `None`: [`DEFAULT_SHARD_SIZE`] for
+    /// inputs read at byte ranges (safetensors, `.npy`, fixed columns in memory),
+    /// [`DEFAULT_ROWS_SHARD_SIZE`] for inputs decoded batch by batch (Parquet, Arrow, JSONL,
+    /// ragged columns), whose conversion holds about two shards' plaintext in memory.
+    pub shard_size: Option<u64>,
     /// Chunk size in bytes (multiple of 64; default 2 MiB).
     pub chunk_size: u64,
     /// Glob patterns (`*`, `?`) naming tensors to leave readable (still authenticated).
@@ -42,7 +58,7 @@ pub struct ConvertOptions {
 impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
-            shard_size: 1 << 30,
+            shard_size: None,
             chunk_size: 2 << 20,
             plain: Vec::new(),
             keys: Vec::new(),
@@ -407,7 +423,7 @@ pub fn convert_with(
             "chunk size {cs} must be a multiple of 64 between 64 and {MAX_CHUNK_SIZE}"
         )));
     }
-    if opts.shard_size == 0 {
+    if opts.shard_size == Some(0) {
         return Err(Error::InvalidArgument("shard size must be positive".into()));
     }
     let encrypted = |name: &str| !opts.plain.iter().any(|p| glob_match(p, name));
@@ -470,7 +486,7 @@ pub fn convert_with(
             let rows_per_shard = if *kind == DatasetKind::Tensors || row_bytes == 0 {
                 rows.max(1)
             } else {
-                (opts.shard_size / row_bytes).max(1)
+                (opts.shard_size.unwrap_or(DEFAULT_SHARD_SIZE) / row_bytes).max(1)
             };
             let total: u64 = cols
                 .iter()
@@ -478,7 +494,11 @@ pub fn convert_with(
                 .fold(0, u64::saturating_add);
             (rows, rows_per_shard, total)
         }
-        Job::Rows(p) => (p.rows, p.rows_per_shard(opts.shard_size), p.estimated_bytes),
+        Job::Rows(p) => (
+            p.rows,
+            p.rows_per_shard(opts.shard_size.unwrap_or(DEFAULT_ROWS_SHARD_SIZE)),
+            p.estimated_bytes,
+        ),
     };
     let shard_count = rows.div_ceil(rows_per_shard).max(1);
     if shard_count > MAX_SHARDS as u64 {
@@ -519,12 +539,11 @@ pub fn convert_with(
     let mut data_keys = Vec::with_capacity(shard_count as usize);
     let mut entries = Vec::with_capacity(shard_count as usize);
     let mut done = 0u64;
-    let mut bytes_written = 0u64;
     let mut tensor_bytes = 0u64;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
-    for s in 0..shard_count {
+    let shard = |s: u32| {
         let r0 = s as u64 * rows_per_shard;
         let r1 = r0.saturating_add(rows_per_shard).min(rows);
         let (srows, row_start) = if kind == DatasetKind::Dataset {
@@ -543,28 +562,51 @@ pub fn convert_with(
             tensors: Vec::new(),
             metadata: metadata.clone(),
         };
-        let mut sealer = Sealer {
-            out_dir,
-            threads,
-            cleanup: &mut cleanup.paths,
-            written: &mut |n| {
-                done += n;
-                progress(done, total.max(done));
-            },
-            checkpoint: &mut *checkpoint,
-        };
-        let (entry, dk) = match &mut job {
-            Job::Ranges(p) => write_range_shard(p, r0, desc, &mut sealer)?,
-            Job::Rows(p) => {
-                let (entry, dk, bytes) = p.write_next_shard(srows, desc, &mut sealer)?;
-                tensor_bytes += bytes;
-                (entry, dk)
+        (r0, desc)
+    };
+    let mut written = |n| {
+        done += n;
+        progress(done, total.max(done));
+    };
+    match &mut job {
+        Job::Ranges(p) => {
+            for s in 0..shard_count {
+                let (r0, desc) = shard(s);
+                let mut sealer = Sealer {
+                    out_dir,
+                    threads,
+                    cleanup: &mut cleanup.paths,
+                    written: &mut written,
+                    checkpoint: &mut *checkpoint,
+                };
+                let (entry, dk) = write_range_shard(p, r0, desc, &mut sealer)?;
+                data_keys.push(dk);
+                entries.push(entry);
             }
-        };
-        bytes_written += entry.bytes;
-        data_keys.push(dk);
-        entries.push(entry);
+        }
+        // Decoded rows: gathered on this thread while the previous shard is sealed on others.
+        Job::Rows(p) => {
+            let shards = (0..shard_count)
+                .map(|s| {
+                    let (_, desc) = shard(s);
+                    (desc.rows, desc)
+                })
+                .collect();
+            let w = super::convert_pipeline::write_row_shards(
+                p,
+                shards,
+                out_dir,
+                threads,
+                &mut cleanup.paths,
+                &mut written,
+                &mut *checkpoint,
+            )?;
+            tensor_bytes = w.bytes;
+            data_keys = w.data_keys;
+            entries = w.entries;
+        }
     }
+    let bytes_written: u64 = entries.iter().map(|e| e.bytes).sum();
 
     checkpoint()?;
     let mut keyring = Keyring::new(&out_dir.join(KEYRING_FILE), dataset_id);
@@ -625,7 +667,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("ds");
         let opts = ConvertOptions {
-            shard_size: 100,
+            shard_size: Some(100),
             chunk_size: 64,
             keys: (1..=3).map(|b| MasterKey::from_bytes([b; 32])).collect(),
             ..ConvertOptions::default()

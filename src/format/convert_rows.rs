@@ -1,23 +1,26 @@
 //! `convert` for row-batch inputs ([`RecordInput`]: Parquet, Arrow IPC, JSONL, Arrow batches
 //! and ragged columns in memory): rows are pulled batch by batch, gathered into one shard's
-//! columns in memory
-//! (zeroized buffers), and the shard is sealed from them.
+//! tensors (byte ranges of the decoded batches, held without a copy, and row offsets rebased
+//! into zeroized buffers), and the shard is sealed from them.
 //!
 //! Every input knows its exact row count when opened, so the shard layout (rows per shard,
 //! shard count) is fixed before anything is sealed, as each shard's descriptor needs it; rows
 //! per shard come from the inputs' estimated bytes per row, so a shard of long rows is larger
-//! than one of short rows. Memory: one shard's plaintext and one input batch.
+//! than one of short rows. Memory: one shard's plaintext (its batches) here; the shard loop
+//! (`convert_pipeline.rs`) seals one shard while the next is gathered, so about two shards.
 
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::Path;
+use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
 use super::input::records::{ColumnData, FieldSpec, RecordInput, RowBatch};
 use super::input::{ConvertInput, check_column};
 use super::seal::{Sealer, TensorPlan, lay_out, write_shard};
+use super::segments::{Pieces, Segments};
 use super::{Column, Descriptor, Dtype, Layout, MAX_TENSORS, OFFSETS_SUFFIX, ShardEntry};
 use crate::error::{Error, Result};
 use crate::keys::DataKey;
@@ -38,7 +41,7 @@ pub(super) struct RowsPlan<'a> {
     /// The inputs' metadata, later inputs overriding earlier ones.
     pub metadata: BTreeMap<String, String>,
     /// The current batch and its next row.
-    batch: Option<(RowBatch, usize)>,
+    batch: Option<(Arc<RowBatch>, usize)>,
     /// The input the current batch came from (for errors).
     batch_input: std::path::PathBuf,
 }
@@ -253,9 +256,9 @@ fn describe(fields: &[FieldSpec]) -> String {
 
 /// One column of the shard being gathered.
 enum Gathered {
-    Fixed(Segments),
+    Fixed(Pieces),
     Ragged {
-        values: Segments,
+        values: Pieces,
         /// Little-endian `I64` row offsets, `rows + 1` of them once the shard is complete.
         offsets: Segments,
         /// Elements so far (the last offset).
@@ -263,63 +266,49 @@ enum Gathered {
     },
 }
 
-/// Bytes of the first and of the largest segments of [`Segments`].
-const FIRST_SEGMENT: usize = 64 << 10;
-const MAX_SEGMENT: usize = 16 << 20;
-
-/// A growing byte buffer held as segments, each allocated once at its final size (64 KiB for
-/// the first, each next one twice the last, up to 16 MiB) and zeroed when dropped. A
-/// [`Zeroizing`] vector that grew would leave copies of the plaintext behind in the memory each
-/// reallocation frees.
-#[derive(Default)]
-struct Segments {
-    /// Each segment's first byte's offset, and the segment (full but the last).
-    segs: Vec<(usize, Zeroizing<Vec<u8>>)>,
-    /// The last segment's size, once allocated.
-    last_cap: usize,
-    len: usize,
+/// A shard's rows, gathered and laid out: what [`GatheredShard::seal`] writes. Its plaintext
+/// is zeroized when it is dropped.
+pub(super) struct GatheredShard {
+    /// The shard's descriptor, tensors laid out.
+    pub desc: Descriptor,
+    /// Each tensor's bytes, in the descriptor's order.
+    bufs: Vec<TensorBytes>,
+    /// Tensor bytes (all of `bufs`).
+    pub bytes: u64,
 }
 
-impl Segments {
-    fn extend_from_slice(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            if self
-                .segs
-                .last()
-                .is_none_or(|(_, s)| s.len() == self.last_cap)
-            {
-                self.last_cap = (2 * self.last_cap).clamp(FIRST_SEGMENT, MAX_SEGMENT);
-                let seg = Zeroizing::new(Vec::with_capacity(self.last_cap));
-                self.segs.push((self.len, seg));
-            }
-            let (_, seg) = self.segs.last_mut().expect("pushed");
-            let n = (self.last_cap - seg.len()).min(data.len());
-            seg.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            self.len += n;
-        }
-    }
+/// A gathered tensor's bytes.
+enum TensorBytes {
+    /// Ranges of the decoded batches (fixed columns, ragged values).
+    Pieces(Pieces),
+    /// Bytes made here (ragged row offsets, rebased to the shard).
+    Segments(Segments),
+}
 
+impl TensorBytes {
     fn len(&self) -> usize {
-        self.len
+        match self {
+            TensorBytes::Pieces(p) => p.len(),
+            TensorBytes::Segments(s) => s.len(),
+        }
     }
 
-    /// Copies bytes `at..at + buf.len()` into `buf` (they lie inside `0..len`).
     fn read(&self, at: usize, buf: &mut [u8]) {
-        if buf.is_empty() {
-            // The one chunk of an empty tensor (no segment at all).
-            return;
+        match self {
+            TensorBytes::Pieces(p) => p.read(at, buf),
+            TensorBytes::Segments(s) => s.read(at, buf),
         }
-        let mut i = self.segs.partition_point(|(start, _)| *start <= at) - 1;
-        let (mut off, mut done) = (at - self.segs[i].0, 0);
-        while done < buf.len() {
-            let s = &self.segs[i].1;
-            let n = (s.len() - off).min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&s[off..off + n]);
-            done += n;
-            i += 1;
-            off = 0;
-        }
+    }
+}
+
+impl GatheredShard {
+    /// Seals and writes the shard. Returns the manifest entry and the data key.
+    pub fn seal(&self, sealer: &mut Sealer<'_>) -> Result<(ShardEntry, DataKey)> {
+        let read = |t: usize, offset: u64, buf: &mut [u8]| {
+            self.bufs[t].read(offset as usize, buf);
+            Ok(())
+        };
+        write_shard(&self.desc, &read, sealer)
     }
 }
 
@@ -370,15 +359,15 @@ impl RowsPlan<'_> {
         per.clamp(1, self.rows.max(1) as u128) as u64
     }
 
-    /// Gathers the next `rows` rows and writes them as the shard `desc` describes (its
-    /// tensors are filled in here). Returns the manifest entry, the data key and the tensor
-    /// bytes written.
-    pub fn write_next_shard(
+    /// Gathers the next `rows` rows into the shard `desc` describes (its tensors are filled in
+    /// here), ready to seal. `between` is called before each input batch: an error it returns
+    /// stops the gathering and is returned.
+    pub fn gather_next_shard(
         &mut self,
         rows: u64,
         mut desc: Descriptor,
-        sealer: &mut Sealer<'_>,
-    ) -> Result<(ShardEntry, DataKey, u64)> {
+        between: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<GatheredShard> {
         let mut cols: Vec<Gathered> = self
             .fields
             .iter()
@@ -387,23 +376,24 @@ impl RowsPlan<'_> {
                     let mut offsets = Segments::default();
                     offsets.extend_from_slice(&0i64.to_le_bytes());
                     Gathered::Ragged {
-                        values: Segments::default(),
+                        values: Pieces::default(),
                         offsets,
                         elements: 0,
                     }
                 } else {
-                    Gathered::Fixed(Segments::default())
+                    Gathered::Fixed(Pieces::default())
                 }
             })
             .collect();
         let mut left = rows;
         while left > 0 {
+            between()?;
             self.load_batch()?;
             let (batch, at) = self.batch.as_ref().expect("loaded");
             let (batch, at) = (batch, *at);
             let n = ((batch.rows - at) as u64).min(left) as usize;
-            for ((g, c), f) in cols.iter_mut().zip(&batch.columns).zip(&self.fields) {
-                append_rows(g, c, f, at, at + n);
+            for (column, (g, f)) in cols.iter_mut().zip(&self.fields).enumerate() {
+                append_rows(g, batch, column, f, at, at + n);
             }
             left -= n as u64;
             let next = at + n;
@@ -414,8 +404,8 @@ impl RowsPlan<'_> {
             }
         }
         let mut plans = Vec::with_capacity(cols.len() * 2);
-        let mut bufs: Vec<&Segments> = Vec::with_capacity(cols.len() * 2);
-        for (g, f) in cols.iter().zip(&self.fields) {
+        let mut bufs: Vec<TensorBytes> = Vec::with_capacity(cols.len() * 2);
+        for (g, f) in cols.into_iter().zip(&self.fields) {
             let spec = &f.spec;
             match g {
                 Gathered::Fixed(bytes) => {
@@ -429,7 +419,7 @@ impl RowsPlan<'_> {
                         layout: Layout::Fixed,
                         len: bytes.len() as u64,
                     });
-                    bufs.push(bytes);
+                    bufs.push(TensorBytes::Pieces(bytes));
                 }
                 Gathered::Ragged {
                     values,
@@ -439,7 +429,7 @@ impl RowsPlan<'_> {
                     plans.push(TensorPlan {
                         name: spec.name.clone(),
                         dtype: spec.dtype,
-                        shape: std::iter::once(*elements)
+                        shape: std::iter::once(elements)
                             .chain(spec.shape.iter().copied())
                             .collect(),
                         encrypted: f.encrypted,
@@ -454,19 +444,14 @@ impl RowsPlan<'_> {
                         layout: Layout::RowOffsets,
                         len: offsets.len() as u64,
                     });
-                    bufs.push(values);
-                    bufs.push(offsets);
+                    bufs.push(TensorBytes::Pieces(values));
+                    bufs.push(TensorBytes::Segments(offsets));
                 }
             }
         }
         let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         desc.tensors = lay_out(plans, desc.chunk_size);
-        let read = |t: usize, offset: u64, buf: &mut [u8]| {
-            bufs[t].read(offset as usize, buf);
-            Ok(())
-        };
-        let (entry, dk) = write_shard(&desc, &read, sealer)?;
-        Ok((entry, dk, bytes))
+        Ok(GatheredShard { desc, bufs, bytes })
     }
 
     /// Pulls (and checks) the next batch when the current one is used up.
@@ -482,7 +467,7 @@ impl RowsPlan<'_> {
             match input.next_batch()? {
                 Some(b) if b.rows > 0 => {
                     check_batch(&self.batch_input, &self.fields, &b)?;
-                    self.batch = Some((b, 0));
+                    self.batch = Some((Arc::new(b), 0));
                 }
                 Some(_) => {}
                 None => {
@@ -494,12 +479,20 @@ impl RowsPlan<'_> {
     }
 }
 
-/// Appends rows `a..b` of batch column `c` to `g`. The batch was checked ([`check_batch`]).
-fn append_rows(g: &mut Gathered, c: &ColumnData, f: &Field, a: usize, b: usize) {
-    match (g, c) {
-        (Gathered::Fixed(out), ColumnData::Fixed(bytes)) => {
+/// Appends rows `a..b` of column `column` of `batch` to `g`: its bytes by reference, ragged
+/// row offsets rebased to the shard. The batch was checked ([`check_batch`]).
+fn append_rows(
+    g: &mut Gathered,
+    batch: &Arc<RowBatch>,
+    column: usize,
+    f: &Field,
+    a: usize,
+    b: usize,
+) {
+    match (g, &batch.columns[column]) {
+        (Gathered::Fixed(out), ColumnData::Fixed(_)) => {
             let rb = f.unit_bytes as usize;
-            out.extend_from_slice(&bytes[a * rb..b * rb]);
+            out.push(batch, column, a * rb..b * rb);
         }
         (
             Gathered::Ragged {
@@ -507,11 +500,11 @@ fn append_rows(g: &mut Gathered, c: &ColumnData, f: &Field, a: usize, b: usize) 
                 offsets: out_offsets,
                 elements,
             },
-            ColumnData::Ragged { values, offsets },
+            ColumnData::Ragged { offsets, .. },
         ) => {
             let eb = f.unit_bytes as usize;
             let (first, last) = (offsets[a], offsets[b]);
-            out.extend_from_slice(&values[first as usize * eb..last as usize * eb]);
+            out.push(batch, column, first as usize * eb..last as usize * eb);
             let base = *elements;
             let mut le = Zeroizing::new(Vec::with_capacity(8 * (b - a)));
             for &o in &offsets[a + 1..=b] {
@@ -755,44 +748,5 @@ impl RecordInput for MemTable<'_> {
             rows: b - a,
             columns,
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn segments_hold_bytes_across_segment_boundaries() {
-        let data: Vec<u8> = (0u32..40 << 20)
-            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
-            .collect();
-        let mut s = Segments::default();
-        // An empty tensor's one chunk, read before any segment exists (found by fuzzing).
-        s.read(0, &mut []);
-        let mut at = 0;
-        for (k, step) in [1, 65535, 3, 1 << 20, 7 << 20].iter().cycle().enumerate() {
-            let end = (at + step + k).min(data.len());
-            s.extend_from_slice(&data[at..end]);
-            at = end;
-            if at == data.len() {
-                break;
-            }
-        }
-        assert_eq!(s.len(), data.len());
-        assert!(s.segs.iter().all(|(_, seg)| seg.len() <= MAX_SEGMENT));
-        assert_eq!(s.segs[0].1.len(), FIRST_SEGMENT);
-        let reads = [
-            (0, 10),
-            (65530, 20),
-            (196600, 300000),
-            (data.len() - 5, 5),
-            (1000, 35 << 20),
-        ];
-        for (start, len) in reads {
-            let mut buf = vec![0u8; len];
-            s.read(start, &mut buf);
-            assert!(buf == data[start..start + len], "{start} + {len}");
-        }
     }
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 mod convert;
+mod convert_pipeline;
 mod convert_rows;
 mod dataset;
 mod input;
@@ -22,11 +23,12 @@ mod manifest;
 mod ragged;
 mod report;
 mod seal;
+mod segments;
 mod shard;
 
 pub use convert::{
-    ConvertOptions, ConvertSummary, convert, convert_with, glob_match,
-    remove_interrupted_conversion,
+    ConvertOptions, ConvertSummary, DEFAULT_ROWS_SHARD_SIZE, DEFAULT_SHARD_SIZE, convert,
+    convert_with, glob_match, remove_interrupted_conversion,
 };
 pub use dataset::{
     Dataset, RekeySummary, UnlockedDataset, VerifySummary, add_key, decrypt_shard,

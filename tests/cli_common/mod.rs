@@ -174,7 +174,7 @@ pub fn dataset_with(
         },
     ];
     let opts = ConvertOptions {
-        shard_size,
+        shard_size: Some(shard_size),
         chunk_size,
         plain: vec!["y".into()],
         keys: vec![key],

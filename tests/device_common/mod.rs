@@ -40,7 +40,7 @@ pub fn make(dir: &Path, rows: u64, features: u64, chunk: u64, shard: u64) -> Mas
     let opts = ConvertOptions {
         keys: vec![key.clone()],
         chunk_size: chunk,
-        shard_size: shard,
+        shard_size: Some(shard),
         plain: vec!["y".into()],
         ..Default::default()
     };
@@ -221,7 +221,7 @@ pub fn make_zero_width(dir: &Path, rows: u64) -> MasterKey {
     let opts = ConvertOptions {
         keys: vec![key.clone()],
         chunk_size: 128,
-        shard_size: 1024,
+        shard_size: Some(1024),
         plain: vec!["p".into()],
         ..Default::default()
     };

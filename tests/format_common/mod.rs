@@ -39,7 +39,7 @@ pub fn column(name: &str, dtype: Dtype, shape: &[u64], seed: u64) -> ConvertInpu
 
 pub fn opts(chunk_size: u64, shard_size: u64, plain: &[&str]) -> ConvertOptions {
     ConvertOptions {
-        shard_size,
+        shard_size: Some(shard_size),
         chunk_size,
         plain: plain.iter().map(|s| s.to_string()).collect(),
         keys: vec![key(1)],

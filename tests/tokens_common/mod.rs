@@ -35,7 +35,7 @@ pub fn make_tokens(dir: &std::path::Path, rows: u64, len: fn(u64) -> u64) -> Mas
     let opts = ConvertOptions {
         keys: vec![key.clone()],
         chunk_size: 512,
-        shard_size: 3000,
+        shard_size: Some(3000),
         ..Default::default()
     };
     convert(&inputs, dir, &opts, &mut |_, _| {}).unwrap();

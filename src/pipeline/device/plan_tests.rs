@@ -59,7 +59,7 @@ fn dataset(dir: &Path, rows: u64) -> MasterKey {
     let opts = ConvertOptions {
         keys: vec![key.clone()],
         chunk_size: 128,
-        shard_size: 30_000,
+        shard_size: Some(30_000),
         plain: vec!["y".into()],
         ..Default::default()
     };
@@ -415,7 +415,7 @@ fn random_geometries_rebuild_the_host_batches() {
         let copts = ConvertOptions {
             keys: vec![key.clone()],
             chunk_size: 64 * (1 + rng.below(8)),
-            shard_size: 2000 + rng.below(30_000),
+            shard_size: Some(2000 + rng.below(30_000)),
             plain,
             ..Default::default()
         };
