@@ -208,3 +208,43 @@ fn packing_refuses_what_it_cannot_do() {
         assert!(e.contains(want), "{e}");
     }
 }
+
+/// A tampered chunk of the packed column is an integrity error naming it, whether a batch opens
+/// it or a worker loads it ahead with the next window: reached in every epoch, the chunk of a
+/// later shard (in a window other than the first) included.
+#[test]
+fn a_tampered_chunk_is_an_error_when_loaded_ahead_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = make(dir.path(), 600);
+    let shards: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    assert!(shards.len() > 2, "{} shards", shards.len());
+    let shard = shards.iter().max().unwrap();
+    let h = ciphershard::format::ShardHeader::read(shard).unwrap();
+    let (vi, _) = h.tensor("input_ids").unwrap();
+    let c = h.chunk(vi, 0);
+    let mut bytes = std::fs::read(shard).unwrap();
+    bytes[c.file_offset as usize] ^= 1;
+    std::fs::write(shard, &bytes).unwrap();
+    let src = FormatSource::open(dir.path(), &key, Backend::Cpu).unwrap();
+    for seed in 0..4 {
+        let o = LoaderOptions {
+            seed,
+            window_blocks: 1,
+            ..opts(2, 16)
+        };
+        let e = Loader::new(src.clone(), &o)
+            .unwrap()
+            .find_map(|b| b.err())
+            .expect("an integrity error");
+        let msg = e.to_string();
+        let name = shard.file_name().unwrap().to_string_lossy();
+        assert!(
+            msg.contains("tensor 'input_ids'") && msg.contains(name.as_ref()),
+            "{msg}"
+        );
+    }
+}

@@ -99,6 +99,11 @@ pub(super) struct Job {
     pub(super) rows: Vec<RowRef>,
     /// Packing: tokens of the first row that the previous batch took.
     pub(super) skip: u64,
+    /// Packing: chunks of the next window for this job's worker to load after it sends its
+    /// batch (each held by one count of its own, released once loaded), so a window's chunks
+    /// are opened while the previous window's batches are assembled rather than by the first
+    /// batches that need them, all at once, on the consumer's critical path.
+    pub(super) warm: Vec<(ChunkKey, Arc<Slot>)>,
     pub(super) keys: Vec<ChunkKey>,
     pub(super) slots: Vec<Arc<Slot>>,
 }
@@ -252,19 +257,8 @@ impl Shared {
         add(&self.counters.assemble_bytes, asm_b);
     }
 
-    /// Holds window `w`'s chunks (every read column) in the cache while the planner is inside
-    /// it, so each is read and verified once per window however batches interleave. The
-    /// window it replaces goes to `old_pin`, released once the batch that left it is sent.
-    pub(super) fn pin_window(
-        &self,
-        plan: &EpochPlan,
-        w: usize,
-        pinned: &mut Option<(usize, Vec<ChunkKey>)>,
-        old_pin: &mut Option<Vec<Vec<ChunkKey>>>,
-    ) {
-        if pinned.as_ref().is_some_and(|(pw, _)| *pw == w) {
-            return;
-        }
+    /// Window `w`'s chunks (every read column), sorted.
+    pub(super) fn window_keys(&self, plan: &EpochPlan, w: usize) -> Vec<ChunkKey> {
         let mut wk = Vec::new();
         for &(s, r0, n) in plan.window_blocks(w) {
             keys_for_rows(
@@ -280,6 +274,23 @@ impl Shared {
         }
         wk.sort_unstable();
         wk.dedup();
+        wk
+    }
+
+    /// Holds window `w`'s chunks (every read column) in the cache while the planner is inside
+    /// it, so each is read and verified once per window however batches interleave. The
+    /// window it replaces goes to `old_pin`, released once the batch that left it is sent.
+    pub(super) fn pin_window(
+        &self,
+        plan: &EpochPlan,
+        w: usize,
+        pinned: &mut Option<(usize, Vec<ChunkKey>)>,
+        old_pin: &mut Option<Vec<Vec<ChunkKey>>>,
+    ) {
+        if pinned.as_ref().is_some_and(|(pw, _)| *pw == w) {
+            return;
+        }
+        let wk = self.window_keys(plan, w);
         let _ = self.cache.acquire(&wk);
         if let Some(old) = pinned.replace((w, wk)) {
             old_pin.get_or_insert_with(Vec::new).push(old.1);
@@ -391,6 +402,18 @@ pub(super) fn worker(
         if res.send((job.seq, r)).is_err() {
             return;
         }
+        for (key, slot) in &job.warm {
+            if stopped(stop) {
+                break;
+            }
+            // An error stays in the slot, for the batch that needs the chunk to report.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                slot.cell.get_or_init(|| sh.load(*key))
+            }));
+        }
+        for (key, _) in &job.warm {
+            sh.cache.release(std::slice::from_ref(key));
+        }
     }
 }
 
@@ -459,6 +482,7 @@ pub(super) fn planner(
                 index: k,
                 rows,
                 skip: 0,
+                warm: Vec::new(),
                 keys,
                 slots,
             };

@@ -203,9 +203,11 @@ impl Loader {
             })
             .fold(0, u64::saturating_add);
         let window_rows = opts.window_blocks.saturating_mul(block_rows).max(1);
+        // Packing also holds the next window, loaded ahead (`pack::planner`).
         let windows_in_flight = (in_flight.saturating_mul(batch_rows) as u64)
             .div_ceil(window_rows)
-            .saturating_add(1);
+            .saturating_add(1)
+            .saturating_add(u64::from(pack.is_some()));
         let bound =
             usize::try_from(window_chunks.saturating_mul(windows_in_flight)).unwrap_or(usize::MAX);
         // Buffers as long as the longest chunk there is, not `chunk_size`: a small dataset

@@ -83,6 +83,10 @@ pub(super) fn planner(
     let elem = sh.columns[c].row_bytes;
     let mut seq = 0u64;
     let mut pinned: Option<(usize, Vec<ChunkKey>)> = None;
+    // The next window's chunks, held from when the stream enters a window until it enters the
+    // next, and those of them not yet handed to a job to load ahead.
+    let mut ahead: Option<(usize, Vec<ChunkKey>)> = None;
+    let mut to_warm: Vec<ChunkKey> = Vec::new();
     for epoch in start_epoch..epochs {
         let plan = EpochPlan::new(cfg, epoch, shard_rows);
         let mut cur = Cursor::new(&plan);
@@ -138,12 +142,36 @@ pub(super) fn planner(
             keys.sort_unstable();
             keys.dedup();
             let slots = sh.cache.acquire(&keys);
+            // Entered a new window: hold the next one and queue its chunks to load ahead.
+            if let Some((w, _)) = &pinned
+                && ahead.as_ref().is_none_or(|(aw, _)| *aw != w + 1)
+            {
+                if let Some((_, old)) = ahead.take() {
+                    sh.cache.release(&old);
+                }
+                to_warm.clear();
+                if w + 1 < plan.windows() {
+                    let next = sh.window_keys(&plan, w + 1);
+                    let _ = sh.cache.acquire(&next);
+                    to_warm.extend(next.iter().rev());
+                    ahead = Some((w + 1, next));
+                }
+            }
+            // Two chunks a job: the next window is loaded within its first few batches'
+            // worth of this one.
+            let warm_keys: Vec<ChunkKey> = (0..2).map_while(|_| to_warm.pop()).collect();
+            let warm = warm_keys
+                .iter()
+                .copied()
+                .zip(sh.cache.acquire(&warm_keys))
+                .collect();
             let job = Job {
                 seq,
                 epoch,
                 index: k,
                 rows,
                 skip,
+                warm,
                 keys,
                 slots,
             };
@@ -159,6 +187,11 @@ pub(super) fn planner(
         if let Some((_, old)) = pinned.take() {
             sh.cache.release(&old);
         }
+        // Windows are an epoch's: the next epoch's first one is not this one's next.
+        if let Some((_, old)) = ahead.take() {
+            sh.cache.release(&old);
+        }
+        to_warm.clear();
     }
 }
 
