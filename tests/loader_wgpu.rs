@@ -16,6 +16,7 @@ use ciphershard::pipeline::{
 use ciphershard::{Error, MasterKey};
 
 mod device_common;
+mod tokens_common;
 use device_common::{Column, DeviceUnderTest, make};
 
 /// Lavapipe is a CPU adapter: allowed here (correctness), never picked by `auto`.
@@ -445,4 +446,45 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
         readback.unmap();
     }
     assert_eq!(got, expected);
+}
+
+/// Ragged columns, packing and token budgets are the host loader's: the device loader refuses
+/// each when built, naming what to use instead.
+#[test]
+fn ragged_packing_and_budgets_are_refused_by_name() {
+    if !adapter("ragged_packing_and_budgets_are_refused_by_name") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = tokens_common::make_tokens(dir.path(), 200, |r| r % 7);
+    let refusal = |o: LoaderOptions| {
+        WgpuDeviceLoader::open(dir.path(), &key, options(), &o)
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    let e = refusal(LoaderOptions::default());
+    assert!(e.contains("'input_ids' is ragged"), "{e}");
+    let e = refusal(LoaderOptions {
+        pack: Some(ciphershard::pipeline::PackOptions {
+            column: "input_ids".into(),
+            seq_len: 16,
+        }),
+        ..Default::default()
+    });
+    assert!(
+        e.contains("pack: sequence packing is done by the host loader"),
+        "{e}"
+    );
+    let e = refusal(LoaderOptions {
+        budget: Some(ciphershard::pipeline::TokenBudget {
+            column: "input_ids".into(),
+            max_tokens: 64,
+        }),
+        ..Default::default()
+    });
+    assert!(
+        e.contains("budget: token-budget batches are cut by the host loader"),
+        "{e}"
+    );
 }

@@ -88,12 +88,17 @@ impl<E: DeviceEngine> GpuLoader<E> {
         twin: bool,
     ) -> Result<Self> {
         let built = Instant::now();
-        refuse_ragged(source.as_ref())?;
         if opts.pack.is_some() {
             return Err(Error::InvalidArgument(
                 "pack: sequence packing is done by the host loader (backend cpu); the device loaders deliver rows".into(),
             ));
         }
+        if opts.budget.is_some() {
+            return Err(Error::InvalidArgument(
+                "budget: token-budget batches are cut by the host loader (backend cpu); the device loaders deliver batches of batch_size rows".into(),
+            ));
+        }
+        refuse_ragged(source.as_ref())?;
         if engine.key_count() != source.shard_count() {
             return Err(Error::InvalidArgument(format!(
                 "{} keys on the device for {} shards",
