@@ -459,8 +459,7 @@ fn ragged_packing_and_budgets_are_refused_by_name() {
     let key = tokens_common::make_tokens(dir.path(), 200, |r| r % 7);
     let refusal = |o: LoaderOptions| {
         WgpuDeviceLoader::open(dir.path(), &key, options(), &o)
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string()
     };
     let e = refusal(LoaderOptions::default());
