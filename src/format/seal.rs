@@ -222,9 +222,15 @@ pub(super) fn write_shard(
                 .zip(tags.chunks_mut(per))
                 .map(|((j, b), t)| sc.spawn(move || work(j, b, t)))
                 .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().expect("sealing thread panicked"))
+            // A panic (a bug) becomes an error: the shard is then not written.
+            handles.into_iter().try_for_each(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::io(
+                        &tmp_path,
+                        std::io::Error::other("a sealing thread panicked"),
+                    ))
+                })
+            })
         })
     };
     let mut pool: Vec<Vec<Buf>> = Vec::new();
@@ -262,12 +268,16 @@ pub(super) fn write_shard(
                 })
             });
             let sealed = batch.map_or(Ok(()), |b| seal_batch(b, &mut cur, &mut batch_tags));
-            (
-                sealed,
-                writer.map(|h| h.join().expect("writer thread panicked")),
-            )
+            (sealed, writer.map(|h| h.join()))
         });
-        if let Some((r, bufs, n)) = written {
+        if let Some(written) = written {
+            // A panic (a bug) becomes an error; its buffers were dropped (zeroized) with it.
+            let (r, bufs, n) = written.map_err(|_| {
+                Error::io(
+                    &tmp_path,
+                    std::io::Error::other("the shard writer thread panicked"),
+                )
+            })?;
             pool.push(bufs);
             r?;
             on_written(n);
