@@ -267,4 +267,20 @@ fn bad_columnar_inputs_are_refused_naming_file_and_cause() {
         assert!(err.contains(cause) && !err.contains("panicked"), "{err}");
         assert!(!ds.join("manifest.json").exists());
     }
+    // The same Parquet file twice, by another path too (a symbolic link), is refused.
+    let link = s.tmp.path().join("link.parquet");
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+    let ds = s.tmp.path().join("out-twice");
+    let out = run(keyed("convert", &s.key)
+        .arg(&good)
+        .arg(&link)
+        .arg("--out")
+        .arg(&ds));
+    assert_ne!(code(&out), 0);
+    let err = stderr(&out);
+    assert!(
+        err.contains("link.parquet") && err.contains("given twice"),
+        "{err}"
+    );
+    assert!(!ds.join("manifest.json").exists());
 }

@@ -104,7 +104,9 @@ pub(super) fn open<'a>(
         for i in inputs {
             let (input, is_file) = open_records(i).expect("a row-batch input")?;
             if is_file {
-                refuse_same_path(&mut seen, input.path())?;
+                let path = input.path();
+                let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+                super::input::refuse_same_file(&mut seen, path, &meta)?;
             }
             opened.push(input);
         }
@@ -214,28 +216,6 @@ pub(super) fn open<'a>(
         batch: None,
         batch_input: path,
     }))
-}
-
-/// Refuses an input file given twice (same device and inode, whatever the path).
-fn refuse_same_path(
-    seen: &mut std::collections::HashMap<(u64, u64), std::path::PathBuf>,
-    path: &Path,
-) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if let Some(first) = seen.insert((m.dev(), m.ino()), path.to_path_buf()) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: given twice (also as {}): the same file cannot be two inputs",
-                path.display(),
-                first.display()
-            )));
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = (seen, path);
-    Ok(())
 }
 
 fn describe(fields: &[FieldSpec]) -> String {

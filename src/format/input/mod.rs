@@ -163,18 +163,18 @@ pub(super) fn check_column(path: &Path, name: &str, shape: &[u64]) -> Result<()>
     Ok(())
 }
 
-/// Refuses `file`, opened as input `path`, when an earlier input is the same file (same
-/// device and inode: another path to it, a hard link or a symbolic link included).
-fn refuse_same_file(
+/// Refuses input `path` (of metadata `meta`: its open file's, or the path's) when an earlier
+/// input is the same file (same device and inode: another path to it, a hard link or a
+/// symbolic link included).
+pub(crate) fn refuse_same_file(
     seen: &mut HashMap<(u64, u64), PathBuf>,
     path: &Path,
-    file: &File,
+    meta: &std::fs::Metadata,
 ) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        let m = file.metadata().map_err(|e| Error::io(path, e))?;
-        if let Some(first) = seen.insert((m.dev(), m.ino()), path.to_path_buf()) {
+        if let Some(first) = seen.insert((meta.dev(), meta.ino()), path.to_path_buf()) {
             return Err(Error::InvalidArgument(format!(
                 "{}: given twice (also as {}): the same file cannot be two inputs",
                 path.display(),
@@ -183,7 +183,7 @@ fn refuse_same_file(
         }
     }
     #[cfg(not(unix))]
-    let _ = (seen, path, file);
+    let _ = (seen, path, meta);
     Ok(())
 }
 
@@ -357,7 +357,8 @@ pub(super) fn plan<'a>(
                 continue;
             }
         };
-        refuse_same_file(&mut file_ids, path, &opened.file)?;
+        let file_meta = opened.file.metadata().map_err(|e| Error::io(path, e))?;
+        refuse_same_file(&mut file_ids, path, &file_meta)?;
         let single = matches!(input, ConvertInput::Npy { .. });
         meta.extend(opened.metadata);
         files.push((path.clone(), opened.file));
