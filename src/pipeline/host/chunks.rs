@@ -417,6 +417,39 @@ pub(super) fn worker(
     }
 }
 
+/// Waits for a credit (room for one more batch in flight); `false` once the loader stops.
+pub(super) fn take_credit(credits: &Receiver<()>, stop: &Receiver<()>) -> bool {
+    // `select!` picks at random among ready operations: check the stop signal first so a
+    // dropped loader never dispatches more work.
+    if stopped(stop) {
+        return false;
+    }
+    select! {
+        recv(credits) -> c => c.is_ok(),
+        recv(stop) -> _ => false,
+    }
+}
+
+/// Sends `job` to the workers, then releases the windows the planner left while planning it
+/// (held until now so that their chunks stay cached for the job); `false` once the loader
+/// stops.
+pub(super) fn dispatch(
+    sh: &Shared,
+    jobs: &Sender<Job>,
+    stop: &Receiver<()>,
+    job: Job,
+    old_pin: Option<Vec<Vec<ChunkKey>>>,
+) -> bool {
+    select! {
+        send(jobs, job) -> r => if r.is_err() { return false },
+        recv(stop) -> _ => return false,
+    }
+    for old in old_pin.into_iter().flatten() {
+        sh.cache.release(&old);
+    }
+    true
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn planner(
     sh: &Shared,
@@ -442,14 +475,8 @@ pub(super) fn planner(
             .as_ref()
             .map_or(plan.batches(), |s| s.len() as u64 - 1);
         for k in first..batches {
-            // `select!` picks at random among ready operations: check the stop signal first so
-            // a dropped loader never dispatches more work.
-            if stopped(stop) {
+            if !take_credit(credits, stop) {
                 return;
-            }
-            select! {
-                recv(credits) -> c => if c.is_err() { return },
-                recv(stop) -> _ => return,
             }
             let (a, b) = match &starts {
                 Some(s) => (s[k as usize], s[k as usize + 1]),
@@ -486,14 +513,10 @@ pub(super) fn planner(
                 keys,
                 slots,
             };
-            select! {
-                send(jobs, job) -> r => if r.is_err() { return },
-                recv(stop) -> _ => return,
+            if !dispatch(sh, jobs, stop, job, old_pin) {
+                return;
             }
             seq += 1;
-            for old in old_pin.into_iter().flatten() {
-                sh.cache.release(&old);
-            }
         }
         if let Some((_, old)) = pinned.take() {
             sh.cache.release(&old);

@@ -8,12 +8,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, Sender};
 
 use super::batch::Batch;
-use super::chunks::{Job, Shared};
+use super::chunks::{Job, Shared, dispatch, take_credit};
 use crate::error::{Error, Result};
-use crate::pipeline::options::{ChunkKey, PackPlan, push_chunk_keys, stopped};
+use crate::pipeline::options::{ChunkKey, PackPlan, push_chunk_keys};
 use crate::pipeline::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
 use crate::pipeline::source::ColumnInfo;
 
@@ -94,12 +94,8 @@ pub(super) fn planner(
         // The stream position: the next row `p`, and the tokens of the rows before it.
         let (mut p, mut before) = (0u64, 0u64);
         for k in first..pack.batches_per_epoch {
-            if stopped(stop) {
+            if !take_credit(credits, stop) {
                 return;
-            }
-            select! {
-                recv(credits) -> r => if r.is_err() { return },
-                recv(stop) -> _ => return,
             }
             let t0 = pack.rank_start + k * per_batch;
             let t1 = t0 + per_batch;
@@ -175,14 +171,10 @@ pub(super) fn planner(
                 keys,
                 slots,
             };
-            select! {
-                send(jobs, job) -> r => if r.is_err() { return },
-                recv(stop) -> _ => return,
+            if !dispatch(sh, jobs, stop, job, old_pin) {
+                return;
             }
             seq += 1;
-            for old in old_pin.into_iter().flatten() {
-                sh.cache.release(&old);
-            }
         }
         if let Some((_, old)) = pinned.take() {
             sh.cache.release(&old);
