@@ -19,7 +19,7 @@ use ciphershard::MasterKey;
 use ciphershard::cipher::Backend;
 use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions, RowSource};
 use cli_common::{code, cs, keyed, run, stderr, stdout};
-use object_store::ObjectStore;
+use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjectPath;
 
 const ACCESS: &str = "ciphershard-test";

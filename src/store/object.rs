@@ -30,7 +30,7 @@ use futures_util::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{
     BackoffConfig, ClientConfigKey, ClientOptions, GetOptions, GetRange, ObjectStore,
-    ObjectStoreScheme, RetryConfig,
+    ObjectStoreExt, ObjectStoreScheme, RetryConfig,
 };
 
 use super::{ShardIdentity, ShardStore};
