@@ -4,7 +4,8 @@
 #   - NVRTC from PyPI so the CUDA kernels are compiled (no GPU needed) and a kernel that does
 #     not compile fails the run;
 #   - a Python venv with maturin, pytest, numpy, torch and jax for the binding's tests
-#     (scripts/test-python.sh; CIPHERSHARD_PY_TORCH=0 / CIPHERSHARD_PY_JAX=0 skip those two).
+#     (scripts/test-python.sh; CIPHERSHARD_PY_TORCH=0 / CIPHERSHARD_PY_JAX=0 skip those two);
+#   - s3s-fs, an S3-compatible server from crates.io, for tests/store_s3.rs.
 # Idempotent: what is already there is not installed again.
 set -euo pipefail
 . "$(dirname "$0")/target-dir.sh"
@@ -34,6 +35,17 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "${XDG_RUNTIME_DIR}" ]; then
   export XDG_RUNTIME_DIR="$tdir/xdg-runtime"
   mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 fi
+
+step "S3-compatible server for the object-store tests (s3s-fs)"
+# Built from crates.io once, in its own target directory (not the project's: its lock file and
+# features are its own), and found by tests/store_s3.rs at TARGET/s3s-fs/bin/s3s-fs.
+# 0.14.1: the newest release that builds with the toolchain here (0.17 needs Rust 1.96).
+if [ ! -x "$tdir/s3s-fs/bin/s3s-fs" ]; then
+  CARGO_TARGET_DIR="$tdir/s3s-fs-build" cargo install -q s3s-fs@0.14.1 --features binary \
+    --locked --root "$tdir/s3s-fs"
+  rm -rf "$tdir/s3s-fs-build"
+fi
+export CIPHERSHARD_S3S_FS="$tdir/s3s-fs/bin/s3s-fs"
 
 step "cargo test (all features)"
 cargo test --all-features --release --no-fail-fast 2>&1

@@ -131,7 +131,14 @@ fn interrupted_conversion(dir: &Path, mpath: &Path) -> Option<Error> {
 impl Dataset {
     /// Opens a dataset directory, or the directory of a shard file. Parses the manifest, the
     /// keyring and every shard header and cross-checks them.
+    ///
+    /// A path written as a URL (`s3://bucket/prefix/`, `gs://…`, `az://…`, `https://…`;
+    /// [`crate::store::as_url`]) opens the dataset in that object store folder
+    /// (docs/STORAGE.md).
     pub fn open(path: &Path) -> Result<Self> {
+        if let Some(url) = crate::store::as_url(path) {
+            return Self::open_url(url);
+        }
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         let dir = if meta.is_dir() {
             path.to_path_buf()
@@ -152,11 +159,73 @@ impl Dataset {
             e => e,
         })?;
         let manifest = Manifest::parse(&mpath, &bytes)?;
+        let kpath = dir.join(KEYRING_FILE);
+        let read_keyring = || read_bounded(&kpath, "keyring", MAX_JSON_FILE_LEN);
+        let open_store = |m: &Manifest| -> Result<Arc<dyn ShardStore>> {
+            Ok(Arc::new(LocalStore::open(
+                m.shards.iter().map(|e| dir.join(&e.file)),
+            )?))
+        };
+        Self::assemble(
+            dir.clone(),
+            mpath,
+            manifest,
+            kpath.clone(),
+            read_keyring,
+            open_store,
+        )
+    }
+
+    /// Opens the dataset in the object store folder `url`: the manifest and keyring are read
+    /// whole (size-capped as local ones are), every shard is pinned (size, ETag) with one HEAD
+    /// and its header read with ranged GETs.
+    fn open_url(url: &str) -> Result<Self> {
+        let folder = crate::store::ObjectDir::open(url)?;
+        let dir = PathBuf::from(folder.url());
+        let mpath = folder.name_of(MANIFEST_FILE);
+        let bytes = folder
+            .read_small(MANIFEST_FILE, "manifest", MAX_JSON_FILE_LEN)
+            .map_err(|e| match e {
+                Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                    Error::io(
+                        &mpath,
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            format!(
+                                "not a ciphershard dataset: no {MANIFEST_FILE} in {} (a dataset \
+                                 is a folder written by `ciphershard convert`: {MANIFEST_FILE}, \
+                                 {KEYRING_FILE} and shard-NNNNN.safetensors objects)",
+                                crate::error::Untrusted(folder.url())
+                            ),
+                        ),
+                    )
+                }
+                e => e,
+            })?;
+        let manifest = Manifest::parse(&mpath, &bytes)?;
+        let kpath = folder.name_of(KEYRING_FILE);
+        let read_keyring = || folder.read_small(KEYRING_FILE, "keyring", MAX_JSON_FILE_LEN);
+        let open_store = |m: &Manifest| -> Result<Arc<dyn ShardStore>> {
+            let names: Vec<String> = m.shards.iter().map(|e| e.file.clone()).collect();
+            Ok(Arc::new(folder.shards(&names)?))
+        };
+        Self::assemble(dir, mpath, manifest, kpath, read_keyring, open_store)
+    }
+
+    /// The rest of [`Dataset::open`], wherever the files are: parses the keyring, opens the
+    /// shard store, reads every header and cross-checks them all.
+    fn assemble(
+        dir: PathBuf,
+        mpath: PathBuf,
+        manifest: Manifest,
+        kpath: PathBuf,
+        read_keyring: impl FnOnce() -> Result<Vec<u8>>,
+        open_store: impl FnOnce(&Manifest) -> Result<Arc<dyn ShardStore>>,
+    ) -> Result<Self> {
         if manifest.kind == DatasetKind::Dataset {
             check_row_sizes(&mpath, &manifest)?;
         }
-        let kpath = dir.join(KEYRING_FILE);
-        let keyring = Keyring::parse(&kpath, &read_bounded(&kpath, "keyring", MAX_JSON_FILE_LEN)?)?;
+        let keyring = Keyring::parse(&kpath, &read_keyring()?)?;
         if keyring.dataset_id != manifest.dataset_id {
             // Either file may be the edited one: name both ids, blame neither.
             return Err(Error::HeaderIntegrity {
@@ -184,9 +253,7 @@ impl Dataset {
                 ));
             }
         }
-        let store: Arc<dyn ShardStore> = Arc::new(LocalStore::open(
-            manifest.shards.iter().map(|e| dir.join(&e.file)),
-        )?);
+        let store = open_store(&manifest)?;
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut next_row = 0u64;
         let tensor_count: usize = manifest.columns.iter().map(Column::tensor_count).sum();

@@ -17,6 +17,18 @@ pub const INSPECT_SCHEMA: &str = "ciphershard.inspect/1";
 /// The report on `path`: a dataset directory, a shard inside one (that shard only), or a lone
 /// shard file with no manifest beside it (its header only; `"dataset"` is null).
 pub fn inspect(path: &Path) -> Result<Value> {
+    if let Some(url) = crate::store::as_url(path) {
+        // A folder URL reports every shard; a shard's URL, that shard.
+        let ds = Dataset::open(path)?;
+        let one = url.ends_with(".safetensors");
+        let shards: Vec<ShardHeader> = ds
+            .shards()
+            .iter()
+            .filter(|s| !one || s.path == path)
+            .cloned()
+            .collect();
+        return Ok(inspect_report(Some(&ds), &shards));
+    }
     let is_dir = std::fs::metadata(path)
         .map_err(|e| crate::error::Error::io(path, e))?
         .is_dir();

@@ -16,8 +16,10 @@ use std::path::Path;
 use crate::error::Result;
 
 mod local;
+mod object;
 
 pub use local::LocalStore;
+pub use object::{ObjectDir, ObjectStoreShards, as_url, scrub};
 
 /// What a shard was when its store was opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
