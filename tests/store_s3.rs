@@ -69,15 +69,19 @@ fn datasets_read_from_a_real_s3_server() {
     let out = run(&mut c);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 
-    // The in-process loader reads the same variables.
-    // SAFETY: this is the only test of this binary, and no thread of ours reads or writes the
-    // environment while it is changed here (the store threads start later).
-    for (k, v) in &env {
-        unsafe { std::env::set_var(k, v) };
-    }
+    // The in-process loader takes the same settings as options (no environment needed).
+    let opts = s3_common::open_options(&server, SECRET);
     let key = MasterKey::from_bytes([7; 32]);
     let local = FormatSource::open(&fx.ds, &key, Backend::Cpu).unwrap();
-    let remote = FormatSource::open(Path::new(&url), &key, Backend::Cpu).unwrap();
+    let remote = FormatSource::open_with(Path::new(&url), &opts, &key, Backend::Cpu).unwrap();
+    // Options for a local path are refused, not ignored.
+    let e = FormatSource::open_with(&fx.ds, &opts, &key, Backend::Cpu).unwrap_err();
+    assert!(e.to_string().contains("storage options"), "{e}");
+    assert!(!format!("{opts:?}").contains(SECRET));
+    // A misspelt option is refused naming it.
+    let typo = ciphershard::store::OpenOptions::new().storage("aws_endpont", "x");
+    let e = FormatSource::open_with(Path::new(&url), &typo, &key, Backend::Cpu).unwrap_err();
+    assert!(e.to_string().contains("aws_endpont"), "{e}");
     let want = batches(local);
     assert_eq!(want.len(), 2 * 600usize.div_ceil(16));
     assert_eq!(batches(remote.clone()), want, "batches over s3:// differ");

@@ -77,6 +77,12 @@ class Dataset:
 
     Opening authenticates every shard header and unwraps the data keys: a wrong key raises
     :class:`WrongKeyError` here. ``backend``: ``auto``, ``cpu``, ``cuda`` or ``wgpu``.
+
+    ``path`` may be an object-store URL (``s3://bucket/prefix/``, ``gs://``, ``az://``,
+    ``https://``; docs/STORAGE.md): give it as ``str`` (``pathlib`` folds ``//``). Credentials
+    come from the store's environment variables, or ``storage_options`` (the ``object_store``
+    crate's keys, e.g. ``{"aws_endpoint": ..., "aws_access_key_id": ...}``) over them; option
+    values are never printed. Options for a local path raise ``ValueError``.
     """
 
     def __new__(
@@ -86,9 +92,11 @@ class Dataset:
         key_file: Optional[_Path] = None,
         key_env: Optional[str] = None,
         backend: str = "auto",
+        storage_options: Optional[Dict[str, str]] = None,
     ) -> Dataset: ...
     @property
-    def path(self) -> pathlib.Path: ...
+    def path(self) -> Union[pathlib.Path, str]:
+        """The dataset's folder; its URL (``str``) for a dataset in an object store."""
     @property
     def rows(self) -> int: ...
     @property

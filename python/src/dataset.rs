@@ -31,6 +31,8 @@ pub fn parse_backend(name: &str) -> PyResult<Backend> {
 #[pyclass(frozen, module = "ciphershard", name = "Dataset")]
 pub struct PyDataset {
     path: PathBuf,
+    /// Object-store settings given as ``storage_options`` (values zeroized, never printed).
+    store: ciphershard::store::OpenOptions,
     key: MasterKey,
     backend: Backend,
     /// Unlocked sources per requested backend, with the backend each resolved to (the
@@ -60,7 +62,7 @@ impl PyDataset {
             return Ok(s.clone());
         }
         let (src, _, resolved) = py
-            .detach(|| open_source(&self.path, &self.key, backend))
+            .detach(|| open_source(&self.path, &self.store, &self.key, backend))
             .py()?;
         map.insert(backend, (src.clone(), resolved));
         Ok((src, resolved))
@@ -89,7 +91,7 @@ impl PyDataset {
             }
             None => opts.clone(),
         };
-        DeviceLoader::open(&self.path, &self.key, ordinal, &opts)
+        DeviceLoader::open_with(&self.path, &self.store, &self.key, ordinal, &opts)
     }
 
     /// The dataset directory as text.
@@ -113,11 +115,12 @@ fn dtype_of(d: Dtype) -> DType {
 
 fn open_source(
     path: &std::path::Path,
+    store: &ciphershard::store::OpenOptions,
     key: &MasterKey,
     backend: Backend,
 ) -> ciphershard::Result<(Arc<FormatSource>, String, Backend)> {
     let cipher = ciphershard::cipher::select(backend)?;
-    let ds = format::Dataset::open(path)?;
+    let ds = format::Dataset::open_with(path, store)?;
     let unlocked = ds.unlock(key, cipher.as_ref())?;
     Ok((
         Arc::new(FormatSource::new(unlocked)?),
@@ -129,24 +132,33 @@ fn open_source(
 #[pymethods]
 impl PyDataset {
     #[new]
-    #[pyo3(signature = (path, *, key_file=None, key_env=None, backend="auto"))]
+    #[pyo3(signature = (path, *, key_file=None, key_env=None, backend="auto", storage_options=None))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         key_file: Option<PathBuf>,
         key_env: Option<String>,
         backend: &str,
+        storage_options: Option<std::collections::BTreeMap<String, String>>,
     ) -> PyResult<Self> {
         let backend = parse_backend(backend)?;
         let key = load_master_key(py, key_file, key_env)?;
-        let (source, description, resolved) =
-            py.detach(|| open_source(&path, &key, backend)).py()?;
+        let store = storage_options
+            .unwrap_or_default()
+            .into_iter()
+            .fold(ciphershard::store::OpenOptions::new(), |o, (k, v)| {
+                o.storage(k, v)
+            });
+        let (source, description, resolved) = py
+            .detach(|| open_source(&path, &store, &key, backend))
+            .py()?;
         let dir = source_dir(&path);
         let manifest = source.dataset().dataset().manifest().clone();
         let mut sources = HashMap::new();
         sources.insert(backend, (source, resolved));
         Ok(PyDataset {
             path: dir,
+            store,
             key,
             backend,
             sources: Mutex::new(sources),
@@ -156,10 +168,14 @@ impl PyDataset {
         })
     }
 
-    /// The dataset directory.
+    /// The dataset directory (a ``pathlib.Path``), or its URL as text for a dataset in an
+    /// object store (``pathlib`` would fold the ``//`` of ``s3://``).
     #[getter]
-    fn path(&self) -> PathBuf {
-        self.path.clone()
+    fn path<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match ciphershard::store::as_url(&self.path) {
+            Some(url) => Ok(url.into_pyobject(py)?.into_any()),
+            None => Ok(self.path.clone().into_pyobject(py)?.into_any()),
+        }
     }
 
     /// Number of rows.
@@ -230,7 +246,8 @@ impl PyDataset {
         let summary = py
             .detach(|| {
                 let cipher = ciphershard::cipher::select(Backend::Cpu)?;
-                let ds = format::Dataset::open(path)?.unlock(key, cipher.as_ref())?;
+                let ds =
+                    format::Dataset::open_with(path, &self.store)?.unlock(key, cipher.as_ref())?;
                 format::verify(&ds, &mut |_, _| {})
             })
             .py()?;

@@ -254,7 +254,14 @@ fn run_device_once(
     let (batches, stats, device) = match backend {
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
-            let mut l = crate::pipeline::DeviceLoader::open_as(path, key, 0, opts, twin)?;
+            let mut l = crate::pipeline::DeviceLoader::open_as(
+                path,
+                &Default::default(),
+                key,
+                0,
+                opts,
+                twin,
+            )?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             // The loader's threads were joined when the last batch was taken.
@@ -263,7 +270,14 @@ fn run_device_once(
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             let wgpu = crate::cipher::wgpu::WgpuOptions::default();
-            let mut l = crate::pipeline::WgpuDeviceLoader::open_as(path, key, wgpu, opts, twin)?;
+            let mut l = crate::pipeline::WgpuDeviceLoader::open_as(
+                path,
+                &Default::default(),
+                key,
+                wgpu,
+                opts,
+                twin,
+            )?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             (n, l.stats(), l.device_stats())

@@ -16,7 +16,7 @@ use crate::cipher::cpu::CpuCipher;
 use crate::cipher::{ChunkOpener, Cipher};
 use crate::error::{Error, Result};
 use crate::keys::{DataKey, MasterKey};
-use crate::store::{LocalStore, ShardStore};
+use crate::store::{LocalStore, OpenOptions, ShardStore};
 
 /// A dataset directory whose manifest, keyring and shard headers parse and agree with each
 /// other (docs/FORMAT.md section 5). Nothing is authenticated until [`Dataset::unlock`].
@@ -136,8 +136,21 @@ impl Dataset {
     /// [`crate::store::as_url`]) opens the dataset in that object store folder
     /// (docs/STORAGE.md).
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, &OpenOptions::default())
+    }
+
+    /// [`Dataset::open`] with `opts`: object-store settings over the environment's. Settings
+    /// given for a local path are refused (they would be silently ignored).
+    pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Self> {
         if let Some(url) = crate::store::as_url(path) {
-            return Self::open_url(url);
+            return Self::open_url(url, opts);
+        }
+        if opts.has_storage() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: storage options apply to object-store URLs (s3://, gs://, az://, https://), \
+                 not to a local path",
+                path.display()
+            )));
         }
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         let dir = if meta.is_dir() {
@@ -179,8 +192,8 @@ impl Dataset {
     /// Opens the dataset in the object store folder `url`: the manifest and keyring are read
     /// whole (size-capped as local ones are), every shard is pinned (size, ETag) with one HEAD
     /// and its header read with ranged GETs.
-    fn open_url(url: &str) -> Result<Self> {
-        let folder = crate::store::ObjectDir::open(url)?;
+    fn open_url(url: &str, opts: &OpenOptions) -> Result<Self> {
+        let folder = crate::store::ObjectDir::open_with(url, opts)?;
         let dir = PathBuf::from(folder.url());
         let mpath = folder.name_of(MANIFEST_FILE);
         let bytes = folder

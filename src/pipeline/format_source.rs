@@ -10,7 +10,7 @@ use crate::cipher::{Backend, ChunkOpener, Cipher};
 use crate::error::{ChunkLocation, Error, Result};
 use crate::format::{Dataset, DatasetKind, MANIFEST_FILE, UnlockedDataset, tensor_bytes};
 use crate::keys::{DataKey, MasterKey};
-use crate::store::ShardStore;
+use crate::store::{OpenOptions, ShardStore};
 
 /// A dataset whose headers are authenticated and data keys prepared, seen as rows × columns.
 pub struct FormatSource {
@@ -37,7 +37,17 @@ impl FormatSource {
     /// Opens the dataset at `path` (directory or shard file), unwraps its data keys with `key`
     /// on `backend` and checks that every shard holds every column with its rows.
     pub fn open(path: &Path, key: &MasterKey, backend: Backend) -> Result<Arc<Self>> {
-        let ds = Dataset::open(path)?;
+        Self::open_with(path, &OpenOptions::default(), key, backend)
+    }
+
+    /// [`FormatSource::open`] with object-store settings (`opts`) over the environment's.
+    pub fn open_with(
+        path: &Path,
+        opts: &OpenOptions,
+        key: &MasterKey,
+        backend: Backend,
+    ) -> Result<Arc<Self>> {
+        let ds = Dataset::open_with(path, opts)?;
         let cipher = crate::cipher::select(backend)?;
         Ok(Arc::new(FormatSource::new(
             ds.unlock(key, cipher.as_ref())?,

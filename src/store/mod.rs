@@ -21,6 +21,58 @@ mod object;
 pub use local::LocalStore;
 pub use object::{ObjectDir, ObjectStoreShards, as_url, scrub};
 
+/// How to open a dataset beyond its path: settings for the object-store client, applied over
+/// the environment's (`AWS_*`, `GOOGLE_*`, `AZURE_*`). Built with [`OpenOptions::storage`];
+/// `Dataset::open` is `Dataset::open_with` these at their default (nothing set).
+///
+/// Values may be credentials: they are zeroized when dropped, never shown by `Debug`, and
+/// scrubbed from every error message like the environment's credentials.
+#[derive(Clone, Default)]
+pub struct OpenOptions {
+    storage: Vec<(String, zeroize::Zeroizing<String>)>,
+}
+
+impl OpenOptions {
+    /// Nothing set: the environment alone configures object stores.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets one object-store setting by the `object_store` crate's key name, as its
+    /// environment variable would (`aws_endpoint`, `aws_access_key_id`,
+    /// `aws_secret_access_key`, `aws_region`, `aws_allow_http`, `google_service_account`,
+    /// `azure_storage_account_name`, …; case-insensitive). A key the URL's store does not
+    /// know is refused when the dataset is opened.
+    pub fn storage(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        let value = zeroize::Zeroizing::new(value.into());
+        object::register_secret(&value);
+        self.storage.push((key.into().to_ascii_lowercase(), value));
+        self
+    }
+
+    /// The storage settings, in the order they were set.
+    pub(crate) fn storage_entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.storage.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Whether any storage setting is given (they apply to URLs only).
+    pub fn has_storage(&self) -> bool {
+        !self.storage.is_empty()
+    }
+}
+
+// By hand: the values may be credentials.
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field(
+                "storage_keys",
+                &self.storage.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
 /// What a shard was when its store was opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardIdentity {

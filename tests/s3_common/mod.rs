@@ -96,6 +96,16 @@ pub fn s3_env(server: &Server, secret: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The same settings as [`s3_env`], as options for an in-process open.
+pub fn open_options(server: &Server, secret: &str) -> ciphershard::store::OpenOptions {
+    s3_env(server, secret)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .fold(ciphershard::store::OpenOptions::new(), |o, (k, v)| {
+            o.storage(k.to_ascii_lowercase(), v)
+        })
+}
+
 /// A client of our own, for uploading and replacing objects.
 pub struct Uploader {
     store: object_store::aws::AmazonS3,

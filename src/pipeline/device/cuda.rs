@@ -35,6 +35,7 @@ use crate::pipeline::format_source::FormatSource;
 use crate::pipeline::options::{ChunkKey, LoaderOptions};
 use crate::pipeline::source::{ColumnInfo, RowSource};
 use crate::pipeline::telemetry::{add, ns_since};
+use crate::store::OpenOptions;
 
 /// Pinned staging slots of the reader: window k is gathered from while k+1 is verified and
 /// decrypted on the GPU and k+2 is read from the shards.
@@ -317,19 +318,31 @@ impl GpuLoader<CudaEngine> {
         ordinal: usize,
         opts: &LoaderOptions,
     ) -> Result<DeviceLoader> {
-        Self::open_as(path, key, ordinal, opts, false)
+        Self::open_as(path, &OpenOptions::default(), key, ordinal, opts, false)
+    }
+
+    /// [`open`](Self::open) with object-store settings (`store`) over the environment's.
+    pub fn open_with(
+        path: &Path,
+        store: &OpenOptions,
+        key: &MasterKey,
+        ordinal: usize,
+        opts: &LoaderOptions,
+    ) -> Result<Self> {
+        Self::open_as(path, store, key, ordinal, opts, false)
     }
 
     /// [`open`](Self::open), or with `twin` the benchmarks' plaintext twin (`crate::bench`).
     pub(crate) fn open_as(
         path: &Path,
+        store: &OpenOptions,
         key: &MasterKey,
         ordinal: usize,
         opts: &LoaderOptions,
         twin: bool,
     ) -> Result<DeviceLoader> {
         let cipher = CudaCipher::new(ordinal)?;
-        let unlocked = Dataset::open(path)?.unlock(key, &CpuCipher::new())?;
+        let unlocked = Dataset::open_with(path, store)?.unlock(key, &CpuCipher::new())?;
         let source = Arc::new(FormatSource::new(unlocked)?);
         let keys = (0..source.shard_count())
             .map(|s| cipher.prepare_device(source.data_key(s)))

@@ -40,6 +40,7 @@ use crate::pipeline::format_source::FormatSource;
 use crate::pipeline::options::LoaderOptions;
 use crate::pipeline::source::{ColumnInfo, RowSource};
 use crate::pipeline::telemetry::{add, ns_since};
+use crate::store::OpenOptions;
 
 /// Host-visible upload slots: the reader fills one while the GPU copies the other.
 const UPLOAD_SLOTS: usize = 2;
@@ -403,12 +404,24 @@ impl GpuLoader<WgpuBatchEngine> {
         wgpu: WgpuOptions,
         opts: &LoaderOptions,
     ) -> Result<WgpuDeviceLoader> {
-        Self::open_as(path, key, wgpu, opts, false)
+        Self::open_as(path, &OpenOptions::default(), key, wgpu, opts, false)
+    }
+
+    /// [`open`](Self::open) with object-store settings (`store`) over the environment's.
+    pub fn open_with(
+        path: &Path,
+        store: &OpenOptions,
+        key: &MasterKey,
+        wgpu: WgpuOptions,
+        opts: &LoaderOptions,
+    ) -> Result<Self> {
+        Self::open_as(path, store, key, wgpu, opts, false)
     }
 
     /// [`open`](Self::open), or with `twin` the benchmarks' plaintext twin (`crate::bench`).
     pub(crate) fn open_as(
         path: &Path,
+        store: &OpenOptions,
         key: &MasterKey,
         wgpu: WgpuOptions,
         opts: &LoaderOptions,
@@ -416,7 +429,7 @@ impl GpuLoader<WgpuBatchEngine> {
     ) -> Result<WgpuDeviceLoader> {
         // Tags are checked by the reader on the CPU: the openers' placement does not matter.
         let cipher = WgpuCipher::new(wgpu)?;
-        let unlocked = Dataset::open(path)?.unlock(key, &CpuCipher::new())?;
+        let unlocked = Dataset::open_with(path, store)?.unlock(key, &CpuCipher::new())?;
         let source = Arc::new(FormatSource::new(unlocked)?);
         let data_keys: Vec<_> = (0..source.shard_count())
             .map(|s| source.data_key(s))

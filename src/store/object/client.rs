@@ -13,14 +13,41 @@ use object_store::{
 
 use super::Settings;
 use crate::error::Error;
+use crate::store::OpenOptions;
 
 /// Builds the client for `url`: our defaults (timeouts, retry budget) first, then the
-/// store's standard environment variables over them (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+/// store's standard environment variables over them (`AWS_*`, `GOOGLE_*`, `AZURE_*`), then the
+/// caller's [`OpenOptions`] over those. An option key the store does not know is an error (a
+/// misspelt setting must not be silently dropped); unknown environment variables are not.
 pub(super) fn build_store(
     scheme: &ObjectStoreScheme,
     url: &url::Url,
     s: &Settings,
+    opts: &OpenOptions,
 ) -> std::result::Result<Arc<dyn ObjectStore>, String> {
+    fn apply<B, K: std::str::FromStr>(
+        mut b: B,
+        env: Vec<(String, String)>,
+        opts: &OpenOptions,
+        set: impl Fn(B, K, String) -> B,
+    ) -> std::result::Result<B, String> {
+        for (k, v) in env {
+            if let Ok(key) = k.parse() {
+                b = set(b, key, v);
+            }
+        }
+        for (k, v) in opts.storage_entries() {
+            let key = k.parse().map_err(|_| {
+                format!(
+                    "storage option '{}' is not a setting of this store (see the object_store \
+                     crate's config keys; docs/STORAGE.md)",
+                    crate::error::escape_untrusted(k)
+                )
+            })?;
+            b = set(b, key, v.to_string());
+        }
+        Ok(b)
+    }
     let client = ClientOptions::new()
         .with_timeout(s.timeout)
         .with_connect_timeout(Duration::from_secs(10));
@@ -45,34 +72,43 @@ pub(super) fn build_store(
             let mut b = object_store::aws::AmazonS3Builder::new()
                 .with_client_options(client)
                 .with_retry(retry);
-            for (k, v) in env("AWS_") {
-                if let Ok(key) = k.parse() {
-                    b = b.with_config(key, v);
-                }
-            }
+            b = apply(
+                b,
+                env("AWS_"),
+                opts,
+                |b, k: object_store::aws::AmazonS3ConfigKey, v| b.with_config(k, v),
+            )?;
             b.with_url(url.as_str()).build().map(|s| Arc::new(s) as _)
         }
         ObjectStoreScheme::GoogleCloudStorage => {
             let mut b = object_store::gcp::GoogleCloudStorageBuilder::new()
                 .with_client_options(client)
                 .with_retry(retry);
-            for (k, v) in env("GOOGLE_") {
-                if let Ok(key) = k.parse() {
-                    b = b.with_config(key, v);
-                }
-            }
+            b = apply(
+                b,
+                env("GOOGLE_"),
+                opts,
+                |b, k: object_store::gcp::GoogleConfigKey, v| b.with_config(k, v),
+            )?;
             b.with_url(url.as_str()).build().map(|s| Arc::new(s) as _)
         }
         ObjectStoreScheme::MicrosoftAzure => {
             let mut b = object_store::azure::MicrosoftAzureBuilder::new()
                 .with_client_options(client)
                 .with_retry(retry);
-            for (k, v) in env("AZURE_") {
-                if let Ok(key) = k.parse() {
-                    b = b.with_config(key, v);
-                }
-            }
+            b = apply(
+                b,
+                env("AZURE_"),
+                opts,
+                |b, k: object_store::azure::AzureConfigKey, v| b.with_config(k, v),
+            )?;
             b.with_url(url.as_str()).build().map(|s| Arc::new(s) as _)
+        }
+        ObjectStoreScheme::Http if opts.has_storage() => {
+            return Err(
+                "storage options do not apply to plain HTTP(S) URLs (they carry no credentials)"
+                    .into(),
+            );
         }
         ObjectStoreScheme::Http => object_store::http::HttpBuilder::new()
             .with_client_options(client)
@@ -91,6 +127,24 @@ pub(super) fn build_store(
         }
     };
     built.map_err(|e| scrub(&error_chain(&e)))
+}
+
+/// Credentials given as [`crate::store::OpenOptions`] values: scrubbed from every message like
+/// the environment's. Process-wide, so an error built far from the options still cannot print
+/// them; each is kept (zeroized at exit only) because a message may be built at any time.
+static SECRETS: std::sync::Mutex<Vec<zeroize::Zeroizing<String>>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn registered_secrets() -> std::sync::MutexGuard<'static, Vec<zeroize::Zeroizing<String>>> {
+    SECRETS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Remembers `value` as a credential to scrub from messages (once per distinct value).
+pub fn register_secret(value: &str) {
+    let mut all = registered_secrets();
+    if value.len() >= 8 && !all.iter().any(|v| v.as_str() == value) {
+        all.push(zeroize::Zeroizing::new(value.to_string()));
+    }
 }
 
 /// `e` and its sources, joined by ": ".
@@ -181,6 +235,11 @@ pub fn scrub(text: &str) -> String {
             cleaned.push_str(ws);
         } else {
             cleaned.push_str(word);
+        }
+    }
+    for v in registered_secrets().iter() {
+        if v.len() >= 8 && cleaned.contains(v.as_str()) {
+            cleaned = cleaned.replace(v.as_str(), "[redacted]");
         }
     }
     for (k, v) in std::env::vars_os() {

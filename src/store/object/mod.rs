@@ -34,6 +34,8 @@ use crate::error::{Error, Result};
 mod client;
 mod read;
 
+use crate::store::OpenOptions;
+pub use client::register_secret;
 pub use client::scrub;
 use client::{build_store, redact_url, store_error};
 pub use read::ObjectStoreShards;
@@ -123,6 +125,11 @@ impl ObjectDir {
     /// The folder named by `url` (or the folder of the object it names, when it ends in
     /// `.safetensors` or `.json`). Builds the client from the environment; sends nothing yet.
     pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, &OpenOptions::default())
+    }
+
+    /// [`ObjectDir::open`] with the client's settings from `opts` over the environment's.
+    pub fn open_with(url: &str, opts: &OpenOptions) -> Result<Self> {
         let bad = |why: &str| {
             Error::InvalidArgument(format!(
                 "{}: {why}",
@@ -156,7 +163,7 @@ impl ObjectDir {
         let settings = Settings::from_env()?;
         let (scheme, prefix) =
             ObjectStoreScheme::parse(&parsed).map_err(|e| bad(&scrub(&e.to_string())))?;
-        let store = build_store(&scheme, &parsed, &settings).map_err(|e| bad(&e))?;
+        let store = build_store(&scheme, &parsed, &settings, opts).map_err(|e| bad(&e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("ciphershard-store")
