@@ -121,7 +121,7 @@ fn datasets_read_from_a_real_s3_server() {
         .args(["inspect", &format!("s3://{BUCKET}/gap/")]);
     let out = run(&mut c);
     let err = stderr(&out);
-    assert_ne!(code(&out), 0);
+    assert_eq!(code(&out), 2, "a missing shard is a damaged dataset: {err}");
     assert!(
         err.contains(&format!("s3://{BUCKET}/gap/{shard1}")),
         "{err}"
@@ -133,7 +133,7 @@ fn datasets_read_from_a_real_s3_server() {
     c.envs(env.iter().map(|(k, v)| (k, v)))
         .args(["inspect", &format!("s3://{BUCKET}/nothing/")]);
     let out = run(&mut c);
-    assert_ne!(code(&out), 0);
+    assert_eq!(code(&out), 1, "no manifest: not a dataset, not tampering");
     assert!(
         stderr(&out).contains("not a ciphershard dataset"),
         "{}",
@@ -147,7 +147,11 @@ fn datasets_read_from_a_real_s3_server() {
         .args(["--backend", "cpu", &format!("s3://{BUCKET}/gap/")]);
     let out = run(&mut c);
     let err = stderr(&out);
-    assert_ne!(code(&out), 0);
+    assert_eq!(
+        code(&out),
+        1,
+        "refused credentials are an error, not tampering: {err}"
+    );
     assert!(err.contains(&format!("s3://{BUCKET}/gap/")), "{err}");
     assert!(err.contains("credentials"), "{err}");
     assert!(!err.contains(wrong) && !err.contains(SECRET), "{err}");

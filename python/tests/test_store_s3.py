@@ -9,6 +9,7 @@ without it the tests fail saying how to install it, unless ``CIPHERSHARD_SKIP_S3
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -132,3 +133,44 @@ def test_unknown_storage_option_is_named(data, s3):
     with pytest.raises(ValueError, match="aws_endpont"):
         ciphershard.Dataset(f"s3://{BUCKET}/ds/", key_file=data.key_file, backend="cpu",
                             storage_options={"aws_endpont": s3})
+
+
+RANK_SCRIPT = """
+import json, sys
+import numpy as np
+import ciphershard
+url, key_file, out = sys.argv[1:4]
+ds = ciphershard.Dataset(url, key_file=key_file, backend="cpu")
+loader = ciphershard.Loader(ds, 50, seed=13, threads=2)  # rank/world from RANK/WORLD_SIZE
+epochs = [[int(i) for b in loader for i in np.from_dlpack(b["row_id"])] for _ in range(2)]
+state = loader.state_dict()
+json.dump({"rank": state["loader"]["rank"], "world": state["loader"]["world_size"], "epochs": epochs}, open(out, "w"))
+"""
+
+
+def test_ranks_in_separate_processes_share_one_bucket(data, s3, tmp_path):
+    """Four processes, ranks 0-3 of 4 from RANK/WORLD_SIZE as torchrun sets them, read the
+    same URL at once: each epoch, their union is every row exactly once."""
+    import sys
+
+    world = 4
+    env = dict(os.environ, WORLD_SIZE=str(world))
+    env.update({k.upper(): v for k, v in options(s3).items()})
+    procs = []
+    for rank in range(world):
+        out = tmp_path / f"rank{rank}.json"
+        procs.append((out, subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT, f"s3://{BUCKET}/ds/", str(data.key_file), str(out)],
+            env=dict(env, RANK=str(rank)), stderr=subprocess.PIPE, text=True,
+        )))
+    results = []
+    for out, p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.read_text()))
+    assert sorted(r["rank"] for r in results) == list(range(world))
+    assert all(r["world"] == world for r in results)
+    for epoch in range(2):
+        rows = [i for r in results for i in r["epochs"][epoch]]
+        assert sorted(rows) == list(range(2000)), f"epoch {epoch}: not every row exactly once"
+    assert results[0]["epochs"][0] != results[0]["epochs"][1], "a new epoch, a new order"

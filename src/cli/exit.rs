@@ -69,12 +69,16 @@ pub fn code(e: &Error, dataset: Option<&Path>) -> u8 {
 }
 
 /// `true` when `path` is the manifest, the keyring or a shard of the dataset in `dir` and
-/// that dataset's manifest is a regular file.
+/// that dataset's manifest is a regular file. For a folder in an object store the manifest is
+/// taken as there: `Dataset::open` reads it before any other object, so an error about another
+/// object of the folder comes after it was found.
 fn dataset_file(dir: Option<&Path>, path: &Path) -> bool {
     let Some(dir) = dir else { return false };
     let in_dir = path.parent().is_some_and(|p| same_dir(p, dir));
     let named = path.ends_with(MANIFEST_FILE) || path.ends_with(KEYRING_FILE) || is_shard(path);
-    in_dir && named && dir.join(MANIFEST_FILE).is_file()
+    in_dir
+        && named
+        && (ciphershard::store::as_url(dir).is_some() || dir.join(MANIFEST_FILE).is_file())
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -95,6 +99,17 @@ fn is_shard(path: &Path) -> bool {
 /// `Dataset::open` resolves it); `None` when nothing has that name: a mistyped argument is not
 /// a deleted shard.
 pub fn dataset_dir(path: &Path) -> Option<&Path> {
+    if ciphershard::store::as_url(path).is_some() {
+        // An object-store folder, or the folder of the object it names (as `ObjectDir` does).
+        let named_object = path
+            .extension()
+            .is_some_and(|e| e == "safetensors" || e == "json");
+        return Some(if named_object {
+            path.parent().unwrap_or(path)
+        } else {
+            path
+        });
+    }
     let meta = path.metadata().ok()?;
     Some(if meta.is_dir() {
         path
