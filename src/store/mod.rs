@@ -19,7 +19,7 @@ mod local;
 mod object;
 
 pub use local::LocalStore;
-pub use object::{ObjectDir, ObjectStoreShards, as_url, scrub};
+pub use object::{KeyringVersion, ObjectDir, ObjectShardUpload, ObjectStoreShards, as_url, scrub};
 
 /// What a shard was when its store was opened.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use object_store::multipart::MultipartStore;
 use object_store::{
     BackoffConfig, ClientConfigKey, ClientOptions, ObjectStore, ObjectStoreScheme, RetryConfig,
 };
@@ -14,13 +15,22 @@ use object_store::{
 use super::Settings;
 use crate::error::Error;
 
+/// A client as both the general interface and, for stores that have it (S3, GCS, Azure), the
+/// multipart one, whose parts can be sent in any order (a shard's header, part 0, goes last).
+pub(super) type Clients = (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>);
+
+fn both<S: ObjectStore + MultipartStore>(s: S) -> Clients {
+    let s = Arc::new(s);
+    (s.clone(), Some(s))
+}
+
 /// Builds the client for `url`: our defaults (timeouts, retry budget) first, then the
 /// store's standard environment variables over them (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
 pub(super) fn build_store(
     scheme: &ObjectStoreScheme,
     url: &url::Url,
     s: &Settings,
-) -> std::result::Result<Arc<dyn ObjectStore>, String> {
+) -> std::result::Result<Clients, String> {
     let client = ClientOptions::new()
         .with_timeout(s.timeout)
         .with_connect_timeout(Duration::from_secs(10));
@@ -40,7 +50,7 @@ pub(super) fn build_store(
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect()
     };
-    let built: std::result::Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
+    let built: std::result::Result<Clients, object_store::Error> = match scheme {
         ObjectStoreScheme::AmazonS3 => {
             let mut b = object_store::aws::AmazonS3Builder::new()
                 .with_client_options(client)
@@ -50,7 +60,7 @@ pub(super) fn build_store(
                     b = b.with_config(key, v);
                 }
             }
-            b.with_url(url.as_str()).build().map(|s| Arc::new(s) as _)
+            b.with_url(url.as_str()).build().map(both)
         }
         ObjectStoreScheme::GoogleCloudStorage => {
             let mut b = object_store::gcp::GoogleCloudStorageBuilder::new()
@@ -61,7 +71,7 @@ pub(super) fn build_store(
                     b = b.with_config(key, v);
                 }
             }
-            b.with_url(url.as_str()).build().map(|s| Arc::new(s) as _)
+            b.with_url(url.as_str()).build().map(both)
         }
         ObjectStoreScheme::MicrosoftAzure => {
             let mut b = object_store::azure::MicrosoftAzureBuilder::new()
@@ -72,7 +82,7 @@ pub(super) fn build_store(
                     b = b.with_config(key, v);
                 }
             }
-            b.with_url(url.as_str()).build().map(|s| Arc::new(s) as _)
+            b.with_url(url.as_str()).build().map(both)
         }
         ObjectStoreScheme::Http => object_store::http::HttpBuilder::new()
             .with_client_options(client)
@@ -83,7 +93,7 @@ pub(super) fn build_store(
             .with_retry(retry)
             .with_url(&url[..url::Position::BeforePath])
             .build()
-            .map(|s| Arc::new(s) as _),
+            .map(|s| (Arc::new(s) as _, None)),
         other => {
             return Err(format!(
                 "{other:?} URLs are not object stores; name a local dataset by its path"
