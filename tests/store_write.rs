@@ -137,6 +137,29 @@ fn writes_to_s3s(
     let out = run(c.args(["--backend", "cpu", &url]));
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 
+    // decrypt takes a shard URL; its plaintext equals the local conversion's shard's.
+    let decrypt = |shard: &str, out: &Path| {
+        let mut c = keyed("decrypt", key_path);
+        with_env(&mut c, &env);
+        run(c.arg(shard).arg("--out").arg(out))
+    };
+    let (from_url, from_local) = (tmp.join("url.safetensors"), tmp.join("local.safetensors"));
+    let out = decrypt(&format!("{url}shard-00001.safetensors"), &from_url);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let local_shard = local.join("shard-00001.safetensors");
+    let out = decrypt(local_shard.to_str().unwrap(), &from_local);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(std::fs::read(&from_url).unwrap() == std::fs::read(&from_local).unwrap());
+    // --out naming an object rather than a folder is refused, nothing written.
+    let out = convert(&format!("s3://{BUCKET}/obj/manifest.json"));
+    assert_ne!(code(&out), 0);
+    assert!(
+        stderr(&out).contains("name the dataset's folder"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(up.list("obj").is_empty());
+
     // A second conversion into the same folder is refused, and the dataset is untouched.
     let out = convert(&url);
     assert_ne!(code(&out), 0);
