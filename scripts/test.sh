@@ -5,7 +5,9 @@
 #     not compile fails the run;
 #   - a Python venv with maturin, pytest, numpy, torch and jax for the binding's tests
 #     (scripts/test-python.sh; CIPHERSHARD_PY_TORCH=0 / CIPHERSHARD_PY_JAX=0 skip those two);
-#   - s3s-fs, an S3-compatible server from crates.io, for tests/store_s3.rs.
+#   - s3s-fs, an S3-compatible server from crates.io, for tests/store_s3.rs and store_write.rs;
+#   - moto's S3 server (PyPI, in the same venv as NVRTC) for tests/store_write.rs's conditional
+#     rekey (s3s-fs ignores If-Match on PUT; moto honours it).
 # Idempotent: what is already there is not installed again.
 set -euo pipefail
 . "$(dirname "$0")/target-dir.sh"
@@ -46,6 +48,12 @@ if [ ! -x "$tdir/s3s-fs/bin/s3s-fs" ]; then
   rm -rf "$tdir/s3s-fs-build"
 fi
 export CIPHERSHARD_S3S_FS="$tdir/s3s-fs/bin/s3s-fs"
+
+step "moto's S3 server for the conditional-write test"
+if ! "$venv/bin/python" -c 'import moto.server, boto3' 2>/dev/null; then
+  "$venv/bin/pip" install -q 'moto[server]>=5,<6'
+fi
+export CIPHERSHARD_MOTO_PYTHON="$venv/bin/python"
 
 step "cargo test (all features)"
 cargo test --all-features --release --no-fail-fast 2>&1

@@ -87,13 +87,18 @@ pub struct ConvertArgs {
     /// several).
     #[arg(long = "column", value_name = "KEY")]
     columns: Vec<String>,
-    /// Output dataset directory (created; must not already hold a dataset).
+    /// Output dataset directory (created; must not already hold a dataset), or an object store
+    /// folder URL (`s3://bucket/prefix/`, `gs://…`, `az://…`; docs/STORAGE.md): shards are
+    /// uploaded in parts as they are sealed, then the keyring, then the manifest, so the
+    /// dataset opens only once complete; a failed or interrupted conversion aborts its uploads
+    /// and deletes the shards it had written.
     #[arg(long)]
     out: PathBuf,
     /// Remove the leftovers of an interrupted conversion in --out first (its shards, temporary
     /// files and keyring, from a run that never wrote its manifest), once the inputs are
     /// checked. Nothing else is removed: a complete dataset is still refused, and so is a file
-    /// at one of a dataset's names that is not a conversion's.
+    /// at one of a dataset's names that is not a conversion's (in an object store folder
+    /// without a manifest: its `shard-N.safetensors` and `keyring.json` objects).
     #[arg(long)]
     force: bool,
     /// Target shard size of the tensor bytes (rows are split so each shard's data stays under
@@ -151,7 +156,8 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
     let pb = byte_progress(0, "convert");
     // A signal stops the conversion between batches and removes what it wrote; a directory it
     // created is removed too once empty (`remove_dir` never removes anything else).
-    let created_out = args.out.symlink_metadata().is_err();
+    let created_out =
+        ciphershard::store::as_url(&args.out).is_none() && args.out.symlink_metadata().is_err();
     interrupt::catch()?;
     let summary = format::convert_with(
         &inputs,
@@ -478,12 +484,26 @@ pub fn decrypt(
         refuse_terminal_stdout("the plaintext")?;
     }
     let key = key.load_one()?;
+    if ciphershard::store::as_url(out).is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "--out {}: decrypt writes plaintext only to a local file or standard output, never \
+             to an object store",
+            Untrusted(&out.display().to_string())
+        )));
+    }
     let cipher = cipher::select(backend)?;
     let ds = open_dataset(shard)?;
+    // A shard URL: its dataset was opened from the folder around it; match by object name.
+    let same = |s: &Path| match ciphershard::store::as_url(shard) {
+        Some(_) => {
+            shard.to_str().is_some_and(|u| !u.ends_with('/')) && s.file_name() == shard.file_name()
+        }
+        None => format::same_file(s, shard),
+    };
     let index = ds
         .shards()
         .iter()
-        .position(|s| format::same_file(&s.path, shard))
+        .position(|s| same(&s.path))
         .ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "{} is a dataset, not a shard: name one shard file",

@@ -114,13 +114,17 @@ enum Command {
     /// Rotate a master key: re-wrap the data keys under --new-key and drop --key's; every
     /// other key keeps opening the dataset, a new key already there is not listed twice; no
     /// tensor byte is rewritten.
+    ///
+    /// In an object store the keyring is replaced only if it is still the version read (a
+    /// conditional write on its ETag): of two concurrent rekeys, the second fails, writing
+    /// nothing, and asks to be run again.
     Rekey {
         #[command(flatten)]
         key: KeyArgs,
         /// The new master key (same sources as --key).
         #[arg(long = "new-key", value_name = "KEY_SOURCE")]
         new_key: String,
-        /// Dataset directory.
+        /// Dataset directory, or its object store folder URL (`s3://bucket/prefix/`, …).
         dataset: PathBuf,
         #[command(flatten)]
         output: output::OutputArgs,

@@ -3,7 +3,8 @@
 //! Streaming with bounded memory: inputs are read chunk by chunk at their offsets, a batch of at
 //! most a few chunks (about 16 MiB, at least one chunk per thread) is sealed in parallel and written, and
 //! only ciphertext (or the bytes of `--plain` tensors) reaches disk. Shards are written to a
-//! temporary name, fsynced and renamed; the manifest is written last.
+//! temporary name, fsynced and renamed (or, into an object store, uploaded in parts as they
+//! are sealed; see [`super::output`]); the manifest is written last.
 
 #![forbid(unsafe_code)]
 
@@ -15,11 +16,12 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 
 use super::input::{ConvertInput, Plan, plan};
+use super::output::Output;
 use super::seal::{Sealer, TensorPlan, lay_out, write_shard};
 use super::{
     Column, DatasetKind, Descriptor, FORMAT_VERSION, KEYRING_FILE, KeyWrap, Keyring, Layout,
     MANIFEST_FILE, MAX_CHUNK_SIZE, MAX_JSON_FILE_LEN, MAX_KEY_WRAPS, MAX_METADATA_ENTRIES,
-    MAX_SHARDS, Manifest, ShardEntry, shard_file_name, sync_dir, write_atomic,
+    MAX_SHARDS, Manifest, ShardEntry, shard_file_name, sync_dir,
 };
 use crate::error::{Error, Result};
 use crate::keys::{MasterKey, WRAPPED_LEN};
@@ -126,18 +128,26 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 /// Removes what a failed conversion created.
-struct Cleanup {
+struct Cleanup<'a> {
+    out: &'a Output,
     paths: Vec<PathBuf>,
     committed: bool,
 }
 
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if !self.committed {
-            for p in &self.paths {
-                let _ = std::fs::remove_file(p);
-            }
+impl Cleanup<'_> {
+    /// Removes what was created (once); `Err` names what could not be removed.
+    fn run(&mut self) -> Result<()> {
+        if self.committed {
+            return Ok(());
         }
+        self.committed = true;
+        self.out.remove(&std::mem::take(&mut self.paths))
+    }
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let _ = self.run();
     }
 }
 
@@ -232,7 +242,7 @@ pub(crate) fn scan_out_dir(dir: &Path) -> Result<OutDir> {
 }
 
 /// Creates `out_dir`, or checks that it holds nothing a conversion would write or replace.
-fn refuse_existing_dataset(out_dir: &Path) -> Result<()> {
+pub(super) fn refuse_existing_dataset(out_dir: &Path) -> Result<()> {
     if !out_dir.exists() {
         return std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e));
     }
@@ -518,7 +528,7 @@ pub fn convert_with(
     let mut dataset_id = [0u8; 16];
     getrandom::fill(&mut dataset_id)
         .map_err(|e| Error::Key(format!("operating system RNG failed: {e}")))?;
-    let mut manifest = Manifest {
+    let manifest = Manifest {
         version: FORMAT_VERSION,
         dataset_id,
         kind,
@@ -528,14 +538,114 @@ pub fn convert_with(
         shards: Vec::new(),
     };
     json_files_fit(out_dir, &manifest, shard_count, key_ids.len())?;
-    if replace_interrupted {
-        remove_interrupted_conversion(out_dir)?;
-    }
-    refuse_existing_dataset(out_dir)?;
+    let out = Output::new(out_dir)?;
+    out.prepare(replace_interrupted)?;
     let mut cleanup = Cleanup {
+        out: &out,
         paths: Vec::new(),
         committed: false,
     };
+    let written = write_dataset(
+        &mut job,
+        &out,
+        &mut cleanup.paths,
+        Plan2 {
+            opts,
+            manifest,
+            kind,
+            rows,
+            rows_per_shard,
+            shard_count,
+            total,
+            metadata,
+            dataset_id,
+        },
+        progress,
+        checkpoint,
+    );
+    let (manifest, keyring, tensor_bytes, bytes_written) = match written {
+        Ok(w) => {
+            cleanup.committed = true;
+            w
+        }
+        Err(e) => {
+            // Removes every shard (and keyring) written; a store that refuses is named.
+            return Err(match cleanup.run() {
+                Ok(()) => e,
+                Err(c) => Error::io(
+                    out.path(),
+                    std::io::Error::other(format!(
+                        "{e}; and cleaning up what the conversion wrote failed, remove it by hand: {c}"
+                    )),
+                ),
+            });
+        }
+    };
+    let names = |encrypted: bool| -> Vec<String> {
+        match &job {
+            Job::Ranges(p) => p
+                .cols
+                .iter()
+                .filter(|c| c.encrypted == encrypted)
+                .map(|c| c.name.clone())
+                .collect(),
+            Job::Rows(p) => p.names(encrypted),
+        }
+    };
+    Ok(ConvertSummary {
+        dataset_id,
+        kind,
+        shards: shard_count as usize,
+        rows,
+        columns: manifest.columns.len(),
+        bytes: match job {
+            Job::Ranges(_) => total,
+            Job::Rows(_) => tensor_bytes,
+        },
+        bytes_written,
+        seconds: start.elapsed().as_secs_f64(),
+        key_ids: keyring.key_ids(),
+        encrypted_columns: names(true),
+        plain_columns: names(false),
+    })
+}
+
+/// What [`write_dataset`] needs of the plan [`convert_with`] made.
+struct Plan2<'a> {
+    opts: &'a ConvertOptions,
+    manifest: Manifest,
+    kind: DatasetKind,
+    rows: u64,
+    rows_per_shard: u64,
+    shard_count: u32,
+    total: u64,
+    metadata: BTreeMap<String, String>,
+    dataset_id: [u8; 16],
+}
+
+/// Writes every shard, the keyring and the manifest (last) into `out`, listing what it
+/// created in `cleanup`. Returns the manifest, the keyring, the tensor bytes of row inputs and
+/// the bytes written.
+fn write_dataset(
+    job: &mut Job<'_>,
+    out: &Output,
+    cleanup: &mut Vec<PathBuf>,
+    plan: Plan2<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+    checkpoint: &mut dyn FnMut() -> Result<()>,
+) -> Result<(Manifest, Keyring, u64, u64)> {
+    let Plan2 {
+        opts,
+        mut manifest,
+        kind,
+        rows,
+        rows_per_shard,
+        shard_count,
+        total,
+        metadata,
+        dataset_id,
+    } = plan;
+    let cs = manifest.chunk_size;
     let mut data_keys = Vec::with_capacity(shard_count as usize);
     let mut entries = Vec::with_capacity(shard_count as usize);
     let mut done = 0u64;
@@ -568,14 +678,14 @@ pub fn convert_with(
         done += n;
         progress(done, total.max(done));
     };
-    match &mut job {
+    match job {
         Job::Ranges(p) => {
             for s in 0..shard_count {
                 let (r0, desc) = shard(s);
                 let mut sealer = Sealer {
-                    out_dir,
+                    out,
                     threads,
-                    cleanup: &mut cleanup.paths,
+                    cleanup: &mut *cleanup,
                     written: &mut written,
                     checkpoint: &mut *checkpoint,
                 };
@@ -595,9 +705,9 @@ pub fn convert_with(
             let w = super::convert_pipeline::write_row_shards(
                 p,
                 shards,
-                out_dir,
+                out,
                 threads,
-                &mut cleanup.paths,
+                &mut *cleanup,
                 &mut written,
                 &mut *checkpoint,
             )?;
@@ -609,7 +719,7 @@ pub fn convert_with(
     let bytes_written: u64 = entries.iter().map(|e| e.bytes).sum();
 
     checkpoint()?;
-    let mut keyring = Keyring::new(&out_dir.join(KEYRING_FILE), dataset_id);
+    let mut keyring = Keyring::new(&out.name_of(KEYRING_FILE), dataset_id);
     for k in &opts.keys {
         keyring.set_wraps(k, &data_keys)?;
     }
@@ -618,42 +728,13 @@ pub fn convert_with(
     // Estimated before anything was written; now exact (the cleanup removes the shards).
     for (name, json) in [(KEYRING_FILE, &kjson), (MANIFEST_FILE, &mjson)] {
         if json.len() as u64 > MAX_JSON_FILE_LEN {
-            return Err(too_big(out_dir, name, json.len() as u64));
+            return Err(too_big(&out.path(), name, json.len() as u64));
         }
     }
-    let kpath = out_dir.join(KEYRING_FILE);
-    write_atomic(&kpath, kjson.as_bytes())?;
-    cleanup.paths.push(kpath);
-    write_atomic(&out_dir.join(MANIFEST_FILE), mjson.as_bytes())?;
-    cleanup.committed = true;
-    sync_dir(out_dir);
-    let names = |encrypted: bool| -> Vec<String> {
-        match &job {
-            Job::Ranges(p) => p
-                .cols
-                .iter()
-                .filter(|c| c.encrypted == encrypted)
-                .map(|c| c.name.clone())
-                .collect(),
-            Job::Rows(p) => p.names(encrypted),
-        }
-    };
-    Ok(ConvertSummary {
-        dataset_id,
-        kind,
-        shards: shard_count as usize,
-        rows,
-        columns: manifest.columns.len(),
-        bytes: match job {
-            Job::Ranges(_) => total,
-            Job::Rows(_) => tensor_bytes,
-        },
-        bytes_written: bytes_written + (kjson.len() + mjson.len()) as u64,
-        seconds: start.elapsed().as_secs_f64(),
-        key_ids: keyring.key_ids(),
-        encrypted_columns: names(true),
-        plain_columns: names(false),
-    })
+    out.write_keyring(kjson.as_bytes(), cleanup)?;
+    out.write_manifest(mjson.as_bytes())?;
+    let bytes_written = bytes_written + (kjson.len() + mjson.len()) as u64;
+    Ok((manifest, keyring, tensor_bytes, bytes_written))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -25,6 +25,7 @@ use std::time::Duration;
 use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
 
 use super::convert_rows::{GatheredShard, RowsPlan};
+use super::output::Output;
 use super::seal::Sealer;
 use super::{Descriptor, ShardEntry};
 use crate::error::{Error, Result};
@@ -66,14 +67,14 @@ pub(super) struct RowShards {
 }
 
 /// Gathers and writes the shards `shards` describes (each: its row count and its descriptor,
-/// tensors left empty), in order, from `plan`, into `out_dir` with `threads` sealing threads.
+/// tensors left empty), in order, from `plan`, into `out` with `threads` sealing threads.
 /// `written` is called with the tensor bytes of each batch of chunks written, `checkpoint`
 /// before each input batch and while waiting on the sealing thread: an error it returns stops
 /// both stages. Every file created, on success or not, is appended to `cleanup`.
 pub(super) fn write_row_shards(
     plan: &mut RowsPlan<'_>,
     shards: Vec<(u64, Descriptor)>,
-    out_dir: &Path,
+    out: &Output,
     threads: usize,
     cleanup: &mut Vec<PathBuf>,
     written: &mut dyn FnMut(u64),
@@ -109,7 +110,7 @@ pub(super) fn write_row_shards(
                     }
                 };
                 let mut sealer = Sealer {
-                    out_dir,
+                    out,
                     threads,
                     cleanup: &mut paths,
                     written: &mut on_written,
@@ -175,7 +176,7 @@ pub(super) fn write_row_shards(
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
             Err(Error::io(
-                out_dir,
+                out.path(),
                 std::io::Error::other(format!("the shard sealing thread panicked: {what}")),
             ))
         });
@@ -185,7 +186,7 @@ pub(super) fn write_row_shards(
             (Ok(Some(bytes)), Ok(())) => Ok(bytes),
             // Not reached: the sealing thread ends early only on an error.
             (Ok(None), Ok(())) => Err(Error::io(
-                out_dir,
+                out.path(),
                 std::io::Error::other("the shard sealing thread ended early"),
             )),
         }
@@ -193,7 +194,7 @@ pub(super) fn write_row_shards(
     let bytes = result?;
     if entries.len() != count {
         return Err(Error::io(
-            out_dir,
+            out.path(),
             std::io::Error::other(format!("{} of {count} shards written", entries.len())),
         ));
     }

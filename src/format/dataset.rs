@@ -756,47 +756,105 @@ pub struct RekeySummary {
 /// keyring.json atomically. No shard byte changes; until the rename, `old` still opens it.
 /// Every other key keeps opening the dataset; a `new` key that is already in the keyring is
 /// not listed twice (the result: `old` removed, see [`RekeySummary::new_key_was_present`]).
+///
+/// In an object store the keyring is replaced with a conditional write: only if it is still
+/// the version read (its ETag), so two concurrent rekeys cannot silently lose one; the one
+/// that comes second fails, writing nothing, and says to run it again.
 pub fn rekey(dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<RekeySummary> {
-    let ds = Dataset::open(dir)?;
+    rekey_with(dir, old, new, &mut || Ok(()))
+}
+
+/// [`rekey`], with `before_write` called once the new keyring is made, just before it is
+/// written: an error it returns stops the rekey. Lets a test change the keyring in between.
+pub fn rekey_with(
+    dir: &Path,
+    old: &MasterKey,
+    new: &MasterKey,
+    before_write: &mut dyn FnMut() -> Result<()>,
+) -> Result<RekeySummary> {
     if old.id() == new.id() {
         return Err(Error::InvalidArgument("the new key is the old key".into()));
     }
-    let keys = checked_data_keys(&ds, old)?;
-    let mut ring = Keyring::clone(&ds.keyring);
-    let new_key_was_present = ring.wraps.iter().any(|w| w.key_id == new.id());
-    ring.wraps.retain(|w| w.key_id != old.id());
-    ring.set_wraps(new, &keys)?;
-    write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())?;
-    Ok(RekeySummary {
-        new_key_was_present,
-        key_ids: ring.key_ids(),
+    update_keyring(dir, before_write, |ds, ring| {
+        let keys = checked_data_keys(ds, old)?;
+        // An object store's keyring is read apart from the dataset: it may have lost `old`
+        // since (a concurrent rekey); never add a key on the strength of a removed one.
+        if !ring.wraps.iter().any(|w| w.key_id == old.id()) {
+            return Err(keyring_changed(ring.path()));
+        }
+        let new_key_was_present = ring.wraps.iter().any(|w| w.key_id == new.id());
+        ring.wraps.retain(|w| w.key_id != old.id());
+        ring.set_wraps(new, &keys)?;
+        Ok(RekeySummary {
+            new_key_was_present,
+            key_ids: ring.key_ids(),
+        })
     })
+}
+
+/// Opens the dataset in `dir`, lets `change` edit its keyring, and writes the keyring back:
+/// atomically (a rename) for a local directory; for an object store only if the keyring is
+/// still the version that was read, which is read first (the edit starts from those bytes).
+fn update_keyring<T>(
+    dir: &Path,
+    before_write: &mut dyn FnMut() -> Result<()>,
+    change: impl FnOnce(&Dataset, &mut Keyring) -> Result<T>,
+) -> Result<T> {
+    let Some(url) = crate::store::as_url(dir) else {
+        let ds = Dataset::open(dir)?;
+        let mut ring = Keyring::clone(&ds.keyring);
+        let out = change(&ds, &mut ring)?;
+        before_write()?;
+        write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())?;
+        return Ok(out);
+    };
+    let folder = crate::store::ObjectDir::open(url)?;
+    folder.check_writable()?;
+    let (bytes, version) = folder.read_versioned(KEYRING_FILE, "keyring", MAX_JSON_FILE_LEN)?;
+    let ds = Dataset::open(dir)?;
+    let mut ring = Keyring::parse(ds.keyring.path(), &bytes)?;
+    if ring.dataset_id != ds.manifest.dataset_id {
+        return Err(keyring_changed(ring.path()));
+    }
+    let out = change(&ds, &mut ring)?;
+    before_write()?;
+    folder.put_if_unchanged(KEYRING_FILE, ring.to_json().into_bytes(), &version)?;
+    Ok(out)
+}
+
+fn keyring_changed(path: &Path) -> Error {
+    Error::io(
+        path,
+        std::io::Error::other(
+            "the keyring changed while this command ran (another rekey?); nothing was \
+             written: run the command again",
+        ),
+    )
 }
 
 /// Lets `added` open the dataset too (`existing` must already open it).
 pub fn add_key(dir: &Path, existing: &MasterKey, added: &MasterKey) -> Result<()> {
-    let ds = Dataset::open(dir)?;
-    let keys = checked_data_keys(&ds, existing)?;
-    let mut ring = Keyring::clone(&ds.keyring);
-    ring.set_wraps(added, &keys)?;
-    write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())
+    update_keyring(dir, &mut || Ok(()), |ds, ring| {
+        let keys = checked_data_keys(ds, existing)?;
+        ring.set_wraps(added, &keys)
+    })
 }
 
 /// Removes the wraps of key `key_id`; refuses to remove the last key.
 pub fn remove_key(dir: &Path, key_id: &str) -> Result<()> {
-    let ds = Dataset::open(dir)?;
-    let mut ring = Keyring::clone(&ds.keyring);
-    if !ring.wraps.iter().any(|w| w.key_id == key_id) {
-        return Err(Error::InvalidArgument(format!(
-            "key {key_id} is not in {}",
-            ring.path().display()
-        )));
-    }
-    if ring.wraps.len() == 1 {
-        return Err(Error::InvalidArgument(
-            "refusing to remove the only key: the dataset would be unreadable".into(),
-        ));
-    }
-    ring.wraps.retain(|w| w.key_id != key_id);
-    write_atomic(&ds.dir.join(KEYRING_FILE), ring.to_json().as_bytes())
+    update_keyring(dir, &mut || Ok(()), |_, ring| {
+        if !ring.wraps.iter().any(|w| w.key_id == key_id) {
+            return Err(Error::InvalidArgument(format!(
+                "key {key_id} is not in {}",
+                ring.path().display()
+            )));
+        }
+        if ring.wraps.len() == 1 {
+            return Err(Error::InvalidArgument(
+                "refusing to remove the only key: the dataset would be unreadable".into(),
+            ));
+        }
+        ring.wraps.retain(|w| w.key_id != key_id);
+        Ok(())
+    })
 }

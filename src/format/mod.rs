@@ -20,6 +20,7 @@ mod input;
 mod json;
 mod keyring;
 mod manifest;
+mod output;
 mod ragged;
 mod report;
 mod seal;
@@ -32,7 +33,7 @@ pub use convert::{
 };
 pub use dataset::{
     Dataset, RekeySummary, UnlockedDataset, VerifySummary, add_key, decrypt_shard,
-    decrypt_shard_to, decrypt_shard_with, rekey, remove_key, verify,
+    decrypt_shard_to, decrypt_shard_with, rekey, rekey_with, remove_key, verify,
 };
 pub use input::arrow_batches::ArrowBatches;
 pub use input::parquet::quiet_guarded_panics;

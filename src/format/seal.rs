@@ -1,21 +1,21 @@
 //! Sealing one shard: chunk jobs sealed in parallel and written behind a placeholder header,
-//! then the real header (with the tags) written over it, fsynced and renamed into place.
+//! then the real header (with the tags) put in its place ([`super::output`]: a local file is
+//! fsynced and renamed into place, an object upload sends its header part last).
 //! Shared by every conversion path; each gives its tensors' bytes through a read callback.
 
 #![forbid(unsafe_code)]
 
-use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use sha2::{Digest, Sha256};
 
+use super::output::Output;
 use super::shard::{chunk_aad, chunk_nonce};
 use super::{
     Descriptor, Dtype, HEADER_TAG_NONCE, Layout, MAX_CHUNKS_PER_SHARD, MAX_HEADER_LEN, ShardEntry,
-    TensorDesc, canonical_header, random_suffix, shard_file_name,
+    TensorDesc, canonical_header, shard_file_name,
 };
 use crate::cipher::cpu::CpuCipher;
 use crate::cipher::{Cipher, TAG_LEN};
@@ -76,7 +76,8 @@ pub(super) fn lay_out(plans: Vec<TensorPlan>, chunk_size: u64) -> Vec<TensorDesc
 
 /// What a shard's writer needs besides its descriptor and bytes.
 pub(super) struct Sealer<'a> {
-    pub out_dir: &'a Path,
+    /// Where the shard goes.
+    pub out: &'a Output,
     /// Sealing threads.
     pub threads: usize,
     /// Paths written so far, removed if the conversion fails.
@@ -87,7 +88,7 @@ pub(super) struct Sealer<'a> {
     pub checkpoint: &'a mut dyn FnMut() -> Result<()>,
 }
 
-/// Writes shard `desc.shard_index` into the output directory under a fresh data key: every
+/// Writes shard `desc.shard_index` into the output (directory or object store folder) under a fresh data key: every
 /// chunk of tensor `t` at byte `offset` is filled by `read(t, offset, buf)` and sealed. Returns
 /// the manifest's entry for it and its data key. Refuses, before writing anything, a shard
 /// whose chunk count or header would exceed what readers accept.
@@ -97,13 +98,13 @@ pub(super) fn write_shard(
     sealer: &mut Sealer<'_>,
 ) -> Result<(ShardEntry, DataKey)> {
     let Sealer {
-        out_dir,
+        out,
         threads,
         cleanup,
         written: on_written,
         checkpoint,
     } = sealer;
-    let (out_dir, threads) = (*out_dir, *threads);
+    let (out, threads) = (*out, *threads);
     let cs = desc.chunk_size;
     let total_chunks = desc.total_chunks();
     // Each tag takes ~21.3 base64 bytes of header, and readers cap the header: check before
@@ -161,15 +162,9 @@ pub(super) fn write_shard(
     }
 
     let file_name = shard_file_name(desc.shard_index);
-    let final_path = out_dir.join(&file_name);
-    let tmp_path = out_dir.join(format!("{file_name}.tmp-{}", random_suffix()?));
-    let file = File::create_new(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
-    cleanup.push(tmp_path.clone());
-    let io = |e| Error::io(&tmp_path, e);
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&(placeholder.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(&placeholder).map_err(io)?;
+    let bytes = 8 + placeholder.len() as u64 + desc.data_len();
+    let mut w = out.create_shard(&file_name, &placeholder, bytes, cleanup)?;
+    let tmp_path: PathBuf = w.name().to_path_buf();
 
     // Jobs are generated lazily: a shard of tiny chunks must not hold a job per chunk.
     let mut jobs = desc.tensors.iter().enumerate().flat_map(|(ti, t)| {
@@ -255,12 +250,12 @@ pub(super) fn write_shard(
         let to_write = pending.take();
         let (sealed, written) = std::thread::scope(|sc| {
             let writer = to_write.map(|(bufs, lens)| {
-                let (w, tmp_path) = (&mut w, &tmp_path);
+                let w = &mut w;
                 sc.spawn(move || {
                     let mut n = 0u64;
                     for (buf, &len) in bufs.iter().zip(&lens) {
-                        if let Err(e) = w.write_all(&buf[..len]) {
-                            return (Err(Error::io(tmp_path, e)), bufs, n);
+                        if let Err(e) = w.write(&buf[..len]) {
+                            return (Err(e), bufs, n);
                         }
                         n += len as u64;
                     }
@@ -294,15 +289,7 @@ pub(super) fn write_shard(
     drop(pool);
     let header = canonical_header(&desc_json, &B64.encode(&tags), &desc.tensors);
     debug_assert_eq!(header.len(), placeholder.len());
-    let mut file = w
-        .into_inner()
-        .map_err(|e| Error::io(&tmp_path, e.into_error()))?;
-    file.seek(SeekFrom::Start(8)).map_err(io)?;
-    file.write_all(&header).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    let bytes = 8 + header.len() as u64 + desc.data_len();
-    std::fs::rename(&tmp_path, &final_path).map_err(|e| Error::io(&final_path, e))?;
-    cleanup.push(final_path);
+    w.finish(&header, cleanup)?;
     Ok((
         ShardEntry {
             file: file_name,

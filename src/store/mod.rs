@@ -19,7 +19,7 @@ mod local;
 mod object;
 
 pub use local::LocalStore;
-pub use object::{ObjectDir, ObjectStoreShards, as_url, scrub};
+pub use object::{KeyringVersion, ObjectDir, ObjectShardUpload, ObjectStoreShards, as_url, scrub};
 
 /// How to open a dataset beyond its path: settings for the object-store client, applied over
 /// the environment's (`AWS_*`, `GOOGLE_*`, `AZURE_*`). Built with [`OpenOptions::storage`];

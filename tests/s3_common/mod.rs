@@ -143,6 +143,22 @@ impl Uploader {
             .unwrap();
     }
 
+    /// The keys of every object under `prefix/`, sorted.
+    pub fn list(&self, prefix: &str) -> Vec<String> {
+        use futures_util::TryStreamExt;
+        use object_store::ObjectStore;
+        let p = ObjectPath::from(prefix);
+        let mut keys: Vec<String> = self
+            .rt
+            .block_on(self.store.list(Some(&p)).try_collect::<Vec<_>>())
+            .unwrap()
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Every file of the local dataset `dir` under `prefix/`.
     pub fn upload_dir(&self, dir: &Path, prefix: &str) {
         for e in std::fs::read_dir(dir).unwrap() {

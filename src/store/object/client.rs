@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use object_store::multipart::MultipartStore;
 use object_store::{
     BackoffConfig, ClientConfigKey, ClientOptions, ObjectStore, ObjectStoreScheme, RetryConfig,
 };
@@ -14,6 +15,15 @@ use object_store::{
 use super::Settings;
 use crate::error::Error;
 use crate::store::OpenOptions;
+
+/// A client as both the general interface and, for stores that have it (S3, GCS, Azure), the
+/// multipart one, whose parts can be sent in any order (a shard's header, part 0, goes last).
+pub(super) type Clients = (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>);
+
+fn both<S: ObjectStore + MultipartStore>(s: S) -> Clients {
+    let s = Arc::new(s);
+    (s.clone(), Some(s))
+}
 
 /// Builds the client for `url`: our defaults (timeouts, retry budget) first, then the
 /// store's standard environment variables over them (`AWS_*`, `GOOGLE_*`, `AZURE_*`), then the
@@ -24,7 +34,7 @@ pub(super) fn build_store(
     url: &url::Url,
     s: &Settings,
     opts: &OpenOptions,
-) -> std::result::Result<Arc<dyn ObjectStore>, String> {
+) -> std::result::Result<Clients, String> {
     fn apply<B, K: std::str::FromStr>(
         mut b: B,
         env: Vec<(String, String)>,
@@ -67,7 +77,7 @@ pub(super) fn build_store(
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect()
     };
-    let built: std::result::Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
+    let built: std::result::Result<Clients, object_store::Error> = match scheme {
         ObjectStoreScheme::AmazonS3 => {
             let mut b = object_store::aws::AmazonS3Builder::new()
                 .with_client_options(client)
@@ -78,7 +88,7 @@ pub(super) fn build_store(
                 opts,
                 |b, k: object_store::aws::AmazonS3ConfigKey, v| b.with_config(k, v),
             )?;
-            b.with_url(url.as_str()).build().map(|s| Arc::new(s) as _)
+            b.with_url(url.as_str()).build().map(both)
         }
         ObjectStoreScheme::GoogleCloudStorage => {
             let mut b = object_store::gcp::GoogleCloudStorageBuilder::new()
@@ -90,7 +100,7 @@ pub(super) fn build_store(
                 opts,
                 |b, k: object_store::gcp::GoogleConfigKey, v| b.with_config(k, v),
             )?;
-            b.with_url(url.as_str()).build().map(|s| Arc::new(s) as _)
+            b.with_url(url.as_str()).build().map(both)
         }
         ObjectStoreScheme::MicrosoftAzure => {
             let mut b = object_store::azure::MicrosoftAzureBuilder::new()
@@ -102,7 +112,7 @@ pub(super) fn build_store(
                 opts,
                 |b, k: object_store::azure::AzureConfigKey, v| b.with_config(k, v),
             )?;
-            b.with_url(url.as_str()).build().map(|s| Arc::new(s) as _)
+            b.with_url(url.as_str()).build().map(both)
         }
         ObjectStoreScheme::Http if opts.has_storage() => {
             return Err(
@@ -119,7 +129,7 @@ pub(super) fn build_store(
             .with_retry(retry)
             .with_url(&url[..url::Position::BeforePath])
             .build()
-            .map(|s| Arc::new(s) as _),
+            .map(|s| (Arc::new(s) as _, None)),
         other => {
             return Err(format!(
                 "{other:?} URLs are not object stores; name a local dataset by its path"

@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 
 mod client;
 mod read;
+mod write;
 
 use crate::store::OpenOptions;
 pub use client::register_secret;
@@ -40,6 +41,7 @@ pub use client::scrub;
 use client::{build_store, redact_url, store_error};
 pub use read::ObjectStoreShards;
 use read::{Pin, get_into};
+pub use write::{KeyringVersion, ObjectShardUpload};
 
 /// Ranges closer than this are fetched by one request (the gap's bytes are read and dropped).
 pub const COALESCE_GAP: u64 = 1 << 20;
@@ -50,10 +52,12 @@ pub const MAX_REQUEST: u64 = 64 << 20;
 /// (requests at once per `read_ranges`, default 16), `CIPHERSHARD_STORE_TIMEOUT` (seconds per
 /// request, default 30), `CIPHERSHARD_STORE_RETRIES` (default 5),
 /// `CIPHERSHARD_STORE_RETRY_SECONDS` (the total time one request may spend retrying, default
-/// 60).
+/// 60), `CIPHERSHARD_STORE_PART_SIZE` (MiB per part of a shard's multipart upload, default 8,
+/// at least 5: S3's smallest part).
 #[derive(Debug, Clone)]
 struct Settings {
     in_flight: usize,
+    part_size: u64,
     timeout: Duration,
     retries: usize,
     retry_time: Duration,
@@ -75,6 +79,7 @@ impl Settings {
         }
         Ok(Settings {
             in_flight: num("CIPHERSHARD_STORE_IN_FLIGHT", 16, 1024)?.max(1) as usize,
+            part_size: num("CIPHERSHARD_STORE_PART_SIZE", 8, 5 << 10)?.max(5) << 20,
             timeout: Duration::from_secs(num("CIPHERSHARD_STORE_TIMEOUT", 30, 3600)?.max(1)),
             retries: num("CIPHERSHARD_STORE_RETRIES", 5, 100)? as usize,
             retry_time: Duration::from_secs(num("CIPHERSHARD_STORE_RETRY_SECONDS", 60, 3600)?),
@@ -104,6 +109,9 @@ pub struct ObjectDir {
 
 struct Inner {
     store: Arc<dyn ObjectStore>,
+    /// The same client's multipart interface (S3, GCS, Azure); `None` for plain HTTP, which
+    /// is read-only here.
+    multipart: Option<Arc<dyn object_store::multipart::MultipartStore>>,
     /// The folder's URL with a trailing `/`, as the user wrote it (never credentials: a URL
     /// holding a user, password or query string is refused).
     url: String,
@@ -163,7 +171,8 @@ impl ObjectDir {
         let settings = Settings::from_env()?;
         let (scheme, prefix) =
             ObjectStoreScheme::parse(&parsed).map_err(|e| bad(&scrub(&e.to_string())))?;
-        let store = build_store(&scheme, &parsed, &settings, opts).map_err(|e| bad(&e))?;
+        let (store, multipart) =
+            build_store(&scheme, &parsed, &settings, opts).map_err(|e| bad(&e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("ciphershard-store")
@@ -173,6 +182,7 @@ impl ObjectDir {
         Ok(ObjectDir {
             inner: Arc::new(Inner {
                 store,
+                multipart,
                 url: parsed.to_string(),
                 prefix,
                 settings,
@@ -198,6 +208,17 @@ impl ObjectDir {
     /// Reads the whole of the small object `name` (manifest, keyring), refusing one larger
     /// than `cap` before reading it. `Err` of kind `NotFound` when there is no such object.
     pub fn read_small(&self, name: &str, what: &'static str, cap: u64) -> Result<Vec<u8>> {
+        Ok(self.read_small_meta(name, what, cap)?.0)
+    }
+
+    /// [`Self::read_small`], and the object's metadata (size, ETag, version) as of that read:
+    /// the GET carried `If-Match` with the HEAD's ETag, so the bytes are that version's.
+    fn read_small_meta(
+        &self,
+        name: &str,
+        what: &'static str,
+        cap: u64,
+    ) -> Result<(Vec<u8>, object_store::ObjectMeta)> {
         let url = self.name_of(name);
         let loc = self.location(name);
         let inner = &self.inner;
@@ -222,7 +243,7 @@ impl ObjectDir {
                 let pin = Pin::of(&meta);
                 get_into(inner, &url, &loc, &pin, 0, &mut [(0, &mut buf[..])]).await?;
             }
-            Ok(buf)
+            Ok((buf, meta))
         })
     }
 }
