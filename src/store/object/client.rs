@@ -16,10 +16,13 @@ use crate::error::Error;
 
 /// Builds the client for `url`: our defaults (timeouts, retry budget) first, then the
 /// store's standard environment variables over them (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+/// `retrying: false` builds the client of the read path, which runs its own retry loop (and
+/// counts it): `object_store` retries nothing there.
 pub(super) fn build_store(
     scheme: &ObjectStoreScheme,
     url: &url::Url,
     s: &Settings,
+    retrying: bool,
 ) -> std::result::Result<Arc<dyn ObjectStore>, String> {
     let client = ClientOptions::new()
         .with_timeout(s.timeout)
@@ -30,8 +33,12 @@ pub(super) fn build_store(
             max_backoff: Duration::from_secs(10),
             base: 2.0,
         },
-        max_retries: s.retries,
-        retry_timeout: s.retry_time,
+        max_retries: if retrying { s.retries } else { 0 },
+        retry_timeout: if retrying {
+            s.retry_time
+        } else {
+            Duration::ZERO
+        },
     };
     let env = |prefix: &str| -> Vec<(String, String)> {
         std::env::vars_os()

@@ -10,15 +10,21 @@
 //!   [`COALESCE_GAP`] apart into one ranged GET (at most [`MAX_REQUEST`] bytes), and keeps up
 //!   to `in_flight` GETs going at once. Bodies are streamed straight into the caller's
 //!   buffers: memory is what the caller handed in, whatever the object sizes.
-//! - **Failures.** Each request has a timeout; throttling and transient errors are retried by
-//!   `object_store` with exponential backoff and decorrelated jitter, within a bounded budget
-//!   (a retry count and a total time), and a body cut short is fetched again within the same
-//!   count. Then the error names the object's URL and the last cause, scrubbed of anything
-//!   that could be a credential (see [`scrub`]).
+//! - **Failures.** Ranged GETs go through a client with `object_store`'s retries off and our
+//!   own loop (retry.rs): throttling (429, 503 SlowDown), 5xx, connection errors, resets and
+//!   bodies cut short are tried again with exponential backoff and full jitter, within a
+//!   bounded budget (a retry count and a total time); a body cut short resumes where it
+//!   stopped. 4xx answers are final (412: the object was replaced). Each attempt has a
+//!   first-byte timeout, a stalled-body timeout and an overall timeout. Then the error names
+//!   the object's URL, the attempts and the last cause, scrubbed of anything that could be a
+//!   credential (see [`scrub`]). HEADs and small reads keep `object_store`'s own retries.
+//! - **Telemetry.** Every GET and HEAD, the bytes, retries, failures and times to first byte
+//!   are counted per opened store ([`crate::store::NetworkStats`]).
 //!
 //! A small multi-thread tokio runtime owned by the store drives the requests; the synchronous
 //! seam blocks the calling thread on them (`block_on`), so any number of loader threads read
-//! at once and a dropped store cancels nothing that is still needed.
+//! at once. A read gives up as soon as the calling thread's
+//! [`crate::store::CancelToken`] is cancelled (a dropped loader), dropping its requests.
 
 #![forbid(unsafe_code)]
 
@@ -30,9 +36,11 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme};
 
 use crate::error::{Error, Result};
+use crate::store::network::NetCounters;
 
 mod client;
 mod read;
+mod retry;
 
 pub use client::scrub;
 use client::{build_store, redact_url, store_error};
@@ -48,13 +56,17 @@ pub const MAX_REQUEST: u64 = 64 << 20;
 /// (requests at once per `read_ranges`, default 16), `CIPHERSHARD_STORE_TIMEOUT` (seconds per
 /// request, default 30), `CIPHERSHARD_STORE_RETRIES` (default 5),
 /// `CIPHERSHARD_STORE_RETRY_SECONDS` (the total time one request may spend retrying, default
-/// 60).
+/// 60), `CIPHERSHARD_STORE_FIRST_BYTE_TIMEOUT` (seconds from sending a GET to its answer,
+/// default 15), `CIPHERSHARD_STORE_STALL_TIMEOUT` (seconds a body may send nothing, default
+/// 15).
 #[derive(Debug, Clone)]
 struct Settings {
     in_flight: usize,
     timeout: Duration,
     retries: usize,
     retry_time: Duration,
+    first_byte_timeout: Duration,
+    stall_timeout: Duration,
 }
 
 impl Settings {
@@ -76,6 +88,12 @@ impl Settings {
             timeout: Duration::from_secs(num("CIPHERSHARD_STORE_TIMEOUT", 30, 3600)?.max(1)),
             retries: num("CIPHERSHARD_STORE_RETRIES", 5, 100)? as usize,
             retry_time: Duration::from_secs(num("CIPHERSHARD_STORE_RETRY_SECONDS", 60, 3600)?),
+            first_byte_timeout: Duration::from_secs(
+                num("CIPHERSHARD_STORE_FIRST_BYTE_TIMEOUT", 15, 3600)?.max(1),
+            ),
+            stall_timeout: Duration::from_secs(
+                num("CIPHERSHARD_STORE_STALL_TIMEOUT", 15, 3600)?.max(1),
+            ),
         })
     }
 }
@@ -101,7 +119,11 @@ pub struct ObjectDir {
 }
 
 struct Inner {
+    /// HEADs and whole small objects: `object_store` retries these itself.
     store: Arc<dyn ObjectStore>,
+    /// Ranged GETs: no retries of `object_store`'s; read.rs runs and counts them.
+    reads: Arc<dyn ObjectStore>,
+    net: NetCounters,
     /// The folder's URL with a trailing `/`, as the user wrote it (never credentials: a URL
     /// holding a user, password or query string is refused).
     url: String,
@@ -156,7 +178,8 @@ impl ObjectDir {
         let settings = Settings::from_env()?;
         let (scheme, prefix) =
             ObjectStoreScheme::parse(&parsed).map_err(|e| bad(&scrub(&e.to_string())))?;
-        let store = build_store(&scheme, &parsed, &settings).map_err(|e| bad(&e))?;
+        let store = build_store(&scheme, &parsed, &settings, true).map_err(|e| bad(&e))?;
+        let reads = build_store(&scheme, &parsed, &settings, false).map_err(|e| bad(&e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("ciphershard-store")
@@ -166,6 +189,8 @@ impl ObjectDir {
         Ok(ObjectDir {
             inner: Arc::new(Inner {
                 store,
+                reads,
+                net: NetCounters::default(),
                 url: parsed.to_string(),
                 prefix,
                 settings,
@@ -195,6 +220,7 @@ impl ObjectDir {
         let loc = self.location(name);
         let inner = &self.inner;
         inner.rt.block_on(async {
+            inner.net.head();
             let meta = inner
                 .store
                 .head(&loc)
