@@ -23,7 +23,8 @@ flights=${IN_FLIGHT:-1 4 16 64}
 threads=${THREADS:-2}
 extra_threads=${EXTRA_THREADS:-8}
 svg=${SVG:-$root/docs/bench-s3.svg}
-(cd "$root" && cargo build -q --release --bin ciphershard --example s3_latency_proxy)
+# The CPU loader only: no CUDA or wgpu to build.
+(cd "$root" && cargo build -q --release --no-default-features --bin ciphershard --example s3_latency_proxy)
 target=$(cd "$root" && cargo metadata --format-version 1 --no-deps |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 cs=$target/release/ciphershard
