@@ -20,6 +20,7 @@ use crate::keys::MasterKey;
 use crate::pipeline::{
     DecryptMode, DeviceStats, FormatSource, Loader, LoaderOptions, LoaderStats, RowSource,
 };
+use crate::store::NetworkStats;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -114,6 +115,51 @@ pub struct RunReport {
     /// The device loader's own telemetry (device runs only).
     #[serde(default)]
     pub device: Option<DeviceStats>,
+    /// Network requests of this run (datasets in an object store only).
+    #[serde(default)]
+    pub network: Option<NetworkRun>,
+}
+
+/// What one run fetched over the network.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NetworkRun {
+    /// The store's counters over the run.
+    #[serde(flatten)]
+    pub stats: NetworkStats,
+    /// Bytes fetched per epoch.
+    pub bytes_per_epoch: u64,
+    /// Bytes of the dataset's shard objects.
+    pub dataset_bytes: u64,
+    /// Read amplification over the network: bytes fetched per epoch ÷ the shards' bytes.
+    pub amplification: f64,
+}
+
+impl NetworkRun {
+    fn new(stats: NetworkStats, epochs: u64, store: &dyn crate::store::ShardStore) -> Self {
+        let dataset_bytes = (0..store.shard_count())
+            .map(|s| store.identity(s).len)
+            .fold(0, u64::saturating_add);
+        let bytes_per_epoch = stats.bytes_fetched / epochs.max(1);
+        NetworkRun {
+            amplification: bytes_per_epoch as f64 / dataset_bytes.max(1) as f64,
+            stats,
+            bytes_per_epoch,
+            dataset_bytes,
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}\nnetwork: {:.1} MB fetched per epoch of {:.1} MB of shards: amplification {:.3}",
+            self.stats,
+            self.bytes_per_epoch as f64 / 1e6,
+            self.dataset_bytes as f64 / 1e6,
+            self.amplification
+        )
+    }
 }
 
 /// Times a run: setup, first batch, and the steady state after it.
@@ -164,6 +210,7 @@ impl Clock {
             first_batch_seconds,
             steady_gb_per_s,
             device,
+            network: None,
         }
     }
 }
@@ -204,11 +251,16 @@ pub struct BenchReport {
     /// Token-budget batching, if the bench cut batches by a ragged column's tokens.
     #[serde(default)]
     pub budget: Option<crate::pipeline::TokenBudget>,
+    /// Network requests of the whole bench since the dataset was opened (opening and all runs
+    /// together; object stores only).
+    #[serde(default)]
+    pub network: Option<NetworkStats>,
 }
 
 fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> {
+    let net_before = src.store().network();
     let mut clock = Clock::start();
-    let mut l = Loader::new(src, opts)?;
+    let mut l = Loader::new(src.clone(), opts)?;
     clock.built();
     let mut batches = 0u64;
     for b in l.by_ref() {
@@ -218,7 +270,15 @@ fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> 
         std::hint::black_box(b.tensors().next().and_then(|t| t.bytes.first().copied()));
         batches += 1;
     }
-    Ok(clock.report(batches, l.stats(), None))
+    let mut report = clock.report(batches, l.stats(), None);
+    if let (Some(before), Some(after)) = (net_before, src.store().network()) {
+        report.network = Some(NetworkRun::new(
+            after.since(&before),
+            opts.epochs,
+            src.store(),
+        ));
+    }
+    Ok(report)
 }
 
 /// Takes every batch of a device loader, timing each; the number of batches.
@@ -350,6 +410,7 @@ fn run_device(
         pack: None,
         tokens_per_batch: 0,
         budget: None,
+        network: None,
     })
 }
 
@@ -403,6 +464,7 @@ pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> R
             .map_or(0, |p| p.seq_len.saturating_mul(opts.batch_size as u64)),
         pack: opts.pack.clone(),
         budget: opts.budget.clone(),
+        network: src.store().network(),
     })
 }
 

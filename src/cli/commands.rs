@@ -935,6 +935,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         report.steady_ratio
     )?;
     outln!("encrypted run, per stage:\n{}", report.encrypted.stats)?;
+    if let Some(n) = &report.encrypted.network {
+        outln!("{n}")?;
+    }
+    if let Some(n) = &report.network {
+        outln!("all runs {n}")?;
+    }
     if let Some(d) = &report.encrypted.device {
         outln!("{d}")?;
     }

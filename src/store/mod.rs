@@ -15,10 +15,14 @@ use std::path::Path;
 
 use crate::error::Result;
 
+pub mod cancel;
 mod local;
+mod network;
 mod object;
 
+pub use cancel::CancelToken;
 pub use local::LocalStore;
+pub use network::NetworkStats;
 pub use object::{KeyringVersion, ObjectDir, ObjectShardUpload, ObjectStoreShards, as_url, scrub};
 
 /// How to open a dataset beyond its path: settings for the object-store client, applied over
@@ -110,4 +114,10 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug {
     /// `Err` naming the shard if it no longer matches its pinned identity (for local files:
     /// its length changed, truncated or appended since the store was opened).
     fn check_unchanged(&self, s: usize) -> Result<()>;
+
+    /// Network counters since the store was opened, for a store that fetches over a network
+    /// (`None` for local files).
+    fn network(&self) -> Option<NetworkStats> {
+        None
+    }
 }

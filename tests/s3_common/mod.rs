@@ -6,6 +6,8 @@
 //! `TARGET/s3s-fs/bin/s3s-fs` (where scripts/test.sh installs it), else on `PATH`.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

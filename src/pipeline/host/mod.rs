@@ -35,6 +35,9 @@ pub struct Loader {
     rx: Receiver<(u64, Result<Batch>)>,
     credits: Sender<()>,
     stop: Option<Sender<()>>,
+    /// Cancels the workers' store reads when the loader shuts down (a network read in flight
+    /// would otherwise hold up the join until it ends or times out).
+    cancel: crate::store::CancelToken,
     threads: Vec<JoinHandle<()>>,
     reorder: BTreeMap<u64, Result<Batch>>,
     next_seq: u64,
@@ -249,16 +252,21 @@ impl Loader {
         let (job_tx, job_rx) = bounded::<Job>(opts.threads);
         let (res_tx, res_rx) = unbounded::<(u64, Result<Batch>)>();
         let mut threads = Vec::new();
+        let cancel = crate::store::CancelToken::new();
         for i in 0..opts.threads {
-            let (sh, jobs, res, stop) = (
+            let (sh, jobs, res, stop, cancel) = (
                 shared.clone(),
                 job_rx.clone(),
                 res_tx.clone(),
                 stop_rx.clone(),
+                cancel.clone(),
             );
             let h = std::thread::Builder::new()
                 .name(format!("cs-worker-{i}"))
-                .spawn(move || worker(&sh, &jobs, &res, &stop))
+                .spawn(move || {
+                    let _reads = cancel.enter();
+                    worker(&sh, &jobs, &res, &stop)
+                })
                 .map_err(|e| Error::Stopped(format!("cannot spawn worker thread: {e}")))?;
             threads.push(h);
         }
@@ -302,6 +310,7 @@ impl Loader {
             rx: res_rx,
             credits: credit_tx,
             stop: Some(stop_tx),
+            cancel,
             threads,
             reorder: BTreeMap::new(),
             next_seq: 0,
@@ -408,6 +417,7 @@ impl Loader {
     fn shutdown(&mut self) {
         self.done = true;
         self.stop.take(); // disconnects the stop channel: every blocked select wakes up
+        self.cancel.cancel(); // and every read waiting on the network gives up
         for h in self.threads.drain(..) {
             let _ = h.join();
         }

@@ -29,11 +29,14 @@ fn both<S: ObjectStore + MultipartStore>(s: S) -> Clients {
 /// store's standard environment variables over them (`AWS_*`, `GOOGLE_*`, `AZURE_*`), then the
 /// caller's [`OpenOptions`] over those. An option key the store does not know is an error (a
 /// misspelt setting must not be silently dropped); unknown environment variables are not.
+/// `retrying: false` builds the client of the read path, which runs its own retry loop (and
+/// counts it): `object_store` retries nothing there.
 pub(super) fn build_store(
     scheme: &ObjectStoreScheme,
     url: &url::Url,
     s: &Settings,
     opts: &OpenOptions,
+    retrying: bool,
 ) -> std::result::Result<Clients, String> {
     fn apply<B, K: std::str::FromStr>(
         mut b: B,
@@ -67,8 +70,12 @@ pub(super) fn build_store(
             max_backoff: Duration::from_secs(10),
             base: 2.0,
         },
-        max_retries: s.retries,
-        retry_timeout: s.retry_time,
+        max_retries: if retrying { s.retries } else { 0 },
+        retry_timeout: if retrying {
+            s.retry_time
+        } else {
+            Duration::ZERO
+        },
     };
     let env = |prefix: &str| -> Vec<(String, String)> {
         std::env::vars_os()

@@ -10,15 +10,21 @@
 //!   [`COALESCE_GAP`] apart into one ranged GET (at most [`MAX_REQUEST`] bytes), and keeps up
 //!   to `in_flight` GETs going at once. Bodies are streamed straight into the caller's
 //!   buffers: memory is what the caller handed in, whatever the object sizes.
-//! - **Failures.** Each request has a timeout; throttling and transient errors are retried by
-//!   `object_store` with exponential backoff and decorrelated jitter, within a bounded budget
-//!   (a retry count and a total time), and a body cut short is fetched again within the same
-//!   count. Then the error names the object's URL and the last cause, scrubbed of anything
-//!   that could be a credential (see [`scrub`]).
+//! - **Failures.** Ranged GETs go through a client with `object_store`'s retries off and our
+//!   own loop (retry.rs): throttling (429, 503 SlowDown), 5xx, connection errors, resets and
+//!   bodies cut short are tried again with exponential backoff and full jitter, within a
+//!   bounded budget (a retry count and a total time); a body cut short resumes where it
+//!   stopped. 4xx answers are final (412: the object was replaced). Each attempt has a
+//!   first-byte timeout, a stalled-body timeout and an overall timeout. Then the error names
+//!   the object's URL, the attempts and the last cause, scrubbed of anything that could be a
+//!   credential (see [`scrub`]). HEADs and small reads keep `object_store`'s own retries.
+//! - **Telemetry.** Every GET and HEAD, the bytes, retries, failures and times to first byte
+//!   are counted per opened store ([`crate::store::NetworkStats`]).
 //!
 //! A small multi-thread tokio runtime owned by the store drives the requests; the synchronous
 //! seam blocks the calling thread on them (`block_on`), so any number of loader threads read
-//! at once and a dropped store cancels nothing that is still needed.
+//! at once. A read gives up as soon as the calling thread's
+//! [`crate::store::CancelToken`] is cancelled (a dropped loader), dropping its requests.
 
 #![forbid(unsafe_code)]
 
@@ -30,10 +36,12 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme};
 
 use crate::error::{Error, Result};
+use crate::store::network::NetCounters;
 
 mod client;
 mod read;
 mod write;
+mod retry;
 
 use crate::store::OpenOptions;
 pub use client::register_secret;
@@ -52,7 +60,9 @@ pub const MAX_REQUEST: u64 = 64 << 20;
 /// (requests at once per `read_ranges`, default 16), `CIPHERSHARD_STORE_TIMEOUT` (seconds per
 /// request, default 30), `CIPHERSHARD_STORE_RETRIES` (default 5),
 /// `CIPHERSHARD_STORE_RETRY_SECONDS` (the total time one request may spend retrying, default
-/// 60), `CIPHERSHARD_STORE_PART_SIZE` (MiB per part of a shard's multipart upload, default 8,
+/// 60), `CIPHERSHARD_STORE_FIRST_BYTE_TIMEOUT` (seconds from sending a GET to its answer,
+/// default 15), `CIPHERSHARD_STORE_STALL_TIMEOUT` (seconds a body may send nothing, default
+/// 15), `CIPHERSHARD_STORE_PART_SIZE` (MiB per part of a shard's multipart upload, default 8,
 /// at least 5: S3's smallest part).
 #[derive(Debug, Clone)]
 struct Settings {
@@ -61,6 +71,8 @@ struct Settings {
     timeout: Duration,
     retries: usize,
     retry_time: Duration,
+    first_byte_timeout: Duration,
+    stall_timeout: Duration,
 }
 
 impl Settings {
@@ -83,6 +95,12 @@ impl Settings {
             timeout: Duration::from_secs(num("CIPHERSHARD_STORE_TIMEOUT", 30, 3600)?.max(1)),
             retries: num("CIPHERSHARD_STORE_RETRIES", 5, 100)? as usize,
             retry_time: Duration::from_secs(num("CIPHERSHARD_STORE_RETRY_SECONDS", 60, 3600)?),
+            first_byte_timeout: Duration::from_secs(
+                num("CIPHERSHARD_STORE_FIRST_BYTE_TIMEOUT", 15, 3600)?.max(1),
+            ),
+            stall_timeout: Duration::from_secs(
+                num("CIPHERSHARD_STORE_STALL_TIMEOUT", 15, 3600)?.max(1),
+            ),
         })
     }
 }
@@ -108,10 +126,14 @@ pub struct ObjectDir {
 }
 
 struct Inner {
+    /// HEADs and whole small objects: `object_store` retries these itself.
     store: Arc<dyn ObjectStore>,
     /// The same client's multipart interface (S3, GCS, Azure); `None` for plain HTTP, which
     /// is read-only here.
     multipart: Option<Arc<dyn object_store::multipart::MultipartStore>>,
+    /// Ranged GETs: no retries of `object_store`'s; read.rs runs and counts them.
+    reads: Arc<dyn ObjectStore>,
+    net: NetCounters,
     /// The folder's URL with a trailing `/`, as the user wrote it (never credentials: a URL
     /// holding a user, password or query string is refused).
     url: String,
@@ -172,7 +194,9 @@ impl ObjectDir {
         let (scheme, prefix) =
             ObjectStoreScheme::parse(&parsed).map_err(|e| bad(&scrub(&e.to_string())))?;
         let (store, multipart) =
-            build_store(&scheme, &parsed, &settings, opts).map_err(|e| bad(&e))?;
+            build_store(&scheme, &parsed, &settings, opts, true).map_err(|e| bad(&e))?;
+        let (reads, _) =
+            build_store(&scheme, &parsed, &settings, opts, false).map_err(|e| bad(&e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("ciphershard-store")
@@ -183,6 +207,8 @@ impl ObjectDir {
             inner: Arc::new(Inner {
                 store,
                 multipart,
+                reads,
+                net: NetCounters::default(),
                 url: parsed.to_string(),
                 prefix,
                 settings,
@@ -223,6 +249,7 @@ impl ObjectDir {
         let loc = self.location(name);
         let inner = &self.inner;
         inner.rt.block_on(async {
+            inner.net.head();
             let meta = inner
                 .store
                 .head(&loc)
