@@ -141,7 +141,7 @@ fn cold_bench_reports_the_raw_read_of_the_same_files() {
         (vec!["--cipher", "--cold"], "--cold"),
         (vec!["--cipher", "--io-threads", "2"], "--io-threads"),
     ] {
-        let out = run_bounded(keyed("bench", &f.key).args(&args));
+        let out = run_bounded(cs().arg("bench").args(&args));
         let err = stderr(&out);
         assert_eq!(code(&out), 64, "{args:?}: {err}");
         assert!(
