@@ -50,6 +50,13 @@ pub struct BenchOptions {
     pub pack: Option<crate::pipeline::options::PackOptions>,
     /// Cut batches by a ragged column's tokens (host loader only).
     pub budget: Option<crate::pipeline::TokenBudget>,
+    /// Evict the shard files from the page cache before every run and measure their raw
+    /// sequential read beside the loader (`bench --cold`; local datasets, host loader).
+    pub cold: bool,
+    /// Windows the host loader reads ahead ([`LoaderOptions::readahead_windows`]).
+    pub readahead_windows: u64,
+    /// The host loader's I/O threads ([`LoaderOptions::io_threads`]).
+    pub io_threads: usize,
 }
 
 impl Default for BenchOptions {
@@ -67,6 +74,9 @@ impl Default for BenchOptions {
             host_batches: false,
             pack: None,
             budget: None,
+            cold: false,
+            readahead_windows: LoaderOptions::default().readahead_windows,
+            io_threads: LoaderOptions::default().io_threads,
         }
     }
 }
@@ -84,6 +94,8 @@ impl BenchOptions {
             seed: 1,
             pack: self.pack.clone(),
             budget: self.budget.clone(),
+            readahead_windows: self.readahead_windows,
+            io_threads: self.io_threads,
             ..Default::default()
         }
     }
@@ -255,6 +267,24 @@ pub struct BenchReport {
     /// together; object stores only).
     #[serde(default)]
     pub network: Option<NetworkStats>,
+    /// `--cold`: every run started with the shard files evicted from the page cache.
+    #[serde(default)]
+    pub cold: Option<ColdReport>,
+}
+
+/// What `bench --cold` adds: the raw sequential read of the same files, also evicted first.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ColdReport {
+    /// How the files were evicted (advisory: residency is not checked).
+    pub eviction: String,
+    /// The faster of the raw reads (one before each encrypted run).
+    pub raw_read: super::cold::RawRead,
+    /// Every raw read, in the order run (alternating with the loader's runs).
+    pub raw_reads: Vec<super::cold::RawRead>,
+    /// Encrypted run's delivered GB/s ÷ the raw read's GB/s.
+    pub encrypted_vs_raw: f64,
+    /// The twin's delivered GB/s ÷ the raw read's GB/s.
+    pub twin_vs_raw: f64,
 }
 
 fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> {
@@ -411,21 +441,57 @@ fn run_device(
         tokens_per_batch: 0,
         budget: None,
         network: None,
+        cold: None,
     })
 }
 
 /// Runs the bench over a source (encrypted run, then the twin, then the encrypted run again;
 /// the report keeps the faster of the two encrypted runs so page-cache warm-up does not count).
+///
+/// With `opts.cold`, the shard files are evicted from the page cache before each run, and a raw
+/// sequential read of them (evicted first) precedes each encrypted run: raw, encrypted, twin,
+/// raw, encrypted.
 pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> Result<BenchReport> {
     let lo = opts.loader_options();
-    let warm = run_once(src.clone(), &lo)?;
-    let twin = run_once(super::twin::TwinSource::new(src.clone()), &lo)?;
-    let again = run_once(src.clone(), &lo)?;
+    let store = src.store();
+    let paths: Vec<PathBuf> = (0..store.shard_count())
+        .map(|s| store.name(s).to_path_buf())
+        .collect();
+    if opts.cold {
+        super::cold::refuse_url(Path::new(name))?;
+        if let Some(p) = paths.first() {
+            super::cold::refuse_url(p)?;
+        }
+    }
+    let mut raw_reads = Vec::new();
+    let mut run = |src: Arc<dyn RowSource>, raw_first: bool| -> Result<RunReport> {
+        if opts.cold {
+            if raw_first {
+                raw_reads.push(super::cold::cold_raw_read(&paths)?);
+            }
+            super::cold::evict(&paths)?;
+        }
+        run_once(src, &lo)
+    };
+    let warm = run(src.clone(), true)?;
+    let twin = run(super::twin::TwinSource::new(src.clone()), false)?;
+    let again = run(src.clone(), true)?;
     let enc = if again.seconds < warm.seconds {
         again
     } else {
         warm
     };
+    let cold = raw_reads
+        .iter()
+        .max_by(|a, b| a.gb_per_s.total_cmp(&b.gb_per_s))
+        .cloned()
+        .map(|raw| ColdReport {
+            eviction: super::cold::EVICTION.into(),
+            encrypted_vs_raw: enc.gb_per_s / raw.gb_per_s.max(1e-12),
+            twin_vs_raw: twin.gb_per_s / raw.gb_per_s.max(1e-12),
+            raw_read: raw,
+            raw_reads: raw_reads.clone(),
+        });
     // Fixed columns: rows x row bytes; a ragged column: its values (and its offsets, as
     // delivered: 8 bytes per row), summed over the shards.
     let epoch_bytes = src
@@ -465,6 +531,7 @@ pub fn run_source(src: Arc<dyn RowSource>, name: &str, opts: &BenchOptions) -> R
         pack: opts.pack.clone(),
         budget: opts.budget.clone(),
         network: src.store().network(),
+        cold,
     })
 }
 
@@ -576,6 +643,17 @@ pub fn run_with_scratch(
     }
     // GPU backends bench their device loader (batches stay in device memory).
     let device_loader = matches!(backend, Backend::Cuda | Backend::Wgpu) && !opts.host_batches;
+    if opts.cold {
+        if let Some(p) = dataset {
+            super::cold::refuse_url(p)?;
+        }
+        if device_loader {
+            return Err(Error::InvalidArgument(
+                "--cold measures the host loader: with --backend cuda|wgpu add --host-batches"
+                    .into(),
+            ));
+        }
+    }
     match dataset {
         Some(p) => {
             let key = key.ok_or_else(|| Error::Key("bench over a dataset needs its key".into()))?;

@@ -4,6 +4,7 @@
 //!
 //! - [`loader`]: the loader over an encrypted dataset and over its plaintext twin (the
 //!   `twin` source wrapper), through the same pipeline, in one process.
+//! - [`cold`]: page-cache eviction and the raw sequential read `bench --cold` compares with.
 //! - [`cipher`]: the CPU backend against aws-lc-rs in one run.
 //! - `cuda` (with the `cuda` feature): the CUDA kernels, every CTR variant checked against the
 //!   CPU, and the batch path against its plaintext twin.
@@ -11,6 +12,7 @@
 //!   round trip and device loader stages on this machine's adapter.
 
 pub mod cipher;
+pub mod cold;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod loader;

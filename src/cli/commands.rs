@@ -659,6 +659,18 @@ pub struct BenchArgs {
     /// Most tokens per batch (with --budget).
     #[arg(long, value_name = "N", requires = "budget", value_parser = clap::value_parser!(u64).range(1..))]
     max_tokens: Option<u64>,
+    /// Evict the dataset's shard files from the page cache (posix_fadvise DONTNEED, advisory)
+    /// before every run, and report the raw sequential read rate of the same files (evicted
+    /// first too) beside the loader's. Local datasets and the host loader only. Only the first
+    /// epoch of a run is cold: --epochs defaults to 1 here.
+    #[arg(long)]
+    cold: bool,
+    /// Shuffle windows the host loader reads ahead of its workers (0: none) [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=64))]
+    readahead_windows: Option<u64>,
+    /// Threads reading ahead for the host loader [default: 4].
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    io_threads: Option<usize>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -685,6 +697,9 @@ impl BenchArgs {
                 given("--no-kernel-figures", self.no_kernel_figures),
                 given("--pack", self.pack.is_some()),
                 given("--budget", self.budget.is_some()),
+                given("--cold", self.cold),
+                given("--readahead-windows", self.readahead_windows.is_some()),
+                given("--io-threads", self.io_threads.is_some()),
             ];
             if let Some(name) = loader_only.into_iter().flatten().next() {
                 return Some(format!(
@@ -708,6 +723,22 @@ impl BenchArgs {
                     "{name} is done by the host loader: with --backend cuda|wgpu add --host-batches (the device loaders deliver rows)"
                 ));
             }
+        }
+        if self.cold
+            && let Some(url) = self.dataset.as_deref().and_then(ciphershard::store::as_url)
+        {
+            return Some(format!(
+                "--cold applies to local datasets only: {} is read over the network, with no \
+                 page cache to evict",
+                ciphershard::store::scrub(url)
+            ));
+        }
+        if self.cold && matches!(self.backend, Backend::Cuda | Backend::Wgpu) && !self.host_batches
+        {
+            return Some(
+                "--cold measures the host loader: with --backend cuda|wgpu add --host-batches"
+                    .into(),
+            );
         }
         if self.dataset.is_none() && !self.key.key.is_empty() {
             return Some(
@@ -797,7 +828,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 .unwrap_or(2)
         }),
         batch_size: args.batch_size.unwrap_or(256),
-        epochs: args.epochs.unwrap_or(2),
+        // Later epochs of a cold run read from the page cache the first one filled.
+        epochs: args.epochs.unwrap_or(if args.cold { 1 } else { 2 }),
+        cold: args.cold,
+        readahead_windows: args.readahead_windows.unwrap_or(defaults.readahead_windows),
+        io_threads: args.io_threads.unwrap_or(defaults.io_threads),
         mode: args.mode.unwrap_or(pipeline::DecryptMode::ChunkOpen),
         host_batches: args.host_batches || args.pack.is_some() || args.budget.is_some(),
         window_blocks: args.window_blocks.unwrap_or(defaults.window_blocks),
@@ -919,6 +954,24 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         )?;
     }
     outln!("ratio encrypted / plaintext twin: {:.3}", report.ratio)?;
+    if let Some(c) = &report.cold {
+        let reads: Vec<String> = c
+            .raw_reads
+            .iter()
+            .map(|r| format!("{:.2}", r.gb_per_s))
+            .collect();
+        outln!(
+            "cold: raw sequential read {:.2} GB/s ({:.1} MB; each run: {} GB/s)\n\
+             cold: encrypted / raw read {:.3}, plaintext twin / raw read {:.3}\n\
+             cold: {}",
+            c.raw_read.gb_per_s,
+            c.raw_read.bytes as f64 / 1e6,
+            reads.join(", "),
+            c.encrypted_vs_raw,
+            c.twin_vs_raw,
+            c.eviction
+        )?;
+    }
     for (name, r) in [
         ("encrypted", &report.encrypted),
         ("plaintext twin", &report.plaintext_twin),

@@ -64,6 +64,15 @@ pub struct LoaderOptions {
     /// Token-budget batching: batches of at most `batch_size` rows cut by the tokens of a
     /// ragged column (see [`TokenBudget`]); `None`: batches of `batch_size` rows.
     pub budget: Option<TokenBudget>,
+    /// Host loader: shuffle windows whose chunks are read ahead of the workers (ciphertext into
+    /// pooled buffers, by the I/O threads) while the current window is decrypted, so the storage
+    /// has reads outstanding whatever the decrypt threads do; each costs one window of chunk
+    /// buffers. `0`: the workers read every chunk themselves, when a batch first needs it.
+    pub readahead_windows: u64,
+    /// Host loader: threads reading ahead (`readahead_windows`); each reads one shard's ranges
+    /// of a window at a time (an object store's coalesced GETs, or local `pread`s after a
+    /// `WILLNEED` hint for them all), so this bounds the shards read at once. At least 1.
+    pub io_threads: usize,
 }
 
 /// Token-budget batching (docs/LOADER.md, "Token budgets"): each batch takes the epoch's next
@@ -118,6 +127,8 @@ impl Default for LoaderOptions {
             pin_hook: None,
             pack: None,
             budget: None,
+            readahead_windows: 1,
+            io_threads: 4,
         }
     }
 }
@@ -141,6 +152,8 @@ impl std::fmt::Debug for LoaderOptions {
             .field("start_batch", &self.start_batch)
             .field("pack", &self.pack)
             .field("budget", &self.budget)
+            .field("readahead_windows", &self.readahead_windows)
+            .field("io_threads", &self.io_threads)
             .finish_non_exhaustive()
     }
 }
@@ -278,6 +291,8 @@ impl LoaderOptions {
 pub const MAX_PREFETCH: usize = 4096;
 /// Most worker threads a loader may start.
 pub const MAX_THREADS: usize = 1024;
+/// Most windows the host loader reads ahead (each holds a window of chunk buffers).
+pub const MAX_READAHEAD_WINDOWS: u64 = 64;
 
 /// What the host and the device loaders both derive from a source and options before they start:
 /// the plan's configuration and size, and every shard opened once and checked against the length
@@ -440,6 +455,16 @@ impl PlanSetup {
         }
         // Channels and buffer sets are sized by these up front: refuse absurd values rather
         // than abort on an allocation.
+        if opts.readahead_windows > MAX_READAHEAD_WINDOWS
+            || opts.io_threads == 0
+            || opts.io_threads > MAX_THREADS
+        {
+            return Err(Error::InvalidArgument(format!(
+                "readahead_windows {} / io_threads {}: at most {MAX_READAHEAD_WINDOWS} windows \
+                 read ahead, and 1 to {MAX_THREADS} I/O threads",
+                opts.readahead_windows, opts.io_threads
+            )));
+        }
         if opts.prefetch > MAX_PREFETCH || opts.threads > MAX_THREADS {
             return Err(Error::InvalidArgument(format!(
                 "prefetch {} / threads {}: at most {MAX_PREFETCH} batches in flight and \

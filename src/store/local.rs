@@ -134,6 +134,20 @@ impl ShardStore for LocalStore {
         })
     }
 
+    /// Hints every range to the kernel first (`WILLNEED`: it starts reading them all, so the
+    /// disk has them outstanding together), then reads them in turn.
+    fn read_ranges(&self, s: usize, ranges: &mut [(u64, &mut [u8])]) -> Result<()> {
+        if ranges.len() > 1 {
+            let file = self.shards[s].file()?;
+            for (offset, dst) in ranges.iter() {
+                will_need(file, *offset, dst.len() as u64);
+            }
+        }
+        ranges
+            .iter_mut()
+            .try_for_each(|(offset, dst)| self.read_at(s, *offset, dst))
+    }
+
     fn check_unchanged(&self, s: usize) -> Result<()> {
         let shard = &self.shards[s];
         let len = shard
@@ -154,6 +168,18 @@ impl ShardStore for LocalStore {
         Ok(())
     }
 }
+
+/// Asks the kernel to start reading `len` bytes at `offset` into the page cache. Advice only:
+/// where it fails or does not exist, the read that follows simply does the work.
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn will_need(file: &File, offset: u64, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed);
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+fn will_need(_: &File, _: u64, _: u64) {}
 
 /// Reads exactly `buf.len()` bytes at `offset` without moving a shared cursor.
 fn read_exact_at(file: &File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {

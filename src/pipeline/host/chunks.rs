@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 use zeroize::Zeroize;
 
 use super::batch::{Batch, SetPool};
+use super::readahead::{Ahead, ReadCell};
 use crate::cipher::{ChunkParams, NONCE_LEN};
 use crate::error::{Error, Result};
 use crate::pipeline::budget::BudgetPlan;
@@ -47,6 +48,8 @@ impl Drop for Loaded {
 #[derive(Default)]
 pub(super) struct Slot {
     pub(super) cell: OnceLock<Result<Loaded, Error>>,
+    /// The chunk's ciphertext when an I/O thread read it ahead (`readahead`).
+    pub(super) read: ReadCell,
 }
 
 /// Verified chunks shared by the batches that need them, refcounted by the planner.
@@ -125,24 +128,32 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    fn load(&self, k: ChunkKey) -> Result<Loaded> {
+    /// Reads (or takes the bytes read ahead into `slot`), then verifies or opens chunk `k`.
+    fn load(&self, k: ChunkKey, slot: &Slot) -> Result<Loaded> {
         let (s, c, j) = (k.0 as usize, k.1 as usize, k.2);
         let spec = self.source.chunk(s, c, j);
-        let mut buf = self.chunk_pool.get()?;
+        // The read stage counts the time spent waiting for bytes read ahead.
         let t0 = Instant::now();
-        let store = self.source.store();
-        if spec.len > buf.len() {
-            self.chunk_pool.put(buf);
-            return Err(Error::format(
-                store.name(s),
-                "shard",
-                format!("chunk {j} of column {c} is longer than the chunk size"),
-            ));
-        }
-        if let Err(e) = store.read_at(s, spec.file_offset, &mut buf[..spec.len]) {
-            self.chunk_pool.put(buf);
-            return Err(e);
-        }
+        let mut buf = match slot.read.take() {
+            Some(r) => r?,
+            None => {
+                let mut buf = self.chunk_pool.get()?;
+                let store = self.source.store();
+                if spec.len > buf.len() {
+                    self.chunk_pool.put(buf);
+                    return Err(Error::format(
+                        store.name(s),
+                        "shard",
+                        format!("chunk {j} of column {c} is longer than the chunk size"),
+                    ));
+                }
+                if let Err(e) = store.read_at(s, spec.file_offset, &mut buf[..spec.len]) {
+                    self.chunk_pool.put(buf);
+                    return Err(e);
+                }
+                buf
+            }
+        };
         let t1 = Instant::now();
         add(&self.counters.read_ns, (t1 - t0).as_nanos() as u64);
         add(&self.counters.read_bytes, spec.len as u64);
@@ -194,7 +205,8 @@ impl Shared {
             (job.seq as usize).wrapping_mul(7) % n
         };
         for i in (first..n).chain(0..first) {
-            if let Err(e) = job.slots[i].cell.get_or_init(|| self.load(job.keys[i])) {
+            let slot = &job.slots[i];
+            if let Err(e) = slot.cell.get_or_init(|| self.load(job.keys[i], slot)) {
                 return Err(clone_error(e));
             }
         }
@@ -408,7 +420,7 @@ pub(super) fn worker(
             }
             // An error stays in the slot, for the batch that needs the chunk to report.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                slot.cell.get_or_init(|| sh.load(*key))
+                slot.cell.get_or_init(|| sh.load(*key, slot))
             }));
         }
         for (key, _) in &job.warm {
@@ -462,6 +474,7 @@ pub(super) fn planner(
     credits: &Receiver<()>,
     jobs: &Sender<Job>,
     stop: &Receiver<()>,
+    mut ahead: Ahead,
 ) {
     let mut seq = 0u64;
     let mut pinned: Option<(usize, Vec<ChunkKey>)> = None;
@@ -488,6 +501,7 @@ pub(super) fn planner(
             for p in a..b {
                 let (row, w) = cur.row_at(p);
                 sh.pin_window(&plan, w, &mut pinned, &mut old_pin);
+                ahead.enter(sh, &plan, w);
                 keys_for_rows(
                     sh.source.as_ref(),
                     &sh.columns,
@@ -521,5 +535,6 @@ pub(super) fn planner(
         if let Some((_, old)) = pinned.take() {
             sh.cache.release(&old);
         }
+        ahead.clear(sh);
     }
 }

@@ -21,6 +21,7 @@ use crate::pipeline::telemetry::{Counters, LoaderStats, add};
 mod batch;
 mod chunks;
 mod pack;
+mod readahead;
 
 use batch::SetPool;
 pub use batch::{Batch, Padded, Tensor};
@@ -206,11 +207,13 @@ impl Loader {
             })
             .fold(0, u64::saturating_add);
         let window_rows = opts.window_blocks.saturating_mul(block_rows).max(1);
-        // Packing also holds the next window, loaded ahead (`pack::planner`).
+        // Packing also holds the next window, loaded ahead (`pack::planner`); the I/O threads
+        // hold the windows they read ahead (`readahead`).
         let windows_in_flight = (in_flight.saturating_mul(batch_rows) as u64)
             .div_ceil(window_rows)
             .saturating_add(1)
-            .saturating_add(u64::from(pack.is_some()));
+            .saturating_add(u64::from(pack.is_some()))
+            .saturating_add(opts.readahead_windows);
         let bound =
             usize::try_from(window_chunks.saturating_mul(windows_in_flight)).unwrap_or(usize::MAX);
         // Buffers as long as the longest chunk there is, not `chunk_size`: a small dataset
@@ -271,6 +274,22 @@ impl Loader {
             threads.push(h);
         }
         drop(res_tx);
+        // The I/O threads reading ahead, fed one shard's chunks of a window at a time.
+        let groups = if opts.readahead_windows > 0 {
+            let (groups_tx, groups_rx) = unbounded();
+            for i in 0..opts.io_threads {
+                let (sh, groups, stop) = (shared.clone(), groups_rx.clone(), stop_rx.clone());
+                let h = std::thread::Builder::new()
+                    .name(format!("cs-io-{i}"))
+                    .spawn(move || readahead::io_thread(&sh, &groups, &stop))
+                    .map_err(|e| Error::Stopped(format!("cannot spawn I/O thread: {e}")))?;
+                threads.push(h);
+            }
+            Some(groups_tx)
+        } else {
+            None
+        };
+        let ahead = readahead::Ahead::new(opts.readahead_windows, groups);
         {
             let (sh, cfg, budget) = (shared.clone(), cfg.clone(), budget.clone());
             let (epochs, se, sb) = (opts.epochs, opts.start_epoch, opts.start_batch);
@@ -288,6 +307,7 @@ impl Loader {
                         &credit_rx,
                         &job_tx,
                         &stop_rx,
+                        ahead,
                     ),
                     None => planner(
                         &sh,
@@ -300,6 +320,7 @@ impl Loader {
                         &credit_rx,
                         &job_tx,
                         &stop_rx,
+                        ahead,
                     ),
                 })
                 .map_err(|e| Error::Stopped(format!("cannot spawn planner thread: {e}")))?;

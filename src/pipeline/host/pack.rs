@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::batch::Batch;
 use super::chunks::{Job, Shared, dispatch, take_credit};
+use super::readahead::Ahead;
 use crate::error::{Error, Result};
 use crate::pipeline::options::{ChunkKey, PackPlan, push_chunk_keys};
 use crate::pipeline::sampler::{Cursor, EpochPlan, RowRef, SamplerConfig};
@@ -77,6 +78,7 @@ pub(super) fn planner(
     credits: &Receiver<()>,
     jobs: &Sender<Job>,
     stop: &Receiver<()>,
+    mut read_ahead: Ahead,
 ) {
     let c = pack.column;
     let per_batch = pack.sequences * pack.seq_len;
@@ -115,6 +117,7 @@ pub(super) fn planner(
             while at < t1 {
                 let (row, w) = cur.row_at(q);
                 sh.pin_window(&plan, w, &mut pinned, &mut old_pin);
+                read_ahead.enter(sh, &plan, w);
                 let len = row_len(sh, c, row);
                 if len > 0 {
                     // Only the tokens this batch takes: a long row split across batches is
@@ -184,6 +187,7 @@ pub(super) fn planner(
             sh.cache.release(&old);
         }
         to_warm.clear();
+        read_ahead.clear(sh);
     }
 }
 
