@@ -132,3 +132,33 @@ def test_unknown_storage_option_is_named(data, s3):
     with pytest.raises(ValueError, match="aws_endpont"):
         ciphershard.Dataset(f"s3://{BUCKET}/ds/", key_file=data.key_file, backend="cpu",
                             storage_options={"aws_endpont": s3})
+
+
+def test_ciphertext_cache_serves_a_second_open(data, s3, tmp_path):
+    url = f"s3://{BUCKET}/ds/"
+    cache = tmp_path / "cache"
+
+    def open_cached():
+        return ciphershard.Dataset(url, key_file=data.key_file, backend="cpu",
+                                   storage_options=options(s3), cache_dir=cache,
+                                   cache_size="64M")
+
+    want = row_ids(data.open())
+    cold = open_cached()
+    same(row_ids(cold), want)
+    assert cold.cache_stats()["misses"] > 0
+    warm = open_cached()
+    same(row_ids(warm), want)
+    stats = warm.cache_stats()
+    assert stats["misses"] == 0 and stats["hits"] > 0, stats
+    assert 0 < stats["bytes_on_disk"] <= 64 << 20
+    assert ciphershard.Dataset(url, key_file=data.key_file, backend="cpu",
+                               storage_options=options(s3)).cache_stats() is None
+    for f in cache.rglob("*"):
+        if f.is_file():
+            assert f.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError, match="object-store URLs"):
+        ciphershard.Dataset(data.path, key_file=data.key_file, backend="cpu", cache_dir=cache)
+    with pytest.raises(ValueError, match="512M"):
+        ciphershard.Dataset(url, key_file=data.key_file, backend="cpu",
+                            storage_options=options(s3), cache_dir=cache, cache_size="lots")

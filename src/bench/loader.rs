@@ -49,6 +49,8 @@ pub struct BenchOptions {
     pub pack: Option<crate::pipeline::options::PackOptions>,
     /// Cut batches by a ragged column's tokens (host loader only).
     pub budget: Option<crate::pipeline::TokenBudget>,
+    /// How to open the dataset (object-store settings, the ciphertext cache).
+    pub open: crate::store::OpenOptions,
 }
 
 impl Default for BenchOptions {
@@ -66,6 +68,7 @@ impl Default for BenchOptions {
             host_batches: false,
             pack: None,
             budget: None,
+            open: Default::default(),
         }
     }
 }
@@ -114,6 +117,9 @@ pub struct RunReport {
     /// The device loader's own telemetry (device runs only).
     #[serde(default)]
     pub device: Option<DeviceStats>,
+    /// The ciphertext cache's counters over this run (host loader over a URL with a cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::store::CacheStats>,
 }
 
 /// Times a run: setup, first batch, and the steady state after it.
@@ -164,6 +170,7 @@ impl Clock {
             first_batch_seconds,
             steady_gb_per_s,
             device,
+            cache: None,
         }
     }
 }
@@ -207,8 +214,9 @@ pub struct BenchReport {
 }
 
 fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> {
+    let cache_before = src.store().cache_stats();
     let mut clock = Clock::start();
-    let mut l = Loader::new(src, opts)?;
+    let mut l = Loader::new(src.clone(), opts)?;
     clock.built();
     let mut batches = 0u64;
     for b in l.by_ref() {
@@ -218,7 +226,13 @@ fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> 
         std::hint::black_box(b.tensors().next().and_then(|t| t.bytes.first().copied()));
         batches += 1;
     }
-    Ok(clock.report(batches, l.stats(), None))
+    let mut report = clock.report(batches, l.stats(), None);
+    report.cache = src
+        .store()
+        .cache_stats()
+        .zip(cache_before)
+        .map(|(now, before)| now.since(&before));
+    Ok(report)
 }
 
 /// Takes every batch of a device loader, timing each; the number of batches.
@@ -246,6 +260,7 @@ fn drain<E: crate::pipeline::device::DeviceEngine>(
 fn run_device_once(
     backend: Backend,
     path: &Path,
+    open: &crate::store::OpenOptions,
     key: &MasterKey,
     opts: &LoaderOptions,
     twin: bool,
@@ -254,14 +269,7 @@ fn run_device_once(
     let (batches, stats, device) = match backend {
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
-            let mut l = crate::pipeline::DeviceLoader::open_as(
-                path,
-                &Default::default(),
-                key,
-                0,
-                opts,
-                twin,
-            )?;
+            let mut l = crate::pipeline::DeviceLoader::open_as(path, open, key, 0, opts, twin)?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             // The loader's threads were joined when the last batch was taken.
@@ -270,14 +278,8 @@ fn run_device_once(
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             let wgpu = crate::cipher::wgpu::WgpuOptions::default();
-            let mut l = crate::pipeline::WgpuDeviceLoader::open_as(
-                path,
-                &Default::default(),
-                key,
-                wgpu,
-                opts,
-                twin,
-            )?;
+            let mut l =
+                crate::pipeline::WgpuDeviceLoader::open_as(path, open, key, wgpu, opts, twin)?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             (n, l.stats(), l.device_stats())
@@ -313,16 +315,16 @@ fn run_device(
         mode: DecryptMode::default(),
         ..opts.loader_options()
     };
-    let warm = run_device_once(backend, path, key, &lo, false)?;
-    let twin = run_device_once(backend, path, key, &lo, true)?;
-    let again = run_device_once(backend, path, key, &lo, false)?;
+    let warm = run_device_once(backend, path, &opts.open, key, &lo, false)?;
+    let twin = run_device_once(backend, path, &opts.open, key, &lo, true)?;
+    let again = run_device_once(backend, path, &opts.open, key, &lo, false)?;
     // The first run also compiles the kernels (setup): keep the faster steady state.
     let enc = if again.steady_gb_per_s > warm.steady_gb_per_s {
         again
     } else {
         warm
     };
-    let ds = crate::format::Dataset::open(path)?;
+    let ds = crate::format::Dataset::open_with(path, &opts.open)?;
     // Sizes from the (already loaded) dataset's headers, saturating: a report, not a bound.
     let rows: u64 = ds
         .shards()
@@ -520,7 +522,7 @@ pub fn run_with_scratch(
             if device_loader {
                 return run_device(backend, p, key, &p.display().to_string(), opts);
             }
-            let src = FormatSource::open(p, key, opts.backend)?;
+            let src = FormatSource::open_with(p, &opts.open, key, opts.backend)?;
             run_source(src, &p.display().to_string(), opts)
         }
         None => {

@@ -11,13 +11,17 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::Result;
 
+mod cache;
 mod local;
 mod object;
 
+pub use cache::{
+    CacheSettings, CacheStats, CachedStore, DEFAULT_BLOCK, DEFAULT_CACHE_SIZE, parse_size,
+};
 pub use local::LocalStore;
 pub use object::{ObjectDir, ObjectStoreShards, as_url, scrub};
 
@@ -30,6 +34,17 @@ pub use object::{ObjectDir, ObjectStoreShards, as_url, scrub};
 #[derive(Clone, Default)]
 pub struct OpenOptions {
     storage: Vec<(String, zeroize::Zeroizing<String>)>,
+    cache: CacheChoice,
+}
+
+/// Whether an object-store dataset reads through a local ciphertext cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum CacheChoice {
+    /// As `CIPHERSHARD_CACHE_DIR` and `CIPHERSHARD_CACHE_SIZE` say (none when unset).
+    #[default]
+    FromEnv,
+    Off,
+    On(CacheSettings),
 }
 
 impl OpenOptions {
@@ -59,6 +74,78 @@ impl OpenOptions {
     pub fn has_storage(&self) -> bool {
         !self.storage.is_empty()
     }
+
+    /// Keeps the shard bytes read from an object store in a local cache under `dir` (created
+    /// 0700 if missing), at most `max_bytes` in all, least recently used evicted first; later
+    /// opens of the same objects read them from there (docs/STORAGE.md, "Ciphertext cache").
+    /// The cache holds the objects' bytes (ciphertext), never plaintext. Overrides
+    /// `CIPHERSHARD_CACHE_DIR`; refused for a local path.
+    pub fn cache(mut self, dir: impl Into<PathBuf>, max_bytes: u64) -> Self {
+        let block = match &self.cache {
+            CacheChoice::On(c) => c.block,
+            _ => DEFAULT_BLOCK,
+        };
+        self.cache = CacheChoice::On(CacheSettings {
+            dir: dir.into(),
+            max_bytes,
+            block,
+        });
+        self
+    }
+
+    /// The cache's block size (after [`OpenOptions::cache`]): bytes fetched and stored as one
+    /// entry, a power of two from 4 KiB to 64 MiB, default [`DEFAULT_BLOCK`] (4 MiB).
+    pub fn cache_block_size(mut self, bytes: u64) -> Self {
+        if let CacheChoice::On(c) = &mut self.cache {
+            c.block = bytes;
+        }
+        self
+    }
+
+    /// No cache, whatever `CIPHERSHARD_CACHE_DIR` says.
+    pub fn no_cache(mut self) -> Self {
+        self.cache = CacheChoice::Off;
+        self
+    }
+
+    /// Whether a cache was asked for in code (not by the environment).
+    pub fn has_cache(&self) -> bool {
+        matches!(self.cache, CacheChoice::On(_))
+    }
+
+    /// The cache an object-store dataset opened with these options reads through: the one set
+    /// in code, else `CIPHERSHARD_CACHE_DIR` (capped at `CIPHERSHARD_CACHE_SIZE`, default
+    /// [`DEFAULT_CACHE_SIZE`]), else none.
+    pub fn cache_settings(&self) -> Result<Option<CacheSettings>> {
+        match &self.cache {
+            CacheChoice::On(c) => Ok(Some(c.clone())),
+            CacheChoice::Off => Ok(None),
+            CacheChoice::FromEnv => cache_from_env(),
+        }
+    }
+}
+
+fn cache_from_env() -> Result<Option<CacheSettings>> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let size = match var("CIPHERSHARD_CACHE_SIZE") {
+        None => None,
+        Some(v) => Some(parse_size(&v).map_err(|e| {
+            crate::error::Error::InvalidArgument(format!("$CIPHERSHARD_CACHE_SIZE: {e}"))
+        })?),
+    };
+    match (var("CIPHERSHARD_CACHE_DIR"), size) {
+        (Some(dir), size) => Ok(Some(CacheSettings {
+            dir: PathBuf::from(dir),
+            max_bytes: size.unwrap_or(DEFAULT_CACHE_SIZE),
+            block: DEFAULT_BLOCK,
+        })),
+        (None, Some(_)) => Err(crate::error::Error::InvalidArgument(
+            "$CIPHERSHARD_CACHE_SIZE is set but $CIPHERSHARD_CACHE_DIR is not: the cache needs \
+             a folder"
+                .into(),
+        )),
+        (None, None) => Ok(None),
+    }
 }
 
 // By hand: the values may be credentials.
@@ -69,6 +156,7 @@ impl std::fmt::Debug for OpenOptions {
                 "storage_keys",
                 &self.storage.iter().map(|(k, _)| k).collect::<Vec<_>>(),
             )
+            .field("cache", &self.cache)
             .finish()
     }
 }
@@ -110,4 +198,10 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug {
     /// `Err` naming the shard if it no longer matches its pinned identity (for local files:
     /// its length changed, truncated or appended since the store was opened).
     fn check_unchanged(&self, s: usize) -> Result<()>;
+
+    /// The counters of a local ciphertext cache in front of the store ([`CachedStore`]);
+    /// `None` for a store read without one.
+    fn cache_stats(&self) -> Option<CacheStats> {
+        None
+    }
 }
