@@ -322,24 +322,7 @@ fn with_cache(
                 ciphershard::error::Error::InvalidArgument(format!("cache_size: {e}"))
             })?),
         };
-    if dir.is_none() && size.is_none() {
-        return Ok(opts);
-    }
-    let env = opts.cache_settings()?;
-    let dir = match (dir, &env) {
-        (Some(d), _) => d,
-        (None, Some(e)) => e.dir.clone(),
-        (None, None) => {
-            return Err(ciphershard::error::Error::InvalidArgument(
-                "cache_size needs a cache folder: give cache_dir (or set CIPHERSHARD_CACHE_DIR)"
-                    .into(),
-            ));
-        }
-    };
-    let size = size
-        .or(env.map(|e| e.max_bytes))
-        .unwrap_or(ciphershard::store::DEFAULT_CACHE_SIZE);
-    Ok(opts.cache(dir, size))
+    opts.cache_over_env(dir, size)
 }
 
 fn source_dir(path: &std::path::Path) -> PathBuf {

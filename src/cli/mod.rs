@@ -95,27 +95,7 @@ impl CacheArgs {
         if self.no_cache {
             return Ok(opts.no_cache());
         }
-        if self.cache_dir.is_none() && self.cache_size.is_none() {
-            return Ok(opts);
-        }
-        // A flag given alone takes the other setting from the environment (or its default).
-        let env = opts.cache_settings()?;
-        let dir = match (&self.cache_dir, &env) {
-            (Some(d), _) => d.clone(),
-            (None, Some(e)) => e.dir.clone(),
-            (None, None) => {
-                return Err(Error::InvalidArgument(
-                    "--cache-size needs a cache folder: give --cache-dir DIR (or set \
-                     CIPHERSHARD_CACHE_DIR)"
-                        .into(),
-                ));
-            }
-        };
-        let size = self
-            .cache_size
-            .or(env.map(|e| e.max_bytes))
-            .unwrap_or(ciphershard::store::DEFAULT_CACHE_SIZE);
-        Ok(opts.cache(dir, size))
+        opts.cache_over_env(self.cache_dir.clone(), self.cache_size)
     }
 }
 

@@ -102,6 +102,33 @@ impl OpenOptions {
         self
     }
 
+    /// [`OpenOptions::cache`] from whichever of `dir` and `max_bytes` are given, the other
+    /// from `CIPHERSHARD_CACHE_DIR` / `CIPHERSHARD_CACHE_SIZE` (or [`DEFAULT_CACHE_SIZE`]), as
+    /// the CLI's `--cache-dir`/`--cache-size` and Python's `cache_dir`/`cache_size` do. Neither
+    /// given: unchanged (the environment decides when the dataset opens). A size with no
+    /// folder anywhere is refused.
+    pub fn cache_over_env(self, dir: Option<PathBuf>, max_bytes: Option<u64>) -> Result<Self> {
+        if dir.is_none() && max_bytes.is_none() {
+            return Ok(self);
+        }
+        let env = cache_from_env()?;
+        let dir = match (dir, &env) {
+            (Some(d), _) => d,
+            (None, Some(e)) => e.dir.clone(),
+            (None, None) => {
+                return Err(crate::error::Error::InvalidArgument(
+                    "a cache size needs a cache folder: give --cache-dir DIR (Python: \
+                     cache_dir), or set CIPHERSHARD_CACHE_DIR"
+                        .into(),
+                ));
+            }
+        };
+        let size = max_bytes
+            .or(env.map(|e| e.max_bytes))
+            .unwrap_or(DEFAULT_CACHE_SIZE);
+        Ok(self.cache(dir, size))
+    }
+
     /// No cache, whatever `CIPHERSHARD_CACHE_DIR` says.
     pub fn no_cache(mut self) -> Self {
         self.cache = CacheChoice::Off;
