@@ -83,6 +83,13 @@ class Dataset:
     come from the store's environment variables, or ``storage_options`` (the ``object_store``
     crate's keys, e.g. ``{"aws_endpoint": ..., "aws_access_key_id": ...}``) over them; option
     values are never printed. Options for a local path raise ``ValueError``.
+
+    ``cache_dir`` keeps the shard bytes fetched from an object store (ciphertext only, never
+    plaintext) in that folder for later epochs and runs, at most ``cache_size`` bytes (an
+    ``int``, or text such as ``"20G"``; default ``$CIPHERSHARD_CACHE_SIZE``, else 10 GiB), least
+    recently used evicted first; ``$CIPHERSHARD_CACHE_DIR`` is the default folder. Cached bytes
+    are authenticated on every use like fetched ones. A cache for a local path raises
+    ``ValueError``.
     """
 
     def __new__(
@@ -93,7 +100,13 @@ class Dataset:
         key_env: Optional[str] = None,
         backend: str = "auto",
         storage_options: Optional[Dict[str, str]] = None,
+        cache_dir: Optional[_Path] = None,
+        cache_size: Optional[Union[int, str]] = None,
     ) -> Dataset: ...
+    def cache_stats(self) -> Optional[Dict[str, int]]:
+        """The ciphertext cache's counters since this dataset opened (``hits``, ``misses``,
+        ``bytes_from_cache``, ``bytes_fetched``, ``evictions``, ``damaged``,
+        ``write_failures``, ``bytes_on_disk``), or ``None`` without a cache."""
     @property
     def path(self) -> Union[pathlib.Path, str]:
         """The dataset's folder; its URL (``str``) for a dataset in an object store."""

@@ -132,7 +132,8 @@ fn open_source(
 #[pymethods]
 impl PyDataset {
     #[new]
-    #[pyo3(signature = (path, *, key_file=None, key_env=None, backend="auto", storage_options=None))]
+    #[pyo3(signature = (path, *, key_file=None, key_env=None, backend="auto", storage_options=None, cache_dir=None, cache_size=None))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -140,6 +141,8 @@ impl PyDataset {
         key_env: Option<String>,
         backend: &str,
         storage_options: Option<std::collections::BTreeMap<String, String>>,
+        cache_dir: Option<PathBuf>,
+        cache_size: Option<CacheSize>,
     ) -> PyResult<Self> {
         let backend = parse_backend(backend)?;
         let key = load_master_key(py, key_file, key_env)?;
@@ -149,6 +152,7 @@ impl PyDataset {
             .fold(ciphershard::store::OpenOptions::new(), |o, (k, v)| {
                 o.storage(k, v)
             });
+        let store = with_cache(store, cache_dir, cache_size).py()?;
         let (source, description, resolved) = py
             .detach(|| open_source(&path, &store, &key, backend))
             .py()?;
@@ -238,6 +242,30 @@ impl PyDataset {
         self.cipher_description.clone()
     }
 
+    /// The ciphertext cache's counters since this dataset opened (its default backend's
+    /// reads), or ``None`` when it reads without a cache.
+    fn cache_stats<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        use ciphershard::pipeline::RowSource;
+        let (src, _) = self.source(py, None)?;
+        let Some(c) = src.store().cache_stats() else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        for (k, v) in [
+            ("hits", c.hits),
+            ("misses", c.misses),
+            ("bytes_from_cache", c.bytes_from_cache),
+            ("bytes_fetched", c.bytes_fetched),
+            ("evictions", c.evictions),
+            ("damaged", c.damaged),
+            ("write_failures", c.write_failures),
+            ("bytes_on_disk", c.bytes_on_disk),
+        ] {
+            d.set_item(k, v)?;
+        }
+        Ok(Some(d))
+    }
+
     /// Checks every chunk's tag; raises ``IntegrityError`` at the first failure. Returns
     /// ``{"shards", "chunks", "bytes", "seconds"}``.
     fn verify<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -270,6 +298,31 @@ impl PyDataset {
             self.resolved
         )
     }
+}
+
+/// ``cache_size``: bytes, or text such as ``"20G"``.
+#[derive(FromPyObject)]
+enum CacheSize {
+    Bytes(u64),
+    Text(String),
+}
+
+/// `opts` with the cache that ``cache_dir``/``cache_size`` ask for (the size alone takes its
+/// folder from ``$CIPHERSHARD_CACHE_DIR``); neither: the environment decides.
+fn with_cache(
+    opts: ciphershard::store::OpenOptions,
+    dir: Option<PathBuf>,
+    size: Option<CacheSize>,
+) -> ciphershard::Result<ciphershard::store::OpenOptions> {
+    let size =
+        match size {
+            None => None,
+            Some(CacheSize::Bytes(n)) => Some(n),
+            Some(CacheSize::Text(t)) => Some(ciphershard::store::parse_size(&t).map_err(|e| {
+                ciphershard::error::Error::InvalidArgument(format!("cache_size: {e}"))
+            })?),
+        };
+    opts.cache_over_env(dir, size)
 }
 
 fn source_dir(path: &std::path::Path) -> PathBuf {

@@ -174,3 +174,33 @@ def test_ranks_in_separate_processes_share_one_bucket(data, s3, tmp_path):
         rows = [i for r in results for i in r["epochs"][epoch]]
         assert sorted(rows) == list(range(2000)), f"epoch {epoch}: not every row exactly once"
     assert results[0]["epochs"][0] != results[0]["epochs"][1], "a new epoch, a new order"
+
+
+def test_ciphertext_cache_serves_a_second_open(data, s3, tmp_path):
+    url = f"s3://{BUCKET}/ds/"
+    cache = tmp_path / "cache"
+
+    def open_cached():
+        return ciphershard.Dataset(url, key_file=data.key_file, backend="cpu",
+                                   storage_options=options(s3), cache_dir=cache,
+                                   cache_size="64M")
+
+    want = row_ids(data.open())
+    cold = open_cached()
+    same(row_ids(cold), want)
+    assert cold.cache_stats()["misses"] > 0
+    warm = open_cached()
+    same(row_ids(warm), want)
+    stats = warm.cache_stats()
+    assert stats["misses"] == 0 and stats["hits"] > 0, stats
+    assert 0 < stats["bytes_on_disk"] <= 64 << 20
+    assert ciphershard.Dataset(url, key_file=data.key_file, backend="cpu",
+                               storage_options=options(s3)).cache_stats() is None
+    for f in cache.rglob("*"):
+        if f.is_file():
+            assert f.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError, match="object-store URLs"):
+        ciphershard.Dataset(data.path, key_file=data.key_file, backend="cpu", cache_dir=cache)
+    with pytest.raises(ValueError, match="512M"):
+        ciphershard.Dataset(url, key_file=data.key_file, backend="cpu",
+                            storage_options=options(s3), cache_dir=cache, cache_size="lots")

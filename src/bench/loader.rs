@@ -57,6 +57,8 @@ pub struct BenchOptions {
     pub readahead_windows: u64,
     /// The host loader's I/O threads ([`LoaderOptions::io_threads`]).
     pub io_threads: usize,
+    /// How to open the dataset (object-store settings, the ciphertext cache).
+    pub open: crate::store::OpenOptions,
 }
 
 impl Default for BenchOptions {
@@ -77,6 +79,7 @@ impl Default for BenchOptions {
             cold: false,
             readahead_windows: LoaderOptions::default().readahead_windows,
             io_threads: LoaderOptions::default().io_threads,
+            open: Default::default(),
         }
     }
 }
@@ -130,6 +133,9 @@ pub struct RunReport {
     /// Network requests of this run (datasets in an object store only).
     #[serde(default)]
     pub network: Option<NetworkRun>,
+    /// The ciphertext cache's counters over this run (host loader over a URL with a cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::store::CacheStats>,
 }
 
 /// What one run fetched over the network.
@@ -223,6 +229,7 @@ impl Clock {
             steady_gb_per_s,
             device,
             network: None,
+            cache: None,
         }
     }
 }
@@ -289,6 +296,7 @@ pub struct ColdReport {
 
 fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> {
     let net_before = src.store().network();
+    let cache_before = src.store().cache_stats();
     let mut clock = Clock::start();
     let mut l = Loader::new(src.clone(), opts)?;
     clock.built();
@@ -308,6 +316,11 @@ fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> 
             src.store(),
         ));
     }
+    report.cache = src
+        .store()
+        .cache_stats()
+        .zip(cache_before)
+        .map(|(now, before)| now.since(&before));
     Ok(report)
 }
 
@@ -336,6 +349,7 @@ fn drain<E: crate::pipeline::device::DeviceEngine>(
 fn run_device_once(
     backend: Backend,
     path: &Path,
+    open: &crate::store::OpenOptions,
     key: &MasterKey,
     opts: &LoaderOptions,
     twin: bool,
@@ -344,14 +358,7 @@ fn run_device_once(
     let (batches, stats, device) = match backend {
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
-            let mut l = crate::pipeline::DeviceLoader::open_as(
-                path,
-                &Default::default(),
-                key,
-                0,
-                opts,
-                twin,
-            )?;
+            let mut l = crate::pipeline::DeviceLoader::open_as(path, open, key, 0, opts, twin)?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             // The loader's threads were joined when the last batch was taken.
@@ -360,14 +367,8 @@ fn run_device_once(
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             let wgpu = crate::cipher::wgpu::WgpuOptions::default();
-            let mut l = crate::pipeline::WgpuDeviceLoader::open_as(
-                path,
-                &Default::default(),
-                key,
-                wgpu,
-                opts,
-                twin,
-            )?;
+            let mut l =
+                crate::pipeline::WgpuDeviceLoader::open_as(path, open, key, wgpu, opts, twin)?;
             clock.built();
             let n = drain(l.by_ref(), &mut clock)?;
             (n, l.stats(), l.device_stats())
@@ -403,16 +404,16 @@ fn run_device(
         mode: DecryptMode::default(),
         ..opts.loader_options()
     };
-    let warm = run_device_once(backend, path, key, &lo, false)?;
-    let twin = run_device_once(backend, path, key, &lo, true)?;
-    let again = run_device_once(backend, path, key, &lo, false)?;
+    let warm = run_device_once(backend, path, &opts.open, key, &lo, false)?;
+    let twin = run_device_once(backend, path, &opts.open, key, &lo, true)?;
+    let again = run_device_once(backend, path, &opts.open, key, &lo, false)?;
     // The first run also compiles the kernels (setup): keep the faster steady state.
     let enc = if again.steady_gb_per_s > warm.steady_gb_per_s {
         again
     } else {
         warm
     };
-    let ds = crate::format::Dataset::open(path)?;
+    let ds = crate::format::Dataset::open_with(path, &opts.open)?;
     // Sizes from the (already loaded) dataset's headers, saturating: a report, not a bound.
     let rows: u64 = ds
         .shards()
@@ -660,7 +661,7 @@ pub fn run_with_scratch(
             if device_loader {
                 return run_device(backend, p, key, &p.display().to_string(), opts);
             }
-            let src = FormatSource::open(p, key, opts.backend)?;
+            let src = FormatSource::open_with(p, &opts.open, key, opts.backend)?;
             run_source(src, &p.display().to_string(), opts)
         }
         None => {

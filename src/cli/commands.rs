@@ -16,7 +16,7 @@ use ciphershard::keys::MasterKey;
 use ciphershard::error::Untrusted;
 
 use super::output::OutputArgs;
-use super::{KeyArgs, byte_progress, interrupt, output, rate};
+use super::{CacheArgs, KeyArgs, byte_progress, interrupt, output, rate};
 
 /// `true` for `-`, standard output as an output path (`./-` is a file named `-`).
 fn is_stdout(out: &Path) -> bool {
@@ -398,10 +398,16 @@ fn print_inspect(r: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend, how: OutputArgs) -> Result<()> {
+pub fn verify(
+    key: &KeyArgs,
+    dataset: &Path,
+    backend: Backend,
+    cache: &CacheArgs,
+    how: OutputArgs,
+) -> Result<()> {
     let keys = key.load_all()?;
     let cipher = cipher::select(backend)?;
-    let ds = open_dataset(dataset)?;
+    let ds = Dataset::open_with(dataset, &cache.open_options()?)?;
     let key = ds.keyring().find_key(&keys)?;
     let unlocked = ds.unlock(key, cipher.as_ref())?;
     let start = Instant::now();
@@ -413,7 +419,8 @@ pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend, how: OutputArgs) 
     pb.finish_and_clear();
     let summary = summary?;
     let elapsed = start.elapsed();
-    let report = serde_json::json!({
+    let cache_stats = unlocked.dataset().store().cache_stats();
+    let mut report = serde_json::json!({
         "dataset": dataset.display().to_string(),
         "ok": true,
         "chunks": summary.chunks,
@@ -423,6 +430,9 @@ pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend, how: OutputArgs) 
         "backend": cipher.backend().name(),
         "seconds": elapsed.as_secs_f64(),
     });
+    if let Some(c) = &cache_stats {
+        report["cache"] = serde_json::to_value(c).expect("stats serialize");
+    }
     output::report(how, "verify", report, || {
         outln!(
             "ok: {} chunk tags in {} shard(s), {} bytes, verified with {} in {:.2} s ({})",
@@ -435,6 +445,9 @@ pub fn verify(key: &KeyArgs, dataset: &Path, backend: Backend, how: OutputArgs) 
         )?;
         if keys.len() > 1 {
             outln!("opened with key id {}", key.id())?;
+        }
+        if let Some(c) = &cache_stats {
+            outln!("cache: {c}")?;
         }
         Ok(())
     })
@@ -672,6 +685,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     io_threads: Option<usize>,
     #[command(flatten)]
+    cache: CacheArgs,
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -700,6 +715,8 @@ impl BenchArgs {
                 given("--cold", self.cold),
                 given("--readahead-windows", self.readahead_windows.is_some()),
                 given("--io-threads", self.io_threads.is_some()),
+                given("--cache-dir", self.cache.cache_dir.is_some()),
+                given("--cache-size", self.cache.cache_size.is_some()),
             ];
             if let Some(name) = loader_only.into_iter().flatten().next() {
                 return Some(format!(
@@ -737,6 +754,15 @@ impl BenchArgs {
         {
             return Some(
                 "--cold measures the host loader: with --backend cuda|wgpu add --host-batches"
+                    .into(),
+            );
+        }
+        if self.dataset.is_none()
+            && (self.cache.cache_dir.is_some() || self.cache.cache_size.is_some())
+        {
+            return Some(
+                "--cache-dir and --cache-size apply only with a DATASET URL: the generated dataset \
+                 is local"
                     .into(),
             );
         }
@@ -846,6 +872,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             .clone()
             .zip(args.max_tokens)
             .map(|(column, max_tokens)| pipeline::TokenBudget { column, max_tokens }),
+        open: args.cache.open_options()?,
         ..defaults
     };
     if args.backend == Backend::Auto
@@ -993,6 +1020,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     if let Some(n) = &report.network {
         outln!("all runs {n}")?;
+    }
+    for (name, r) in [
+        ("encrypted", &report.encrypted),
+        ("plaintext twin", &report.plaintext_twin),
+    ] {
+        if let Some(c) = &r.cache {
+            outln!("{name:<15} cache: {c}")?;
+        }
     }
     if let Some(d) = &report.encrypted.device {
         outln!("{d}")?;

@@ -66,6 +66,39 @@ impl KeyArgs {
     }
 }
 
+/// The local ciphertext cache, for datasets in object storage (docs/STORAGE.md).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CacheArgs {
+    /// Keep the shard bytes fetched from an object store (ciphertext, never plaintext) in this
+    /// folder (created 0700), so later runs read them from local disk; least recently used
+    /// first out. Object-store URLs only [default: $CIPHERSHARD_CACHE_DIR, else no cache].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Most bytes the cache may hold: a number of bytes or 512M, 20G, 1T (powers of 1024)
+    /// [default: $CIPHERSHARD_CACHE_SIZE, else 10G].
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub cache_size: Option<u64>,
+    /// Read without the cache, even if $CIPHERSHARD_CACHE_DIR is set.
+    #[arg(long, conflicts_with_all = ["cache_dir", "cache_size"])]
+    pub no_cache: bool,
+}
+
+fn size_arg(s: &str) -> std::result::Result<u64, String> {
+    ciphershard::store::parse_size(s)
+}
+
+impl CacheArgs {
+    /// The open options these flags ask for; with none given, the library reads the
+    /// environment's cache settings itself.
+    pub fn open_options(&self) -> Result<ciphershard::store::OpenOptions> {
+        let opts = ciphershard::store::OpenOptions::new();
+        if self.no_cache {
+            return Ok(opts.no_cache());
+        }
+        opts.cache_over_env(self.cache_dir.clone(), self.cache_size)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Generate a fresh 256-bit master key into a new file (mode 0600).
@@ -108,6 +141,8 @@ enum Command {
         dataset: PathBuf,
         #[arg(long, default_value = "auto", value_parser = backend_arg(), help = BACKEND_HELP)]
         backend: Backend,
+        #[command(flatten)]
+        cache: CacheArgs,
         #[command(flatten)]
         output: output::OutputArgs,
     },
@@ -319,8 +354,9 @@ fn run(cli: Cli) -> Result<()> {
             key,
             dataset,
             backend,
+            cache,
             output,
-        } => commands::verify(&key, &dataset, backend, output),
+        } => commands::verify(&key, &dataset, backend, &cache, output),
         Command::Rekey {
             key,
             new_key,

@@ -16,7 +16,7 @@ use crate::cipher::cpu::CpuCipher;
 use crate::cipher::{ChunkOpener, Cipher};
 use crate::error::{Error, Result};
 use crate::keys::{DataKey, MasterKey};
-use crate::store::{LocalStore, OpenOptions, ShardStore};
+use crate::store::{CachedStore, LocalStore, OpenOptions, ShardStore};
 
 /// A dataset directory whose manifest, keyring and shard headers parse and agree with each
 /// other (docs/FORMAT.md section 5). Nothing is authenticated until [`Dataset::unlock`].
@@ -152,6 +152,15 @@ impl Dataset {
                 path.display()
             )));
         }
+        // The environment's cache ($CIPHERSHARD_CACHE_DIR) is for URLs alone; one asked for
+        // in code is refused here rather than ignored.
+        if opts.has_cache() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the ciphertext cache applies to object-store URLs (s3://, gs://, az://, \
+                 https://); a local dataset is read from its own files",
+                path.display()
+            )));
+        }
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         let dir = if meta.is_dir() {
             path.to_path_buf()
@@ -218,11 +227,23 @@ impl Dataset {
         let manifest = Manifest::parse(&mpath, &bytes)?;
         let kpath = folder.name_of(KEYRING_FILE);
         let read_keyring = || folder.read_small(KEYRING_FILE, "keyring", MAX_JSON_FILE_LEN);
+        let cache = opts.cache_settings()?;
         let open_store = |m: &Manifest| -> Result<Arc<dyn ShardStore>> {
             let names: Vec<String> = m.shards.iter().map(|e| e.file.clone()).collect();
             Ok(Arc::new(folder.shards(&names)?))
         };
-        Self::assemble(dir, mpath, manifest, kpath, read_keyring, open_store)
+        let mut ds = Self::assemble(dir, mpath, manifest, kpath, read_keyring, open_store)?;
+        // After the headers: they are read with one small request each, which a cache would
+        // round out to a whole block of every shard (`inspect` and a rank reading a few
+        // shards would fetch far more than they read).
+        if let Some(c) = cache {
+            ds.store = Arc::new(CachedStore::open(
+                ds.store.clone(),
+                &c,
+                &ds.manifest.dataset_id,
+            )?);
+        }
+        Ok(ds)
     }
 
     /// The rest of [`Dataset::open`], wherever the files are: parses the keyring, opens the

@@ -11,15 +11,19 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::Result;
 
+mod cache;
 pub mod cancel;
 mod local;
 mod network;
 mod object;
 
+pub use cache::{
+    CacheSettings, CacheStats, CachedStore, DEFAULT_BLOCK, DEFAULT_CACHE_SIZE, parse_size,
+};
 pub use cancel::CancelToken;
 pub use local::LocalStore;
 pub use network::NetworkStats;
@@ -34,6 +38,17 @@ pub use object::{KeyringVersion, ObjectDir, ObjectShardUpload, ObjectStoreShards
 #[derive(Clone, Default)]
 pub struct OpenOptions {
     storage: Vec<(String, zeroize::Zeroizing<String>)>,
+    cache: CacheChoice,
+}
+
+/// Whether an object-store dataset reads through a local ciphertext cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum CacheChoice {
+    /// As `CIPHERSHARD_CACHE_DIR` and `CIPHERSHARD_CACHE_SIZE` say (none when unset).
+    #[default]
+    FromEnv,
+    Off,
+    On(CacheSettings),
 }
 
 impl OpenOptions {
@@ -63,6 +78,105 @@ impl OpenOptions {
     pub fn has_storage(&self) -> bool {
         !self.storage.is_empty()
     }
+
+    /// Keeps the shard bytes read from an object store in a local cache under `dir` (created
+    /// 0700 if missing), at most `max_bytes` in all, least recently used evicted first; later
+    /// opens of the same objects read them from there (docs/STORAGE.md, "Ciphertext cache").
+    /// The cache holds the objects' bytes (ciphertext), never plaintext. Overrides
+    /// `CIPHERSHARD_CACHE_DIR`; refused for a local path.
+    pub fn cache(mut self, dir: impl Into<PathBuf>, max_bytes: u64) -> Self {
+        let block = match &self.cache {
+            CacheChoice::On(c) => c.block,
+            _ => DEFAULT_BLOCK,
+        };
+        self.cache = CacheChoice::On(CacheSettings {
+            dir: dir.into(),
+            max_bytes,
+            block,
+        });
+        self
+    }
+
+    /// The cache's block size (after [`OpenOptions::cache`]): bytes fetched and stored as one
+    /// entry, a power of two from 4 KiB to 64 MiB, default [`DEFAULT_BLOCK`] (4 MiB).
+    pub fn cache_block_size(mut self, bytes: u64) -> Self {
+        if let CacheChoice::On(c) = &mut self.cache {
+            c.block = bytes;
+        }
+        self
+    }
+
+    /// [`OpenOptions::cache`] from whichever of `dir` and `max_bytes` are given, the other
+    /// from `CIPHERSHARD_CACHE_DIR` / `CIPHERSHARD_CACHE_SIZE` (or [`DEFAULT_CACHE_SIZE`]), as
+    /// the CLI's `--cache-dir`/`--cache-size` and Python's `cache_dir`/`cache_size` do. Neither
+    /// given: unchanged (the environment decides when the dataset opens). A size with no
+    /// folder anywhere is refused.
+    pub fn cache_over_env(self, dir: Option<PathBuf>, max_bytes: Option<u64>) -> Result<Self> {
+        if dir.is_none() && max_bytes.is_none() {
+            return Ok(self);
+        }
+        let env = cache_from_env()?;
+        let dir = match (dir, &env) {
+            (Some(d), _) => d,
+            (None, Some(e)) => e.dir.clone(),
+            (None, None) => {
+                return Err(crate::error::Error::InvalidArgument(
+                    "a cache size needs a cache folder: give --cache-dir DIR (Python: \
+                     cache_dir), or set CIPHERSHARD_CACHE_DIR"
+                        .into(),
+                ));
+            }
+        };
+        let size = max_bytes
+            .or(env.map(|e| e.max_bytes))
+            .unwrap_or(DEFAULT_CACHE_SIZE);
+        Ok(self.cache(dir, size))
+    }
+
+    /// No cache, whatever `CIPHERSHARD_CACHE_DIR` says.
+    pub fn no_cache(mut self) -> Self {
+        self.cache = CacheChoice::Off;
+        self
+    }
+
+    /// Whether a cache was asked for in code (not by the environment).
+    pub fn has_cache(&self) -> bool {
+        matches!(self.cache, CacheChoice::On(_))
+    }
+
+    /// The cache an object-store dataset opened with these options reads through: the one set
+    /// in code, else `CIPHERSHARD_CACHE_DIR` (capped at `CIPHERSHARD_CACHE_SIZE`, default
+    /// [`DEFAULT_CACHE_SIZE`]), else none.
+    pub fn cache_settings(&self) -> Result<Option<CacheSettings>> {
+        match &self.cache {
+            CacheChoice::On(c) => Ok(Some(c.clone())),
+            CacheChoice::Off => Ok(None),
+            CacheChoice::FromEnv => cache_from_env(),
+        }
+    }
+}
+
+fn cache_from_env() -> Result<Option<CacheSettings>> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let size = match var("CIPHERSHARD_CACHE_SIZE") {
+        None => None,
+        Some(v) => Some(parse_size(&v).map_err(|e| {
+            crate::error::Error::InvalidArgument(format!("$CIPHERSHARD_CACHE_SIZE: {e}"))
+        })?),
+    };
+    match (var("CIPHERSHARD_CACHE_DIR"), size) {
+        (Some(dir), size) => Ok(Some(CacheSettings {
+            dir: PathBuf::from(dir),
+            max_bytes: size.unwrap_or(DEFAULT_CACHE_SIZE),
+            block: DEFAULT_BLOCK,
+        })),
+        (None, Some(_)) => Err(crate::error::Error::InvalidArgument(
+            "$CIPHERSHARD_CACHE_SIZE is set but $CIPHERSHARD_CACHE_DIR is not: the cache needs \
+             a folder"
+                .into(),
+        )),
+        (None, None) => Ok(None),
+    }
 }
 
 // By hand: the values may be credentials.
@@ -73,6 +187,7 @@ impl std::fmt::Debug for OpenOptions {
                 "storage_keys",
                 &self.storage.iter().map(|(k, _)| k).collect::<Vec<_>>(),
             )
+            .field("cache", &self.cache)
             .finish()
     }
 }
@@ -118,6 +233,12 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug {
     /// Network counters since the store was opened, for a store that fetches over a network
     /// (`None` for local files).
     fn network(&self) -> Option<NetworkStats> {
+        None
+    }
+
+    /// The counters of a local ciphertext cache in front of the store ([`CachedStore`]);
+    /// `None` for a store read without one.
+    fn cache_stats(&self) -> Option<CacheStats> {
         None
     }
 }

@@ -40,8 +40,8 @@ use crate::store::network::NetCounters;
 
 mod client;
 mod read;
-mod write;
 mod retry;
+mod write;
 
 use crate::store::OpenOptions;
 pub use client::register_secret;
