@@ -201,11 +201,13 @@ fn a_warm_cache_serves_a_run_with_the_server_gone() {
         .unwrap()
         .set_len(len - 7)
         .unwrap();
-    // One reading thread: two threads finding the same damaged entry would count it twice.
+    // One reading thread and no read-ahead: two threads finding the same damaged entry would
+    // count it twice.
     let repaired = open();
     let src: Arc<dyn RowSource> = repaired.clone();
     let one_thread = LoaderOptions {
         threads: 1,
+        readahead_windows: 0,
         ..loader_options()
     };
     let got = batches_of(Loader::new(src, &one_thread).unwrap());

@@ -60,5 +60,8 @@ fn wgpu_device_loader_reads_a_dataset_from_s3() {
     assert_eq!(local.len(), 2 * 300usize.div_ceil(16));
     let remote =
         read_all(WgpuDeviceLoader::open_with(Path::new(&url), &store, &key, wgpu, &o).unwrap());
-    assert!(remote == local, "device batches over s3:// differ from the local files'");
+    assert!(
+        remote == local,
+        "device batches over s3:// differ from the local files'"
+    );
 }

@@ -306,8 +306,11 @@ fn object_store_reads_survive_or_report_injected_faults() {
     let run = &v["encrypted"]["network"];
     assert!(run["get_requests"].as_u64().unwrap() > 0, "{v}");
     assert!(run["ttfb_p50_ms"].as_f64().unwrap() > 0.0, "{v}");
+    // A 7 KB dataset: the read-ahead's coalesced GETs (ranges less than 1 MiB apart are one
+    // request) also carry chunks of other windows, read again when their window comes, so the
+    // bound is loose here; at real sizes (2 MiB chunks) it is 1.000 (docs/BENCHMARKS.md).
     let amp = run["amplification"].as_f64().unwrap();
-    assert!((0.5..=1.1).contains(&amp), "amplification {amp}: {v}");
+    assert!((0.5..=2.0).contains(&amp), "amplification {amp}: {v}");
     // The text form says the same.
     let mut c = keyed("bench", &fx.key);
     c.args([

@@ -36,8 +36,8 @@ pub struct Loader {
     rx: Receiver<(u64, Result<Batch>)>,
     credits: Sender<()>,
     stop: Option<Sender<()>>,
-    /// Cancels the workers' store reads when the loader shuts down (a network read in flight
-    /// would otherwise hold up the join until it ends or times out).
+    /// Cancels the workers' and I/O threads' store reads when the loader shuts down (a network
+    /// read in flight would otherwise hold up the join until it ends or times out).
     cancel: crate::store::CancelToken,
     threads: Vec<JoinHandle<()>>,
     reorder: BTreeMap<u64, Result<Batch>>,
@@ -278,10 +278,19 @@ impl Loader {
         let groups = if opts.readahead_windows > 0 {
             let (groups_tx, groups_rx) = unbounded();
             for i in 0..opts.io_threads {
-                let (sh, groups, stop) = (shared.clone(), groups_rx.clone(), stop_rx.clone());
+                let (sh, groups, stop, cancel) = (
+                    shared.clone(),
+                    groups_rx.clone(),
+                    stop_rx.clone(),
+                    cancel.clone(),
+                );
                 let h = std::thread::Builder::new()
                     .name(format!("cs-io-{i}"))
-                    .spawn(move || readahead::io_thread(&sh, &groups, &stop))
+                    .spawn(move || {
+                        // Reads ahead are cancelled with the workers' when the loader stops.
+                        let _reads = cancel.enter();
+                        readahead::io_thread(&sh, &groups, &stop)
+                    })
                     .map_err(|e| Error::Stopped(format!("cannot spawn I/O thread: {e}")))?;
                 threads.push(h);
             }
