@@ -13,7 +13,10 @@
 #   (default "0 20 50" ms), IN_FLIGHT (default "1 4 16 64"), THREADS (default 2), EXTRA_THREADS
 #   (default "8": extra URL runs at the highest latency and default in-flight with that many
 #   loader threads, to show what bounds the requests outstanding), SVG (default
-#   docs/bench-s3.svg). Needs s3s-fs ($CIPHERSHARD_S3S_FS, or TARGET/s3s-fs/bin/s3s-fs).
+#   docs/bench-s3.svg), SERVER (s3s-fs or nginx, below), EPOCHS (default 3: a 192 MB epoch is
+#   short, and opening costs a round trip per shard), READAHEAD (the host loader's
+#   --readahead-windows, default 1). Needs s3s-fs ($CIPHERSHARD_S3S_FS, or
+#   TARGET/s3s-fs/bin/s3s-fs) or nginx.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=${1:-${TMPDIR:-/tmp}/ciphershard-i15-s3-bench}
@@ -48,7 +51,7 @@ with open(path, "wb") as f:
         f.write(os.urandom(1 << 20))
 EOF
     rm -f "$dir/k.key"
-    "$cs" keygen "$dir/k.key"
+    "$cs" keygen --out "$dir/k.key"
     "$cs" convert --key "$dir/k.key" "$dir/data.safetensors" --out "$dir/ds"
     rm -f "$dir/data.safetensors"
 fi
@@ -59,22 +62,59 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never listened" >&2; exit 1; }
 
-# The server, holding the dataset as bucket "data", prefix "ds/" (s3s-fs keeps objects as files).
-rm -rf "$dir/s3" && mkdir -p "$dir/s3/data/ds"
-cp "$dir"/ds/* "$dir/s3/data/ds/"
-s3_port=$(free_port)
-"$s3s" --host 127.0.0.1 --port "$s3_port" --access-key bench --secret-key bench-secret-key \
-    "$dir/s3" >/dev/null 2>&1 &
-pids+=($!)
-wait_port "$s3_port"
-cat "$dir"/ds/* "$dir"/s3/data/ds/* >/dev/null # page cache hot for both
+# The server. SERVER=s3s-fs (default): the real S3 server, holding the dataset as bucket "data",
+# prefix "ds/" (s3s-fs keeps objects as files), signed requests. SERVER=nginx: nginx serving the
+# dataset folder over plain HTTP (object_store's HTTP store: HEAD, ranged GET with If-Match).
+# s3s-fs 0.14 hashes the whole object (MD5, for its ETag) on every GET and HEAD, so each request
+# to a large shard costs it seconds of CPU on this box: it checks correctness, but measures its
+# own hashing, not the loader. nginx answers from the page cache, as a cloud store's front end
+# would, so the added latency is the only delay the proxy adds.
+server=${SERVER:-s3s-fs}
+upstream_port=$(free_port)
+if [ "$server" = nginx ]; then
+    mkdir -p "$dir/nginx"
+    cat >"$dir/nginx/nginx.conf" <<CONF
+worker_processes 1;
+pid $dir/nginx/nginx.pid;
+error_log $dir/nginx/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on;
+  keepalive_requests 1000000;
+  client_body_temp_path $dir/nginx/body;
+  proxy_temp_path $dir/nginx/proxy;
+  fastcgi_temp_path $dir/nginx/fastcgi;
+  uwsgi_temp_path $dir/nginx/uwsgi;
+  scgi_temp_path $dir/nginx/scgi;
+  server { listen 127.0.0.1:$upstream_port; root $dir; }
+}
+CONF
+    nginx -c "$dir/nginx/nginx.conf" -g 'daemon off;' &
+    pids+=($!)
+    url_of() { echo "http://127.0.0.1:$1/ds/"; }
+    s3env=(CIPHERSHARD_BENCH_SERVER=nginx)
+else
+    rm -rf "$dir/s3" && mkdir -p "$dir/s3/data/ds"
+    cp "$dir"/ds/* "$dir/s3/data/ds/"
+    "$s3s" --host 127.0.0.1 --port "$upstream_port" --access-key bench --secret-key bench-secret-key \
+        "$dir/s3" >/dev/null 2>&1 &
+    pids+=($!)
+    url_of() { echo "s3://data/ds/"; }
+    s3env=(AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret-key AWS_REGION=us-east-1
+        AWS_ALLOW_HTTP=true)
+fi
+wait_port "$upstream_port"
+cat "$dir"/ds/* >/dev/null # page cache hot
+if [ -d "$dir/s3" ]; then cat "$dir"/s3/data/ds/* >/dev/null; fi
 
 log=$dir/bench-s3.jsonl
 : >"$log"
 bench() { # SOURCE LATENCY IN_FLIGHT THREADS PATH [ENV...]
     local source=$1 latency=$2 flight=$3 th=$4 path=$5
     shift 5
-    env "$@" "$cs" bench --key "$dir/k.key" --backend cpu --threads "$th" --epochs 1 --json "$path" |
+    env "$@" "$cs" bench --key "$dir/k.key" --backend cpu --threads "$th" --epochs "${EPOCHS:-3}" \
+        --readahead-windows "${READAHEAD:-1}" --json "$path" |
         python3 -c '
 import json, sys
 r = json.load(sys.stdin)
@@ -86,18 +126,16 @@ print(json.dumps({"source": sys.argv[1], "latency_ms": int(sys.argv[2]), "in_fli
     "ttfb_p99_ms": n.get("ttfb_p99_ms"), "retries": n.get("retries"),
     "amplification": n.get("amplification")}))' "$source" "$latency" "$flight" "$th" | tee -a "$log"
 }
-s3env=(AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret-key AWS_REGION=us-east-1
-    AWS_ALLOW_HTTP=true)
 for latency in $latencies; do
     proxy_port=$(free_port)
-    "$proxy_bin" --listen "$proxy_port" --upstream "127.0.0.1:$s3_port" --latency-ms "$latency" >/dev/null &
+    "$proxy_bin" --listen "$proxy_port" --upstream "127.0.0.1:$upstream_port" --latency-ms "$latency" >/dev/null &
     proxy_pid=$!
     pids+=($proxy_pid)
     wait_port "$proxy_port"
     for _ in $(seq "$rounds"); do
         bench local "$latency" 0 "$threads" "$dir/ds"
         for flight in $flights; do
-            bench s3 "$latency" "$flight" "$threads" s3://data/ds/ "${s3env[@]}" \
+            bench "$server" "$latency" "$flight" "$threads" "$(url_of "$proxy_port")" "${s3env[@]}" \
                 AWS_ENDPOINT_URL="http://127.0.0.1:$proxy_port" CIPHERSHARD_STORE_IN_FLIGHT="$flight"
         done
     done
@@ -106,13 +144,13 @@ done
 last=${latencies##* }
 if [ -n "$extra_threads" ]; then
     proxy_port=$(free_port)
-    "$proxy_bin" --listen "$proxy_port" --upstream "127.0.0.1:$s3_port" --latency-ms "$last" >/dev/null &
+    "$proxy_bin" --listen "$proxy_port" --upstream "127.0.0.1:$upstream_port" --latency-ms "$last" >/dev/null &
     pids+=($!)
     wait_port "$proxy_port"
     for _ in $(seq "$rounds"); do
         for th in $extra_threads; do
             bench local "$last" 0 "$th" "$dir/ds"
-            bench s3 "$last" 16 "$th" s3://data/ds/ "${s3env[@]}" \
+            bench "$server" "$last" 16 "$th" "$(url_of "$proxy_port")" "${s3env[@]}" \
                 AWS_ENDPOINT_URL="http://127.0.0.1:$proxy_port"
         done
     done

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Table and chart of scripts/bench-s3.sh's runs: the CPU loader's GB/s over an S3 URL against
+"""Table and chart of scripts/bench-s3.sh's runs: the CPU loader's GB/s over a store URL against
 CIPHERSHARD_STORE_IN_FLIGHT at each added first-byte latency, beside the same dataset from
 local page-cache files (median of the local runs of the same latency's rounds).
 
@@ -40,13 +40,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 fig, ax = plt.subplots(figsize=(7, 4.2))
 threads = min(th for (_, th, _) in remote)
+server = next(iter(remote.values()))[0]["source"]  # s3s-fs or nginx (scripts/bench-s3.sh SERVER)
 lats = sorted({lat for (lat, th, _) in remote if th == threads})
 colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 for i, lat in enumerate(lats):
     pts = sorted((fl, statistics.median(r["gb_per_s"] for r in rs))
                  for (l, th, fl), rs in remote.items() if l == lat and th == threads)
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[i % len(colors)],
-            label=f"s3:// + {lat} ms first byte")
+            label=f"{server} + {lat} ms first byte")
     if local[(lat, threads)]:
         ax.axhline(statistics.median(local[(lat, threads)]), color=colors[i % len(colors)],
                    ls=":", lw=1)
@@ -54,7 +55,7 @@ ax.axhline(float("nan"), color="grey", ls=":", lw=1, label="local page-cache fil
 ax.set_xscale("log", base=2)
 ax.set_xlabel("CIPHERSHARD_STORE_IN_FLIGHT")
 ax.set_ylabel("delivered GB/s (CPU loader, encrypted)")
-ax.set_title(f"ciphershard bench over S3 (s3s-fs + latency proxy), {threads} threads")
+ax.set_title(f"ciphershard bench over {server} + latency proxy, {threads} threads")
 ax.set_ylim(bottom=0)
 ax.legend(fontsize=8)
 ax.grid(alpha=0.3)
