@@ -301,7 +301,16 @@ mod tests {
             &mut || {
                 calls += 1;
                 if calls == 5 {
-                    std::fs::remove_dir_all(&out).unwrap();
+                    // The sealing thread may create a file while the folder is being removed
+                    // ("directory not empty"): try again until the folder is gone.
+                    let mut tries = 0;
+                    while let Err(e) = std::fs::remove_dir_all(&out) {
+                        tries += 1;
+                        assert!(
+                            e.kind() == std::io::ErrorKind::DirectoryNotEmpty && tries < 1000,
+                            "{e}"
+                        );
+                    }
                 }
                 Ok(())
             },
