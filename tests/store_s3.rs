@@ -17,9 +17,7 @@ use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions, RowSource};
 use cli_common::{code, cs, keyed, run, stderr, stdout};
 use s3_common::{BUCKET, SECRET, Uploader, s3_env};
 
-type Batches = Vec<(Vec<u64>, Vec<Vec<u8>>)>;
-
-fn batches(src: Arc<FormatSource>) -> Batches {
+fn batches(src: Arc<FormatSource>) -> s3_common::Batches {
     let o = LoaderOptions {
         batch_size: 16,
         seed: 11,
@@ -27,17 +25,7 @@ fn batches(src: Arc<FormatSource>) -> Batches {
         threads: 3,
         ..Default::default()
     };
-    let src: Arc<dyn RowSource> = src;
-    Loader::new(src, &o)
-        .unwrap()
-        .map(|b| {
-            let b = b.unwrap();
-            (
-                b.row_ids().to_vec(),
-                b.tensors().map(|t| t.bytes.to_vec()).collect(),
-            )
-        })
-        .collect()
+    s3_common::batches(src, &o)
 }
 
 #[test]

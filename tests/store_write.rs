@@ -22,13 +22,11 @@ use std::sync::Arc;
 use ciphershard::MasterKey;
 use ciphershard::cipher::Backend;
 use ciphershard::format::{ConvertInput, ConvertOptions};
-use ciphershard::pipeline::{FormatSource, Loader, LoaderOptions, RowSource};
+use ciphershard::pipeline::{FormatSource, LoaderOptions};
 use cli_common::{bytes, code, cs, keyed, npy_bytes, run, stderr, stdout};
 use s3_common::{BUCKET, SECRET, Uploader, s3_env};
 
-type Batches = Vec<(Vec<u64>, Vec<Vec<u8>>)>;
-
-fn batches(src: Arc<FormatSource>) -> Batches {
+fn batches(src: Arc<FormatSource>) -> s3_common::Batches {
     let o = LoaderOptions {
         batch_size: 512,
         seed: 5,
@@ -36,17 +34,7 @@ fn batches(src: Arc<FormatSource>) -> Batches {
         threads: 2,
         ..Default::default()
     };
-    let src: Arc<dyn RowSource> = src;
-    Loader::new(src, &o)
-        .unwrap()
-        .map(|b| {
-            let b = b.unwrap();
-            (
-                b.row_ids().to_vec(),
-                b.tensors().map(|t| t.bytes.to_vec()).collect(),
-            )
-        })
-        .collect()
+    s3_common::batches(src, &o)
 }
 
 /// An `.npy` file of `rows` rows of 64 f32 (256 bytes a row).

@@ -189,3 +189,23 @@ pub fn server_or_skip() -> Option<Server> {
     };
     Some(start_server(&bin))
 }
+
+/// Every batch of a host loader over `src` with options `o`: row ids and each tensor's bytes.
+pub type Batches = Vec<(Vec<u64>, Vec<Vec<u8>>)>;
+
+pub fn batches(
+    src: std::sync::Arc<ciphershard::pipeline::FormatSource>,
+    o: &ciphershard::pipeline::LoaderOptions,
+) -> Batches {
+    let src: std::sync::Arc<dyn ciphershard::pipeline::RowSource> = src;
+    ciphershard::pipeline::Loader::new(src, o)
+        .unwrap()
+        .map(|b| {
+            let b = b.unwrap();
+            (
+                b.row_ids().to_vec(),
+                b.tensors().map(|t| t.bytes.to_vec()).collect(),
+            )
+        })
+        .collect()
+}
