@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use crossbeam_channel::{Receiver, Sender, select};
 
@@ -97,10 +97,13 @@ impl ReadCell {
     }
 }
 
-/// One shard's chunks of a window, for one I/O thread to read.
+/// One shard's chunks of a window, for one I/O thread to read. The slots are weak: a group
+/// waiting in the queue must not keep a chunk alive (with its verified buffer) after the
+/// planner and the batches released it, or a lagging queue would hold buffers past the pool's
+/// bound. A slot gone by the time its group is read was not needed ahead any more.
 pub(super) struct ReadGroup {
     shard: u32,
-    chunks: Vec<(ChunkKey, Arc<Slot>)>,
+    chunks: Vec<(ChunkKey, Weak<Slot>)>,
 }
 
 /// An I/O thread: reads each group's claimed chunks with one `read_ranges` call on its shard.
@@ -113,15 +116,21 @@ pub(super) fn io_thread(sh: &Shared, groups: &Receiver<ReadGroup>, stop: &Receiv
             recv(groups) -> g => match g { Ok(g) => g, Err(_) => return },
             recv(stop) -> _ => return,
         };
-        let claimed: Vec<&(ChunkKey, Arc<Slot>)> = group
+        let claimed: Vec<(ChunkKey, Arc<Slot>)> = group
             .chunks
             .iter()
+            .filter_map(|(k, slot)| Some((*k, slot.upgrade()?)))
             .filter(|(_, slot)| slot.read.claim())
             .collect();
+        let shard = group.shard;
+        drop(group);
+        if claimed.is_empty() {
+            continue;
+        }
         // Every claimed slot is filled below, whatever happens: a worker waiting for one of
         // them is never left waiting.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            read_group(sh, group.shard, &claimed)
+            read_group(sh, shard, &claimed)
         }))
         .unwrap_or_else(|_| Err(Error::Stopped("a loader I/O thread panicked".into())));
         match r {
@@ -142,7 +151,7 @@ pub(super) fn io_thread(sh: &Shared, groups: &Receiver<ReadGroup>, stop: &Receiv
 }
 
 /// Reads the chunks of `claimed` (all of shard `s`) into pooled buffers.
-fn read_group(sh: &Shared, s: u32, claimed: &[&(ChunkKey, Arc<Slot>)]) -> Result<Vec<ReadAhead>> {
+fn read_group(sh: &Shared, s: u32, claimed: &[(ChunkKey, Arc<Slot>)]) -> Result<Vec<ReadAhead>> {
     let store = sh.source.store();
     let mut bufs = Vec::with_capacity(claimed.len());
     let mut lens = Vec::with_capacity(claimed.len());
@@ -211,7 +220,11 @@ impl Ahead {
             let keys = sh.window_keys(plan, next);
             let slots = sh.cache.acquire(&keys);
             // Keys are sorted: each shard's chunks are one run.
-            let mut pairs = keys.iter().copied().zip(slots).peekable();
+            let mut pairs = keys
+                .iter()
+                .copied()
+                .zip(slots.iter().map(Arc::downgrade))
+                .peekable();
             while let Some(first) = pairs.next() {
                 let shard = first.0.0;
                 let mut chunks = vec![first];
