@@ -207,7 +207,7 @@ fn a_warm_cache_serves_a_run_with_the_server_gone() {
     let src: Arc<dyn RowSource> = repaired.clone();
     let one_thread = LoaderOptions {
         threads: 1,
-        readahead_windows: 0,
+        readahead_windows: Some(0),
         ..loader_options()
     };
     let got = batches_of(Loader::new(src, &one_thread).unwrap());

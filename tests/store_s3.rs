@@ -70,9 +70,30 @@ fn datasets_read_from_a_real_s3_server() {
     let typo = ciphershard::store::OpenOptions::new().storage("aws_endpont", "x");
     let e = FormatSource::open_with(Path::new(&url), &typo, &key, Backend::Cpu).unwrap_err();
     assert!(e.to_string().contains("aws_endpont"), "{e}");
-    let want = batches(local);
+    let want = batches(local.clone());
     assert_eq!(want.len(), 2 * 600usize.div_ceil(16));
     assert_eq!(batches(remote.clone()), want, "batches over s3:// differ");
+    // A far store is read further ahead by default than local files; what is asked wins.
+    use ciphershard::store::ReadDepth;
+    let depth = |src: Arc<FormatSource>, o: &LoaderOptions| {
+        let src: Arc<dyn RowSource> = src;
+        Loader::new(src, o).unwrap().read_depth()
+    };
+    let default = LoaderOptions::default();
+    assert_eq!(depth(local, &default), ReadDepth::LOCAL);
+    assert_eq!(depth(remote.clone(), &default), ReadDepth::REMOTE);
+    let asked = LoaderOptions {
+        readahead_windows: Some(2),
+        io_threads: Some(3),
+        ..Default::default()
+    };
+    assert_eq!(
+        depth(remote.clone(), &asked),
+        ReadDepth {
+            windows: 2,
+            io_threads: 3
+        }
+    );
 
     // A shard replaced after open: an error naming it, never its bytes.
     let shard1 = ciphershard::format::shard_file_name(1);

@@ -53,10 +53,11 @@ pub struct BenchOptions {
     /// Evict the shard files from the page cache before every run and measure their raw
     /// sequential read beside the loader (`bench --cold`; local datasets, host loader).
     pub cold: bool,
-    /// Windows the host loader reads ahead ([`LoaderOptions::readahead_windows`]).
-    pub readahead_windows: u64,
-    /// The host loader's I/O threads ([`LoaderOptions::io_threads`]).
-    pub io_threads: usize,
+    /// Windows the host loader reads ahead ([`LoaderOptions::readahead_windows`]; `None`: the
+    /// store's).
+    pub readahead_windows: Option<u64>,
+    /// The host loader's I/O threads ([`LoaderOptions::io_threads`]; `None`: the store's).
+    pub io_threads: Option<usize>,
     /// How to open the dataset (object-store settings, the ciphertext cache).
     pub open: crate::store::OpenOptions,
 }
@@ -77,8 +78,8 @@ impl Default for BenchOptions {
             pack: None,
             budget: None,
             cold: false,
-            readahead_windows: LoaderOptions::default().readahead_windows,
-            io_threads: LoaderOptions::default().io_threads,
+            readahead_windows: None,
+            io_threads: None,
             open: Default::default(),
         }
     }
@@ -136,6 +137,9 @@ pub struct RunReport {
     /// The ciphertext cache's counters over this run (host loader over a URL with a cache).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<crate::store::CacheStats>,
+    /// How far the host loader read ahead (as asked, else the store's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_ahead: Option<crate::store::ReadDepth>,
 }
 
 /// What one run fetched over the network.
@@ -230,6 +234,7 @@ impl Clock {
             device,
             network: None,
             cache: None,
+            read_ahead: None,
         }
     }
 }
@@ -309,6 +314,7 @@ fn run_once(src: Arc<dyn RowSource>, opts: &LoaderOptions) -> Result<RunReport> 
         batches += 1;
     }
     let mut report = clock.report(batches, l.stats(), None);
+    report.read_ahead = Some(l.read_depth());
     if let (Some(before), Some(after)) = (net_before, src.store().network()) {
         report.network = Some(NetworkRun::new(
             after.since(&before),

@@ -678,10 +678,12 @@ pub struct BenchArgs {
     /// epoch of a run is cold: --epochs defaults to 1 here.
     #[arg(long)]
     cold: bool,
-    /// Shuffle windows the host loader reads ahead of its workers (0: none) [default: 1].
+    /// Shuffle windows the host loader reads ahead of its workers (0: none) [default: 1 for
+    /// local files, 8 for an object store].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=64))]
     readahead_windows: Option<u64>,
-    /// Threads reading ahead for the host loader [default: 4].
+    /// Threads reading ahead for the host loader [default: 4 for local files, 16 for an object
+    /// store].
     #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     io_threads: Option<usize>,
     #[command(flatten)]
@@ -857,8 +859,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         // Later epochs of a cold run read from the page cache the first one filled.
         epochs: args.epochs.unwrap_or(if args.cold { 1 } else { 2 }),
         cold: args.cold,
-        readahead_windows: args.readahead_windows.unwrap_or(defaults.readahead_windows),
-        io_threads: args.io_threads.unwrap_or(defaults.io_threads),
+        readahead_windows: args.readahead_windows,
+        io_threads: args.io_threads,
         mode: args.mode.unwrap_or(pipeline::DecryptMode::ChunkOpen),
         host_batches: args.host_batches || args.pack.is_some() || args.budget.is_some(),
         window_blocks: args.window_blocks.unwrap_or(defaults.window_blocks),
@@ -1015,6 +1017,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         report.steady_ratio
     )?;
     outln!("encrypted run, per stage:\n{}", report.encrypted.stats)?;
+    if let Some(d) = &report.encrypted.read_ahead {
+        outln!(
+            "read ahead: {} windows, {} I/O threads",
+            d.windows,
+            d.io_threads
+        )?;
+    }
     if let Some(n) = &report.encrypted.network {
         outln!("{n}")?;
     }

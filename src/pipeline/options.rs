@@ -67,14 +67,16 @@ pub struct LoaderOptions {
     /// Host loader: shuffle windows whose chunks are read ahead of the workers (ciphertext into
     /// pooled buffers, by the I/O threads) while the current window is decrypted, so the storage
     /// has reads outstanding whatever the decrypt threads do; each costs one window of chunk
-    /// buffers. `0` (the default, for now): the workers read every chunk themselves, when a
-    /// batch first needs it. With read-ahead on, the chunk pool can allocate past its computed
-    /// bound under some timings (a known bug, docs/LOADER.md "Reading ahead").
-    pub readahead_windows: u64,
+    /// buffers. `None` (the default): the store's depth ([`crate::store::ReadDepth`]: 1 for
+    /// local files, 8 for an object store). `Some(0)`: the workers read every chunk themselves,
+    /// when a batch first needs it.
+    pub readahead_windows: Option<u64>,
     /// Host loader: threads reading ahead (`readahead_windows`); each reads one shard's ranges
     /// of a window at a time (an object store's coalesced GETs, or local `pread`s after a
-    /// `WILLNEED` hint for them all), so this bounds the shards read at once. At least 1.
-    pub io_threads: usize,
+    /// `WILLNEED` hint for them all), so this bounds the shards read at once. `None` (the
+    /// default): the store's ([`crate::store::ReadDepth`]: 4 for local files, 16 for an object
+    /// store); at least 1.
+    pub io_threads: Option<usize>,
 }
 
 /// Token-budget batching (docs/LOADER.md, "Token budgets"): each batch takes the epoch's next
@@ -129,9 +131,8 @@ impl Default for LoaderOptions {
             pin_hook: None,
             pack: None,
             budget: None,
-            // Off until the pool bound holds with it on (docs/LOADER.md "Reading ahead").
-            readahead_windows: 0,
-            io_threads: 4,
+            readahead_windows: None,
+            io_threads: None,
         }
     }
 }
@@ -458,14 +459,17 @@ impl PlanSetup {
         }
         // Channels and buffer sets are sized by these up front: refuse absurd values rather
         // than abort on an allocation.
-        if opts.readahead_windows > MAX_READAHEAD_WINDOWS
-            || opts.io_threads == 0
-            || opts.io_threads > MAX_THREADS
+        if let Some(w) = opts
+            .readahead_windows
+            .filter(|&w| w > MAX_READAHEAD_WINDOWS)
         {
             return Err(Error::InvalidArgument(format!(
-                "readahead_windows {} / io_threads {}: at most {MAX_READAHEAD_WINDOWS} windows \
-                 read ahead, and 1 to {MAX_THREADS} I/O threads",
-                opts.readahead_windows, opts.io_threads
+                "readahead_windows {w}: at most {MAX_READAHEAD_WINDOWS} windows read ahead"
+            )));
+        }
+        if let Some(t) = opts.io_threads.filter(|&t| t == 0 || t > MAX_THREADS) {
+            return Err(Error::InvalidArgument(format!(
+                "io_threads {t}: 1 to {MAX_THREADS} I/O threads"
             )));
         }
         if opts.prefetch > MAX_PREFETCH || opts.threads > MAX_THREADS {

@@ -615,6 +615,17 @@ impl ShardStore for CachedStore {
     fn cache_stats(&self) -> Option<CacheStats> {
         Some(self.cache.stats())
     }
+
+    /// The store behind the cache: what it fetched (the misses).
+    fn network(&self) -> Option<crate::store::NetworkStats> {
+        self.inner.network()
+    }
+
+    /// The store's: a cold cache reads at its pace, a warm one costs a window ahead no more
+    /// than a local disk's.
+    fn read_depth(&self) -> crate::store::ReadDepth {
+        self.inner.read_depth()
+    }
 }
 
 #[cfg(test)]

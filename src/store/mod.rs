@@ -203,6 +203,35 @@ pub struct ShardIdentity {
     pub version: String,
 }
 
+/// How far the host loader reads ahead of its workers on a store, unless told otherwise
+/// ([`crate::pipeline::LoaderOptions::readahead_windows`] and `io_threads`): deep enough to
+/// keep the store busy while the workers decrypt, no deeper (each window read ahead is one
+/// more window of chunk buffers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReadDepth {
+    /// Shuffle windows read ahead.
+    pub windows: u64,
+    /// Threads reading them; each reads one shard's ranges of a window at a time.
+    pub io_threads: usize,
+}
+
+impl ReadDepth {
+    /// Local files: a window ahead keeps a disk's queue filled while the workers decrypt
+    /// (page-cache reads are memory copies, which more threads do not speed up).
+    pub const LOCAL: ReadDepth = ReadDepth {
+        windows: 1,
+        io_threads: 4,
+    };
+    /// An object store: every request waits a round trip (tens of ms to a cloud store) before
+    /// its first byte, so more must be outstanding: 8 windows, read by 16 threads (each waits
+    /// on one shard's GETs of a window). docs/BENCHMARKS.md "Issue 15: object storage" has
+    /// the measurements behind these numbers.
+    pub const REMOTE: ReadDepth = ReadDepth {
+        windows: 8,
+        io_threads: 16,
+    };
+}
+
 /// Byte-range reads of a dataset's shards.
 pub trait ShardStore: Send + Sync + std::fmt::Debug {
     /// Number of shards.
@@ -240,5 +269,10 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug {
     /// `None` for a store read without one.
     fn cache_stats(&self) -> Option<CacheStats> {
         None
+    }
+
+    /// How far the host loader reads ahead on this store by default.
+    fn read_depth(&self) -> ReadDepth {
+        ReadDepth::LOCAL
     }
 }

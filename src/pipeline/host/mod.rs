@@ -56,6 +56,8 @@ pub struct Loader {
     budget: Option<(Arc<BudgetPlan>, Arc<dyn RowSource>)>,
     /// Epochs whose batches `total` includes: `start_epoch..counted_through`.
     counted_through: u64,
+    /// How far it reads ahead (as asked, else the store's default).
+    read_depth: crate::store::ReadDepth,
 }
 
 /// Bytes of column `c`'s tensor in shard `s` (of `rows` rows).
@@ -118,6 +120,10 @@ impl Loader {
         };
         let counters = Arc::new(Counters::default());
         let in_flight = opts.prefetch + opts.threads;
+        // Reading ahead: as deep as asked, else as the store wants (a far store, deeper).
+        let depth = source.store().read_depth();
+        let readahead_windows = opts.readahead_windows.unwrap_or(depth.windows);
+        let io_threads = opts.io_threads.unwrap_or(depth.io_threads);
         // One buffer per column: a full batch of rows, or for a ragged column the most
         // elements any batch can hold; then each ragged column's B + 1 row offsets.
         // A packed batch: its three tensors, sized by `packed_counts`.
@@ -213,7 +219,7 @@ impl Loader {
             .div_ceil(window_rows)
             .saturating_add(1)
             .saturating_add(u64::from(pack.is_some()))
-            .saturating_add(opts.readahead_windows);
+            .saturating_add(readahead_windows);
         let bound =
             usize::try_from(window_chunks.saturating_mul(windows_in_flight)).unwrap_or(usize::MAX);
         // Buffers as long as the longest chunk there is, not `chunk_size`: a small dataset
@@ -275,9 +281,9 @@ impl Loader {
         }
         drop(res_tx);
         // The I/O threads reading ahead, fed one shard's chunks of a window at a time.
-        let groups = if opts.readahead_windows > 0 {
+        let groups = if readahead_windows > 0 {
             let (groups_tx, groups_rx) = unbounded();
-            for i in 0..opts.io_threads {
+            for i in 0..io_threads {
                 let (sh, groups, stop, cancel) = (
                     shared.clone(),
                     groups_rx.clone(),
@@ -298,7 +304,7 @@ impl Loader {
         } else {
             None
         };
-        let ahead = readahead::Ahead::new(opts.readahead_windows, groups);
+        let ahead = readahead::Ahead::new(readahead_windows, groups);
         {
             let (sh, cfg, budget) = (shared.clone(), cfg.clone(), budget.clone());
             let (epochs, se, sb) = (opts.epochs, opts.start_epoch, opts.start_batch);
@@ -356,6 +362,10 @@ impl Loader {
             chunk_pool,
             budget: budget.map(|b| (b, shared.source.clone())),
             counted_through: opts.start_epoch.saturating_add(1),
+            read_depth: crate::store::ReadDepth {
+                windows: readahead_windows,
+                io_threads,
+            },
         };
         l.state.normalize(l.batches_per_epoch);
         l.count_epoch();
@@ -389,6 +399,12 @@ impl Loader {
         let _ = (&self.chunk_pool, &self.set_pool);
         s.pool_bytes = self.counters.pool_bytes.load(Relaxed);
         s
+    }
+
+    /// How far this loader reads ahead of its workers: [`LoaderOptions::readahead_windows`]
+    /// and `io_threads` where given, the store's [`crate::store::ReadDepth`] otherwise.
+    pub fn read_depth(&self) -> crate::store::ReadDepth {
+        self.read_depth
     }
 
     /// Buffers allocated after construction (0 in steady state when batches are dropped).

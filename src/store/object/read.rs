@@ -15,7 +15,7 @@ use super::client::{error_chain, scrub, store_error};
 use super::retry::{Backoff, Verdict, verdict};
 use super::{COALESCE_GAP, Inner, MAX_REQUEST, ObjectDir};
 use crate::error::{Error, Result};
-use crate::store::{CancelToken, NetworkStats, ShardIdentity, ShardStore};
+use crate::store::{CancelToken, NetworkStats, ReadDepth, ShardIdentity, ShardStore};
 
 /// What a GET must match: the object as HEAD saw it.
 #[derive(Debug, Clone)]
@@ -487,5 +487,9 @@ impl ShardStore for ObjectStoreShards {
 
     fn network(&self) -> Option<NetworkStats> {
         Some(self.dir.inner.net.snapshot())
+    }
+
+    fn read_depth(&self) -> ReadDepth {
+        ReadDepth::REMOTE
     }
 }
