@@ -66,6 +66,42 @@ fn within<T: Send + 'static>(what: &str, secs: u64, f: impl FnOnce() -> T + Send
 
 const SHARD1: &str = "shard-00001";
 
+/// The wgpu device loader dropped while its reads stall: joined at once too (its reader and
+/// read threads carry the loader's cancel token). Skipped without a wgpu adapter (CI has
+/// lavapipe).
+#[cfg(feature = "wgpu")]
+fn device_loader_dropped_while_stalled(w: &World) {
+    use ciphershard::cipher::wgpu::{WgpuBatchEngine, WgpuCipher, WgpuOptions};
+    use ciphershard::pipeline::WgpuDeviceLoader;
+    let Ok(cipher) = WgpuCipher::new(WgpuOptions {
+        allow_cpu_adapter: true,
+        ..WgpuOptions::default()
+    }) else {
+        eprintln!("SKIPPED: the device loader's drop: no wgpu adapter");
+        return;
+    };
+    let src = w.open();
+    let keys: Vec<_> = (0..src.shard_count()).map(|s| src.data_key(s)).collect();
+    let engine = Arc::new(WgpuBatchEngine::new(&cipher, &keys).unwrap());
+    w.proxy
+        .add("GET", "shard-", 1000, Fault::Stall(Duration::from_secs(60)));
+    let dropped = within("device loader drop while stalled", 30, move || {
+        let loader = WgpuDeviceLoader::new(src, engine, &options()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        drop(loader);
+        t.elapsed()
+    });
+    assert!(
+        dropped < Duration::from_millis(800),
+        "device loader drop took {dropped:?}"
+    );
+    w.proxy.clear();
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn device_loader_dropped_while_stalled(_: &World) {}
+
 struct World {
     proxy: Proxy,
     url: String,
@@ -282,6 +318,7 @@ fn object_store_reads_survive_or_report_injected_faults() {
         "drop took {dropped:?}"
     );
     w.proxy.clear();
+    device_loader_dropped_while_stalled(&w);
 
     // `bench --json` reports the network, retries included.
     w.proxy

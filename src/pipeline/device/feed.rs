@@ -159,10 +159,18 @@ impl WindowFeed<'_> {
         for (i, j) in jobs.into_iter().enumerate() {
             lanes[i % threads].push(j);
         }
+        let cancel = crate::store::cancel::current();
         std::thread::scope(|sc| {
             let handles: Vec<_> = lanes
                 .into_iter()
-                .map(|lane| sc.spawn(move || lane.into_iter().try_for_each(read_one)))
+                .map(|lane| {
+                    let cancel = cancel.clone();
+                    sc.spawn(move || {
+                        // The reader's token: a dropped loader cancels these reads too.
+                        let _reads = cancel.as_ref().map(|c| c.enter());
+                        lane.into_iter().try_for_each(read_one)
+                    })
+                })
                 .collect();
             // The first error in lane order; a panicking reader is an error too.
             let mut first = Ok(());

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::pipeline::options::{LoaderOptions, LoaderState};
 use crate::pipeline::source::ColumnInfo;
 use crate::pipeline::telemetry::{Counters, DeviceCounters, add, ns_since};
+use crate::store::CancelToken;
 
 /// The plan's shape, for the handle's position.
 pub(crate) struct Shape {
@@ -32,6 +33,9 @@ pub(crate) struct Shape {
 pub(crate) struct DeviceHandle<E: DeviceEngine> {
     rx: Receiver<Result<GpuBatch<E>>>,
     stop: Option<Sender<()>>,
+    /// Cancels the loader threads' store reads when it shuts down (a network read in flight
+    /// would otherwise hold up the join until it ends or times out).
+    cancel: CancelToken,
     thread: Option<JoinHandle<()>>,
     remaining: u64,
     done: bool,
@@ -58,9 +62,13 @@ impl<E: DeviceEngine> DeviceHandle<E> {
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let (tx, rx) = bounded::<Result<GpuBatch<E>>>(opts.prefetch);
         let what = name.to_string();
+        let cancel = CancelToken::new();
+        let reads = cancel.clone();
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
+                // Threads it starts enter the same token (`cancel::current`).
+                let _reads = reads.enter();
                 let r =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&tx, &stop_rx)));
                 if let Err(e) = r.unwrap_or_else(|_| {
@@ -76,6 +84,7 @@ impl<E: DeviceEngine> DeviceHandle<E> {
         let mut h = DeviceHandle {
             rx,
             stop: Some(stop_tx),
+            cancel,
             thread: Some(thread),
             remaining: shape.total,
             done: false,
@@ -135,6 +144,7 @@ impl<E: DeviceEngine> DeviceHandle<E> {
     fn shutdown(&mut self) {
         self.done = true;
         self.stop.take();
+        self.cancel.cancel();
         if let Some(h) = self.thread.take() {
             let _ = h.join();
         }
@@ -145,6 +155,7 @@ impl<E: DeviceEngine> Drop for DeviceHandle<E> {
     fn drop(&mut self) {
         self.done = true;
         self.stop.take();
+        self.cancel.cancel();
         if let Some(h) = self.thread.take() {
             let _ = h.join();
         }

@@ -63,10 +63,13 @@ impl<E: DeviceEngine> Producer<E> {
         let (win_tx, win_rx) = bounded::<Result<Window<E::WindowBuf>>>(E::WINDOWS_AHEAD);
         let (plan_tx, plan_rx) = bounded::<Result<BatchPlan>>(16);
         let (recycle_tx, recycle_rx) = crossbeam_channel::unbounded::<E::WindowBuf>();
+        let cancel = crate::store::cancel::current();
         std::thread::scope(|sc| {
             let reader = std::thread::Builder::new()
                 .name(format!("{}-read", E::THREAD_NAME))
                 .spawn_scoped(sc, || {
+                    // The loader's reads end when it is dropped (`DeviceHandle`).
+                    let _reads = cancel.as_ref().map(|c| c.enter());
                     let feed = WindowFeed {
                         source: &self.source,
                         cfg,
