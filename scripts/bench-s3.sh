@@ -14,9 +14,11 @@
 #   (default "8": extra URL runs at the highest latency and default in-flight with that many
 #   loader threads, to show what bounds the requests outstanding), SVG (default
 #   docs/bench-s3.svg), SERVER (s3s-fs or nginx, below), EPOCHS (default 3: a 192 MB epoch is
-#   short, and opening costs a round trip per shard), READAHEAD (the host loader's
-#   --readahead-windows, default 1). Needs s3s-fs ($CIPHERSHARD_S3S_FS, or
-#   TARGET/s3s-fs/bin/s3s-fs) or nginx.
+#   short, and opening costs a round trip per shard), READAHEAD and IO_THREADS (the host
+#   loader's --readahead-windows and --io-threads; default: unset, the loader's defaults for
+#   each store), SPLIT (1: the server and the proxy on CPU 1, the loader on CPU 0, as if the
+#   store were another machine; use THREADS=1 with it). Needs s3s-fs ($CIPHERSHARD_S3S_FS,
+#   or TARGET/s3s-fs/bin/s3s-fs) or nginx.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=${1:-${TMPDIR:-/tmp}/ciphershard-i15-s3-bench}
@@ -26,6 +28,17 @@ flights=${IN_FLIGHT:-1 4 16 64}
 threads=${THREADS:-2}
 extra_threads=${EXTRA_THREADS:-8}
 svg=${SVG:-$root/docs/bench-s3.svg}
+# SPLIT=1: pin the store's side and the loader's to different CPUs.
+if [ "${SPLIT:-0}" = 1 ]; then
+    server_cpu=(taskset -c 1)
+    loader_cpu=(taskset -c 0)
+else
+    server_cpu=()
+    loader_cpu=()
+fi
+depth=()
+[ -n "${READAHEAD:-}" ] && depth+=(--readahead-windows "$READAHEAD")
+[ -n "${IO_THREADS:-}" ] && depth+=(--io-threads "$IO_THREADS")
 # The CPU loader only: no CUDA or wgpu to build.
 (cd "$root" && cargo build -q --release --no-default-features --bin ciphershard --example s3_latency_proxy)
 target=$(cd "$root" && cargo metadata --format-version 1 --no-deps |
@@ -90,14 +103,14 @@ http {
   server { listen 127.0.0.1:$upstream_port; root $dir; }
 }
 CONF
-    nginx -c "$dir/nginx/nginx.conf" -g 'daemon off;' &
+    "${server_cpu[@]}" nginx -c "$dir/nginx/nginx.conf" -g 'daemon off;' &
     pids+=($!)
     url_of() { echo "http://127.0.0.1:$1/ds/"; }
     s3env=(CIPHERSHARD_BENCH_SERVER=nginx)
 else
     rm -rf "$dir/s3" && mkdir -p "$dir/s3/data/ds"
     cp "$dir"/ds/* "$dir/s3/data/ds/"
-    "$s3s" --host 127.0.0.1 --port "$upstream_port" --access-key bench --secret-key bench-secret-key \
+    "${server_cpu[@]}" "$s3s" --host 127.0.0.1 --port "$upstream_port" --access-key bench --secret-key bench-secret-key \
         "$dir/s3" >/dev/null 2>&1 &
     pids+=($!)
     url_of() { echo "s3://data/ds/"; }
@@ -113,8 +126,8 @@ log=$dir/bench-s3.jsonl
 bench() { # SOURCE LATENCY IN_FLIGHT THREADS PATH [ENV...]
     local source=$1 latency=$2 flight=$3 th=$4 path=$5
     shift 5
-    env "$@" "$cs" bench --key "$dir/k.key" --backend cpu --threads "$th" --epochs "${EPOCHS:-3}" \
-        --readahead-windows "${READAHEAD:-1}" --json "$path" |
+    env "$@" "${loader_cpu[@]}" "$cs" bench --key "$dir/k.key" --backend cpu --threads "$th" \
+        --epochs "${EPOCHS:-3}" "${depth[@]}" --json "$path" |
         python3 -c '
 import json, sys
 r = json.load(sys.stdin)
@@ -124,11 +137,12 @@ print(json.dumps({"source": sys.argv[1], "latency_ms": int(sys.argv[2]), "in_fli
     "threads": int(sys.argv[4]), "gb_per_s": e["gb_per_s"], "steady_gb_per_s": e["steady_gb_per_s"],
     "get_requests": n.get("get_requests"), "ttfb_p50_ms": n.get("ttfb_p50_ms"),
     "ttfb_p99_ms": n.get("ttfb_p99_ms"), "retries": n.get("retries"),
+    "read_ahead": e.get("read_ahead"),
     "amplification": n.get("amplification")}))' "$source" "$latency" "$flight" "$th" | tee -a "$log"
 }
 for latency in $latencies; do
     proxy_port=$(free_port)
-    "$proxy_bin" --listen "$proxy_port" --upstream "127.0.0.1:$upstream_port" --latency-ms "$latency" >/dev/null &
+    "${server_cpu[@]}" "$proxy_bin" --listen "$proxy_port" --upstream "127.0.0.1:$upstream_port" --latency-ms "$latency" >/dev/null &
     proxy_pid=$!
     pids+=($proxy_pid)
     wait_port "$proxy_port"
@@ -144,7 +158,7 @@ done
 last=${latencies##* }
 if [ -n "$extra_threads" ]; then
     proxy_port=$(free_port)
-    "$proxy_bin" --listen "$proxy_port" --upstream "127.0.0.1:$upstream_port" --latency-ms "$last" >/dev/null &
+    "${server_cpu[@]}" "$proxy_bin" --listen "$proxy_port" --upstream "127.0.0.1:$upstream_port" --latency-ms "$last" >/dev/null &
     pids+=($!)
     wait_port "$proxy_port"
     for _ in $(seq "$rounds"); do
