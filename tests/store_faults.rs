@@ -83,20 +83,9 @@ fn device_loader_dropped_while_stalled(w: &World) {
     let src = w.open();
     let keys: Vec<_> = (0..src.shard_count()).map(|s| src.data_key(s)).collect();
     let engine = Arc::new(WgpuBatchEngine::new(&cipher, &keys).unwrap());
-    w.proxy
-        .add("GET", "shard-", 1000, Fault::Stall(Duration::from_secs(60)));
-    let dropped = within("device loader drop while stalled", 30, move || {
-        let loader = WgpuDeviceLoader::new(src, engine, &options()).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let t = Instant::now();
-        drop(loader);
-        t.elapsed()
+    w.dropped_promptly("device loader drop while stalled", move || {
+        WgpuDeviceLoader::new(src, engine, &options()).unwrap()
     });
-    assert!(
-        dropped < Duration::from_millis(800),
-        "device loader drop took {dropped:?}"
-    );
-    w.proxy.clear();
 }
 
 #[cfg(not(feature = "wgpu"))]
@@ -112,6 +101,26 @@ struct World {
 impl World {
     fn open(&self) -> Arc<FormatSource> {
         FormatSource::open(Path::new(&self.url), &self.key, Backend::Cpu).unwrap()
+    }
+
+    /// With every shard GET stalled, the loader `start` builds is dropped 300 ms in: its
+    /// threads must be joined within 0.8 s, not after the stall timeouts and retries.
+    fn dropped_promptly<L: 'static>(&self, what: &str, start: impl FnOnce() -> L + Send + 'static) {
+        self.proxy.clear();
+        self.proxy
+            .add("GET", "shard-", 1000, Fault::Stall(Duration::from_secs(60)));
+        let dropped = within(what, 30, move || {
+            let loader = start();
+            std::thread::sleep(Duration::from_millis(300));
+            let t = Instant::now();
+            drop(loader);
+            t.elapsed()
+        });
+        assert!(
+            dropped < Duration::from_millis(800),
+            "{what}: drop took {dropped:?}"
+        );
+        self.proxy.clear();
     }
 
     /// The loader over the URL, with `faults` given to GETs of shard 1, recovers: the same
@@ -303,21 +312,9 @@ fn object_store_reads_survive_or_report_injected_faults() {
     // A loader dropped while every read stalls: its threads are joined at once, not after
     // the stall timeouts and retries (5 attempts of 1 s at least).
     let src: Arc<dyn RowSource> = w.open();
-    w.proxy.clear();
-    w.proxy
-        .add("GET", "shard-", 1000, Fault::Stall(Duration::from_secs(60)));
-    let dropped = within("drop while stalled", 30, move || {
-        let loader = Loader::new(src, &options()).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let t = Instant::now();
-        drop(loader);
-        t.elapsed()
+    w.dropped_promptly("drop while stalled", move || {
+        Loader::new(src, &options()).unwrap()
     });
-    assert!(
-        dropped < Duration::from_millis(800),
-        "drop took {dropped:?}"
-    );
-    w.proxy.clear();
     device_loader_dropped_while_stalled(&w);
 
     // `bench --json` reports the network, retries included.
