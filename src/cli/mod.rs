@@ -76,15 +76,11 @@ pub struct CacheArgs {
     pub cache_dir: Option<PathBuf>,
     /// Most bytes the cache may hold: a number of bytes or 512M, 20G, 1T (powers of 1024)
     /// [default: $CIPHERSHARD_CACHE_SIZE, else 10G].
-    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub cache_size: Option<u64>,
     /// Read without the cache, even if $CIPHERSHARD_CACHE_DIR is set.
     #[arg(long, conflicts_with_all = ["cache_dir", "cache_size"])]
     pub no_cache: bool,
-}
-
-fn size_arg(s: &str) -> std::result::Result<u64, String> {
-    ciphershard::store::parse_size(s)
 }
 
 impl CacheArgs {
@@ -398,28 +394,10 @@ pub fn byte_progress(total: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// Parses a size such as `1GiB`, `2MiB`, `512k`, `4096`.
+/// Parses a size such as `1GiB`, `2MiB`, `512k`, `4096` (the library's, so every size option
+/// and setting reads units alike).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 2MiB, 1GiB, 65536)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "kb" => 1000,
-        "m" | "mib" => 1 << 20,
-        "mb" => 1_000_000,
-        "g" | "gib" => 1 << 30,
-        "gb" => 1_000_000_000,
-        "t" | "tib" => 1 << 40,
-        "tb" => 1_000_000_000_000,
-        u => return Err(format!("unknown size unit '{u}' in '{s}'")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{s}' is too large"))
+    ciphershard::store::parse_size(s)
 }
 
 /// `--shard-size`: a size of at least one byte.

@@ -118,33 +118,39 @@ impl std::fmt::Display for CacheStats {
     }
 }
 
-/// Parses a size: a whole number of bytes, or with a suffix `K`, `M`, `G`, `T` (powers of
-/// 1024; `KiB`, `MB`, … read the same).
+/// Parses a size, as every size option and setting reads it (`--cache-size`,
+/// `CIPHERSHARD_CACHE_SIZE`, `convert --shard-size`, `--chunk-size`): a whole number of bytes,
+/// or with a unit: `K`, `M`, `G`, `T` or `KiB` … `TiB` (powers of 1024), `KB` … `TB` (powers
+/// of 1000), case-insensitive.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => u32::MAX,
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1_000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
+        _ => 0,
     };
     let bad = || {
         format!(
-            "expected a size such as 512M, 20G or 1T (bytes, or K/M/G/T: powers of 1024), found \
-             '{}'",
+            "expected a size such as 2MiB, 512M, 20G or 1T (bytes; K/M/G/T and KiB…TiB: powers \
+             of 1024, KB…TB: powers of 1000), found '{}'",
             crate::error::escape_untrusted(s)
         )
     };
-    if num.is_empty() || shift == u32::MAX {
+    if num.is_empty() || mult == 0 {
         return Err(bad());
     }
     num.parse::<u64>()
         .ok()
-        .and_then(|n| n.checked_mul(1u64 << shift))
+        .and_then(|n| n.checked_mul(mult))
         .ok_or_else(bad)
 }
 
@@ -634,11 +640,13 @@ mod tests {
     use crate::store::LocalStore;
 
     #[test]
-    fn sizes_parse_with_binary_suffixes_and_refuse_the_rest() {
+    fn sizes_parse_with_their_units_and_refuse_the_rest() {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("512M"), Ok(512 << 20));
         assert_eq!(parse_size(" 20GiB "), Ok(20 << 30));
         assert_eq!(parse_size("1t"), Ok(1 << 40));
+        assert_eq!(parse_size("1gb"), Ok(1_000_000_000));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
         for bad in ["", "M", "1.5G", "-1", "12X", "99999999999999T"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
