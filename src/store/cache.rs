@@ -407,8 +407,9 @@ impl Cache {
         }
     }
 
-    /// The payload of entry `rel` if it is whole and `len` bytes long; a damaged entry is
-    /// deleted (and counted), a missing one is `None`.
+    /// Entry `rel` (header included: the payload is `[HEADER..]`, not moved down, which
+    /// would copy the block once more) if it is whole and its payload `len` bytes long; a
+    /// damaged entry is deleted (and counted), a missing one is `None`.
     fn get(&self, rel: &str, len: u64) -> Option<Vec<u8>> {
         let path = self.settings.dir.join(rel);
         let mut file = File::open(&path).ok()?;
@@ -444,7 +445,6 @@ impl Cache {
             index.entries.insert(rel.to_string(), (HEADER + len, clock));
             index.total += HEADER + len;
         }
-        buf.drain(..HEADER as usize);
         Some(buf)
     }
 
@@ -525,21 +525,6 @@ impl Cache {
     }
 }
 
-/// Copies the part of `block` (at `block_start`) that overlaps each range into it.
-fn scatter(block_start: u64, block: &[u8], ranges: &mut [(u64, &mut [u8])]) {
-    let block_end = block_start + block.len() as u64;
-    for (off, dst) in ranges.iter_mut() {
-        let (a, b) = (
-            (*off).max(block_start),
-            (*off + dst.len() as u64).min(block_end),
-        );
-        if a < b {
-            dst[(a - *off) as usize..(b - *off) as usize]
-                .copy_from_slice(&block[(a - block_start) as usize..(b - block_start) as usize]);
-        }
-    }
-}
-
 impl ShardStore for CachedStore {
     fn shard_count(&self) -> usize {
         self.inner.shard_count()
@@ -579,11 +564,12 @@ impl ShardStore for CachedStore {
         let mut missing = Vec::new();
         for b in blocks {
             match self.cache.get(&self.entry_name(s, b), block_len(b)) {
-                Some(bytes) => {
+                Some(entry) => {
+                    let bytes = &entry[HEADER as usize..];
                     c.hits.fetch_add(1, Ordering::Relaxed);
                     c.bytes_from_cache
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    scatter(b * bsize, &bytes, ranges);
+                    super::scatter(b * bsize, bytes, ranges);
                 }
                 None => missing.push(b),
             }
@@ -608,7 +594,7 @@ impl ShardStore for CachedStore {
             c.misses.fetch_add(1, Ordering::Relaxed);
             c.bytes_fetched
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            scatter(b * bsize, bytes, ranges);
+            super::scatter(b * bsize, bytes, ranges);
             self.cache.put(&self.entry_name(s, b), bytes);
         }
         Ok(())

@@ -276,3 +276,19 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug {
         ReadDepth::LOCAL
     }
 }
+
+/// Copies the part of `block` (bytes from `block_start` of a shard) that overlaps each range
+/// into it: a cached block, or a part of a GET's body.
+pub(crate) fn scatter(block_start: u64, block: &[u8], ranges: &mut [(u64, &mut [u8])]) {
+    let block_end = block_start + block.len() as u64;
+    for (off, dst) in ranges.iter_mut() {
+        let (a, b) = (
+            (*off).max(block_start),
+            (*off + dst.len() as u64).min(block_end),
+        );
+        if a < b {
+            dst[(a - *off) as usize..(b - *off) as usize]
+                .copy_from_slice(&block[(a - block_start) as usize..(b - block_start) as usize]);
+        }
+    }
+}

@@ -320,13 +320,7 @@ async fn attempt(
                 format!("the store sent more than the {start}..{end} asked for"),
             )));
         }
-        for (off, d) in dst.iter_mut() {
-            let (a, b) = ((*off).max(lo), (*off + d.len() as u64).min(hi));
-            if a < b {
-                d[(a - *off) as usize..(b - *off) as usize]
-                    .copy_from_slice(&part[(a - lo) as usize..(b - lo) as usize]);
-            }
-        }
+        crate::store::scatter(lo, &part, dst);
         *pos = hi;
     }
     if *pos == end {
